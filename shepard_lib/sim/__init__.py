@@ -1,0 +1,1 @@
+"""Simulated Consul and Nomad cluster speaking the real HTTP APIs on loopback."""

@@ -1,0 +1,1 @@
+"""pytest fixtures for the simulated cluster (written by the Nomad-sim work)."""

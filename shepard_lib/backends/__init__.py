@@ -95,8 +95,13 @@ class ConsulAPI(Protocol):
         """The session, or None when it does not exist."""
         ...
 
-    def service_checks(self, service: str, index: int = 0, wait: float | None = None) -> tuple[int, list[HealthCheck]]:
-        """Checks of every instance of ``service`` (``/v1/health/checks/<service>``), blocking when ``index``."""
+    def service_checks(
+        self, service: str, index: int = 0, wait: float | None = None
+    ) -> tuple[int, list[HealthCheck]]:
+        """Checks of every instance of ``service`` (``/v1/health/checks/<service>``).
+
+        Blocks like ``watch`` when ``index`` is non-zero.
+        """
         ...
 
     def node_checks(self, node: str) -> list[HealthCheck]:

@@ -1,0 +1,188 @@
+"""What the two backends share: the retry policy, error classification, durations, TLS, redaction.
+
+Which failures are retried (``transient``):
+
+- the request never reached a server (connection refused, DNS failure, connect timeout);
+- HTTP 429, and 5xx that mean "not now" (e.g. Consul's 500 "No cluster leader", 502/503/504);
+- a read timeout or a connection dropped mid-request, but only for reads: a write may have been
+  applied before the answer was lost, and repeating it (a CAS, a txn) could misreport or repeat it.
+
+Never retried: TLS failures (a certificate that does not verify), every other 4xx, a 409 txn
+rollback (an answer, not an error), and 500s that are semantic answers, which Consul and Nomad
+give for a request that can never succeed (e.g. Consul's 500 "invalid session" on ``?acquire``,
+"Missing check 'serfHealth' registration" on session create, Nomad's 500 "Unknown allocation" or
+"task not found"). ``SEMANTIC_500`` lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import requests
+import tenacity
+import urllib3.exceptions
+
+from shepard_lib.clock import REAL_CLOCK, Clock
+from shepard_lib.errors import BackendError
+
+log = logging.getLogger("shepard_lib.backends")
+
+T = TypeVar("T")
+E = TypeVar("E", bound=BackendError)
+
+SEMANTIC_500 = re.compile(
+    r"invalid|missing (check|node)|not registered|unknown (allocation|task|node|job)|not found|"
+    r"not running|permission denied",
+    re.IGNORECASE,
+)
+"""5xx response bodies that are answers, not outages: retrying cannot change them."""
+
+REDACTED = "<redacted>"
+_TOKEN_IN_TEXT = re.compile(
+    r"(?i)((?:^|[?&;\s])token=|x-(?:consul|nomad)-token['\"]?\s*[:=]\s*['\"]?)[^&\s'\",}]+"
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient failures are retried: ``attempts`` tries in all, exponential backoff with jitter.
+
+    Delays are cluster seconds (slept through the backend's clock): the n-th retry waits
+    ``min(maximum, initial * multiplier**(n-1)) + uniform(0, jitter)``.
+    """
+
+    attempts: int = 5
+    initial: float = 0.2
+    maximum: float = 3.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"retry attempts must be >= 1, got {self.attempts}")
+        if min(self.initial, self.maximum, self.jitter) < 0 or self.multiplier < 1:
+            raise ValueError("retry delays must be >= 0 and the multiplier >= 1")
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+"""A policy that tries once (handy for tests and for callers that retry themselves)."""
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """``text`` with every secret, and anything that looks like a token parameter or header, replaced."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return _TOKEN_IN_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def transient_status(status: int, body: str) -> bool:
+    """Whether an HTTP error status may go away on retry (429 and 5xx that are not answers)."""
+    if status == 429:
+        return True
+    if 500 <= status < 600:
+        return not (status == 500 and SEMANTIC_500.search(body))
+    return False
+
+
+def transport_error(
+    error_cls: type[E],
+    call: str,
+    exc: requests.RequestException,
+    *,
+    idempotent: bool,
+    secrets: Iterable[str | None],
+) -> E:
+    """The backend error for a request that got no HTTP answer."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        transient = False  # a certificate that does not verify will not verify on retry either
+    else:
+        transient = _never_sent(exc) or (
+            idempotent and isinstance(exc, requests.ConnectionError | requests.Timeout)
+        )
+    return error_cls(call, redact(f"{type(exc).__name__}: {exc}", secrets), transient=transient)
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """Whether the request failed before a connection existed (so the server cannot have seen it)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    return isinstance(getattr(reason, "reason", reason), urllib3.exceptions.NewConnectionError)
+
+
+def call_with_retry(fn: Callable[[], T], *, call: str, policy: RetryPolicy, clock: Clock = REAL_CLOCK) -> T:
+    """Run ``fn``; on a transient :class:`BackendError` retry it as ``policy`` says, then re-raise."""
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(policy.attempts),
+        # wait_exponential + wait_random rather than wait_exponential_jitter, whose arguments
+        # changed between tenacity releases (``initial`` is deprecated in 9.x, absent ``multiplier`` in 8.x).
+        wait=tenacity.wait_exponential(
+            multiplier=policy.initial, max=policy.maximum, exp_base=policy.multiplier
+        )
+        + tenacity.wait_random(0, policy.jitter),
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, BackendError) and e.transient),
+        sleep=clock.sleep,
+        before_sleep=lambda state: _log_retry(call, policy, state),
+        reraise=True,
+    )
+    return retrying(fn)
+
+
+def _log_retry(call: str, policy: RetryPolicy, state: tenacity.RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    delay = state.next_action.sleep if state.next_action else 0.0
+    log.warning(
+        "%s: attempt %d/%d failed, retrying in %.2fs: %s",
+        call,
+        state.attempt_number,
+        policy.attempts,
+        delay,
+        error,
+    )
+
+
+_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?)(h|ms|m|s|us|µs|ns)")
+
+
+def go_duration(seconds: float) -> str:
+    """A Go duration string for ``seconds`` (millisecond precision, at least 1ms): ``"5s"``, ``"300ms"``."""
+    ms = max(1, round(seconds * 1000))
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds of a Go duration string (``"15s"``, ``"1m30s"``, ``"250ms"``); ValueError if it is not one."""
+    text = text.strip()
+    if text in ("0", ""):
+        return 0.0
+    parts = _GO_DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a Go duration: {text!r}")
+    return sum(float(n) * _GO_UNITS[u] for n, u in parts)
+
+
+def tls_settings(
+    verify: bool, ca_file: str | None, cert_file: str | None, key_file: str | None
+) -> tuple[bool | str, str | tuple[str, str] | None]:
+    """``requests``' ``verify`` and ``cert`` arguments from the TLS settings of a config.
+
+    Verification stays on unless ``verify`` is False; ``ca_file`` replaces the system CAs.
+    """
+    verify_arg: bool | str = ca_file if (verify and ca_file) else verify
+    if cert_file and key_file:
+        return verify_arg, (cert_file, key_file)
+    return verify_arg, cert_file or None
+
+
+def blocking_timeout(wait: float, clock: Clock, margin: float) -> float:
+    """Real seconds to wait for the answer to a blocking query of ``wait`` cluster seconds.
+
+    The server holds the query for ``wait`` plus up to ``wait/16`` of jitter before it answers.
+    """
+    return clock.real(wait + wait / 16) + margin

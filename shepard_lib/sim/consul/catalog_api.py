@@ -1,0 +1,126 @@
+"""Health, catalog, agent and status endpoints.
+
+Shapes follow the ``health``, ``catalog``, ``agent`` and ``status`` API docs; indexes follow the
+state store: ``/v1/health/service/<s>`` reports the service's own index (``maxIndexForService``),
+``/v1/health/checks/<s>`` and ``/v1/health/node/<n>`` the checks table's, ``/v1/catalog/nodes``
+the nodes table's and ``/v1/catalog/services`` the services table's. All four block on ``?index``.
+``?passing`` keeps only instances whose every check is passing (``filterNonPassing``: warning and
+maintenance fail it too); ``?passing=false`` does not filter.
+"""
+
+from __future__ import annotations
+
+from shepard_lib.model import CheckStatus
+from shepard_lib.sim.consul.http import Context, HTTPError, Request, Response, json_body
+
+CONSUL_VERSION = "1.17.0"
+SERVER_RPC_PORT = 8300
+
+
+def health(ctx: Context, req: Request) -> Response:
+    """``/v1/health/{service,checks,node}/<name>``."""
+    if req.method != "GET":
+        raise HTTPError(405, f"method {req.method} not allowed")
+    kind, _, name = req.path[len("/v1/health/") :].partition("/")
+    if not name:
+        raise HTTPError(400, "Missing node name" if kind == "node" else "Missing service name")
+    catalog = ctx.state.catalog
+    if kind == "service":
+        passing = _passing(req)
+
+        def instances() -> tuple[int, list[dict[str, object]]]:
+            out: list[dict[str, object]] = []
+            for node, service, checks in catalog.instances(name):
+                if passing and any(c.status != CheckStatus.PASSING for c in checks):
+                    continue
+                out.append(
+                    {
+                        "Node": node.to_json(),
+                        "Service": service.to_json(),
+                        "Checks": [c.to_json() for c in checks],
+                    }
+                )
+            return catalog.index_for_service(name), out
+
+        index, body, opts = ctx.blocking(req, instances)
+    elif kind == "checks":
+        index, body, opts = ctx.blocking(
+            req, lambda: (catalog.checks_index, [c.to_json() for c in catalog.service_checks(name)])
+        )
+    elif kind == "node":
+        index, body, opts = ctx.blocking(
+            req, lambda: (catalog.checks_index, [c.to_json() for c in catalog.node_checks(name)])
+        )
+    else:
+        raise HTTPError(404, "Not found")
+    return json_body(body, headers=ctx.meta_headers(index, opts))
+
+
+def _passing(req: Request) -> bool:
+    """``?passing`` as ``getBoolQueryParam`` reads it: bare means true, else Go's ``ParseBool``."""
+    if not req.has("passing"):
+        return False
+    value = req.arg("passing")
+    if value in ("", "1", "t", "T", "true", "TRUE", "True"):
+        return True
+    if value in ("0", "f", "F", "false", "FALSE", "False"):
+        return False
+    raise HTTPError(400, "Invalid value for ?passing")
+
+
+def catalog_nodes(ctx: Context, req: Request) -> Response:
+    """``/v1/catalog/nodes``."""
+    catalog = ctx.state.catalog
+    index, body, opts = ctx.blocking(
+        req, lambda: (catalog.nodes_index, [n.to_json() for _, n in sorted(catalog.nodes.items())])
+    )
+    return json_body(body, headers=ctx.meta_headers(index, opts))
+
+
+def catalog_services(ctx: Context, req: Request) -> Response:
+    """``/v1/catalog/services``: service name to the union of its tags."""
+    catalog = ctx.state.catalog
+    index, body, opts = ctx.blocking(req, lambda: (catalog.services_index, catalog.service_tags()))
+    return json_body(body, headers=ctx.meta_headers(index, opts))
+
+
+def agent_self(ctx: Context, req: Request) -> Response:
+    """``/v1/agent/self``: the agent's Config, Member and Meta, as far as clients read them."""
+    node = ctx.state.read(lambda: ctx.state.catalog.nodes.get(ctx.node_name))
+    address = node.address if node else "127.0.0.1"
+    return json_body(
+        {
+            "Config": {
+                "Datacenter": ctx.state.datacenter,
+                "PrimaryDatacenter": ctx.state.datacenter,
+                "NodeName": ctx.node_name,
+                "NodeID": node.id if node else "",
+                "Server": ctx.node_name == ctx.state.server_node,
+                "Revision": "sim",
+                "Version": CONSUL_VERSION,
+            },
+            "Member": {
+                "Name": ctx.node_name,
+                "Addr": address,
+                "Port": 8301,
+                "Tags": {
+                    "dc": ctx.state.datacenter,
+                    "role": "consul" if ctx.node_name == ctx.state.server_node else "node",
+                    "build": CONSUL_VERSION,
+                },
+                "Status": 1,
+            },
+            "Meta": {"consul-network-segment": ""},
+            "Stats": {"consul": {"known_servers": "1", "leader": str(not ctx.faults.leader_lost).lower()}},
+        }
+    )
+
+
+def status_leader(ctx: Context, req: Request) -> Response:
+    """``/v1/status/leader``: the leader's RPC address, ``""`` when there is none."""
+    return json_body("" if ctx.faults.leader_lost else f"127.0.0.1:{SERVER_RPC_PORT}")
+
+
+def status_peers(ctx: Context, req: Request) -> Response:
+    """``/v1/status/peers``: the one server."""
+    return json_body([f"127.0.0.1:{SERVER_RPC_PORT}"])

@@ -1,0 +1,183 @@
+"""Request and response primitives of the simulated Consul HTTP API.
+
+Encoding and the query-option parsing follow ``agent/http.go``: JSON bodies without a trailing
+newline (``json.Marshal``), errors as plain text with the status code (``handleErr``: 403 for
+ACL errors, 500 for everything else), ``?index``/``?wait`` parsing with the texts
+``Invalid index`` / ``Invalid wait time``, and ``?stale`` with ``?consistent`` rejected.
+Blocking waits follow ``agent/consul/rpc.go``: the default wait is 5 minutes, the maximum 10,
+and a random stagger of up to wait/16 is added (``lib.RandomStagger(wait / JitterFraction)``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from shepard_lib.clock import Clock
+from shepard_lib.sim.consul.durations import parse_duration
+from shepard_lib.sim.consul.faults import Faults
+from shepard_lib.sim.consul.state import ConsulState
+
+T = TypeVar("T")
+
+DEFAULT_QUERY_TIME = 300.0
+MAX_QUERY_TIME = 600.0
+JITTER_FRACTION = 16
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+
+
+class HTTPError(Exception):
+    """Answer the request with ``status`` and the plain-text ``text``."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+@dataclass
+class Request:
+    """A parsed request: decoded path, query with blank values kept, headers (lowercased names), body."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Mapping[str, str]
+    body: bytes = b""
+
+    @classmethod
+    def parse(cls, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Request:
+        """Split ``target`` (``/v1/kv/a%2Fb?recurse``) like Go's ``req.URL``."""
+        parts = urlsplit(target)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        lowered = {k.lower(): v for k, v in headers.items()}
+        return cls(method, unquote(parts.path), query, lowered, body)
+
+    def has(self, name: str) -> bool:
+        """The query names ``name`` (``?recurse`` counts, with or without a value)."""
+        return name in self.query
+
+    def arg(self, name: str, default: str = "") -> str:
+        """The first value of query parameter ``name`` (Go's ``Query().Get``)."""
+        values = self.query.get(name)
+        return values[0] if values else default
+
+    def token(self) -> str:
+        """The ACL token: ``?token=``, else ``X-Consul-Token``, else ``Authorization: Bearer``."""
+        if self.arg("token"):
+            return self.arg("token")
+        header = self.headers.get("x-consul-token")
+        if header:
+            return header
+        auth = self.headers.get("authorization", "")
+        scheme, _, value = auth.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else ""
+
+
+@dataclass
+class Response:
+    """What goes back on the wire."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = JSON
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_body(obj: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """``json.Marshal`` of ``obj`` (compact, no trailing newline)."""
+    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return Response(status, data, JSON, headers or {})
+
+
+def text_body(status: int, text: str, headers: dict[str, str] | None = None) -> Response:
+    """A plain-text answer (errors, and the bare 404 of a missing key)."""
+    return Response(status, text.encode(), TEXT, headers or {})
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """``?index``, ``?wait`` (cluster seconds, 0 when absent), ``?stale``/``?consistent``."""
+
+    min_index: int
+    wait: float
+    stale: bool
+    consistent: bool
+
+    @classmethod
+    def parse(cls, req: Request) -> QueryOptions:
+        """Consul's ``parseConsistency`` then ``parseWait``; HTTPError 400 on bad input."""
+        stale, consistent = req.has("stale"), req.has("consistent")
+        if stale and consistent:
+            raise HTTPError(400, "Cannot specify ?stale with ?consistent, conflicting semantics.")
+        wait = 0.0
+        if req.arg("wait"):
+            try:
+                wait = parse_duration(req.arg("wait"))
+            except ValueError:
+                raise HTTPError(400, "Invalid wait time") from None
+        index = 0
+        if req.arg("index"):
+            text = req.arg("index")
+            if not text.isdigit():
+                raise HTTPError(400, "Invalid index")
+            index = int(text)
+        return cls(index, wait, stale, consistent)
+
+
+@dataclass
+class Context:
+    """What every endpoint handler needs: the state, the agent's identity, faults, jitter RNG, limits."""
+
+    state: ConsulState
+    node_name: str
+    faults: Faults
+    rng: random.Random
+    max_txn_ops: int = 64
+    strict_keys: bool = False
+    abort: threading.Event = field(default_factory=threading.Event)
+    rng_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def clock(self) -> Clock:
+        """The cluster clock."""
+        return self.state.clock
+
+    def query_timeout_real(self, wait: float) -> float:
+        """Real seconds a blocking query may wait: clamp, stagger by up to wait/16, scale."""
+        if wait <= 0:
+            wait = DEFAULT_QUERY_TIME
+        wait = min(wait, MAX_QUERY_TIME)
+        with self.rng_lock:
+            wait += self.rng.uniform(0, wait / JITTER_FRACTION)
+        return self.clock.real(wait)
+
+    def meta_headers(self, index: int, opts: QueryOptions | None = None) -> dict[str, str]:
+        """``setMeta``: X-Consul-Index (at least 1), KnownLeader, LastContact, consistency."""
+        level = "leader"
+        if opts is not None and opts.consistent:
+            level = "consistent"
+        elif opts is not None and opts.stale:
+            level = "stale"
+        return {
+            "X-Consul-Index": str(max(1, index)),
+            "X-Consul-KnownLeader": "false" if self.faults.leader_lost else "true",
+            "X-Consul-LastContact": "0",
+            "X-Consul-Effective-Consistency": level,
+        }
+
+    def blocking(self, req: Request, read: Callable[[], tuple[int, T]]) -> tuple[int, T, QueryOptions]:
+        """Run ``read`` as a blocking query per the request's ``?index``/``?wait``."""
+        opts = QueryOptions.parse(req)
+        timeout = self.query_timeout_real(opts.wait) if opts.min_index > 0 else 0.0
+        index, result = self.state.blocking_read(read, opts.min_index, timeout, self.abort)
+        return index, result, opts
+
+
+Handler = Callable[[Context, Request], Response]

@@ -1,0 +1,198 @@
+"""Blocking queries: wake on change, time out after the wait, one request per change, headers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from consul_contract import ConsulTarget
+
+from shepard_lib.model import CheckStatus
+from shepard_lib.sim.consul.http import DEFAULT_QUERY_TIME, JITTER_FRACTION, MAX_QUERY_TIME
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``fn`` in a thread; its result lands in the returned list."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_blocking_get_returns_when_the_key_changes(consul_target: ConsulTarget) -> None:
+    c, key = consul_target.client(), consul_target.key("watched")
+    c.kv.put(key, "v1")
+    index, _ = c.kv.get(key)
+    thread, out = in_thread(lambda: c.kv.get(key, index=index, wait="60s"))
+    consul_target.clock.sleep(1)
+    assert thread.is_alive(), "returned before any change"
+    consul_target.client().kv.put(key, "v2")
+    thread.join(timeout=10)
+    new_index, entry = out[0]
+    assert entry["Value"] == b"v2"
+    assert int(new_index) > int(index)
+
+
+def test_blocking_get_on_a_missing_key_wakes_when_it_is_created(consul_target: ConsulTarget) -> None:
+    c, key = consul_target.client(), consul_target.key("later")
+    index, value = c.kv.get(key)
+    assert value is None
+    thread, out = in_thread(lambda: c.kv.get(key, index=index, wait="60s"))
+    consul_target.clock.sleep(1)
+    consul_target.client().kv.put(key, "now")
+    thread.join(timeout=10)
+    assert out[0][1]["Value"] == b"now"
+
+
+def test_blocking_recurse_and_keys_wake_on_a_new_key_under_the_prefix(consul_target: ConsulTarget) -> None:
+    c, prefix = consul_target.client(), consul_target.key("slots/")
+    c.kv.put(prefix + "0", "held")
+    index, _ = c.kv.get(prefix, recurse=True)
+    keys_index, _ = c.kv.get(prefix, keys=True)
+    recurse, recurse_out = in_thread(lambda: c.kv.get(prefix, recurse=True, index=index, wait="60s"))
+    keys, keys_out = in_thread(
+        lambda: consul_target.client().kv.get(prefix, keys=True, index=keys_index, wait="60s")
+    )
+    consul_target.clock.sleep(1)
+    consul_target.client().kv.put(prefix + "1", "held")
+    recurse.join(timeout=10)
+    keys.join(timeout=10)
+    assert [e["Key"] for e in recurse_out[0][1]] == [prefix + "0", prefix + "1"]
+    assert keys_out[0][1] == [prefix + "0", prefix + "1"]
+
+
+def test_blocking_get_times_out_with_the_same_index(consul_target: ConsulTarget) -> None:
+    c, key = consul_target.client(), consul_target.key("quiet")
+    c.kv.put(key, "v")
+    index, _ = c.kv.get(key)
+    start = consul_target.clock.monotonic()
+    new_index, entry = c.kv.get(key, index=index, wait="2s")
+    elapsed = consul_target.clock.monotonic() - start
+    assert new_index == index and entry["Value"] == b"v"
+    assert 2 <= elapsed < 2 * (1 + 1 / JITTER_FRACTION) + consul_target.clock.cluster(0.5)
+
+
+def test_every_read_answer_carries_the_query_meta_headers(consul_target: ConsulTarget) -> None:
+    key = consul_target.key("meta")
+    consul_target.client().kv.put(key, "v")
+    for path in (
+        f"/v1/kv/{key}",
+        f"/v1/kv/{key}x",
+        f"/v1/kv/{key}?recurse",
+        f"/v1/kv/{key}?keys",
+        "/v1/session/list",
+        "/v1/health/service/consul",
+        "/v1/catalog/nodes",
+    ):
+        resp = consul_target.http("GET", path)
+        assert int(resp.headers["X-Consul-Index"]) >= 1, path
+        assert resp.headers["X-Consul-KnownLeader"] == "true", path
+        assert resp.headers["X-Consul-LastContact"].isdigit(), path
+
+
+@pytest.mark.parametrize(
+    ("query", "text"),
+    [
+        ("index=abc", "Invalid index"),
+        ("index=1&wait=forever", "Invalid wait time"),
+        ("stale&consistent", "Cannot specify ?stale with ?consistent, conflicting semantics."),
+    ],
+)
+def test_bad_query_options_are_400(consul_target: ConsulTarget, query: str, text: str) -> None:
+    resp = consul_target.http("GET", f"/v1/kv/{consul_target.key('x')}?{query}")
+    assert resp.status_code == 400 and resp.text == text
+
+
+def test_consistent_and_stale_reads_are_accepted(consul_target: ConsulTarget) -> None:
+    c, key = consul_target.client(), consul_target.key("modes")
+    c.kv.put(key, "v")
+    assert c.kv.get(key, consistency="consistent")[1]["Value"] == b"v"
+    assert c.kv.get(key, consistency="stale")[1]["Value"] == b"v"
+
+
+def test_a_waiting_client_makes_one_request_per_change(sim_consul: ConsulTarget) -> None:
+    """Sim-only (request counts): a watch loop issues exactly one GET per change, no busy loop."""
+    c, key = sim_consul.client(), sim_consul.key("counted")
+    c.kv.put(key, "0")
+    index, _ = c.kv.get(key)
+    seen: list[bytes] = []
+
+    def watch() -> None:
+        nonlocal index
+        while len(seen) < 3:
+            index, entry = c.kv.get(key, index=index, wait="300s")
+            seen.append(entry["Value"])
+
+    before = sim_consul.requests_count("/v1/kv", "GET")
+    thread, _ = in_thread(watch)
+    writer = sim_consul.client()
+    for n in (1, 2, 3):
+        sim_consul.clock.sleep(5)
+        writer.kv.put(sim_consul.key("unrelated"), str(n))  # must not wake the watch
+        writer.kv.put(key, str(n))
+    thread.join(timeout=10)
+    assert seen == [b"1", b"2", b"3"]
+    assert sim_consul.requests_count("/v1/kv", "GET") - before == 3
+
+
+def test_a_wait_that_expires_costs_exactly_one_request(sim_consul: ConsulTarget) -> None:
+    """Sim-only (request counts)."""
+    c, key = sim_consul.client(), sim_consul.key("idle")
+    c.kv.put(key, "v")
+    index, _ = c.kv.get(key)
+    before = sim_consul.requests_count("/v1/kv", "GET")
+    c.kv.put(sim_consul.key("other"), "x")
+    assert c.kv.get(key, index=index, wait="3s")[0] == index
+    assert sim_consul.requests_count("/v1/kv", "GET") - before == 1
+
+
+def test_wait_is_defaulted_capped_and_jittered_by_at_most_a_sixteenth(sim_consul: ConsulTarget) -> None:
+    """Sim-only: the server-side timeout rule of Consul's ``blockingQuery``."""
+    ctx = sim_consul.sim._ctx  # type: ignore[union-attr]
+    scale = sim_consul.clock.scale
+    for wait, base in ((0.0, DEFAULT_QUERY_TIME), (30.0, 30.0), (3600.0, MAX_QUERY_TIME)):
+        samples = [ctx.query_timeout_real(wait) * scale for _ in range(200)]
+        assert all(base <= s <= base * (1 + 1 / JITTER_FRACTION) + 1e-6 for s in samples), wait
+        assert max(samples) > base  # the stagger is really applied
+
+
+def test_session_info_blocks_until_the_session_is_destroyed(consul_target: ConsulTarget) -> None:
+    c = consul_target.client()
+    session_id = consul_target.session()
+    index, _ = c.session.info(session_id)
+    thread, out = in_thread(lambda: consul_target.client().session.info(session_id, index=index, wait="60s"))
+    consul_target.clock.sleep(1)
+    c.session.destroy(session_id)
+    thread.join(timeout=10)
+    assert out[0][1] is None and int(out[0][0]) > int(index)
+
+
+def test_health_service_blocks_until_a_check_changes(sim_consul: ConsulTarget) -> None:
+    """Sim-only: checks are driven in-process."""
+    state, c = sim_consul.state, sim_consul.client()
+    state.register_node("w1")
+    state.register_service("w1", "api-1", "api", 9000, check_id="api-1-http")
+    index, nodes = c.health.service("api", passing=True)
+    assert nodes == []
+    thread, out = in_thread(lambda: c.health.service("api", index=index, wait="60s", passing=True))
+    sim_consul.clock.sleep(1)
+    assert thread.is_alive()
+    state.set_check_status("api-1-http", CheckStatus.PASSING, "HTTP 200")
+    thread.join(timeout=10)
+    assert [n["Service"]["ID"] for n in out[0][1]] == ["api-1"]
+
+
+def test_in_process_wait_for_change_wakes_on_a_write_and_times_out(sim_consul: ConsulTarget) -> None:
+    """Sim-only: the in-process hook the Nomad sim's template watcher uses."""
+    state = sim_consul.state
+    index = state.index
+    start = time.monotonic()
+    assert state.wait_for_change(index, 0.05) == index
+    assert time.monotonic() - start >= 0.05
+    thread, out = in_thread(lambda: state.wait_for_change(index, 10))
+    state.kv_put("tpl/key", b"v")
+    thread.join(timeout=5)
+    assert out == [index + 1]

@@ -1,0 +1,203 @@
+"""Health, catalog, agent and status endpoints; ACL answers; the sim's fault controls and counts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+from consul_contract import ConsulException, ConsulTarget, make_client
+
+from shepard_lib.model import CheckStatus
+
+
+def test_agent_self_and_leader(consul_target: ConsulTarget) -> None:
+    c = consul_target.client()
+    me = c.agent.self()
+    assert me["Config"]["NodeName"] and me["Config"]["Datacenter"]
+    assert me["Member"]["Name"] == me["Config"]["NodeName"]
+    assert c.status.leader().endswith(":8300")
+
+
+def test_health_service_lists_instances_with_node_and_service_checks(sim_consul: ConsulTarget) -> None:
+    """Sim-only: services are registered in-process by the Nomad sim."""
+    state, c = sim_consul.state, sim_consul.client()
+    state.register_node("n1", "10.0.0.1")
+    state.register_node("n2", "10.0.0.2")
+    state.register_service(
+        "n1", "web-a", "web", 80, tags=("v1",), check_id="web-a-c", status=CheckStatus.PASSING
+    )
+    state.register_service("n2", "web-b", "web", 80, check_id="web-b-c", status=CheckStatus.WARNING)
+    _, nodes = c.health.service("web")
+    assert [(n["Node"]["Node"], n["Node"]["Address"], n["Service"]["ID"]) for n in nodes] == [
+        ("n1", "10.0.0.1", "web-a"),
+        ("n2", "10.0.0.2", "web-b"),
+    ]
+    assert [ch["CheckID"] for ch in nodes[0]["Checks"]] == ["serfHealth", "web-a-c"]
+    assert nodes[0]["Service"]["Tags"] == ["v1"] and nodes[0]["Service"]["Port"] == 80
+    _, passing = c.health.service("web", passing=True)
+    assert [n["Service"]["ID"] for n in passing] == ["web-a"]
+    state.set_node_health("n1", CheckStatus.CRITICAL)
+    assert c.health.service("web", passing=True)[1] == []
+
+
+def test_health_checks_and_node_checks(sim_consul: ConsulTarget) -> None:
+    """Sim-only."""
+    state, c = sim_consul.state, sim_consul.client()
+    state.register_node("n1")
+    state.register_service("n1", "db-1", "db", 5432, check_id="db-1-tcp", check_name="tcp")
+    _, checks = c.health.checks("db")
+    summary = [(ch["CheckID"], ch["Status"], ch["ServiceName"]) for ch in checks]
+    assert summary == [("db-1-tcp", "critical", "db")]
+    state.set_check_status("db-1-tcp", CheckStatus.PASSING, "connected")
+    _, checks = c.health.checks("db")
+    assert checks[0]["Status"] == "passing" and checks[0]["Output"] == "connected"
+    _, node_checks = c.health.node("n1")
+    assert [ch["CheckID"] for ch in node_checks] == ["serfHealth", "db-1-tcp"]
+    state.deregister_service("db-1")
+    assert c.health.checks("db")[1] == []
+    with pytest.raises(ValueError, match="ambiguous"):
+        state.set_check_status("serfHealth", CheckStatus.PASSING)
+
+
+def test_catalog_nodes_and_services(sim_consul: ConsulTarget) -> None:
+    """Sim-only."""
+    state, c = sim_consul.state, sim_consul.client()
+    state.register_node("n1", "10.0.0.1")
+    state.register_service("n1", "s1", "cache", 6379, tags=("b", "a"))
+    _, nodes = c.catalog.nodes()
+    assert {n["Node"] for n in nodes} == {state.server_node, "n1"}
+    _, services = c.catalog.services()
+    assert services == {"cache": ["a", "b"], "consul": []}
+    state.deregister_node("n1")
+    assert {n["Node"] for n in c.catalog.nodes()[1]} == {state.server_node}
+    with pytest.raises(ValueError, match="not registered"):
+        state.register_service("n1", "s1", "cache", 6379)
+
+
+def test_acl_missing_token_is_permission_denied_and_wrong_token_acl_not_found(
+    sim_consul_acl: ConsulTarget,
+) -> None:
+    """Sim-only (ACL mode of the sim; real clusters vary in their default policy)."""
+    url = f"{sim_consul_acl.address}/v1/kv/k"
+    resp = requests.get(url, timeout=5)
+    assert (resp.status_code, resp.text) == (403, "Permission denied")
+    resp = requests.get(url, headers={"X-Consul-Token": "wrong"}, timeout=5)
+    assert (resp.status_code, resp.text) == (403, "ACL not found")
+    token = sim_consul_acl.token
+    assert requests.get(url, headers={"X-Consul-Token": token}, timeout=5).status_code == 404
+    assert requests.get(url, headers={"x-consul-token": token}, timeout=5).status_code == 404
+    assert requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code == 404
+    assert requests.get(f"{url}?token={token}", timeout=5).status_code == 404
+    assert requests.get(f"{sim_consul_acl.address}/v1/status/leader", timeout=5).status_code == 200
+    with pytest.raises(ConsulException, match="Permission denied"):
+        make_client(sim_consul_acl.address).session.create()
+    assert sim_consul_acl.client().kv.put("k", "v") is True
+
+
+def test_error_rate_fails_requests_deterministically_by_seed(sim_consul: ConsulTarget) -> None:
+    """Sim-only fault."""
+    faults = sim_consul.sim.faults  # type: ignore[union-attr]
+    faults.error_rate = 1.0
+    resp = sim_consul.http("GET", "/v1/kv/k")
+    assert (resp.status_code, resp.text) == (500, "rpc error making call: EOF")
+    assert sim_consul.http("PUT", "/v1/kv/k", data=b"v").status_code == 500
+    faults.error_rate = 0.0
+    assert sim_consul.http("GET", "/v1/kv/k").status_code == 404  # the failed PUT applied nothing
+
+    def pattern() -> list[int]:
+        from shepard_lib.sim.consul import Faults
+
+        f = Faults(seed=3)
+        f.error_rate = 0.5
+        return [int(f.draw_error()) for _ in range(32)]
+
+    first = pattern()
+    assert first == pattern() and 0 < sum(first) < 32
+
+
+def test_latency_delays_every_request(sim_consul: ConsulTarget) -> None:
+    """Sim-only fault: latency is in cluster seconds."""
+    sim_consul.sim.faults.latency = 5.0  # type: ignore[union-attr]  # 0.1 real s at scale 50
+    start = time.monotonic()
+    sim_consul.http("GET", "/v1/kv/k")
+    assert time.monotonic() - start >= sim_consul.clock.real(5.0)
+
+
+def test_leader_loss_fails_writes_and_consistent_reads_but_serves_stale(sim_consul: ConsulTarget) -> None:
+    """Sim-only fault."""
+    sim_consul.client().kv.put(sim_consul.key("k"), "v")
+    sim_consul.sim.faults.leader_lost = True  # type: ignore[union-attr]
+    for method, path in (("PUT", "/v1/kv/x"), ("GET", "/v1/kv/x"), ("PUT", "/v1/session/create")):
+        resp = sim_consul.http(method, path)
+        assert (resp.status_code, resp.text) == (500, "No cluster leader"), path
+    resp = sim_consul.http("GET", f"/v1/kv/{sim_consul.key('k')}?stale")
+    assert resp.status_code == 200 and resp.headers["X-Consul-KnownLeader"] == "false"
+    assert sim_consul.client().status.leader() == ""
+    sim_consul.sim.faults.leader_lost = False  # type: ignore[union-attr]
+    assert sim_consul.http("GET", "/v1/kv/x").status_code == 404
+
+
+def test_sim_request_counts_by_endpoint_and_method_and_reset(sim_consul: ConsulTarget) -> None:
+    """Sim-only endpoint ``/_sim/requests``."""
+    sim_consul.http("DELETE", "/_sim/requests")
+    c = sim_consul.client()
+    c.kv.put(sim_consul.key("a"), "1")
+    c.kv.get(sim_consul.key("a"))
+    c.kv.get(sim_consul.key("a"))
+    session_id = sim_consul.session()
+    c.session.renew(session_id)
+    counts = sim_consul.http("GET", "/_sim/requests").json()
+    assert counts == {
+        "/v1/kv": {"GET": 2, "PUT": 1},
+        "/v1/session/create": {"PUT": 1},
+        "/v1/session/renew": {"PUT": 1},
+    }
+    sim_consul.http("DELETE", "/_sim/requests")
+    assert sim_consul.http("GET", "/_sim/requests").json() == {}
+
+
+def test_unknown_endpoint_is_404(consul_target: ConsulTarget) -> None:
+    assert consul_target.http("GET", "/v1/no-such-endpoint").status_code == 404
+
+
+def test_stop_ends_pending_blocking_queries(sim_consul: ConsulTarget) -> None:
+    """Sim-only: stopping the server must not leave clients hanging for the whole wait."""
+    from shepard_lib.sim.consul import ConsulServer
+
+    server = ConsulServer(sim_consul.state).start()
+    client = make_client(server.address)
+    index, _ = client.kv.get("k")
+    import threading
+
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            client.kv.get("k", index=index, wait="600s")
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    time.sleep(0.1)
+    start = time.monotonic()
+    server.stop()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert time.monotonic() - start < 2
+
+
+def test_lost_reply_applies_the_write_but_answers_500(sim_consul: ConsulTarget) -> None:
+    """Sim-only fault: the ambiguous failure a client must not read as "not applied"."""
+    key = sim_consul.key("ambiguous")
+    sim_consul.sim.faults.lost_reply_rate = 1.0  # type: ignore[union-attr]
+    resp = sim_consul.http("PUT", f"/v1/kv/{key}", data=b"applied")
+    assert (resp.status_code, resp.text) == (500, "rpc error making call: EOF")
+    sim_consul.sim.faults.lost_reply_rate = 0.0  # type: ignore[union-attr]
+    assert sim_consul.client().kv.get(key)[1]["Value"] == b"applied"
+
+
+def test_another_datacenter_has_no_path(consul_target: ConsulTarget) -> None:
+    resp = consul_target.http("GET", f"/v1/kv/{consul_target.key('k')}?dc=no-such-dc-shepard")
+    assert (resp.status_code, resp.text) == (500, "No path to datacenter")

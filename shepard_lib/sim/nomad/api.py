@@ -1,0 +1,454 @@
+"""Nomad's HTTP API over :class:`~shepard_lib.sim.nomad.sim.NomadSim`, on loopback.
+
+Endpoints (``/v1``): ``nodes``, ``node/<id>``, ``node/<id>/allocations``, ``jobs``, ``job/<id>``,
+``job/<id>/allocations``, ``allocations``, ``allocation/<id>``, ``allocation/<id>/stop``,
+``agent/self``, ``client/allocation/<id>/restart``. Reads support blocking queries
+(``?index=&wait=``, answered with ``X-Nomad-Index``, ``X-Nomad-KnownLeader``,
+``X-Nomad-LastContact``), ``?namespace=`` (``*`` for all) and ``?prefix=`` on lists. With an ACL
+token configured, every ``/v1`` request needs it in ``X-Nomad-Token`` or ``Authorization: Bearer``
+(403 ``Permission denied`` without one, 403 ``ACL token not found`` for a wrong one).
+
+Simulator endpoints (no ACL): ``GET /_sim/restarts`` (the restart record as JSON) and
+``GET /_sim/requests`` (request counts by method and endpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from shepard_lib.sim.nomad import wire
+from shepard_lib.sim.nomad.client import ClientError
+from shepard_lib.sim.nomad.sim import NomadSim
+from shepard_lib.sim.nomad.state import SimAlloc
+from shepard_lib.sim.scenario import parse_duration
+
+__all__ = ["NomadFaults", "NomadServer"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WAIT = 300.0
+MAX_WAIT = 600.0
+NO_LEADER = "No cluster leader"
+INJECTED_ERROR = "rpc error: EOF"
+
+
+class HTTPError(Exception):
+    """An error answer: ``status`` and Nomad's plain-text body."""
+
+    def __init__(self, status: int, text: str) -> None:
+        self.status = status
+        self.text = text
+        super().__init__(text)
+
+
+@dataclass
+class NomadFaults:
+    """Fault knobs, safe to change while serving.
+
+    ``error_rate`` (0..1) of ``/v1`` requests fail with 500 before doing anything (seeded draws);
+    ``latency`` cluster seconds are added to each; ``leader_lost`` answers ``500 No cluster leader``.
+    """
+
+    error_rate: float = 0.0
+    latency: float = 0.0
+    leader_lost: bool = False
+    seed: int = 0
+    _rng: random.Random = field(init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def draw_error(self) -> bool:
+        """True when this request should fail."""
+        if self.error_rate <= 0:
+            return False
+        with self._lock:
+            return self._rng.random() < self.error_rate
+
+    def reset(self) -> None:
+        """Clear every fault."""
+        self.error_rate = 0.0
+        self.latency = 0.0
+        self.leader_lost = False
+
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+    def token(self) -> str | None:
+        token = self.headers.get("x-nomad-token")
+        auth = self.headers.get("authorization", "")
+        if not token and auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+        return token or None
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.query.get(name)
+        return default if value is None else value.lower() in ("", "1", "true")
+
+
+@dataclass
+class _Answer:
+    body: Any
+    index: int | None = None
+    status: int = 200
+
+
+Route = tuple[str, re.Pattern[str], str, Callable[..., _Answer]]
+
+
+class NomadServer:
+    """An HTTP server speaking Nomad's API for ``sim``.
+
+    ``local_node`` names the node whose client agent this server stands for (``/v1/agent/self``);
+    by default the first node. Start with :meth:`start`; ``address`` is then ``http://127.0.0.1:<port>``.
+    """
+
+    def __init__(
+        self,
+        sim: NomadSim,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        acl_token: str | None = None,
+        local_node: str | None = None,
+        faults: NomadFaults | None = None,
+    ) -> None:
+        self.sim = sim
+        self.acl_token = acl_token
+        self.local_node = local_node
+        self.faults = faults or NomadFaults(seed=sim.scenario.seed)
+        self._connections: set[socket.socket] = set()
+        self._conn_lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), name="sim-nomad-http", daemon=True
+        )
+        self._routes: list[Route] = [
+            ("GET", re.compile(r"/v1/nodes"), "/v1/nodes", self._nodes),
+            ("GET", re.compile(r"/v1/node/([^/]+)"), "/v1/node/:id", self._node),
+            (
+                "GET",
+                re.compile(r"/v1/node/([^/]+)/allocations"),
+                "/v1/node/:id/allocations",
+                self._node_allocs,
+            ),
+            ("GET", re.compile(r"/v1/jobs"), "/v1/jobs", self._jobs),
+            ("GET", re.compile(r"/v1/job/([^/]+)"), "/v1/job/:id", self._job),
+            ("GET", re.compile(r"/v1/job/([^/]+)/allocations"), "/v1/job/:id/allocations", self._job_allocs),
+            ("GET", re.compile(r"/v1/allocations"), "/v1/allocations", self._allocs),
+            ("GET", re.compile(r"/v1/allocation/([^/]+)"), "/v1/allocation/:id", self._alloc),
+            ("POST", re.compile(r"/v1/allocation/([^/]+)/stop"), "/v1/allocation/:id/stop", self._alloc_stop),
+            ("GET", re.compile(r"/v1/agent/self"), "/v1/agent/self", self._agent_self),
+            (
+                "POST",
+                re.compile(r"/v1/client/allocation/([^/]+)/restart"),
+                "/v1/client/allocation/:id/restart",
+                self._restart,
+            ),
+            ("GET", re.compile(r"/_sim/restarts"), "/_sim/restarts", self._sim_restarts),
+            ("GET", re.compile(r"/_sim/requests"), "/_sim/requests", self._sim_requests),
+        ]
+
+    @property
+    def address(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> None:
+        """Serve in a background thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving, close the listener and every open (keep-alive) connection."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join(timeout=5)
+        self._httpd.server_close()
+        with self._conn_lock:
+            for conn in self._connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            self._connections.clear()
+
+    def track(self, conn: socket.socket, open_: bool) -> None:
+        """Remember (or forget) an accepted connection so :meth:`stop` can close it."""
+        with self._conn_lock:
+            if open_:
+                self._connections.add(conn)
+            else:
+                self._connections.discard(conn)
+
+    # --- dispatch --------------------------------------------------------------------------------
+
+    def handle(self, req: _Request) -> tuple[int, dict[str, str], bytes]:
+        """Answer one request: status, headers, body."""
+        try:
+            route, args = self._route(req)
+            if req.path.startswith("/v1/"):
+                self.sim.count_request(f"{req.method} {route[2]}")
+                self._gate(req)
+            answer = route[3](req, *args)
+        except HTTPError as err:
+            return err.status, {"Content-Type": "text/plain; charset=utf-8"}, err.text.encode()
+        except ClientError as err:
+            return err.status, {"Content-Type": "text/plain; charset=utf-8"}, str(err).encode()
+        headers = {"Content-Type": "application/json"}
+        if answer.index is not None:
+            headers.update(
+                {
+                    "X-Nomad-Index": str(max(1, answer.index)),
+                    "X-Nomad-KnownLeader": "true",
+                    "X-Nomad-LastContact": "0",
+                }
+            )
+        return answer.status, headers, json.dumps(answer.body).encode()
+
+    def _route(self, req: _Request) -> tuple[Route, tuple[str, ...]]:
+        method = "POST" if req.method == "PUT" else req.method
+        path_matched = False
+        for route in self._routes:
+            m = route[1].fullmatch(req.path)
+            if m is None:
+                continue
+            path_matched = True
+            if route[0] == method:
+                return route, m.groups()
+        if path_matched:
+            raise HTTPError(405, "Invalid method")
+        raise HTTPError(404, "404 page not found")
+
+    def _gate(self, req: _Request) -> None:
+        faults = self.faults
+        if faults.latency > 0:
+            time.sleep(self.sim.clock.real(faults.latency))
+        if self.acl_token is not None:
+            token = req.token()
+            if token is None:
+                raise HTTPError(403, "Permission denied")
+            if token != self.acl_token:
+                raise HTTPError(403, "ACL token not found")
+        if faults.leader_lost and req.path != "/v1/agent/self":
+            raise HTTPError(500, NO_LEADER)
+        if faults.draw_error():
+            raise HTTPError(500, INJECTED_ERROR)
+
+    def _block(self, req: _Request, current: Callable[[], int]) -> None:
+        """Nomad's blocking query: wait until ``current()`` passes ``?index=`` or ``?wait=`` runs out."""
+        try:
+            index = int(req.query.get("index", "0") or 0)
+        except ValueError as exc:
+            raise HTTPError(400, "Invalid index value") from exc
+        if index <= 0:
+            return
+        try:
+            wait = parse_duration(req.query["wait"]) if req.query.get("wait") else DEFAULT_WAIT
+        except ValueError as exc:
+            raise HTTPError(400, f"Invalid wait time: {req.query['wait']}") from exc
+        wait = min(wait, MAX_WAIT)
+        wait += random.uniform(0, wait / 16)
+        self.sim.state.wait_past(current, index, self.sim.clock.real(wait))
+
+    def _namespace_ok(self, req: _Request, namespace: str) -> bool:
+        wanted = req.query.get("namespace") or "default"
+        return wanted in ("*", namespace)
+
+    # --- handlers --------------------------------------------------------------------------------
+
+    def _nodes(self, req: _Request) -> _Answer:
+        state = self.sim.state
+        self._block(req, lambda: state.table_index["nodes"])
+        prefix = req.query.get("prefix", "")
+        with state.lock:
+            body = [wire.node_stub(n) for n in state.nodes.values() if n.id.startswith(prefix)]
+            return _Answer(sorted(body, key=lambda n: n["ID"]), state.table_index["nodes"])
+
+    def _node(self, req: _Request, node_id: str) -> _Answer:
+        state = self.sim.state
+
+        def current() -> int:
+            node = state.nodes.get(node_id)
+            return node.modify_index if node else state.table_index["nodes"]
+
+        self._block(req, current)
+        with state.lock:
+            node = state.nodes.get(node_id)
+            if node is None:
+                raise HTTPError(404, "node not found")
+            return _Answer(wire.node_json(node), node.modify_index)
+
+    def _node_allocs(self, req: _Request, node_id: str) -> _Answer:
+        """``Node.GetAllocs``: its index is the highest ModifyIndex of the node's allocations."""
+        state = self.sim.state
+
+        def current() -> int:
+            indexes = [a.modify_index for a in state.allocs.values() if a.node.id == node_id]
+            return max(indexes, default=state.table_index["allocs"])
+
+        self._block(req, current)
+        with state.lock:
+            allocs = [a for a in state.allocs.values() if a.node.id == node_id]
+            return _Answer([self._alloc_json(a) for a in allocs], current())
+
+    def _jobs(self, req: _Request) -> _Answer:
+        state = self.sim.state
+        self._block(req, lambda: state.table_index["jobs"])
+        prefix = req.query.get("prefix", "")
+        meta = req.flag("meta", False)
+        with state.lock:
+            body = [
+                wire.job_stub(j, state.allocs_of(job=j), meta)
+                for j in state.jobs.values()
+                if self._namespace_ok(req, j.namespace) and j.id.startswith(prefix)
+            ]
+            return _Answer(sorted(body, key=lambda j: (j["Namespace"], j["ID"])), state.table_index["jobs"])
+
+    def _job(self, req: _Request, job_id: str) -> _Answer:
+        state = self.sim.state
+        namespace = req.query.get("namespace") or "default"
+
+        def current() -> int:
+            job = state.jobs.get((namespace, job_id))
+            return job.modify_index if job else state.table_index["jobs"]
+
+        self._block(req, current)
+        with state.lock:
+            job = state.jobs.get((namespace, job_id))
+            if job is None:
+                raise HTTPError(404, "job not found")
+            scenario = self.sim.scenario
+            return _Answer(
+                wire.job_json(job, state.region, scenario.logs, scenario.restart_policy), job.modify_index
+            )
+
+    def _job_allocs(self, req: _Request, job_id: str) -> _Answer:
+        state = self.sim.state
+        namespace = req.query.get("namespace") or "default"
+        self._block(req, lambda: state.table_index["allocs"])
+        with state.lock:
+            job = state.jobs.get((namespace, job_id))
+            allocs = state.allocs_of(job=job) if job else []
+            return _Answer([wire.alloc_stub(a) for a in allocs], state.table_index["allocs"])
+
+    def _allocs(self, req: _Request) -> _Answer:
+        state = self.sim.state
+        self._block(req, lambda: state.table_index["allocs"])
+        prefix = req.query.get("prefix", "")
+        task_states = req.flag("task_states", True)
+        with state.lock:
+            body = [
+                wire.alloc_stub(a, task_states)
+                for a in state.allocs.values()
+                if self._namespace_ok(req, a.job.namespace) and a.id.startswith(prefix)
+            ]
+            return _Answer(body, state.table_index["allocs"])
+
+    def _alloc(self, req: _Request, alloc_id: str) -> _Answer:
+        state = self.sim.state
+
+        def current() -> int:
+            alloc = state.allocs.get(alloc_id)
+            return alloc.modify_index if alloc else state.table_index["allocs"]
+
+        self._block(req, current)
+        with state.lock:
+            alloc = state.allocs.get(alloc_id)
+            if alloc is None:
+                raise HTTPError(404, "alloc not found")
+            return _Answer(self._alloc_json(alloc), alloc.modify_index)
+
+    def _alloc_json(self, alloc: SimAlloc) -> dict[str, Any]:
+        scenario = self.sim.scenario
+        return wire.alloc_json(alloc, self.sim.state.region, scenario.logs, scenario.restart_policy)
+
+    def _alloc_stop(self, req: _Request, alloc_id: str) -> _Answer:
+        self.sim.stop_allocation(alloc_id)
+        return _Answer({"EvalID": "", "Index": self.sim.state.index})
+
+    def _agent_self(self, req: _Request) -> _Answer:
+        state = self.sim.state
+        with state.lock:
+            node = (
+                state.node_by_name(self.local_node) if self.local_node else next(iter(state.nodes.values()))
+            )
+            num = len(state.allocs_of(node=node))
+            return _Answer(wire.agent_self_json(node, state.region, self.sim.node_data_dir(node.name), num))
+
+    def _restart(self, req: _Request, alloc_id: str) -> _Answer:
+        task: str | None = None
+        if req.body.strip():
+            try:
+                payload = json.loads(req.body)
+            except ValueError as exc:
+                raise HTTPError(400, f"failed to decode request body: {exc}") from exc
+            if not isinstance(payload, dict):
+                raise HTTPError(400, "failed to decode request body: expected an object")
+            task = payload.get("TaskName") or None
+        self.sim.restart(alloc_id, task)
+        return _Answer({})
+
+    def _sim_restarts(self, req: _Request) -> _Answer:
+        return _Answer([r.to_json() for r in self.sim.restarts()])
+
+    def _sim_requests(self, req: _Request) -> _Answer:
+        return _Answer(self.sim.request_counts())
+
+
+def _handler_class(server: NomadServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            server.track(self.connection, True)
+
+        def finish(self) -> None:
+            server.track(self.connection, False)
+            with contextlib.suppress(OSError):
+                super().finish()
+
+        def _serve(self) -> None:
+            split = urlsplit(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+            req = _Request(
+                self.command, split.path, query, {k.lower(): v for k, v in self.headers.items()}, body
+            )
+            try:
+                status, headers, payload = server.handle(req)
+            except Exception:
+                log.exception("simulated Nomad failed on %s %s", self.command, split.path)
+                status, headers, payload = 500, {"Content-Type": "text/plain"}, b"internal error"
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("nomad-sim %s", format % args)
+
+    return Handler

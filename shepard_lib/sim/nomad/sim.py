@@ -1,0 +1,248 @@
+"""The simulated Nomad cluster: servers' state plus one client agent per node.
+
+:class:`NomadSim` is what the HTTP layer serves and what tests and :class:`~shepard_lib.sim.SimCluster`
+drive directly: it places allocations, runs the clients, injects faults into them (node down, job
+stop, killed allocation) and keeps the restart record.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from pathlib import Path
+
+from shepard_lib.clock import Clock
+from shepard_lib.errors import HealthTimeout
+from shepard_lib.model import CheckStatus
+from shepard_lib.sim.consul.state import ConsulState
+from shepard_lib.sim.nomad.client import (
+    ClientError,
+    KVWatcher,
+    Phase,
+    SignalRecord,
+    SimClient,
+    task_templates,
+)
+from shepard_lib.sim.nomad.restarts import RestartLog, RestartRecord, makespan, peak_concurrency
+from shepard_lib.sim.nomad.scheduler import Scheduler
+from shepard_lib.sim.nomad.state import NomadState, SimAlloc, SimJob, SimNode
+from shepard_lib.sim.scenario import JobSpec, Scenario
+
+__all__ = ["NomadSim"]
+
+_FIRST_PORT = 20000
+
+
+class NomadSim:
+    """Simulated Nomad servers and clients for one scenario.
+
+    ``data_dir`` holds one Nomad data dir per node (``<data_dir>/<node name>/``).
+    """
+
+    def __init__(self, scenario: Scenario, consul: ConsulState, clock: Clock, data_dir: Path) -> None:
+        self.scenario = scenario
+        self.consul = consul
+        self.clock = clock
+        self.data_dir = data_dir
+        self.state = NomadState(clock, scenario.region)
+        self.scheduler = Scheduler(clock)
+        self.restart_log = RestartLog()
+        self.clients: dict[str, SimClient] = {}
+        self.watcher = KVWatcher(consul, lambda: list(self.clients.values()))
+        self.requests: collections.Counter[str] = collections.Counter()
+        self._requests_lock = threading.Lock()
+        self._next_port = _FIRST_PORT
+
+    # --- setup -----------------------------------------------------------------------------------
+
+    def start(self, http_addr: str = "127.0.0.1:4646") -> None:
+        """Register the scenario's nodes (in Nomad and Consul), then place and start its jobs."""
+        self.scheduler.start()
+        self.watcher.start()
+        for spec in self.scenario.nodes:
+            node = self.state.add_node(spec, http_addr)
+            self.consul.register_node(spec.name)
+            client = SimClient(
+                node,
+                self.state,
+                self.consul,
+                self.scenario,
+                self.node_data_dir(spec.name),
+                self.scheduler,
+                self.restart_log,
+            )
+            self.clients[node.id] = client
+            client.data_dir.mkdir(parents=True, exist_ok=True)
+        for job in self.scenario.jobs:
+            self.register_job(job)
+
+    def stop(self) -> None:
+        """Stop the clients and the scheduler and wake every blocking query."""
+        self.watcher.stop()
+        self.scheduler.stop()
+        self.state.close()
+
+    def node_data_dir(self, node_name: str) -> Path:
+        """The Nomad data dir of the node called ``node_name`` (its allocations are in ``alloc/``)."""
+        return self.data_dir / node_name
+
+    def register_job(self, spec: JobSpec) -> SimJob:
+        """Register a job and place its allocations round-robin over the ready nodes."""
+        job = self.state.add_job(spec, lambda t: task_templates(t, self.scenario.key_prefix))
+        nodes = [n for n in self.state.nodes.values() if n.status == "ready"]
+        if not nodes:
+            raise ValueError("no ready node to place allocations on")
+        slot = 0
+        placed: list[SimAlloc] = []
+        for group in spec.groups:
+            for index in range(group.count):
+                node = nodes[slot % len(nodes)]
+                slot += 1
+                placed.append(self.state.add_alloc(job, group, index, node, self._port()))
+        for alloc in placed:
+            self.clients[alloc.node.id].run_alloc(alloc)
+        return job
+
+    def _port(self) -> int:
+        with self.state.lock:
+            self._next_port += 1
+            return self._next_port
+
+    # --- lookups ---------------------------------------------------------------------------------
+
+    def node(self, name: str) -> SimNode:
+        """The node called ``name`` (KeyError when unknown)."""
+        return self.state.node_by_name(name)
+
+    def job(self, job_id: str, namespace: str = "default") -> SimJob:
+        """The job (KeyError when unknown)."""
+        job = self.state.job(namespace, job_id)
+        if job is None:
+            raise KeyError(f"no simulated job {namespace}/{job_id}")
+        return job
+
+    def allocations(self, job_id: str | None = None, namespace: str = "default") -> list[SimAlloc]:
+        """Allocations, of one job when ``job_id`` is given."""
+        return self.state.allocs_of(job=self.job(job_id, namespace) if job_id else None)
+
+    def allocation(self, job_id: str, group: str, index: int, namespace: str = "default") -> SimAlloc:
+        """The allocation ``job.group[index]``."""
+        for alloc in self.allocations(job_id, namespace):
+            if alloc.group == group and alloc.index == index:
+                return alloc
+        raise KeyError(f"no allocation {job_id}.{group}[{index}]")
+
+    def client_of(self, alloc: SimAlloc) -> SimClient:
+        """The client agent running ``alloc``."""
+        return self.clients[alloc.node.id]
+
+    # --- actions and faults ------------------------------------------------------------------------
+
+    def restart(self, alloc_id: str, task: str | None = None) -> None:
+        """Restart a task (all running tasks when ``task`` is None), as the restart API does.
+
+        Raises :class:`ClientError` with Nomad's status and message on failure.
+        """
+        alloc = self.state.allocs.get(alloc_id)
+        if alloc is None:
+            raise ClientError(404, f'Unknown allocation "{alloc_id}"')
+        self.client_of(alloc).restart(alloc, task)
+
+    def stop_job(self, job_id: str, namespace: str = "default") -> None:
+        """``nomad job stop``: the job is dead and its allocations complete."""
+        job = self.job(job_id, namespace)
+        self.state.set_job_stopped(job)
+        for alloc in self.state.allocs_of(job=job):
+            self.client_of(alloc).stop_alloc(alloc, "alloc not needed due to job update")
+
+    def stop_allocation(self, alloc_id: str) -> None:
+        """``POST /v1/allocation/<id>/stop`` without the rescheduling: the allocation completes."""
+        alloc = self.state.allocs.get(alloc_id)
+        if alloc is None:
+            raise ClientError(404, "alloc not found")
+        self.client_of(alloc).stop_alloc(alloc, "alloc is being stopped by user")
+
+    def kill_allocation(self, alloc_id: str) -> None:
+        """Fault: the allocation's tasks are killed and fail."""
+        alloc = self.state.allocs[alloc_id]
+        self.client_of(alloc).kill_alloc(alloc)
+
+    def set_node_down(self, name: str) -> None:
+        """Fault: the node stops heartbeating; it is ``down`` and its allocations are lost."""
+        node = self.node(name)
+        self.state.set_node_status(node, "down")
+        self.clients[node.id].go_down()
+        self.consul.set_node_health(name, CheckStatus.CRITICAL, "Agent not live or unreachable")
+
+    def count_request(self, key: str) -> None:
+        """Count one HTTP request (``"GET /v1/allocation/:id"``)."""
+        with self._requests_lock:
+            self.requests[key] += 1
+
+    def request_counts(self) -> dict[str, int]:
+        """Requests served so far, by method and endpoint."""
+        with self._requests_lock:
+            return dict(self.requests)
+
+    # --- the record --------------------------------------------------------------------------------
+
+    def restarts(self) -> list[RestartRecord]:
+        """Every task restart so far (copies), oldest first."""
+        with self.state.lock:
+            return self.restart_log.snapshot()
+
+    def signals(self) -> list[SignalRecord]:
+        """Every signal sent by a ``change_mode = "signal"`` template, oldest first."""
+        with self.state.lock:
+            return sorted((s for c in self.clients.values() for s in c.signals), key=lambda s: s.at)
+
+    def peak_concurrency(
+        self, job: str | None = None, group: str | None = None, task: str | None = None
+    ) -> int:
+        """Most restarts of the job/group/task active at once (see :mod:`.restarts`)."""
+        return peak_concurrency(self.restarts(), self.clock.time(), job, group, task)
+
+    def makespan(self, job: str | None = None, group: str | None = None, task: str | None = None) -> float:
+        """Cluster seconds from the first stop to the last end among the matching restarts."""
+        return makespan(self.restarts(), self.clock.time(), job, group, task)
+
+    def unsettled(self) -> list[str]:
+        """Tasks of running allocations that are not running, or whose check is not passing yet."""
+        out: list[str] = []
+        with self.state.lock:
+            for client in self.clients.values():
+                for runner in client.runners.values():
+                    if runner.alloc.desired_status != "run" or runner.alloc.lost:
+                        continue
+                    healthy = (
+                        runner.phase == Phase.RUNNING
+                        and not runner.restart_due
+                        and (
+                            runner.check_id is None
+                            or self._check_passing(runner.alloc.node.name, runner.check_id)
+                        )
+                    )
+                    if not healthy:
+                        out.append(f"{runner.alloc.name}/{runner.spec.name} ({runner.phase})")
+        return out
+
+    def _check_passing(self, node: str, check_id: str) -> bool:
+        check = self.consul.read(lambda: self.consul.catalog.checks.get((node, check_id)))
+        return check is not None and check.status == CheckStatus.PASSING
+
+    def wait_settled(self, timeout: float = 60.0) -> None:
+        """Wait until every task of every running allocation is running and healthy.
+
+        ``timeout`` is in cluster seconds; raises :class:`HealthTimeout` naming the stragglers.
+        """
+        deadline = time.monotonic() + self.clock.real(timeout)
+        while True:
+            pending = self.unsettled()
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                raise HealthTimeout(
+                    f"simulated tasks not healthy after {timeout:g}s: {', '.join(pending[:10])}"
+                )
+            time.sleep(0.005)

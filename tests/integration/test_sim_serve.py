@@ -1,0 +1,77 @@
+"""``shepard sim serve`` as a subprocess: one ready line, real APIs, clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import requests
+
+READY = re.compile(r"^ready consul=(http://127\.0\.0\.1:\d+) nomad=(http://127\.0\.0\.1:\d+)$")
+SCENARIO = Path(__file__).resolve().parents[2] / "examples" / "scenarios" / "web-9.yaml"
+
+
+def _serve(*args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOMAD_", "CONSUL_"))}
+    code = "import sys; from shepard_lib.cli import main; sys.exit(main())"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "sim", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_serve_prints_one_ready_line_serves_and_exits_on_sigterm(tmp_path: Path) -> None:
+    args = (
+        "--scenario",
+        str(SCENARIO),
+        "--time-scale",
+        "20",
+        "--data-dir",
+        str(tmp_path),
+        "--acl-token",
+        "s3cret",
+    )
+    with _serve(*args) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().rstrip("\n")
+            match = READY.match(line)
+            if not match:
+                proc.kill()
+                _, err = proc.communicate()
+                raise AssertionError(f"expected the ready line, got {line!r}; stderr: {err}")
+            consul, nomad = match.groups()
+            token = {"X-Nomad-Token": "s3cret"}
+            allocs = requests.get(f"{nomad}/v1/allocations", headers=token, timeout=10).json()
+            assert len(allocs) == 9 and {a["ClientStatus"] for a in allocs} == {"running"}
+            assert requests.get(f"{nomad}/v1/allocations", timeout=10).status_code == 403
+            leader = requests.get(
+                f"{consul}/v1/status/leader", headers={"X-Consul-Token": "s3cret"}, timeout=10
+            )
+            assert leader.status_code == 200
+            assert (tmp_path / "n1" / "alloc").is_dir()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err
+    assert out == "", "nothing but the ready line on stdout"
+    assert "s3cret" not in err
+
+
+def test_serve_with_an_invalid_scenario_exits_2_naming_the_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nodes: 0\n")
+    with _serve("--scenario", str(bad)) as proc:
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert out == ""
+    assert "nodes:" in err and "Traceback" not in err

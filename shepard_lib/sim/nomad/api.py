@@ -416,6 +416,7 @@ class NomadServer:
 def _handler_class(server: NomadServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # small JSON answers go out at once, not after the 40 ms delayed ACK
 
         def setup(self) -> None:
             super().setup()

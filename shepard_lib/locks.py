@@ -1,0 +1,397 @@
+"""Consul locks held by a :class:`~shepard_lib.session.Session`: one mutex key, or N restart slots.
+
+A lock is a KV key taken with ``?acquire=<session>``. Consul itself frees it when the session is
+destroyed or invalidated, and then refuses it to every other session for the session's lock-delay.
+
+Waiting never polls. A contender that is refused reads the key (or the slot prefix) once, then
+waits with blocking queries (``?index=&wait=``): one request per change of the key or prefix, or per
+wait. It tries again only when it sees a free key. Each wait is bounded by
+
+- the time left before ``timeout`` (then :class:`~shepard_lib.errors.LockTimeout`);
+- the session's ``lock_delay`` (at least 1 s) when a key looked free and was refused anyway: it is
+  under the lock-delay of a session that was invalidated, and nothing changes the key when the delay
+  ends, so the contender retries after that long (by then the delay is over if the invalidated
+  holder used the same lock-delay; otherwise it waits once more);
+- ``max_wait`` (default 15 cluster seconds, as Consul's ``api/lock.go``): the longest it takes the
+  contender to notice that its session was lost or that ``cancel`` was set.
+
+Losing the session while waiting raises :class:`~shepard_lib.errors.LockLost`; so does ``cancel``
+(the caller's event, usually a session's ``lost`` or a shutdown event), because the caller asked to
+stop. A holder learns that it lost a lock from ``session.lost`` (also :attr:`Slot.lost`).
+
+Consul lets a session acquire a key it already holds, and releases a key for whichever holder asks
+with the session. So that two holders sharing one session in this process (two threads, two
+:class:`Lock` objects) can neither both "get" one key nor free each other's, every acquire is
+claimed in-process first, and a release goes out only for the holder that has the claim.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TypeVar
+
+from shepard_lib.backends import ConsulAPI
+from shepard_lib.clock import REAL_CLOCK, Clock
+from shepard_lib.errors import ConsulError, LockLost, LockTimeout, ShepardError
+from shepard_lib.model import KVEntry
+from shepard_lib.session import Session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_WAIT = 15.0
+"""Cluster seconds one blocking query waits at most (Consul's ``DefaultLockWaitTime``)."""
+MIN_WAIT = 0.05
+"""Cluster seconds a blocking query waits at least (Consul reads a zero wait as its 5 min default)."""
+MIN_RETRY = 1.0
+"""Cluster seconds a contender waits at least before retrying a key that looked free but was refused
+(its own session may have a shorter lock-delay than the invalidated holder's)."""
+
+T = TypeVar("T")
+
+
+class _Claims:
+    """Which holder in this process holds each key of each session.
+
+    A session is identified by its :class:`Session` object, through its ``lost`` event (a
+    :class:`Slot` carries that event), not by its ID: a seeded simulator hands the same IDs out
+    again. Only weak references are kept, so claims a crashed holder never gave back go away with it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owners: weakref.WeakKeyDictionary[threading.Event, dict[str, weakref.ref[object]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def claim(self, session: threading.Event, key: str, owner: object) -> bool:
+        """Claim ``key`` for ``owner``; False when another live holder of the session has it."""
+        with self._lock:
+            owners = self._owners.setdefault(session, {})
+            current = owners.get(key)
+            holder = current() if current is not None else None
+            if holder is not None and holder is not owner:
+                return False
+            owners[key] = weakref.ref(owner)
+            return True
+
+    def drop(self, session: threading.Event, key: str, owner: object) -> bool:
+        """Give up ``owner``'s claim; False when it had none (released already, or never held)."""
+        with self._lock:
+            owners = self._owners.get(session, {})
+            current = owners.get(key)
+            if current is None or current() is not owner:
+                return False
+            del owners[key]
+            return True
+
+
+_CLAIMS = _Claims()
+
+
+def _acquire_loop(
+    consul: ConsulAPI,
+    session: Session,
+    *,
+    what: str,
+    watch_key: str,
+    recurse: bool,
+    attempt: Callable[[list[KVEntry] | None], T | None],
+    looks_free: Callable[[list[KVEntry]], bool],
+    timeout: float | None,
+    cancel: threading.Event | None,
+    clock: Clock,
+    max_wait: float,
+) -> T:
+    """Try ``attempt``; while it is refused, wait with blocking queries on ``watch_key`` and retry.
+
+    ``attempt`` gets the last view of the watched key(s) (None before the first read: try
+    everything) and returns the acquired thing or None. ``looks_free`` tells from a view whether an
+    attempt could succeed.
+    """
+    if not session.id:
+        raise RuntimeError(f"{what}: session {session.name!r} was not created")
+    deadline = None if timeout is None else clock.monotonic() + timeout
+    index = 0
+    view: list[KVEntry] | None = None
+    while True:
+        session.check()
+        if cancel is not None and cancel.is_set():
+            raise LockLost(f"{what}: cancelled while waiting")
+        refused_while_free = False
+        if view is None or looks_free(view):
+            try:
+                got = attempt(view)
+            except ConsulError:
+                session.verify()  # Consul answers an acquire with a dead session by HTTP 500
+                raise
+            if got is not None:
+                return got
+            refused_while_free = view is not None
+        wait = min(max_wait, max(session.lock_delay, MIN_RETRY)) if refused_while_free else max_wait
+        if deadline is not None:
+            left = deadline - clock.monotonic()
+            if left <= 0:
+                raise LockTimeout(f"{what}: not acquired within {timeout:g}s")
+            wait = min(wait, left)
+        index, view = consul.watch(watch_key, index, max(wait, MIN_WAIT), recurse=recurse)
+
+
+class Lock:
+    """One KV key as a mutex held by ``session``; a context manager that acquires with ``timeout``.
+
+    ``value`` is stored in the key while it is held. ``timeout`` (cluster seconds, None: wait
+    forever) is what ``with lock:`` uses.
+    """
+
+    def __init__(
+        self,
+        consul: ConsulAPI,
+        key: str,
+        session: Session,
+        *,
+        value: bytes | str = b"",
+        timeout: float | None = None,
+        clock: Clock = REAL_CLOCK,
+        max_wait: float = DEFAULT_MAX_WAIT,
+    ) -> None:
+        self.key = key
+        self._consul = consul
+        self._session = session
+        self._value = value
+        self._timeout = timeout
+        self._clock = clock
+        self._max_wait = max_wait
+        self._held = False
+
+    def __repr__(self) -> str:
+        return f"Lock(key={self.key!r}, session={self._session.name!r}, held={self.held})"
+
+    @property
+    def held(self) -> bool:
+        """Acquired, not released, and the session is not lost."""
+        return self._held and not self._session.lost.is_set()
+
+    @property
+    def lost(self) -> threading.Event:
+        """Set when the session holding this lock is lost (the session's :attr:`~Session.lost`)."""
+        return self._session.lost
+
+    def acquire(self, timeout: float | None = None, cancel: threading.Event | None = None) -> None:
+        """Take the lock, waiting at most ``timeout`` cluster seconds (None: forever).
+
+        Raises LockTimeout when the timeout passes, LockLost when the session is lost or ``cancel``
+        is set while waiting.
+        """
+        if self.held:
+            return
+
+        def attempt(_view: list[KVEntry] | None) -> bool | None:
+            return _acquire_claimed(self._consul, self.key, self._value, self._session, self) or None
+
+        _acquire_loop(
+            self._consul,
+            self._session,
+            what=f"lock {self.key}",
+            watch_key=self.key,
+            recurse=False,
+            attempt=attempt,
+            looks_free=lambda view: not view or view[0].session is None,
+            timeout=timeout,
+            cancel=cancel,
+            clock=self._clock,
+            max_wait=self._max_wait,
+        )
+        self._held = True
+        log.debug("lock %s acquired by session %r", self.key, self._session.name)
+
+    def release(self) -> None:
+        """Release the lock (idempotent). A failure is logged: the lock then ends with the session."""
+        if not self._held:
+            return
+        self._held = False
+        if not _CLAIMS.drop(self._session.lost, self.key, self):
+            return
+        try:
+            self._consul.release(self.key, self._session.id)
+        except ShepardError as exc:
+            log.warning(
+                "lock %s: release failed, it is freed when session %r ends: %s",
+                self.key,
+                self._session.name,
+                exc,
+            )
+
+    def __enter__(self) -> Lock:
+        self.acquire(self._timeout)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A held restart slot: ``key`` is ``<slot_prefix><number>``.
+
+    ``acquired_at`` is cluster Unix time. ``lost`` is the holding session's ``lost`` event: once it
+    is set the slot may already belong to someone else.
+    """
+
+    key: str
+    number: int
+    session_id: str
+    acquired_at: float
+    lost: threading.Event
+
+
+class RestartSlots:
+    """The seed's ``restart_lock/0..size-1``: at most ``size`` holders at once, each an ordinary lock.
+
+    Every holder is visible by key, and Consul frees a dead holder's slot when its session is
+    invalidated. A slot's value is ``{"holder": ..., "session": ..., "acquired_at": ...}`` (JSON).
+    """
+
+    def __init__(
+        self,
+        consul: ConsulAPI,
+        slot_prefix: str,
+        size: int,
+        *,
+        clock: Clock = REAL_CLOCK,
+        max_wait: float = DEFAULT_MAX_WAIT,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"restart slots: size must be >= 1, got {size!r}")
+        self.prefix = slot_prefix if slot_prefix.endswith("/") else slot_prefix + "/"
+        self.size = size
+        self._consul = consul
+        self._clock = clock
+        self._max_wait = max_wait
+
+    def __repr__(self) -> str:
+        return f"RestartSlots(prefix={self.prefix!r}, size={self.size})"
+
+    def key(self, number: int) -> str:
+        """The key of slot ``number``."""
+        return f"{self.prefix}{number}"
+
+    def acquire(
+        self,
+        session: Session,
+        *,
+        holder: str,
+        timeout: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Slot:
+        """Take a free slot: try slots 0..size-1, else wait for a release (see the module docs).
+
+        ``holder`` names the holder in the slot's value (e.g. ``"web-03 alloc 1f2e..."``). Raises
+        LockTimeout after ``timeout`` cluster seconds (None: wait forever), LockLost when the
+        session is lost or ``cancel`` is set while waiting.
+        """
+
+        def attempt(view: list[KVEntry] | None) -> Slot | None:
+            candidates = range(self.size) if view is None else self._free(view)
+            for number in candidates:
+                slot = Slot(self.key(number), number, session.id, self._clock.time(), session.lost)
+                value = json.dumps({"holder": holder, "session": session.id, "acquired_at": slot.acquired_at})
+                if _acquire_claimed(self._consul, slot.key, value, session, slot):
+                    log.info("restart slot %s acquired by %s", slot.key, holder)
+                    return slot
+            return None
+
+        return _acquire_loop(
+            self._consul,
+            session,
+            what=f"restart slot under {self.prefix} (size {self.size}) for {holder}",
+            watch_key=self.prefix,
+            recurse=True,
+            attempt=attempt,
+            looks_free=lambda view: bool(self._free(view)),
+            timeout=timeout,
+            cancel=cancel,
+            clock=self._clock,
+            max_wait=self._max_wait,
+        )
+
+    def release(self, slot: Slot) -> None:
+        """Release ``slot`` (idempotent). A failure is logged: the slot then ends with the session."""
+        if not _CLAIMS.drop(slot.lost, slot.key, slot):
+            return
+        try:
+            self._consul.release(slot.key, slot.session_id)
+        except ShepardError as exc:
+            log.warning(
+                "restart slot %s: release failed, it is freed when its session ends: %s", slot.key, exc
+            )
+        else:
+            log.info("restart slot %s released", slot.key)
+
+    @contextmanager
+    def hold(
+        self,
+        session: Session,
+        *,
+        holder: str,
+        timeout: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Slot]:
+        """``with slots.hold(session, holder=...) as slot:`` acquire a slot and release it on exit."""
+        slot = self.acquire(session, holder=holder, timeout=timeout, cancel=cancel)
+        try:
+            yield slot
+        finally:
+            self.release(slot)
+
+    def holders(self) -> dict[int, str]:
+        """Slot number -> holder text of every held slot (any number), from a consistent read."""
+        held: dict[int, str] = {}
+        for entry in self._consul.get_tree(self.prefix, consistent=True):
+            number = self._number(entry.key)
+            if number is not None and entry.session is not None:
+                held[number] = _holder_text(entry)
+        return held
+
+    def _number(self, key: str) -> int | None:
+        suffix = key[len(self.prefix) :] if key.startswith(self.prefix) else ""
+        return int(suffix) if suffix.isdigit() else None
+
+    def _free(self, view: Sequence[KVEntry]) -> list[int]:
+        """Slots 0..size-1 not held in ``view`` (a missing key is free)."""
+        taken = {self._number(e.key) for e in view if e.session is not None}
+        return [n for n in range(self.size) if n not in taken]
+
+
+def _acquire_claimed(
+    consul: ConsulAPI, key: str, value: bytes | str, session: Session, owner: object
+) -> bool:
+    """``?acquire`` of ``key`` for ``owner``, unless another holder of ``session`` has it in this process."""
+    if not _CLAIMS.claim(session.lost, key, owner):
+        return False
+    try:
+        acquired = consul.acquire(key, value, session.id)
+    except BaseException:
+        _CLAIMS.drop(session.lost, key, owner)
+        raise
+    if not acquired:
+        _CLAIMS.drop(session.lost, key, owner)
+    return acquired
+
+
+def _holder_text(entry: KVEntry) -> str:
+    """The ``holder`` of a slot's JSON value, or the raw text when it is not Shepard's JSON."""
+    text = entry.text()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    return str(data.get("holder", text)) if isinstance(data, dict) else text

@@ -1,0 +1,219 @@
+"""A Consul session that keeps itself alive and says when it is lost.
+
+Every lock Shepard holds belongs to one :class:`Session`. The session is created with a TTL and
+renewed every ``ttl / 2`` by a background thread; Consul releases (or deletes) the session's locks
+when it is destroyed or expires. The holder must learn that it lost them rather than assume it still
+has them (Consul's ``api/lock.go`` closes a *lost* channel for the same reason), so the session sets
+:attr:`Session.lost` when
+
+- a renew answers 404: Consul no longer knows the session (it expired, or was destroyed behind
+  our back), or
+- no renew has succeeded for ``ttl`` since the last good one was *sent* (Consul unreachable).
+  A watchdog thread measures this, so the event is set on time even while a renew request hangs.
+  Consul resets its TTL timer only when it receives a renew, which is after we sent it, so the
+  event is set no later than Consul could invalidate the session.
+
+Usage::
+
+    with Session(consul, "shepard-agent web-03", ttl=15) as session:
+        ...                  # session.lost is set if the session dies; session.check() raises LockLost
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from types import TracebackType
+
+from shepard_lib.backends import ConsulAPI
+from shepard_lib.clock import REAL_CLOCK, Clock
+from shepard_lib.errors import LockLost, ShepardError
+from shepard_lib.model import SessionBehavior
+
+log = logging.getLogger(__name__)
+
+RETRY_FRACTION = 5
+"""After a failed renew, retry every ``ttl / RETRY_FRACTION`` until the session counts as lost."""
+
+
+class Session:
+    """One Consul session, renewed in the background; a context manager (create on enter, destroy on exit).
+
+    ``name`` identifies the holder in Consul and in logs (it is not a secret). ``ttl`` and
+    ``lock_delay`` are cluster seconds of ``clock``. ``node`` and ``node_checks`` bind the session to
+    a Consul node's health (Consul's defaults, the agent's node and ``serfHealth``, when None).
+    """
+
+    def __init__(
+        self,
+        consul: ConsulAPI,
+        name: str,
+        *,
+        ttl: float = 15,
+        lock_delay: float = 15,
+        behavior: SessionBehavior = SessionBehavior.RELEASE,
+        node: str | None = None,
+        node_checks: Sequence[str] | None = None,
+        clock: Clock = REAL_CLOCK,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError(f"session ttl must be > 0, got {ttl!r}")
+        self.name = name
+        self.ttl = float(ttl)
+        self.lock_delay = float(lock_delay)
+        self.behavior = behavior
+        self.node = node
+        self.node_checks = None if node_checks is None else tuple(node_checks)
+        self.id = ""
+        """The Consul session ID; empty until :meth:`create`."""
+        self.lost = threading.Event()
+        """Set once the session (and so every lock it holds) is lost. Never cleared."""
+        self.lost_reason: str | None = None
+        """Why :attr:`lost` was set."""
+        self._consul = consul
+        self._clock = clock
+        self._state = threading.Condition()
+        self._last_renew = 0.0  # clock.monotonic() when the last successful renew was sent
+        self._stop_renewing = threading.Event()
+        self._ended = False  # destroy() was called: the watchdog stops too
+        self._abandoned = False
+
+    def __repr__(self) -> str:
+        return f"Session(name={self.name!r}, id={self.id!r}, ttl={self.ttl}, lost={self.lost.is_set()})"
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def create(self) -> str:
+        """Create the session in Consul and start renewing it every ``ttl / 2``; returns its ID."""
+        if self.id:
+            raise RuntimeError(f"session {self.name!r} was already created")
+        sent = self._clock.monotonic()  # Consul starts the TTL when it gets the request, not before
+        self.id = self._consul.session_create(
+            self.name,
+            self.ttl,
+            behavior=self.behavior,
+            lock_delay=self.lock_delay,
+            node=self.node,
+            node_checks=self.node_checks,
+        )
+        self._last_renew = sent
+        log.debug("session %r created (ttl %ss, lock-delay %ss)", self.name, self.ttl, self.lock_delay)
+        for target, role in ((self._renew_loop, "renew"), (self._watchdog, "watchdog")):
+            threading.Thread(target=target, name=f"shepard-session-{role}[{self.name}]", daemon=True).start()
+        return self.id
+
+    def destroy(self) -> None:
+        """Stop renewing and destroy the session in Consul, which releases its locks.
+
+        Idempotent. A failure to reach Consul is logged, not raised: the session then ends by its
+        TTL. After :meth:`abandon` nothing is sent to Consul. A clean destroy does not set :attr:`lost`.
+        Consul puts locks still held at destroy under the lock-delay, as for any invalidation:
+        release them first to hand them over at once.
+        """
+        with self._state:
+            if self._ended:
+                return
+            self._ended = True
+            self._state.notify_all()
+        self._stop_renewing.set()
+        if not self.id or self._abandoned:
+            return
+        try:
+            self._consul.session_destroy(self.id)
+        except ShepardError as exc:
+            log.warning(
+                "session %r: destroy failed, its locks are freed when its TTL runs out: %s", self.name, exc
+            )
+        else:
+            log.debug("session %r destroyed", self.name)
+
+    def abandon(self) -> None:
+        """Crash simulation (tests, chaos): stop renewing WITHOUT destroying the session.
+
+        Consul frees the session's locks only when its TTL runs out. The watchdog keeps running, so
+        :attr:`lost` is set ``ttl`` after the last good renew, as it would be for a client whose
+        renewals stopped reaching Consul. A later :meth:`destroy` (or leaving the ``with`` block)
+        sends nothing to Consul.
+        """
+        self._abandoned = True
+        self._stop_renewing.set()
+        log.info("session %r abandoned: no more renewals, Consul frees its locks after the TTL", self.name)
+
+    def check(self) -> None:
+        """Raise :class:`LockLost` if the session is lost."""
+        if self.lost.is_set():
+            raise LockLost(
+                f"session {self.name!r} is lost ({self.lost_reason}); its locks are no longer held"
+            )
+
+    def verify(self) -> None:
+        """Ask Consul (now) whether the session still exists; if not, mark it lost and raise LockLost.
+
+        For a caller whose request was refused in a way that may mean the session is gone (Consul
+        answers ``?acquire`` with an invalid session by HTTP 500), before the next renew would tell.
+        """
+        self.check()
+        if self.id and self._consul.session_info(self.id) is None:
+            self._mark_lost("Consul no longer knows it")
+        self.check()
+
+    def __enter__(self) -> Session:
+        self.create()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.destroy()
+
+    # --- background threads --------------------------------------------------------------------
+
+    def _mark_lost(self, reason: str) -> None:
+        with self._state:
+            if self.lost.is_set():
+                return
+            self.lost_reason = reason
+            self.lost.set()
+            self._state.notify_all()
+        log.warning("session %r lost: %s", self.name, reason)
+
+    def _renew_loop(self) -> None:
+        """Renew every ``ttl / 2``; after a failure retry sooner, until renewed or lost."""
+        interval = self.ttl / 2
+        while not self._clock.wait(self._stop_renewing, interval) and not self.lost.is_set():
+            sent = self._clock.monotonic()
+            try:
+                known = self._consul.session_renew(self.id)
+            except Exception as exc:  # this thread must survive anything the backend raises
+                if self._stop_renewing.is_set():
+                    return
+                left = self._last_renew + self.ttl - self._clock.monotonic()
+                log.warning(
+                    "session %r: renew failed (%s); it counts as lost in %.1fs without a successful renew",
+                    self.name,
+                    exc,
+                    max(left, 0.0),
+                )
+                interval = self.ttl / RETRY_FRACTION
+                continue
+            if self._stop_renewing.is_set():
+                return
+            if not known:
+                self._mark_lost("Consul no longer knows it (renew answered 404): it expired or was destroyed")
+                return
+            with self._state:
+                self._last_renew = max(self._last_renew, sent)
+            interval = self.ttl / 2
+
+    def _watchdog(self) -> None:
+        """Set :attr:`lost` once ``ttl`` has passed since the last successful renew was sent."""
+        with self._state:
+            while not self._ended and not self.lost.is_set():
+                left = self._last_renew + self.ttl - self._clock.monotonic()
+                if left <= 0:
+                    break
+                self._clock.wait_for(self._state, lambda: self._ended or self.lost.is_set(), left)
+            else:
+                return
+        self._mark_lost(f"no successful renew for {self.ttl:g}s (Consul unreachable?)")

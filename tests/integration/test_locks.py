@@ -1,0 +1,315 @@
+"""Lock and RestartSlots against the Consul sim over HTTP.
+
+Sim-only: these tests need the sim's time scale, its request counts (``/_sim/requests``) and its
+in-process state.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import requests
+
+from shepard_lib.backends.consul import ConsulBackend, RetryPolicy
+from shepard_lib.clock import Clock
+from shepard_lib.config import ConsulConfig
+from shepard_lib.errors import LockLost, LockTimeout
+from shepard_lib.locks import Lock, RestartSlots, Slot
+from shepard_lib.session import Session
+from shepard_lib.sim.consul import ConsulServer, ConsulState
+
+SCALE = 50.0
+TTL = 10.0  # Consul's minimum TTL, for the tests about expiry
+LONG_TTL = 60.0  # elsewhere: renewals of many sessions on a busy machine must not be late by ttl/2
+
+
+@dataclass
+class Sim:
+    clock: Clock
+    server: ConsulServer
+    consul: ConsulBackend
+
+    def session(self, name: str, *, ttl: float = LONG_TTL, lock_delay: float = 15.0) -> Session:
+        return Session(self.consul, name, ttl=ttl, lock_delay=lock_delay, clock=self.clock)
+
+    def kv_requests(self) -> dict[str, int]:
+        """Counts of ``/v1/kv`` requests by method since the last reset, from ``/_sim/requests``."""
+        counts = requests.get(f"{self.server.address}/_sim/requests", timeout=5).json()
+        return dict(counts.get("/v1/kv", {}))
+
+    def reset_requests(self) -> None:
+        requests.delete(f"{self.server.address}/_sim/requests", timeout=5).raise_for_status()
+
+    def until_kv_gets(self, n: int) -> None:
+        """Wait until ``n`` KV reads were made since the last reset."""
+        self.until(f"{n} KV reads", lambda: self.kv_requests().get("GET") == n)
+
+    def until(self, what: str, predicate: Callable[[], bool], within: float = 5.0) -> None:
+        """Test-side wait (real seconds) for something the code under test does."""
+        deadline = time.monotonic() + within
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.005)
+
+
+@pytest.fixture
+def sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sim]:
+    for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    clock = Clock(scale=SCALE)
+    server = ConsulServer(ConsulState(clock)).start()
+    consul = ConsulBackend(ConsulConfig(address=server.address), clock, retry=RetryPolicy(attempts=2))
+    try:
+        yield Sim(clock, server, consul)
+    finally:
+        consul.close()
+        server.stop()
+
+
+class Background:
+    """Runs ``fn`` in a thread and keeps its result or exception for the test to inspect."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], object]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float = 10.0) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "background call did not finish"
+
+
+# --- Lock ----------------------------------------------------------------------------------------
+
+
+def test_lock_is_exclusive_and_the_context_manager_releases_it(sim: Sim) -> None:
+    with sim.session("a") as a, sim.session("b") as b:
+        with Lock(sim.consul, "t/mutex", a, value="owner a", timeout=0, clock=sim.clock) as lock:
+            assert lock.held
+            entry = sim.consul.get("t/mutex", consistent=True)
+            assert entry is not None and entry.session == a.id and entry.text() == "owner a"
+            with pytest.raises(LockTimeout, match="t/mutex"):
+                Lock(sim.consul, "t/mutex", b, clock=sim.clock).acquire(timeout=0)
+        assert not lock.held
+        lock.release()  # idempotent
+        # An explicit release hands the lock over without lock-delay.
+        Lock(sim.consul, "t/mutex", b, clock=sim.clock).acquire(timeout=0)
+
+
+def test_lock_waiter_takes_the_lock_as_soon_as_it_is_released(sim: Sim) -> None:
+    with sim.session("a") as a, sim.session("b") as b:
+        first = Lock(sim.consul, "t/handover", a, clock=sim.clock)
+        first.acquire(timeout=0)
+        second = Lock(sim.consul, "t/handover", b, clock=sim.clock, max_wait=10_000)
+        call = Background(lambda: second.acquire(timeout=1_000))
+        sim.clock.sleep(5)
+        assert call.thread.is_alive() and not second.held
+        released = sim.clock.monotonic()
+        first.release()
+        call.join()
+        assert call.error is None, call.error
+        assert second.held
+        assert sim.clock.monotonic() - released <= 4, "the waiter did not wake on the release"
+
+
+def test_lock_held_turns_false_when_the_session_is_lost(sim: Sim) -> None:
+    with sim.session("doomed") as session:
+        lock = Lock(sim.consul, "t/doomed", session, clock=sim.clock)
+        lock.acquire(timeout=0)
+        sim.consul.session_destroy(session.id)
+        assert sim.clock.wait(lock.lost, LONG_TTL)
+        assert not lock.held
+
+
+def test_acquire_with_a_session_consul_no_longer_knows_raises_lock_lost(sim: Sim) -> None:
+    with sim.session("gone") as session:
+        sim.consul.session_destroy(session.id)  # before the next renew could notice
+        with pytest.raises(LockLost, match="gone"):
+            Lock(sim.consul, "t/gone", session, clock=sim.clock).acquire(timeout=0)
+        assert session.lost.is_set()
+
+
+# --- RestartSlots -------------------------------------------------------------------------------
+
+
+def test_slot_value_names_holder_session_and_time_and_holders_reads_it(sim: Sim) -> None:
+    slots = RestartSlots(sim.consul, "t/value/restart_lock", 3, clock=sim.clock)
+    with sim.session("a") as a, sim.session("b") as b:
+        first = slots.acquire(a, holder="web-01 alloc 1")
+        second = slots.acquire(b, holder="web-02 alloc 2")
+        assert (first.number, second.number) == (0, 1)
+        assert first.key == "t/value/restart_lock/0"
+        entry = sim.consul.get(first.key, consistent=True)
+        assert entry is not None and entry.session == a.id
+        assert json.loads(entry.text()) == {
+            "holder": "web-01 alloc 1",
+            "session": a.id,
+            "acquired_at": first.acquired_at,
+        }
+        assert abs(first.acquired_at - sim.clock.time()) < 5
+        assert first.lost is a.lost
+        assert slots.holders() == {0: "web-01 alloc 1", 1: "web-02 alloc 2"}
+        slots.release(first)
+        slots.release(first)  # idempotent
+        assert slots.holders() == {1: "web-02 alloc 2"}
+        with slots.hold(a, holder="web-03") as third:
+            assert third.number == 0
+        assert slots.holders() == {1: "web-02 alloc 2"}
+
+
+def test_contending_threads_never_exceed_the_slot_count(sim: Sim) -> None:
+    size, workers, rounds = 2, 6, 4
+    slots = RestartSlots(sim.consul, "t/contend/restart_lock/", size, clock=sim.clock)
+    guard = threading.Lock()
+    inside: list[int] = []
+    peak = 0
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        nonlocal peak
+        try:
+            with sim.session(f"worker-{n}") as session:
+                for r in range(rounds):
+                    with slots.hold(session, holder=f"worker-{n} round {r}", timeout=300) as slot:
+                        with guard:
+                            inside.append(slot.number)
+                            peak = max(peak, len(inside))
+                            assert len(inside) <= size, f"{len(inside)} holders of {size} slots"
+                            assert len(set(inside)) == len(inside), f"slot held twice: {inside}"
+                        assert len(slots.holders()) <= size
+                        sim.clock.sleep(1.0)
+                        with guard:
+                            inside.remove(slot.number)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors
+    assert peak == size, f"peak {peak}: the slots were never all used"
+    assert slots.holders() == {}
+
+
+def test_holders_sharing_one_session_neither_share_a_slot_nor_free_each_others(sim: Sim) -> None:
+    slots = RestartSlots(sim.consul, "t/shared/restart_lock/", 1, clock=sim.clock, max_wait=5)
+    with sim.session("shared") as session:
+        first = slots.acquire(session, holder="thread 1")
+        # Consul itself would answer this acquire with true: the session already holds the key.
+        with pytest.raises(LockTimeout):
+            slots.acquire(session, holder="thread 2", timeout=2)
+        call = Background(lambda: slots.acquire(session, holder="thread 2", timeout=100))
+        sim.clock.sleep(2)
+        assert call.thread.is_alive(), "a second holder with the same session got the only slot"
+        slots.release(first)
+        call.join()
+        second = call.result
+        assert isinstance(second, Slot) and second.number == 0
+        slots.release(first)  # a late, repeated release must not free the new holder's slot
+        assert slots.holders() == {0: "thread 2"}
+        lock = Lock(sim.consul, "t/shared/mutex", session, clock=sim.clock)
+        lock.acquire(timeout=0)
+        with pytest.raises(LockTimeout):
+            Lock(sim.consul, "t/shared/mutex", session, clock=sim.clock).acquire(timeout=1)
+
+
+def test_waiter_makes_one_request_per_change_and_takes_the_released_slot(sim: Sim) -> None:
+    slots = RestartSlots(sim.consul, "t/count/restart_lock/", 1, clock=sim.clock, max_wait=10_000)
+    with sim.session("holder") as holder, sim.session("waiter") as waiter:
+        held = slots.acquire(holder, holder="holder")
+        sim.reset_requests()
+        call = Background(lambda: slots.acquire(waiter, holder="waiter"))
+        # refused acquire, then a read (index 0) and the first blocking query
+        sim.until("the waiter to block", lambda: sim.kv_requests() == {"PUT": 1, "GET": 2})
+        time.sleep(0.05)
+        sim.reset_requests()
+        for change in range(1, 6):
+            sim.server.state.kv_put("t/count/restart_lock/note", f"unrelated {change}".encode())
+            sim.until_kv_gets(change)
+            time.sleep(0.02)
+        assert sim.kv_requests() == {"GET": 5}, "a waiter must make one blocking query per change"
+        slots.release(held)
+        call.join()
+        assert call.error is None, call.error
+        slot = call.result
+        assert isinstance(slot, Slot) and slot.session_id == waiter.id and slot.number == 0
+        # the holder's release, then the waiter's query wakes and its one acquire succeeds
+        assert sim.kv_requests() == {"GET": 5, "PUT": 2}
+
+
+def test_acquire_raises_lock_timeout_after_the_timeout_without_polling(sim: Sim) -> None:
+    slots = RestartSlots(sim.consul, "t/timeout/restart_lock/", 1, clock=sim.clock)
+    with sim.session("holder") as holder, sim.session("waiter") as waiter:
+        slots.acquire(holder, holder="holder")
+        sim.reset_requests()
+        start = sim.clock.monotonic()
+        with pytest.raises(LockTimeout, match=r"restart slot .* within 10s"):
+            slots.acquire(waiter, holder="waiter", timeout=10)
+        waited = sim.clock.monotonic() - start
+        assert 10 <= waited <= 14, f"gave up after {waited:.1f}s"
+        assert sim.kv_requests() == {"PUT": 1, "GET": 2}
+
+
+def test_cancel_stops_a_waiting_acquire(sim: Sim) -> None:
+    slots = RestartSlots(sim.consul, "t/cancel/restart_lock/", 1, clock=sim.clock, max_wait=5)
+    cancel = threading.Event()
+    with sim.session("holder") as holder, sim.session("waiter") as waiter:
+        slots.acquire(holder, holder="holder")
+        call = Background(lambda: slots.acquire(waiter, holder="waiter", cancel=cancel))
+        sim.clock.sleep(3)
+        assert call.thread.is_alive()
+        cancelled_at = sim.clock.monotonic()
+        cancel.set()
+        call.join()
+        assert isinstance(call.error, LockLost) and "cancelled" in str(call.error)
+        assert sim.clock.monotonic() - cancelled_at <= 5 + 4, "cancel noticed later than max_wait"
+        assert slots.holders() == {0: "holder"}
+
+
+def test_waiter_raises_lock_lost_when_its_own_session_is_lost(sim: Sim) -> None:
+    slots = RestartSlots(sim.consul, "t/lost/restart_lock/", 1, clock=sim.clock, max_wait=5)
+    with sim.session("holder") as holder, sim.session("waiter") as waiter:
+        slots.acquire(holder, holder="holder")
+        call = Background(lambda: slots.acquire(waiter, holder="waiter"))
+        sim.clock.sleep(1)
+        sim.consul.session_destroy(waiter.id)
+        destroyed = sim.clock.monotonic()
+        call.join()
+        assert isinstance(call.error, LockLost) and "waiter" in str(call.error)
+        assert sim.clock.monotonic() - destroyed <= LONG_TTL / 2 + 5 + 4
+
+
+def test_slot_of_an_abandoned_holder_is_taken_only_after_ttl_and_lock_delay(sim: Sim) -> None:
+    lock_delay = 15.0
+    slots = RestartSlots(sim.consul, "t/delay/restart_lock/", 1, clock=sim.clock, max_wait=100)
+    crashed = sim.session("crashed", ttl=TTL, lock_delay=lock_delay)
+    crashed.create()
+    created = sim.clock.monotonic()
+    slots.acquire(crashed, holder="crashed")
+    crashed.abandon()
+    with sim.session("successor", lock_delay=lock_delay) as successor:
+        sim.reset_requests()
+        slot = slots.acquire(successor, holder="successor", timeout=100)
+        waited = sim.clock.monotonic() - created
+        assert slot.number == 0
+        assert waited >= TTL + lock_delay, f"slot taken {waited:.1f}s after the last renew"
+        assert waited <= TTL + 2 * lock_delay + 5, f"slot taken only {waited:.1f}s after the last renew"
+        # No tight retry under lock-delay: one refused try when the slot was freed, one when it is over.
+        counts = sim.kv_requests()
+        assert counts.get("PUT", 0) <= 4, counts
+        assert counts.get("GET", 0) <= 5, counts
+    crashed.destroy()

@@ -1,0 +1,173 @@
+"""Trigger: fenced restarts through the trigger key (consul_key) or Nomad's restart API (nomad_api).
+
+Sim-only: the tests read the simulator's restart record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from shepard_lib.backends.consul import ConsulBackend, RetryPolicy
+from shepard_lib.backends.nomad import NomadBackend
+from shepard_lib.config import ConsulConfig, NomadConfig, RestartMethod
+from shepard_lib.errors import LockLost
+from shepard_lib.keyspace import Keyspace, TaskRef
+from shepard_lib.locks import RestartSlots
+from shepard_lib.model import Allocation
+from shepard_lib.session import Session
+from shepard_lib.sim import SimCluster
+from shepard_lib.trigger import Trigger
+
+SCALE = 50.0
+KEYSPACE = Keyspace()
+SCENARIO: dict[str, Any] = {
+    "seed": 3,
+    "nodes": ["n1", "n2"],
+    "jobs": [
+        {
+            "name": "web",
+            "groups": [
+                {
+                    "name": "app",
+                    "count": 3,
+                    "tasks": [
+                        {"name": "server", "shepard": True, "service": "web"},
+                        {"name": "helper", "shepard": True},
+                    ],
+                }
+            ],
+        }
+    ],
+    "timing": {"restart": "1s", "healthy_after": "500ms"},
+}
+
+
+@dataclass
+class Env:
+    sim: SimCluster
+    consul: ConsulBackend
+    nomad: NomadBackend
+
+    def session(self, name: str, *, ttl: float = 60.0, lock_delay: float = 15.0) -> Session:
+        # A long TTL: the renew thread must not notice a destroyed session before the test fires.
+        return Session(self.consul, name, ttl=ttl, lock_delay=lock_delay, clock=self.sim.clock)
+
+    def alloc(self, index: int) -> Allocation:
+        [alloc] = [a for a in self.nomad.job_allocations("web") if a.index == index]
+        return alloc
+
+    def ref(self, alloc: Allocation, task: str = "server") -> TaskRef:
+        return TaskRef(alloc.node_name, alloc.job_id, alloc.task_group, task, alloc.index)
+
+    def slots(self, task: str = "server") -> RestartSlots:
+        scope = KEYSPACE.scope(TaskRef("", "web", "app", task, 0))
+        return RestartSlots(self.consul, KEYSPACE.slot_prefix(scope), 1, clock=self.sim.clock)
+
+    def wait_restarts(self, n: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(self.sim.restarts()) < n:
+            assert time.monotonic() < deadline, f"expected {n} restarts, have {self.sim.restarts()}"
+            time.sleep(0.005)
+
+    def settle(self, seconds: float = 3.0) -> None:
+        """Long enough (cluster seconds) for a trigger to have restarted a task if it were going to."""
+        self.sim.clock.sleep(seconds)
+
+
+@pytest.fixture
+def env(sim_cluster_factory: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "NOMAD_ADDR", "NOMAD_TOKEN", "NOMAD_NAMESPACE"):
+        monkeypatch.delenv(name, raising=False)
+    sim: SimCluster = sim_cluster_factory(SCENARIO, time_scale=SCALE)
+    retry = RetryPolicy(attempts=2)
+    consul = ConsulBackend(ConsulConfig(address=sim.consul_addr), sim.clock, retry=retry)
+    nomad = NomadBackend(NomadConfig(address=sim.nomad_addr), sim.clock, retry=retry)
+    try:
+        yield Env(sim, consul, nomad)
+    finally:
+        consul.close()
+        nomad.close()
+
+
+def test_consul_key_trigger_restarts_exactly_that_task_through_its_template(env: Env) -> None:
+    alloc = env.alloc(1)
+    ref = env.ref(alloc)
+    trigger = Trigger(env.consul, env.nomad, KEYSPACE, RestartMethod.CONSUL_KEY)
+    with env.session("agent") as session, env.slots().hold(session, holder="agent") as slot:
+        trigger.fire(ref, alloc.id, slot)
+        first = env.sim.get_key(KEYSPACE.trigger_key(ref))
+        env.wait_restarts(1)
+        env.settle()
+        trigger.fire(ref, alloc.id, slot)
+        assert env.sim.get_key(KEYSPACE.trigger_key(ref)) != first, "each trigger must write a fresh value"
+        env.wait_restarts(2)
+        env.settle()
+    records = env.sim.restarts()
+    assert [(r.alloc_id, r.task, r.cause) for r in records] == [(alloc.id, "server", "template")] * 2
+
+
+@pytest.mark.parametrize("after_loss", ["slot free", "slot taken by another session"])
+def test_fenced_trigger_is_refused_once_the_slot_was_lost(env: Env, after_loss: str) -> None:
+    alloc = env.alloc(0)
+    ref = env.ref(alloc)
+    key = KEYSPACE.trigger_key(ref)
+    env.sim.set_key(key, "before")
+    env.wait_restarts(1)
+    env.sim.wait_settled()
+    trigger = Trigger(env.consul, env.nomad, KEYSPACE, RestartMethod.CONSUL_KEY)
+    with env.session("zombie", lock_delay=0) as zombie, env.session("successor") as successor:
+        slot = env.slots().acquire(zombie, holder="zombie")
+        env.consul.session_destroy(zombie.id)  # behind its back: the renew thread has not noticed
+        if after_loss == "slot taken by another session":
+            env.slots().acquire(successor, holder="successor", timeout=0)
+        assert not slot.lost.is_set(), "the test needs the fence itself to refuse, not the lost event"
+        with pytest.raises(LockLost, match="no longer held"):
+            trigger.fire(ref, alloc.id, slot)
+        env.settle()
+    assert env.sim.get_key(key) == "before", "a trigger was written without a held slot"
+    assert len(env.sim.restarts()) == 1, "a restart happened without a held slot"
+
+
+def test_trigger_with_a_lost_session_writes_nothing(env: Env) -> None:
+    alloc = env.alloc(2)
+    ref = env.ref(alloc)
+    trigger = Trigger(env.consul, env.nomad, KEYSPACE, RestartMethod.CONSUL_KEY)
+    with env.session("lost", ttl=10) as session:
+        slot = env.slots().acquire(session, holder="lost")
+        env.consul.session_destroy(session.id)
+        assert env.sim.clock.wait(slot.lost, 10), "slot.lost not set after the session was destroyed"
+        with pytest.raises(LockLost):
+            trigger.fire(ref, alloc.id, slot)
+    assert env.sim.get_key(KEYSPACE.trigger_key(ref)) is None
+    assert env.sim.restarts() == []
+
+
+def test_nomad_api_trigger_restarts_exactly_the_task(env: Env) -> None:
+    alloc = env.alloc(2)
+    trigger = Trigger(env.consul, env.nomad, KEYSPACE, RestartMethod.NOMAD_API)
+    with env.session("agent") as session, env.slots("helper").hold(session, holder="agent") as slot:
+        trigger.fire(env.ref(alloc, "helper"), alloc.id, slot)
+        env.wait_restarts(1)
+        env.settle()
+    assert [(r.alloc_id, r.task, r.cause) for r in env.sim.restarts()] == [(alloc.id, "helper", "api")]
+    assert env.sim.get_key(KEYSPACE.trigger_key(env.ref(alloc, "helper"))) is None
+    states = env.nomad.allocation(alloc.id).task_states
+    assert (states["helper"].restarts, states["server"].restarts) == (1, 0)
+
+
+def test_nomad_api_trigger_is_refused_when_the_slot_is_no_longer_held(env: Env) -> None:
+    alloc = env.alloc(1)
+    trigger = Trigger(env.consul, env.nomad, KEYSPACE, RestartMethod.NOMAD_API)
+    with env.session("zombie", lock_delay=0) as zombie, env.session("successor") as successor:
+        slot = env.slots().acquire(zombie, holder="zombie")
+        env.consul.session_destroy(zombie.id)
+        env.slots().acquire(successor, holder="successor", timeout=0)
+        with pytest.raises(LockLost, match="no longer held"):
+            trigger.fire(env.ref(alloc), alloc.id, slot)
+        env.settle()
+    assert env.sim.restarts() == []

@@ -23,10 +23,13 @@ from shepard_lib.errors import ConfigError, ShepardError
 from shepard_lib.logsetup import setup_logging
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "restart_cmd",
     "config_cmd",
     "template_cmd",
+    "sim_cmd",
 )
 """The modules under ``shepard_lib.cli`` that register subcommands, in ``--help`` order."""
+
 
 def _add_global_options(parser: argparse.ArgumentParser, default: object) -> None:
     options: list[tuple[str, dict[str, Any]]] = [

@@ -1,0 +1,754 @@
+"""The restart plan of one task scope: the value of ``.../task_lock`` (DESIGN.md section 4).
+
+A :class:`Plan` is a pure, frozen value with pure transition functions (:func:`register`,
+:func:`claim`, :func:`reclaim`, :func:`unclaim`, :func:`finish`, :func:`resume`, :func:`abort`);
+:class:`PlanStore` is the only part that does I/O: it reads the plan with a consistent read,
+applies one transition and writes it back with ``cas=ModifyIndex``, retrying on conflict.
+
+Locking choice: ``task_lock`` is **not** taken as a Consul lock. Every plan update is a
+read-modify-write guarded by CAS on the key's ModifyIndex, which is exactly as atomic as a lock
+around the update but depends on no holder being alive: a lock on ``task_lock`` would put a
+session (and after a crash, its lock-delay) in front of every finish, resume and abort.
+
+Generations: ``generation`` counts the changes a plan has seen. A registration carries the time
+of its change (``changed_at``: when the agent saw the files change, or when a rollout was asked
+for). A member whose restart was claimed at or after that time already runs the changed config,
+so the registration leaves it alone: the many events of one change, and a rollout asked for
+together with them, restart each member once. Otherwise:
+
+- a member not in the plan, or ``pending``, joins the current generation (a pending member is
+  never restarted twice);
+- a member ``done`` or ``failed`` in the current generation opens a new generation (at most one
+  per registration): it becomes ``pending``, the other pending members move to the new
+  generation (they are restarted once, with the newest config), and a failed or aborted plan is
+  planned again (a new change is the other way, besides ``resume``, out of a halted plan);
+- a member ``restarting`` is marked ``rerun`` (opening a new generation if it was claimed in the
+  current one): its restart began before the change, so the new config may not have been
+  rendered in time; when it finishes it goes back to ``pending`` in the newest generation
+  instead of ``done``.
+
+A late event of the change that failed a plan therefore does not un-fail it (the failed member
+was claimed after that change). Times are cluster Unix seconds from the participants' clocks,
+which are assumed to agree (NTP) to well under the time a restart takes.
+
+Wire format: JSON with ``"schema": 1``. A value that is not such JSON (corrupt, or written by
+something else) is logged with its key and replaced by a fresh plan on the next update.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from shepard_lib.backends import ConsulAPI
+from shepard_lib.clock import REAL_CLOCK, Clock
+from shepard_lib.errors import ConfigError, ConsulError, PlanError
+from shepard_lib.model import Job
+
+__all__ = [
+    "CONCURRENCY_META",
+    "MAX_FAILURES_META",
+    "SCHEMA_VERSION",
+    "Member",
+    "MemberSpec",
+    "MemberState",
+    "MemberUnavailable",
+    "Plan",
+    "PlanFormatError",
+    "PlanSettings",
+    "PlanStatus",
+    "PlanStore",
+    "abort",
+    "claim",
+    "finish",
+    "new_plan",
+    "reclaim",
+    "register",
+    "require",
+    "resolve_settings",
+    "resume",
+    "unclaim",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CONCURRENCY_META = "shepard_concurrency"
+MAX_FAILURES_META = "shepard_max_failures"
+
+
+class PlanStatus(enum.StrEnum):
+    """Where a plan stands; only ``planned`` lets anyone start a restart."""
+
+    PLANNED = "planned"
+    COMPLETE = "complete"
+    FAILED = "failed"  # max_failures reached: halted until resume or a new change
+    ABORTED = "aborted"  # halted by an operator: halted until resume or a new change
+
+
+class MemberState(enum.StrEnum):
+    """Where one allocation stands in the plan."""
+
+    PENDING = "pending"
+    RESTARTING = "restarting"
+    DONE = "done"
+    FAILED = "failed"
+
+
+HALTED = frozenset({PlanStatus.FAILED, PlanStatus.ABORTED})
+
+
+class PlanFormatError(PlanError):
+    """The ``task_lock`` value is not a Shepard plan of a schema this code reads."""
+
+
+class MemberUnavailable(PlanError):
+    """A transition does not apply to the member as it is now (claimed by someone else, halted...).
+
+    ``reason`` is a short phrase for logs and results (``"restarting, held by ..."``).
+    """
+
+    def __init__(self, alloc_id: str, reason: str) -> None:
+        self.alloc_id = alloc_id
+        self.reason = reason
+        super().__init__(f"allocation {alloc_id}: {reason}")
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The numbers a plan is created with; fixed for the plan while it is active."""
+
+    concurrency: int = 1
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.max_failures < 1:
+            raise ValueError(f"max_failures must be >= 1, got {self.max_failures}")
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """An allocation asking to be part of the plan."""
+
+    alloc_id: str
+    node: str
+    alloc_index: int
+
+
+@dataclass(frozen=True)
+class Member:
+    """One allocation of the plan.
+
+    ``holder`` is the unique claim of whoever restarts it (several workers may share one
+    session), ``session`` that worker's Consul session ID (a member whose session is gone can be
+    reclaimed) and ``holder_name`` says who it is, for humans. ``restarts_before`` /
+    ``started_before`` are the task's restart count and start time read before the trigger, and
+    ``trigger_index`` the trigger key's ModifyIndex then (method consul_key), so a reclaimer can
+    tell whether the trigger was written or already took effect.
+    """
+
+    state: MemberState
+    node: str
+    alloc_index: int
+    generation: int
+    updated_at: float
+    holder: str | None = None
+    session: str | None = None
+    holder_name: str | None = None
+    restarts_before: int | None = None
+    started_before: float | None = None
+    trigger_index: int | None = None
+    claimed_at: float | None = None
+    rerun: bool = False
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The member as it appears in the plan JSON."""
+        return {
+            "state": self.state.value,
+            "node": self.node,
+            "alloc_index": self.alloc_index,
+            "generation": self.generation,
+            "holder": self.holder,
+            "session": self.session,
+            "holder_name": self.holder_name,
+            "restarts_before": self.restarts_before,
+            "started_before": self.started_before,
+            "trigger_index": self.trigger_index,
+            "claimed_at": self.claimed_at,
+            "rerun": self.rerun,
+            "updated_at": self.updated_at,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Member:
+        """Parse one member; raises KeyError/TypeError/ValueError on a malformed one."""
+        return cls(
+            state=MemberState(data["state"]),
+            node=_str(data["node"]),
+            alloc_index=_int(data["alloc_index"]),
+            generation=_int(data["generation"]),
+            updated_at=_float(data["updated_at"]),
+            holder=_opt(data.get("holder"), _str),
+            session=_opt(data.get("session"), _str),
+            holder_name=_opt(data.get("holder_name"), _str),
+            restarts_before=_opt(data.get("restarts_before"), _int),
+            started_before=_opt(data.get("started_before"), _float),
+            trigger_index=_opt(data.get("trigger_index"), _int),
+            claimed_at=_opt(data.get("claimed_at"), _float),
+            rerun=bool(data.get("rerun", False)),
+            error=_opt(data.get("error"), _str),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The restart plan of one task scope (job/group/task, plus node when lock_scope is node)."""
+
+    job: str
+    group: str
+    task: str
+    node: str | None
+    status: PlanStatus
+    generation: int
+    instance_count: int
+    concurrent_lock_count: int
+    max_failures: int
+    created_at: float
+    updated_at: float
+    members: Mapping[str, Member] = field(default_factory=dict)
+    halt_reason: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``job/group/task`` (with ``@node`` for a node-scoped plan), for logs."""
+        base = f"{self.job}/{self.group}/{self.task}"
+        return f"{base}@{self.node}" if self.node else base
+
+    @property
+    def halted(self) -> bool:
+        """Failed or aborted: nobody may start a restart."""
+        return self.status in HALTED
+
+    def in_state(self, state: MemberState) -> dict[str, Member]:
+        """The members in ``state``, by allocation ID."""
+        return {a: m for a, m in self.members.items() if m.state == state}
+
+    def failures(self) -> int:
+        """Failed members of the current generation: what counts against max_failures."""
+        return sum(
+            1
+            for m in self.members.values()
+            if m.state == MemberState.FAILED and m.generation == self.generation
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as stored in Consul."""
+        return {
+            "schema": SCHEMA_VERSION,
+            "kind": "shepard.plan",
+            "job": self.job,
+            "group": self.group,
+            "task": self.task,
+            "node": self.node,
+            "status": self.status.value,
+            "generation": self.generation,
+            "instance_count": self.instance_count,
+            "concurrent_lock_count": self.concurrent_lock_count,
+            "max_failures": self.max_failures,
+            "halt_reason": self.halt_reason,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "members": {a: m.to_json() for a, m in sorted(self.members.items())},
+        }
+
+    def encode(self) -> bytes:
+        """The bytes written to ``task_lock``."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> Plan:
+        """Parse a ``task_lock`` value; raises :class:`PlanFormatError` saying what is wrong."""
+        if not raw:
+            raise PlanFormatError("empty value")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PlanFormatError(f"not JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("kind") != "shepard.plan":
+            raise PlanFormatError('not a Shepard plan (no "kind": "shepard.plan")')
+        if data.get("schema") != SCHEMA_VERSION:
+            raise PlanFormatError(f"plan schema {data.get('schema')!r}, this Shepard reads {SCHEMA_VERSION}")
+        try:
+            members = data["members"]
+            if not isinstance(members, dict):
+                raise TypeError("members is not an object")
+            return cls(
+                job=_str(data["job"]),
+                group=_str(data["group"]),
+                task=_str(data["task"]),
+                node=_opt(data.get("node"), _str),
+                status=PlanStatus(data["status"]),
+                generation=_int(data["generation"]),
+                instance_count=_int(data["instance_count"]),
+                concurrent_lock_count=_positive(data["concurrent_lock_count"]),
+                max_failures=_positive(data["max_failures"]),
+                created_at=_float(data["created_at"]),
+                updated_at=_float(data["updated_at"]),
+                members={_str(a): Member.from_json(m) for a, m in members.items()},
+                halt_reason=_opt(data.get("halt_reason"), _str),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanFormatError(f"malformed plan ({type(exc).__name__}: {exc})") from None
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def resolve_settings(job: Job, group: str, *, concurrency: int, max_failures: int) -> PlanSettings:
+    """Concurrency and max_failures for a new plan of ``job``/``group``.
+
+    ``concurrency``/``max_failures`` are the configured defaults; job meta ``shepard_concurrency``
+    / ``shepard_max_failures`` override them, and the group's meta overrides the job's. A bad
+    meta value is a :class:`ConfigError` naming the job, the group and the meta key.
+    """
+    tg = job.group(group)
+    group_meta: Mapping[str, str] = tg.meta if tg is not None else {}
+    problems: list[str] = []
+    values = {CONCURRENCY_META: concurrency, MAX_FAILURES_META: max_failures}
+    for key in values:
+        for where, meta in ((f"job {job.id!r}", job.meta), (f"job {job.id!r} group {group!r}", group_meta)):
+            if key not in meta:
+                continue
+            raw = meta[key]
+            try:
+                number = int(str(raw).strip())
+            except ValueError:
+                number = 0
+            if number < 1:
+                problems.append(f"{where}: meta {key} = {raw!r} is not a whole number >= 1")
+            else:
+                values[key] = number
+    if problems:
+        raise ConfigError(problems)
+    return PlanSettings(concurrency=values[CONCURRENCY_META], max_failures=values[MAX_FAILURES_META])
+
+
+# --- transitions (pure) -----------------------------------------------------------------------
+
+
+def new_plan(
+    job: str,
+    group: str,
+    task: str,
+    node: str | None,
+    *,
+    instance_count: int,
+    settings: PlanSettings,
+    now: float,
+) -> Plan:
+    """An empty ``planned`` plan at generation 1."""
+    return Plan(
+        job=job,
+        group=group,
+        task=task,
+        node=node,
+        status=PlanStatus.PLANNED,
+        generation=1,
+        instance_count=instance_count,
+        concurrent_lock_count=settings.concurrency,
+        max_failures=settings.max_failures,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def register(
+    plan: Plan,
+    specs: Iterable[MemberSpec],
+    *,
+    now: float,
+    changed_at: float | None = None,
+    settings: PlanSettings | None = None,
+    instance_count: int | None = None,
+) -> Plan:
+    """Register allocations that need a restart (one change event, or one rollout request).
+
+    ``changed_at`` (default ``now``) is when the change happened: a member whose restart was
+    claimed at or after it already runs the changed config, so the registration leaves it alone.
+    See the module docstring for the generation rules. ``settings`` and ``instance_count`` are
+    applied only when the plan is not active (complete, or a new change with nothing
+    restarting): an active plan keeps the concurrency it was created with, so every
+    participant uses the same slots.
+    """
+    changed = now if changed_at is None else changed_at
+
+    def covered(m: Member) -> bool:
+        return m.claimed_at is not None and m.claimed_at >= changed
+
+    specs = list(specs)
+    members = dict(plan.members)
+    new_change = any(
+        (m := members.get(s.alloc_id)) is not None
+        and m.generation == plan.generation
+        and m.state in (MemberState.DONE, MemberState.FAILED, MemberState.RESTARTING)
+        and not covered(m)
+        for s in specs
+    )
+    generation = plan.generation + 1 if new_change else plan.generation
+    if new_change:
+        for alloc_id, m in members.items():
+            if m.state == MemberState.PENDING:
+                members[alloc_id] = replace(m, generation=generation, updated_at=now)
+    for s in specs:
+        m = members.get(s.alloc_id)
+        if m is None:
+            members[s.alloc_id] = Member(
+                MemberState.PENDING, s.node, s.alloc_index, generation, updated_at=now
+            )
+        elif covered(m):
+            continue
+        elif m.state in (MemberState.DONE, MemberState.FAILED):
+            members[s.alloc_id] = replace(_back_to_pending(m, now), generation=generation)
+        elif m.state == MemberState.RESTARTING:
+            # Its restart began before the change: restart it once more when it finishes.
+            if not m.rerun:
+                members[s.alloc_id] = replace(m, rerun=True, updated_at=now)
+        elif m.generation != generation:
+            members[s.alloc_id] = replace(m, generation=generation, updated_at=now)
+    status, halt_reason = plan.status, plan.halt_reason
+    if new_change or (status == PlanStatus.COMPLETE and members != plan.members):
+        status, halt_reason = PlanStatus.PLANNED, None
+    updated = replace(plan, members=members, generation=generation, status=status, halt_reason=halt_reason)
+    if plan.status == PlanStatus.COMPLETE or (new_change and not plan.in_state(MemberState.RESTARTING)):
+        if settings is not None:
+            updated = replace(
+                updated, concurrent_lock_count=settings.concurrency, max_failures=settings.max_failures
+            )
+        if instance_count is not None:
+            updated = replace(updated, instance_count=instance_count)
+    if updated == plan:
+        return plan
+    return replace(updated, updated_at=now)
+
+
+def claim(
+    plan: Plan,
+    alloc_id: str,
+    *,
+    holder: str,
+    session: str,
+    holder_name: str,
+    restarts_before: int,
+    started_before: float | None,
+    now: float,
+    trigger_index: int | None = None,
+) -> Plan:
+    """``pending`` -> ``restarting`` by ``holder``; idempotent for the same holder.
+
+    Raises :class:`MemberUnavailable` when the plan is not ``planned``, the member is not
+    pending (someone else took it, it finished, or it is not in the plan), or
+    ``concurrent_lock_count`` members are restarting already: a restart whose holder died keeps
+    counting until it is reclaimed and seen through, although its slot came free.
+    """
+    m = _member(plan, alloc_id)
+    if m.state == MemberState.RESTARTING and m.holder == holder:
+        return plan
+    if plan.status != PlanStatus.PLANNED:
+        raise MemberUnavailable(alloc_id, _halted_reason(plan))
+    if m.state != MemberState.PENDING:
+        raise MemberUnavailable(alloc_id, _describe(m))
+    inflight = len(plan.in_state(MemberState.RESTARTING))
+    if inflight >= plan.concurrent_lock_count:
+        raise MemberUnavailable(
+            alloc_id, f"{inflight} restart(s) in flight, the concurrency of plan {plan.label}"
+        )
+    claimed = replace(
+        m,
+        state=MemberState.RESTARTING,
+        holder=holder,
+        session=session,
+        holder_name=holder_name,
+        restarts_before=restarts_before,
+        started_before=started_before,
+        trigger_index=trigger_index,
+        claimed_at=now,
+        rerun=False,
+        error=None,
+        updated_at=now,
+    )
+    return _with_member(plan, alloc_id, claimed, now)
+
+
+def reclaim(
+    plan: Plan,
+    alloc_id: str,
+    *,
+    dead_session: str | None,
+    holder: str,
+    session: str,
+    holder_name: str,
+    now: float,
+) -> Plan:
+    """Take over a ``restarting`` member whose holder's session no longer exists.
+
+    The caller checked that ``dead_session`` is gone; the transition only applies while the
+    member is still held under it. ``restarts_before`` is kept, so the new holder can tell
+    whether the dead holder's trigger already took effect. Reclaiming is allowed on a halted
+    plan too: it finishes an in-flight restart, it does not start a new one.
+    """
+    m = _member(plan, alloc_id)
+    if m.state == MemberState.RESTARTING and m.holder == holder:
+        return plan
+    if m.state != MemberState.RESTARTING or m.session != dead_session:
+        raise MemberUnavailable(alloc_id, _describe(m))
+    taken = replace(m, holder=holder, session=session, holder_name=holder_name, updated_at=now)
+    return _with_member(plan, alloc_id, taken, now)
+
+
+def unclaim(plan: Plan, alloc_id: str, *, holder: str, now: float, error: str | None = None) -> Plan:
+    """``restarting`` -> ``pending``: the holder gives the member back without having triggered it."""
+    m = _member(plan, alloc_id)
+    if m.state != MemberState.RESTARTING or m.holder != holder:
+        if m.state == MemberState.PENDING:
+            return plan  # our own earlier write that we did not see acknowledged
+        raise MemberUnavailable(alloc_id, _describe(m))
+    back = replace(
+        m,
+        state=MemberState.PENDING,
+        holder=None,
+        session=None,
+        holder_name=None,
+        restarts_before=None,
+        started_before=None,
+        trigger_index=None,
+        claimed_at=None,
+        rerun=False,
+        generation=plan.generation,
+        error=error,
+        updated_at=now,
+    )
+    return _settle(_with_member(plan, alloc_id, back, now))
+
+
+def finish(plan: Plan, alloc_id: str, *, holder: str, ok: bool, now: float, error: str | None = None) -> Plan:
+    """``restarting`` -> ``done`` / ``failed``, or back to ``pending`` when it was marked ``rerun``.
+
+    Then the plan becomes ``failed`` when the failures of the current generation reach
+    max_failures, or ``complete`` when no member is pending or restarting.
+    """
+    m = _member(plan, alloc_id)
+    if m.state != MemberState.RESTARTING or m.holder != holder:
+        if m.holder == holder and m.state in (MemberState.DONE, MemberState.FAILED):
+            return plan  # our own earlier write that we did not see acknowledged
+        raise MemberUnavailable(alloc_id, _describe(m))
+    if m.rerun:
+        finished = replace(_back_to_pending(m, now), generation=plan.generation, error=None if ok else error)
+    else:
+        state = MemberState.DONE if ok else MemberState.FAILED
+        finished = replace(m, state=state, error=None if ok else error, updated_at=now)
+    return _settle(_with_member(plan, alloc_id, finished, now))
+
+
+def resume(plan: Plan, *, now: float) -> Plan:
+    """An operator resumes a failed or aborted plan: failed members of this generation are pending again."""
+    if not plan.halted:
+        raise PlanError(f"plan {plan.label} is {plan.status.value}, not failed or aborted: nothing to resume")
+    members = {
+        a: (
+            _back_to_pending(m, now)
+            if m.state == MemberState.FAILED and m.generation == plan.generation
+            else m
+        )
+        for a, m in plan.members.items()
+    }
+    return _settle(
+        replace(plan, members=members, status=PlanStatus.PLANNED, halt_reason=None, updated_at=now)
+    )
+
+
+def abort(plan: Plan, *, reason: str, now: float) -> Plan:
+    """An operator stops a plan: nobody starts a restart; in-flight restarts finish; pending are skipped."""
+    if plan.status == PlanStatus.COMPLETE:
+        raise PlanError(f"plan {plan.label} is complete: nothing to abort")
+    if plan.status == PlanStatus.ABORTED:
+        return plan
+    return replace(plan, status=PlanStatus.ABORTED, halt_reason=reason, updated_at=now)
+
+
+def require(plan: Plan | None, key: str) -> Plan:
+    """``plan``, or a PlanError when an update finds no plan at ``key`` any more."""
+    if plan is None:
+        raise PlanError(f"plan {key} disappeared (deleted, or replaced after it became unreadable)")
+    return plan
+
+
+def _settle(plan: Plan) -> Plan:
+    """Recompute the plan status after a member changed."""
+    if plan.status == PlanStatus.PLANNED and plan.failures() >= plan.max_failures:
+        return replace(
+            plan,
+            status=PlanStatus.FAILED,
+            halt_reason=f"{plan.failures()} failed restart(s) reached max_failures={plan.max_failures}",
+        )
+    active = any(m.state in (MemberState.PENDING, MemberState.RESTARTING) for m in plan.members.values())
+    if plan.status == PlanStatus.PLANNED and not active:
+        return replace(plan, status=PlanStatus.COMPLETE)
+    if plan.status == PlanStatus.COMPLETE and active:
+        return replace(plan, status=PlanStatus.PLANNED)
+    return plan
+
+
+def _back_to_pending(m: Member, now: float) -> Member:
+    return replace(
+        m,
+        state=MemberState.PENDING,
+        holder=None,
+        session=None,
+        holder_name=None,
+        restarts_before=None,
+        started_before=None,
+        trigger_index=None,
+        claimed_at=None,
+        rerun=False,
+        error=None,
+        updated_at=now,
+    )
+
+
+def _member(plan: Plan, alloc_id: str) -> Member:
+    m = plan.members.get(alloc_id)
+    if m is None:
+        raise MemberUnavailable(alloc_id, f"not a member of plan {plan.label}")
+    return m
+
+
+def _with_member(plan: Plan, alloc_id: str, member: Member, now: float) -> Plan:
+    return replace(plan, members={**plan.members, alloc_id: member}, updated_at=now)
+
+
+def _describe(m: Member) -> str:
+    if m.state == MemberState.RESTARTING:
+        return f"restarting, held by {m.holder_name or m.holder}"
+    return f"{m.state.value} in generation {m.generation}"
+
+
+def _halted_reason(plan: Plan) -> str:
+    reason = f": {plan.halt_reason}" if plan.halt_reason else ""
+    return f"plan {plan.label} is {plan.status.value}{reason}"
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _positive(value: Any) -> int:
+    number = _int(value)
+    if number < 1:
+        raise ValueError(f"expected an integer >= 1, got {number}")
+    return number
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _opt(value: Any, parse: Callable[[Any], Any]) -> Any:
+    return None if value is None else parse(value)
+
+
+# --- storage ----------------------------------------------------------------------------------
+
+
+class PlanStore:
+    """Reads and CAS-updates plans in Consul.
+
+    ``update(key, change)`` reads the plan with a consistent read, calls the pure ``change`` on
+    it (None when there is no plan, or when the value is corrupt or foreign: that is logged with
+    the key and the value is replaced) and writes the result with ``cas=ModifyIndex``. On a CAS
+    conflict it starts over, at most ``attempts`` times, with jittered backoff. A ``change``
+    that returns the plan unchanged writes nothing. Exceptions of ``change`` (such as
+    :class:`MemberUnavailable`) propagate and nothing is written.
+    """
+
+    def __init__(
+        self,
+        consul: ConsulAPI,
+        *,
+        clock: Clock = REAL_CLOCK,
+        attempts: int = 30,
+        backoff: float = 0.05,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._consul = consul
+        self._clock = clock
+        self._attempts = attempts
+        self._backoff = backoff
+        self._rng = rng or random.Random()
+
+    def read(self, key: str) -> tuple[Plan | None, int]:
+        """The plan at ``key`` (None if absent, corrupt or foreign) and its ModifyIndex (0 if absent)."""
+        entry = self._consul.get(key, consistent=True)
+        if entry is None:
+            return None, 0
+        try:
+            return Plan.decode(entry.value), entry.modify_index
+        except PlanFormatError as exc:
+            log.warning(
+                "plan key %s holds a corrupt or foreign value (%s); it will be replaced by a fresh plan",
+                key,
+                exc,
+            )
+            return None, entry.modify_index
+
+    def load(self, key: str) -> Plan | None:
+        """The plan at ``key``, or None."""
+        return self.read(key)[0]
+
+    def update(self, key: str, change: Callable[[Plan | None], Plan]) -> Plan:
+        """Apply ``change`` atomically (see the class docstring); returns the plan as written."""
+        last_error: Exception | None = None
+        for attempt in range(self._attempts):
+            try:
+                plan, index = self.read(key)
+                updated = change(plan)
+                if updated is plan:
+                    return updated
+                if self._consul.put(key, updated.encode(), cas=index):
+                    return updated
+                last_error = None
+            except ConsulError as exc:
+                if not exc.transient:
+                    raise
+                last_error = exc
+            self._clock.sleep(self._rng.uniform(0, self._backoff * 2 ** min(attempt, 6)))
+        if last_error is not None:
+            raise PlanError(
+                f"plan {key}: Consul kept failing ({last_error}); giving up after {self._attempts} attempts"
+            ) from last_error
+        raise PlanError(
+            f"plan {key}: {self._attempts} concurrent updates in a row won the CAS race; giving up"
+        )
+
+    def watch(self, key: str, index: int, wait: float) -> int:
+        """Block until the plan key changes past ``index`` (or ``wait`` cluster seconds); the new index."""
+        new_index, _ = self._consul.watch(key, index, wait)
+        return new_index

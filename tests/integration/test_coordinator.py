@@ -1,0 +1,320 @@
+"""Coordinators (agents) and rollouts cooperating on one plan, over HTTP against the simulated cluster.
+
+Sim-only: these tests read the sim's restart record and use its fault controls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from shepard_lib.backends.consul import ConsulBackend
+from shepard_lib.backends.nomad import NomadBackend
+from shepard_lib.config import ConsulConfig, NomadConfig, ShepardConfig, default_config
+from shepard_lib.coordinator import (
+    Coordinator,
+    CoordinatorOptions,
+    EventKind,
+    Outcome,
+    RolloutEvent,
+    SimulatedCrash,
+    Step,
+    Target,
+    target_for,
+)
+from shepard_lib.errors import ConfigError
+from shepard_lib.keyspace import Keyspace, TaskScope
+from shepard_lib.model import Allocation
+from shepard_lib.plan import MemberState, Plan, PlanStore, register
+from shepard_lib.rollout import RollingRestart, RolloutOptions
+from shepard_lib.session import Session
+from shepard_lib.sim.cluster import SimCluster
+from shepard_lib.sim.pytest_plugin import SimClusterFactory
+
+SCALE = 25.0
+KEYS = Keyspace()
+SCOPE = TaskScope("web", "app", "server")
+PLAN_KEY = KEYS.task_lock_key(SCOPE)
+
+
+def scenario(
+    count: int, job_meta: dict[str, str] | None = None, group_meta: dict[str, str] | None = None
+) -> dict:
+    return {
+        "seed": 3,
+        "nodes": ["node-1", "node-2", "node-3"],
+        "jobs": [
+            {
+                "name": "web",
+                "meta": job_meta or {},
+                "groups": [
+                    {
+                        "name": "app",
+                        "count": count,
+                        "meta": group_meta or {},
+                        "tasks": [
+                            {
+                                "name": "server",
+                                "shepard": True,
+                                "templates": [
+                                    {
+                                        "key": "config/web",
+                                        "destination": "local/app.conf",
+                                        "change_mode": "noop",
+                                    }
+                                ],
+                                "service": "web",
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+        "timing": {"restart": "1s", "healthy_after": "500ms"},
+        "keys": {"config/web": "v1"},
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_real_cluster_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "NOMAD_ADDR", "NOMAD_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+class Agents:
+    """Backends, config and helpers for coordinators acting as agents on the sim's nodes."""
+
+    def __init__(self, sim: SimCluster, token: str | None = None, **changes: Any) -> None:
+        fast: dict[str, Any] = {
+            "session_ttl": 10.0,
+            "lock_delay": 2.0,
+            "min_healthy_time": 2.0,
+            "healthy_deadline": 20.0,
+        }
+        self.sim = sim
+        self.clock = sim.clock
+        self.cfg: ShepardConfig = replace(
+            default_config(),
+            consul=ConsulConfig(address=sim.consul_addr, token=token),
+            nomad=NomadConfig(address=sim.nomad_addr, token=token),
+            **{**fast, **changes},
+        )
+        self.consul = ConsulBackend(self.cfg.consul, self.clock)
+        self.nomad = NomadBackend(self.cfg.nomad, self.clock)
+        self.options = CoordinatorOptions.from_config(self.cfg)
+        self.plans = PlanStore(self.consul, clock=self.clock)
+
+    def allocs(self) -> list[Allocation]:
+        return sorted(self.nomad.job_allocations("web"), key=lambda a: a.index)
+
+    def session(self, name: str) -> Session:
+        return Session(
+            self.consul, name, ttl=self.cfg.session_ttl, lock_delay=self.cfg.lock_delay, clock=self.clock
+        )
+
+    def coordinator(self, session: Session, name: str, **kwargs: Any) -> Coordinator:
+        return Coordinator(
+            self.consul, self.nomad, KEYS, session, self.options, clock=self.clock, name=name, **kwargs
+        )
+
+    def handle(self, alloc: Allocation, changed_at: float, results: list[Any]) -> None:
+        with self.session(f"agent {alloc.node_name}") as session:
+            outcome = self.coordinator(session, f"agent {alloc.node_name}").handle_change(
+                alloc, "server", changed_at
+            )
+            results.append(outcome)
+
+    def rollout(self, **kwargs: Any) -> RollingRestart:
+        return RollingRestart(self.consul, self.nomad, self.cfg, clock=self.clock, **kwargs)
+
+    def plan(self) -> Plan:
+        plan = self.plans.load(PLAN_KEY)
+        assert plan is not None
+        return plan
+
+
+def restarts_by_alloc(sim: SimCluster) -> Counter[str]:
+    return Counter(r.alloc_id for r in sim.restarts())
+
+
+def test_agents_and_a_rollout_of_the_same_change_restart_each_allocation_once_within_concurrency(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(8, job_meta={"shepard_concurrency": "2"}), time_scale=SCALE)
+    agents = Agents(sim)
+    allocs = agents.allocs()
+    changed_at = sim.clock.time()
+    sim.set_key("config/web", "v2")
+
+    outcomes: list[Any] = []
+    rollout_result: dict[str, Any] = {}
+    threads = [threading.Thread(target=agents.handle, args=(a, changed_at, outcomes)) for a in allocs]
+    threads.append(
+        threading.Thread(
+            target=lambda: rollout_result.setdefault(
+                "r", agents.rollout().run("web", RolloutOptions(changed_at=changed_at))
+            )
+        )
+    )
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    assert restarts_by_alloc(sim) == {a.id: 1 for a in allocs}
+    assert sim.peak_concurrency("web", "app", "server") <= 2
+    assert {o.outcome for o in outcomes} == {Outcome.RESTARTED}
+    assert rollout_result["r"].ok
+    plan = agents.plan()
+    assert plan.status.value == "complete"
+    assert plan.generation == 1
+
+
+def test_second_change_mid_rollout_restarts_done_members_again_and_pending_ones_once(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(6), time_scale=SCALE)
+    agents = Agents(sim)
+    allocs = agents.allocs()
+    two_done = threading.Event()
+    done: list[str] = []
+
+    def observe(event: RolloutEvent) -> None:
+        if event.kind == EventKind.RESTARTED:
+            done.append(event.alloc_id)
+            if len(done) == 2:
+                two_done.set()
+
+    first: dict[str, Any] = {}
+    runner = threading.Thread(
+        target=lambda: first.setdefault(
+            "r", agents.rollout(observer=observe).run("web", RolloutOptions(concurrency=1))
+        )
+    )
+    runner.start()
+    assert two_done.wait(30)
+
+    # The second change reaches every allocation at once; capture the plan it was applied to.
+    seen: list[Plan] = []
+    targets = [target_for(a, "server", agents.nomad.job("web")) for a in allocs]
+    change_at = sim.clock.time()
+
+    def second_change(plan: Plan | None) -> Plan:
+        assert plan is not None
+        seen.append(plan)
+        return register(plan, [t.spec() for t in targets], now=change_at, changed_at=change_at)
+
+    after = agents.plans.update(PLAN_KEY, second_change)
+    before = seen[-1]
+    second = agents.rollout().run("web", RolloutOptions(concurrency=1, changed_at=change_at))
+    runner.join(60)
+
+    # Restarted again: members done, or restarting, since before the change; pending ones: once.
+    expected = {
+        alloc: 2 if m.claimed_at is not None and m.claimed_at < change_at else 1
+        for alloc, m in before.members.items()
+    }
+    assert after.generation == before.generation + 1
+    assert list(expected.values()).count(2) >= 2, before.members
+    assert list(expected.values()).count(1) >= 1, before.members
+    assert restarts_by_alloc(sim) == expected
+    assert first["r"].ok and second.ok
+    assert agents.plan().status.value == "complete"
+    assert sim.peak_concurrency("web") <= 1
+
+
+@pytest.mark.parametrize("crash_after", [Step.SLOT, Step.CLAIMED, Step.TRIGGERED, Step.HEALTHY])
+def test_killed_holder_is_taken_over_and_its_allocation_restarts_exactly_once(
+    sim_cluster_factory: SimClusterFactory, crash_after: Step
+) -> None:
+    sim = sim_cluster_factory(scenario(3), time_scale=SCALE)
+    agents = Agents(sim)
+    victim = agents.allocs()[0]
+    session = agents.session("doomed agent")
+    session.create()
+
+    def crash(step: Step, target: Target) -> None:
+        if step == crash_after:
+            session.abandon()
+            raise SimulatedCrash(step)
+
+    coordinator = agents.coordinator(session, "doomed agent", fault_hook=crash)
+    with pytest.raises(SimulatedCrash):
+        coordinator.handle_change(victim, "server")
+    killed_at = sim.clock.monotonic()
+
+    result = agents.rollout().run("web", RolloutOptions(changed_at=killed_at - 1e6))  # the same change
+    took = sim.clock.monotonic() - killed_at
+
+    assert result.ok, result.to_dict()
+    assert restarts_by_alloc(sim)[victim.id] == 1
+    member = agents.plan().members[victim.id]
+    assert member.state == MemberState.DONE
+    if crash_after in (Step.CLAIMED, Step.TRIGGERED, Step.HEALTHY):
+        assert [o.reclaimed for o in result.restarted if o.target.alloc_id == victim.id] == [True]
+        assert took >= agents.cfg.session_ttl  # only after the dead holder's session expired
+
+
+def test_corrupt_plan_is_reported_with_its_key_and_replaced(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    agents = Agents(sim)
+    sim.set_key(PLAN_KEY, "{not json")
+    results: list[Any] = []
+    with caplog.at_level(logging.WARNING, logger="shepard_lib.plan"):
+        agents.handle(agents.allocs()[0], sim.clock.time(), results)
+    assert [r.outcome for r in results] == [Outcome.RESTARTED]
+    assert f"plan key {PLAN_KEY} holds a corrupt or foreign value" in caplog.text
+    assert agents.plan().status.value == "complete"
+
+
+def test_bad_meta_value_is_a_config_error_naming_job_group_and_key(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2, group_meta={"shepard_concurrency": "lots"}), time_scale=SCALE)
+    agents = Agents(sim)
+    with agents.session("agent") as session, pytest.raises(ConfigError) as err:
+        agents.coordinator(session, "agent").handle_change(agents.allocs()[0], "server")
+    assert err.value.problems == [
+        "job 'web' group 'app': meta shepard_concurrency = 'lots' is not a whole number >= 1"
+    ]
+    assert sim.get_key(PLAN_KEY) is None
+
+
+def test_every_log_line_of_a_restart_names_the_task(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    agents = Agents(sim)
+    alloc = agents.allocs()[0]
+    with caplog.at_level(logging.DEBUG, logger="shepard_lib.coordinator"):
+        agents.handle(alloc, sim.clock.time(), [])
+    lines = [r.getMessage() for r in caplog.records if r.name == "shepard_lib.coordinator"]
+    assert lines
+    assert all(line.startswith(f"{alloc.node_name}/web/app/server[0] alloc {alloc.id}") for line in lines), (
+        lines
+    )
+
+
+def test_tokens_never_appear_in_logs(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = "s3cr3t-acl-token-0123456789"
+    sim = sim_cluster_factory(scenario(3), time_scale=SCALE, acl_token=token)
+    agents = Agents(sim, token=token)
+    with caplog.at_level(logging.DEBUG):
+        agents.handle(agents.allocs()[0], sim.clock.time(), [])
+        result = agents.rollout().run("web", RolloutOptions(concurrency=2))
+        views = agents.rollout().status("web")
+    assert result.ok
+    assert len(sim.restarts()) == 4
+    assert caplog.records
+    assert token not in caplog.text
+    assert token not in str(result.to_dict())
+    assert token not in str([v.to_dict() for v in views])

@@ -25,12 +25,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import voluptuous as vol
-import yaml
 
+from shepard_lib.durations import format_go_duration, parse_go_duration
 from shepard_lib.errors import ConfigError
+from shepard_lib.yamlfile import read_yaml_mapping
 
 CONFIG_PATH_ENV = "SHEPARD_CONFIG_PATH"
 REDACTED = "<redacted>"
@@ -259,43 +260,22 @@ def default_config() -> ShepardConfig:
 
 # --- values -------------------------------------------------------------------------------
 
-_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
+def parse_duration(value: Any) -> float:
+    """Seconds in a duration setting: a Go duration string (``1h30m``, ``1.5s``, ``250ms``) or ``0``.
 
-def parse_duration(text: str) -> float:
-    """Seconds in a Go duration string (``1h30m``, ``1.5s``, ``250ms``, ``0``); ValueError otherwise.
-
-    A bare number other than ``0`` is rejected: it would be seconds to some readers and
-    nanoseconds to Go.
+    Shepard's policy on top of :func:`~shepard_lib.durations.parse_go_duration`, the same for the
+    configuration and scenario files: a bare number other than ``0`` is rejected (it would be
+    seconds to some readers and nanoseconds to Go), and so is a sign. ValueError otherwise.
     """
-    text = text.strip()
-    if text == "0":
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
         return 0.0
-    pos, total = 0, 0.0
-    while pos < len(text):
-        match = _DURATION_PART.match(text, pos)
-        if match is None:
-            raise ValueError(f"not a duration: {text!r}")
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    if pos == 0:
-        raise ValueError(f"not a duration: {text!r}")
-    return total
-
-
-def format_duration(seconds: float) -> str:
-    """A Go-style duration string for ``seconds`` (``90`` -> ``1m30s``, ``0.25`` -> ``250ms``)."""
-    if seconds == 0:
-        return "0s"
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    out = f"{int(hours)}h" if hours else ""
-    out += f"{int(minutes)}m" if minutes else ""
-    out += f"{secs:g}s" if secs else ""
-    return out
+    if isinstance(value, str) and value[:1] not in ("+", "-"):
+        try:
+            return parse_go_duration(value)
+        except ValueError:
+            pass
+    raise ValueError(f"not a duration: {_shown(value)} (durations look like 15s, 2m, 1h30m)")
 
 
 def _shown(value: Any) -> str:
@@ -315,20 +295,16 @@ def _shown(value: Any) -> str:
 
 def _duration(low: float, high: float | None) -> Callable[[Any], float]:
     if high is None:
-        span = f"of at least {format_duration(low)}"
+        span = f"of at least {format_go_duration(low)}"
     else:
-        span = f"between {format_duration(low)} and {format_duration(high)}"
+        span = f"between {format_go_duration(low)} and {format_go_duration(high)}"
     expected = f"expected a duration {span}"
 
     def validate(value: Any) -> float:
-        seconds: float | None = None
-        if isinstance(value, str):
-            try:
-                seconds = parse_duration(value)
-            except ValueError:
-                seconds = None
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
-            seconds = 0.0
+        try:
+            seconds: float | None = parse_duration(value)
+        except ValueError:
+            seconds = None
         if seconds is None or seconds < low or (high is not None and seconds > high):
             raise vol.Invalid(f"{expected}, got {_shown(value)} (durations look like 15s, 2m, 1h30m)")
         return seconds
@@ -368,6 +344,13 @@ def _text(value: Any) -> str:
     return value
 
 
+def _secret(value: Any) -> str:
+    """A token: like _text, but the problem never shows the value."""
+    if not isinstance(value, str) or not value.strip():
+        raise vol.Invalid("expected a non-empty string (value not shown)")
+    return value
+
+
 def _choice(enum_type: type[enum.StrEnum]) -> Callable[[Any], enum.StrEnum]:
     names = [m.value for m in enum_type]
 
@@ -401,6 +384,8 @@ def _host_port(value: Any) -> str:
     expected = f"expected host:port, got {_shown(value)}"
     if not isinstance(value, str):
         raise vol.Invalid(expected)
+    if any(char.isspace() for char in value):
+        raise vol.Invalid(f"{expected}: whitespace inside an address")
     parts = urlsplit(f"//{value}")
     try:
         port = parts.port
@@ -408,6 +393,10 @@ def _host_port(value: Any) -> str:
         port = None
     if not parts.hostname or port is None or parts.path or parts.username:
         raise vol.Invalid(expected)
+    try:
+        _check_host(parts.hostname)
+    except ValueError as exc:
+        raise vol.Invalid(f"{expected}: {exc}") from None
     return value
 
 
@@ -428,7 +417,53 @@ def _url(value: Any) -> str:
         parts = urlsplit(value)
         if parts.scheme in ("http", "https") and parts.hostname:
             return value
+        value = redact_url(value)
     raise vol.Invalid(f"expected an http:// or https:// URL, got {_shown(value)}")
+
+
+def _url_secrets(url: str) -> tuple[str | None, list[str]]:
+    """The password of ``url``'s userinfo (None without one) and its query string values, as written."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    password = userinfo.partition(":")[2] if at and ":" in userinfo else None
+    values = [item.partition("=")[2] for item in parts.query.split("&")]
+    return password, [v for v in values if v]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the userinfo password and every query string value shown as ``<redacted>``.
+
+    ``https://user:pw@loki.example/push?token=abc`` -> ``https://user:<redacted>@loki.example/push?token=<redacted>``.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"
+    query = "&".join(
+        f"{name}={REDACTED}" if eq and value else item
+        for item in parts.query.split("&")
+        for name, eq, value in [item.partition("=")]
+    )
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _check_host(host: str) -> str:
+    """``host`` if it is an IP address or a DNS name (letters, digits, ``-``, ``_``, dots); else ValueError.
+
+    IPv6 addresses come back in brackets (``[::1]``), ready to be followed by ``:port``.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+        if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise ValueError(f"{host!r} is not a valid host name") from None
+        return host
+    return f"[{host}]" if address.version == 6 else host
 
 
 def normalize_address(value: str) -> str:
@@ -436,28 +471,34 @@ def normalize_address(value: str) -> str:
 
     ``127.0.0.1:8500`` -> ``http://127.0.0.1:8500``; ``https://consul.example.com`` ->
     ``https://consul.example.com:443`` (the port the CLIs would use); ``unix:///path`` is kept.
-    ValueError when it is not an address.
+    ValueError, saying why, when it is not an address: another scheme, a path, user info,
+    whitespace inside, a host name with characters DNS does not allow, port 0 or past 65535.
     """
     text = value.strip()
     if text.startswith("unix://"):
         if len(text) <= len("unix://"):
-            raise ValueError(value)
+            raise ValueError("no socket path")
         return text
+    if any(char.isspace() for char in text):
+        # urlsplit silently drops tabs and newlines: refuse them here.
+        raise ValueError("whitespace inside an address")
     if "://" not in text:
         text = f"http://{text}"
     parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-        raise ValueError(value)
-    if parts.query or parts.fragment or parts.username:
-        raise ValueError(value)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    host = parts.hostname
-    try:
-        if ipaddress.ip_address(host).version == 6:
-            host = f"[{host}]"
-    except ValueError:
-        pass
-    return f"{parts.scheme}://{host}:{port}"
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"scheme {parts.scheme!r} is not http or https")
+    if not parts.hostname:
+        raise ValueError("no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("a path, query or fragment is not part of an address")
+    if parts.username is not None:
+        raise ValueError("user info is not part of an address")
+    port = parts.port  # ValueError past 65535 or not a number
+    if port == 0:
+        raise ValueError("port 0 is not a port a server listens on")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{_check_host(parts.hostname)}:{port}"
 
 
 def _address(value: Any) -> str:
@@ -466,14 +507,14 @@ def _address(value: Any) -> str:
         raise vol.Invalid(expected)
     try:
         return normalize_address(value)
-    except ValueError:
-        raise vol.Invalid(expected) from None
+    except ValueError as exc:
+        raise vol.Invalid(f"{expected}: {exc}") from None
 
 
 # --- schema -------------------------------------------------------------------------------
 
 _TLS = {
-    vol.Optional("token"): _text,
+    vol.Optional("token"): _secret,
     vol.Optional("token_file"): _file,
     vol.Optional("ca_file"): _file,
     vol.Optional("cert_file"): _file,
@@ -593,32 +634,6 @@ def _from_env(env: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
     return {section: values for section, values in out.items() if values}
 
 
-def _read_file(path: str) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
-        raise ConfigError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: YAML error: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}"
-        )
-    return data
-
-
 def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``{"consul.address": x}`` -> ``{"consul": {"address": x}}``; None values are dropped."""
     out: dict[str, Any] = {}
@@ -696,8 +711,8 @@ def _cross_checks(data: Mapping[str, Any]) -> Iterator[str]:
     min_healthy = data.get("min_healthy_time", ShepardConfig.min_healthy_time)
     if deadline <= min_healthy:
         yield (
-            f"healthy_deadline: expected more than min_healthy_time ({format_duration(min_healthy)}), "
-            f"got {format_duration(deadline)}"
+            f"healthy_deadline: expected more than min_healthy_time ({format_go_duration(min_healthy)}), "
+            f"got {format_go_duration(deadline)}"
         )
     shipping = data.get("log_shipping", {})
     if shipping.get("enabled") and shipping.get("sink") is LogSink.HTTP and "http_url" not in shipping:
@@ -738,7 +753,7 @@ def load_config(
     env_layer = _from_env(env, problems)
     merged = env_layer
     if path is not None:
-        merged = _merge(merged, _read_file(path))
+        merged = _merge(merged, read_yaml_mapping(path))
     if overrides:
         merged = _merge(merged, _nest(overrides))
     try:
@@ -760,8 +775,14 @@ def load_config(
 
 
 def secret_values(cfg: ShepardConfig) -> list[str]:
-    """The secret values in ``cfg`` (tokens), for log redaction."""
-    return [t for t in (cfg.consul.token, cfg.nomad.token) if t]
+    """The secret values in ``cfg``, for log redaction: tokens, and the password and query string
+    values of ``log_shipping.http_url`` (as written and percent-decoded)."""
+    secrets = [t for t in (cfg.consul.token, cfg.nomad.token) if t]
+    if cfg.log_shipping.http_url:
+        password, values = _url_secrets(cfg.log_shipping.http_url)
+        for value in ([password] if password else []) + values:
+            secrets += dict.fromkeys([value, unquote_plus(value)])
+    return list(dict.fromkeys(secrets))
 
 
 def _plain(value: Any) -> Any:
@@ -773,11 +794,14 @@ def _plain(value: Any) -> Any:
 
 
 def redacted(cfg: ShepardConfig) -> dict[str, Any]:
-    """``cfg`` as plain data (enums as strings), with tokens shown as ``"<redacted>"``."""
+    """``cfg`` as plain data (enums as strings), with tokens shown as ``"<redacted>"``, and so the
+    password and query string values of ``log_shipping.http_url``."""
     data: dict[str, Any] = _plain(dataclasses.asdict(cfg))
     for section in ("consul", "nomad"):
         if data[section]["token"] is not None:
             data[section]["token"] = REDACTED
+    if cfg.log_shipping.http_url:
+        data["log_shipping"]["http_url"] = redact_url(cfg.log_shipping.http_url)
     return data
 
 
@@ -798,7 +822,7 @@ def _rows(cls: type, prefix: str) -> Iterator[tuple[str, str, str]]:
         if dataclasses.is_dataclass(value):
             yield from _rows(type(value), f"{prefix}{f.name}.")
             continue
-        shown = f"`{format_duration(value)}`" if f.name in _DURATIONS else _default_text(value)
+        shown = f"`{format_go_duration(value)}`" if f.name in _DURATIONS else _default_text(value)
         yield f"{prefix}{f.name}", shown, f.metadata["doc"]
         if f.name == "token":
             yield f"{prefix}token_file", "(unset)", "File whose content is the token (instead of `token`)."

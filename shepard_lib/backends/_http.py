@@ -3,7 +3,11 @@
 Which failures are retried (``transient``):
 
 - the request never reached a server (connection refused, DNS failure, connect timeout);
-- HTTP 429, and 5xx that mean "not now" (e.g. Consul's 500 "No cluster leader", 502/503/504);
+- HTTP 429, and 5xx that mean "not now" (e.g. Consul's 500 "No cluster leader", 502/503/504),
+  except for calls that are not safe to repeat (the fenced trigger txn, Nomad's restart POST):
+  for those only answers that say nothing was applied are retried (429, 503, "No cluster
+  leader"), since a 500 or a proxy's 502/504 may come after the write took effect, and repeating
+  it would restart the task twice;
 - a read timeout or a connection dropped mid-request, but only for reads: a write may have been
   applied before the answer was lost, and repeating it (a CAS, a txn) could misreport or repeat it.
 
@@ -27,6 +31,7 @@ import tenacity
 import urllib3.exceptions
 
 from shepard_lib.clock import REAL_CLOCK, Clock
+from shepard_lib.durations import format_go_duration
 from shepard_lib.errors import BackendError
 
 log = logging.getLogger("shepard_lib.backends")
@@ -80,13 +85,21 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
     return _TOKEN_IN_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
 
 
-def transient_status(status: int, body: str) -> bool:
-    """Whether an HTTP error status may go away on retry (429 and 5xx that are not answers)."""
-    if status == 429:
+NOT_APPLIED = re.compile(r"no cluster leader|no leader", re.IGNORECASE)
+"""5xx bodies that say the request was refused before anything was applied."""
+
+
+def transient_status(status: int, body: str, *, repeatable: bool = True) -> bool:
+    """Whether an HTTP error status may go away on retry (429 and 5xx that are not answers).
+
+    ``repeatable`` is False for a call that must not be applied twice: then only a status that
+    proves nothing was applied counts (429, 503, a "no cluster leader" refusal).
+    """
+    if status in (429, 503):
         return True
-    if 500 <= status < 600:
-        return not (status == 500 and SEMANTIC_500.search(body))
-    return False
+    if not 500 <= status < 600 or (status == 500 and SEMANTIC_500.search(body)):
+        return False
+    return repeatable or bool(NOT_APPLIED.search(body))
 
 
 def transport_error(
@@ -151,9 +164,11 @@ _GO_DURATION = re.compile(r"(\d+(?:\.\d*)?)(h|ms|m|s|us|µs|ns)")
 
 
 def go_duration(seconds: float) -> str:
-    """A Go duration string for ``seconds`` (millisecond precision, at least 1ms): ``"5s"``, ``"300ms"``."""
-    ms = max(1, round(seconds * 1000))
-    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+    """A Go duration for ``seconds``, to the millisecond and at least 1ms: ``"5s"``, ``"1.5s"``, ``"5m"``.
+
+    Never ``"0s"``: Consul and Nomad read ``?wait=0s`` as "the default wait" (minutes).
+    """
+    return format_go_duration(max(1, round(seconds * 1000)) / 1000)
 
 
 def parse_go_duration(text: str) -> float:

@@ -206,8 +206,12 @@ class ConsulBackend:
         data: bytes | str = b"",
         allow: Sequence[int] = (),
         dc: bool = True,
+        repeatable: bool = True,
     ) -> _Response:
-        """Send one request (retrying transient failures); 2xx and ``allow`` statuses are returned."""
+        """Send one request (retrying transient failures); 2xx and ``allow`` statuses are returned.
+
+        ``repeatable=False`` marks a write that must not be applied twice (see ``transient_status``).
+        """
         query = list(params)
         if dc and self._dc:
             query.append(("dc", self._dc))
@@ -231,7 +235,7 @@ class ConsulBackend:
                 call,
                 redact(body or "no response body", [self._token]),
                 status=response.code,
-                transient=transient_status(response.code, body),
+                transient=transient_status(response.code, body, repeatable=repeatable),
             )
 
         return call_with_retry(attempt, call=call, policy=self._retry, clock=self._clock)
@@ -348,7 +352,8 @@ class ConsulBackend:
         if len(ops) > 64:
             raise ConsulError(call, "Consul allows at most 64 operations per transaction")
         payload = json.dumps([_txn_op(op) for op in ops])
-        response = self._request("PUT", call, "/v1/txn", data=payload, allow=[409])
+        # Not repeatable: a txn that set a fresh trigger value and lost its answer must not set another.
+        response = self._request("PUT", call, "/v1/txn", data=payload, allow=[409], repeatable=False)
         body = self._json(call, response) or {}
         try:
             results = tuple(_entry(r["KV"]) for r in body.get("Results") or [] if r.get("KV"))

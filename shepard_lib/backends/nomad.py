@@ -301,7 +301,9 @@ class NomadBackend:
             reason = redact(body or cause.reason or "no response body", secrets)
             if status == 404 or (status == 500 and _UNKNOWN_ALLOC.search(body)):
                 return NomadNotFound(call, reason, status=status)
-            return NomadError(call, reason, status=status, transient=transient_status(status, body))
+            # The only Nomad write Shepard sends is a task restart: never repeat one that may have happened.
+            transient = transient_status(status, body, repeatable=idempotent)
+            return NomadError(call, reason, status=status, transient=transient)
         return NomadError(call, redact(str(cause), secrets))
 
     def _json(self, call: str, response: requests.Response) -> Any:

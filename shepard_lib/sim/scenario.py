@@ -28,6 +28,7 @@ each naming the key path (``jobs[0].groups[0].count: ...``).
 
 from __future__ import annotations
 
+import difflib
 import math
 import posixpath
 import random
@@ -37,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import voluptuous as vol
-import yaml
 
 from shepard_lib import config
 from shepard_lib.errors import ConfigError
+from shepard_lib.yamlfile import read_yaml_mapping
 
 __all__ = [
     "Condition",
@@ -67,22 +68,8 @@ class ScenarioError(ConfigError):
     """The scenario is invalid; ``problems`` has one message per problem with its key path."""
 
 
-def parse_duration(value: str | float | int) -> float:
-    """Seconds from a Go duration (``"1.5s"``, ``"2m"``, ``"1h30m"``) or a plain number of seconds.
-
-    Strings go through :func:`shepard_lib.config.parse_duration`; numbers (YAML ``restart: 2``)
-    are seconds. ValueError otherwise.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration, got {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"duration must not be negative, got {value!r}")
-        return float(value)
-    try:
-        return config.parse_duration(str(value))
-    except ValueError:
-        raise ValueError(f"invalid duration {value!r} (expected e.g. 1s, 500ms, 1.5m)") from None
+parse_duration = config.parse_duration
+"""Scenario durations follow the configuration's rules: Go durations (``"1.5s"``, ``"2m"``) or ``0``."""
 
 
 @dataclass(frozen=True)
@@ -211,7 +198,7 @@ def _duration(value: Any) -> float:
     try:
         return parse_duration(value)
     except ValueError as exc:
-        raise vol.Invalid(str(exc)) from exc
+        raise vol.Invalid(str(exc)) from None
 
 
 def _distribution(value: Any) -> Distribution:
@@ -223,8 +210,8 @@ def _distribution(value: Any) -> Distribution:
         if unknown or "median" not in inner:
             raise vol.Invalid("lognormal needs exactly 'median' (a duration) and optional 'sigma'")
         sigma = inner.get("sigma", 0.5)
-        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or sigma < 0:
-            raise vol.Invalid(f"sigma must be a number >= 0, got {sigma!r}")
+        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 <= sigma < math.inf:
+            raise vol.Invalid(f"sigma must be a finite number >= 0, got {sigma!r}")
         return Distribution(_duration(inner["median"]), float(sigma))
     return Distribution(_duration(value))
 
@@ -322,32 +309,58 @@ def _path(path: list[Any]) -> str:
     return out or "<scenario>"
 
 
+def _mapping_keys(schema: Any, path: list[Any]) -> list[str]:
+    """The keys ``schema`` allows in the mapping at ``path`` (list indices included)."""
+    if isinstance(schema, vol.Schema):
+        return _mapping_keys(schema.schema, path)
+    if isinstance(schema, vol.All | vol.Any):
+        for validator in schema.validators:
+            keys = _mapping_keys(validator, path)
+            if keys:
+                return keys
+        return []
+    if isinstance(schema, list) and schema and path and isinstance(path[0], int):
+        return _mapping_keys(schema[0], path[1:])
+    if isinstance(schema, dict):
+        names = {(k.schema if isinstance(k, vol.Marker) else k): v for k, v in schema.items()}
+        if not path:
+            return [name for name in names if isinstance(name, str)]
+        if path[0] in names:
+            return _mapping_keys(names[path[0]], path[1:])
+    return []
+
+
 def _problem(err: vol.Invalid) -> str:
-    return f"{_path(list(err.path))}: {err.msg}"
+    path = list(err.path)
+    if err.error_message == "extra keys not allowed" and path:
+        close = difflib.get_close_matches(str(path[-1]), _mapping_keys(_SCHEMA, path[:-1]), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{_path(path)}: unknown key{hint}"
+    return f"{_path(path)}: {err.msg}"
 
 
 def load_scenario(source: Mapping[str, Any] | str | Path) -> Scenario:
     """Validate a scenario given as a dict, a YAML file path, or :class:`Path`.
 
-    Raises :class:`ScenarioError` listing every problem with its key path.
+    Raises :class:`ScenarioError` listing every problem with its key path; for a file, every
+    message starts with the file's path (``small.yaml: jobs[0].name: ...``), and reading it
+    fails as the configuration's does (``small.yaml:3:1: YAML syntax error: ...``).
     """
     if isinstance(source, str | Path):
-        try:
-            raw = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ScenarioError(f"{source}: cannot read scenario: {exc}") from exc
+        raw = read_yaml_mapping(source, kind="scenario file", error=ScenarioError)
+        prefix = f"{source}: "
+    elif isinstance(source, Mapping):
+        raw, prefix = dict(source), ""
     else:
-        raw = source
-    if not isinstance(raw, Mapping):
         raise ScenarioError("<scenario>: expected a mapping with at least 'nodes'")
     try:
-        data = _SCHEMA(dict(raw))
+        data = _SCHEMA(raw)
     except vol.MultipleInvalid as exc:
-        raise ScenarioError(sorted(_problem(e) for e in exc.errors)) from None
+        raise ScenarioError(sorted(prefix + _problem(e) for e in exc.errors)) from None
     scenario = _build(data)
     problems = _semantic_problems(scenario)
     if problems:
-        raise ScenarioError(problems)
+        raise ScenarioError([prefix + problem for problem in problems])
     return scenario
 
 

@@ -167,6 +167,15 @@ def test_txn_encodes_ops_and_sends_the_token_header(server: ScriptedServer, cons
     ]
 
 
+def test_a_txn_whose_answer_was_lost_is_not_sent_twice(server: ScriptedServer, consul: ConsulBackend) -> None:
+    """A 500 after the trigger txn may come after it applied: a second fresh value would restart twice."""
+    server.script(Reply(500, "rpc error making call: EOF"), Reply(200, {"Results": [], "Errors": None}))
+    with pytest.raises(ConsulError) as failure:
+        consul.txn([TxnOp(TxnVerb.SET, "t", value=b"new")])
+    assert not failure.value.transient
+    assert len(server.requests) == 1, f"the txn was sent {len(server.requests)} times"
+
+
 def test_txn_rollback_is_a_result_not_an_error(server: ScriptedServer, consul: ConsulBackend) -> None:
     server.script(
         Reply(409, {"Results": None, "Errors": [{"OpIndex": 0, "What": 'lock "slot/0" is not held'}]})

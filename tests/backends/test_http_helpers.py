@@ -23,9 +23,9 @@ from shepard_lib.errors import ConsulError
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(5, "5s"), (0.3, "300ms"), (15.0, "15s"), (1.5, "1500ms"), (0, "1ms"), (300, "300s")],
+    [(5, "5s"), (0.3, "300ms"), (15.0, "15s"), (1.5, "1.5s"), (0, "1ms"), (0.0004, "1ms"), (300, "5m")],
 )
-def test_go_duration_is_whole_seconds_or_milliseconds(seconds: float, text: str) -> None:
+def test_go_duration_is_compact_to_the_millisecond_and_never_zero(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
 
 
@@ -68,6 +68,23 @@ def test_blocking_timeout_is_real_seconds_of_wait_plus_jitter_plus_margin() -> N
 )
 def test_only_outages_are_transient(status: int, body: str, transient: bool) -> None:
     assert transient_status(status, body) is transient
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "transient"),
+    [
+        (429, "Too Many Requests", True),
+        (503, "Service Unavailable", True),
+        (500, "No cluster leader", True),
+        (500, "rpc error making call: EOF", False),
+        (502, "", False),
+        (504, "Gateway Timeout", False),
+    ],
+)
+def test_a_write_that_must_not_repeat_is_retried_only_when_nothing_was_applied(
+    status: int, body: str, transient: bool
+) -> None:
+    assert transient_status(status, body, repeatable=False) is transient
 
 
 def test_redact_removes_secrets_and_token_parameters() -> None:

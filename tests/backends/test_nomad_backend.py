@@ -205,6 +205,25 @@ def test_restart_task_posts_the_task_name(server: ScriptedServer, nomad: NomadBa
     assert request.headers["x-nomad-token"] == TOKEN and "token" not in request.query
 
 
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_a_restart_whose_answer_was_lost_is_not_sent_twice(
+    server: ScriptedServer, nomad: NomadBackend, status: int
+) -> None:
+    """The restart may have happened before the error: repeating it would restart the task twice."""
+    server.script(Reply(status, "rpc error: EOF"), Reply(200, {}))
+    with pytest.raises(NomadError):
+        nomad.restart_task("a1b2", "server")
+    assert len(server.requests) == 1, f"the restart was sent {len(server.requests)} times"
+
+
+def test_a_restart_refused_for_want_of_a_leader_is_retried(
+    server: ScriptedServer, nomad: NomadBackend
+) -> None:
+    server.script(Reply(500, "No cluster leader"), Reply(200, {}))
+    nomad.restart_task("a1b2", "server")
+    assert len(server.requests) == 2
+
+
 def test_ids_are_quoted_into_one_path_segment(server: ScriptedServer, nomad: NomadBackend) -> None:
     server.script(Reply(404, "job not found"))
     with pytest.raises(NotFound):

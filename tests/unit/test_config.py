@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,6 @@ from shepard_lib.config import (
     ShepardConfig,
     SyslogProtocol,
     default_config,
-    format_duration,
     load_config,
     normalize_address,
     parse_duration,
@@ -355,9 +355,16 @@ def test_overrides_win_over_file_and_environment(tmp_path: Path) -> None:
         ("time_scale: 0", "time_scale: expected a number > 0, got '0'"),
         ("key_prefix: /shepard", "key_prefix: expected segments of letters"),
         ("metrics_address: 9464", "metrics_address: expected host:port, got '9464'"),
+        ("metrics_address: 'a b:9464'", "metrics_address: expected host:port, got 'a b:9464': whitespace"),
+        ("metrics_address: 'a!b:9464'", "metrics_address: expected host:port, got 'a!b:9464': 'a!b' is not"),
+        (
+            "consul: {address: 'http://h:8500/v1'}",
+            "consul.address: expected an address like http://127.0.0.1:8500 "
+            "or 127.0.0.1:8500, got 'http://h:8500/v1': a path, query or fragment is not part of an address",
+        ),
         ("consul: {address: 'ftp://x'}", "consul.address: expected an address like http://127.0.0.1:8500"),
         ("consul: {verify: 'no'}", "consul.verify: expected true or false, got 'no'"),
-        ("consul: {token: ''}", "consul.token: expected a non-empty string, got ''"),
+        ("consul: {token: ''}", "consul.token: expected a non-empty string (value not shown)"),
         ("consul: {ca_file: /nonexistent/ca.pem}", "consul.ca_file: file not found: /nonexistent/ca.pem"),
         ("nomad: 5", "nomad: expected a mapping of settings, got '5'"),
         ("log_shipping: {sink: kafka}", "log_shipping.sink: expected one of file, syslog, http, got 'kafka'"),
@@ -415,8 +422,8 @@ def test_bad_environment_value_names_the_variable() -> None:
     found = problems(env={"CONSUL_HTTP_ADDR": "http://", "NOMAD_SKIP_VERIFY": "yes"})
     assert found == [
         "NOMAD_SKIP_VERIFY: expected true or false, got 'yes'",
-        "consul.address: expected an address like http://127.0.0.1:8500 or 127.0.0.1:8500, got 'http://' "
-        "(from CONSUL_HTTP_ADDR)",
+        "consul.address: expected an address like http://127.0.0.1:8500 or 127.0.0.1:8500, got 'http://': "
+        "no host (from CONSUL_HTTP_ADDR)",
     ]
 
 
@@ -475,18 +482,23 @@ def test_parse_duration_accepts_go_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "5", "1.5", "s", "5x", "1h 30m", "-5s", "+5s", "1d", "5S"])
+@pytest.mark.parametrize(
+    "text", ["", "5", "1.5", "s", "5x", "1h 30m", "-5s", "+5s", "1d", "5S", "1..5s", " 15s", "-0s", "٣s"]
+)
 def test_parse_duration_rejects_everything_else(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)
 
 
-@pytest.mark.parametrize(
-    ("seconds", "text"), [(0, "0s"), (0.25, "250ms"), (90, "1m30s"), (3600, "1h"), (86400, "24h")]
-)
-def test_format_duration(seconds: float, text: str) -> None:
-    assert format_duration(seconds) == text
-    assert parse_duration(text) == seconds
+@pytest.mark.parametrize("value", [0, 0.0])
+def test_parse_duration_takes_a_bare_zero(value: float) -> None:
+    assert parse_duration(value) == 0.0
+
+
+@pytest.mark.parametrize("value", [5, 1.5, -1, True, None, math.nan, math.inf, [1]])
+def test_parse_duration_rejects_other_non_strings(value: Any) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(value)
 
 
 @pytest.mark.parametrize(
@@ -505,11 +517,98 @@ def test_normalize_address(address: str, normalized: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "address", ["", "http://", "ftp://x:1", "http://x:1/v1", "http://x:99999", "unix://"]
+    "address",
+    [
+        "",
+        "http://",
+        "ftp://x:1",
+        "http://x:1/v1",
+        "http://x:99999",
+        "unix://",
+        "http://a b",
+        "a b:8500",
+        "http://a\tb:8500",
+        "http://consul\n:8500",
+        "http://h:0",
+        "h:0",
+        "http://a!b:1",
+        "http://-a:1",
+        "http://a..b:1",
+        "http://é.example:1",
+    ],
 )
 def test_normalize_address_rejects(address: str) -> None:
     with pytest.raises(ValueError):
         normalize_address(address)
+
+
+@pytest.mark.parametrize(
+    ("address", "normalized"),
+    [
+        ("http://h", "http://h:80"),
+        ("https://h", "https://h:443"),
+        ("h:1", "http://h:1"),
+        ("my_host.", "http://my_host.:80"),
+    ],
+)
+def test_normalize_address_defaults_only_a_missing_port(address: str, normalized: str) -> None:
+    assert normalize_address(address) == normalized
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("http://a b", "whitespace inside an address"),
+        ("http://h:0", "port 0 is not a port a server listens on"),
+        ("http://a!b:8500", "'a!b' is not a valid host name"),
+    ],
+)
+def test_bad_address_from_environment_names_key_variable_and_reason(value: str, reason: str) -> None:
+    assert problems(env={"CONSUL_HTTP_ADDR": value}) == [
+        "consul.address: expected an address like http://127.0.0.1:8500 or 127.0.0.1:8500, "
+        f"got {value!r}: {reason} (from CONSUL_HTTP_ADDR)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "text", ["consul: {token: 12345}", "consul: {token: [tok-abc]}", "consul: {token: ' '}"]
+)
+def test_bad_token_problem_never_shows_the_value(tmp_path: Path, text: str) -> None:
+    assert problems(path=write(tmp_path, text + "\n")) == [
+        "consul.token: expected a non-empty string (value not shown)"
+    ]
+
+
+def test_bad_token_from_environment_is_not_shown_either() -> None:
+    assert problems(env={"NOMAD_TOKEN": "   "}) == [
+        "nomad.token: expected a non-empty string (value not shown) (from NOMAD_TOKEN)"
+    ]
+
+
+SECRET_URL = "https://user:pw-9z@loki.example/loki/api/v1/push?token=abc-7q&tenant=t%2F1&flag"
+
+
+def test_redacted_hides_the_password_and_query_values_of_the_http_url(tmp_path: Path) -> None:
+    cfg = load_config(path=write(tmp_path, f"log_shipping: {{http_url: '{SECRET_URL}'}}\n"), env={})
+    assert redacted(cfg)["log_shipping"]["http_url"] == (
+        "https://user:<redacted>@loki.example/loki/api/v1/push?token=<redacted>&tenant=<redacted>&flag"
+    )
+    assert secret_values(cfg) == ["pw-9z", "abc-7q", "t%2F1", "t/1"]
+    assert cfg.log_shipping.http_url == SECRET_URL  # the effective value is untouched
+
+
+def test_http_url_without_secrets_is_shown_as_given(tmp_path: Path) -> None:
+    url = "http://loki:3100/loki/api/v1/push"
+    cfg = load_config(path=write(tmp_path, f"log_shipping: {{http_url: '{url}'}}\n"), env={})
+    assert redacted(cfg)["log_shipping"]["http_url"] == url
+    assert secret_values(cfg) == []
+
+
+def test_invalid_http_url_problem_does_not_show_its_secrets(tmp_path: Path) -> None:
+    text = "log_shipping: {http_url: 'ftp://u:pw-5k@h/x?key=k-8m'}\n"
+    assert problems(path=write(tmp_path, text)) == [
+        "log_shipping.http_url: expected an http:// or https:// URL, got 'ftp://u:<redacted>@h/x?key=<redacted>'"
+    ]
 
 
 def test_redacted_hides_tokens_and_keeps_the_rest(tmp_path: Path) -> None:
@@ -528,6 +627,10 @@ def test_docs_list_every_key_with_its_default() -> None:
     table = reference_table()
     doc = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert table in doc, "docs/configuration.md is out of date: paste config.reference_table() into it"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert table in readme, (
+        "README.md's configuration table is out of date: paste config.reference_table() into it"
+    )
     for line in table.splitlines()[2:]:
         key, default, description = (cell.strip() for cell in line.strip("|").split(" | "))
         assert key and default and description, line

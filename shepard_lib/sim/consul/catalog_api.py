@@ -5,12 +5,14 @@ state store: ``/v1/health/service/<s>`` reports the service's own index (``maxIn
 ``/v1/health/checks/<s>`` and ``/v1/health/node/<n>`` the checks table's, ``/v1/catalog/nodes``
 the nodes table's and ``/v1/catalog/services`` the services table's. All four block on ``?index``.
 ``?passing`` keeps only instances whose every check is passing (``filterNonPassing``: warning and
-maintenance fail it too); ``?passing=false`` does not filter.
+maintenance fail it too); ``?passing=false`` does not filter. The anonymous token (ACLs on, no
+token) sees empty lists and may not read ``/v1/agent/self`` (see :mod:`.acl`).
 """
 
 from __future__ import annotations
 
 from shepard_lib.model import CheckStatus
+from shepard_lib.sim.consul import acl
 from shepard_lib.sim.consul.http import Context, HTTPError, Request, Response, json_body
 
 CONSUL_VERSION = "1.17.0"
@@ -53,7 +55,8 @@ def health(ctx: Context, req: Request) -> Response:
         )
     else:
         raise HTTPError(404, "Not found")
-    return json_body(body, headers=ctx.meta_headers(index, opts))
+    body, filtered = acl.visible(req.anonymous, body)
+    return json_body(body, headers=ctx.meta_headers(index, opts, filtered=filtered))
 
 
 def _passing(req: Request) -> bool:
@@ -74,18 +77,22 @@ def catalog_nodes(ctx: Context, req: Request) -> Response:
     index, body, opts = ctx.blocking(
         req, lambda: (catalog.nodes_index, [n.to_json() for _, n in sorted(catalog.nodes.items())])
     )
-    return json_body(body, headers=ctx.meta_headers(index, opts))
+    body, filtered = acl.visible(req.anonymous, body)
+    return json_body(body, headers=ctx.meta_headers(index, opts, filtered=filtered))
 
 
 def catalog_services(ctx: Context, req: Request) -> Response:
     """``/v1/catalog/services``: service name to the union of its tags."""
     catalog = ctx.state.catalog
-    index, body, opts = ctx.blocking(req, lambda: (catalog.services_index, catalog.service_tags()))
-    return json_body(body, headers=ctx.meta_headers(index, opts))
+    index, tags, opts = ctx.blocking(req, lambda: (catalog.services_index, catalog.service_tags()))
+    names, filtered = acl.visible(req.anonymous, sorted(tags))
+    body = {name: tags[name] for name in names}
+    return json_body(body, headers=ctx.meta_headers(index, opts, filtered=filtered))
 
 
 def agent_self(ctx: Context, req: Request) -> Response:
     """``/v1/agent/self``: the agent's Config, Member and Meta, as far as clients read them."""
+    acl.check(req.anonymous, "agent", "read", ctx.node_name)
     node = ctx.state.read(lambda: ctx.state.catalog.nodes.get(ctx.node_name))
     address = node.address if node else "127.0.0.1"
     return json_body(

@@ -4,8 +4,9 @@ Encoding and the query-option parsing follow ``agent/http.go``: JSON bodies with
 newline (``json.Marshal``), errors as plain text with the status code (``handleErr``: 403 for
 ACL errors, 500 for everything else), ``?index``/``?wait`` parsing with the texts
 ``Invalid index`` / ``Invalid wait time``, and ``?stale`` with ``?consistent`` rejected.
-Blocking waits follow ``agent/consul/rpc.go``: the default wait is 5 minutes, the maximum 10,
-and a random stagger of up to wait/16 is added (``lib.RandomStagger(wait / JitterFraction)``).
+Blocking waits follow ``agent/consul/rpc.go`` through :func:`shepard_lib.sim.blocking.blocking_wait`
+(default 5 minutes, maximum 10, a seeded stagger of up to wait/16). With ACLs on, a request without
+a token is the anonymous token's (:mod:`.acl`); handlers see that as :attr:`Request.anonymous`.
 """
 
 from __future__ import annotations
@@ -19,37 +20,31 @@ from typing import TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from shepard_lib.clock import Clock
-from shepard_lib.sim.consul.durations import parse_duration
+from shepard_lib.sim.blocking import CONSUL_WAIT, blocking_wait
 from shepard_lib.sim.consul.faults import Faults
 from shepard_lib.sim.consul.state import ConsulState
+from shepard_lib.sim.httpbase import HTTPError as HTTPError
+from shepard_lib.sim.httpbase import bearer_token, parse_index, parse_wait
 
 T = TypeVar("T")
 
-DEFAULT_QUERY_TIME = 300.0
-MAX_QUERY_TIME = 600.0
-JITTER_FRACTION = 16
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
 
 
-class HTTPError(Exception):
-    """Answer the request with ``status`` and the plain-text ``text``."""
-
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(text)
-        self.status = status
-        self.text = text
-
-
 @dataclass
 class Request:
-    """A parsed request: decoded path, query with blank values kept, headers (lowercased names), body."""
+    """A parsed request: decoded path, query with blank values kept, headers (lowercased names), body.
+
+    ``anonymous`` is set by the server when ACLs are on and the request names no token.
+    """
 
     method: str
     path: str
     query: dict[str, list[str]]
     headers: Mapping[str, str]
     body: bytes = b""
+    anonymous: bool = False
 
     @classmethod
     def parse(cls, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Request:
@@ -70,14 +65,11 @@ class Request:
 
     def token(self) -> str:
         """The ACL token: ``?token=``, else ``X-Consul-Token``, else ``Authorization: Bearer``."""
-        if self.arg("token"):
-            return self.arg("token")
-        header = self.headers.get("x-consul-token")
-        if header:
-            return header
-        auth = self.headers.get("authorization", "")
-        scheme, _, value = auth.partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else ""
+        return (
+            self.arg("token")
+            or self.headers.get("x-consul-token", "")
+            or bearer_token(self.headers.get("authorization", ""))
+        )
 
 
 @dataclass
@@ -116,19 +108,7 @@ class QueryOptions:
         stale, consistent = req.has("stale"), req.has("consistent")
         if stale and consistent:
             raise HTTPError(400, "Cannot specify ?stale with ?consistent, conflicting semantics.")
-        wait = 0.0
-        if req.arg("wait"):
-            try:
-                wait = parse_duration(req.arg("wait"))
-            except ValueError:
-                raise HTTPError(400, "Invalid wait time") from None
-        index = 0
-        if req.arg("index"):
-            text = req.arg("index")
-            if not text.isdigit():
-                raise HTTPError(400, "Invalid index")
-            index = int(text)
-        return cls(index, wait, stale, consistent)
+        return cls(parse_index(req.arg("index")), parse_wait(req.arg("wait")), stale, consistent)
 
 
 @dataclass
@@ -142,7 +122,6 @@ class Context:
     max_txn_ops: int = 64
     strict_keys: bool = False
     abort: threading.Event = field(default_factory=threading.Event)
-    rng_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def clock(self) -> Clock:
@@ -150,27 +129,28 @@ class Context:
         return self.state.clock
 
     def query_timeout_real(self, wait: float) -> float:
-        """Real seconds a blocking query may wait: clamp, stagger by up to wait/16, scale."""
-        if wait <= 0:
-            wait = DEFAULT_QUERY_TIME
-        wait = min(wait, MAX_QUERY_TIME)
-        with self.rng_lock:
-            wait += self.rng.uniform(0, wait / JITTER_FRACTION)
-        return self.clock.real(wait)
+        """Real seconds a blocking query may wait (:func:`~shepard_lib.sim.blocking.blocking_wait`)."""
+        return self.clock.real(blocking_wait(wait, CONSUL_WAIT, self.rng))
 
-    def meta_headers(self, index: int, opts: QueryOptions | None = None) -> dict[str, str]:
-        """``setMeta``: X-Consul-Index (at least 1), KnownLeader, LastContact, consistency."""
+    def meta_headers(
+        self, index: int, opts: QueryOptions | None = None, *, filtered: bool = False
+    ) -> dict[str, str]:
+        """``setMeta``: X-Consul-Index (at least 1), KnownLeader, LastContact, consistency, and
+        ``X-Consul-Results-Filtered-By-ACLs: true`` when ACLs removed results (omitted otherwise)."""
         level = "leader"
         if opts is not None and opts.consistent:
             level = "consistent"
         elif opts is not None and opts.stale:
             level = "stale"
-        return {
+        headers = {
             "X-Consul-Index": str(max(1, index)),
             "X-Consul-KnownLeader": "false" if self.faults.leader_lost else "true",
             "X-Consul-LastContact": "0",
             "X-Consul-Effective-Consistency": level,
         }
+        if filtered:
+            headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
+        return headers
 
     def blocking(self, req: Request, read: Callable[[], tuple[int, T]]) -> tuple[int, T, QueryOptions]:
         """Run ``read`` as a blocking query per the request's ``?index``/``?wait``."""

@@ -12,7 +12,9 @@ Follows ``agent/kvs_endpoint.go`` (HTTP) and ``agent/consul/kvs_endpoint.go`` (R
   ``?flags``/``?cas`` is a 500 with Go's ``strconv.ParseUint`` text; bodies above 512 KiB are 413;
 - DELETE answers ``true`` except with ``?cas``; ``?recurse`` with ``?cas`` is a 400;
 - with ``strict_keys`` the sim also refuses keys outside ``[a-zA-Z0-9,_./\\-?&=]`` as Consul
-  1.21.5 does (500 ``invalid key name, ...``): percent-escaped keys break there.
+  1.21.5 does (500 ``invalid key name, ...``): percent-escaped keys break there;
+- for the anonymous token (ACLs on, no token) a single-key GET, PUT and DELETE are 403 after the
+  checks above, and listings are empty (see :mod:`.acl`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 from urllib.parse import urlencode
 
 from shepard_lib.model import KVEntry
+from shepard_lib.sim.consul import acl
 from shepard_lib.sim.consul.http import Context, HTTPError, Request, Response, json_body, text_body
 from shepard_lib.sim.consul.kv import KVError
 
@@ -69,6 +72,8 @@ def _get(ctx: Context, req: Request, key: str) -> Response:
     recurse = req.has("recurse")
     if not recurse and not key:
         raise HTTPError(400, "Missing key name")
+    if not recurse:
+        acl.check(req.anonymous, "key", "read", key)
     kv = ctx.state.kv
     if recurse:
         index, entries, opts = ctx.blocking(req, lambda: kv.list_prefix(key))
@@ -79,7 +84,8 @@ def _get(ctx: Context, req: Request, key: str) -> Response:
             return idx, [entry] if entry else []
 
         index, entries, opts = ctx.blocking(req, one)
-    headers = ctx.meta_headers(index, opts)
+    entries, filtered = acl.visible(req.anonymous, entries)
+    headers = ctx.meta_headers(index, opts, filtered=filtered)
     if not entries:
         return text_body(404, "", headers)
     if req.has("raw") and not recurse:
@@ -92,7 +98,8 @@ def _get_keys(ctx: Context, req: Request, prefix: str) -> Response:
     separator = req.arg("separator") if req.has("separator") else req.arg("seperator")
     kv = ctx.state.kv
     index, keys, opts = ctx.blocking(req, lambda: kv.keys(prefix, separator))
-    headers = ctx.meta_headers(index, opts)
+    keys, filtered = acl.visible(req.anonymous, keys)
+    headers = ctx.meta_headers(index, opts, filtered=filtered)
     if not keys and prefix:
         return text_body(404, "", headers)
     return json_body(keys, headers=headers)
@@ -109,10 +116,12 @@ def _put(ctx: Context, req: Request, key: str) -> Response:
             f"Request body({len(req.body)} bytes) too large, max size: {KV_MAX_VALUE_SIZE} bytes. See "
             "https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size.",
         )
+    cas = _uint(req, "cas") if req.has("cas") else 0
+    acl.check(req.anonymous, "key", "write", key)
     state, value = ctx.state, req.body
     try:
         if req.has("cas"):
-            ok = state.kv_cas(key, value, flags, _uint(req, "cas"))
+            ok = state.kv_cas(key, value, flags, cas)
         elif req.has("acquire"):
             ok = state.kv_acquire(key, value, flags, req.arg("acquire"))
         elif req.has("release"):
@@ -128,14 +137,16 @@ def _put(ctx: Context, req: Request, key: str) -> Response:
 def _delete(ctx: Context, req: Request, key: str) -> Response:
     _reject_conflicting(req, "recurse", "cas")
     state = ctx.state
+    if not key and not req.has("recurse"):
+        raise HTTPError(400, "Missing key name")
+    cas = _uint(req, "cas") if req.has("cas") else None
+    acl.check(req.anonymous, "key", "write", key)
     if req.has("recurse"):
         state.kv_delete_tree(key)
-        return json_body(True)
-    if not key:
-        raise HTTPError(400, "Missing key name")
-    if req.has("cas"):
-        return json_body(state.kv_delete_cas(key, _uint(req, "cas")))
-    state.kv_delete(key)
+    elif cas is not None:
+        return json_body(state.kv_delete_cas(key, cas))
+    else:
+        state.kv_delete(key)
     return json_body(True)
 
 

@@ -6,29 +6,31 @@ API it answers ``GET /_sim/requests`` with the request counts by endpoint and me
 (``{"/v1/kv": {"GET": 3, "PUT": 1}, ...}``; ``DELETE /_sim/requests`` resets them). The ``/_sim/``
 endpoints are never counted, delayed, failed or ACL-checked.
 
-ACL (when started with ``acl_token``): a request without a token is 403 ``Permission denied``
-(the anonymous token has no rights); one with any other token is 403 ``ACL not found``, as
-``ResolveToken`` answers for an unknown secret. ``/v1/status/*`` needs no token.
+ACL (when started with ``acl_token``, the one management token): a request with any other token
+is 403 ``ACL not found``, as ``ResolveToken`` answers for an unknown secret; a request without a
+token runs as the anonymous token of ``default_policy = deny``, which each endpoint answers as
+Consul does (403 for reads of one thing and writes, filtered listings; see :mod:`.acl`).
+``/v1/status/*`` needs no token.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import re
-import socket
 import threading
 from collections import Counter
 from collections.abc import Mapping
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from shepard_lib.sim.consul import catalog_api, kv_api, session_api, txn_api
+from shepard_lib.sim.consul.acl import ACL_NOT_FOUND
 from shepard_lib.sim.consul.faults import NO_LEADER, RPC_FAILED, Faults
 from shepard_lib.sim.consul.http import Context, Handler, HTTPError, Request, Response, json_body, text_body
 from shepard_lib.sim.consul.state import ConsulState
+from shepard_lib.sim.httpbase import TrackedHandler, TrackingHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,8 @@ class RequestCounter:
 class ConsulServer:
     """One simulated Consul agent serving ``state`` over HTTP on ``host:port`` (0: any free port).
 
-    ``acl_token`` turns ACLs on with that one (management) token. ``node_name`` is the agent's
+    ``acl_token`` turns ACLs on with that one (management) token; requests without a token are
+    the anonymous token's (no rights, see :mod:`.acl`). ``node_name`` is the agent's
     node (default: the state's server node; registered if new): sessions created without a Node
     belong to it and ``/v1/agent/self`` names it. ``seed`` seeds the fault and jitter RNGs.
     ``max_txn_ops`` is the transaction size limit (64: Consul before 1.14; 128 since).
@@ -191,9 +194,9 @@ class ConsulServer:
         if self.acl_token is not None and not req.path.startswith("/v1/status/"):
             token = req.token()
             if not token:
-                raise HTTPError(403, "Permission denied")
-            if token != self.acl_token:
-                raise HTTPError(403, "ACL not found")
+                req.anonymous = True
+            elif token != self.acl_token:
+                raise HTTPError(403, ACL_NOT_FOUND)
 
     def _sim_endpoint(self, method: str, target: str) -> Response:
         if target.split("?")[0] != "/_sim/requests":
@@ -217,44 +220,17 @@ def _route(path: str) -> tuple[str, Handler | None]:
     return path, None
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
+class _HTTPServer(TrackingHTTPServer):
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], sim: ConsulServer):
         self.sim = sim
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
         super().__init__(address, handler)
-
-    def track(self, conn: socket.socket, alive: bool) -> None:
-        with self._conns_lock:
-            (self._conns.add if alive else self._conns.discard)(conn)
-
-    def close_connections(self) -> None:
-        with self._conns_lock:
-            conns, self._conns = list(self._conns), set()
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("consul sim: connection from %s ended with an error", client_address, exc_info=True)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
+class _Handler(TrackedHandler):
     server: _HTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection, True)
-
-    def finish(self) -> None:
-        self.server.track(self.connection, False)
-        with contextlib.suppress(OSError):
-            super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Debug-log the request line with any ``?token=`` hidden, as Consul's own logs do."""

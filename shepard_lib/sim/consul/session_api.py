@@ -12,7 +12,10 @@ Follows ``agent/session_endpoint.go``:
 - destroy answers ``true``, also for an unknown session;
 - renew answers the one-element session list, or 404 ``Session id '<id>' not found``;
 - info, list and node are blocking reads on the sessions table index; info of an unknown
-  session is ``[]``.
+  session is ``[]``;
+- the anonymous token (ACLs on, no token) may not create, renew or destroy a session (403
+  ``session:write`` on its node; destroying or renewing an unknown one answers as without ACLs)
+  and sees no sessions (see :mod:`.acl`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from shepard_lib.sim.consul.durations import parse_duration
+from shepard_lib.durations import parse_go_duration
+from shepard_lib.sim.consul import acl
 from shepard_lib.sim.consul.faults import RPC_FAILED
 from shepard_lib.sim.consul.http import Context, HTTPError, Request, Response, json_body
 from shepard_lib.sim.consul.sessions import (
@@ -42,9 +46,9 @@ def handle(ctx: Context, req: Request) -> Response:
     if verb == "create" and req.method == "PUT":
         return _create(ctx, req)
     if verb == "destroy" and req.method == "PUT":
-        return _destroy(ctx, arg)
+        return _destroy(ctx, req, arg)
     if verb == "renew" and req.method == "PUT":
-        return _renew(ctx, arg)
+        return _renew(ctx, req, arg)
     if verb in ("info", "list", "node") and req.method == "GET":
         return _read(ctx, req, verb, arg)
     raise HTTPError(
@@ -72,9 +76,11 @@ def _create(ctx: Context, req: Request) -> Response:
         ServiceCheckRef(str(_ci(c, "id")), str(_ci(c, "namespace") or ""))
         for c in fields.get("servicechecks") or []
     ]
+    node = str(fields.get("node") or ctx.node_name)
+    acl.check(req.anonymous, "session", "write", node)
     try:
         request = validate_request(
-            node=str(fields.get("node") or ctx.node_name),
+            node=node,
             behavior=str(fields.get("behavior") or ""),
             ttl=str(fields.get("ttl") or ""),
             ttl_min=ctx.state.session_ttl_min,
@@ -89,22 +95,32 @@ def _create(ctx: Context, req: Request) -> Response:
     return json_body({"ID": session.id})
 
 
-def _destroy(ctx: Context, session_id: str) -> Response:
+def _destroy(ctx: Context, req: Request, session_id: str) -> Response:
     if not session_id:
         raise HTTPError(400, "Missing session")
+    _check_write(ctx, req, session_id)
     ctx.state.session_destroy(session_id)
     return json_body(True)
 
 
-def _renew(ctx: Context, session_id: str) -> Response:
+def _renew(ctx: Context, req: Request, session_id: str) -> Response:
     if not session_id:
         raise HTTPError(400, "Missing session")
     if ctx.faults.renewals_paused(session_id):
         raise HTTPError(500, RPC_FAILED)
+    _check_write(ctx, req, session_id)
     session = ctx.state.session_renew(session_id)
     if session is None:
         raise HTTPError(404, f"Session id '{session_id}' not found")
     return json_body([session.to_json()])
+
+
+def _check_write(ctx: Context, req: Request, session_id: str) -> None:
+    """``SessionWriteAllowed`` on an existing session's node (an unknown session is not checked)."""
+    if req.anonymous:
+        existing = ctx.state.read(lambda: ctx.state.sessions.get(session_id))
+        if existing is not None:
+            raise acl.permission_denied("session", "write", existing.node)
 
 
 def _read(ctx: Context, req: Request, verb: str, arg: str) -> Response:
@@ -123,13 +139,15 @@ def _read(ctx: Context, req: Request, verb: str, arg: str) -> Response:
         return table.table_index, sessions
 
     index, sessions, opts = ctx.blocking(req, read)
-    return json_body([s.to_json() for s in sessions], headers=ctx.meta_headers(index, opts))
+    sessions, filtered = acl.visible(req.anonymous, sessions)
+    headers = ctx.meta_headers(index, opts, filtered=filtered)
+    return json_body([s.to_json() for s in sessions], headers=headers)
 
 
 def _lock_delay(value: object) -> float:
     """``FixupLockDelay``: seconds from a duration string or a nanosecond count (small: seconds)."""
     if isinstance(value, str):
-        seconds = parse_duration(value)
+        seconds = parse_go_duration(value)
         return seconds if seconds * 1e9 >= LOCK_DELAY_MIN_THRESHOLD else seconds * 1e9
     if isinstance(value, int | float) and not isinstance(value, bool):
         return value / 1e9 if value >= LOCK_DELAY_MIN_THRESHOLD else float(value)

@@ -11,9 +11,9 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from shepard_lib.durations import format_go_duration, parse_go_duration
 from shepard_lib.model import SessionBehavior
 from shepard_lib.sim.consul.catalog import SERF_CHECK_ID
-from shepard_lib.sim.consul.durations import format_duration, parse_duration
 
 SESSION_TTL_MAX = 24 * 3600.0
 """``structs.SessionTTLMax``."""
@@ -52,7 +52,7 @@ class Session:
     @property
     def ttl_seconds(self) -> float:
         """The TTL in seconds (0: no TTL)."""
-        return parse_duration(self.ttl) if self.ttl else 0.0
+        return parse_go_duration(self.ttl) if self.ttl else 0.0
 
     def to_json(self) -> dict[str, object]:
         """The session as ``/v1/session/info`` shows it (LockDelay in nanoseconds)."""
@@ -101,13 +101,14 @@ def validate_request(
         raise SessionError(f"Invalid Behavior setting '{behavior}'")
     if ttl:
         try:
-            seconds = parse_duration(ttl)
+            seconds = parse_go_duration(ttl)
         except ValueError as exc:
             raise SessionError(f"Session TTL '{ttl}' invalid: {exc}") from None
         if seconds != 0 and not ttl_min <= seconds <= SESSION_TTL_MAX:
             raise SessionError(
                 f"Invalid Session TTL '{round(seconds * 1e9)}', must be between "
-                f"[{format_duration(ttl_min)}={format_duration(SESSION_TTL_MAX)}]"
+                f"[{format_go_duration(ttl_min, go_string=True)}="
+                f"{format_go_duration(SESSION_TTL_MAX, go_string=True)}]"
             )
     return SessionRequest(
         node=node,

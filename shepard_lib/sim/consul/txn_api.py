@@ -9,7 +9,9 @@ Consul); a rolled-back transaction is a 409 whose body is
 ``{"Results": null, "Errors": [{"OpIndex": i, "What": "..."}]}``; success is a 200 with
 ``{"Results": [{"KV": {...}}], "Errors": null}``. A transaction of reads only answers with the
 ``X-Consul-KnownLeader``/``X-Consul-LastContact`` headers and the read response's extra fields,
-as ``Txn.Read`` does. Only KV operations are simulated.
+as ``Txn.Read`` does. Only KV operations are simulated. For the anonymous token (ACLs on, no
+token) every op but a get fails ``preCheck`` with its own 403 text (a 409 listing them all), and
+gets succeed with their results filtered out (see :mod:`.acl`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ import binascii
 import json
 from typing import Any
 
+from shepard_lib.model import TxnVerb
+from shepard_lib.sim.consul import acl
 from shepard_lib.sim.consul.http import Context, HTTPError, Request, Response, json_body
 from shepard_lib.sim.consul.kv_api import KV_MAX_VALUE_SIZE, entry_json
-from shepard_lib.sim.consul.txn import READ_VERBS, KVOp
+from shepard_lib.sim.consul.txn import GET_OR_EMPTY, READ_VERBS, KVOp
+
+_UNCHECKED_VERBS = frozenset({TxnVerb.GET, TxnVerb.GET_TREE, GET_OR_EMPTY})
+"""Verbs ``kvsPreApply`` lets through: their results are filtered on the way out instead."""
 
 
 def handle(ctx: Context, req: Request) -> Response:
@@ -37,11 +44,15 @@ def handle(ctx: Context, req: Request) -> Response:
     if len(raw) > ctx.max_txn_ops:
         raise HTTPError(413, f"Transaction contains too many operations ({len(raw)} > {ctx.max_txn_ops})")
     ops = [_decode_op(item) for item in raw]
+    denied = _pre_check(req.anonymous, ops)
+    if denied:
+        return json_body({"Results": None, "Errors": denied}, status=409)
     outcome = ctx.state.txn(ops)
     read_only = all(op.verb in READ_VERBS for op in ops)
+    results, _ = acl.visible(req.anonymous, outcome.results)
     headers: dict[str, str] = {}
     body: dict[str, Any] = {
-        "Results": [{"KV": entry_json(e)} for e in outcome.results] if not outcome.errors else None,
+        "Results": [{"KV": entry_json(e)} for e in results] if not outcome.errors else None,
         "Errors": [{"OpIndex": i, "What": what} for i, what in outcome.errors] or None,
     }
     if read_only:
@@ -51,6 +62,19 @@ def handle(ctx: Context, req: Request) -> Response:
             {"Index": 0, "LastContact": 0, "KnownLeader": not ctx.faults.leader_lost, "ConsistencyLevel": ""}
         )
     return json_body(body, status=409 if outcome.errors else 200, headers=headers)
+
+
+def _pre_check(anonymous: bool, ops: list[KVOp]) -> list[dict[str, object]]:
+    """``Txn.preCheck`` for the anonymous token: one error per op that ``kvsPreApply`` refuses."""
+    if not anonymous:
+        return []
+    errors: list[dict[str, object]] = []
+    for i, op in enumerate(ops):
+        if op.verb in _UNCHECKED_VERBS:
+            continue
+        level = "read" if op.verb in (TxnVerb.CHECK_INDEX, TxnVerb.CHECK_SESSION) else "write"
+        errors.append({"OpIndex": i, "What": acl.permission_denied("key", level, op.key).text})
+    return errors
 
 
 def _decode_op(item: object) -> KVOp:

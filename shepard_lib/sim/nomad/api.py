@@ -4,9 +4,12 @@ Endpoints (``/v1``): ``nodes``, ``node/<id>``, ``node/<id>/allocations``, ``jobs
 ``job/<id>/allocations``, ``allocations``, ``allocation/<id>``, ``allocation/<id>/stop``,
 ``agent/self``, ``client/allocation/<id>/restart``. Reads support blocking queries
 (``?index=&wait=``, answered with ``X-Nomad-Index``, ``X-Nomad-KnownLeader``,
-``X-Nomad-LastContact``), ``?namespace=`` (``*`` for all) and ``?prefix=`` on lists. With an ACL
-token configured, every ``/v1`` request needs it in ``X-Nomad-Token`` or ``Authorization: Bearer``
-(403 ``Permission denied`` without one, 403 ``ACL token not found`` for a wrong one).
+``X-Nomad-LastContact``; waits follow ``nomad/rpc.go`` through
+:func:`~shepard_lib.sim.blocking.blocking_wait`: default and maximum 5 minutes, a stagger of up to
+wait/16 drawn from an RNG seeded by the scenario's seed), ``?namespace=`` (``*`` for all) and
+``?prefix=`` on lists. With an ACL token configured, every ``/v1`` request needs it in
+``X-Nomad-Token`` or ``Authorization: Bearer`` (403 ``Permission denied`` without one, 403
+``ACL token not found`` for a wrong one).
 
 Simulator endpoints (no ACL): ``GET /_sim/restarts`` (the restart record as JSON) and
 ``GET /_sim/requests`` (request counts by method and endpoint).
@@ -14,43 +17,38 @@ Simulator endpoints (no ACL): ``GET /_sim/restarts`` (the restart record as JSON
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from shepard_lib.sim.blocking import NOMAD_WAIT, blocking_wait
+from shepard_lib.sim.httpbase import (
+    HTTPError,
+    TrackedHandler,
+    TrackingHTTPServer,
+    bearer_token,
+    parse_index,
+    parse_wait,
+)
 from shepard_lib.sim.nomad import wire
 from shepard_lib.sim.nomad.client import ClientError
 from shepard_lib.sim.nomad.sim import NomadSim
 from shepard_lib.sim.nomad.state import SimAlloc
-from shepard_lib.sim.scenario import parse_duration
 
 __all__ = ["NomadFaults", "NomadServer"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WAIT = 300.0
-MAX_WAIT = 600.0
 NO_LEADER = "No cluster leader"
 INJECTED_ERROR = "rpc error: EOF"
-
-
-class HTTPError(Exception):
-    """An error answer: ``status`` and Nomad's plain-text body."""
-
-    def __init__(self, status: int, text: str) -> None:
-        self.status = status
-        self.text = text
-        super().__init__(text)
 
 
 @dataclass
@@ -94,10 +92,10 @@ class _Request:
     body: bytes
 
     def token(self) -> str | None:
-        token = self.headers.get("x-nomad-token")
-        auth = self.headers.get("authorization", "")
-        if not token and auth.lower().startswith("bearer "):
-            token = auth[7:].strip()
+        """``parseToken``: ``X-Nomad-Token`` (trimmed), else ``Authorization: Bearer``; no ``?token=``."""
+        token = self.headers.get("x-nomad-token", "").strip() or bearer_token(
+            self.headers.get("authorization", "")
+        )
         return token or None
 
     def flag(self, name: str, default: bool) -> bool:
@@ -120,6 +118,7 @@ class NomadServer:
 
     ``local_node`` names the node whose client agent this server stands for (``/v1/agent/self``);
     by default the first node. Start with :meth:`start`; ``address`` is then ``http://127.0.0.1:<port>``.
+    Blocking-query staggers are drawn from ``random.Random(scenario seed + 1)``, so seeded runs repeat.
     """
 
     def __init__(
@@ -135,10 +134,8 @@ class NomadServer:
         self.acl_token = acl_token
         self.local_node = local_node
         self.faults = faults or NomadFaults(seed=sim.scenario.seed)
-        self._connections: set[socket.socket] = set()
-        self._conn_lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
-        self._httpd.daemon_threads = True
+        self._wait_rng = random.Random(sim.scenario.seed + 1)
+        self._httpd = TrackingHTTPServer((host, port), _handler_class(self))
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, args=(0.05,), name="sim-nomad-http", daemon=True
         )
@@ -184,19 +181,7 @@ class NomadServer:
             self._httpd.shutdown()
             self._thread.join(timeout=5)
         self._httpd.server_close()
-        with self._conn_lock:
-            for conn in self._connections:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-            self._connections.clear()
-
-    def track(self, conn: socket.socket, open_: bool) -> None:
-        """Remember (or forget) an accepted connection so :meth:`stop` can close it."""
-        with self._conn_lock:
-            if open_:
-                self._connections.add(conn)
-            else:
-                self._connections.discard(conn)
+        self._httpd.close_connections()
 
     # --- dispatch --------------------------------------------------------------------------------
 
@@ -253,20 +238,16 @@ class NomadServer:
             raise HTTPError(500, INJECTED_ERROR)
 
     def _block(self, req: _Request, current: Callable[[], int]) -> None:
-        """Nomad's blocking query: wait until ``current()`` passes ``?index=`` or ``?wait=`` runs out."""
-        try:
-            index = int(req.query.get("index", "0") or 0)
-        except ValueError as exc:
-            raise HTTPError(400, "Invalid index value") from exc
-        if index <= 0:
+        """Nomad's blocking query: wait until ``current()`` passes ``?index=`` or ``?wait=`` runs out.
+
+        ``parseWait`` checks ``?wait`` then ``?index`` (400 ``Invalid wait time`` / ``Invalid index``).
+        """
+        wait = parse_wait(req.query.get("wait", ""))
+        index = parse_index(req.query.get("index", ""))
+        if index == 0:
             return
-        try:
-            wait = parse_duration(req.query["wait"]) if req.query.get("wait") else DEFAULT_WAIT
-        except ValueError as exc:
-            raise HTTPError(400, f"Invalid wait time: {req.query['wait']}") from exc
-        wait = min(wait, MAX_WAIT)
-        wait += random.uniform(0, wait / 16)
-        self.sim.state.wait_past(current, index, self.sim.clock.real(wait))
+        timeout = blocking_wait(wait, NOMAD_WAIT, self._wait_rng)
+        self.sim.state.wait_past(current, index, self.sim.clock.real(timeout))
 
     def _namespace_ok(self, req: _Request, namespace: str) -> bool:
         wanted = req.query.get("namespace") or "default"
@@ -414,24 +395,13 @@ class NomadServer:
 
 
 def _handler_class(server: NomadServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # small JSON answers go out at once, not after the 40 ms delayed ACK
-
-        def setup(self) -> None:
-            super().setup()
-            server.track(self.connection, True)
-
-        def finish(self) -> None:
-            server.track(self.connection, False)
-            with contextlib.suppress(OSError):
-                super().finish()
-
+    class Handler(TrackedHandler):
         def _serve(self) -> None:
             split = urlsplit(self.path)
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+            # Go's url.Values.Get: the first value of a repeated parameter
+            query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
             req = _Request(
                 self.command, split.path, query, {k.lower(): v for k, v in self.headers.items()}, body
             )

@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 from consul_contract import ConsulTarget
 
+from shepard_lib.clock import Clock
 from shepard_lib.model import CheckStatus
-from shepard_lib.sim.consul.http import DEFAULT_QUERY_TIME, JITTER_FRACTION, MAX_QUERY_TIME
+from shepard_lib.sim.blocking import CONSUL_WAIT
+from shepard_lib.sim.consul import ConsulServer, ConsulState
 
 
 def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
@@ -72,7 +74,7 @@ def test_blocking_get_times_out_with_the_same_index(consul_target: ConsulTarget)
     new_index, entry = c.kv.get(key, index=index, wait="2s")
     elapsed = consul_target.clock.monotonic() - start
     assert new_index == index and entry["Value"] == b"v"
-    assert 2 <= elapsed < 2 * (1 + 1 / JITTER_FRACTION) + consul_target.clock.cluster(0.5)
+    assert 2 <= elapsed < 2 * (1 + 1 / CONSUL_WAIT.jitter_fraction) + consul_target.clock.cluster(0.5)
 
 
 def test_every_read_answer_carries_the_query_meta_headers(consul_target: ConsulTarget) -> None:
@@ -153,10 +155,25 @@ def test_wait_is_defaulted_capped_and_jittered_by_at_most_a_sixteenth(sim_consul
     """Sim-only: the server-side timeout rule of Consul's ``blockingQuery``."""
     ctx = sim_consul.sim._ctx  # type: ignore[union-attr]
     scale = sim_consul.clock.scale
-    for wait, base in ((0.0, DEFAULT_QUERY_TIME), (30.0, 30.0), (3600.0, MAX_QUERY_TIME)):
+    assert (CONSUL_WAIT.default, CONSUL_WAIT.maximum, CONSUL_WAIT.jitter_fraction) == (300.0, 600.0, 16)
+    for wait, base in ((0.0, 300.0), (-1.0, 300.0), (30.0, 30.0), (3600.0, 600.0)):
         samples = [ctx.query_timeout_real(wait) * scale for _ in range(200)]
-        assert all(base <= s <= base * (1 + 1 / JITTER_FRACTION) + 1e-6 for s in samples), wait
+        assert all(base <= s <= base * (1 + 1 / 16) + 1e-6 for s in samples), wait
         assert max(samples) > base  # the stagger is really applied
+
+
+def test_wait_staggers_are_reproducible_from_the_server_seed() -> None:
+    """Sim-only: two servers with one seed draw the same staggers, another seed draws others."""
+
+    def staggers(seed: int) -> list[float]:
+        server = ConsulServer(ConsulState(Clock(), seed=seed), seed=seed)
+        try:
+            return [server._ctx.query_timeout_real(60.0) for _ in range(8)]
+        finally:
+            server.stop()
+
+    assert staggers(11) == staggers(11)
+    assert staggers(11) != staggers(12)
 
 
 def test_session_info_blocks_until_the_session_is_destroyed(consul_target: ConsulTarget) -> None:

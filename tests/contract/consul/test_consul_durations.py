@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shepard_lib.sim.consul.durations import format_duration, parse_duration
+from shepard_lib.durations import format_go_duration, parse_go_duration
 
 
 @pytest.mark.parametrize(
@@ -21,7 +21,7 @@ from shepard_lib.sim.consul.durations import format_duration, parse_duration
     ],
 )
 def test_parse_duration_accepts_go_syntax(text: str, seconds: float) -> None:
-    assert parse_duration(text) == pytest.approx(seconds)
+    assert parse_go_duration(text) == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize(
@@ -30,12 +30,12 @@ def test_parse_duration_accepts_go_syntax(text: str, seconds: float) -> None:
         ("10", "missing unit"),
         ("ten", "invalid duration"),
         ("", "invalid duration"),
-        ("5x", "invalid duration"),
+        ("5x", "unknown unit"),
     ],
 )
 def test_parse_duration_rejects_what_go_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        parse_duration(text)
+        parse_go_duration(text)
 
 
 @pytest.mark.parametrize(
@@ -43,4 +43,4 @@ def test_parse_duration_rejects_what_go_rejects(text: str, message: str) -> None
     [(10.0, "10s"), (86400.0, "24h0m0s"), (90.0, "1m30s"), (1.5, "1.5s"), (0.25, "250ms"), (0.0, "0s")],
 )
 def test_format_duration_matches_go_string(seconds: float, text: str) -> None:
-    assert format_duration(seconds) == text
+    assert format_go_duration(seconds, go_string=True) == text

@@ -1,12 +1,11 @@
-"""Health, catalog, agent and status endpoints; ACL answers; the sim's fault controls and counts."""
+"""Health, catalog, agent and status endpoints; the sim's faults and counts (ACLs: test_consul_acl)."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
-import requests
-from consul_contract import ConsulException, ConsulTarget, make_client
+from consul_contract import ConsulTarget, make_client
 
 from shepard_lib.model import CheckStatus
 
@@ -73,26 +72,6 @@ def test_catalog_nodes_and_services(sim_consul: ConsulTarget) -> None:
     assert {n["Node"] for n in c.catalog.nodes()[1]} == {state.server_node}
     with pytest.raises(ValueError, match="not registered"):
         state.register_service("n1", "s1", "cache", 6379)
-
-
-def test_acl_missing_token_is_permission_denied_and_wrong_token_acl_not_found(
-    sim_consul_acl: ConsulTarget,
-) -> None:
-    """Sim-only (ACL mode of the sim; real clusters vary in their default policy)."""
-    url = f"{sim_consul_acl.address}/v1/kv/k"
-    resp = requests.get(url, timeout=5)
-    assert (resp.status_code, resp.text) == (403, "Permission denied")
-    resp = requests.get(url, headers={"X-Consul-Token": "wrong"}, timeout=5)
-    assert (resp.status_code, resp.text) == (403, "ACL not found")
-    token = sim_consul_acl.token
-    assert requests.get(url, headers={"X-Consul-Token": token}, timeout=5).status_code == 404
-    assert requests.get(url, headers={"x-consul-token": token}, timeout=5).status_code == 404
-    assert requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code == 404
-    assert requests.get(f"{url}?token={token}", timeout=5).status_code == 404
-    assert requests.get(f"{sim_consul_acl.address}/v1/status/leader", timeout=5).status_code == 200
-    with pytest.raises(ConsulException, match="Permission denied"):
-        make_client(sim_consul_acl.address).session.create()
-    assert sim_consul_acl.client().kv.put("k", "v") is True
 
 
 def test_error_rate_fails_requests_deterministically_by_seed(sim_consul: ConsulTarget) -> None:

@@ -26,6 +26,12 @@ def test_the_token_works_in_either_header(sim_acl_target: NomadTarget) -> None:
     assert python_nomad(sim_acl_target.address, SIM_TOKEN).jobs.get_jobs()
     bearer = {"Authorization": f"Bearer {SIM_TOKEN}"}
     assert requests.get(sim_acl_target.address + "/v1/nodes", headers=bearer, timeout=10).status_code == 200
+    # Nomad's parseToken: the scheme in any case, only the first word after it is the token.
+    bearer = {"Authorization": f"bearer {SIM_TOKEN} trailing-words"}
+    assert requests.get(sim_acl_target.address + "/v1/nodes", headers=bearer, timeout=10).status_code == 200
+    # Nomad reads no ?token= (that is Consul's), so this request has no token at all.
+    resp = requests.get(sim_acl_target.address + "/v1/nodes", params={"token": SIM_TOKEN}, timeout=10)
+    assert (resp.status_code, resp.text) == (403, "Permission denied")
 
 
 def test_error_rate_fails_requests_with_500(sim_target: NomadTarget) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
+import pytest
 from nomad_contract import SIM_SCALE, NomadTarget
+
+from shepard_lib.sim.blocking import NOMAD_WAIT, blocking_wait
 
 
 def test_reads_carry_index_and_leader_headers(nomad_target: NomadTarget) -> None:
@@ -56,9 +60,45 @@ def test_blocking_list_wakes_on_any_allocation_change(sim_target: NomadTarget) -
     assert int(woke.headers["X-Nomad-Index"]) > index
 
 
-def test_bad_index_or_wait_is_a_bad_request(sim_target: NomadTarget) -> None:
-    assert sim_target.get("/v1/nodes", index="abc").status_code == 400
-    assert sim_target.get("/v1/nodes", index="5", wait="soon").status_code == 400
+def test_bad_index_or_wait_is_a_bad_request_with_nomads_text(nomad_target: NomadTarget) -> None:
+    for params, text in (
+        ({"index": "abc"}, "Invalid index"),
+        ({"index": "-1"}, "Invalid index"),
+        ({"index": "5", "wait": "soon"}, "Invalid wait time"),
+        ({"wait": "soon"}, "Invalid wait time"),
+    ):
+        resp = nomad_target.get("/v1/nodes", **params)
+        assert (resp.status_code, resp.text) == (400, text), params
+
+
+def test_wait_is_defaulted_capped_at_five_minutes_and_jittered(sim_target: NomadTarget) -> None:
+    """Sim-only: ``blockingRPC`` in nomad/rpc.go (default and maximum 300 s, stagger up to wait/16)."""
+    assert (NOMAD_WAIT.default, NOMAD_WAIT.maximum, NOMAD_WAIT.jitter_fraction) == (300.0, 300.0, 16)
+    rng = random.Random(3)
+    for wait, base in ((0.0, 300.0), (30.0, 30.0), (600.0, 300.0), (3600.0, 300.0)):
+        samples = [blocking_wait(wait, NOMAD_WAIT, rng) for _ in range(200)]
+        assert all(base <= s <= base * (1 + 1 / 16) for s in samples), wait
+        assert max(samples) > base
+
+
+def test_wait_staggers_come_from_the_scenario_seed_not_the_global_random(
+    sim_target: NomadTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sim-only: the timeouts the server blocks for are drawn from ``Random(scenario seed + 1)``."""
+    sim = sim_target.cluster()
+    timeouts: list[float] = []
+    state = sim.nomad.state
+    monkeypatch.setattr(state, "wait_past", lambda _current, _index, timeout: timeouts.append(timeout))
+
+    def unseeded(*args: object) -> float:
+        raise AssertionError("the unseeded global random was used")
+
+    monkeypatch.setattr(random, "uniform", unseeded)
+    index = sim_target.get("/v1/nodes").headers["X-Nomad-Index"]
+    for _ in range(3):
+        assert sim_target.get("/v1/nodes", index=index, wait="60s").status_code == 200
+    rng = random.Random(sim.nomad.scenario.seed + 1)
+    assert timeouts == [sim.nomad.clock.real(blocking_wait(60.0, NOMAD_WAIT, rng)) for _ in range(3)]
 
 
 def test_node_allocations_index_follows_only_that_nodes_allocations(sim_target: NomadTarget) -> None:

@@ -1,0 +1,43 @@
+"""The README's library example runs as written against the simulated cluster.
+
+Sim-only: it reads the simulator's restart record.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from shepard_lib.sim.pytest_plugin import SimClusterFactory
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
+
+
+def test_the_library_example_restarts_the_job_two_at_a_time(
+    sim_cluster_factory: SimClusterFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sim_cluster = sim_cluster_factory(time_scale=1.0)  # the example runs on the real clock
+    (example,) = [block for block in _python_blocks() if "RollingRestart" in block]
+    config = tmp_path / "shepard.yaml"
+    config.write_text("min_healthy_time: 1s\nhealthy_deadline: 60s\n", encoding="utf-8")
+    monkeypatch.setenv("SHEPARD_CONFIG_PATH", str(config))
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", sim_cluster.consul_addr)
+    monkeypatch.setenv("NOMAD_ADDR", sim_cluster.nomad_addr)
+    for name in ("CONSUL_HTTP_TOKEN", "NOMAD_TOKEN", "NOMAD_NAMESPACE", "NOMAD_REGION"):
+        monkeypatch.delenv(name, raising=False)
+
+    exec(compile(example, str(README), "exec"), {})
+
+    assert capsys.readouterr().out.startswith("True "), "the example's rollout did not succeed"
+    restarted = [r.alloc_id for r in sim_cluster.restarts()]
+    assert sorted(restarted) == sorted(a.id for a in sim_cluster.nomad.allocations()), restarted
+    assert sim_cluster.peak_concurrency("web", "app", "server") <= 2

@@ -78,6 +78,15 @@ class ConsulTarget:
                 self._http.headers["X-Consul-Token"] = self.token
         return self._http.request(method, self.address + path, timeout=30, **kwargs)
 
+    def node_name(self) -> str:
+        """The Consul node name of the agent, read with the target's token.
+
+        Not through the client: py-consul 1.8.0's ``agent.self()`` sends no token header.
+        """
+        resp = self.http("GET", "/v1/agent/self")
+        resp.raise_for_status()
+        return str(resp.json()["Config"]["NodeName"])
+
     def requests_count(self, endpoint: str, method: str) -> int:
         """How many requests the sim has counted for ``endpoint`` and ``method``."""
         counts = requests.get(self.address + "/_sim/requests", timeout=5).json()

@@ -95,7 +95,7 @@ def test_an_empty_listing_is_not_marked_as_filtered(acl_consul: ConsulTarget) ->
 
 def test_anonymous_may_not_create_renew_or_destroy_sessions(acl_consul: ConsulTarget) -> None:
     with_token = acl_consul.client()
-    node = with_token.agent.self()["Config"]["NodeName"]
+    node = acl_consul.node_name()
     assert_denied(anonymous(acl_consul, "PUT", "/v1/session/create"), acl_consul, "session:write", node)
     with pytest.raises(ConsulException, match="Permission denied"):
         make_client(acl_consul.address).session.create()
@@ -138,7 +138,7 @@ def test_anonymous_txn_gets_succeed_with_their_results_filtered_out(acl_consul: 
 
 
 def test_anonymous_agent_self_is_denied_but_status_needs_no_token(acl_consul: ConsulTarget) -> None:
-    node = acl_consul.client().agent.self()["Config"]["NodeName"]
+    node = acl_consul.node_name()
     assert_denied(anonymous(acl_consul, "GET", "/v1/agent/self"), acl_consul, "agent:read", node)
     assert anonymous(acl_consul, "GET", "/v1/status/leader").status_code == 200
 

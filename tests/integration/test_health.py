@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from support import Background, connected
 
-from shepard_lib.backends.consul import ConsulBackend, RetryPolicy
+from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
-from shepard_lib.config import ConsulConfig, HealthSource, NomadConfig
+from shepard_lib.config import HealthSource
 from shepard_lib.errors import HealthTimeout, LockLost, TaskFailed
 from shepard_lib.health import CANCEL_CHECK, HealthGate, HealthReport
 from shepard_lib.keyspace import Keyspace, TaskRef
@@ -95,39 +96,11 @@ class Env:
             time.sleep(0.002)
 
 
-class Background:
-    """Runs ``fn`` in a thread and keeps its result or exception."""
-
-    def __init__(self, fn: Callable[[], object]) -> None:
-        self.result: object = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn: Callable[[], object]) -> None:
-        try:
-            self.result = fn()
-        except BaseException as exc:
-            self.error = exc
-
-    def join(self, timeout: float = 10.0) -> None:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "background call did not finish"
-
-
 @pytest.fixture
 def env(sim_cluster_factory: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
-    for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "NOMAD_ADDR", "NOMAD_TOKEN", "NOMAD_NAMESPACE"):
-        monkeypatch.delenv(name, raising=False)
     sim: SimCluster = sim_cluster_factory(SCENARIO, time_scale=SCALE)
-    retry = RetryPolicy(attempts=2)
-    consul = ConsulBackend(ConsulConfig(address=sim.consul_addr), sim.clock, retry=retry)
-    nomad = NomadBackend(NomadConfig(address=sim.nomad_addr), sim.clock, retry=retry)
-    try:
+    with connected(sim, monkeypatch) as (consul, nomad):
         yield Env(sim, consul, nomad)
-    finally:
-        consul.close()
-        nomad.close()
 
 
 @pytest.mark.parametrize("source", [HealthSource.CONSUL, HealthSource.BOTH])

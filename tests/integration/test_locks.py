@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import requests
+from support import Background
 
 from shepard_lib.backends.consul import ConsulBackend, RetryPolicy
 from shepard_lib.clock import Clock
@@ -69,26 +70,6 @@ def sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sim]:
     finally:
         consul.close()
         server.stop()
-
-
-class Background:
-    """Runs ``fn`` in a thread and keeps its result or exception for the test to inspect."""
-
-    def __init__(self, fn: Callable[[], object]) -> None:
-        self.result: object = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn: Callable[[], object]) -> None:
-        try:
-            self.result = fn()
-        except BaseException as exc:
-            self.error = exc
-
-    def join(self, timeout: float = 10.0) -> None:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "background call did not finish"
 
 
 # --- Lock ----------------------------------------------------------------------------------------

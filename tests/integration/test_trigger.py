@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from support import connected
 
-from shepard_lib.backends.consul import ConsulBackend, RetryPolicy
+from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
-from shepard_lib.config import ConsulConfig, NomadConfig, RestartMethod
+from shepard_lib.config import RestartMethod
 from shepard_lib.errors import LockLost
 from shepard_lib.keyspace import Keyspace, TaskRef
 from shepard_lib.locks import RestartSlots
@@ -81,17 +82,9 @@ class Env:
 
 @pytest.fixture
 def env(sim_cluster_factory: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
-    for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "NOMAD_ADDR", "NOMAD_TOKEN", "NOMAD_NAMESPACE"):
-        monkeypatch.delenv(name, raising=False)
     sim: SimCluster = sim_cluster_factory(SCENARIO, time_scale=SCALE)
-    retry = RetryPolicy(attempts=2)
-    consul = ConsulBackend(ConsulConfig(address=sim.consul_addr), sim.clock, retry=retry)
-    nomad = NomadBackend(NomadConfig(address=sim.nomad_addr), sim.clock, retry=retry)
-    try:
+    with connected(sim, monkeypatch) as (consul, nomad):
         yield Env(sim, consul, nomad)
-    finally:
-        consul.close()
-        nomad.close()
 
 
 def test_consul_key_trigger_restarts_exactly_that_task_through_its_template(env: Env) -> None:

@@ -26,7 +26,14 @@ plan and the same slots instead of racing each other.
 
 Losing the session stops the flow cleanly: a claimed member that was not triggered is given
 back; one that was triggered stays ``restarting`` under the dead session, for a reclaimer.
-Nothing is ever triggered without a held slot (the trigger is fenced by the slot).
+Without a ``session_factory`` (an agent) the member is then reported skipped; with one (a
+rollout worker, which must take every member it was given to the end) the lost session is
+destroyed (so Consul frees its locks now, not at its TTL) and the flow goes on under a new
+session, which reclaims the member if it was left ``restarting``. Nothing is ever triggered without a held
+slot (the trigger is fenced by the slot).
+
+A member another participant restarted meanwhile is reported ``restarted``, with ``by`` naming
+that participant.
 
 Every log line names the task: ``node/job/group/task[alloc_index] alloc <id>``.
 """
@@ -51,6 +58,7 @@ from shepard_lib.errors import (
     LockTimeout,
     NotFound,
     PlanError,
+    ShepardError,
     TaskFailed,
 )
 from shepard_lib.health import HealthGate, restarted
@@ -94,6 +102,9 @@ log = logging.getLogger(__name__)
 
 PLAN_WAIT = 15.0
 """Cluster seconds one blocking query on the plan waits at most while another holder restarts."""
+
+SESSION_ATTEMPTS = 3
+"""Sessions :meth:`Coordinator.drive` may lose for one member (with a session factory) before it skips it."""
 
 
 class Step(enum.StrEnum):
@@ -255,10 +266,12 @@ class Coordinator:
     """Restarts allocations through the plan and the restart slots, under one session.
 
     ``name`` identifies this coordinator in plans and slot values (an agent's node, a rollout).
-    ``fault_hook`` is a test hook: it is called after each :class:`Step` and may raise
-    :class:`SimulatedCrash` to stop the coordinator without any cleanup. Thread-safe: a rollout
-    calls :meth:`drive` from several threads (each thread must use its own session, because
-    Consul lets a session acquire a lock it already holds).
+    ``session_factory`` makes a new (not yet created) session to go on with when :attr:`session`
+    is lost; without it a lost session ends :meth:`drive` with the member skipped. ``fault_hook``
+    is a test hook: it is called after each :class:`Step` and may raise :class:`SimulatedCrash`
+    to stop the coordinator without any cleanup. One coordinator serves one thread: a rollout
+    gives each worker thread its own coordinator and session, because Consul lets a session
+    acquire a lock it already holds.
     """
 
     def __init__(
@@ -272,6 +285,7 @@ class Coordinator:
         clock: Clock = REAL_CLOCK,
         name: str | None = None,
         observer: Observer | None = None,
+        session_factory: Callable[[], Session] | None = None,
         fault_hook: Callable[[Step, Target], None] | None = None,
     ) -> None:
         self.consul = consul
@@ -283,6 +297,7 @@ class Coordinator:
         self.plans = PlanStore(consul, clock=clock)
         self._clock = clock
         self._observer = observer
+        self._session_factory = session_factory
         self._fault_hook = fault_hook
         self._trigger = Trigger(consul, nomad, keyspace, options.method)
         self._health = HealthGate(
@@ -374,9 +389,18 @@ class Coordinator:
         scope = self.keyspace.scope(target.ref)
         rlog = self._log(target)
         errors = 0
+        sessions = 1
         while True:
             if self.session.lost.is_set():
-                return self._skip(target, scope, f"session lost ({self.session.lost_reason})", rlog)
+                reason = f"session lost ({self.session.lost_reason})"
+                if self._session_factory is None or sessions >= SESSION_ATTEMPTS:
+                    return self._skip(target, scope, reason, rlog)
+                sessions += 1
+                try:
+                    self._replace_session(self._session_factory, reason, rlog)
+                except ShepardError as exc:
+                    return self._skip(target, scope, f"{reason}, and no new session: {exc}", rlog)
+                continue
             try:
                 result = self._step(target, scope, rlog)
             except NotFound as exc:
@@ -387,10 +411,36 @@ class Coordinator:
                     return self._skip(target, scope, f"giving up after {errors} errors: {exc}", rlog)
                 rlog.warning("Consul or Nomad failed, trying again: %s", exc)
                 continue
-            except (LockLost, LockTimeout) as exc:
+            except LockLost as exc:
+                if self._session_factory is not None and self._session_gone():
+                    continue  # the top of the loop goes on with a new session
+                return self._skip(target, scope, str(exc), rlog)
+            except LockTimeout as exc:
                 return self._skip(target, scope, str(exc), rlog)
             if result is not None:
                 return result
+
+    def _session_gone(self) -> bool:
+        """Whether the session is lost, asking Consul now (a fenced write refused may be the first sign)."""
+        try:
+            self.session.verify()
+        except LockLost:
+            return True
+        except BackendError:
+            pass
+        return self.session.lost.is_set()
+
+    def _replace_session(self, factory: Callable[[], Session], why: str, rlog: _RefLog) -> None:
+        """Destroy the lost session and go on with a new one (ShepardError if it cannot be created).
+
+        Destroying frees what the lost session still holds in Consul at once (after the
+        lock-delay) instead of at its TTL, so a restart it left in flight can be reclaimed now.
+        """
+        self.session.destroy()
+        session = factory()
+        session.create()
+        self.session = session
+        rlog.warning("%s; going on under a new session", why)
 
     def _step(self, target: Target, scope: TaskScope, rlog: _RefLog) -> MemberOutcome | None:
         """Look at the plan and do what the member needs; None: look again."""
@@ -567,12 +617,23 @@ class Coordinator:
         )
         ok, error = self._wait_healthy(target, before, rlog)
         self._hook(Step.HEALTHY, target)
-        plan = self.plans.update(
-            key,
-            lambda p: finish(
-                require(p, key), target.alloc_id, holder=holder, ok=ok, now=self._clock.time(), error=error
-            ),
-        )
+        try:
+            plan = self.plans.update(
+                key,
+                lambda p: finish(
+                    require(p, key),
+                    target.alloc_id,
+                    holder=holder,
+                    ok=ok,
+                    now=self._clock.time(),
+                    error=error,
+                ),
+            )
+        except MemberUnavailable as exc:
+            # Taken over (this session looked dead to someone) or dropped from the plan: the plan
+            # says what became of it.
+            rlog.warning("restart seen through, but the member is no longer ours to finish: %s", exc.reason)
+            return None
         self._hook(Step.FINISHED, target)
         duration = self._clock.monotonic() - started
         if plan.members[target.alloc_id].state == MemberState.PENDING:

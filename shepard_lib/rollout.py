@@ -8,7 +8,9 @@ restarting is waited for, not restarted twice.
 Task scopes (job/group/task, plus node when ``lock_scope`` is ``node``) are rolled one after the
 other; within a scope up to ``concurrency`` allocations restart at once, each in a worker thread.
 Every worker has its own Consul session, because Consul lets a session acquire a lock it already
-holds, so workers sharing one session could take the same slot.
+holds, so workers sharing one session could take the same slot. A worker whose session is lost
+(say Consul was out of reach for longer than the TTL) goes on under a new one and reclaims what
+it left in flight, rather than reporting the rest of its members skipped.
 
 Which tasks: with method ``consul_key`` only Shepard-managed tasks (a template whose destination
 ends with ``local/shepard.tpl``) can be restarted, the others are skipped with the reason; with
@@ -343,35 +345,44 @@ class RollingRestart:
         for target in targets:
             work.put(target)
         outcomes: list[MemberOutcome] = []
+        no_session: list[str] = []
         lock = threading.Lock()
 
         def worker(number: int) -> None:
-            with self._session(f"worker {number}") as session:
-                coordinator = Coordinator(
-                    self.consul,
-                    self.nomad,
-                    self.keyspace,
-                    session,
-                    options,
-                    clock=self._clock,
-                    name=f"{self.name} worker {number}",
-                    observer=peak,
+            new_session = functools.partial(self._session, f"worker {number}")
+            session = new_session()
+            try:
+                session.create()
+            except ShepardError as exc:
+                log.error(
+                    "%s: worker %d could not create a Consul session: %s", scope_label(scope), number, exc
                 )
+                with lock:
+                    no_session.append(str(exc))
+                return
+            # A lost session is replaced (session_factory), so a worker sees each member it takes to the end.
+            coordinator = Coordinator(
+                self.consul,
+                self.nomad,
+                self.keyspace,
+                session,
+                options,
+                clock=self._clock,
+                name=f"{self.name} worker {number}",
+                observer=peak,
+                session_factory=new_session,
+            )
+            try:
                 while True:
                     try:
                         target = work.get_nowait()
                     except queue.Empty:
                         return
-                    try:
-                        outcome = coordinator.drive(target)
-                    except ShepardError as exc:
-                        log.error("%s alloc %s: %s", scope_label(scope), target.alloc_id, exc)
-                        outcome = MemberOutcome(target, Outcome.SKIPPED, f"error: {exc}")
-                    except Exception as exc:  # a bug: report it for this allocation, keep the rollout going
-                        log.exception("%s alloc %s: unexpected error", scope_label(scope), target.alloc_id)
-                        outcome = MemberOutcome(target, Outcome.SKIPPED, f"unexpected error: {exc!r}")
+                    outcome = _drive(coordinator, target, scope)
                     with lock:
                         outcomes.append(outcome)
+            finally:
+                coordinator.session.destroy()
 
         threads = [
             threading.Thread(target=worker, args=(n,), name=f"shepard-rollout-{scope.task}-{n}", daemon=True)
@@ -381,6 +392,14 @@ class RollingRestart:
             thread.start()
         for thread in threads:
             thread.join()
+        # A member no worker reported must not vanish from the result (it would read as a success).
+        reported = {o.target.alloc_id for o in outcomes}
+        why = (
+            f"no worker could create a Consul session: {no_session[-1]}"
+            if no_session
+            else "its worker stopped"
+        )
+        outcomes += [MemberOutcome(t, Outcome.SKIPPED, why) for t in targets if t.alloc_id not in reported]
         order = {t.alloc_id: n for n, t in enumerate(targets)}
         return plan, sorted(outcomes, key=lambda o: order[o.target.alloc_id])
 
@@ -584,6 +603,18 @@ class RollingRestart:
             lock_delay=self.config.lock_delay,
             clock=self._clock,
         )
+
+
+def _drive(coordinator: Coordinator, target: Target, scope: TaskScope) -> MemberOutcome:
+    """``coordinator.drive(target)``; an error is reported as this allocation's outcome, not raised."""
+    try:
+        return coordinator.drive(target)
+    except ShepardError as exc:
+        log.error("%s alloc %s: %s", scope_label(scope), target.alloc_id, exc)
+        return MemberOutcome(target, Outcome.SKIPPED, f"error: {exc}")
+    except Exception as exc:  # a bug: report it for this allocation, keep the rollout going
+        log.exception("%s alloc %s: unexpected error", scope_label(scope), target.alloc_id)
+        return MemberOutcome(target, Outcome.SKIPPED, f"unexpected error: {exc!r}")
 
 
 def _live(alloc: Allocation) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -52,6 +53,15 @@ class TrackingHTTPServer(ThreadingHTTPServer):
         """Remember (``alive``) or forget an accepted connection."""
         with self._conns_lock:
             (self._conns.add if alive else self._conns.discard)(conn)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Stay quiet when a client went away (reset, broken pipe, or shut down by ``close_connections``).
+
+        ``socketserver`` would print a traceback between lines of dashes to stderr; anything else still does.
+        """
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
     def close_connections(self) -> None:
         """Shut every open connection down (keep-alive ones and those in a blocking query)."""

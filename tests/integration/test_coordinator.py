@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from shepard_lib.backends import ConsulAPI
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.config import ConsulConfig, NomadConfig, ShepardConfig, default_config
@@ -29,7 +31,7 @@ from shepard_lib.coordinator import (
 )
 from shepard_lib.errors import ConfigError
 from shepard_lib.keyspace import Keyspace, TaskScope
-from shepard_lib.model import Allocation
+from shepard_lib.model import Allocation, TxnOp, TxnResult
 from shepard_lib.plan import MemberState, Plan, PlanStore, register
 from shepard_lib.rollout import RollingRestart, RolloutOptions
 from shepard_lib.session import Session
@@ -258,6 +260,58 @@ def test_killed_holder_is_taken_over_and_its_allocation_restarts_exactly_once(
     if crash_after in (Step.CLAIMED, Step.TRIGGERED, Step.HEALTHY):
         assert [o.reclaimed for o in result.restarted if o.target.alloc_id == victim.id] == [True]
         assert took >= agents.cfg.session_ttl  # only after the dead holder's session expired
+
+
+class FirstTxnFails:
+    """A ConsulAPI proxy whose first txn (the trigger) meets the sim fault ``fault`` (rate 1)."""
+
+    def __init__(self, inner: ConsulAPI, sim: SimCluster, fault: str) -> None:
+        self._inner = inner
+        self._sim = sim
+        self._fault = fault
+        self.failed = 0
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        if self.failed:
+            return self._inner.txn(ops)
+        self.failed += 1
+        setattr(self._sim.consul_faults, self._fault, 1.0)
+        try:
+            return self._inner.txn(ops)
+        finally:
+            setattr(self._sim.consul_faults, self._fault, 0.0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize(
+    ("fault", "log_line"),
+    [
+        ("error_rate", "gave the member back: not triggered"),
+        ("lost_reply_rate", "trigger reported an error but the task restarted"),
+    ],
+)
+def test_trigger_answered_500_restarts_the_task_exactly_once_whether_or_not_it_applied(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture, fault: str, log_line: str
+) -> None:
+    """The trigger txn is not repeated on a 500 (it may have applied): an unapplied one is given back
+    and triggered again, an applied one is seen to have taken effect. Sim-only (fault controls)."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    agents = Agents(sim)
+    consul = FirstTxnFails(agents.consul, sim, fault)
+    alloc = agents.allocs()[0]
+    with agents.session("agent") as session, caplog.at_level(logging.INFO, logger="shepard_lib.coordinator"):
+        coordinator = Coordinator(
+            consul, agents.nomad, KEYS, session, agents.options, clock=agents.clock, name="agent"
+        )
+        outcome = coordinator.handle_change(alloc, "server")
+
+    assert consul.failed == 1
+    assert (outcome.outcome, outcome.by) == (Outcome.RESTARTED, "agent"), outcome
+    assert restarts_by_alloc(sim) == {alloc.id: 1}
+    assert log_line in caplog.text
+    assert agents.plan().members[alloc.id].state == MemberState.DONE
 
 
 def test_corrupt_plan_is_reported_with_its_key_and_replaced(

@@ -286,3 +286,33 @@ def test_restart_of_chosen_allocations_only(sim_cluster_factory: SimClusterFacto
     result = rolling(sim, config_for(sim)).run("web", RolloutOptions(alloc_ids=chosen))
     assert result.ok
     assert restarts_by_alloc(sim) == {allocs[1].id: 1, allocs[3].id: 1}
+
+
+def test_worker_whose_session_is_lost_mid_restart_reclaims_it_under_a_new_session_and_goes_on(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """Consul stops taking the renewals of the worker's session during its first restart (a partition
+    longer than the TTL): the worker finishes that restart under a new session and restarts the
+    rest; nothing is skipped, nothing restarted twice. Sim-only (fault controls)."""
+    sim = sim_cluster_factory(scenario(3), time_scale=SCALE)
+    cfg = config_for(sim, min_healthy_time=15.0, healthy_deadline=60.0)  # a restart outlasts the TTL
+    partitioned: list[str] = []
+
+    def partition_first_holder(event: RolloutEvent) -> None:
+        if event.kind == EventKind.RESTARTING and not partitioned:
+            entry = sim.consul_state.kv_get(PLAN_KEY)
+            assert entry is not None
+            partitioned.append(json.loads(entry.text())["members"][event.alloc_id]["session"])
+            sim.consul_faults.pause_session_renewals(partitioned[0])
+
+    result = rolling(sim, cfg, observer=partition_first_holder).run("web", RolloutOptions(concurrency=1))
+
+    assert partitioned
+    assert result.ok, [(o.target.ref.alloc_index, o.outcome.value, o.reason) for o in result.skipped]
+    assert [(o.target.ref.alloc_index, o.reclaimed) for o in result.restarted] == [
+        (0, True),
+        (1, False),
+        (2, False),
+    ]
+    assert restarts_by_alloc(sim) == {o.target.alloc_id: 1 for o in result.restarted}
+    assert sim.peak_concurrency("web", "app", "server") == 1

@@ -23,7 +23,7 @@ import functools
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -311,6 +311,27 @@ class RollingRestart:
             )
         return self._result(job_id, planned, outcomes, skipped_tasks, summaries_list, peak, started, warnings)
 
+    def _coordinator(
+        self,
+        session: Session,
+        options: CoordinatorOptions,
+        peak: _Peak,
+        name: str,
+        session_factory: Callable[[], Session] | None = None,
+    ) -> Coordinator:
+        """A coordinator of this rollout, reporting to ``peak``."""
+        return Coordinator(
+            self.consul,
+            self.nomad,
+            self.keyspace,
+            session,
+            options,
+            clock=self._clock,
+            name=name,
+            observer=peak,
+            session_factory=session_factory,
+        )
+
     def _roll_scope(
         self,
         job: Job,
@@ -324,16 +345,7 @@ class RollingRestart:
     ) -> tuple[Plan, list[MemberOutcome]]:
         """Register ``targets`` (unless ``requested_at`` is None: resume) and drive them in workers."""
         with self._session("planner") as session:
-            planner = Coordinator(
-                self.consul,
-                self.nomad,
-                self.keyspace,
-                session,
-                options,
-                clock=self._clock,
-                name=self.name,
-                observer=peak,
-            )
+            planner = self._coordinator(session, options, peak, self.name)
             if requested_at is not None:
                 plan = planner.register(scope, targets, job, settings, changed_at=requested_at)
             else:
@@ -361,16 +373,8 @@ class RollingRestart:
                     no_session.append(str(exc))
                 return
             # A lost session is replaced (session_factory), so a worker sees each member it takes to the end.
-            coordinator = Coordinator(
-                self.consul,
-                self.nomad,
-                self.keyspace,
-                session,
-                options,
-                clock=self._clock,
-                name=f"{self.name} worker {number}",
-                observer=peak,
-                session_factory=new_session,
+            coordinator = self._coordinator(
+                session, options, peak, f"{self.name} worker {number}", session_factory=new_session
             )
             try:
                 while True:

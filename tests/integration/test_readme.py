@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from shepard_lib.keyspace import shepard_template
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -41,3 +42,9 @@ def test_the_library_example_restarts_the_job_two_at_a_time(
     restarted = [r.alloc_id for r in sim_cluster.restarts()]
     assert sorted(restarted) == sorted(a.id for a in sim_cluster.nomad.allocations()), restarted
     assert sim_cluster.peak_concurrency("web", "app", "server") <= 2
+
+
+def test_the_readme_shows_the_template_shepard_prints() -> None:
+    assert shepard_template().strip() in README.read_text(encoding="utf-8"), (
+        "README.md shows a stale shepard.tpl: paste `shepard template` into it"
+    )

@@ -64,7 +64,7 @@ from shepard_lib.errors import (
 from shepard_lib.health import HealthGate, restarted
 from shepard_lib.keyspace import Keyspace, TaskRef, TaskScope
 from shepard_lib.locks import RestartSlots, Slot
-from shepard_lib.model import Allocation, Job, TaskState
+from shepard_lib.model import Allocation, Job, SessionInfo, TaskState
 from shepard_lib.plan import (
     Member,
     MemberSpec,
@@ -405,7 +405,7 @@ class Coordinator:
                 result = self._step(target, scope, rlog)
             except NotFound as exc:
                 return self._skip(target, scope, f"allocation gone: {exc}", rlog)
-            except BackendError as exc:
+            except (BackendError, PlanError) as exc:  # PlanError: a plan update that kept conflicting
                 errors += 1
                 if errors >= self.options.error_attempts:
                     return self._skip(target, scope, f"giving up after {errors} errors: {exc}", rlog)
@@ -475,7 +475,7 @@ class Coordinator:
         """
         ttls = []
         for m in members:
-            info = self.consul.session_info(m.session) if m.session else None
+            info = self._live_holder(m)
             if info is None:
                 return False
             ttls.append(info.ttl or PLAN_WAIT)
@@ -530,7 +530,7 @@ class Coordinator:
         if len(inflight) < plan.concurrent_lock_count:
             return self._restart(target, scope, slot, None, rlog)
         for alloc_id, other in sorted(inflight.items(), key=lambda item: item[1].alloc_index):
-            if other.session is None or self.consul.session_info(other.session) is None:
+            if self._live_holder(other) is None:
                 orphan = Target(
                     TaskRef(other.node, scope.job, scope.group, scope.task, other.alloc_index),
                     alloc_id,
@@ -567,7 +567,7 @@ class Coordinator:
             )
             before, must_trigger = baseline, True
         else:
-            if dead.session is not None and self.consul.session_info(dead.session) is not None:
+            if self._live_holder(dead) is not None:
                 return None
             change = functools.partial(
                 reclaim,
@@ -602,10 +602,10 @@ class Coordinator:
             try:
                 self._trigger.fire(target.ref, target.alloc_id, slot)
             except (LockLost, BackendError) as exc:
-                if not self._trigger_took_effect(target, before, trigger_index):
+                if not self._trigger_may_have_applied(target, trigger_index, exc):
                     self._give_back(key, target, holder, f"not triggered: {exc}", rlog)
                     raise
-                rlog.warning("trigger reported an error but the task restarted: %s", exc)
+                rlog.warning("trigger reported an error but may have been applied; checking health: %s", exc)
         self._hook(Step.TRIGGERED, target)
         reclaimed = dead is not None
         self._emit(
@@ -673,15 +673,35 @@ class Coordinator:
         entry = self.consul.get(self.keyspace.trigger_key(target.ref), consistent=True)
         return 0 if entry is None else entry.modify_index
 
-    def _trigger_took_effect(self, target: Target, before: TaskState, trigger_index: int | None) -> bool:
-        """After a trigger error: was the request applied anyway (key written, or the task restarted)?"""
-        try:
-            if trigger_index is not None and self._trigger_index(target) != trigger_index:
-                return True
-            now = self._health.baseline(target.alloc_id, target.ref.task)
-        except BackendError:
+    def _trigger_may_have_applied(self, target: Target, trigger_index: int | None, error: Exception) -> bool:
+        """After a trigger error: may the restart have been requested anyway? False only when proven not.
+
+        A refused fence (LockLost) applied nothing. After a BackendError the request may have been
+        applied with its answer lost: for method consul_key a trigger key that did not move proves it
+        was not. A restart through Nomad's API cannot be disproved (its restart count moves later), nor
+        can anything when the check itself fails: those count as applied and the health gate decides.
+        A restart that never happened then fails at healthy_deadline and halts the plan, where giving
+        the member back could restart the task twice in one generation.
+        """
+        if isinstance(error, LockLost):
             return False
-        return restarted(before, now)
+        if trigger_index is None:
+            return True
+        try:
+            return self._trigger_index(target) != trigger_index
+        except BackendError:
+            return True
+
+    def _live_holder(self, member: Member) -> SessionInfo | None:
+        """The live session of another holder of ``member``'s restart; None when it is reclaimable.
+
+        A member held by this coordinator's own session is reclaimable too: a coordinator drives one
+        member at a time, so such a member was left behind by a step of ours that failed (a finish or
+        give-back write that Consul refused), and waiting for it would wait forever.
+        """
+        if member.session is None or member.session == self.session.id:
+            return None
+        return self.consul.session_info(member.session)
 
     def _give_back(self, key: str, target: Target, holder: str, why: str, rlog: _RefLog) -> None:
         try:
@@ -692,7 +712,7 @@ class Coordinator:
                 ),
             )
         except (PlanError, BackendError) as exc:
-            rlog.warning("could not give the member back (%s); it is reclaimable once this session ends", exc)
+            rlog.warning("could not give the member back (%s); it stays reclaimable", exc)
         else:
             rlog.warning("gave the member back: %s", why)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import shepard_lib.coordinator as coordinator_module
 from shepard_lib.backends import ConsulAPI
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
@@ -29,7 +30,7 @@ from shepard_lib.coordinator import (
     Target,
     target_for,
 )
-from shepard_lib.errors import ConfigError
+from shepard_lib.errors import ConfigError, ConsulError
 from shepard_lib.keyspace import Keyspace, TaskScope
 from shepard_lib.model import Allocation, TxnOp, TxnResult
 from shepard_lib.plan import MemberState, Plan, PlanStore, register
@@ -289,7 +290,7 @@ class FirstTxnFails:
     ("fault", "log_line"),
     [
         ("error_rate", "gave the member back: not triggered"),
-        ("lost_reply_rate", "trigger reported an error but the task restarted"),
+        ("lost_reply_rate", "trigger reported an error but may have been applied"),
     ],
 )
 def test_trigger_answered_500_restarts_the_task_exactly_once_whether_or_not_it_applied(
@@ -372,3 +373,84 @@ def test_tokens_never_appear_in_logs(
     assert token not in caplog.text
     assert token not in str(result.to_dict())
     assert token not in str([v.to_dict() for v in views])
+
+
+class _TriggerAnswerLostAndCheckFails:
+    """A Consul whose first trigger txn applies but loses its answer; the next trigger-key read fails."""
+
+    def __init__(self, inner: ConsulBackend, sim: SimCluster) -> None:
+        self._inner, self._sim = inner, sim
+        self.txns = 0
+        self._failed_read = False
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        self.txns += 1
+        if self.txns > 1:
+            return self._inner.txn(ops)
+        self._sim.consul_faults.lost_reply_rate = 1.0
+        try:
+            return self._inner.txn(ops)
+        finally:
+            self._sim.consul_faults.lost_reply_rate = 0.0
+
+    def get(self, key: str, *, consistent: bool = False) -> Any:
+        if self.txns and not self._failed_read and key.startswith("shepard/keys/"):
+            self._failed_read = True
+            raise ConsulError(f"kv.get {key}", "rpc error making call: EOF", status=500, transient=True)
+        return self._inner.get(key, consistent=consistent)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_a_trigger_that_may_have_applied_is_never_handed_back_and_triggered_again(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The txn applied but answered 500, and the check of the trigger key failed too: no second trigger."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    agents = Agents(sim)
+    consul = _TriggerAnswerLostAndCheckFails(agents.consul, sim)
+    (alloc,) = agents.allocs()
+    with agents.session("agent") as session:
+        coordinator = Coordinator(
+            consul, agents.nomad, KEYS, session, agents.options, clock=agents.clock, name="agent"
+        )
+        outcome = coordinator.handle_change(alloc, "server")
+    assert consul.txns == 1, f"the trigger was sent {consul.txns} times"
+    assert restarts_by_alloc(sim) == {alloc.id: 1}
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+
+
+def test_a_member_left_restarting_under_our_own_session_is_reclaimed_not_waited_for(
+    sim_cluster_factory: SimClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finish write Consul refused leaves the member restarting under this session: reclaim it, not hang."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    agents = Agents(sim)
+    real_finish = coordinator_module.finish
+    calls = []
+
+    def finish_refused_once(*args: Any, **kwargs: Any) -> Plan:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConsulError("kv.put plan", "proxy said 502", status=502, transient=False)
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(coordinator_module, "finish", finish_refused_once)
+    (alloc,) = agents.allocs()
+    result: dict[str, Any] = {}
+    with agents.session("agent") as session:
+        coordinator = agents.coordinator(session, "agent")
+        worker = threading.Thread(
+            target=lambda: result.setdefault("outcome", coordinator.handle_change(alloc, "server")),
+            daemon=True,
+        )
+        worker.start()
+        worker.join(20)
+        assert not worker.is_alive(), "the coordinator waited on a restart held by its own session"
+    assert result["outcome"].outcome == Outcome.RESTARTED, result
+    assert restarts_by_alloc(sim) == {alloc.id: 1}, (
+        "the reclaim must not trigger a task that already restarted"
+    )
+    plan = agents.plans.load(PLAN_KEY)
+    assert plan is not None and plan.members[alloc.id].state == MemberState.DONE

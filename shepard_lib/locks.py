@@ -27,6 +27,7 @@ claimed in-process first, and a release goes out only for the holder that has th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -381,6 +382,9 @@ def _acquire_claimed(
         acquired = consul.acquire(key, value, session.id)
     except BaseException:
         _CLAIMS.drop(session.lost, key, owner)
+        # The acquire may have applied with its answer lost: release, or a long-lived session keeps the key.
+        with contextlib.suppress(ShepardError):
+            consul.release(key, session.id)
         raise
     if not acquired:
         _CLAIMS.drop(session.lost, key, owner)

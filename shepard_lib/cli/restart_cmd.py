@@ -19,7 +19,7 @@ from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.clock import Clock
 from shepard_lib.config import HealthSource, RestartMethod
-from shepard_lib.errors import ConfigError
+from shepard_lib.errors import ConfigError, NotFound
 from shepard_lib.progress import progress_for
 from shepard_lib.rollout import PlanView, RollingRestart, RolloutOptions, RolloutResult
 
@@ -118,7 +118,10 @@ def _restart(args: argparse.Namespace) -> int:
     )
     rolling, display = _rollout(args, observe=args.output == "text" and not args.dry_run)
     with display:
-        result = rolling.run(args.job, options)
+        try:
+            result = rolling.run(args.job, options)
+        except NotFound as exc:  # the job named on the command line: a usage error (exit 2)
+            raise ConfigError(f"job {args.job!r}: {exc.reason}") from None
     if args.output == "json":
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:

@@ -106,6 +106,7 @@ def test_failed_rollout_exits_1_and_status_resume_and_abort_work_on_its_plan(
     "argv",
     [
         ["restart", "web", "--group", "nope"],
+        ["restart", "nosuchjob"],
         ["restart", "web", "--concurrency", "0"],
         ["restart", "web", "--method", "telepathy"],
         ["resume", "web"],

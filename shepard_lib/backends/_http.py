@@ -159,27 +159,12 @@ def _log_retry(call: str, policy: RetryPolicy, state: tenacity.RetryCallState) -
     )
 
 
-_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?)(h|ms|m|s|us|µs|ns)")
-
-
 def go_duration(seconds: float) -> str:
     """A Go duration for ``seconds``, to the millisecond and at least 1ms: ``"5s"``, ``"1.5s"``, ``"5m"``.
 
     Never ``"0s"``: Consul and Nomad read ``?wait=0s`` as "the default wait" (minutes).
     """
     return format_go_duration(max(1, round(seconds * 1000)) / 1000)
-
-
-def parse_go_duration(text: str) -> float:
-    """Seconds of a Go duration string (``"15s"``, ``"1m30s"``, ``"250ms"``); ValueError if it is not one."""
-    text = text.strip()
-    if text in ("0", ""):
-        return 0.0
-    parts = _GO_DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"not a Go duration: {text!r}")
-    return sum(float(n) * _GO_UNITS[u] for n, u in parts)
 
 
 def tls_settings(

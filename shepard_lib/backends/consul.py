@@ -33,6 +33,7 @@ from consul import std as consul_std
 
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.config import ConsulConfig
+from shepard_lib.durations import parse_go_duration
 from shepard_lib.errors import ConsulError
 from shepard_lib.model import (
     CheckStatus,
@@ -50,7 +51,6 @@ from ._http import (
     blocking_timeout,
     call_with_retry,
     go_duration,
-    parse_go_duration,
     redact,
     tls_settings,
     transient_status,
@@ -128,10 +128,10 @@ def _check(item: dict[str, Any]) -> HealthCheck:
 
 
 def _seconds(value: Any) -> float:
-    """A Consul duration: nanoseconds as a number, or a Go duration string."""
+    """A Consul duration: nanoseconds as a number, or a Go duration string (empty: none)."""
     if isinstance(value, int | float):
         return value / 1e9
-    return parse_go_duration(str(value))
+    return parse_go_duration(str(value)) if value else 0.0
 
 
 def _session(item: dict[str, Any]) -> SessionInfo:

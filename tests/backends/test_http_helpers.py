@@ -12,7 +12,6 @@ from shepard_lib.backends._http import (
     blocking_timeout,
     call_with_retry,
     go_duration,
-    parse_go_duration,
     redact,
     tls_settings,
     transient_status,
@@ -27,20 +26,6 @@ from shepard_lib.errors import ConsulError
 )
 def test_go_duration_is_compact_to_the_millisecond_and_never_zero(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("15s", 15.0), ("1m30s", 90.0), ("250ms", 0.25), ("1h", 3600.0), ("0", 0.0), ("1.5s", 1.5)],
-)
-def test_parse_go_duration_reads_what_consul_sends(text: str, seconds: float) -> None:
-    assert parse_go_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("text", ["15", "abc", "15 s", "s15"])
-def test_parse_go_duration_rejects_non_durations(text: str) -> None:
-    with pytest.raises(ValueError, match="not a Go duration"):
-        parse_go_duration(text)
 
 
 def test_blocking_timeout_is_real_seconds_of_wait_plus_jitter_plus_margin() -> None:

@@ -46,6 +46,7 @@ def test_parse_accepts_what_go_accepts(text: str, seconds: float) -> None:
         ("", 'time: invalid duration ""'),
         ("-", 'time: invalid duration "-"'),
         ("ten", 'time: invalid duration "ten"'),
+        ("s15", 'time: invalid duration "s15"'),
         (".s", 'time: invalid duration ".s"'),
         ("--5s", 'time: invalid duration "--5s"'),
         (" 5s", 'time: invalid duration " 5s"'),

@@ -521,21 +521,7 @@ def unclaim(plan: Plan, alloc_id: str, *, holder: str, now: float, error: str | 
         if m.state == MemberState.PENDING:
             return plan  # our own earlier write that we did not see acknowledged
         raise MemberUnavailable(alloc_id, _describe(m))
-    back = replace(
-        m,
-        state=MemberState.PENDING,
-        holder=None,
-        session=None,
-        holder_name=None,
-        restarts_before=None,
-        started_before=None,
-        trigger_index=None,
-        claimed_at=None,
-        rerun=False,
-        generation=plan.generation,
-        error=error,
-        updated_at=now,
-    )
+    back = replace(_back_to_pending(m, now), generation=plan.generation, error=error)
     return _settle(_with_member(plan, alloc_id, back, now))
 
 

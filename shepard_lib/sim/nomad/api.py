@@ -264,18 +264,9 @@ class NomadServer:
             return _Answer(sorted(body, key=lambda n: n["ID"]), state.table_index["nodes"])
 
     def _node(self, req: _Request, node_id: str) -> _Answer:
-        state = self.sim.state
-
-        def current() -> int:
-            node = state.nodes.get(node_id)
-            return node.modify_index if node else state.table_index["nodes"]
-
-        self._block(req, current)
-        with state.lock:
-            node = state.nodes.get(node_id)
-            if node is None:
-                raise HTTPError(404, "node not found")
-            return _Answer(wire.node_json(node), node.modify_index)
+        return self._one(
+            req, "nodes", lambda: self.sim.state.nodes.get(node_id), "node not found", wire.node_json
+        )
 
     def _node_allocs(self, req: _Request, node_id: str) -> _Answer:
         """``Node.GetAllocs``: its index is the highest ModifyIndex of the node's allocations."""
@@ -304,22 +295,13 @@ class NomadServer:
             return _Answer(sorted(body, key=lambda j: (j["Namespace"], j["ID"])), state.table_index["jobs"])
 
     def _job(self, req: _Request, job_id: str) -> _Answer:
-        state = self.sim.state
-        namespace = req.query.get("namespace") or "default"
+        key = (req.query.get("namespace") or "default", job_id)
+        scenario = self.sim.scenario
 
-        def current() -> int:
-            job = state.jobs.get((namespace, job_id))
-            return job.modify_index if job else state.table_index["jobs"]
+        def render(job: Any) -> Any:
+            return wire.job_json(job, self.sim.state.region, scenario.logs, scenario.restart_policy)
 
-        self._block(req, current)
-        with state.lock:
-            job = state.jobs.get((namespace, job_id))
-            if job is None:
-                raise HTTPError(404, "job not found")
-            scenario = self.sim.scenario
-            return _Answer(
-                wire.job_json(job, state.region, scenario.logs, scenario.restart_policy), job.modify_index
-            )
+        return self._one(req, "jobs", lambda: self.sim.state.jobs.get(key), "job not found", render)
 
     def _job_allocs(self, req: _Request, job_id: str) -> _Answer:
         state = self.sim.state
@@ -344,18 +326,26 @@ class NomadServer:
             return _Answer(body, state.table_index["allocs"])
 
     def _alloc(self, req: _Request, alloc_id: str) -> _Answer:
+        return self._one(
+            req, "allocs", lambda: self.sim.state.allocs.get(alloc_id), "alloc not found", self._alloc_json
+        )
+
+    def _one(
+        self, req: _Request, table: str, find: Callable[[], Any], missing: str, render: Callable[[Any], Any]
+    ) -> _Answer:
+        """One object: blocks on its ModifyIndex (the table's while it does not exist); 404 when absent."""
         state = self.sim.state
 
         def current() -> int:
-            alloc = state.allocs.get(alloc_id)
-            return alloc.modify_index if alloc else state.table_index["allocs"]
+            found = find()
+            return found.modify_index if found else state.table_index[table]
 
         self._block(req, current)
         with state.lock:
-            alloc = state.allocs.get(alloc_id)
-            if alloc is None:
-                raise HTTPError(404, "alloc not found")
-            return _Answer(self._alloc_json(alloc), alloc.modify_index)
+            found = find()
+            if found is None:
+                raise HTTPError(404, missing)
+            return _Answer(render(found), found.modify_index)
 
     def _alloc_json(self, alloc: SimAlloc) -> dict[str, Any]:
         scenario = self.sim.scenario

@@ -120,10 +120,7 @@ class Kill:
     freed_after: float | None = None
 
 
-@pytest.fixture(autouse=True)
-def _no_real_cluster_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "NOMAD_ADDR", "NOMAD_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_client_env")
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -6,25 +6,16 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import pytest
-
 from shepard_lib.backends._http import RetryPolicy
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.config import ConsulConfig, NomadConfig
 from shepard_lib.sim import SimCluster
 
-CLIENT_ENV = ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "NOMAD_ADDR", "NOMAD_TOKEN", "NOMAD_NAMESPACE")
-"""Variables of the official CLIs that must not leak into a test that talks to the sim."""
-
 
 @contextmanager
-def connected(
-    sim: SimCluster, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[ConsulBackend, NomadBackend]]:
-    """Backends for ``sim`` on its clock, retrying once, with the CLIs' variables cleared; closed on exit."""
-    for name in CLIENT_ENV:
-        monkeypatch.delenv(name, raising=False)
+def connected(sim: SimCluster) -> Iterator[tuple[ConsulBackend, NomadBackend]]:
+    """Backends for ``sim`` on its clock, retrying once; closed on exit."""
     retry = RetryPolicy(attempts=2)
     consul = ConsulBackend(ConsulConfig(address=sim.consul_addr), sim.clock, retry=retry)
     nomad = NomadBackend(NomadConfig(address=sim.nomad_addr), sim.clock, retry=retry)

@@ -54,10 +54,7 @@ def scenario(count: int = 6, job_meta: dict[str, str] | None = None, sidecar: bo
     }
 
 
-@pytest.fixture(autouse=True)
-def _no_real_cluster_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "NOMAD_ADDR", "NOMAD_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_client_env")
 
 
 def config_for(sim: SimCluster, token: str | None = None, **changes: Any) -> ShepardConfig:

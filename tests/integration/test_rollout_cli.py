@@ -20,9 +20,8 @@ TOKEN = "cli-acl-token-5f0e9c2a7b"
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "NOMAD_ADDR", "NOMAD_TOKEN", "SHEPARD_CONFIG_PATH"):
-        monkeypatch.delenv(name, raising=False)
+def _isolated(no_client_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("SHEPARD_CONFIG_PATH", raising=False)
     yield
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, ShepardHandler)]:

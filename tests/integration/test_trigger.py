@@ -81,9 +81,9 @@ class Env:
 
 
 @pytest.fixture
-def env(sim_cluster_factory: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+def env(sim_cluster_factory: Any, no_client_env: None) -> Iterator[Env]:
     sim: SimCluster = sim_cluster_factory(SCENARIO, time_scale=SCALE)
-    with connected(sim, monkeypatch) as (consul, nomad):
+    with connected(sim) as (consul, nomad):
         yield Env(sim, consul, nomad)
 
 

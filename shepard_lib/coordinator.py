@@ -1,4 +1,4 @@
-"""The per-allocation restart flow of DESIGN.md section 4: plan, slot, claim, trigger, health, finish.
+"""The per-allocation restart flow of docs/design.md section 4: plan, slot, claim, trigger, health, finish.
 
 A :class:`Coordinator` works under one :class:`~shepard_lib.session.Session`. An agent calls
 :meth:`Coordinator.handle_change` when the files of an allocation's task changed; the rolling

@@ -255,7 +255,7 @@ def _replace_all(old: str, new: str) -> str:
 
 
 def shepard_template(prefix: str = "shepard") -> str:
-    """The text of ``local/shepard.tpl`` (DESIGN.md section 2) with the escaping chain.
+    """The text of ``local/shepard.tpl`` (docs/design.md section 2) with the escaping chain.
 
     It reads the task's trigger key; a new value there re-renders the file and, with
     ``change_mode = "restart"``, restarts the task. It uses only ``keyOrDefault``, ``printf``,

@@ -1,4 +1,4 @@
-"""The restart plan of one task scope: the value of ``.../task_lock`` (DESIGN.md section 4).
+"""The restart plan of one task scope: the value of ``.../task_lock`` (docs/design.md section 4).
 
 A :class:`Plan` is a pure, frozen value with pure transition functions (:func:`register`,
 :func:`claim`, :func:`reclaim`, :func:`unclaim`, :func:`finish`, :func:`resume`, :func:`abort`);

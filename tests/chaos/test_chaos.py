@@ -1,4 +1,4 @@
-"""Seeded chaos runs of the rollout protocol, checking the invariants of DESIGN.md section 4.
+"""Seeded chaos runs of the rollout protocol, checking the invariants of docs/design.md section 4.
 
 Sim-only (fault controls and the restart record). Each seed: one config change of a 14-allocation
 task, handled by one coordinator per allocation (each with its own session, as agents on the

@@ -78,7 +78,7 @@ def test_sim_limit_is_64_ops_by_default_and_configurable(sim_consul: ConsulTarge
 
 
 def test_fenced_write_needs_the_slot_session(consul_target: ConsulTarget) -> None:
-    """The trigger write of DESIGN.md 3: check-session on the slot plus set of the trigger."""
+    """The trigger write of docs/design.md section 3: check-session on the slot plus set of the trigger."""
     c = consul_target.client()
     slot, trigger = consul_target.key("slot/0"), consul_target.key("trigger")
     holder, intruder = consul_target.session(), consul_target.session()

@@ -145,7 +145,7 @@ class LogShipper:
         report = SinkReport(sink.name)
         size, max_bytes = self._shipping.batch_size, self._shipping.batch_bytes
         batch, ends = Batch(), dict[tuple[str, str, str], Position]()
-        for stream in streams:
+        for n, stream in enumerate(streams):
             start = self._start(sink.name, stream)
             reader = StreamReader(stream, start, self._shipping.max_line_bytes)
             try:
@@ -157,6 +157,8 @@ class LogShipper:
                         ends[stream.key] = reader.position
                     if len(batch.lines) >= size or batch.size >= max_bytes:
                         if not self._flush(sink, batch, ends, report):
+                            for waiting in streams[n + 1 :]:  # where each would start, for the lag
+                                self._start(sink.name, waiting)
                             return self._finish(sink, streams, report)
                         batch, ends = Batch(), {}
                     elif not taken:
@@ -274,9 +276,12 @@ class LogShipper:
             position = Position(f.index, begin + span, f.inode)
             if excess <= 0:
                 break
-        newline = _find_newline(stream.file(position.index), position.offset, self._shipping.max_line_bytes)
-        if newline is not None:
+        # Go on at the next line start: the byte before the new position may already end a line.
+        limit = self._shipping.max_line_bytes
+        newline = _find_newline(stream.file(position.index), position.offset - 1, limit)
+        if newline is not None and newline >= position.offset:
             dropped += 1
+        if newline is not None:
             position = Position(position.index, newline + 1, position.inode)
         log.warning(
             "log shipping: sink %s is more than buffer_limit=%d bytes behind in %s; dropped %d lines",
@@ -306,7 +311,7 @@ def _find_newline(file: object, offset: int, limit: int) -> int | None:
     """The offset of the first newline at or after ``offset`` within ``limit`` bytes, or None."""
     from shepard_lib.logship.tailer import LogFile
 
-    if not isinstance(file, LogFile):
+    if not isinstance(file, LogFile) or offset < 0:
         return None
     try:
         with open(file.path, "rb") as f:

@@ -1,0 +1,355 @@
+"""Log shipping end to end over real files: Nomad's rotation, FIFOs, partial lines, restarts,
+a sink that goes down, allocations coming and going (``shepard_lib.logship``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import tracemalloc
+import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from logship_support import MemorySink, Node, allocation, config
+from support import Background
+
+from shepard_lib.config import HttpFormat, StartAt
+from shepard_lib.logship import LogShipper, RetryPolicy
+from shepard_lib.logship.sinks.http import HttpSink
+from shepard_lib.model import Allocation
+
+with warnings.catch_warnings():  # pyinotify imports asyncore, deprecated since Python 3.10
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import pyinotify
+
+NO_WAIT = RetryPolicy(attempts=2, initial=0, maximum=0)
+
+
+def numbered(prefix: str, count: int, start: int = 0, rng: random.Random | None = None) -> list[str]:
+    """Distinct lines ``<prefix>-<n> xxx...`` of varied length."""
+    rng = rng or random.Random(7)
+    return [f"{prefix}-{n} " + "x" * rng.randrange(0, 90) for n in range(start, start + count)]
+
+
+def text(lines: list[str]) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def test_lines_are_shipped_in_order_while_nomad_rotates_the_files(tmp_path: Path) -> None:
+    node = Node(tmp_path, max_file_size=256, max_files=1000)
+    alloc = node.add(allocation(0))
+    sink = MemorySink()
+    shipper = LogShipper(node_cfg := config(tmp_path, node, batch_size=7), node, sinks=[sink], retry=NO_WAIT)
+    written: list[str] = []
+    rng = random.Random(3)
+    for round_ in range(30):
+        lines = numbered(f"r{round_}", rng.randrange(0, 15), rng=rng)
+        node.write(alloc, text(lines))
+        written += lines
+        assert shipper.ship_once().ok
+        assert sink.lines(alloc) == written, f"round {round_}"
+    files = sorted(p.name for p in node.logs_dir(alloc).iterdir())
+    assert len(files) > 20, "the test should span many rotations (N+1 files)"
+    split = [
+        p for p in node.logs_dir(alloc).iterdir() if p.read_bytes() and not p.read_bytes().endswith(b"\n")
+    ]
+    assert split, "logmon's scheme splits lines across files; the test should include such lines"
+    saved = json.loads(Path(node_cfg.log_shipping.checkpoint_path).read_text())
+    index, offset, inode = saved["allocations"][alloc.id]["positions"]["server"]["stdout"]["memory"]
+    newest = max(int(name.rsplit(".", 1)[1]) for name in files if ".stdout." in name)
+    path = node.logs_dir(alloc) / f"server.stdout.{newest}"
+    assert (index, offset, inode) == (newest, path.stat().st_size, path.stat().st_ino)
+
+
+def test_files_deleted_before_shipping_are_reported_and_the_rest_is_shipped(tmp_path: Path) -> None:
+    node = Node(tmp_path, max_file_size=100, max_files=3)
+    alloc = node.add(allocation(0))
+    sink = MemorySink()
+    shipper = LogShipper(config(tmp_path, node), node, sinks=[sink], retry=NO_WAIT)
+    node.write(alloc, "first\n")
+    shipper.ship_once()
+    later = [f"line-{n:04d}" for n in range(100)]  # 1000 bytes: 10 files, logmon keeps the last 3
+    node.write(alloc, text(later))
+    assert shipper.ship_once().ok
+    assert shipper.metrics.value("fell_behind", "memory") == 1
+    files = sorted(node.logs_dir(alloc).iterdir(), key=lambda p: int(p.name.rsplit(".")[-1]))
+    kept = b"".join(p.read_bytes() for p in files)
+    assert sink.lines(alloc) == ["first", *kept.decode().splitlines()]
+    assert sink.lines(alloc)[-1] == "line-0099"
+
+
+def test_fifos_in_the_log_directory_are_never_opened(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    alloc = node.add(allocation(0))
+    logs = node.logs_dir(alloc)
+    fifos = [logs / ".server.stdout.fifo", logs / ".server.stderr.fifo"]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    node.write(alloc, "hello\n")
+    node.write(alloc, "oops\n", stream="stderr")
+    watches = pyinotify.WatchManager()
+    watches.add_watch(str(logs), pyinotify.IN_OPEN)
+    opened: list[str] = []
+
+    class Opened(pyinotify.ProcessEvent):  # type: ignore[misc]
+        def process_IN_OPEN(self, event: Any) -> None:
+            opened.append(event.name)
+
+    notifier = pyinotify.Notifier(watches, Opened(), timeout=100)
+
+    def drain() -> None:
+        while notifier.check_events():
+            notifier.read_events()
+            notifier.process_events()
+
+    try:
+        sink = MemorySink()
+        shipper = LogShipper(config(tmp_path, node), node, sinks=[sink], retry=NO_WAIT)
+        run = Background(shipper.ship_once)
+        run.join(timeout=60)  # opening a FIFO for reading would block here for good
+        assert run.error is None
+        drain()
+        assert {"server.stdout.0", "server.stderr.0"} <= set(opened), opened
+        assert not {f.name for f in fifos} & set(opened), f"a FIFO was opened: {opened}"
+        assert sorted(r[3] for r in sink.records) == [b"hello", b"oops"]
+        # The watch does see a FIFO being opened (so the check above can fail):
+        fd = os.open(fifos[0], os.O_RDONLY | os.O_NONBLOCK)
+        os.close(fd)
+        drain()
+        assert fifos[0].name in opened
+    finally:
+        notifier.stop()
+
+
+def test_a_partial_last_line_ships_once_it_is_complete_and_long_lines_are_cut(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    alloc = node.add(allocation(0))
+    sink = MemorySink()
+    shipper = LogShipper(config(tmp_path, node, max_line_bytes=300), node, sinks=[sink], retry=NO_WAIT)
+    node.write(alloc, "one\ntw")
+    shipper.ship_once()
+    assert sink.lines(alloc) == ["one"]
+    node.write(alloc, "o\nthr")
+    shipper.ship_once()
+    node.write(alloc, "ee\n")
+    shipper.ship_once()
+    assert sink.lines(alloc) == ["one", "two", "three"]
+    node.write(alloc, "a" * 700 + "\n" + "b" * 450)  # 450 > 300: a piece ships before the newline comes
+    shipper.ship_once()
+    node.write(alloc, "b" * 10 + "\n")
+    shipper.ship_once()
+    pieces = [(r[3], r[4]) for r in sink.records[3:]]
+    assert pieces == [
+        (b"a" * 300, True),
+        (b"a" * 300, True),
+        (b"a" * 100, False),
+        (b"b" * 300, True),
+        (b"b" * 160, False),
+    ]
+
+
+class Crash(BaseException):
+    """The agent dies (not an Exception: nothing may catch it)."""
+
+
+class CrashingSink(MemorySink):
+    """Accepts batches, then the process dies right after the sink took batch ``crash_after``."""
+
+    def __init__(self, crash_after: int) -> None:
+        super().__init__()
+        self.crash_after = crash_after
+
+    def send(self, batch: Any) -> None:
+        super().send(batch)
+        if len(self.batches) == self.crash_after:
+            raise Crash()
+
+
+def test_a_restart_in_the_middle_loses_nothing_and_repeats_at_most_one_batch(tmp_path: Path) -> None:
+    node = Node(tmp_path, max_file_size=2000)
+    allocs = [node.add(allocation(n)) for n in range(3)]
+    written = {a.id: numbered(a.id[:8], 120) for a in allocs}
+    for a in allocs:
+        node.write(a, text(written[a.id]))
+    first = CrashingSink(crash_after=5)
+    cfg = config(tmp_path, node, batch_size=50)
+    crashed = LogShipper(cfg, node, sinks=[first], retry=NO_WAIT)
+    with pytest.raises(Crash):
+        crashed.ship_once()
+    assert len(first.records) == 250
+    second = MemorySink()
+    LogShipper(cfg, node, sinks=[second], retry=NO_WAIT).ship_once()
+    received = first.records + second.records
+    for a in allocs:
+        lines = [r[3].decode() for r in received if r[0] == a.id]
+        assert sorted(set(lines)) == sorted(written[a.id]), "a line was lost"
+    repeated = sum(MemorySink.duplicates_of(received).values())
+    assert repeated == 50, "exactly the batch in flight at the crash is shipped twice"
+
+
+def test_a_sink_down_pauses_reading_at_the_checkpoint_with_bounded_memory(tmp_path: Path) -> None:
+    node = Node(tmp_path, max_file_size=1 << 20)
+    allocs = [node.add(allocation(n)) for n in range(3)]
+    written = {a.id: numbered(a.id[:8], 40000) for a in allocs}  # 3 x 2 MB, 50 MB as JSON
+    for a in allocs:
+        node.write(a, text(written[a.id]))
+    out = tmp_path / "received.ndjson"
+    server = _NdjsonServer(out)
+    sink = HttpSink(server.url, HttpFormat.NDJSON)
+    cfg = config(tmp_path, node, batch_bytes=16 * 1024, batch_size=100000)
+    shipper = LogShipper(cfg, node, sinks=[sink], retry=NO_WAIT)
+    try:
+        server.status = 503
+        tracemalloc.start()
+        report = shipper.ship_once()
+        _, peak_down = tracemalloc.get_traced_memory()
+        assert report.sinks[0].error is not None and "503" in report.sinks[0].error
+        assert not out.exists() and shipper.metrics.value("errors", "http") == 2
+        assert report.sinks[0].lag_bytes > 6_000_000
+        server.status = 200
+        tracemalloc.reset_peak()
+        report = shipper.ship_once()
+        _, peak_up = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert report.ok and report.sinks[0].lag_bytes == 0
+    finally:
+        shipper.close()
+        server.close()
+    messages: dict[str, list[str]] = {a.id: [] for a in allocs}
+    with out.open("rb") as f:
+        for line in f:
+            record = json.loads(line)
+            messages[record["nomad.allocation.id"]].append(record["message"])
+    assert messages == written
+    assert shipper.metrics.value("dropped_lines", "http") == 0
+    # One batch (16 KiB of lines, 150 KB as JSON) in a few copies and one read buffer, not 6 MB of logs.
+    assert peak_down < 3_000_000 and peak_up < 3_000_000, (peak_down, peak_up)
+
+
+class _NdjsonServer:
+    """An HTTP endpoint that answers ``status`` and appends the bodies of its 2xx answers to ``out``
+    (a file: the test measures the shipper's memory, not the receiver's)."""
+
+    def __init__(self, out: Path) -> None:
+        self.status = 200
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.status == 200:
+                    with out.open("ab") as f:
+                        f.write(body)
+                self.send_response(outer.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/push"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def test_many_allocations_appear_and_disappear(tmp_path: Path) -> None:
+    node = Node(tmp_path, max_file_size=500, max_files=1000)
+    sink = MemorySink()
+    cfg = config(tmp_path, node, batch_size=64)
+    shipper = LogShipper(cfg, node, sinks=[sink], retry=NO_WAIT)
+    rng = random.Random(11)
+    written: dict[str, list[str]] = {}
+    gone: set[str] = set()
+    serial = 0
+    forgotten: list[Allocation] = []
+    for round_ in range(12):
+        for alloc in list(node.allocations.values()):
+            lines = numbered(f"{alloc.id[:8]}-{round_}", rng.randrange(0, 12), rng=rng)
+            node.write(alloc, text(lines))
+            written[alloc.id] += lines
+        # Nomad forgets some allocations it listed before; their last lines still ship.
+        for alloc in rng.sample(list(node.allocations.values()), k=min(3, len(node.allocations))):
+            node.remove(alloc, delete_files=False)
+            forgotten.append(alloc)
+        for _ in range(rng.randrange(3, 8)):  # new allocations, with their first lines
+            alloc = node.add(allocation(serial), tasks=("server", "sidecar"))
+            serial += 1
+            written[alloc.id] = numbered(f"{alloc.id[:8]}-{round_}", rng.randrange(0, 12), rng=rng)
+            node.write(alloc, text(written[alloc.id]))
+        assert shipper.ship_once().ok
+        for alloc in rng.sample(forgotten, k=len(forgotten) // 2):  # the client deletes some later
+            node.delete_files(alloc)
+            forgotten.remove(alloc)
+            gone.add(alloc.id)
+    assert shipper.ship_once().ok  # notices the directories deleted after the last round
+    for alloc_id, lines in written.items():
+        assert [r[3].decode() for r in sink.records if r[0] == alloc_id] == lines, alloc_id
+    assert not sink.duplicates()
+    kept = set(json.loads(Path(cfg.log_shipping.checkpoint_path).read_text())["allocations"])
+    on_disk = {p.name for p in (node.data_dir / "alloc").iterdir()}
+    assert kept == on_disk, "checkpoints are kept exactly for the allocations whose files exist"
+    assert gone and not gone & kept, "the allocations whose files are gone are forgotten"
+
+
+def test_start_at_end_skips_existing_lines_only_on_the_first_run(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    old = node.add(allocation(0))
+    node.write(old, "before 1\nbefore 2\npart")
+    sink = MemorySink()
+    cfg = config(tmp_path, node, start_at=StartAt.END)
+    shipper = LogShipper(cfg, node, sinks=[sink], retry=NO_WAIT)
+    shipper.ship_once()
+    assert sink.records == []
+    node.write(old, "ial\nafter\n")
+    new = node.add(allocation(1))
+    node.write(new, "new 1\n")
+    LogShipper(cfg, node, sinks=[sink], retry=NO_WAIT).ship_once()  # a restarted agent
+    assert sink.lines(old) == ["partial", "after"]
+    assert sink.lines(new) == ["new 1"], "an allocation that appears later ships from its first line"
+
+
+def test_buffer_limit_drops_the_oldest_lines_and_counts_them(tmp_path: Path) -> None:
+    node = Node(tmp_path, max_file_size=1000)
+    alloc = node.add(allocation(0))
+    lines = [f"line-{n:04d}" for n in range(500)]  # 10 bytes each, with the newline
+    node.write(alloc, text(lines))
+    sink = MemorySink()
+    shipper = LogShipper(config(tmp_path, node, buffer_limit=1005), node, sinks=[sink], retry=NO_WAIT)
+    shipper.ship_once()
+    assert sink.lines(alloc) == lines[-100:]
+    assert shipper.metrics.value("dropped_lines", "memory") == 400
+
+
+def test_a_rejected_batch_is_counted_and_skipped(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    alloc = node.add(allocation(0))
+    node.write(alloc, "refused\n")
+    out = tmp_path / "received.ndjson"
+    server = _NdjsonServer(out)
+    server.status = 400
+    shipper = LogShipper(
+        config(tmp_path, node), node, sinks=[HttpSink(server.url, HttpFormat.NDJSON)], retry=NO_WAIT
+    )
+    try:
+        assert shipper.ship_once().ok
+        server.status = 200
+        node.write(alloc, "taken\n")
+        shipper.ship_once()
+    finally:
+        shipper.close()
+        server.close()
+    assert [json.loads(r)["message"] for r in out.read_bytes().splitlines()] == ["taken"]
+    assert shipper.metrics.value("rejected_lines", "http") == 1
+    assert shipper.metrics.value("errors", "http") == 0

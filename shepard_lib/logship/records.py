@@ -15,6 +15,9 @@ __all__ = ["Batch", "JsonEncoder", "SinkError", "SinkRejected", "rfc3339"]
 _encode_string = json.encoder.encode_basestring  # the C encoder when present
 
 
+_CUT = f', "{CUT}": true}}'
+
+
 class SinkError(ShepardError):
     """A sink could not take a batch now (down, timeout, 5xx): retried, then reading pauses."""
 
@@ -62,15 +65,16 @@ class JsonEncoder:
     def encode(self, batch: Batch) -> bytes:
         """The batch as JSON lines, UTF-8 (undecodable bytes of a message become U+FFFD)."""
         stamp = f'{{"@timestamp": "{rfc3339(batch.time)}", '
-        parts = []
-        head, path = self._head, self._path
-        for line in batch.lines:
-            stream = line.stream
-            cut = f', "{CUT}": true' if line.cut else ""
-            parts.append(
-                f'{stamp}{head(stream)}{path(stream, line.file)}, "{OFFSET}": {line.offset}, '
-                f'"message": {_encode_string(line.data.decode("utf-8", "replace"))}{cut}}}\n'
-            )
+        prefixes: dict[tuple[Stream, int], str] = {}  # everything before the offset, per file
+        parts: list[str] = []
+        append, encode_string = parts.append, _encode_string
+        for stream, file, offset, data, cut in batch.lines:
+            prefix = prefixes.get((stream, file))
+            if prefix is None:
+                prefix = f'{stamp}{self._head(stream)}{self._path(stream, file)}, "{OFFSET}": '
+                prefixes[(stream, file)] = prefix
+            message = encode_string(data.decode("utf-8", "replace"))
+            append(f'{prefix}{offset}, "message": {message}{_CUT if cut else "}"}\n')
         if len(self._heads) > 4096:  # streams of gone allocations: keep the caches small
             self._heads.clear()
             self._paths.clear()

@@ -1,0 +1,179 @@
+"""Log shipping throughput: Shepard's file sink against rsyslog's ``imfile`` on the same files.
+
+Writes N lines (default 1,000,000) across 50 Nomad task log files (``alloc/<id>/alloc/logs/
+server.stdout.0`` under a fresh data dir), then, in the same run:
+
+* Shepard: ``LogShipper(cfg, source).ship_once()`` with the ``file`` sink and the default batch
+  settings, in a child process (so its peak RSS is its own), records as JSON lines with every tag;
+* rsyslog: ``rsyslogd -n`` with ``module(load="imfile" mode="inotify")`` reading the same 50 files
+  (a wildcard input, ``addMetadata``) and ``omfile`` writing JSON lines (message, file name and
+  constant tags), timed from start until the output holds N lines; its peak RSS is ``VmHWM``.
+
+Prints lines/s, peak RSS and the ratio Shepard/rsyslog. Targets (issue 16): at least as fast as
+imfile and under 100 MB RSS. Shepard fsyncs the output and its checkpoints after every batch;
+omfile does not fsync. Asserts nothing about timing.
+
+    python benchmarks/bench_logship.py [-n 1000000] [--files 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_RSS_MB = 100
+BATCH_SIZES = (500, 5000)
+"""``log_shipping.batch_size``: the default, and larger batches (fewer fsyncs) for bulk shipping."""
+RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
+
+
+def write_logs(data_dir: Path, lines: int, files: int) -> list[str]:
+    """``files`` allocation directories with one stdout file each; returns the allocation IDs."""
+    rng = random.Random(5)
+    ids = [f"{n:08x}-0000-4000-8000-{n:012x}" for n in range(files)]
+    words = [w * rng.randrange(1, 6) for w in ("GET", "/api/v1/items", "200", "ms", "user=alice", "ok")]
+    for n, alloc_id in enumerate(ids):
+        logs = data_dir / "alloc" / alloc_id / "alloc" / "logs"
+        logs.mkdir(parents=True)
+        count = lines // files + (1 if n < lines % files else 0)
+        with (logs / "server.stdout.0").open("w") as f:
+            f.writelines(
+                f"2026-11-30T04:00:00.{i:06d}Z INFO req={i} {' '.join(rng.sample(words, 4))}\n" for i in range(count)
+            )
+    return ids
+
+
+SHEPARD_CHILD = """
+import dataclasses, json, resource, sys, time
+from shepard_lib.config import LogShippingConfig, default_config
+from shepard_lib.logship import LogShipper
+from shepard_lib.model import Allocation
+
+data_dir, out, checkpoints, ids, batch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(","), sys.argv[5]
+allocs = [
+    Allocation(id=i, name=f"web.app[{n}]", namespace="default", node_id="x", node_name="n1", job_id="web",
+               task_group="app", client_status="running", desired_status="run", index=n)
+    for n, i in enumerate(ids)
+]
+cfg = dataclasses.replace(
+    default_config(), nomad_data_dir=data_dir,
+    log_shipping=LogShippingConfig(
+        path=out, checkpoint_path=checkpoints, file_max_bytes=1 << 40, batch_size=int(batch)
+    ),
+)
+shipper = LogShipper(cfg, lambda: allocs, datacenter="dc1")
+start = time.perf_counter()
+report = shipper.ship_once()
+elapsed = time.perf_counter() - start
+shipper.close()
+print(json.dumps({"lines": report.sinks[0].lines, "seconds": elapsed,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run_shepard(data_dir: Path, work: Path, ids: list[str], batch_size: int) -> dict[str, float]:
+    """Lines/s and peak RSS of one ``ship_once`` in a child process, from a fresh checkpoint."""
+    work.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", SHEPARD_CHILD, str(data_dir), str(work / "shepard.jsonl"),
+         str(work / "checkpoints.json"), ",".join(ids), str(batch_size)],
+        capture_output=True, text=True, check=True,
+    )
+    stats: dict[str, float] = json.loads(result.stdout)
+    return stats
+
+
+RSYSLOG_CONFIG = """\
+global(workDirectory="{work}")
+module(load="imfile" mode="inotify")
+template(name="json" type="list") {{
+  constant(value="{{\\"@timestamp\\":\\"")
+  property(name="timegenerated" dateFormat="rfc3339")
+  constant(value="\\",\\"nomad.job.name\\":\\"web\\",\\"nomad.task.name\\":\\"server\\",\\"stream\\":\\"stdout\\"")
+  constant(value=",\\"log.file.path\\":\\"")
+  property(name="$!metadata!filename" format="json")
+  constant(value="\\",\\"message\\":\\"")
+  property(name="msg" format="json")
+  constant(value="\\"}}\\n")
+}}
+ruleset(name="ship") {{ action(type="omfile" file="{out}" template="json") }}
+input(type="imfile" file="{data_dir}/alloc/*/alloc/logs/server.stdout.0" tag="task" addMetadata="on"
+      ruleset="ship")
+"""
+
+
+def run_rsyslog(data_dir: Path, work: Path, lines: int) -> dict[str, float]:
+    """Lines/s and peak RSS of rsyslogd's imfile shipping the same files to omfile."""
+    state = work / "rsyslog"
+    state.mkdir()
+    out = work / "rsyslog.jsonl"
+    conf = state / "rsyslog.conf"
+    conf.write_text(RSYSLOG_CONFIG.format(work=state, out=out, data_dir=data_dir))
+    subprocess.run([RSYSLOGD, "-N1", "-f", str(conf)], check=True, capture_output=True)
+    start = time.perf_counter()
+    process = subprocess.Popen([RSYSLOGD, "-n", "-f", str(conf), "-i", str(state / "pid")])
+    try:
+        seen, offset = 0, 0
+        deadline = time.monotonic() + 600
+        while seen < lines:
+            if process.poll() is not None:
+                raise SystemExit(f"rsyslogd exited with {process.returncode}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"rsyslogd shipped {seen} of {lines} lines in 600 s")
+            if out.exists():
+                with out.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                seen += chunk.count(b"\n")
+                offset += len(chunk)
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - start
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    return {"lines": seen, "seconds": elapsed, "rss_mb": rss_kb / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=1_000_000, help="lines in all (default 1,000,000)")
+    parser.add_argument("--files", type=int, default=50, help="log files (default 50)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-logship-") as tmp:
+        root = Path(tmp)
+        data_dir = root / "data"
+        ids = write_logs(data_dir, args.n, args.files)
+        size = sum(p.stat().st_size for p in data_dir.rglob("server.stdout.0"))
+        print(f"{args.n} lines, {size / 1e6:.0f} MB in {args.files} files")
+        rsyslog_rate = 0.0
+        if Path(RSYSLOGD).exists():
+            rsyslog_dir = root / "rsyslog-run"
+            rsyslog_dir.mkdir()
+            rsyslog = run_rsyslog(data_dir, rsyslog_dir, args.n)
+            rsyslog_rate = rsyslog["lines"] / rsyslog["seconds"]
+            print(f"rsyslog imfile -> omfile         : {rsyslog_rate:>9,.0f} lines/s  peak RSS {rsyslog['rss_mb']:.0f} MB")
+        else:
+            print("rsyslogd not found (apt-get install rsyslog): no baseline")
+        for batch_size in BATCH_SIZES:
+            shepard = run_shepard(data_dir, root / f"shepard-{batch_size}", ids, batch_size)
+            assert shepard["lines"] == args.n, shepard
+            rate = shepard["lines"] / shepard["seconds"]
+            ratio = f"  ratio {rate / rsyslog_rate:.2f}" if rsyslog_rate else ""
+            print(
+                f"shepard file sink, batch_size {batch_size:<5}: {rate:>9,.0f} lines/s  "
+                f"peak RSS {shepard['rss_mb']:.0f} MB{ratio}"
+            )
+        print(f"targets: ratio >= 1.0, peak RSS < {TARGET_RSS_MB} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -44,9 +44,8 @@ def write_logs(data_dir: Path, lines: int, files: int) -> list[str]:
         logs.mkdir(parents=True)
         count = lines // files + (1 if n < lines % files else 0)
         with (logs / "server.stdout.0").open("w") as f:
-            f.writelines(
-                f"2026-11-30T04:00:00.{i:06d}Z INFO req={i} {' '.join(rng.sample(words, 4))}\n" for i in range(count)
-            )
+            for i in range(count):
+                f.write(f"2026-11-30T04:00:00.{i:06d}Z INFO req={i} {' '.join(rng.sample(words, 4))}\n")
     return ids
 
 
@@ -56,11 +55,11 @@ from shepard_lib.config import LogShippingConfig, default_config
 from shepard_lib.logship import LogShipper
 from shepard_lib.model import Allocation
 
-data_dir, out, checkpoints, ids, batch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(","), sys.argv[5]
+data_dir, out, checkpoints, ids, batch = sys.argv[1:]
 allocs = [
     Allocation(id=i, name=f"web.app[{n}]", namespace="default", node_id="x", node_name="n1", job_id="web",
                task_group="app", client_status="running", desired_status="run", index=n)
-    for n, i in enumerate(ids)
+    for n, i in enumerate(ids.split(","))
 ]
 cfg = dataclasses.replace(
     default_config(), nomad_data_dir=data_dir,
@@ -160,7 +159,8 @@ def main() -> None:
             rsyslog_dir.mkdir()
             rsyslog = run_rsyslog(data_dir, rsyslog_dir, args.n)
             rsyslog_rate = rsyslog["lines"] / rsyslog["seconds"]
-            print(f"rsyslog imfile -> omfile         : {rsyslog_rate:>9,.0f} lines/s  peak RSS {rsyslog['rss_mb']:.0f} MB")
+            rss = rsyslog["rss_mb"]
+            print(f"rsyslog imfile -> omfile         : {rsyslog_rate:>9,.0f} lines/s  peak RSS {rss:.0f} MB")
         else:
             print("rsyslogd not found (apt-get install rsyslog): no baseline")
         for batch_size in BATCH_SIZES:

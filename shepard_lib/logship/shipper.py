@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import tenacity
@@ -145,27 +146,29 @@ class LogShipper:
         report = SinkReport(sink.name)
         size, max_bytes = self._shipping.batch_size, self._shipping.batch_bytes
         batch, ends = Batch(), dict[tuple[str, str, str], Position]()
-        for n, stream in enumerate(streams):
-            start = self._start(sink.name, stream)
-            reader = StreamReader(stream, start, self._shipping.max_line_bytes)
-            try:
-                while True:
-                    room = size - len(batch.lines), max_bytes - batch.size
-                    taken, taken_bytes = reader.take(*room, batch.lines)
-                    batch.size += taken_bytes
-                    if reader.position != start:
-                        ends[stream.key] = reader.position
-                    if len(batch.lines) >= size or batch.size >= max_bytes:
-                        if not self._flush(sink, batch, ends, report):
-                            for waiting in streams[n + 1 :]:  # where each would start, for the lag
-                                self._start(sink.name, waiting)
-                            return self._finish(sink, streams, report)
-                        batch, ends = Batch(), {}
-                    elif not taken:
-                        break
-            finally:
-                reader.close()
-        self._flush(sink, batch, ends, report)
+        with _Outbox(self, sink, report) as outbox:
+            for n, stream in enumerate(streams):
+                start = self._start(sink.name, stream)
+                reader = StreamReader(stream, start, self._shipping.max_line_bytes)
+                try:
+                    while True:
+                        room = size - len(batch.lines), max_bytes - batch.size
+                        taken, taken_bytes = reader.take(*room, batch.lines)
+                        batch.size += taken_bytes
+                        if reader.position != start:
+                            ends[stream.key] = reader.position
+                        if len(batch.lines) >= size or batch.size >= max_bytes:
+                            if not outbox.put(batch, ends):
+                                for waiting in streams[n + 1 :]:  # where each would start, for the lag
+                                    self._start(sink.name, waiting)
+                                return self._finish(sink, streams, report)
+                            batch, ends = Batch(), {}
+                        elif not taken:
+                            break
+                finally:
+                    reader.close()
+            if outbox.put(batch, ends):
+                outbox.put(Batch(), {})  # waits for the last batch
         return self._finish(sink, streams, report)
 
     def _finish(self, sink: Sink, streams: list[Stream], report: SinkReport) -> SinkReport:
@@ -178,30 +181,30 @@ class LogShipper:
         self.metrics.set("lag_bytes", sink.name, lag)
         return report
 
-    def _flush(
-        self, sink: Sink, batch: Batch, ends: dict[tuple[str, str, str], Position], report: SinkReport
-    ) -> bool:
-        """Send ``batch`` and move the checkpoints to ``ends``; False when the sink stayed down."""
-        if batch.lines:
-            try:
-                self._send(sink, batch)
-            except SinkRejected as exc:
-                log.error("log shipping: %s; %d lines skipped", exc, len(batch.lines))
-                self.metrics.add("rejected_lines", sink.name, len(batch.lines))
-            except SinkError as exc:
-                log.warning("log shipping: %s; %s waits at its checkpoint for the next round", exc, sink.name)
-                report.error = str(exc)
-                return False
-            else:
-                report.lines += len(batch.lines)
-                report.bytes += batch.size
-                self.metrics.add("lines_shipped", sink.name, len(batch.lines))
-                self.metrics.add("bytes_shipped", sink.name, batch.size)
+    def _delivered(self, sink: Sink, batch: Batch, outcome: BaseException | None, report: SinkReport) -> bool:
+        """Account for a sent batch; False when the sink stayed down (its checkpoints stay)."""
+        if isinstance(outcome, SinkRejected):
+            log.error("log shipping: %s; %d lines skipped", outcome, len(batch.lines))
+            self.metrics.add("rejected_lines", sink.name, len(batch.lines))
+        elif isinstance(outcome, SinkError):
+            log.warning("log shipping: %s; %s waits at its checkpoint for the next round", outcome, sink.name)
+            report.error = str(outcome)
+            return False
+        elif outcome is not None:
+            raise outcome
+        else:
+            report.lines += len(batch.lines)
+            report.bytes += batch.size
+            self.metrics.add("lines_shipped", sink.name, len(batch.lines))
+            self.metrics.add("bytes_shipped", sink.name, batch.size)
+        return True
+
+    def _commit(self, sink: Sink, ends: dict[tuple[str, str, str], Position]) -> None:
+        """Move ``sink``'s checkpoints to ``ends`` and persist them."""
         if ends:
             for key, position in ends.items():
                 self._checkpoints.set(sink.name, key, position)
             self._checkpoints.save()
-        return True
 
     def _send(self, sink: Sink, batch: Batch) -> None:
         def attempt() -> None:
@@ -320,3 +323,39 @@ def _find_newline(file: object, offset: int, limit: int) -> int | None:
     except FileNotFoundError:
         return None
     return None if found < 0 else offset + found
+
+
+class _Outbox:
+    """Sends a sink's batches from one worker thread, so that reading the next batch (and saving the
+    checkpoints of the previous one) overlaps the sink's I/O. At most one batch is in flight, and
+    checkpoints move in order, only past batches the sink took: a crash repeats at most one batch.
+    """
+
+    def __init__(self, shipper: LogShipper, sink: Sink, report: SinkReport) -> None:
+        self._shipper = shipper
+        self._sink = sink
+        self._report = report
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"logship-{sink.name}")
+        self._in_flight: tuple[Future[None], Batch, dict[tuple[str, str, str], Position]] | None = None
+
+    def __enter__(self) -> _Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)
+
+    def put(self, batch: Batch, ends: dict[tuple[str, str, str], Position]) -> bool:
+        """Wait for the batch in flight, then send ``batch`` (moving the checkpoints to ``ends`` once
+        it is taken). False, sending nothing, when the batch in flight failed."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            future, sent, sent_ends = previous
+            if not self._shipper._delivered(self._sink, sent, future.exception(), self._report):
+                return False
+        if batch.lines:
+            self._in_flight = (self._pool.submit(self._shipper._send, self._sink, batch), batch, ends)
+        if previous is not None:
+            self._shipper._commit(self._sink, sent_ends)
+        if not batch.lines:
+            self._shipper._commit(self._sink, ends)
+        return True

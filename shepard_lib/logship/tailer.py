@@ -142,6 +142,9 @@ class Line(NamedTuple):
     cut: bool
 
 
+_new = tuple.__new__  # builds a Line without the Python-level __new__ of NamedTuple (hot path)
+
+
 class StreamReader:
     """Complete lines of ``stream`` from ``position`` on, as far as the listed files go.
 
@@ -186,11 +189,11 @@ class StreamReader:
             while lines < max_lines and size < max_bytes:
                 end = buf.find(b"\n", start, start + max_line + 1)
                 if end >= 0:
-                    out.append(Line(stream, index, offset, buf[start:end], False))
+                    out.append(_new(Line, (stream, index, offset, buf[start:end], False)))
                     nxt = end + 1
                 elif len(buf) - start > max_line:
                     end = nxt = start + max_line
-                    out.append(Line(stream, index, offset, buf[start:end], True))
+                    out.append(_new(Line, (stream, index, offset, buf[start:end], True)))
                 else:
                     break
                 lines += 1

@@ -186,6 +186,18 @@ class StreamReader:
             buf, carry, base, current = self._buf, self._carry, self._base, self._file.index
             index, offset = self.position.index, self.position.offset
             start = 0
+            if not carry:  # fast path: split the complete lines at once (offsets are base + i)
+                last = buf.rfind(b"\n")
+                for piece in buf[:last].split(b"\n") if last > 0 else ():
+                    length = len(piece)
+                    if length > max_line or lines >= max_lines or size >= max_bytes:
+                        break
+                    out.append(_new(Line, (stream, current, base + start, piece, False)))
+                    lines += 1
+                    size += length
+                    start += length + 1
+                offset = base + start
+            # one line at a time: a line carried over from the previous file, cut lines, the rest
             while lines < max_lines and size < max_bytes:
                 end = buf.find(b"\n", start, start + max_line + 1)
                 if end >= 0:

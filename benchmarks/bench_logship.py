@@ -6,14 +6,16 @@ server.stdout.0`` under a fresh data dir), then, in the same run:
 * Shepard: ``LogShipper(cfg, source).ship_once()`` with the ``file`` sink and the default batch
   settings, in a child process (so its peak RSS is its own), records as JSON lines with every tag;
 * rsyslog: ``rsyslogd -n`` with ``module(load="imfile" mode="inotify")`` reading the same 50 files
-  (a wildcard input, ``addMetadata``) and ``omfile`` writing JSON lines (message, file name and
-  constant tags), timed from start until the output holds N lines; its peak RSS is ``VmHWM``.
+  (a wildcard input, ``addMetadata``) and ``omfile`` writing the same JSON records (the tags as
+  constants, file name and offset from imfile's metadata), and with ``--rsyslog-sync`` also with
+  ``sync="on"`` (fsync per batch, as Shepard does), timed from start until the output holds N
+  lines; peak RSS is ``VmHWM``.
 
-Prints lines/s, peak RSS and the ratio Shepard/rsyslog. Targets (issue 16): at least as fast as
-imfile and under 100 MB RSS. Shepard fsyncs the output and its checkpoints after every batch;
-omfile does not fsync. Asserts nothing about timing.
+Prints lines/s, peak RSS, bytes per record and the ratios Shepard/rsyslog. Targets (issue 16): at
+least as fast as imfile and under 100 MB RSS. Shepard fsyncs the output and its checkpoints after
+every batch. Asserts nothing about timing.
 
-    python benchmarks/bench_logship.py [-n 1000000] [--files 50]
+    python benchmarks/bench_logship.py [-n 1000000] [--files 50] [--rsyslog-sync]
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def write_logs(data_dir: Path, lines: int, files: int) -> list[str]:
 
 
 SHEPARD_CHILD = """
-import dataclasses, json, resource, sys, time
+import dataclasses, json, os, resource, sys, time
 from shepard_lib.config import LogShippingConfig, default_config
 from shepard_lib.logship import LogShipper
 from shepard_lib.model import Allocation
@@ -72,7 +74,7 @@ start = time.perf_counter()
 report = shipper.ship_once()
 elapsed = time.perf_counter() - start
 shipper.close()
-print(json.dumps({"lines": report.sinks[0].lines, "seconds": elapsed,
+print(json.dumps({"lines": report.sinks[0].lines, "seconds": elapsed, "bytes": os.path.getsize(out),
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -93,28 +95,49 @@ RSYSLOG_CONFIG = """\
 global(workDirectory="{work}")
 module(load="imfile" mode="inotify")
 template(name="json" type="list") {{
-  constant(value="{{\\"@timestamp\\":\\"")
+  constant(value="{{\\"@timestamp\\": \\"")
   property(name="timegenerated" dateFormat="rfc3339")
-  constant(value="\\",\\"nomad.job.name\\":\\"web\\",\\"nomad.task.name\\":\\"server\\",\\"stream\\":\\"stdout\\"")
-  constant(value=",\\"log.file.path\\":\\"")
+  constant(value="\\", {tags}, \\"log.file.path\\": \\"")
   property(name="$!metadata!filename" format="json")
-  constant(value="\\",\\"message\\":\\"")
+  constant(value="\\", \\"log.offset\\": ")
+  property(name="$!metadata!fileoffset")
+  constant(value=", \\"message\\": \\"")
   property(name="msg" format="json")
   constant(value="\\"}}\\n")
 }}
-ruleset(name="ship") {{ action(type="omfile" file="{out}" template="json") }}
+ruleset(name="ship") {{ action(type="omfile" file="{out}" template="json" sync="{sync}") }}
 input(type="imfile" file="{data_dir}/alloc/*/alloc/logs/server.stdout.0" tag="task" addMetadata="on"
       ruleset="ship")
 """
+"""rsyslog writes the same JSON records as Shepard: the tags are constants (imfile cannot know an
+allocation's), the file name and offset come from imfile's metadata. ``sync="on"`` makes omfile
+fsync after each batch, as Shepard does."""
+
+TAGS = {
+    "nomad.allocation.id": "00000000-0000-4000-8000-000000000000",
+    "nomad.allocation.name": "web.app[0]",
+    "nomad.job.name": "web",
+    "nomad.task.name": "server",
+    "nomad.namespace": "default",
+    "nomad.datacenter": "dc1",
+    "nomad.group.name": "app",
+    "nomad.allocation.index": "0",
+    "nomad.node.name": "n1",
+    "stream": "stdout",
+}
 
 
-def run_rsyslog(data_dir: Path, work: Path, lines: int) -> dict[str, float]:
+def run_rsyslog(data_dir: Path, work: Path, lines: int, sync: bool) -> dict[str, float]:
     """Lines/s and peak RSS of rsyslogd's imfile shipping the same files to omfile."""
+    work.mkdir()
     state = work / "rsyslog"
     state.mkdir()
     out = work / "rsyslog.jsonl"
     conf = state / "rsyslog.conf"
-    conf.write_text(RSYSLOG_CONFIG.format(work=state, out=out, data_dir=data_dir))
+    tags = json.dumps(TAGS)[1:-1].replace('"', '\\"')
+    conf.write_text(
+        RSYSLOG_CONFIG.format(work=state, out=out, data_dir=data_dir, tags=tags, sync="on" if sync else "off")
+    )
     subprocess.run([RSYSLOGD, "-N1", "-f", str(conf)], check=True, capture_output=True)
     start = time.perf_counter()
     process = subprocess.Popen([RSYSLOGD, "-n", "-f", str(conf), "-i", str(state / "pid")])
@@ -139,13 +162,16 @@ def run_rsyslog(data_dir: Path, work: Path, lines: int) -> dict[str, float]:
     finally:
         process.terminate()
         process.wait(timeout=60)
-    return {"lines": seen, "seconds": elapsed, "rss_mb": rss_kb / 1024}
+    return {"lines": seen, "seconds": elapsed, "rss_mb": rss_kb / 1024, "bytes": out.stat().st_size}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=1_000_000, help="lines in all (default 1,000,000)")
     parser.add_argument("--files", type=int, default=50, help="log files (default 50)")
+    parser.add_argument(
+        "--rsyslog-sync", action="store_true", help="also time omfile with sync=on (slow: use -n 100000)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-logship-") as tmp:
         root = Path(tmp)
@@ -153,25 +179,24 @@ def main() -> None:
         ids = write_logs(data_dir, args.n, args.files)
         size = sum(p.stat().st_size for p in data_dir.rglob("server.stdout.0"))
         print(f"{args.n} lines, {size / 1e6:.0f} MB in {args.files} files")
-        rsyslog_rate = 0.0
+        rates = {}
         if Path(RSYSLOGD).exists():
-            rsyslog_dir = root / "rsyslog-run"
-            rsyslog_dir.mkdir()
-            rsyslog = run_rsyslog(data_dir, rsyslog_dir, args.n)
-            rsyslog_rate = rsyslog["lines"] / rsyslog["seconds"]
-            rss = rsyslog["rss_mb"]
-            print(f"rsyslog imfile -> omfile         : {rsyslog_rate:>9,.0f} lines/s  peak RSS {rss:.0f} MB")
+            for sync in (False, True) if args.rsyslog_sync else (False,):
+                name = f"rsyslog imfile -> omfile sync={'on' if sync else 'off'}"
+                rsyslog = run_rsyslog(data_dir, root / f"rsyslog-{sync}", args.n, sync)
+                rates[sync] = rsyslog["lines"] / rsyslog["seconds"]
+                print(f"{name:<38}: {rates[sync]:>9,.0f} lines/s  peak RSS {rsyslog['rss_mb']:>3.0f} MB  "
+                      f"{rsyslog['bytes'] / args.n:.0f} B/record")
         else:
             print("rsyslogd not found (apt-get install rsyslog): no baseline")
         for batch_size in BATCH_SIZES:
             shepard = run_shepard(data_dir, root / f"shepard-{batch_size}", ids, batch_size)
             assert shepard["lines"] == args.n, shepard
             rate = shepard["lines"] / shepard["seconds"]
-            ratio = f"  ratio {rate / rsyslog_rate:.2f}" if rsyslog_rate else ""
-            print(
-                f"shepard file sink, batch_size {batch_size:<5}: {rate:>9,.0f} lines/s  "
-                f"peak RSS {shepard['rss_mb']:.0f} MB{ratio}"
-            )
+            ratios = "  ".join(f"vs sync={'on' if k else 'off'}: {rate / v:.2f}" for k, v in rates.items())
+            name = f"shepard file sink batch_size={batch_size}"
+            print(f"{name:<38}: {rate:>9,.0f} lines/s  peak RSS {shepard['rss_mb']:>3.0f} MB  "
+                  f"{shepard['bytes'] / args.n:.0f} B/record  ratio {ratios}")
         print(f"targets: ratio >= 1.0, peak RSS < {TARGET_RSS_MB} MB")
 
 

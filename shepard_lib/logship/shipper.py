@@ -5,7 +5,7 @@
 checkpoint, fills a batch (``batch_size`` lines or ``batch_bytes`` bytes, whichever comes first),
 sends it (retrying with exponential backoff), and only then moves the sink's checkpoints and
 persists them. A sink that stays down is left at its checkpoint until the next round: its reading
-pauses, memory stays at one batch, and the other sinks go on. Nothing is dropped but what
+pauses, memory stays at two batches (one in flight), and the other sinks go on. Nothing is dropped but what
 ``buffer_limit`` forces (counted as ``dropped_lines``), what a sink refuses for good (counted as
 ``rejected_lines``), and what Nomad deletes before it was shipped (counted as ``fell_behind``).
 """

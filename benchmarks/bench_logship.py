@@ -15,7 +15,7 @@ Prints lines/s, peak RSS, bytes per record and the ratios Shepard/rsyslog. Targe
 least as fast as imfile and under 100 MB RSS. Shepard fsyncs the output and its checkpoints after
 every batch. Asserts nothing about timing.
 
-    python benchmarks/bench_logship.py [-n 1000000] [--files 50] [--rsyslog-sync]
+    python benchmarks/bench_logship.py [-n 1000000] [--files 50] [--repeat 3] [--rsyslog-sync]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import argparse
 import json
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,35 +170,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=1_000_000, help="lines in all (default 1,000,000)")
     parser.add_argument("--files", type=int, default=50, help="log files (default 50)")
+    parser.add_argument("--repeat", type=int, default=1, help="alternate the runs this many times; medians")
     parser.add_argument(
         "--rsyslog-sync", action="store_true", help="also time omfile with sync=on (slow: use -n 100000)"
     )
     args = parser.parse_args()
+    have_rsyslog = Path(RSYSLOGD).exists()
+    if not have_rsyslog:
+        print("rsyslogd not found (apt-get install rsyslog): no baseline")
+    runs: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-logship-") as tmp:
         root = Path(tmp)
         data_dir = root / "data"
         ids = write_logs(data_dir, args.n, args.files)
         size = sum(p.stat().st_size for p in data_dir.rglob("server.stdout.0"))
-        print(f"{args.n} lines, {size / 1e6:.0f} MB in {args.files} files")
-        rates = {}
-        if Path(RSYSLOGD).exists():
-            for sync in (False, True) if args.rsyslog_sync else (False,):
+        print(f"{args.n} lines, {size / 1e6:.0f} MB in {args.files} files, {args.repeat} alternating run(s)")
+        for r in range(args.repeat):  # alternate, so that load from elsewhere hits every contender alike
+            for sync in ((False, True) if args.rsyslog_sync else (False,)) if have_rsyslog else ():
                 name = f"rsyslog imfile -> omfile sync={'on' if sync else 'off'}"
-                rsyslog = run_rsyslog(data_dir, root / f"rsyslog-{sync}", args.n, sync)
-                rates[sync] = rsyslog["lines"] / rsyslog["seconds"]
-                print(f"{name:<38}: {rates[sync]:>9,.0f} lines/s  peak RSS {rsyslog['rss_mb']:>3.0f} MB  "
-                      f"{rsyslog['bytes'] / args.n:.0f} B/record")
-        else:
-            print("rsyslogd not found (apt-get install rsyslog): no baseline")
-        for batch_size in BATCH_SIZES:
-            shepard = run_shepard(data_dir, root / f"shepard-{batch_size}", ids, batch_size)
-            assert shepard["lines"] == args.n, shepard
-            rate = shepard["lines"] / shepard["seconds"]
-            ratios = "  ".join(f"vs sync={'on' if k else 'off'}: {rate / v:.2f}" for k, v in rates.items())
-            name = f"shepard file sink batch_size={batch_size}"
-            print(f"{name:<38}: {rate:>9,.0f} lines/s  peak RSS {shepard['rss_mb']:>3.0f} MB  "
-                  f"{shepard['bytes'] / args.n:.0f} B/record  ratio {ratios}")
-        print(f"targets: ratio >= 1.0, peak RSS < {TARGET_RSS_MB} MB")
+                result = run_rsyslog(data_dir, root / f"rsyslog-{sync}-{r}", args.n, sync)
+                runs.setdefault(name, []).append(result)
+            for batch_size in BATCH_SIZES:
+                shepard = run_shepard(data_dir, root / f"shepard-{batch_size}-{r}", ids, batch_size)
+                assert shepard["lines"] == args.n, shepard
+                runs.setdefault(f"shepard file sink batch_size={batch_size}", []).append(shepard)
+    rates = {name: statistics.median(x["lines"] / x["seconds"] for x in got) for name, got in runs.items()}
+    baselines = {name: rate for name, rate in rates.items() if name.startswith("rsyslog")}
+    for name, results in runs.items():
+        rss = max(x["rss_mb"] for x in results)
+        per_record = results[0]["bytes"] / args.n
+        line = f"{name:<38}: {rates[name]:>9,.0f} lines/s  peak RSS {rss:>3.0f} MB  {per_record:.0f} B/record"
+        if name.startswith("shepard") and baselines:
+            line += "  ratio " + "  ".join(
+                f"vs {base.split()[-1]}: {rates[name] / rate:.2f}" for base, rate in baselines.items()
+            )
+        print(line)
+    print(f"targets: ratio >= 1.0, peak RSS < {TARGET_RSS_MB} MB")
 
 
 if __name__ == "__main__":

@@ -214,6 +214,7 @@ def test_keys_of_a_node_down_less_than_the_timeout_stay_and_longer_go() -> None:
         "recent": ("down", NOW - 23 * HOUR),
         "old": ("down", NOW - 25 * HOUR),
     }
+    keys = [
         scanned(trigger(node="recent")),
         scanned(KS.node_key("recent")),
         scanned(trigger(node="old")),

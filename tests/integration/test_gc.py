@@ -9,6 +9,8 @@ of nodes and jobs that cannot exist there are collected). The others use the sim
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import threading
 import uuid
@@ -26,6 +28,7 @@ from shepard_lib.clock import Clock
 from shepard_lib.config import ConsulConfig, NomadConfig, ShepardConfig, default_config
 from shepard_lib.gc import GCReport, GCScope, Rule, SkipReason, collect_garbage
 from shepard_lib.keyspace import Keyspace, TaskRef, TaskScope
+from shepard_lib.logsetup import ShepardHandler
 from shepard_lib.model import KVEntry, TxnOp, TxnResult
 from shepard_lib.plan import MemberSpec, PlanSettings, claim, finish, new_plan, register
 from shepard_lib.session import Session
@@ -421,3 +424,60 @@ def test_one_pass_reads_each_source_once_and_deletes_64_keys_per_request(
     assert kv.get("PUT") == 2, kv  # the leader lock: acquire and release
     nomad = {k: v - before.get(k, 0) for k, v in sim.nomad.request_counts().items() if v != before.get(k, 0)}
     assert nomad == {"GET /v1/nodes": 1, "GET /v1/jobs": 1, "GET /v1/allocations": 1}
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def config_file(sim: SimCluster, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A config for the sim; the logging handlers ``shepard`` installs are removed afterwards."""
+    monkeypatch.delenv("SHEPARD_CONFIG_PATH", raising=False)
+    path = tmp_path / "shepard.yaml"
+    path.write_text(
+        f"consul: {{address: '{sim.consul_addr}'}}\nnomad: {{address: '{sim.nomad_addr}'}}\n"
+        f"session_ttl: 10s\ntime_scale: {SCALE}\n",
+        encoding="utf-8",
+    )
+    yield str(path)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, ShepardHandler)]:
+        root.removeHandler(handler)
+
+
+def test_cli_dry_run_then_run_print_by_rule_and_exit_0(
+    simc: Cluster, config_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shepard_lib.cli import main
+
+    keys = _stale_triggers(simc, 2)
+    simc.consul.put("shepard/notes", "x")
+    assert main(["--config", config_file, "gc", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "gc cluster pass (dry run): 3 key(s) scanned, would delete 2, skipped 1, failed 0" in out
+    assert f"would delete (node_gone): 2\n    {keys[0]}: node ghost is not in Nomad" in out
+    assert "skipped (unknown_key): 1\n    shepard/notes" in out
+    assert set(keys) <= set(simc.present())
+
+    assert main(["--config", config_file, "gc", "--output", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] is True and result["deleted_by_rule"] == {"node_gone": 2}
+    assert result["skipped_by_reason"] == {"unknown_key": 1}
+    assert sorted(d["key"] for d in result["deleted"]["node_gone"]) == sorted(keys)
+    assert not set(keys) & set(simc.present())
+
+
+def test_cli_exits_1_when_nomad_cannot_be_asked_and_2_on_usage_errors(
+    simc: Cluster, sim: SimCluster, config_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shepard_lib.cli import main
+
+    _stale_triggers(simc, 1)
+    sim.nomad_faults.known_leader = None
+    try:
+        assert main(["--config", config_file, "gc", "--scope", "cluster"]) == 1
+    finally:
+        sim.nomad_faults.reset()
+    assert "stopped, nothing more deleted" in capsys.readouterr().out
+    assert main(["--config", config_file, "gc", "--scope", "everything"]) == 2
+    assert main(["--config", config_file + ".missing", "gc"]) == 2

@@ -75,7 +75,7 @@ def _cluster(
     consul_cfg: ConsulConfig, nomad_cfg: NomadConfig, clock: Clock, prefix: str, **changes: Any
 ) -> Cluster:
     cfg = dataclasses.replace(
-        default_config(), consul=consul_cfg, nomad=nomad_cfg, key_prefix=prefix, session_ttl=10.0, **changes
+        default_config(), consul=consul_cfg, nomad=nomad_cfg, key_prefix=prefix, session_ttl=60.0, **changes
     )
     return Cluster(ConsulBackend(consul_cfg, clock), NomadBackend(nomad_cfg, clock), clock, cfg)
 
@@ -166,7 +166,7 @@ def test_stale_keys_go_by_rule_while_held_restarting_and_unknown_keys_stay(clust
     unknown = f"{cluster.cfg.key_prefix}/operator-notes"
     cluster.consul.put(unknown, "keep me")
     cluster.consul.put(ks.task_lock_key(held_scope), plan_value(held_scope.job, restarting=True))
-    with Session(cluster.consul, "gc test holder", ttl=10, clock=cluster.clock) as holder:
+    with Session(cluster.consul, "gc test holder", ttl=60, clock=cluster.clock) as holder:
         assert cluster.consul.acquire(ks.slot_key(held_scope, 0), "holder", holder.id)
         assert cluster.consul.acquire(ks.node_key(f"{ghost}-2"), "agent", holder.id)
         report = cluster.gc()

@@ -481,3 +481,44 @@ def test_cli_exits_1_when_nomad_cannot_be_asked_and_2_on_usage_errors(
     assert "stopped, nothing more deleted" in capsys.readouterr().out
     assert main(["--config", config_file, "gc", "--scope", "everything"]) == 2
     assert main(["--config", config_file + ".missing", "gc"]) == 2
+
+
+def test_gc_passes_during_a_rollout_never_restart_a_task_nor_touch_its_plan(
+    simc: Cluster, sim: SimCluster
+) -> None:
+    from shepard_lib.rollout import RollingRestart, RolloutOptions
+
+    stale = _stale_triggers(simc, 5)
+    cfg = dataclasses.replace(simc.cfg, lock_delay=2.0, min_healthy_time=2.0, healthy_deadline=30.0)
+    done = threading.Event()
+    reports: list[GCReport] = []
+
+    def collect_until_done() -> None:
+        while True:  # bounded by the rollout, which ends by its healthy_deadline
+            reports.append(simc.gc())
+            reports.append(simc.gc(scope=GCScope.NODE, node="node-1"))
+            if done.is_set():
+                return
+            sim.clock.sleep(0.5)
+
+    collector = threading.Thread(target=collect_until_done, daemon=True)
+    collector.start()
+    try:
+        result = RollingRestart(simc.consul, simc.nomad, cfg, clock=simc.clock).run("web", RolloutOptions())
+    finally:
+        done.set()
+        collector.join(30)
+    assert result.ok, result.to_dict()
+    restarted = [(r.alloc_id, r.task) for r in sim.restarts()]
+    assert sorted(restarted) == sorted((a.id, "server") for a in sim.nomad.allocations("web")), (
+        "each allocation restarted exactly once: no GC delete re-rendered a live trigger"
+    )
+    assert reports and all(r.ok for r in reports), [r.to_dict() for r in reports if not r.ok]
+    deleted = {d.key for r in reports for d in r.deleted}
+    assert deleted == set(stale)
+    live = {
+        simc.keys.trigger_key(TaskRef(a.node.name, "web", "app", "server", a.index))
+        for a in sim.nomad.allocations("web")
+    }
+    assert live <= set(simc.present()), "the rollout's trigger keys are all still there"
+    assert simc.keys.task_lock_key(TaskScope("web", "app", "server")) in simc.present()

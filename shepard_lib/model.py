@@ -172,6 +172,17 @@ class Template:
     dest_path: str
     change_mode: str = "restart"
     embedded_tmpl: str = ""
+    source_path: str = ""
+    splay: float = 0.0  # seconds
+
+
+@dataclass(frozen=True)
+class Service:
+    """A ``service`` block: its name, its ``provider`` (``consul`` or ``nomad``) and its number of checks."""
+
+    name: str
+    provider: str = "consul"
+    checks: int = 0
 
 
 @dataclass(frozen=True)
@@ -183,6 +194,7 @@ class Task:
     meta: dict[str, str] = field(default_factory=dict)
     templates: tuple[Template, ...] = ()
     services: tuple[str, ...] = ()
+    service_blocks: tuple[Service, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -194,6 +206,7 @@ class TaskGroup:
     meta: dict[str, str] = field(default_factory=dict)
     tasks: tuple[Task, ...] = ()
     services: tuple[str, ...] = ()
+    service_blocks: tuple[Service, ...] = ()
 
     def task(self, name: str) -> Task | None:
         """The task called ``name``, or None."""

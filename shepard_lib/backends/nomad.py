@@ -38,6 +38,7 @@ from shepard_lib.model import (
     JobStub,
     Listing,
     NodeInfo,
+    Service,
     Task,
     TaskGroup,
     TaskState,
@@ -158,6 +159,17 @@ def _service_names(services: Any) -> tuple[str, ...]:
     return tuple(s.get("Name") or "" for s in services or [])
 
 
+def _service_blocks(services: Any) -> tuple[Service, ...]:
+    return tuple(
+        Service(
+            name=s.get("Name") or "",
+            provider=s.get("Provider") or "consul",
+            checks=len(s.get("Checks") or []),
+        )
+        for s in services or []
+    )
+
+
 def _task(data: dict[str, Any]) -> Task:
     return Task(
         name=data["Name"],
@@ -168,10 +180,13 @@ def _task(data: dict[str, Any]) -> Task:
                 dest_path=t.get("DestPath") or "",
                 change_mode=t.get("ChangeMode") or "restart",
                 embedded_tmpl=t.get("EmbeddedTmpl") or "",
+                source_path=t.get("SourcePath") or "",
+                splay=(t.get("Splay") or 0) / 1e9,
             )
             for t in data.get("Templates") or []
         ),
         services=_service_names(data.get("Services")),
+        service_blocks=_service_blocks(data.get("Services")),
     )
 
 
@@ -190,6 +205,7 @@ def parse_job(data: dict[str, Any]) -> Job:
                 meta=_meta(g.get("Meta")),
                 tasks=tuple(_task(t) for t in g.get("Tasks") or []),
                 services=_service_names(g.get("Services")),
+                service_blocks=_service_blocks(g.get("Services")),
             )
             for g in data.get("TaskGroups") or []
         ),

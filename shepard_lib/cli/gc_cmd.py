@@ -13,6 +13,7 @@ import json
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.clock import Clock
+from shepard_lib.errors import ConfigError
 from shepard_lib.gc import GCReport, GCScope, collect_garbage
 
 
@@ -40,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _gc(args: argparse.Namespace) -> int:
     from shepard_lib.cli import load_config_from_args
 
+    if args.node is not None and args.scope != GCScope.NODE.value:
+        raise ConfigError("--node names the node of --scope node; the cluster pass covers every node")
     cfg = load_config_from_args(args)
     clock = Clock(cfg.time_scale)
     consul, nomad = ConsulBackend(cfg.consul, clock), NomadBackend(cfg.nomad, clock)

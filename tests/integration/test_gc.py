@@ -466,6 +466,18 @@ def test_cli_dry_run_then_run_print_by_rule_and_exit_0(
     assert sorted(d["key"] for d in result["deleted"]["node_gone"]) == sorted(keys)
     assert not set(keys) & set(simc.present())
 
+    stale = simc.keys.trigger_key(TaskRef("node-1", "web", "app", "server", 5))
+    simc.consul.put(stale, "x")
+    assert (
+        main(["--config", config_file, "gc", "--scope", "node", "--node", "node-1", "--output", "json"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert (result["scope"], result["node"], result["deleted_by_rule"]) == (
+        "node",
+        "node-1",
+        {"alloc_gone": 1},
+    )
+
 
 def test_cli_exits_1_when_nomad_cannot_be_asked_and_2_on_usage_errors(
     simc: Cluster, sim: SimCluster, config_file: str, capsys: pytest.CaptureFixture[str]
@@ -480,6 +492,8 @@ def test_cli_exits_1_when_nomad_cannot_be_asked_and_2_on_usage_errors(
         sim.nomad_faults.reset()
     assert "stopped, nothing more deleted" in capsys.readouterr().out
     assert main(["--config", config_file, "gc", "--scope", "everything"]) == 2
+    assert main(["--config", config_file, "gc", "--node", "node-1"]) == 2
+    assert "--node names the node of --scope node" in capsys.readouterr().err
     assert main(["--config", config_file + ".missing", "gc"]) == 2
 
 

@@ -26,6 +26,7 @@ from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.clock import Clock
 from shepard_lib.config import ConsulConfig, NomadConfig, ShepardConfig, default_config
+from shepard_lib.errors import ConsulError
 from shepard_lib.gc import GCReport, GCScope, Rule, SkipReason, collect_garbage
 from shepard_lib.keyspace import Keyspace, TaskRef, TaskScope
 from shepard_lib.logsetup import ShepardHandler
@@ -536,3 +537,33 @@ def test_gc_passes_during_a_rollout_never_restart_a_task_nor_touch_its_plan(
     }
     assert live <= set(simc.present()), "the rollout's trigger keys are all still there"
     assert simc.keys.task_lock_key(TaskScope("web", "app", "server")) in simc.present()
+
+
+class LoseTxnAnswers(RewriteAfterScan):
+    """After the scan another writer updates ``key``; the answers of the first ``lost`` txns are lost."""
+
+    def __init__(self, consul: ConsulBackend, key: str, lost: int) -> None:
+        super().__init__(consul, key)
+        self.lost = lost
+        self.txns = 0
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        self.txns += 1
+        result = self._consul.txn(ops)  # applied by Consul...
+        if self.txns <= self.lost:
+            raise ConsulError("txn", "read timed out")  # ...but the answer never arrives
+        return result
+
+
+def test_lost_txn_answers_are_retried_without_ever_deleting_a_rewritten_key(simc: Cluster) -> None:
+    stale = _stale_triggers(simc, 130)  # three transactions
+    rewritten = stale[70]
+    consul = LoseTxnAnswers(simc.consul, rewritten, lost=2)
+    report = simc.gc(consul)  # type: ignore[arg-type]
+    assert report.ok, report.to_dict()
+    assert consul.txns == 6, "batch 1 sent three times, batch 2 twice (without the changed key), batch 3 once"
+    assert by_reason(report) == {rewritten: SkipReason.CHANGED}
+    assert {d.key for d in report.deleted} == set(stale) - {rewritten}
+    entry = simc.consul.get(rewritten)
+    assert entry is not None and entry.value == b"written after the scan"
+    assert set(stale) & set(simc.present()) == {rewritten}

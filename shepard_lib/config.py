@@ -802,7 +802,7 @@ def _cross_checks(data: Mapping[str, Any]) -> Iterator[str]:
             f"got {format_go_duration(deadline)}"
         )
     shipping = data.get("log_shipping", {})
-    if shipping.get("enabled") and LogSink.HTTP in shipping.get("sink", ()) and "http_url" not in shipping:
+    if LogSink.HTTP in shipping.get("sink", ()) and "http_url" not in shipping:
         yield "log_shipping.http_url: required when log_shipping.sink includes http"
 
 

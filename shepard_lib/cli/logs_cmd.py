@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="ship new task log lines of this node's allocations to the configured sinks",
         description="Ship the new complete lines of this node's task logs (alloc/<id>/alloc/logs under "
         "nomad_data_dir) to the sinks of log_shipping, every ship_log_interval, or once with --once "
-        "(for cron or testing). Exit 0 when every sink took everything, 1 when a sink stayed down.",
+        "(for cron or testing), whether or not log_shipping.enabled (which switches the agent's shipping) is "
+        "set. Exit 0 when every sink took everything, 1 when a sink stayed down.",
     )
     ship.add_argument("--once", action="store_true", help="ship one round and exit")
     ship.add_argument(

@@ -26,7 +26,7 @@ from shepard_lib.logship.metrics import ShipperMetrics
 from shepard_lib.logship.records import Batch
 from shepard_lib.logship.sinks import Sink, SinkError, SinkRejected, build_sinks
 from shepard_lib.logship.tags import AllocationLogs
-from shepard_lib.logship.tailer import Position, Stream, StreamReader, end_position, list_streams
+from shepard_lib.logship.tailer import LogFile, Position, Stream, StreamReader, end_position, list_streams
 from shepard_lib.model import Allocation
 
 __all__ = ["AllocationsSource", "LogShipper", "RetryPolicy", "ShipReport", "SinkReport"]
@@ -310,11 +310,9 @@ def _count_newlines(path: str, offset: int, length: int) -> int:
     return count
 
 
-def _find_newline(file: object, offset: int, limit: int) -> int | None:
+def _find_newline(file: LogFile | None, offset: int, limit: int) -> int | None:
     """The offset of the first newline at or after ``offset`` within ``limit`` bytes, or None."""
-    from shepard_lib.logship.tailer import LogFile
-
-    if not isinstance(file, LogFile) or offset < 0:
+    if file is None or offset < 0:
         return None
     try:
         with open(file.path, "rb") as f:

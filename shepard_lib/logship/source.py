@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from shepard_lib.backends import NomadAPI
 from shepard_lib.errors import ConfigError, NomadError, NotFound
 from shepard_lib.model import Allocation, NodeInfo
@@ -46,5 +48,9 @@ class NodeAllocations:
         return self.resolve().datacenter
 
     def __call__(self) -> list[Allocation]:
-        """The allocations on the node now."""
-        return self._nomad.node_allocations(self.resolve().id)
+        """The allocations on the node now (named after the node where Nomad leaves the name out)."""
+        node = self.resolve()
+        return [
+            a if a.node_name else dataclasses.replace(a, node_name=node.name)
+            for a in self._nomad.node_allocations(node.id)
+        ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 import threading
 import tracemalloc
 import warnings
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from logship_support import MemorySink, Node, allocation, config
 from support import Background
 
@@ -353,3 +356,48 @@ def test_a_rejected_batch_is_counted_and_skipped(tmp_path: Path) -> None:
     assert [json.loads(r)["message"] for r in out.read_bytes().splitlines()] == ["taken"]
     assert shipper.metrics.value("rejected_lines", "http") == 1
     assert shipper.metrics.value("errors", "http") == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chunks=st.lists(
+        st.tuples(st.binary(max_size=120).map(lambda b: b.replace(b"\r", b"")), st.booleans()), max_size=25
+    ),
+    max_file_size=st.integers(min_value=5, max_value=200),
+    max_line=st.integers(min_value=256, max_value=300),
+    batch_size=st.integers(min_value=1, max_value=9),
+)
+def test_whatever_logmon_writes_the_shipped_records_rebuild_it_exactly(
+    chunks: list[tuple[bytes, bool]], max_file_size: int, max_line: int, batch_size: int
+) -> None:
+    """Records (a newline after each uncut one) rebuild the written bytes up to the last complete or cut
+    line; each record's file and offset point at its first byte."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        node = Node(root, max_file_size=max_file_size, max_files=10_000)
+        alloc = node.add(allocation(0))
+        cfg = config(root, node, max_line_bytes=max_line, batch_size=batch_size)
+        written = b""
+        pieces: list[tuple[int, int, bytes, bool]] = []
+
+        class Recording(MemorySink):
+            def send(self, batch: Any) -> None:
+                pieces.extend((line.file, line.offset, line.data, line.cut) for line in batch.lines)
+
+        shipper = LogShipper(cfg, node, sinks=[Recording()], retry=NO_WAIT)
+        for data, ship in chunks:
+            node.write(alloc, data.decode("latin-1"))
+            written += data.decode("latin-1").encode("utf-8")
+            if ship:
+                shipper.ship_once()
+        shipper.ship_once()
+        rebuilt = b"".join(data if cut else data + b"\n" for _, _, data, cut in pieces)
+        assert written.startswith(rebuilt)
+        rest = written[len(rebuilt) :]
+        assert b"\n" not in rest and len(rest) <= max_line, "everything complete was shipped"
+        logs = node.logs_dir(alloc)
+        for index, offset, data, _ in pieces:
+            with (logs / f"server.stdout.{index}").open("rb") as f:
+                f.seek(offset)
+                head = f.read(len(data))
+            assert data.startswith(head) and (head or not data), (index, offset, data)

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from logship_support import MemorySink, Node, allocation, config
 from support import Background
 
-from shepard_lib.config import HttpFormat, StartAt
+from shepard_lib.config import HttpFormat, LogSink, StartAt
 from shepard_lib.logship import LogShipper, RetryPolicy
+from shepard_lib.logship.sinks import build_sinks
 from shepard_lib.logship.sinks.http import HttpSink
 from shepard_lib.model import Allocation
 
@@ -401,3 +402,25 @@ def test_whatever_logmon_writes_the_shipped_records_rebuild_it_exactly(
                 f.seek(offset)
                 head = f.read(len(data))
             assert data.startswith(head) and (head or not data), (index, offset, data)
+
+
+def test_each_sink_has_its_own_checkpoints_so_one_down_holds_up_no_other(tmp_path: Path) -> None:
+    node = Node(tmp_path, max_file_size=300)
+    alloc = node.add(allocation(0))
+    down = MemorySink()
+    down.name = "second"
+    cfg = config(tmp_path, node, sink=(LogSink.FILE,), batch_size=10)
+    shipper = LogShipper(cfg, node, sinks=[*build_sinks(cfg.log_shipping), down], retry=NO_WAIT)
+    first = numbered("a", 40)
+    node.write(alloc, text(first))
+    down.down = True
+    report = shipper.ship_once()
+    assert [s.error is None for s in report.sinks] == [True, False]
+    second = numbered("b", 25)
+    node.write(alloc, text(second))
+    down.down = False
+    assert shipper.ship_once().ok
+    shipper.close()
+    out = Path(cfg.log_shipping.path)
+    assert [json.loads(line)["message"] for line in out.read_text().splitlines()] == first + second
+    assert down.lines(alloc) == first + second

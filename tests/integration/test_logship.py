@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import tempfile
 import threading
 import tracemalloc
@@ -20,10 +21,11 @@ from hypothesis import strategies as st
 from logship_support import MemorySink, Node, allocation, config
 from support import Background
 
-from shepard_lib.config import HttpFormat, LogSink, StartAt
+from shepard_lib.config import HttpFormat, LogSink, StartAt, SyslogProtocol
 from shepard_lib.logship import LogShipper, RetryPolicy
 from shepard_lib.logship.sinks import build_sinks
 from shepard_lib.logship.sinks.http import HttpSink
+from shepard_lib.logship.sinks.syslog import SyslogSink
 from shepard_lib.model import Allocation
 
 with warnings.catch_warnings():  # pyinotify imports asyncore, deprecated since Python 3.10
@@ -249,7 +251,7 @@ class _NdjsonServer:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if outer.status == 200:
                     with out.open("ab") as f:
-                        f.write(body)
+                        f.write(body if body.endswith(b"\n") else body + b"\n")
                 self.send_response(outer.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -424,3 +426,61 @@ def test_each_sink_has_its_own_checkpoints_so_one_down_holds_up_no_other(tmp_pat
     out = Path(cfg.log_shipping.path)
     assert [json.loads(line)["message"] for line in out.read_text().splitlines()] == first + second
     assert down.lines(alloc) == first + second
+
+
+def test_loki_push_and_a_tcp_syslog_server_that_comes_up_late(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    alloc = node.add(allocation(0))
+    node.write(alloc, text(numbered("x", 30)))
+    out = tmp_path / "loki.json"
+    loki = _NdjsonServer(out)
+    with socket.socket() as probe:  # a free port nobody listens on yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sinks = [
+        HttpSink(loki.url, HttpFormat.LOKI),
+        SyslogSink(f"127.0.0.1:{port}", SyslogProtocol.TCP, "shepard"),
+    ]
+    shipper = LogShipper(config(tmp_path, node), node, sinks=sinks, retry=NO_WAIT)
+    frames: list[bytes] = []
+    try:
+        report = shipper.ship_once()
+        assert report.sinks[0].error is None and "refused" in str(report.sinks[1].error)
+        with socket.create_server(("127.0.0.1", port)) as server:
+            receiver = Background(lambda: frames.extend(_octet_counted(server, 30)))
+            node.write(alloc, text(numbered("x", 5, start=30)))
+            assert shipper.ship_once().ok
+            receiver.join(timeout=60)
+    finally:
+        shipper.close()
+        loki.close()
+    assert len(frames) == 35 and frames[0].startswith(b"<14>1 ") and b"] x-34 " in frames[-1]
+    pushed = [json.loads(body) for body in out.read_bytes().splitlines()]
+    values = [v for body in pushed for s in body["streams"] for v in s["values"]]
+    assert [v[1] for v in values] == numbered("x", 30) + numbered("x", 5, start=30)
+    assert pushed[0]["streams"][0]["stream"]["nomad_job_name"] == "web"
+
+
+def _octet_counted(server: socket.socket, count: int) -> list[bytes]:
+    """``count`` RFC 6587 octet-counted frames from the first connection to ``server``, and the rest."""
+    conn, _ = server.accept()
+    frames: list[bytes] = []
+    data = b""
+    with conn:
+        conn.settimeout(60)
+        while True:
+            while b" " in data:
+                length, _, rest = data.partition(b" ")
+                if len(rest) < int(length):
+                    break
+                frames.append(rest[: int(length)])
+                data = rest[int(length) :]
+            if len(frames) >= count and not data:
+                conn.settimeout(1)  # the rest of the round, if any, follows at once
+            try:
+                chunk = conn.recv(65536)
+            except TimeoutError:
+                return frames
+            if not chunk:
+                return frames
+            data += chunk

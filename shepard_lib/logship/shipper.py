@@ -121,19 +121,20 @@ class LogShipper:
 
     def _streams(self) -> list[Stream]:
         """The streams of every allocation listed now or remembered; forgets those whose files are gone."""
-        listed: set[str] | None = set()
+        listed: set[str] = set()
         try:
             for allocation in self._source():
                 logs = AllocationLogs.of(allocation, self._cfg.nomad_data_dir, self._datacenter)
                 self._checkpoints.remember(logs)
-                listed.add(allocation.id)  # type: ignore[union-attr]
+                listed.add(allocation.id)
+            complete = True
         except ShepardError as exc:
             log.warning("log shipping: cannot list this node's allocations (%s); shipping known ones", exc)
-            listed = None
+            complete = False  # do not forget anything on a partial list
         streams: list[Stream] = []
         for alloc in self._checkpoints.allocations():
             if not alloc.logs_dir.is_dir():
-                if listed is not None and alloc.alloc_id not in listed:
+                if complete and alloc.alloc_id not in listed:
                     log.info("log shipping: allocation %s is gone; forgetting it", alloc.alloc_id)
                     self._checkpoints.forget(alloc.alloc_id)
                 continue

@@ -22,6 +22,7 @@ from logship_support import MemorySink, Node, allocation, config
 from support import Background
 
 from shepard_lib.config import HttpFormat, LogSink, StartAt, SyslogProtocol
+from shepard_lib.errors import NomadError
 from shepard_lib.logship import LogShipper, RetryPolicy
 from shepard_lib.logship.sinks import build_sinks
 from shepard_lib.logship.sinks.http import HttpSink
@@ -484,3 +485,23 @@ def _octet_counted(server: socket.socket, count: int) -> list[bytes]:
             if not chunk:
                 return frames
             data += chunk
+
+
+def test_when_nomad_cannot_be_asked_the_known_allocations_still_ship(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    alloc = node.add(allocation(0))
+    node.write(alloc, "one\n")
+    sink = MemorySink()
+    nomad_up = True
+
+    def source() -> list[Allocation]:
+        if not nomad_up:
+            raise NomadError("node allocations", "connection refused", transient=True)
+        return node()
+
+    shipper = LogShipper(config(tmp_path, node), source, sinks=[sink], retry=NO_WAIT)
+    shipper.ship_once()
+    nomad_up = False
+    node.write(alloc, "two\n")
+    assert shipper.ship_once().ok
+    assert sink.lines(alloc) == ["one", "two"]

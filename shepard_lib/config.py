@@ -173,7 +173,10 @@ class LogShippingConfig:
     )
     max_line_bytes: int = field(
         default=16384,
-        metadata=_docs("Longer lines are cut into pieces of this size, each marked `log.cut`."),
+        metadata=_docs(
+            "Longer lines are cut into pieces of at most this size (between UTF-8 characters),"
+            " each marked `log.cut`."
+        ),
     )
     batch_size: int = field(default=500, metadata=_docs("Most records sent in one write or request."))
     batch_bytes: int = field(default=1048576, metadata=_docs("Most line bytes sent in one write or request."))

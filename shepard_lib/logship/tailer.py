@@ -11,7 +11,8 @@ opened, because opening a FIFO for reading blocks until a writer comes.
 finished (logmon flushed and closed it before creating the next), so a line it ends without a
 newline continues in the next file; the newest file's unterminated last line waits for the next
 round (logmon flushes its 64 KiB buffer every 100 ms, so a partial line is normal). A line longer
-than ``max_line`` bytes is cut into pieces of ``max_line`` bytes, each marked ``cut``.
+than ``max_line`` bytes is cut into pieces of at most ``max_line`` bytes (never inside a UTF-8
+character), each marked ``cut``.
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ class StreamReader:
                     out.append(_new(Line, (stream, index, offset, buf[start:end], False)))
                     nxt = end + 1
                 elif len(buf) - start > max_line:
-                    end = nxt = start + max_line
+                    end = nxt = _utf8_cut(buf, start + max_line)
                     out.append(_new(Line, (stream, index, offset, buf[start:end], True)))
                 else:
                     break
@@ -257,6 +258,15 @@ class StreamReader:
         self._base = 0
         self._handle = _open(nxt.path)
         self._eof = self._handle is None
+
+
+def _utf8_cut(buf: bytes, limit: int) -> int:
+    """Where to cut ``buf`` at or before ``limit`` so that no UTF-8 character is split (at most 3
+    bytes earlier); ``limit`` itself when the bytes there are not UTF-8."""
+    for cut in range(limit, limit - 4, -1):
+        if buf[cut] & 0xC0 != 0x80:  # not a continuation byte: a character starts here
+            return cut
+    return limit
 
 
 def _open(path: str) -> BinaryIO | None:

@@ -505,3 +505,15 @@ def test_when_nomad_cannot_be_asked_the_known_allocations_still_ship(tmp_path: P
     node.write(alloc, "two\n")
     assert shipper.ship_once().ok
     assert sink.lines(alloc) == ["one", "two"]
+
+
+def test_long_lines_are_cut_between_utf8_characters(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    alloc = node.add(allocation(0))
+    line = "é✓" * 300  # 2- and 3-byte characters, 1500 bytes
+    node.write(alloc, line + "\n")
+    sink = MemorySink()
+    LogShipper(config(tmp_path, node, max_line_bytes=257), node, sinks=[sink], retry=NO_WAIT).ship_once()
+    pieces = [r[3] for r in sink.records]
+    assert all(len(p) <= 257 for p in pieces) and [r[4] for r in sink.records][-1] is False
+    assert "".join(p.decode("utf-8") for p in pieces) == line, "every piece is valid UTF-8"

@@ -8,7 +8,7 @@ import json
 from shepard_lib import cli
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.clock import Clock
-from shepard_lib.logship import LogShipper, NodeAllocations, ShipReport
+from shepard_lib.logship import LogShipper, ShipReport
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,8 +46,7 @@ def run_ship(args: argparse.Namespace) -> int:
     clock = Clock(cfg.time_scale)
     nomad = NomadBackend(cfg.nomad, clock)
     try:
-        source = NodeAllocations(nomad, cfg.node_name)
-        shipper = LogShipper(cfg, source, datacenter=source.datacenter)
+        shipper = LogShipper.for_node(cfg, nomad)
         try:
             while True:
                 report = shipper.ship_once()

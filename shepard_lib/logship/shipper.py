@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 
 import tenacity
 
+from shepard_lib.backends import NomadAPI
 from shepard_lib.config import ShepardConfig, StartAt
 from shepard_lib.errors import ShepardError
 from shepard_lib.logship.checkpoints import Checkpoints
 from shepard_lib.logship.metrics import ShipperMetrics
 from shepard_lib.logship.records import Batch
 from shepard_lib.logship.sinks import Sink, SinkError, SinkRejected, build_sinks
+from shepard_lib.logship.source import NodeAllocations
 from shepard_lib.logship.tags import AllocationLogs
 from shepard_lib.logship.tailer import LogFile, Position, Stream, StreamReader, end_position, list_streams
 from shepard_lib.model import Allocation
@@ -76,8 +78,9 @@ class ShipReport:
 class LogShipper:
     """Ships the task logs of the allocations ``allocations_source`` yields, as ``cfg.log_shipping`` says.
 
-    ``datacenter`` is the node's (a tag). ``sinks`` replaces the configured ones (tests, custom
-    sinks). Call :meth:`close` when done.
+    ``datacenter`` is the node's (a tag), or a callable asked at each round (so that a Nomad outage
+    when the shipper is made is just a failed listing). ``sinks`` replaces the configured ones
+    (tests, custom sinks). Call :meth:`close` when done. :meth:`for_node` builds one for a node.
     """
 
     def __init__(
@@ -85,7 +88,7 @@ class LogShipper:
         cfg: ShepardConfig,
         allocations_source: AllocationsSource,
         *,
-        datacenter: str = "",
+        datacenter: str | Callable[[], str] = "",
         sinks: list[Sink] | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
@@ -99,6 +102,13 @@ class LogShipper:
         self._first_round = not self._checkpoints.existed
         self.metrics = ShipperMetrics([s.name for s in self._sinks])
         """Counters and gauges per sink (see :mod:`shepard_lib.logship.metrics`)."""
+
+    @classmethod
+    def for_node(cls, cfg: ShepardConfig, nomad: NomadAPI, node_name: str | None = None) -> LogShipper:
+        """A shipper of the allocations Nomad placed on ``node_name`` (else ``cfg.node_name``, else
+        the local agent's node), with the configured sinks: what the agent and the CLI run."""
+        source = NodeAllocations(nomad, node_name or cfg.node_name)
+        return cls(cfg, source, datacenter=lambda: source.datacenter)
 
     def close(self) -> None:
         """Close every sink."""
@@ -123,8 +133,9 @@ class LogShipper:
         """The streams of every allocation listed now or remembered; forgets those whose files are gone."""
         listed: set[str] = set()
         try:
+            datacenter = self._datacenter if isinstance(self._datacenter, str) else self._datacenter()
             for allocation in self._source():
-                logs = AllocationLogs.of(allocation, self._cfg.nomad_data_dir, self._datacenter)
+                logs = AllocationLogs.of(allocation, self._cfg.nomad_data_dir, datacenter)
                 self._checkpoints.remember(logs)
                 listed.add(allocation.id)
             complete = True

@@ -68,11 +68,13 @@ class ShipReport:
     """What one round did: a :class:`SinkReport` per sink."""
 
     sinks: list[SinkReport] = field(default_factory=list)
+    source_error: str | None = None
+    """Why this node's allocations could not be listed (only the known ones were shipped), else None."""
 
     @property
     def ok(self) -> bool:
-        """Every sink took everything it was given."""
-        return all(s.error is None for s in self.sinks)
+        """The allocations were listed and every sink took everything it was given."""
+        return self.source_error is None and all(s.error is None for s in self.sinks)
 
 
 class LogShipper:
@@ -123,14 +125,15 @@ class LogShipper:
         Raises CheckpointError when checkpoints cannot be written (shipping further would only
         repeat lines); a sink that fails is reported in the :class:`ShipReport`, not raised.
         """
-        streams = self._streams()
-        report = ShipReport([self._ship_sink(sink, streams) for sink in self._sinks])
+        streams, source_error = self._streams()
+        report = ShipReport([self._ship_sink(sink, streams) for sink in self._sinks], source_error)
         self._first_round = False
         self._checkpoints.save()
         return report
 
-    def _streams(self) -> list[Stream]:
-        """The streams of every allocation listed now or remembered; forgets those whose files are gone."""
+    def _streams(self) -> tuple[list[Stream], str | None]:
+        """The streams of every allocation listed now or remembered (forgetting those whose files are
+        gone), and why the listing failed, if it did."""
         listed: set[str] = set()
         try:
             datacenter = self._datacenter if isinstance(self._datacenter, str) else self._datacenter()
@@ -138,21 +141,21 @@ class LogShipper:
                 logs = AllocationLogs.of(allocation, self._cfg.nomad_data_dir, datacenter)
                 self._checkpoints.remember(logs)
                 listed.add(allocation.id)
-            complete = True
+            error = None
         except ShepardError as exc:
             log.warning("log shipping: cannot list this node's allocations (%s); shipping known ones", exc)
-            complete = False  # do not forget anything on a partial list
+            error = str(exc)  # and forget nothing on a partial list
         streams: list[Stream] = []
         for alloc in self._checkpoints.allocations():
             if not alloc.logs_dir.is_dir():
-                if complete and alloc.alloc_id not in listed:
+                if error is None and alloc.alloc_id not in listed:
                     log.info("log shipping: allocation %s is gone; forgetting it", alloc.alloc_id)
                     self._checkpoints.forget(alloc.alloc_id)
                 continue
             for stream in list_streams(alloc.alloc_id, alloc.logs_dir):
                 stream.tags = alloc.tags(stream.task, stream.name) | self._shipping.tags
                 streams.append(stream)
-        return streams
+        return streams, error
 
     def _ship_sink(self, sink: Sink, streams: list[Stream]) -> SinkReport:
         report = SinkReport(sink.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,14 @@ def test_logs_ship_once_against_a_real_nomad_client(
     assert report["ok"]
     for record in _shipped(tmp_path) if (tmp_path / "tasks.jsonl").exists() else []:
         assert record["nomad.allocation.id"] and record["nomad.node.name"]
+
+
+def test_logs_ship_exits_1_when_nomad_cannot_be_reached(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_client_env: None
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    cfg = _config(tmp_path, address, tmp_path / "data", extra="node_name: n1\n")
+    assert main(["--config", cfg, "logs", "ship", "--once"]) == 1
+    assert "allocations not listed" in capsys.readouterr().out

@@ -519,3 +519,17 @@ def test_long_lines_are_cut_between_utf8_characters(tmp_path: Path) -> None:
     pieces = [r[3] for r in sink.records]
     assert all(len(p) <= 257 for p in pieces) and [r[4] for r in sink.records][-1] is False
     assert "".join(p.decode("utf-8") for p in pieces) == line, "every piece is valid UTF-8"
+
+
+def test_a_restarted_logmon_appends_to_the_newest_file_and_nothing_ships_twice(tmp_path: Path) -> None:
+    node = Node(tmp_path, max_file_size=100)
+    alloc = node.add(allocation(0))
+    sink = MemorySink()
+    shipper = LogShipper(config(tmp_path, node), node, sinks=[sink], retry=NO_WAIT)
+    node.write(alloc, text(numbered("before", 12)) + "half")
+    shipper.ship_once()
+    node.add(alloc)  # a new logmon (TaskLogs) for the same task: it continues the highest N
+    node.write(alloc, " a line\n" + text(numbered("after", 5)))
+    shipper.ship_once()
+    assert sink.lines(alloc) == [*numbered("before", 12), "half a line", *numbered("after", 5)]
+    assert not sink.duplicates()

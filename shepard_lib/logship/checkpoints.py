@@ -16,9 +16,12 @@ Format (``version`` 1)::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +45,30 @@ class Checkpoints:
         self.path = Path(path)
         self._allocs: dict[str, AllocationLogs] = {}
         self._positions: dict[tuple[str, str, str], dict[str, Position]] = {}
-        self.existed = self.path.exists()
-        """Whether the file existed when loaded (a first run starts at ``start_at``)."""
-        if self.existed:
-            self._load()
+        self.reload()
 
-    def _load(self) -> None:
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the file's lock (``<path>.lock``, ``flock``): one shipping round at a time on these
+        checkpoints, across threads and processes (the agent and a ``shepard logs ship --once``)."""
+        lock_path = self.path.with_name(f"{self.path.name}.lock")
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CheckpointError(f"cannot open the lock file {lock_path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def reload(self) -> None:
+        """Read the file again (another process may have moved the positions); nothing if absent."""
+        if not self.path.exists():
+            return
+        self._allocs.clear()
+        self._positions.clear()
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             if data.get("version") != VERSION:

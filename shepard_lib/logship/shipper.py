@@ -101,7 +101,7 @@ class LogShipper:
         self._sinks = build_sinks(self._shipping) if sinks is None else sinks
         self._retry = retry or RetryPolicy()
         self._checkpoints = Checkpoints(self._shipping.checkpoint_path)
-        self._first_round = not self._checkpoints.existed
+        self._first_round = False
         self.metrics = ShipperMetrics([s.name for s in self._sinks])
         """Counters and gauges per sink (see :mod:`shepard_lib.logship.metrics`)."""
 
@@ -122,13 +122,18 @@ class LogShipper:
     def ship_once(self) -> ShipReport:
         """Ship every complete line not yet shipped, to every sink; persist checkpoints as it goes.
 
+        One round at a time per checkpoint file (a file lock, so also across processes); the round
+        starts from the checkpoints as the file has them.
+
         Raises CheckpointError when checkpoints cannot be written (shipping further would only
         repeat lines); a sink that fails is reported in the :class:`ShipReport`, not raised.
         """
-        streams, source_error = self._streams()
-        report = ShipReport([self._ship_sink(sink, streams) for sink in self._sinks], source_error)
-        self._first_round = False
-        self._checkpoints.save()
+        with self._checkpoints.locked():
+            self._first_round = not self._checkpoints.path.exists()  # no round ever finished
+            self._checkpoints.reload()
+            streams, source_error = self._streams()
+            report = ShipReport([self._ship_sink(sink, streams) for sink in self._sinks], source_error)
+            self._checkpoints.save()
         return report
 
     def _streams(self) -> tuple[list[Stream], str | None]:

@@ -9,6 +9,7 @@ import random
 import socket
 import tempfile
 import threading
+import time
 import tracemalloc
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -535,3 +536,41 @@ def test_a_restarted_logmon_appends_to_the_newest_file_and_nothing_ships_twice(t
     shipper.ship_once()
     assert sink.lines(alloc) == [*numbered("before", 12), "half a line", *numbered("after", 5)]
     assert not sink.duplicates()
+
+
+def test_two_shippers_on_the_same_checkpoints_take_turns_and_ship_each_line_once(tmp_path: Path) -> None:
+    """The agent and a ``shepard logs ship --once`` from cron: a file lock and a fresh read of the
+    checkpoints at each round."""
+    node = Node(tmp_path, max_file_size=500, max_files=1000)
+    alloc = node.add(allocation(0))
+    sink = MemorySink()
+    cfg = config(tmp_path, node, batch_size=5)
+    agent, cron = (LogShipper(cfg, node, sinks=[sink], retry=NO_WAIT) for _ in range(2))
+    written: list[str] = []
+    for round_ in range(6):
+        lines = numbered(f"r{round_}", 20)
+        node.write(alloc, text(lines))
+        written += lines
+        (agent if round_ % 2 else cron).ship_once()
+    assert sink.lines(alloc) == written and not sink.duplicates()
+
+    class Slow(MemorySink):
+        def __init__(self, started: threading.Event) -> None:
+            super().__init__()
+            self.started = started
+
+        def send(self, batch: Any) -> None:
+            self.started.set()
+            time.sleep(0.01)  # widens the window in which the other round would overlap
+            sink.send(batch)
+
+    more = numbered("concurrent", 200)
+    node.write(alloc, text(more))
+    started = threading.Event()
+    first = LogShipper(cfg, node, sinks=[Slow(started)], retry=NO_WAIT)
+    second = LogShipper(cfg, node, sinks=[Slow(threading.Event())], retry=NO_WAIT)
+    run = Background(first.ship_once)
+    assert started.wait(60)
+    second.ship_once()  # waits for the lock, then finds everything shipped
+    run.join(timeout=60)
+    assert sink.lines(alloc) == written + more and not sink.duplicates()

@@ -53,7 +53,8 @@ class Position:
 
 
 class Stream:
-    """A task's stdout or stderr in one allocation: its files, oldest first (never empty)."""
+    """A task's stdout or stderr in one allocation: its files, oldest first (never empty), and the
+    tags of its records (set by the shipper, static tags included)."""
 
     __slots__ = ("alloc_id", "files", "name", "prefix", "tags", "task")
 
@@ -64,7 +65,6 @@ class Stream:
         self.files = files
         self.prefix = f"{logs_dir}/{task}.{name}."
         self.tags: dict[str, str] = {}
-        """The stream's tags (set by the shipper), static tags included."""
 
     def path(self, index: int) -> str:
         """The path of the file with rotation ``index``."""

@@ -3,7 +3,18 @@
 :meth:`ShipperMetrics.samples` returns plain :class:`MetricSample` values, so this module needs
 no metrics library; a Prometheus collector turns each into a ``CounterMetricFamily`` or
 ``GaugeMetricFamily`` (counter names already end in ``_total``). Thread-safe: the agent's
-metrics endpoint reads while a shipping round writes.
+metrics endpoint reads while a shipping round writes. A collector for a registry::
+
+    class LogShippingCollector:
+        def __init__(self, metrics: ShipperMetrics) -> None:
+            self.metrics = metrics
+
+        def collect(self):
+            for s in self.metrics.samples():
+                kind = CounterMetricFamily if s.kind == "counter" else GaugeMetricFamily
+                family = kind(s.name.removesuffix("_total"), s.help, labels=list(s.labels))
+                family.add_metric(list(s.labels.values()), s.value)
+                yield family
 """
 
 from __future__ import annotations

@@ -10,11 +10,13 @@ metrics endpoint reads while a shipping round writes. A collector for a registry
             self.metrics = metrics
 
         def collect(self):
+            families = {}  # one family per name, a sample per sink
             for s in self.metrics.samples():
-                kind = CounterMetricFamily if s.kind == "counter" else GaugeMetricFamily
-                family = kind(s.name.removesuffix("_total"), s.help, labels=list(s.labels))
-                family.add_metric(list(s.labels.values()), s.value)
-                yield family
+                if s.name not in families:
+                    kind = CounterMetricFamily if s.kind == "counter" else GaugeMetricFamily
+                    families[s.name] = kind(s.name.removesuffix("_total"), s.help, labels=list(s.labels))
+                families[s.name].add_metric(list(s.labels.values()), s.value)
+            yield from families.values()
 """
 
 from __future__ import annotations

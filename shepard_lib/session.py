@@ -78,6 +78,7 @@ class Session:
         self._stop_renewing = threading.Event()
         self._ended = False  # destroy() was called: the watchdog stops too
         self._abandoned = False
+        self._claims: set[str] = set()  # holder tokens of the claims coordinators drive under this session
 
     def __repr__(self) -> str:
         return f"Session(name={self.name!r}, id={self.id!r}, ttl={self.ttl}, lost={self.lost.is_set()})"
@@ -139,6 +140,25 @@ class Session:
         self._abandoned = True
         self._stop_renewing.set()
         log.info("session %r abandoned: no more renewals, Consul frees its locks after the TTL", self.name)
+
+    def hold(self, token: str) -> None:
+        """Record that a coordinator of this process drives the plan claim ``token`` under this session.
+
+        Several coordinators may share one session; a member held under it is theirs only while
+        its claim token is held here (see :meth:`holds`), otherwise it was left behind.
+        """
+        with self._state:
+            self._claims.add(token)
+
+    def drop(self, token: str) -> None:
+        """Forget claim ``token`` (its coordinator finished, gave it back, or stopped)."""
+        with self._state:
+            self._claims.discard(token)
+
+    def holds(self, token: str | None) -> bool:
+        """Whether a coordinator of this process is driving claim ``token`` under this session."""
+        with self._state:
+            return token is not None and token in self._claims
 
     def check(self) -> None:
         """Raise :class:`LockLost` if the session is lost."""

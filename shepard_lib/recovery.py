@@ -1,0 +1,124 @@
+"""Recovery in the restart flow: what the happy path of :mod:`shepard_lib.coordinator` hands off.
+
+Three things can leave a member's restart in doubt, and each is decided here from facts Consul or
+Nomad answer, never from elapsed time or clocks:
+
+- **An ambiguous trigger write** (:func:`trigger_outcome`). The answer of the fenced trigger txn
+  was lost: Consul may still apply it later (a Raft apply can outlast the client's timeout). An
+  answer that proves nothing was applied (429, 503, "No cluster leader", a request never sent)
+  settles it at once. Otherwise the slot is *bumped* first (re-acquired, so its ModifyIndex, the
+  fencing token the txn checks, moves): from then on the lost txn can never apply, and only then
+  does an unmoved trigger key prove that it did not.
+- **An allocation Nomad stopped, replaced or forgot** (:func:`gone_reason`): such a member is
+  skipped, never failed; a replacement Nomad placed after the change was seen already renders the
+  new config and is not restarted.
+- **A member left ``restarting``** whose claim nobody drives any more (:class:`Holders`): its
+  holder's session is gone (a consistent read says so), or the holder token is not held by any
+  coordinator of this process although the member is under this process's session.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+
+from shepard_lib.backends import ConsulAPI, NomadAPI
+from shepard_lib.errors import BackendError, LockLost, NotFound
+from shepard_lib.locks import RestartSlots, Slot
+from shepard_lib.model import Allocation, AllocClientStatus
+from shepard_lib.plan import Member
+from shepard_lib.session import Session
+
+__all__ = ["GC_REASON", "Holders", "TriggerOutcome", "gone_reason", "stopped_reason", "trigger_outcome"]
+
+log = logging.getLogger(__name__)
+
+_TERMINAL = {AllocClientStatus.COMPLETE, AllocClientStatus.FAILED, AllocClientStatus.LOST}
+
+
+GC_REASON = "stopped: its allocation no longer exists (garbage-collected)"
+
+
+def gone_reason(nomad: NomadAPI, alloc_id: str) -> str | None:
+    """Why ``alloc_id`` needs no restart any more (stopped, replaced, garbage-collected), or None if it runs.
+
+    A NomadError other than "not found" propagates: it proves nothing.
+    """
+    try:
+        alloc = nomad.allocation(alloc_id)
+    except NotFound:
+        return GC_REASON
+    return stopped_reason(alloc)
+
+
+def stopped_reason(alloc: Allocation) -> str | None:
+    """Why Nomad no longer runs ``alloc`` (stopped or replaced), or None while it does."""
+    if alloc.desired_status in ("run", "") and alloc.client_status not in _TERMINAL:
+        return None
+    if alloc.next_allocation:
+        return f"replaced: Nomad replaced its allocation by {alloc.next_allocation}"
+    return f"stopped: its allocation is {alloc.client_status} (desired status {alloc.desired_status})"
+
+
+class TriggerOutcome(enum.Enum):
+    """What a trigger that raised an error did."""
+
+    NOT_APPLIED = "not applied"  # proven: the member can be given back
+    MAY_HAVE_APPLIED = "may have applied"  # the health gate decides; never trigger it again
+
+
+def trigger_outcome(
+    error: Exception,
+    *,
+    slots: RestartSlots,
+    slot: Slot,
+    trigger_index: int | None,
+    read_trigger_index: Callable[[], int | None],
+) -> tuple[TriggerOutcome, Slot | None]:
+    """Decide a trigger ``error``; returns the outcome and the slot to go on with (None: not held).
+
+    ``trigger_index`` is the trigger key's ModifyIndex read before the claim (None for method
+    nomad_api, whose restart cannot be disproved), ``read_trigger_index`` a callable reading it now.
+    """
+    if isinstance(error, LockLost):
+        return TriggerOutcome.NOT_APPLIED, slot
+    if isinstance(error, BackendError) and error.transient:
+        # The trigger calls are not repeatable: only answers proving nothing applied are transient.
+        return TriggerOutcome.NOT_APPLIED, slot
+    if trigger_index is None:
+        return TriggerOutcome.MAY_HAVE_APPLIED, slot
+    try:
+        current = slots.bump(slot)
+    except BackendError as exc:
+        log.warning("could not move the fencing token of %s (%s): the trigger may still apply", slot.key, exc)
+        return TriggerOutcome.MAY_HAVE_APPLIED, slot
+    try:
+        moved = read_trigger_index() != trigger_index
+    except BackendError:
+        return TriggerOutcome.MAY_HAVE_APPLIED, current
+    return (TriggerOutcome.MAY_HAVE_APPLIED if moved else TriggerOutcome.NOT_APPLIED), current
+
+
+class Holders:
+    """Tells whether a ``restarting`` member's claim is still driven by someone.
+
+    ``session`` is the caller's session: a member held under it is driven only while a
+    coordinator of this process holds its claim token (:meth:`Session.holds`), since several
+    coordinators may share one session. For any other session, a consistent session read decides.
+    """
+
+    def __init__(self, consul: ConsulAPI, session: Session) -> None:
+        self._consul = consul
+        self.session = session
+
+    def wait_bound(self, member: Member) -> float | None:
+        """Cluster seconds to wait for ``member``'s holder at most (its TTL); None: nobody drives it."""
+        if member.session is None:
+            return None
+        if member.session == self.session.id:
+            return self.session.ttl if self.session.holds(member.holder) else None
+        info = self._consul.session_info(member.session)
+        if info is None:
+            return None
+        return info.ttl or self.session.ttl

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -364,8 +365,14 @@ class RestartSlots:
         held (its session was lost: Consul released it, which moved the index too). Raises
         :class:`ConsulError` when it cannot tell whether the old token is dead.
         """
+        # A fresh nonce: Consul skips a write that changes nothing, and keeps the ModifyIndex.
         value = json.dumps(
-            {"holder": slot.holder, "session": slot.session_id, "acquired_at": slot.acquired_at}
+            {
+                "holder": slot.holder,
+                "session": slot.session_id,
+                "acquired_at": slot.acquired_at,
+                "token": secrets.token_hex(8),
+            }
         )
         try:
             self._consul.acquire(slot.key, value, slot.session_id)

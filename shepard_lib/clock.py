@@ -19,7 +19,6 @@ from __future__ import annotations
 import threading
 import time as _time
 
-
 SCALED_EPOCH = 1_767_225_600.0
 """2026-01-01T00:00:00Z: the default origin of every clock with ``scale != 1``."""
 

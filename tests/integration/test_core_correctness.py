@@ -35,7 +35,7 @@ from shepard_lib.coordinator import (
 )
 from shepard_lib.errors import ConsulError
 from shepard_lib.keyspace import Keyspace, TaskScope
-from shepard_lib.model import Allocation, KVEntry, TxnOp, TxnResult, TxnVerb
+from shepard_lib.model import Allocation, KVEntry, TxnOp, TxnResult
 from shepard_lib.plan import MemberState, Plan, PlanStatus, PlanStore
 from shepard_lib.rollout import RollingRestart, RolloutOptions
 from shepard_lib.session import Session

@@ -464,7 +464,7 @@ def test_plan_round_trips_through_json() -> None:
         (b'{"status": "planned"}', "not a Shepard plan"),
         (b'{"kind": "shepard.plan", "schema": 99}', "schema 99"),
         (b'{"kind": "shepard.plan", "schema": 2, "job": "web"}', "malformed plan"),
-            (b'{"kind": "shepard.plan", "schema": 1, "job": "web"}', "schema 1, this Shepard reads 2"),
+        (b'{"kind": "shepard.plan", "schema": 1, "job": "web"}', "schema 1, this Shepard reads 2"),
     ],
 )
 def test_corrupt_or_foreign_value_is_a_format_error_saying_why(raw: bytes, why: str) -> None:
@@ -549,7 +549,11 @@ def test_join_adds_no_generation_to_a_planned_plan() -> None:
     """Issue 11: a second rollout joins the plan in progress unless asked to restart again."""
     plan = restart(register(fresh(), [A, B], now=100.0), A)
     joined = register(plan, [A, B, C], now=110.0, join=True)
-    assert (joined.generation, state(joined, A), state(joined, C)) == (1, MemberState.DONE, MemberState.PENDING)
+    assert (joined.generation, state(joined, A), state(joined, C)) == (
+        1,
+        MemberState.DONE,
+        MemberState.PENDING,
+    )
     again = register(plan, [A, B, C], now=110.0)
     assert (again.generation, state(again, A)) == (2, MemberState.PENDING)
 

@@ -319,6 +319,7 @@ class Coordinator:
         self._triggers: dict[RestartMethod, Trigger] = {}
         self._gates: dict[HealthSource, HealthGate] = {}
         self._deadline = 0.0
+        self._triggered: set[str] = set()  # members this coordinator triggered (or reclaimed) in drive
 
     # --- planning ----------------------------------------------------------------------------
 
@@ -420,6 +421,7 @@ class Coordinator:
         errors = 0
         sessions = 1
         self._deadline = self._clock.monotonic() + self.options.slot_timeout
+        self._triggered.discard(target.alloc_id)
         while True:
             if self.session.lost.is_set():
                 reason = f"session lost ({self.session.lost_reason})"
@@ -684,6 +686,7 @@ class Coordinator:
                 if gone is not None:
                     return self._settle_gone(target, scope, gone, holder, rlog)
                 self._fire(target, key, held, plan, member, rlog)
+            self._triggered.add(target.alloc_id)
             self._hook(Step.TRIGGERED, target)
             self._emit(
                 EventKind.RESTARTING,
@@ -696,8 +699,12 @@ class Coordinator:
             self._hook(Step.HEALTHY, target)
             if not ok:
                 gone = gone_reason(self.nomad, target.alloc_id)
-                if gone is not None and not self._restarted_since(target, before):
-                    return self._settle_gone(target, scope, gone, holder, rlog)
+                if gone is not None:
+                    # Nomad took the allocation away during the health wait: not a failure.
+                    if not self._restarted_since(target, before):
+                        return self._settle_gone(target, scope, gone, holder, rlog)
+                    rlog.warning("restarted, then %s: counted as restarted", gone)
+                    ok, error = True, None
             try:
                 plan = self.plans.update_at(
                     key,
@@ -772,7 +779,11 @@ class Coordinator:
         healthy = [
             alloc_id
             for alloc_id, m in busy.items()
-            if m.state == MemberState.FAILED and gate.healthy_now(alloc_id, scope.task, target.services)
+            if m.state == MemberState.FAILED
+            and (
+                gone_reason(self.nomad, alloc_id) is not None
+                or gate.healthy_now(alloc_id, scope.task, target.services)
+            )
         ]
         if healthy:
             now = self._clock.time()
@@ -784,7 +795,7 @@ class Coordinator:
                 return current
 
             self.plans.update(key, mark)
-            rlog.info("%d failed member(s) healthy again: they no longer count as down", len(healthy))
+            rlog.info("%d failed member(s) healthy again or gone: no longer counted as down", len(healthy))
             return None
         bounds = []
         for m in busy.values():
@@ -923,6 +934,13 @@ class Coordinator:
     def _skip(
         self, target: Target, scope: TaskScope, reason: str, rlog: _RefLog, *, stopped: bool = False
     ) -> MemberOutcome:
+        if target.alloc_id in self._triggered:
+            # Its task restarted (we triggered it): never report that as skipped. Its health gate
+            # is left to whoever takes the member over.
+            why = f"restarted, but {reason}: its health is judged by whoever takes it over"
+            rlog.warning("%s", why)
+            self._emit(EventKind.RESTARTED, scope, target.alloc_id, ref=target.ref, detail=why)
+            return MemberOutcome(target, Outcome.RESTARTED, why, by=self.name)
         rlog.warning("not restarted: %s", reason)
         self._emit(EventKind.SKIPPED, scope, target.alloc_id, ref=target.ref, detail=reason)
         return MemberOutcome(target, Outcome.SKIPPED, reason, stopped=stopped)

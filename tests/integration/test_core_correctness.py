@@ -444,3 +444,26 @@ def test_a_live_holder_paused_between_claim_and_trigger_is_waited_for_not_reclai
     assert restarts_by_alloc(sim) == {alloc.id: 1}
     assert results["first"].outcome == Outcome.RESTARTED
     assert (results["second"].outcome, results["second"].by) == (Outcome.RESTARTED, "first")
+
+
+# --- issue 11: a member whose task restarted is never reported skipped -------------------------------
+
+
+def test_a_member_whose_task_restarted_is_not_reported_skipped_when_the_session_is_lost(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim, min_healthy_time=15.0)  # longer than a renew interval: the loss is seen first
+    (alloc,) = cluster.allocs()
+    with cluster.session("agent") as session:
+
+        def lose_session(step: Step, target: Target) -> None:
+            if step == Step.TRIGGERED:
+                cluster.consul.session_destroy(session.id)  # invalidated behind the agent's back
+
+        outcome = cluster.coordinator(session, "agent", fault_hook=lose_session).handle_change(
+            alloc, "server"
+        )
+    assert restarts_by_alloc(sim) == {alloc.id: 1}
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert "its health is judged by whoever takes it over" in outcome.reason

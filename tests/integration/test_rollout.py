@@ -169,7 +169,7 @@ def test_bad_config_stops_after_max_failures_and_resume_finishes_after_the_fix(
     cfg = config_for(sim, healthy_deadline=6.0)
     sim.set_key("config/web", "broken")
 
-    failed = rolling(sim, cfg).run("web", RolloutOptions(concurrency=1, max_failures=1))
+    failed = rolling(sim, cfg).run("web", RolloutOptions(concurrency=1, max_failures=0))
 
     assert not failed.ok
     assert len(failed.failed) == 1

@@ -467,3 +467,31 @@ def test_a_member_whose_task_restarted_is_not_reported_skipped_when_the_session_
     assert restarts_by_alloc(sim) == {alloc.id: 1}
     assert outcome.outcome == Outcome.RESTARTED, outcome
     assert "its health is judged by whoever takes it over" in outcome.reason
+
+
+# --- the simulator's late writes and late replies ------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["late_write_rate", "late_reply_rate"])
+def test_the_sim_applies_a_write_whose_client_gave_up_waiting(
+    sim_cluster_factory: SimClusterFactory, fault: str
+) -> None:
+    """``late_write_rate``: applied after the client timed out; ``late_reply_rate``: answered late."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    impatient = ConsulBackend(ConsulConfig(address=sim.consul_addr), sim.clock, timeout=0.3)
+    watcher = ConsulBackend(ConsulConfig(address=sim.consul_addr), sim.clock)
+    index, _ = watcher.watch("late/key", 0, 1.0)
+    sim.consul_faults.late_delay = sim.clock.cluster(1.5)  # longer than the client's 0.3 s timeout
+    setattr(sim.consul_faults, fault, 1.0)
+    try:
+        with pytest.raises(ConsulError, match="Timeout"):
+            impatient.put("late/key", "v")
+    finally:
+        setattr(sim.consul_faults, fault, 0.0)
+    if fault == "late_write_rate":
+        assert sim.get_key("late/key") is None, "a late write must not be applied before its delay"
+    else:
+        assert sim.get_key("late/key") == "v", "a late reply comes after the write was applied"
+    while sim.get_key("late/key") is None:
+        index, _ = watcher.watch("late/key", index, 30.0)
+    assert sim.get_key("late/key") == "v"

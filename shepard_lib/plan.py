@@ -821,13 +821,20 @@ def _opt(value: Any, parse: Callable[[Any], Any]) -> Any:
 # --- storage ----------------------------------------------------------------------------------
 
 
+def _ambiguous(exc: ConsulError) -> bool:
+    """A write error that says nothing about whether it applied (no answer, or a 5xx outage)."""
+    return exc.status is None or exc.status >= 500
+
+
 class PlanStore:
     """Reads and CAS-updates plans in Consul.
 
     ``update(key, change)`` reads the plan with a consistent read, calls the pure ``change`` on
     it (None when there is no plan, or when the value is corrupt or foreign: that is logged with
     the key and the value is replaced) and writes the result with ``cas=ModifyIndex``. On a CAS
-    conflict it starts over, at most ``attempts`` times, with jittered backoff. A ``change``
+    conflict, or a write whose answer was lost, it starts over, at most ``attempts`` times, with
+    jittered backoff (every transition is idempotent, so a lost answer of one that applied is
+    seen on the next read). A ``change``
     that returns the plan unchanged writes nothing. Exceptions of ``change`` (such as
     :class:`MemberUnavailable`) propagate and nothing is written.
     """
@@ -879,9 +886,18 @@ class PlanStore:
                 updated = change(plan, index)
                 if updated is plan:
                     return updated
-                if self._consul.put(key, updated.encode(), cas=index):
-                    return updated
-                last_error = None
+                try:
+                    if self._consul.put(key, updated.encode(), cas=index):
+                        return updated
+                except ConsulError as exc:
+                    if not (exc.transient or _ambiguous(exc)):
+                        raise
+                    # The write may have applied with its answer lost, or may still apply: read
+                    # again. The CAS keeps a late one from applying over a newer plan, and every
+                    # transition is idempotent, so one that did apply makes ``change`` a no-op.
+                    last_error = exc
+                else:
+                    last_error = None
             except ConsulError as exc:
                 if not exc.transient:
                     raise

@@ -495,3 +495,36 @@ def test_the_sim_applies_a_write_whose_client_gave_up_waiting(
     while sim.get_key("late/key") is None:
         index, _ = watcher.watch("late/key", index, 30.0)
     assert sim.get_key("late/key") == "v"
+
+
+# --- issue 11: a second rollout joins the plan in progress unless asked --again ----------------------
+
+
+def test_a_second_rollout_joins_the_plan_in_progress_and_again_restarts_once_more(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(3), time_scale=SCALE)
+    cluster = Cluster(sim)
+    first_done = threading.Event()
+
+    def observe(event: RolloutEvent) -> None:
+        if event.kind == EventKind.RESTARTED:
+            first_done.set()
+
+    results: dict[str, Any] = {}
+    first = threading.Thread(
+        target=lambda: results.setdefault(
+            "first", cluster.rollout(observer=observe).run("web", RolloutOptions())
+        )
+    )
+    first.start()
+    assert first_done.wait(30)
+    joined = cluster.rollout().run("web", RolloutOptions())
+    first.join(60)
+    assert joined.ok and results["first"].ok
+    assert set(restarts_by_alloc(sim).values()) == {1}, "joining a rollout in progress restarted twice"
+    assert cluster.plan().generation == 1
+    again = cluster.rollout().run("web", RolloutOptions(again=True))
+    assert again.ok and len(again.restarted) == 3
+    assert set(restarts_by_alloc(sim).values()) == {2}
+    assert cluster.plan().generation == 2

@@ -93,6 +93,7 @@ from shepard_lib.recovery import (
     Holders,
     TriggerOutcome,
     gone_reason,
+    settle_with_new_token,
     stopped_reason,
     trigger_outcome,
 )
@@ -681,11 +682,12 @@ class Coordinator:
         started = self._clock.monotonic()
         try:
             self._hook(Step.CLAIMED, target)
+            ambiguous = False
             if must_trigger:
                 gone = gone_reason(self.nomad, target.alloc_id)
                 if gone is not None:
                     return self._settle_gone(target, scope, gone, holder, rlog)
-                self._fire(target, key, held, plan, member, rlog)
+                ambiguous = self._fire(target, key, held, plan, member, rlog)
             self._triggered.add(target.alloc_id)
             self._hook(Step.TRIGGERED, target)
             self._emit(
@@ -697,6 +699,10 @@ class Coordinator:
             )
             ok, error = self._wait_healthy(target, plan, before, rlog)
             self._hook(Step.HEALTHY, target)
+            if not ok and ambiguous and self._never_applied(target, held, plan, member, before):
+                self._triggered.discard(target.alloc_id)
+                self._give_back(key, target, holder, "its trigger never applied", rlog)
+                return None
             if not ok:
                 gone = gone_reason(self.nomad, target.alloc_id)
                 if gone is not None:
@@ -749,8 +755,29 @@ class Coordinator:
             reclaimed=reclaimed,
         )
 
-    def _fire(self, target: Target, key: str, held: _Held, plan: Plan, member: Member, rlog: _RefLog) -> None:
-        """Trigger the restart, fenced by the slot; an error is decided by :func:`trigger_outcome`."""
+    def _never_applied(
+        self, target: Target, held: _Held, plan: Plan, member: Member, before: TaskState
+    ) -> bool:
+        """After an ambiguous trigger and no restart by the deadline: did it provably never apply?
+
+        Only with a new token (so it cannot land any more) and an unmoved trigger key.
+        """
+        method = self._method(plan)
+        if method is not RestartMethod.CONSUL_KEY or member.trigger_index is None:
+            return False
+        if self._restarted_since(target, before):
+            return False
+        outcome, slot = settle_with_new_token(
+            held.slots, held.slot, member.trigger_index, lambda: self._trigger_index(target, method)
+        )
+        held.replace(slot)
+        return outcome is TriggerOutcome.NOT_APPLIED
+
+    def _fire(self, target: Target, key: str, held: _Held, plan: Plan, member: Member, rlog: _RefLog) -> bool:
+        """Trigger the restart, fenced by the slot; an error is decided by :func:`trigger_outcome`.
+
+        Returns True when the trigger may or may not have applied (the health gate decides).
+        """
         method = self._method(plan)
         try:
             self._trigger(method).fire(target.ref, target.alloc_id, held.slot)
@@ -767,6 +794,8 @@ class Coordinator:
                 self._give_back(key, target, member.holder or "", f"not triggered: {exc}", rlog)
                 raise
             rlog.warning("trigger reported an error but may have been applied; checking health: %s", exc)
+            return True
+        return False
 
     def _when_full(self, target: Target, scope: TaskScope, rlog: _RefLog) -> MemberOutcome | None:
         """The claim was refused for the concurrency: recover failed members healthy again, or wait."""

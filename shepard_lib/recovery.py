@@ -30,11 +30,21 @@ from shepard_lib.model import Allocation, AllocClientStatus
 from shepard_lib.plan import Member
 from shepard_lib.session import Session
 
-__all__ = ["GC_REASON", "Holders", "TriggerOutcome", "gone_reason", "stopped_reason", "trigger_outcome"]
+__all__ = [
+    "GC_REASON",
+    "Holders",
+    "TriggerOutcome",
+    "gone_reason",
+    "settle_with_new_token",
+    "stopped_reason",
+    "trigger_outcome",
+]
 
 log = logging.getLogger(__name__)
 
 _TERMINAL = {AllocClientStatus.COMPLETE, AllocClientStatus.FAILED, AllocClientStatus.LOST}
+SETTLE_ATTEMPTS = 3
+"""Tries of the bump and of the trigger-key read when deciding an ambiguous trigger."""
 
 
 GC_REASON = "stopped: its allocation no longer exists (garbage-collected)"
@@ -88,16 +98,36 @@ def trigger_outcome(
         return TriggerOutcome.NOT_APPLIED, slot
     if trigger_index is None:
         return TriggerOutcome.MAY_HAVE_APPLIED, slot
-    try:
-        current = slots.bump(slot)
-    except BackendError as exc:
-        log.warning("could not move the fencing token of %s (%s): the trigger may still apply", slot.key, exc)
+    return settle_with_new_token(slots, slot, trigger_index, read_trigger_index)
+
+
+def settle_with_new_token(
+    slots: RestartSlots,
+    slot: Slot,
+    trigger_index: int,
+    read_trigger_index: Callable[[], int | None],
+) -> tuple[TriggerOutcome, Slot | None]:
+    """Bump ``slot`` so no trigger fenced by its old token can apply, then read the trigger key.
+
+    Once the token moved the answer is final, so both steps are tried a few times. Returns
+    NOT_APPLIED only when the token moved and the trigger key still has ``trigger_index``.
+    """
+    current: Slot | None = slot
+    for attempt in range(1, SETTLE_ATTEMPTS + 1):
+        try:
+            current = slots.bump(slot)
+            break
+        except BackendError as exc:
+            log.warning("could not move the fencing token of %s (attempt %d): %s", slot.key, attempt, exc)
+    else:
         return TriggerOutcome.MAY_HAVE_APPLIED, slot
-    try:
-        moved = read_trigger_index() != trigger_index
-    except BackendError:
-        return TriggerOutcome.MAY_HAVE_APPLIED, current
-    return (TriggerOutcome.MAY_HAVE_APPLIED if moved else TriggerOutcome.NOT_APPLIED), current
+    for _ in range(SETTLE_ATTEMPTS):
+        try:
+            moved = read_trigger_index() != trigger_index
+        except BackendError:
+            continue
+        return (TriggerOutcome.MAY_HAVE_APPLIED if moved else TriggerOutcome.NOT_APPLIED), current
+    return TriggerOutcome.MAY_HAVE_APPLIED, current
 
 
 class Holders:

@@ -93,6 +93,8 @@ from shepard_lib.recovery import (
     Holders,
     TriggerOutcome,
     gone_reason,
+    no_longer_down,
+    reclaim_decision,
     settle_with_new_token,
     stopped_reason,
     trigger_outcome,
@@ -615,8 +617,6 @@ class Coordinator:
             if alloc is None
             else alloc.task_states.get(target.ref.task, TaskState(state="pending"))
         )
-        restarts = dead.restarts_before if dead.restarts_before is not None else baseline.restarts
-        before = TaskState(state="running", restarts=restarts, started_at=dead.started_before)
         holder = uuid.uuid4().hex
         self.session.hold(holder)
         try:
@@ -639,12 +639,8 @@ class Coordinator:
         except BaseException:
             self.session.drop(holder)
             raise
-        # The dead holder's slot acquisition ended with its session (or, for one of ours, with the
-        # release of that slot), so its trigger can no longer land: a trigger key that moved since
-        # the claim was written, one that did not never will be.
         trigger_index = self._trigger_index(target, self._method(plan))
-        written = dead.trigger_index is not None and trigger_index != dead.trigger_index
-        must_trigger = not written and not restarted(before, baseline)
+        before, must_trigger = reclaim_decision(dead, baseline, trigger_index)
         rlog.info(
             "reclaimed from %s; %s",
             dead.holder_name,
@@ -804,16 +800,7 @@ class Coordinator:
         if plan is None:
             return None
         busy = down(plan)
-        gate = self._gate(plan)
-        healthy = [
-            alloc_id
-            for alloc_id, m in busy.items()
-            if m.state == MemberState.FAILED
-            and (
-                gone_reason(self.nomad, alloc_id) is not None
-                or gate.healthy_now(alloc_id, scope.task, target.services)
-            )
-        ]
+        healthy = no_longer_down(self.nomad, self._gate(plan), busy, scope.task, target.services)
         if healthy:
             now = self._clock.time()
 

@@ -1,7 +1,7 @@
 """Recovery in the restart flow: what the happy path of :mod:`shepard_lib.coordinator` hands off.
 
-Three things can leave a member's restart in doubt, and each is decided here from facts Consul or
-Nomad answer, never from elapsed time or clocks:
+What can leave a member's restart in doubt is decided here from facts Consul or Nomad answer,
+never from elapsed time or clocks:
 
 - **An ambiguous trigger write** (:func:`trigger_outcome`). The answer of the fenced trigger txn
   was lost: Consul may still apply it later (a Raft apply can outlast the client's timeout). An
@@ -14,20 +14,25 @@ Nomad answer, never from elapsed time or clocks:
   new config and is not restarted.
 - **A member left ``restarting``** whose claim nobody drives any more (:class:`Holders`): its
   holder's session is gone (a consistent read says so), or the holder token is not held by any
-  coordinator of this process although the member is under this process's session.
+  coordinator of this process although the member is under this process's session; whoever
+  reclaims it triggers again only if the claim's trigger provably never applied
+  (:func:`reclaim_decision`);
+- **A failed member that no longer counts as down** (:func:`no_longer_down`): its task is
+  healthy again, or its allocation is gone.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from shepard_lib.backends import ConsulAPI, NomadAPI
 from shepard_lib.errors import BackendError, LockLost, NotFound
+from shepard_lib.health import HealthGate, restarted
 from shepard_lib.locks import RestartSlots, Slot
-from shepard_lib.model import Allocation, AllocClientStatus
-from shepard_lib.plan import Member
+from shepard_lib.model import Allocation, AllocClientStatus, TaskState
+from shepard_lib.plan import Member, MemberState
 from shepard_lib.session import Session
 
 __all__ = [
@@ -35,6 +40,8 @@ __all__ = [
     "Holders",
     "TriggerOutcome",
     "gone_reason",
+    "no_longer_down",
+    "reclaim_decision",
     "settle_with_new_token",
     "stopped_reason",
     "trigger_outcome",
@@ -69,6 +76,33 @@ def stopped_reason(alloc: Allocation) -> str | None:
     if alloc.next_allocation:
         return f"replaced: Nomad replaced its allocation by {alloc.next_allocation}"
     return f"stopped: its allocation is {alloc.client_status} (desired status {alloc.desired_status})"
+
+
+def reclaim_decision(dead: Member, now: TaskState, trigger_index: int | None) -> tuple[TaskState, bool]:
+    """For a member reclaimed from ``dead``'s claim: the baseline its health is judged from, and
+    whether to trigger it again.
+
+    The dead claim's slot acquisition ended with its session (or, for one of this process, with
+    that slot's release or bump), so its trigger can no longer land: a trigger key that moved
+    since the claim was written, one that did not never will be. ``now`` is the task's state and
+    ``trigger_index`` the trigger key's ModifyIndex read after the reclaim.
+    """
+    restarts = dead.restarts_before if dead.restarts_before is not None else now.restarts
+    before = TaskState(state="running", restarts=restarts, started_at=dead.started_before)
+    written = dead.trigger_index is not None and trigger_index != dead.trigger_index
+    return before, not written and not restarted(before, now)
+
+
+def no_longer_down(
+    nomad: NomadAPI, gate: HealthGate, busy: Mapping[str, Member], task: str, services: Sequence[str]
+) -> list[str]:
+    """The failed members among ``busy`` that no longer count as down: healthy again, or gone."""
+    return [
+        alloc_id
+        for alloc_id, m in busy.items()
+        if m.state == MemberState.FAILED
+        and (gone_reason(nomad, alloc_id) is not None or gate.healthy_now(alloc_id, task, services))
+    ]
 
 
 class TriggerOutcome(enum.Enum):

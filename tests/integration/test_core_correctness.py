@@ -528,3 +528,33 @@ def test_a_second_rollout_joins_the_plan_in_progress_and_again_restarts_once_mor
     assert again.ok and len(again.restarted) == 3
     assert set(restarts_by_alloc(sim).values()) == {2}
     assert cluster.plan().generation == 2
+
+
+class FirstCreateAnswerLost:
+    """Consul creates the first session but its answer is lost (a read timeout)."""
+
+    def __init__(self, inner: ConsulBackend) -> None:
+        self._inner = inner
+        self.creates = 0
+
+    def session_create(self, *args: Any, **kwargs: Any) -> str:
+        self.creates += 1
+        created = self._inner.session_create(*args, **kwargs)
+        if self.creates == 1:
+            raise ConsulError("session.create", "ReadTimeout: read timed out")
+        return created
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_a_session_whose_create_answer_was_lost_is_created_again(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """A lost answer of a create leaves a session that holds nothing and ends at its TTL."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    consul = FirstCreateAnswerLost(cluster.consul)
+    with Session(consul, "agent", ttl=10.0, lock_delay=2.0, clock=cluster.clock) as session:
+        assert consul.creates == 2
+        assert cluster.consul.session_info(session.id) is not None

@@ -481,7 +481,7 @@ def test_the_sim_applies_a_write_whose_client_gave_up_waiting(
     impatient = ConsulBackend(ConsulConfig(address=sim.consul_addr), sim.clock, timeout=0.3)
     watcher = ConsulBackend(ConsulConfig(address=sim.consul_addr), sim.clock)
     index, _ = watcher.watch("late/key", 0, 1.0)
-    sim.consul_faults.late_delay = sim.clock.cluster(1.5)  # longer than the client's 0.3 s timeout
+    sim.consul_faults.late_delay = sim.clock.cluster(3.0)  # far longer than the client's 0.3 s timeout
     setattr(sim.consul_faults, fault, 1.0)
     try:
         with pytest.raises(ConsulError, match="Timeout"):

@@ -190,8 +190,8 @@ def _check_trigger(
             Finding(
                 Severity.ERROR,
                 "job_name_differs",
-                f"the job's name {job.name!r} differs from its ID {job.id!r}: shepard.tpl reads NOMAD_JOB_NAME, "
-                "while Shepard writes trigger keys by job ID, so its restarts would never reach this task "
+                f"the job's name {job.name!r} differs from its ID {job.id!r}: shepard.tpl reads "
+                "NOMAD_JOB_NAME, while Shepard writes trigger keys by job ID, so its restarts would never reach this task "
                 "(remove the job's `name` attribute)",
             )
         )

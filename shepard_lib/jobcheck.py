@@ -191,8 +191,8 @@ def _check_trigger(
                 Severity.ERROR,
                 "job_name_differs",
                 f"the job's name {job.name!r} differs from its ID {job.id!r}: shepard.tpl reads "
-                "NOMAD_JOB_NAME, while Shepard writes trigger keys by job ID, so its restarts would never reach this task "
-                "(remove the job's `name` attribute)",
+                "NOMAD_JOB_NAME, while Shepard writes trigger keys by job ID, so its restarts would never "
+                "reach this task (remove the job's `name` attribute)",
             )
         )
     if not trigger.embedded_tmpl:

@@ -622,10 +622,13 @@ class KVWatcher:
         self.clients = clients
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._handled = threading.Condition()
+        self._handled_index = 0  # every client has seen the KV up to this index
 
     def start(self) -> None:
         """Start watching from the current KV index (call before any allocation renders)."""
         kv_index = self.consul.read(lambda: self.consul.kv.table_index)
+        self._handled_index = kv_index
         self._thread = threading.Thread(
             target=self._run, args=(kv_index,), name="sim-nomad-kv-watch", daemon=True
         )
@@ -648,6 +651,17 @@ class KVWatcher:
             kv_index = new
             for client in self.clients():
                 client.on_kv_change()
+            with self._handled:
+                self._handled_index = kv_index
+                self._handled.notify_all()
+
+    def wait_handled(self, timeout: float) -> bool:
+        """Block until every client has handled the KV as it is now (``timeout`` real seconds)."""
+        index = self.consul.read(lambda: self.consul.kv.table_index)
+        with self._handled:
+            return self._handled.wait_for(
+                lambda: self._handled_index >= index or self._stop.is_set(), timeout
+            )
 
 
 def _modify_indexes(consul: ConsulState, keys: set[str]) -> dict[str, int | None]:

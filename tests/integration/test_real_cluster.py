@@ -340,7 +340,13 @@ def test_a_rolling_restart_restarts_each_allocation_once_within_its_concurrency(
     assert prefix is not None
     concurrency, min_healthy_time = 2, 2.0
     job = cluster.nomad.job(cluster.job)
-    managed = {t.name: t.services + g.services for g in job.groups for t in g.tasks if is_shepard_managed(t)}
+    # consul_key restarts the tasks that render local/shepard.tpl; nomad_api can restart any task.
+    managed = {
+        t.name: t.services + g.services
+        for g in job.groups
+        for t in g.tasks
+        if method is RestartMethod.NOMAD_API or is_shepard_managed(t)
+    }
     siblings = {t.name for g in job.groups for t in g.tasks} - set(managed)
     assert managed, f"job {cluster.job} has no task that renders local/shepard.tpl"
     running = [a for a in cluster.nomad.job_allocations(cluster.job) if a.running]

@@ -1,4 +1,9 @@
-"""The simulated Nomad client renders templates from Consul the way Nomad's template runner does."""
+"""The simulator's template runner: how its Nomad client renders templates from Consul.
+
+A test of the sim, not of Nomad: it reads the sim's own task states, files and restart record. The
+behaviour copied is Nomad's template runner (consul-template, ``change_mode``, splay); a real
+cluster's is exercised by the real-cluster variant of ``test_real_cluster.py``.
+"""
 
 from __future__ import annotations
 

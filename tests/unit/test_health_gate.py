@@ -17,7 +17,7 @@ import pytest
 
 from shepard_lib.clock import Clock
 from shepard_lib.config import HealthSource
-from shepard_lib.errors import HealthTimeout, LockLost, NotFound, TaskFailed
+from shepard_lib.errors import ConsulError, HealthTimeout, LockLost, NomadError, NotFound, TaskFailed
 from shepard_lib.health import HealthGate, HealthReport
 from shepard_lib.model import Allocation, CheckStatus, HealthCheck, TaskState
 
@@ -63,6 +63,8 @@ class Answers:
         self._alloc: Allocation | None = alloc
         self._checks = checks
         self._served = 0  # the index of the last checks answer handed out
+        self.consul_silent = False  # Consul never answers (its queries block until the gate ends)
+        self.nomad_errors = 0  # how many allocation reads fail before Nomad answers again
 
     def set(self, *, alloc: Allocation | None = None, checks: list[HealthCheck] | None = None) -> int:
         """Change the answers; returns their new index."""
@@ -98,6 +100,9 @@ class Answers:
 
     def watch_allocation(self, alloc_id: str, index: int, wait: float) -> tuple[int, Allocation]:
         with self._cond:
+            if self.nomad_errors:
+                self.nomad_errors -= 1
+                raise NomadError(f"allocation.watch {alloc_id}", "HTTP 500: rpc error", 500, transient=True)
             self._block(index, wait)
             if self._alloc is None:
                 raise NotFound(f"allocation {alloc_id}", "unknown allocation", 404)
@@ -107,6 +112,9 @@ class Answers:
         self, service: str, index: int = 0, wait: float | None = None
     ) -> tuple[int, list[HealthCheck]]:
         with self._cond:
+            if self.consul_silent:
+                self._clock.wait_for(self._cond, lambda: False, wait if wait is not None else 1.0)
+                raise ConsulError(f"health.checks {service}", "timed out")
             self._block(index, wait)
             self._served = self._index
             self._cond.notify_all()
@@ -243,8 +251,10 @@ def test_an_allocation_nomad_forgot_fails_the_wait(clock: Clock) -> None:
     answers = Answers(clock, _alloc(BEFORE), [_check()])
     gate = _gate(clock, answers, HealthSource.CONSUL)
     threading.Timer(clock.real(1), answers.forget_allocation).start()
+    start = clock.monotonic()
     with pytest.raises(TaskFailed, match="Nomad no longer knows the allocation"):
         gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+    assert clock.monotonic() - start < PASSES / 2, "the failure was noticed only at the deadline"
 
 
 @pytest.mark.parametrize("source", ALL_SOURCES)
@@ -347,3 +357,19 @@ def test_cancel_ends_the_wait_with_lock_lost(clock: Clock) -> None:
 def test_the_baseline_of_a_task_without_state_is_pending(clock: Clock) -> None:
     answers = Answers(clock, dataclasses.replace(_alloc(), task_states={}), [])
     assert _gate(clock, answers, HealthSource.NOMAD).baseline(ALLOC, "server") == TaskState(state="pending")
+
+
+@pytest.mark.parametrize("source", CHECK_SOURCES)
+def test_no_answer_from_consul_is_not_healthy(clock: Clock, source: HealthSource) -> None:
+    answers = Answers(clock, _alloc(), [_check()])
+    answers.consul_silent = True
+    gate = _gate(clock, answers, source, deadline=TIMES_OUT)
+    with pytest.raises(HealthTimeout, match="no answer from Consul for service web yet"):
+        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+
+
+def test_the_gate_keeps_watching_after_nomad_fails(clock: Clock) -> None:
+    answers = Answers(clock, _alloc(), [_check()])
+    answers.nomad_errors = 2
+    report = _gate(clock, answers, HealthSource.NOMAD).wait_healthy(ALLOC, "server", before=BEFORE)
+    assert report.alloc_id == ALLOC and answers.nomad_errors == 0

@@ -96,7 +96,7 @@ def simc(sim: SimCluster) -> Iterator[Cluster]:
     made.nomad.close()
 
 
-@pytest.fixture(params=["sim", "real"])
+@pytest.fixture(params=["sim", pytest.param("real", marks=pytest.mark.real_cluster)])
 def cluster(request: pytest.FixtureRequest, sim_cluster_factory: SimClusterFactory) -> Iterator[Cluster]:
     """The simulator, or the real cluster named by CONSUL_HTTP_ADDR / NOMAD_ADDR (its own key prefix)."""
     prefix = f"shepard-gc-test-{uuid.uuid4().hex[:8]}"

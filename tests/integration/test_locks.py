@@ -21,6 +21,7 @@ from shepard_lib.clock import Clock
 from shepard_lib.config import ConsulConfig
 from shepard_lib.errors import ConsulError, LockLost, LockTimeout
 from shepard_lib.locks import Lock, RestartSlots, Slot
+from shepard_lib.model import SessionBehavior
 from shepard_lib.session import Session
 from shepard_lib.sim.consul import ConsulServer, ConsulState
 
@@ -373,3 +374,19 @@ def test_keys_under_the_slot_prefix_that_are_not_slot_numbers_are_ignored(sim: S
         slot = slots.acquire(holder, holder="holder", timeout=0)
         assert slot.number == 0
         assert slots.holders() == {0: "holder"}
+
+
+def test_a_lock_waiter_takes_the_lock_when_the_holders_key_is_deleted(sim: Sim) -> None:
+    # A holder whose session has behavior "delete" leaves no key behind: the waiter sees an empty view.
+    delete = SessionBehavior.DELETE
+    holder = Session(sim.consul, "deleter", ttl=LONG_TTL, lock_delay=0, behavior=delete, clock=sim.clock)
+    with holder, sim.session("waiter") as waiter:
+        Lock(sim.consul, "t/deleted", holder, clock=sim.clock).acquire(timeout=0)
+        lock = Lock(sim.consul, "t/deleted", waiter, clock=sim.clock, max_wait=10_000)
+        call = Background(lambda: lock.acquire(timeout=1_000))
+        sim.clock.sleep(2)
+        assert call.thread.is_alive()
+        holder.destroy()
+        call.join()
+        assert call.error is None, call.error
+        assert lock.held and _holder(sim, "t/deleted") == waiter.id

@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 import requests
 from nomad.api.exceptions import BaseNomadException, URLNotFoundNomadException
-from nomad_contract import NomadTarget, real_target
+from nomad_contract import CONTRACT_SCENARIO, SIM_SCALE, NomadTarget, python_nomad, real_target
 
 from shepard_lib.backends._http import transient_status
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.clock import Clock
 from shepard_lib.config import NomadConfig
 from shepard_lib.errors import NomadError
+from shepard_lib.sim import SimCluster
 
 RESTART_EVENTS = ["Restart Signaled", "Terminated", "Restarting", "Started"]
 """The task events of one restart, in order: what the real-cluster rollout test counts."""
@@ -133,15 +134,19 @@ def test_restart_of_unknown_task_fails_with_an_answer_not_an_outage(
     )
 
 
-def test_sim_restart_of_a_task_that_is_not_running_fails(sim_target: NomadTarget) -> None:
-    """Sim-only: the sim's restart takes 1 cluster second, a window a real task may not leave open."""
-    alloc = _running_alloc(sim_target, "web")
-    assert sim_target.post(f"/v1/client/allocation/{alloc['ID']}/restart", {"TaskName": "server"}).ok
-    during = sim_target.client.allocation.get_allocation(alloc["ID"])["TaskStates"]["server"]
-    assert during["State"] == "pending" and during["Restarts"] == 1
-    again = sim_target.post(f"/v1/client/allocation/{alloc['ID']}/restart", {"TaskName": "server"})
-    assert (again.status_code, again.text) == (500, "Task not running")
-    assert not transient_status(again.status_code, again.text), "a semantic answer must not be retried"
+def test_sim_restart_of_a_task_that_is_not_running_fails(tmp_path: Any, no_client_env: None) -> None:
+    """Sim-only: a restart that takes 60 cluster seconds holds the task out of ``running`` long enough
+    (1.2 real seconds) to ask again; a real task may not leave that window open."""
+    scenario = {**CONTRACT_SCENARIO, "timing": {"restart": "60s", "healthy_after": "500ms"}}
+    with SimCluster.from_scenario(scenario, data_dir=tmp_path, time_scale=SIM_SCALE) as sim:
+        target = NomadTarget("sim", sim.nomad_addr, None, python_nomad(sim.nomad_addr, None), sim)
+        alloc = _running_alloc(target, "web")
+        assert target.post(f"/v1/client/allocation/{alloc['ID']}/restart", {"TaskName": "server"}).ok
+        during = target.client.allocation.get_allocation(alloc["ID"])["TaskStates"]["server"]
+        assert during["State"] == "pending" and during["Restarts"] == 1
+        again = target.post(f"/v1/client/allocation/{alloc['ID']}/restart", {"TaskName": "server"})
+        assert (again.status_code, again.text) == (500, "Task not running")
+        assert not transient_status(again.status_code, again.text), "a semantic answer must not be retried"
 
 
 def test_restart_with_malformed_body_is_a_bad_request(restart_target: tuple[NomadTarget, str]) -> None:

@@ -373,3 +373,15 @@ def test_the_gate_keeps_watching_after_nomad_fails(clock: Clock) -> None:
     answers.nomad_errors = 2
     report = _gate(clock, answers, HealthSource.NOMAD).wait_healthy(ALLOC, "server", before=BEFORE)
     assert report.alloc_id == ALLOC and answers.nomad_errors == 0
+
+
+def test_cancel_while_waiting_ends_the_wait_with_lock_lost(clock: Clock) -> None:
+    answers = Answers(clock, _alloc(BEFORE), [])
+    cancel = threading.Event()
+    threading.Timer(clock.real(2), cancel.set).start()
+    start = clock.monotonic()
+    with pytest.raises(LockLost, match="cancelled"):
+        _gate(clock, answers, HealthSource.CONSUL).wait_healthy(
+            ALLOC, "server", before=BEFORE, services=["web"], cancel=cancel
+        )
+    assert clock.monotonic() - start < PASSES / 2, "cancel was noticed only at the deadline"

@@ -107,14 +107,7 @@ def scenario(seed: int) -> dict[str, Any]:
                 ],
             }
         ],
-        # register_after 0s: with the default 100 ms between a task running and its service in Consul,
-        # seeds 5 and 15 end with no victim reaching its kill step (the invariants still hold); kept
-        # as before until that is understood (see docs/testing.md).
-        "timing": {
-            "restart": {"lognormal": {"median": "1s", "sigma": 0.4}},
-            "healthy_after": "500ms",
-            "register_after": "0s",
-        },
+        "timing": {"restart": {"lognormal": {"median": "1s", "sigma": 0.4}}, "healthy_after": "500ms"},
         "keys": {"config/web": "v1"},
     }
 

@@ -391,3 +391,21 @@ def test_a_lock_waiter_takes_the_lock_when_the_holders_key_is_deleted(sim: Sim) 
         call.join()
         assert call.error is None, call.error
         assert lock.held and _holder(sim, "t/deleted") == waiter.id
+
+
+def test_a_refused_acquire_leaves_no_claim_behind(sim: Sim) -> None:
+    with sim.session("t") as t, sim.session("s") as s:
+        held = Lock(sim.consul, "t/refused", t, clock=sim.clock)
+        held.acquire(timeout=0)
+        refused = Lock(sim.consul, "t/refused", s, clock=sim.clock)  # kept alive below
+        with pytest.raises(LockTimeout):
+            refused.acquire(timeout=0)
+        held.release()
+        other = Lock(sim.consul, "t/refused", s, clock=sim.clock)
+        other.acquire(timeout=0)  # the refused holder of the same session left no claim in the way
+        assert other.held and not refused.held
+
+
+def test_restart_slots_need_a_size_of_at_least_one(sim: Sim) -> None:
+    with pytest.raises(ValueError, match="restart slots: size must be >= 1, got 0"):
+        RestartSlots(sim.consul, "t/none/restart_lock/", 0, clock=sim.clock)

@@ -119,7 +119,7 @@ def test_fenced_trigger_is_refused_once_the_slot_was_lost(env: Env, after_loss: 
         if after_loss == "slot taken by another session":
             env.slots().acquire(successor, holder="successor", timeout=0)
         assert not slot.lost.is_set(), "the test needs the fence itself to refuse, not the lost event"
-        with pytest.raises(LockLost, match=r"no longer held by this session \(failed session check for key"):
+        with pytest.raises(LockLost, match=r"no longer held by this acquisition \(failed session check for key"):
             trigger.fire(ref, alloc.id, slot)
         env.settle()
     assert env.sim.get_key(key) == "before", "a trigger was written without a held slot"

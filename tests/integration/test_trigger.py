@@ -119,7 +119,8 @@ def test_fenced_trigger_is_refused_once_the_slot_was_lost(env: Env, after_loss: 
         if after_loss == "slot taken by another session":
             env.slots().acquire(successor, holder="successor", timeout=0)
         assert not slot.lost.is_set(), "the test needs the fence itself to refuse, not the lost event"
-        with pytest.raises(LockLost, match=r"no longer held by this acquisition \(failed session check for key"):
+        refused = r"no longer held by this acquisition \(failed session check for key"
+        with pytest.raises(LockLost, match=refused):
             trigger.fire(ref, alloc.id, slot)
         env.settle()
     assert env.sim.get_key(key) == "before", "a trigger was written without a held slot"
@@ -191,3 +192,27 @@ def test_nomad_api_fence_reads_the_slot_with_a_consistent_read(env: Env) -> None
     with env.session("agent") as session, env.slots().hold(session, holder="agent") as slot:
         trigger.fire(env.ref(alloc), alloc.id, slot)
     assert reads.reads == [(slot.key, True)], "the fence read of the slot must be a consistent read"
+
+
+def test_nomad_api_trigger_is_refused_for_an_earlier_acquisition_by_the_same_session(env: Env) -> None:
+    alloc = env.alloc(0)
+    trigger = Trigger(env.consul, env.nomad, KEYSPACE, RestartMethod.NOMAD_API)
+    with env.session("agent") as session:
+        slots = env.slots()
+        earlier = slots.acquire(session, holder="first")
+        slots.release(earlier)
+        slots.acquire(session, holder="second")  # the same session holds the slot again, a new acquisition
+        with pytest.raises(LockLost, match="no longer held"):
+            trigger.fire(env.ref(alloc), alloc.id, earlier)
+    assert env.sim.restarts() == []
+
+
+def test_nomad_api_trigger_is_refused_when_the_slot_key_is_gone(env: Env) -> None:
+    alloc = env.alloc(0)
+    trigger = Trigger(env.consul, env.nomad, KEYSPACE, RestartMethod.NOMAD_API)
+    with env.session("agent") as session:
+        slot = env.slots().acquire(session, holder="agent")
+        env.consul.delete(slot.key)
+        with pytest.raises(LockLost, match="no longer held"):
+            trigger.fire(env.ref(alloc), alloc.id, slot)
+    assert env.sim.restarts() == []

@@ -29,8 +29,8 @@ SCENARIO: dict[str, Any] = {
     "logs": {"lines_per_start": 6},
 }
 REAL_SKIP = (
-    "set NOMAD_ADDR and SHEPARD_TEST_NOMAD_DATA_DIR (the local Nomad client's data_dir) to ship a real "
-    "client's logs"
+    "NOMAD_ADDR and SHEPARD_TEST_NOMAD_DATA_DIR (the local Nomad client's data_dir, readable here) are "
+    "needed to ship a real client's logs"
 )
 
 

@@ -38,7 +38,11 @@ def scenario(count: int = 9, concurrency: int = 1, nodes: int = 3) -> dict[str, 
                                 "name": "server",
                                 "shepard": True,
                                 "templates": [
-                                    {"key": "config/web", "destination": "local/app.conf", "change_mode": "noop"}
+                                    {
+                                        "key": "config/web",
+                                        "destination": "local/app.conf",
+                                        "change_mode": "noop",
+                                    }
                                 ],
                                 "service": "web",
                                 "unhealthy_if": {"key": "config/web", "equals": "broken"},
@@ -73,7 +77,9 @@ def agent_config(sim: SimCluster, node: str, **changes: Any) -> ShepardConfig:
 def make_agent(sim: SimCluster, node: str, **changes: Any) -> Agent:
     """An (unstarted) agent for ``node`` on the sim's clock."""
     cfg = agent_config(sim, node, **changes)
-    return Agent(cfg, ConsulBackend(cfg.consul, sim.clock), NomadBackend(cfg.nomad, sim.clock), clock=sim.clock)
+    return Agent(
+        cfg, ConsulBackend(cfg.consul, sim.clock), NomadBackend(cfg.nomad, sim.clock), clock=sim.clock
+    )
 
 
 @contextmanager

@@ -6,6 +6,7 @@ sim's restart record. (A real cluster's agent runs on its own node: see README, 
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import Counter
 from pathlib import Path
@@ -30,9 +31,11 @@ def test_key_change_restarts_every_allocation_once_one_at_a_time_each_healthy_fi
     assert len(plan.members) == 9
     assert sim.peak_concurrency("web", "app", "server") == 1
     ordered = sorted(restarts, key=lambda r: r.stopped_at or 0)
-    for before, after in zip(ordered, ordered[1:], strict=False):
+    for before, after in itertools.pairwise(ordered):
         assert before.healthy_at is not None and after.stopped_at is not None
-        assert before.healthy_at <= after.stopped_at, f"{after.alloc_id} went before {before.alloc_id} was healthy"
+        assert before.healthy_at <= after.stopped_at, (
+            f"{after.alloc_id} went before {before.alloc_id} was healthy"
+        )
 
 
 def test_at_concurrency_two_each_allocation_restarts_once_and_never_more_than_two_at_once(
@@ -54,7 +57,9 @@ def rewrite_atomically(path: Path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
-def test_logs_trigger_file_and_identical_renders_restart_nothing(sim_cluster_factory: SimClusterFactory) -> None:
+def test_logs_trigger_file_and_identical_renders_restart_nothing(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
     sim = sim_cluster_factory(scenario(count=3, concurrency=1), time_scale=SCALE)
     with agents(sim, ["n1"]) as running:
         agent = running["n1"]
@@ -72,7 +77,9 @@ def test_logs_trigger_file_and_identical_renders_restart_nothing(sim_cluster_fac
         (base / "server" / "local" / ".app.conf.swp").write_bytes(b"editor state")
         sim.set_key("config/web", "v1")  # the same value: Nomad renders nothing new
         sim.clock.sleep(4 * agent.config.settle_time)
-        changes = sum(s.value for s in agent.metrics.change_events.collect()[0].samples if s.name.endswith("_total"))
+        changes = sum(
+            s.value for s in agent.metrics.change_events.collect()[0].samples if s.name.endswith("_total")
+        )
         assert changes == 0
         plan, _ = read_plan(sim)
         assert plan is None, plan
@@ -95,7 +102,9 @@ def test_two_changes_within_settle_time_are_one_rollout(sim_cluster_factory: Sim
     assert counts == Counter({a: 1 for a in plan.members}) and len(counts) == 6
 
 
-def test_a_change_mid_rollout_restarts_the_done_members_once_more(sim_cluster_factory: SimClusterFactory) -> None:
+def test_a_change_mid_rollout_restarts_the_done_members_once_more(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
     sim = sim_cluster_factory(scenario(count=6, concurrency=1), time_scale=SCALE)
     with agents(sim, ["n1", "n2", "n3"]):
         sim.set_key("config/web", "v2")

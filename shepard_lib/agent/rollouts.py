@@ -1,9 +1,10 @@
 """The agent's rollouts: one worker thread per task (``job/group/task``), all tasks concurrently.
 
-A change event of an allocation's task is queued on that task's worker. The worker registers
-every queued allocation in the plan at once (so the members are visible as ``pending`` even if
-this agent dies right after), then hands each to :meth:`Coordinator.handle_change`, one at a time
-(one coordinator drives one member at a time, see :mod:`shepard_lib.coordinator`).
+A change event of an allocation's task is registered in the task's plan at once by the agent's
+registrar thread (so the member is visible as ``pending`` even if this agent dies while it is
+busy with another restart), then queued on that task's worker, which hands each change to
+:meth:`Coordinator.handle_change`, one at a time (one coordinator drives one member at a time,
+see :mod:`shepard_lib.coordinator`).
 
 **No rollout depends on every agent being alive.** Once its own members are through, a worker
 stays while the task's plan (every node's plan of the task with ``lock_scope: node``) still has
@@ -123,33 +124,7 @@ class _Worker:
         return changes
 
     def _handle(self, changes: list[Change]) -> None:
-        """Register every queued change, then drive each through the coordinator."""
-        coordinator = self._coordinator()
-        if coordinator is None:
-            return
-        for change in changes:
-            log.info(
-                "%s alloc %s on %s: change seen in %s",
-                self.label,
-                change.alloc.id,
-                change.alloc.node_name,
-                ", ".join(change.files),
-            )
-        try:
-            job = self.host.nomad.job(self.job)
-            targets = [target_for(c.alloc, c.task, job) for c in changes]
-            scopes: dict[TaskScope, list[int]] = {}
-            for i, target in enumerate(targets):
-                scopes.setdefault(self.host.keyspace.scope(target.ref), []).append(i)
-            for scope, indexes in scopes.items():
-                coordinator.register(
-                    scope,
-                    [targets[i] for i in indexes],
-                    job,
-                    changed_at=min(changes[i].changed_at for i in indexes),
-                )
-        except ShepardError as exc:
-            log.error("%s: could not register %d change(s): %s", self.label, len(changes), exc)
+        """Drive each change (already registered) through the coordinator."""
         for change in changes:
             if self.host.stopping.is_set():
                 return
@@ -304,11 +279,70 @@ class Rollouts:
     def __init__(self, host: RolloutHost) -> None:
         self._host = host
         self._lock = threading.Lock()
+        self._registered = threading.Condition(self._lock)
+        self._to_register: list[Change] = []
+        self._registrar: threading.Thread | None = None
         self._workers: dict[tuple[str, str, str], _Worker] = {}
 
     def submit(self, change: Change) -> None:
-        """Queue ``change`` for its task's worker (started if it is not running)."""
-        name = (change.alloc.job_id, change.alloc.task_group, change.task)
+        """Register ``change`` in its plan (on the registrar thread), then queue it on its task's worker."""
+        with self._lock:
+            self._to_register.append(change)
+            if self._registrar is None or not self._registrar.is_alive():
+                self._registrar = threading.Thread(
+                    target=self._register_loop, name="shepard-registrar", daemon=True
+                )
+                self._registrar.start()
+            self._registered.notify_all()
+
+    def _register_loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._to_register:
+                    self._registered.wait(1.0)
+                if self._host.stopping.is_set():
+                    return
+                changes, self._to_register = self._to_register, []
+            by_task: dict[tuple[str, str, str], list[Change]] = {}
+            for change in changes:
+                by_task.setdefault((change.alloc.job_id, change.alloc.task_group, change.task), []).append(
+                    change
+                )
+            for name, group in by_task.items():
+                self._register(name, group)
+                for change in group:
+                    self._queue(name, change)
+
+    def _register(self, name: tuple[str, str, str], changes: list[Change]) -> None:
+        """Register ``changes`` (one task's) in their plan(s); the worker retries what fails here."""
+        for change in changes:
+            log.info(
+                "%s alloc %s on %s: change seen in %s",
+                "/".join(name),
+                change.alloc.id,
+                change.alloc.node_name,
+                ", ".join(change.files),
+            )
+        coordinator = self._host.coordinator()
+        if coordinator is None:
+            return
+        try:
+            job = self._host.nomad.job(name[0])
+            targets = [target_for(c.alloc, c.task, job) for c in changes]
+            scopes: dict[TaskScope, list[int]] = {}
+            for i, target in enumerate(targets):
+                scopes.setdefault(self._host.keyspace.scope(target.ref), []).append(i)
+            for scope, indexes in scopes.items():
+                coordinator.register(
+                    scope,
+                    [targets[i] for i in indexes],
+                    job,
+                    changed_at=min(changes[i].changed_at for i in indexes),
+                )
+        except ShepardError as exc:
+            log.error("%s: could not register %d change(s) yet: %s", "/".join(name), len(changes), exc)
+
+    def _queue(self, name: tuple[str, str, str], change: Change) -> None:
         with self._lock:
             worker = self._workers.get(name)
             if worker is None:
@@ -319,8 +353,9 @@ class Rollouts:
             worker.wake.set()
 
     def poke(self) -> None:
-        """Wake every idle worker (a heartbeat changed: an agent may have died)."""
+        """Wake every idle worker (a heartbeat changed: an agent may have died) and the registrar."""
         with self._lock:
+            self._registered.notify_all()
             for worker in self._workers.values():
                 worker.wake.set()
 

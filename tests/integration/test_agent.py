@@ -245,7 +245,7 @@ def test_metrics_health_and_ready_are_served_and_parse(sim_cluster_factory: SimC
         sim.set_key("config/web", "v2")
         wait_plan(sim, complete(3))
         succeeded = agent.metrics.restarts_succeeded.labels("web", "app", "server")
-        wait_until(sim, lambda: succeeded._value.get() == 3, "the last outcome is counted (after the plan write)")
+        wait_until(sim, lambda: succeeded._value.get() == 3, "the last outcome is counted")
         text = requests.get(f"{base}/metrics", timeout=10).text
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value

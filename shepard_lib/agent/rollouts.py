@@ -32,7 +32,7 @@ from shepard_lib.config import LockScope
 from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, Target, target_for
 from shepard_lib.errors import NotFound, PlanError, ShepardError
 from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskScope, unescape_segment
-from shepard_lib.model import Allocation
+from shepard_lib.model import Allocation, AllocClientStatus
 from shepard_lib.plan import MemberState, Plan
 
 __all__ = ["Change", "RolloutHost", "Rollouts"]
@@ -234,6 +234,18 @@ class _Worker:
             log.warning("%s: member alloc %s on %s cannot be driven: %s", self.label, alloc_id, node, exc)
             self._skipped.add((alloc_id, generation))
             return
+        if not (alloc.desired_status == "run" and alloc.client_status in _LIVE):
+            # Triggering it would restart nothing and fail the member at healthy_deadline, halting the plan.
+            log.warning(
+                "%s: member alloc %s on %s is %s/%s, not restarting it",
+                self.label,
+                alloc_id,
+                node,
+                alloc.desired_status,
+                alloc.client_status,
+            )
+            self._skipped.add((alloc_id, generation))
+            return
         target = target_for(alloc, self.task, job)
         if node != self.host.node_name:
             log.info(
@@ -264,6 +276,9 @@ class _Worker:
             log.warning("%s: reading the plan failed: %s", self.label, exc)
         self.host.clock.wait(self.wake, self.host.recheck_interval())
         return True
+
+
+_LIVE = (AllocClientStatus.RUNNING, AllocClientStatus.PENDING)
 
 
 def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:

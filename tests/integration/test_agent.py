@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shepard_lib.agent import Agent
 from shepard_lib.agent.inotify import PyInotifyWatcher, WatchLimitReached
 from shepard_lib.agent.watcher import TaskKey
+from shepard_lib.keyspace import TaskRef
 from shepard_lib.plan import MemberState
 from shepard_lib.sim.consul import ConsulServer
 from shepard_lib.sim.nomad.restarts import RestartRecord
@@ -293,3 +294,12 @@ def test_consul_down_longer_than_the_ttl_then_back_gets_a_new_session_and_works(
     outage_lines = [r for r in caplog.records if r.getMessage().startswith("Consul unreachable")]
     assert len(outage_lines) == 1, [r.getMessage() for r in outage_lines]
     assert sum(r.getMessage().startswith("Consul reachable again") for r in caplog.records) == 1
+
+
+def test_the_agent_collects_garbage_every_gc_interval(sim_cluster_factory: SimClusterFactory) -> None:
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    stale = KEYS.trigger_key(TaskRef("n1", "web", "app", "server", 7))  # no allocation has index 7
+    sim.set_key(stale, "old trigger")
+    with agents(sim, ["n1"], gc_interval=5.0):
+        wait_until(sim, lambda: sim.get_key(stale) is None, "the stale trigger key is collected")
+        assert sim.get_key(KEYS.node_key("n1")) is not None, "the live heartbeat is kept"

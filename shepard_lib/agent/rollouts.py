@@ -31,9 +31,10 @@ from shepard_lib.clock import Clock
 from shepard_lib.config import LockScope
 from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, Target, target_for
 from shepard_lib.errors import NotFound, PlanError, ShepardError
-from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskScope, unescape_segment
+from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskRef, TaskScope, unescape_segment
 from shepard_lib.model import Allocation, AllocClientStatus
 from shepard_lib.plan import MemberState, Plan
+from shepard_lib.trigger import describe
 
 __all__ = ["Change", "RolloutHost", "Rollouts"]
 
@@ -339,12 +340,14 @@ class Rollouts:
         """Register ``changes`` (one task's) in their plan(s); returned with their targets when
         registered, as they were otherwise (the worker then registers them through handle_change)."""
         for change in changes:
+            alloc = change.alloc
+            ref = TaskRef(alloc.node_name, alloc.job_id, alloc.task_group, change.task, alloc.index)
             log.info(
-                "%s alloc %s on %s: change seen in %s",
-                "/".join(name),
-                change.alloc.id,
-                change.alloc.node_name,
+                "%s alloc %s: change seen in %s",
+                describe(ref),
+                alloc.id,
                 ", ".join(change.files),
+                extra={"event": "change", "alloc_id": alloc.id, "files": list(change.files)},
             )
         coordinator = self._host.coordinator()
         if coordinator is None:

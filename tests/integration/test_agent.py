@@ -236,8 +236,11 @@ def test_watch_exhaustion_is_logged_once_and_falls_back_to_scans(
     assert "sysctl -w fs.inotify.max_user_watches=" in limit_lines[0].getMessage()
 
 
-def test_metrics_health_and_ready_are_served_and_parse(sim_cluster_factory: SimClusterFactory) -> None:
+def test_metrics_health_and_ready_are_served_and_parse(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
     with agents(sim, ["n1"], metrics_address="127.0.0.1:0") as running:
         agent = running["n1"]
         base = f"http://{agent.metrics_address}"
@@ -263,6 +266,9 @@ def test_metrics_health_and_ready_are_served_and_parse(sim_cluster_factory: SimC
     assert samples[("shepard_slot_wait_seconds_count", ())] == 3
     assert samples[("shepard_restart_to_healthy_seconds_count", ())] == 3
     assert samples[("shepard_session_renew_failures_total", ())] == 0
+    seen = [r.getMessage() for r in caplog.records if "change seen" in r.getMessage()]
+    assert len(seen) == 3 and all(m.startswith("n1/web/app/server[") for m in seen), seen
+    assert all(m.endswith("change seen in server/local/app.conf") for m in seen), seen
 
 
 def test_consul_down_longer_than_the_ttl_then_back_gets_a_new_session_and_works(

@@ -401,7 +401,7 @@ class Agent:
 
     def _watch_heartbeats(self) -> None:
         """Wake the rollout workers whenever an agent's heartbeat changes (an agent may have died)."""
-        prefix = self.keyspace.node_key("")
+        prefix = self.keyspace.nodes_prefix()
         index = 0
         while not self.stopping.is_set():
             try:

@@ -31,7 +31,7 @@ from shepard_lib.clock import Clock
 from shepard_lib.config import LockScope
 from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, Target, target_for
 from shepard_lib.errors import NotFound, PlanError, ShepardError
-from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskRef, TaskScope, unescape_segment
+from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskRef, TaskScope
 from shepard_lib.model import Allocation, AllocClientStatus
 from shepard_lib.plan import MemberState, Plan
 from shepard_lib.trigger import describe
@@ -260,11 +260,15 @@ class _Worker:
             self._skipped.add((alloc_id, generation))
 
     def _alive_nodes(self) -> set[str]:
-        prefix = self.host.keyspace.node_key("")
+        """Nodes whose heartbeat key is held by a session (their agent is alive)."""
+        keys = self.host.keyspace
         alive = set()
-        for entry in self.host.consul.get_tree(prefix, consistent=True):
+        for entry in self.host.consul.get_tree(keys.nodes_prefix(), consistent=True):
             if entry.session is not None:
-                alive.add(_node_of(entry.key, prefix))
+                try:
+                    alive.add(keys.parse_node_key(entry.key))
+                except ValueError:
+                    continue
         return alive
 
     def _idle(self) -> bool:
@@ -291,10 +295,6 @@ def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:
 
 def _open(plan: Plan) -> bool:
     return any(m.state in (MemberState.PENDING, MemberState.RESTARTING) for m in plan.members.values())
-
-
-def _node_of(key: str, prefix: str) -> str:
-    return unescape_segment(key[len(prefix) :])
 
 
 class Rollouts:

@@ -51,6 +51,9 @@ def test_key_change_restarts_every_allocation_once_one_at_a_time_each_healthy_fi
     restarts = [r for r in sim.restarts() if r.job == "web"]
     assert Counter(r.alloc_id for r in restarts) == Counter({a: 1 for a in plan.members}), restarts
     assert len(plan.members) == 9
+    assert all(m.holder_name == m.node for m in plan.members.values()), (
+        "with every agent alive, each did its own"
+    )
     assert sim.peak_concurrency("web", "app", "server") == 1
     ordered = sorted(restarts, key=lambda r: r.stopped_at or 0)
     for before, after in itertools.pairwise(ordered):
@@ -69,6 +72,9 @@ def test_at_concurrency_two_each_allocation_restarts_once_and_never_more_than_tw
         plan = wait_plan(sim, complete(9))
     counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
     assert counts == Counter({a: 1 for a in plan.members}) and len(counts) == 9
+    assert all(m.holder_name == m.node for m in plan.members.values()), (
+        "with every agent alive, each did its own"
+    )
     assert 1 <= sim.peak_concurrency("web", "app", "server") <= 2
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from agent_support import KEYS, SCALE, complete, scenario, wait_plan, wait_until
+from agent_support import KEYS, SCALE, complete, read_plan, scenario, wait_plan, wait_until
 
 from shepard_lib.keyspace import Keyspace, TaskScope
 from shepard_lib.sim import SimCluster
@@ -167,11 +167,16 @@ def test_an_agent_killed_mid_rollout_leaves_nothing_stuck(
     with agent_processes(sim, tmp_path, ["n1", "n2", "n3"], lock_scope=lock_scope) as running:
         victim = heartbeat_session(sim, "n2", keys)
         sim.set_key("config/web", "v2")
-        wait_until(
-            sim,
-            lambda: (held := slot_holder(sim, victim_scope, keys)) is not None and held[0] == victim,
-            "the agent of n2 holds a restart slot",
-        )
+        plan_scope = TaskScope("web", "app", "server", node="n2" if lock_scope == "node" else None)
+
+        def victim_busy() -> bool:
+            held = slot_holder(sim, victim_scope, keys)
+            plan, _ = read_plan(sim, plan_scope, keys)
+            registered = sum(m.node == "n2" for m in plan.members.values()) if plan else 0
+            return held is not None and held[0] == victim and registered == 2
+
+        # Killed while it holds a slot, once it has registered both of its node's changes.
+        wait_until(sim, victim_busy, "the agent of n2 holds a restart slot with both its members registered")
         running["n2"].proc.kill()
         killed_at = sim.clock.monotonic()
         wait_until(

@@ -367,17 +367,16 @@ class Agent:
         while not self.stopping.is_set():
             session = self._session
             if session is None or session.lost.is_set():
+                if session is not None:
+                    self.metrics.sessions_lost.inc()
+                    log.warning(
+                        "session lost (%s): no action on its locks; creating a new one", session.lost_reason
+                    )
+                    session.destroy()  # if Consul still has it, its locks go now rather than at its TTL
                 with self._session_cond:
                     if self.stopping.is_set():
                         return
-                    if session is not None:
-                        self.metrics.sessions_lost.inc()
-                        log.warning(
-                            "session lost (%s): no action on its locks; creating a new one",
-                            session.lost_reason,
-                        )
-                        session.destroy()
-                        self._session = None
+                    self._session = None
                     try:
                         self._session = self._new_session()
                     except ShepardError as exc:
@@ -395,6 +394,7 @@ class Agent:
             except ShepardError as exc:
                 self.clock.wait(self.stopping, self._consul_outage.failed("heartbeat", exc))
                 continue
+            self._consul_outage.recovered()
             session = self._session
             if session is not None:
                 self.clock.wait(session.lost, session.ttl / 2)
@@ -410,6 +410,7 @@ class Agent:
                 index = 0
                 self.clock.wait(self.stopping, self._consul_outage.failed("kv.watch nodes", exc))
                 continue
+            self._consul_outage.recovered()
             if index and new_index != index:
                 self._rollouts.poke()
             index = new_index

@@ -9,6 +9,7 @@ it moves those retry lines to DEBUG (``--log-level DEBUG`` still shows them).
 from __future__ import annotations
 
 import logging
+import threading
 
 from shepard_lib.clock import Clock
 
@@ -21,7 +22,7 @@ MAXIMUM = 30.0
 
 
 class Outage:
-    """Tracks one service's outage: :meth:`failed` returns the backoff, :meth:`recovered` ends it.
+    """One service's outage (thread-safe): :meth:`failed` returns the backoff, :meth:`recovered` ends it.
 
     The first failure logs a warning naming the service, the call and the error; later failures of
     the same outage log only at debug level; the first success after it logs how long it lasted.
@@ -30,16 +31,16 @@ class Outage:
     def __init__(self, service: str, clock: Clock) -> None:
         self.service = service
         self._clock = clock
+        self._lock = threading.Lock()  # the agent's session keeper and heartbeat watcher share one
         self._since: float | None = None
         self._delay = INITIAL
 
-    @property
-    def ongoing(self) -> bool:
-        """An outage has begun and not ended."""
-        return self._since is not None
-
     def failed(self, call: str, error: Exception) -> float:
         """Record a failure of ``call``; returns the cluster seconds to wait before retrying."""
+        with self._lock:
+            return self._failed(call, error)
+
+    def _failed(self, call: str, error: Exception) -> float:
         if self._since is None:
             self._since = self._clock.monotonic()
             self._delay = INITIAL
@@ -51,6 +52,10 @@ class Outage:
 
     def recovered(self) -> None:
         """Record a success; logs the end of an outage once."""
+        with self._lock:
+            self._recovered()
+
+    def _recovered(self) -> None:
         if self._since is not None:
             log.warning("%s reachable again after %.0fs", self.service, self._clock.monotonic() - self._since)
             self._since = None

@@ -351,6 +351,7 @@ class Agent:
             }
         )
         self._heartbeat_held = self.consul.acquire(self.keyspace.node_key(self.node_name), value, session.id)
+        self._consul_outage.recovered()
         if self._heartbeat_held:
             log.info("heartbeat %s held by session %s", self.keyspace.node_key(self.node_name), session.id)
             self._heartbeat_refused_logged = False
@@ -394,7 +395,6 @@ class Agent:
             except ShepardError as exc:
                 self.clock.wait(self.stopping, self._consul_outage.failed("heartbeat", exc))
                 continue
-            self._consul_outage.recovered()
             session = self._session
             if session is not None:
                 self.clock.wait(session.lost, session.ttl / 2)

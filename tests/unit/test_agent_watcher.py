@@ -99,3 +99,14 @@ def test_a_new_subdirectory_is_followed(layout: Path, events: queue.Queue[Change
 )
 def test_temporary_and_editor_names_are_ignored(name: str, ignored: bool) -> None:
     assert is_ignored(name) is ignored
+
+
+def test_secrets_are_watched_with_watch_secrets(layout: Path) -> None:
+    got: queue.Queue[ChangeEvent] = queue.Queue()
+    watcher = FileWatcher(layout, got.put, PyInotifyWatcher, clock=CLOCK, settle_time=SETTLE, watch_secrets=True)
+    try:
+        watcher.watch(KEY)
+        (task_dir(layout) / "secrets" / "token").write_text("s2")
+        assert next_event(got).files == ("server/secrets/token",)
+    finally:
+        watcher.close()

@@ -103,7 +103,9 @@ def test_temporary_and_editor_names_are_ignored(name: str, ignored: bool) -> Non
 
 def test_secrets_are_watched_with_watch_secrets(layout: Path) -> None:
     got: queue.Queue[ChangeEvent] = queue.Queue()
-    watcher = FileWatcher(layout, got.put, PyInotifyWatcher, clock=CLOCK, settle_time=SETTLE, watch_secrets=True)
+    watcher = FileWatcher(
+        layout, got.put, PyInotifyWatcher, clock=CLOCK, settle_time=SETTLE, watch_secrets=True
+    )
     try:
         watcher.watch(KEY)
         (task_dir(layout) / "secrets" / "token").write_text("s2")

@@ -23,6 +23,7 @@ from agent_support import KEYS, SCALE, complete, read_plan, scenario, wait_plan,
 from shepard_lib.keyspace import Keyspace, TaskScope
 from shepard_lib.sim import SimCluster
 from shepard_lib.sim.consul import ConsulServer
+from shepard_lib.sim.nomad.restarts import peak_concurrency
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
 SHEPARD = str(Path(sys.executable).parent / "shepard")
@@ -196,6 +197,11 @@ def test_an_agent_killed_mid_rollout_leaves_nothing_stuck(
     assert per_node["n2"] == 2, "the dead agent's members were driven by the others"
     if lock_scope == "cluster":
         assert sim.peak_concurrency("web", "app", "server") == 1
+    else:
+        now = sim.clock.time()
+        for node in ("n1", "n2", "n3"):
+            on_node = [r for r in sim.restarts() if r.node == node]
+            assert peak_concurrency(on_node, now, "web", "app", "server") == 1, f"{node}: more than 1 at once"
 
 
 def test_startup_with_a_bad_config_exits_2_and_with_an_unreachable_cluster_exits_1(tmp_path: Path) -> None:

@@ -253,3 +253,29 @@ def test_a_consul_outage_is_one_log_line_not_one_per_retry_and_the_agent_resumes
     assert len(plan.members) == 2, "the agent works again with a new session"
     assert log.count("shepard_lib.agent.outage: Consul unreachable") == 1, log
     assert "attempt 1/5 failed" not in log and "renew failed" not in log, log
+
+
+def test_an_agent_restarted_after_a_crash_works_and_takes_its_heartbeat_when_the_old_session_ends(
+    sim_cluster_factory: SimClusterFactory, tmp_path: Path
+) -> None:
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    # A TTL long enough that the new process is up before the crashed one's session ends.
+    with agent_processes(sim, tmp_path, ["n1"], session_ttl="2m") as running:
+        old = heartbeat_session(sim, "n1")
+        running["n1"].proc.kill()  # as systemd's Restart=on-failure would find it
+        running["n1"].proc.wait(30)
+        config = tmp_path / "n1.yaml"
+        restarted = AgentProcess(config, tmp_path / "n1-again.log")
+        try:
+            wait_until(sim, lambda: "is held by another session" in restarted.text(), "the refusal is logged")
+            wait_until(
+                sim,
+                lambda: (s := heartbeat_session(sim, "n1")) is not None and s != old,
+                "the new agent holds the heartbeat once the crashed one's session ended",
+                timeout=1200.0,
+            )
+            sim.set_key("config/web", "v2")
+            plan = wait_plan(sim, complete(2))
+        finally:
+            restarted.stop()
+    assert all(m.holder_name == "n1" for m in plan.members.values())

@@ -335,3 +335,23 @@ def test_different_tasks_roll_out_concurrently(sim_cluster_factory: SimClusterFa
         sim.set_key("config/web", "v2")
         sim.set_key("config/api", "a2")
         wait_until(sim, lambda: restarting(SCOPE) and restarting(api), "both tasks restart at once")
+
+
+def test_nomad_failing_for_a_while_is_one_log_line_then_the_agent_resumes(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
+    with agents(sim, ["n1"]) as running:
+        agent = running["n1"]
+        sim.nomad_faults.error_rate = 1.0
+        wait_until(sim, lambda: not agent.ready(), "the agent is not ready while Nomad fails")
+        sim.clock.sleep(60.0)  # several backoff rounds
+        sim.nomad_faults.error_rate = 0.0
+        wait_until(sim, agent.ready, "the agent is ready again")
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(2))
+    assert len(plan.members) == 2
+    messages = [r.getMessage() for r in caplog.records if r.name == "shepard_lib.agent.outage"]
+    assert sum(m.startswith("Nomad unreachable") for m in messages) == 1, messages
+    assert sum(m.startswith("Nomad reachable again") for m in messages) == 1, messages

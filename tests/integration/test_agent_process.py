@@ -27,7 +27,7 @@ from shepard_lib.sim.nomad.restarts import peak_concurrency
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
 SHEPARD = str(Path(sys.executable).parent / "shepard")
-TTL = 10.0
+TTL = 30.0  # 1.5 s real at SCALE: no sub-second real TTL on a busy machine
 LOCK_DELAY = 2.0
 
 
@@ -188,7 +188,9 @@ def test_an_agent_killed_mid_rollout_leaves_nothing_stuck(
         for node in ["n1", "n2", "n3"] if lock_scope == "node" else [None]:
             scope = TaskScope("web", "app", "server", node=node)
             plans[node] = wait_plan(sim, complete(2 if node else 6), scope=scope, keys=keys)
-    assert freed_after <= 2 * TTL + LOCK_DELAY + 2.0, f"slot freed {freed_after:.1f}s after the kill"
+    # Consul invalidates a session at most 2 x TTL after its last renew; TTL / 2 allows for this
+    # test thread being scheduled late on a busy machine.
+    assert freed_after <= 2 * TTL + LOCK_DELAY + TTL / 2, f"slot freed {freed_after:.1f}s after the kill"
     members = {a for plan in plans.values() for a in plan.members}
     counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
     assert set(counts) == members and len(members) == 6

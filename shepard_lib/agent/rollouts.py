@@ -43,14 +43,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Change:
-    """A settled content change of ``task`` in ``alloc``; ``changed_at`` is cluster Unix time.
+    """A settled content change of ``task`` in ``alloc``; ``target`` is set once it is registered.
 
-    ``target`` is set once the change is registered in its plan.
+    When the change happened is not a host's clock time: the registration orders it by the plan's
+    Consul index read when the agent handles it (``seen_index``), which is after the files changed.
+    A restart claimed between the change and that read is then restarted once more (never missed).
     """
 
     alloc: Allocation
     task: str
-    changed_at: float
     files: tuple[str, ...] = ()
     target: Target | None = None
 
@@ -290,7 +291,7 @@ def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:
     """Drive a registered change; register it first (``handle_change``) if the registrar could not."""
     if change.target is not None:
         return coordinator.drive(change.target)
-    return coordinator.handle_change(change.alloc, change.task, change.changed_at)
+    return coordinator.handle_change(change.alloc, change.task)
 
 
 def _open(plan: Plan) -> bool:
@@ -359,12 +360,7 @@ class Rollouts:
             for i, target in enumerate(targets):
                 scopes.setdefault(self._host.keyspace.scope(target.ref), []).append(i)
             for scope, indexes in scopes.items():
-                coordinator.register(
-                    scope,
-                    [targets[i] for i in indexes],
-                    job,
-                    changed_at=min(changes[i].changed_at for i in indexes),
-                )
+                coordinator.register(scope, [targets[i] for i in indexes], job)
         except ShepardError as exc:
             log.error("%s: could not register %d change(s) yet: %s", "/".join(name), len(changes), exc)
             return changes

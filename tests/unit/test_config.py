@@ -65,6 +65,7 @@ EXPECTED_DEFAULTS: dict[str, Any] = {
     "node_cleanup_timeout": 86400.0,
     "gc_plan_retention": 86400.0,
     "ship_log_interval": 60.0,
+    "shutdown_timeout": 30.0,
     "metrics_address": None,
     "log_level": "INFO",
     "log_format": "text",

@@ -4,20 +4,26 @@
 agents can run in one process (the demo runs one per simulated node). :class:`MetricsServer`
 serves ``/metrics`` (the Prometheus text format), ``/health`` (liveness: the agent's threads are
 running) and ``/ready`` (the Consul session is held and Nomad answers), each ``200`` or ``503``.
-:func:`counted` wraps a backend so that every failed call is counted by name.
+:func:`counted` wraps a backend so that every failed call is counted by name. Garbage collection
+passes (``shepard_gc_*``) and the log shipper's per-sink counters (``shepard_logship_*``) are
+exposed in the same registry.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 from shepard_lib.errors import ShepardError
+from shepard_lib.gc import GCReport
+from shepard_lib.logship.metrics import ShipperMetrics
 
 __all__ = ["AgentMetrics", "MetricsServer", "counted"]
 
@@ -87,10 +93,48 @@ class AgentMetrics:
         self.periodic_failures = Counter(
             "shepard_periodic_job_failures", "Runs of a periodic job that raised.", ("name",), registry=r
         )
+        self.gc_deleted = Counter(
+            "shepard_gc_deleted", "Shepard keys garbage collection deleted, by rule.", ("rule",), registry=r
+        )
+        self.gc_skipped = Counter(
+            "shepard_gc_skipped",
+            "Stale-looking keys garbage collection spared, by reason.",
+            ("reason",),
+            registry=r,
+        )
+
+    def count_gc(self, report: GCReport) -> None:
+        """Add one garbage collection pass to ``shepard_gc_deleted_total`` / ``shepard_gc_skipped_total``."""
+        for rule, count in report.deleted_by_rule().items():
+            self.gc_deleted.labels(rule).inc(count)
+        for reason, count in report.skipped_by_reason().items():
+            self.gc_skipped.labels(reason).inc(count)
+
+    def add_log_shipping(self, metrics: ShipperMetrics) -> None:
+        """Expose a log shipper's per-sink counters (``shepard_logship_*``) in this registry."""
+        self.registry.register(_LogShippingCollector(metrics))
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+class _LogShippingCollector(Collector):
+    """The samples of a :class:`ShipperMetrics` as Prometheus metric families, one per name."""
+
+    def __init__(self, metrics: ShipperMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        for sample in self._metrics.samples():
+            if sample.name not in families:
+                kind = CounterMetricFamily if sample.kind == "counter" else GaugeMetricFamily
+                families[sample.name] = kind(
+                    sample.name.removesuffix("_total"), sample.help, labels=list(sample.labels)
+                )
+            families[sample.name].add_metric(list(sample.labels.values()), sample.value)
+        yield from families.values()
 
 
 class _Counted:

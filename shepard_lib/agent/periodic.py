@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any, cast
 from shepard_lib.backends import NomadListAPI
 from shepard_lib.config import ShepardConfig
 from shepard_lib.gc import GCScope, collect_garbage
+from shepard_lib.logship import LogShipper
 
 if TYPE_CHECKING:
     from shepard_lib.agent.agent import Agent
 
-__all__ = ["PeriodicJob", "PeriodicRunner", "collect_garbage_job", "default_jobs"]
+__all__ = ["PeriodicJob", "PeriodicRunner", "ShipLogsJob", "collect_garbage_job", "default_jobs"]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,11 @@ class PeriodicJob:
 
 def default_jobs(cfg: ShepardConfig) -> list[PeriodicJob]:
     """The periodic jobs of an agent with ``cfg``, one line each: garbage collection every
-    ``gc_interval`` (log shipping, every ``ship_log_interval``, is added here as it lands)."""
-    return [PeriodicJob("gc", lambda c: c.gc_interval, collect_garbage_job)]
+    ``gc_interval``; log shipping every ``ship_log_interval`` when ``log_shipping.enabled``."""
+    jobs = [PeriodicJob("gc", lambda c: c.gc_interval, collect_garbage_job)]
+    if cfg.log_shipping.enabled:
+        jobs.append(PeriodicJob("log_shipping", lambda c: c.ship_log_interval, ShipLogsJob()))
+    return jobs
 
 
 def collect_garbage_job(agent: Agent) -> None:
@@ -50,10 +54,36 @@ def collect_garbage_job(agent: Agent) -> None:
     nomad = cast(NomadListAPI, agent.nomad)
     name = f"shepard-agent {agent.node_name}"
     common: dict[str, Any] = {"clock": agent.clock, "name": name}
-    collect_garbage(agent.consul, nomad, agent.config, scope=GCScope.NODE, node=agent.node_name, **common)
+    report = collect_garbage(
+        agent.consul, nomad, agent.config, scope=GCScope.NODE, node=agent.node_name, **common
+    )
+    agent.metrics.count_gc(report)
     session = agent.session
     if session is not None and not session.lost.is_set():
-        collect_garbage(agent.consul, nomad, agent.config, scope=GCScope.CLUSTER, session=session, **common)
+        report = collect_garbage(
+            agent.consul, nomad, agent.config, scope=GCScope.CLUSTER, session=session, **common
+        )
+        agent.metrics.count_gc(report)
+
+
+class ShipLogsJob:
+    """Ships this node's task logs at each run, keeping one :class:`LogShipper` (its sinks, its
+    counters, exposed in the agent's metrics) from the first run on."""
+
+    def __init__(self) -> None:
+        self._shipper: LogShipper | None = None
+
+    def __call__(self, agent: Agent) -> None:
+        if self._shipper is None:
+            self._shipper = LogShipper.for_node(agent.config, agent.nomad, agent.node_name)
+            agent.metrics.add_log_shipping(self._shipper.metrics)
+        report = self._shipper.ship_once()
+        if not report.ok:
+            failed = [f"{s.name}: {s.error}" for s in report.sinks if s.error is not None]
+            log.warning(
+                "log shipping round incomplete (%s); the rest ships at the next round",
+                "; ".join(failed) or report.source_error,
+            )
 
 
 class PeriodicRunner:

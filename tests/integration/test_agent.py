@@ -6,7 +6,9 @@ sim's restart record. (A real cluster's agent runs on its own node: see README, 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import logging
 import os
 from collections import Counter
@@ -32,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shepard_lib.agent import Agent
 from shepard_lib.agent.inotify import PyInotifyWatcher, WatchLimitReached
 from shepard_lib.agent.watcher import TaskKey
+from shepard_lib.config import default_config
 from shepard_lib.keyspace import TaskRef, TaskScope
 from shepard_lib.plan import MemberState
 from shepard_lib.sim.consul import ConsulServer
@@ -349,3 +352,34 @@ def test_nomad_failing_for_a_while_is_one_log_line_then_the_agent_resumes(
     messages = [r.getMessage() for r in caplog.records if r.name == "shepard_lib.agent.outage"]
     assert sum(m.startswith("Nomad unreachable") for m in messages) == 1, messages
     assert sum(m.startswith("Nomad reachable again") for m in messages) == 1, messages
+
+
+def test_periodic_gc_and_log_shipping_run_and_are_counted_in_the_metrics(
+    sim_cluster_factory: SimClusterFactory, tmp_path: Path
+) -> None:
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    stale = "shepard/keys/n1/gone-job/app/server/0"
+    sim.set_key(stale, "x")
+    shipping = dataclasses.replace(
+        default_config().log_shipping,
+        enabled=True,
+        path=str(tmp_path / "tasks.jsonl"),
+        checkpoint_path=str(tmp_path / "checkpoints.json"),
+    )
+    changes = {"gc_interval": 5.0, "ship_log_interval": 5.0, "log_shipping": shipping}
+    with agents(sim, ["n1"], metrics_address="127.0.0.1:0", **changes) as running:
+        agent = running["n1"]
+        wait_until(sim, lambda: sim.get_key(stale) is None, "the stale trigger key is collected")
+        wait_until(sim, lambda: (tmp_path / "tasks.jsonl").exists(), "task logs are shipped")
+        deleted = agent.metrics.gc_deleted.labels("job_gone")
+        wait_until(sim, lambda: deleted._value.get() >= 1, "the deletion is counted")
+        text = requests.get(f"http://{agent.metrics_address}/metrics", timeout=10).text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("shepard_gc_deleted_total", (("rule", "job_gone"),))] >= 1
+    assert samples[("shepard_logship_lines_shipped_total", (("sink", "file"),))] >= 1
+    records = [json.loads(line) for line in (tmp_path / "tasks.jsonl").read_text().splitlines()]
+    assert {r["nomad.job.name"] for r in records} == {"web"}

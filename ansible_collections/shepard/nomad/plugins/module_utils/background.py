@@ -1,13 +1,14 @@
 # -*- coding: utf-8 -*-
 # Copyright: Shepard contributors
-# Mozilla Public License Version 2.0 (see https://www.mozilla.org/en-US/MPL/2.0/)
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
 """Run work in a detached process that outlives the module (``rolling_restart`` with ``wait: false``).
 
-The module forks twice, as Ansible's own ``async_wrapper`` does: the grandchild starts a new
+The module forks twice, as Ansible's own ``async_wrapper`` does: the grandchild is in a new
 session, points stdin/stdout/stderr at ``/dev/null`` (Ansible waits for the module's stdout to
-close) and runs the work; the module waits only until the work reports, through a pipe, that it has
-got far enough (say, its plan is registered in Consul), or failed before that.
+close) and closes every other inherited descriptor, then runs the work. The module waits only
+until the work reports, through a pipe, that it has got far enough (say, its plan is registered in
+Consul), or failed before that.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def run_detached(work, timeout):
     os.close(write_fd)
     os.waitpid(child, 0)
     with os.fdopen(read_fd, "r", encoding="utf-8") as reader:
-        ready, _, _ = select.select([reader], [], [], timeout)
+        ready = select.select([reader], [], [], timeout)[0]
         line = reader.readline() if ready else ""
     if not ready:
         return {"error": f"no report within {timeout} s"}
@@ -50,6 +51,9 @@ def _grandchild(work, write_fd):
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
+    # Nothing inherited may keep a pipe of the caller open (it would wait for EOF until the work ends).
+    os.closerange(3, write_fd)
+    os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
     writer = os.fdopen(write_fd, "w", encoding="utf-8")
 
     def report(message):

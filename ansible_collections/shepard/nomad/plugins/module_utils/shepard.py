@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: Shepard contributors
-# Mozilla Public License Version 2.0 (see https://www.mozilla.org/en-US/MPL/2.0/)
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
 """What every shepard.nomad module shares: the connection options, the configuration they make,
 the Consul and Nomad clients, and turning Shepard's errors into ``fail_json``.

@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright: Shepard contributors
-# Mozilla Public License Version 2.0 (see https://www.mozilla.org/en-US/MPL/2.0/)
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
 """Ansible module shepard.nomad.restart_control."""
 
@@ -20,8 +20,10 @@ description:
     its pending members, waiting for them like M(shepard.nomad.rolling_restart); the module fails if the
     resumed rollout fails. A plan that is running (C(planned)) or complete is left alone.
 author:
-  - Shepard contributors
+  - Shepard contributors (@shepard-nomad)
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.actiongroups
   - shepard.nomad.connection
 attributes:
   check_mode:

@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright: Shepard contributors
-# Mozilla Public License Version 2.0 (see https://www.mozilla.org/en-US/MPL/2.0/)
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
 """Ansible module shepard.nomad.restart_status_info."""
 
@@ -15,8 +15,10 @@ description:
   - Reads Shepard's restart plans from Consul (all of them, or those of one job, group or task) with
     each plan's members and the holders of its restart slots, as C(shepard status) shows them.
 author:
-  - Shepard contributors
+  - Shepard contributors (@shepard-nomad)
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.actiongroups
   - shepard.nomad.connection
 attributes:
   check_mode:

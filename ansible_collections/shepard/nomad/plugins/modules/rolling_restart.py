@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright: Shepard contributors
-# Mozilla Public License Version 2.0 (see https://www.mozilla.org/en-US/MPL/2.0/)
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
 """Ansible module shepard.nomad.rolling_restart."""
 
@@ -23,8 +23,10 @@ description:
   - The module fails, returning the same results, when an allocation failed or was skipped, or a plan
     halted; RV(plans) then shows the plan C(failed), and C(shepard.nomad.restart_control) resumes it.
 author:
-  - Shepard contributors
+  - Shepard contributors (@shepard-nomad)
 extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.actiongroups
   - shepard.nomad.connection
 attributes:
   check_mode:

@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright: Shepard contributors
-# Mozilla Public License Version 2.0 (see https://www.mozilla.org/en-US/MPL/2.0/)
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
 """Ansible module shepard.nomad.template_info."""
 
@@ -17,7 +17,9 @@ description:
   - A task with this template (C(change_mode = "restart")) and C(change_mode = "noop") on its other
     templates restarts only when Shepard writes its trigger key.
 author:
-  - Shepard contributors
+  - Shepard contributors (@shepard-nomad)
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 attributes:
   check_mode:
     support: full

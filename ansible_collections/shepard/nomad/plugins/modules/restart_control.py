@@ -32,6 +32,8 @@ attributes:
   diff_mode:
     support: full
     details: The status and halt reason of each plan before and after.
+  platform:
+    platforms: posix
   action_group:
     support: full
     membership:

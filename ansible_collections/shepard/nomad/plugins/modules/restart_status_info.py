@@ -26,6 +26,8 @@ attributes:
     details: Reads only; the same in check mode.
   diff_mode:
     support: none
+  platform:
+    platforms: posix
   action_group:
     support: full
     membership:

@@ -34,6 +34,8 @@ attributes:
     details: Returns the allocations that would restart, in order, and the plans it would use; writes nothing.
   diff_mode:
     support: none
+  platform:
+    platforms: posix
   action_group:
     support: full
     membership:

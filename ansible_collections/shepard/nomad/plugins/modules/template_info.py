@@ -26,6 +26,8 @@ attributes:
     details: Computes text only; the same in check mode.
   diff_mode:
     support: none
+  platform:
+    platforms: posix
 options:
   prefix:
     description: Consul KV prefix of Shepard's keys (the configuration's C(key_prefix)).

@@ -35,6 +35,7 @@ from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
 REPO = Path(__file__).resolve().parents[2]
 PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
+EXAMPLES = REPO / "ansible_collections" / "shepard" / "nomad" / "docs" / "examples"
 ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 SCENARIO = REPO / "examples" / "scenarios" / "web-9.yaml"
 SCALE = 25.0
@@ -121,24 +122,17 @@ def any_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Targe
     yield Target(env["CONSUL_HTTP_ADDR"], env["NOMAD_ADDR"], env["SHEPARD_TEST_JOB"], str(config), tokens)
 
 
-def play(
-    target: Target | None,
-    playbook: str,
+def run_playbook(
+    playbook: Path,
     tmp_path: Path,
+    extra: dict[str, Any],
     *,
+    tokens: list[str | None] | None = None,
     check: bool = False,
     python: str = sys.executable,
-    **variables: Any,
-) -> dict[str, Any]:
-    """Run ``playbooks/<playbook>.yml`` with ``-vvv``; return the JSON result it saved.
-
-    No ACL token may appear in its output."""
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    (out / f"{playbook}.json").unlink(missing_ok=True)
-    extra = {"out": str(out), **variables}
-    if target is not None:
-        extra = {"connection": target.connection(), "job": target.job, **extra}
+    inventory: str = "localhost,",
+) -> str:
+    """Run ``playbook`` with ``-vvv`` on localhost; its output, in which no ACL token may appear."""
     extra_file = tmp_path / "vars.json"
     extra_file.write_text(json.dumps(extra), encoding="utf-8")
     extra_file.chmod(0o600)
@@ -146,14 +140,14 @@ def play(
         str(ANSIBLE_PLAYBOOK),
         "-vvv",
         "-i",
-        "localhost,",
+        inventory,
         "-c",
         "local",
         "-e",
         f"ansible_python_interpreter={python}",
         "-e",
         f"@{extra_file}",
-        str(PLAYBOOKS / f"{playbook}.yml"),
+        str(playbook),
     ] + (["--check"] if check else [])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "NOMAD_", "ANSIBLE_"))}
     env.update(
@@ -165,8 +159,31 @@ def play(
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"ansible-playbook exited {proc.returncode}:\n{output[-6000:]}"
-    for token in target.tokens if target else []:
+    for token in tokens or []:
         assert not token or token not in output, "an ACL token is in the -vvv output"
+    return output
+
+
+def play(
+    target: Target | None,
+    playbook: str,
+    tmp_path: Path,
+    *,
+    check: bool = False,
+    python: str = sys.executable,
+    **variables: Any,
+) -> dict[str, Any]:
+    """Run ``playbooks/<playbook>.yml``; return the JSON result it saved."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"{playbook}.json").unlink(missing_ok=True)
+    extra = {"out": str(out), **variables}
+    if target is not None:
+        extra = {"connection": target.connection(), "job": target.job, **extra}
+    tokens = target.tokens if target else None
+    output = run_playbook(
+        PLAYBOOKS / f"{playbook}.yml", tmp_path, extra, tokens=tokens, check=check, python=python
+    )
     if target is not None and any(target.tokens):  # the invocation was shown, with the tokens masked
         assert '"consul_token": "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"' in output
     result: dict[str, Any] = json.loads((out / f"{playbook}.json").read_text(encoding="utf-8"))
@@ -319,3 +336,55 @@ def _wait_for_plan_status(target: Target, key: str, status: str, timeout: float)
             if seen == status:
                 return
     pytest.fail(f"plan {key} still {seen!r} after {timeout} s, expected {status!r}")
+
+
+def test_example_restart_after_a_consul_key_change(target: Target, tmp_path: Path) -> None:
+    sim = target.sim
+    assert sim is not None
+    extra = {
+        "consul_address": target.consul_addr,
+        "nomad_address": target.nomad_addr,
+        "consul_token": TOKEN,
+        "nomad_token": TOKEN,
+        "shepard_config_file": target.config_file,
+        "web_config_value": "v2",
+    }
+    output = run_playbook(EXAMPLES / "restart-after-consul-key.yml", tmp_path, extra, tokens=[TOKEN])
+    assert sim.get_key("config/web") == "v2"
+    assert "9 allocation(s) restarted" in output
+    assert sorted(Counter(r.alloc_id for r in sim.restarts()).values()) == [1] * 9
+    assert sim.peak_concurrency("web") <= 2
+
+
+def test_example_jobspec_renders_the_exact_template_block(tmp_path: Path) -> None:
+    hcl2 = pytest.importorskip(
+        "hcl2", reason="python-hcl2 parses the rendered jobspec: pip install -e '.[test]'"
+    )
+    dest = tmp_path / "web.nomad.hcl"
+    run_playbook(EXAMPLES / "render-jobspec.yml", tmp_path, {"jobspec_dest": str(dest)})
+    job = hcl2.loads(dest.read_text(encoding="utf-8"))["job"][0]['"web"']
+    task = job["group"][0]['"app"']["task"][0]['"server"']
+    templates = {_unquote(t["destination"]): t for t in task["template"]}
+    shepard_tpl = templates["local/shepard.tpl"]
+    assert _unquote(shepard_tpl["change_mode"]) == "restart"
+    heredoc = _unquote(shepard_tpl["data"])
+    assert heredoc == f"<<EOT\n{shepard_template()}EOT", "the rendered heredoc is exactly shepard.tpl"
+    assert _unquote(templates["local/app.conf"]["change_mode"]) == "noop"
+
+
+def test_example_agent_playbook_is_valid(tmp_path: Path) -> None:
+    argv = [
+        str(ANSIBLE_PLAYBOOK),
+        "--syntax-check",
+        "-i",
+        str(EXAMPLES / "inventory.ini"),
+        str(EXAMPLES / "agent.yml"),
+    ]
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(REPO), ANSIBLE_HOME=str(tmp_path / "ansible-home"))
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _unquote(value: str) -> str:
+    """python-hcl2 (7+) keeps the quotes of string attributes and labels, and a heredoc's markers."""
+    return value[1:-1] if value.startswith('"') and value.endswith('"') else value

@@ -27,6 +27,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "agent_cmd",
     "config_cmd",
     "template_cmd",
+    "job_cmd",
+    "gc_cmd",
     "sim_cmd",
 )
 """The modules under ``shepard_lib.cli`` that register subcommands, in ``--help`` order."""

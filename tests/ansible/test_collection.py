@@ -224,6 +224,14 @@ def test_check_mode_returns_the_plan_and_writes_nothing(any_target: Target, tmp_
         assert any_target.sim.restarts() == []
 
 
+def test_restart_status_info_reads_the_plans_of_a_job(any_target: Target, tmp_path: Path) -> None:
+    status = play(any_target, "control", tmp_path)["status"]
+    assert status["changed"] is False and not status.get("failed"), status.get("msg")
+    assert all(p["job"] == any_target.job and p["key"].endswith("/task_lock") for p in status["plans"])
+    if any_target.sim is not None:
+        assert status["plans"] == [], "no rollout has run on a fresh simulator"
+
+
 def test_halted_rollout_fails_with_the_plan_failed_then_abort_and_resume_control_it(
     target: Target, tmp_path: Path
 ) -> None:

@@ -98,7 +98,8 @@ options:
     default: true
   start_timeout:
     description:
-      - With O(wait=false), the longest wait (real seconds) for the rollout to register its plan.
+      - With O(wait=false), the longest wait (real seconds) for the rollout to register its plan. When it has not by
+        then the module fails, but the detached rollout goes on.
     type: int
     default: 60
 """
@@ -276,6 +277,14 @@ def start(shepard, config, params, options, dry_run):
             rolling.run(params["job"], options)
 
     message = run_detached(work, params["start_timeout"])
+    if "timeout" in message:
+        shepard.fail(
+            f"the rollout has not registered its plan within start_timeout={message['timeout']} s; it may "
+            "still do so: follow it with shepard.nomad.restart_status_info",
+            changed=True,
+            started=True,
+            **dry_run,
+        )
     if "error" in message:
         shepard.fail(f"the rollout did not start: {message['error']}", changed=False, started=False, **dry_run)
     with shepard.library_errors(), shepard.rolling_restart(NAME, config) as rolling:

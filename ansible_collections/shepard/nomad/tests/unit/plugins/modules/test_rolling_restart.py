@@ -157,3 +157,13 @@ def test_wait_false_fails_when_the_detached_rollout_reports_an_error(run_module,
     result = run_module(rolling_restart, {"job": "web", "wait": False})
     assert result["failed"] is True and result["started"] is False
     assert result["msg"] == "the rollout did not start: consul is down"
+
+
+def test_wait_false_fails_but_says_the_rollout_may_still_start_when_it_does_not_report_in_time(
+    run_module, runs, monkeypatch
+):
+    runs[1].append(_result(restarted=2, dry_run=True))
+    monkeypatch.setattr(rolling_restart, "run_detached", lambda work, timeout: {"timeout": timeout})
+    result = run_module(rolling_restart, {"job": "web", "wait": False, "start_timeout": 5})
+    assert result["failed"] is True and result["started"] is True
+    assert result["msg"].startswith("the rollout has not registered its plan within start_timeout=5 s; it may")

@@ -235,6 +235,11 @@ class Agent:
     # --- state for the endpoints and the workers -----------------------------------------------------
 
     @property
+    def session(self) -> Session | None:
+        """The agent's current Consul session (None before start); replaced when it is lost."""
+        return self._session
+
+    @property
     def session_id(self) -> str | None:
         """The current session's ID (None before start)."""
         session = self._session

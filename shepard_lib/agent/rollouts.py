@@ -1,9 +1,10 @@
 """The agent's rollouts: one worker thread per task (``job/group/task``), all tasks concurrently.
 
-A change event of an allocation's task is queued on that task's worker. The worker registers
-every queued allocation in the plan at once (so the members are visible as ``pending`` even if
-this agent dies right after), then hands each to :meth:`Coordinator.handle_change`, one at a time
-(one coordinator drives one member at a time, see :mod:`shepard_lib.coordinator`).
+A change event of an allocation's task is registered in the task's plan at once by the agent's
+registrar thread (so the member is visible as ``pending`` even if this agent dies while it is
+busy with another restart), then queued on that task's worker, which hands each change to
+:meth:`Coordinator.handle_change`, one at a time (one coordinator drives one member at a time,
+see :mod:`shepard_lib.coordinator`).
 
 **No rollout depends on every agent being alive.** Once its own members are through, a worker
 stays while the task's plan (every node's plan of the task with ``lock_scope: node``) still has
@@ -17,6 +18,7 @@ changes (the agent watches the ``nodes/`` prefix) and at least every session TTL
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -27,11 +29,12 @@ from typing import Protocol
 from shepard_lib.backends import ConsulAPI, NomadAPI
 from shepard_lib.clock import Clock
 from shepard_lib.config import LockScope
-from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, target_for
+from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, Target, target_for
 from shepard_lib.errors import NotFound, PlanError, ShepardError
-from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskScope, unescape_segment
-from shepard_lib.model import Allocation
+from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskRef, TaskScope, unescape_segment
+from shepard_lib.model import Allocation, AllocClientStatus
 from shepard_lib.plan import MemberState, Plan
+from shepard_lib.trigger import describe
 
 __all__ = ["Change", "RolloutHost", "Rollouts"]
 
@@ -40,12 +43,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Change:
-    """A settled content change of ``task`` in ``alloc``; ``changed_at`` is cluster Unix time."""
+    """A settled content change of ``task`` in ``alloc``; ``changed_at`` is cluster Unix time.
+
+    ``target`` is set once the change is registered in its plan.
+    """
 
     alloc: Allocation
     task: str
     changed_at: float
     files: tuple[str, ...] = ()
+    target: Target | None = None
 
 
 class RolloutHost(Protocol):
@@ -123,33 +130,7 @@ class _Worker:
         return changes
 
     def _handle(self, changes: list[Change]) -> None:
-        """Register every queued change, then drive each through the coordinator."""
-        coordinator = self._coordinator()
-        if coordinator is None:
-            return
-        for change in changes:
-            log.info(
-                "%s alloc %s on %s: change seen in %s",
-                self.label,
-                change.alloc.id,
-                change.alloc.node_name,
-                ", ".join(change.files),
-            )
-        try:
-            job = self.host.nomad.job(self.job)
-            targets = [target_for(c.alloc, c.task, job) for c in changes]
-            scopes: dict[TaskScope, list[int]] = {}
-            for i, target in enumerate(targets):
-                scopes.setdefault(self.host.keyspace.scope(target.ref), []).append(i)
-            for scope, indexes in scopes.items():
-                coordinator.register(
-                    scope,
-                    [targets[i] for i in indexes],
-                    job,
-                    changed_at=min(changes[i].changed_at for i in indexes),
-                )
-        except ShepardError as exc:
-            log.error("%s: could not register %d change(s): %s", self.label, len(changes), exc)
+        """Drive each change (already registered) through the coordinator."""
         for change in changes:
             if self.host.stopping.is_set():
                 return
@@ -254,6 +235,18 @@ class _Worker:
             log.warning("%s: member alloc %s on %s cannot be driven: %s", self.label, alloc_id, node, exc)
             self._skipped.add((alloc_id, generation))
             return
+        if not (alloc.desired_status == "run" and alloc.client_status in _LIVE):
+            # Triggering it would restart nothing and fail the member at healthy_deadline, halting the plan.
+            log.warning(
+                "%s: member alloc %s on %s is %s/%s, not restarting it",
+                self.label,
+                alloc_id,
+                node,
+                alloc.desired_status,
+                alloc.client_status,
+            )
+            self._skipped.add((alloc_id, generation))
+            return
         target = target_for(alloc, self.task, job)
         if node != self.host.node_name:
             log.info(
@@ -286,7 +279,13 @@ class _Worker:
         return True
 
 
+_LIVE = (AllocClientStatus.RUNNING, AllocClientStatus.PENDING)
+
+
 def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:
+    """Drive a registered change; register it first (``handle_change``) if the registrar could not."""
+    if change.target is not None:
+        return coordinator.drive(change.target)
     return coordinator.handle_change(change.alloc, change.task, change.changed_at)
 
 
@@ -304,11 +303,74 @@ class Rollouts:
     def __init__(self, host: RolloutHost) -> None:
         self._host = host
         self._lock = threading.Lock()
+        self._registered = threading.Condition(self._lock)
+        self._to_register: list[Change] = []
+        self._registrar: threading.Thread | None = None
         self._workers: dict[tuple[str, str, str], _Worker] = {}
 
     def submit(self, change: Change) -> None:
-        """Queue ``change`` for its task's worker (started if it is not running)."""
-        name = (change.alloc.job_id, change.alloc.task_group, change.task)
+        """Register ``change`` in its plan (on the registrar thread), then queue it on its task's worker."""
+        with self._lock:
+            self._to_register.append(change)
+            if self._registrar is None or not self._registrar.is_alive():
+                self._registrar = threading.Thread(
+                    target=self._register_loop, name="shepard-registrar", daemon=True
+                )
+                self._registrar.start()
+            self._registered.notify_all()
+
+    def _register_loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._to_register:
+                    self._registered.wait(1.0)
+                if self._host.stopping.is_set():
+                    return
+                changes, self._to_register = self._to_register, []
+            by_task: dict[tuple[str, str, str], list[Change]] = {}
+            for change in changes:
+                by_task.setdefault((change.alloc.job_id, change.alloc.task_group, change.task), []).append(
+                    change
+                )
+            for name, group in by_task.items():
+                for change in self._register(name, group):
+                    self._queue(name, change)
+
+    def _register(self, name: tuple[str, str, str], changes: list[Change]) -> list[Change]:
+        """Register ``changes`` (one task's) in their plan(s); returned with their targets when
+        registered, as they were otherwise (the worker then registers them through handle_change)."""
+        for change in changes:
+            alloc = change.alloc
+            ref = TaskRef(alloc.node_name, alloc.job_id, alloc.task_group, change.task, alloc.index)
+            log.info(
+                "%s alloc %s: change seen in %s",
+                describe(ref),
+                alloc.id,
+                ", ".join(change.files),
+                extra={"event": "change", "alloc_id": alloc.id, "files": list(change.files)},
+            )
+        coordinator = self._host.coordinator()
+        if coordinator is None:
+            return changes
+        try:
+            job = self._host.nomad.job(name[0])
+            targets = [target_for(c.alloc, c.task, job) for c in changes]
+            scopes: dict[TaskScope, list[int]] = {}
+            for i, target in enumerate(targets):
+                scopes.setdefault(self._host.keyspace.scope(target.ref), []).append(i)
+            for scope, indexes in scopes.items():
+                coordinator.register(
+                    scope,
+                    [targets[i] for i in indexes],
+                    job,
+                    changed_at=min(changes[i].changed_at for i in indexes),
+                )
+        except ShepardError as exc:
+            log.error("%s: could not register %d change(s) yet: %s", "/".join(name), len(changes), exc)
+            return changes
+        return [dataclasses.replace(c, target=t) for c, t in zip(changes, targets, strict=True)]
+
+    def _queue(self, name: tuple[str, str, str], change: Change) -> None:
         with self._lock:
             worker = self._workers.get(name)
             if worker is None:
@@ -319,8 +381,9 @@ class Rollouts:
             worker.wake.set()
 
     def poke(self) -> None:
-        """Wake every idle worker (a heartbeat changed: an agent may have died)."""
+        """Wake every idle worker (a heartbeat changed: an agent may have died) and the registrar."""
         with self._lock:
+            self._registered.notify_all()
             for worker in self._workers.values():
                 worker.wake.set()
 

@@ -117,6 +117,17 @@ def wait_plan(
         sim.consul_state.wait_for_change(index, sim.clock.real(min(left, 5.0)))
 
 
-def complete(generation: int = 1) -> Any:
-    """``done`` for :func:`wait_plan`: the plan is complete at ``generation`` or later."""
-    return lambda plan: plan.status is PlanStatus.COMPLETE and plan.generation >= generation
+def complete(members: int, generation: int = 1) -> Any:
+    """``done`` for :func:`wait_plan`: the plan is complete with ``members`` members, at ``generation``
+    or later (an agent registers the changes it has seen so far, so a plan may complete early)."""
+    return lambda plan: (
+        plan.status is PlanStatus.COMPLETE and plan.generation >= generation and len(plan.members) >= members
+    )
+
+
+def wait_until(sim: SimCluster, condition: Any, what: str, timeout: float = 300.0) -> None:
+    """Wait (cluster seconds, in short sleeps) until ``condition()`` holds; fail saying ``what``."""
+    deadline = sim.clock.monotonic() + timeout
+    while not condition():
+        assert sim.clock.monotonic() < deadline, f"timed out waiting until {what}"
+        sim.clock.sleep(0.5)

@@ -261,7 +261,7 @@ def test_halted_rollout_fails_with_the_plan_failed_then_abort_and_resume_control
     sim = target.sim
     assert sim is not None
     sim.set_key("config/web", "broken")
-    result = play(target, "restart", tmp_path, concurrency=1, max_failures=1)
+    result = play(target, "restart", tmp_path, concurrency=1, max_failures=0)
     assert result["failed"] is True
     assert result["msg"].startswith("rollout halted: plan web/app/server is failed")
     assert result["plans"][0]["status"] == "failed"
@@ -277,7 +277,11 @@ def test_halted_rollout_fails_with_the_plan_failed_then_abort_and_resume_control
     assert aborted["control"]["changed"] is True
     key = status["plans"][0]["key"]
     assert aborted["control"]["diff"]["before"][key]["status"] == "failed"
-    assert aborted["control"]["diff"]["after"][key] == {"status": "aborted", "halt_reason": "looking at it"}
+    assert aborted["control"]["diff"]["after"][key] == {
+        "status": "aborted",
+        "halt_reason": "looking at it",
+        "orphaned": False,
+    }
     assert [p["plan"]["status"] for p in aborted["status"]["plans"]] == ["aborted"]
     again = play(target, "control", tmp_path, state="aborted", **scope)
     assert again["control"]["changed"] is False, "aborting an aborted plan changes nothing"

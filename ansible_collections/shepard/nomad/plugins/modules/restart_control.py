@@ -16,9 +16,10 @@ description:
     C(shepard resume) and C(shepard abort) do.
   - V(aborted) stops the plan; no new restart starts, restarts in flight finish. A plan already
     aborted, or complete, is left alone.
-  - V(resumed) resumes a C(failed) or C(aborted) plan (its failed members are pending again) and restarts
-    its pending members, waiting for them like M(shepard.nomad.rolling_restart); the module fails if the
-    resumed rollout fails. A plan that is running (C(planned)) or complete is left alone.
+  - V(resumed) resumes a C(failed) or C(aborted) plan (its failed members are pending again), or an orphaned
+    one (C(planned), but nobody drives it), and restarts its pending members, waiting for them like
+    M(shepard.nomad.rolling_restart); the module fails if the resumed rollout fails. A plan that is complete,
+    or planned and driven by someone, is left alone.
 author:
   - Shepard contributors (@shepard-nomad)
 extends_documentation_fragment:
@@ -31,7 +32,7 @@ attributes:
     details: Tells whether the plan would change and shows the diff; writes nothing.
   diff_mode:
     support: full
-    details: The status and halt reason of each plan before and after.
+    details: The status, halt reason and orphaned flag of each plan before and after.
   platform:
     platforms: posix
   action_group:
@@ -120,13 +121,13 @@ def main():
         views = [view for view in rolling.status(*scope) if view.plan is not None]
         if not views:
             shepard.fail(f"no plan for {label}: nothing to {VERB[params['state']]}")
-        before = {view.key: _state(view.plan.status.value, view.plan.halt_reason) for view in views}
+        before = {view.key: _state(view) for view in views}
         after = dict(before)
         for key, state in before.items():
             if params["state"] == "aborted" and state["status"] not in STOPPED:
-                after[key] = _state("aborted", params["reason"])
-            elif params["state"] == "resumed" and state["status"] in HALTED:
-                after[key] = _state("planned", None)
+                after[key] = dict(state, status="aborted", halt_reason=params["reason"])
+            elif params["state"] == "resumed" and (state["status"] in HALTED or state["orphaned"]):
+                after[key] = dict(state, status="planned", halt_reason=None, orphaned=False)
         changed = after != before
         result = {"changed": changed, "diff": {"before": before, "after": after}}
         if shepard.module.check_mode or not changed:
@@ -138,15 +139,16 @@ def main():
             for warning in warnings:
                 shepard.module.warn(warning)
         views = [view for view in rolling.status(*scope) if view.plan is not None]
-    result["diff"]["after"] = {view.key: _state(view.plan.status.value, view.plan.halt_reason) for view in views}
+    result["diff"]["after"] = {view.key: _state(view) for view in views}
     result["plans"] = [view.to_dict() for view in views]
     if "rollout" in result and not result["rollout"]["ok"]:
         shepard.fail(f"the resumed rollout of {label} did not restart every allocation", **result)
     shepard.exit(**result)
 
 
-def _state(status, halt_reason):
-    return {"status": status, "halt_reason": halt_reason}
+def _state(view):
+    """What the diff shows of a plan."""
+    return {"status": view.plan.status.value, "halt_reason": view.plan.halt_reason, "orphaned": view.orphaned}
 
 
 if __name__ == "__main__":

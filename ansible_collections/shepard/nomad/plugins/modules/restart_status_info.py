@@ -91,6 +91,11 @@ plans:
       description: Restart slot number to the name of the participant holding it.
       type: dict
       sample: {"0": "ansible shepard.nomad.rolling_restart worker 0"}
+    orphaned:
+      description:
+        - The plan is C(planned) with work left but nobody drives it (no live session holds a slot or a restarting
+          member); M(shepard.nomad.restart_control) with O(shepard.nomad.restart_control#module:state=resumed) drives it.
+      type: bool
 """
 
 from ansible_collections.shepard.nomad.plugins.module_utils.shepard import ShepardModule

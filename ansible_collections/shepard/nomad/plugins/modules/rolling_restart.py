@@ -16,8 +16,8 @@ description:
     listed) through Shepard's plan and restart slots in Consul, the same ones the Shepard agents use,
     so an orchestrated restart cooperates with them instead of racing them.
   - At most O(concurrency) instances of a task restart at once; each must be healthy again (for
-    O(min_healthy_time)) before its slot goes to the next; after O(max_failures) failed restarts the
-    plan is C(failed) and the rollout stops, so a bad configuration halts at the first instances.
+    O(min_healthy_time)) before its slot goes to the next; after more than O(max_failures) failed
+    restarts the plan is C(failed) and the rollout stops, so a bad configuration halts at the first instances.
   - With O(method=consul_key) only tasks that render C(local/shepard.tpl) can be restarted (see
     M(shepard.nomad.template_info)); other tasks are returned in RV(skipped_tasks) with the reason.
   - The module fails, returning the same results, when an allocation failed or was skipped, or a plan
@@ -86,9 +86,16 @@ options:
     type: str
   max_failures:
     description:
-      - Failed restarts after which the plan is C(failed) and no further restart starts.
+      - Failed restarts the rollout tolerates; one more and the plan is C(failed) and no further restart starts
+        (V(0) halts at the first failure).
       - Default from the configuration, overridden by the job's meta C(shepard_max_failures).
     type: int
+  again:
+    description:
+      - By default a rollout joins a plan of the task that is in progress and restarts only what its current
+        generation has not restarted yet. V(true) restarts every allocation once more.
+    type: bool
+    default: false
   wait:
     description:
       - Wait for the rollout to end (V(true)), or start it and return once its first plan is registered
@@ -224,6 +231,7 @@ ARGUMENT_SPEC = {
     "min_healthy_time": {"type": "str"},
     "healthy_deadline": {"type": "str"},
     "max_failures": {"type": "int"},
+    "again": {"type": "bool", "default": False},
     "wait": {"type": "bool", "default": True},
     "start_timeout": {"type": "int", "default": 60},
 }
@@ -245,6 +253,7 @@ def main():
             min_healthy_time=shepard.duration("min_healthy_time"),
             healthy_deadline=shepard.duration("healthy_deadline"),
             max_failures=params["max_failures"],
+            again=params["again"],
             dry_run=shepard.module.check_mode or not params["wait"],
         )
         with shepard.rolling_restart(NAME, config) as rolling:

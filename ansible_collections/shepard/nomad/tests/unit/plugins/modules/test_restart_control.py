@@ -19,14 +19,17 @@ SCOPE = {"job": "web", "group": "app", "task": "server"}
 class FakePlans:
     """The plan of web/app/server as RollingRestart.status/abort/resume see it."""
 
-    def __init__(self, status):
+    def __init__(self, status, orphaned=False):
         plan = new_plan("web", "app", "server", None, instance_count=3, settings=PlanSettings(2, 1), now=0.0)
         self.plan = dataclasses.replace(plan, status=PlanStatus(status))
+        self.orphaned = orphaned
         self.calls = []
 
     def status(self, job=None, group=None, task=None):
         self.calls.append(("status", job, group, task))
-        return [PlanView(KEY, TaskScope("web", "app", "server"), self.plan)] if self.plan else []
+        if self.plan is None:
+            return []
+        return [PlanView(KEY, TaskScope("web", "app", "server"), self.plan, orphaned=self.orphaned)]
 
     def abort(self, job, group, task, reason):
         self.calls.append(("abort", job, group, task, reason))
@@ -35,6 +38,7 @@ class FakePlans:
     def resume(self, job, group, task):
         self.calls.append(("resume", job, group, task))
         self.plan = dataclasses.replace(self.plan, status=PlanStatus.COMPLETE, halt_reason=None)
+        self.orphaned = False
         return RolloutResult(job)
 
 
@@ -55,8 +59,8 @@ def test_abort_a_running_plan_changes_it_and_shows_the_diff(run_module, plans):
     assert result["changed"] is True
     assert _writes(plans) == [("abort", "web", "app", "server", "looking")]
     assert result["diff"] == {
-        "before": {KEY: {"status": "planned", "halt_reason": None}},
-        "after": {KEY: {"status": "aborted", "halt_reason": "looking"}},
+        "before": {KEY: {"status": "planned", "halt_reason": None, "orphaned": False}},
+        "after": {KEY: {"status": "aborted", "halt_reason": "looking", "orphaned": False}},
     }
     assert result["plans"][0]["plan"]["status"] == "aborted"
 
@@ -74,7 +78,7 @@ def test_check_mode_tells_the_change_and_writes_nothing(run_module, plans):
     plans.plan = dataclasses.replace(plans.plan, status=PlanStatus.FAILED, halt_reason="1 failed")
     result = run_module(restart_control, dict(SCOPE, state="resumed"), check_mode=True)
     assert result["changed"] is True
-    assert result["diff"]["after"][KEY] == {"status": "planned", "halt_reason": None}
+    assert result["diff"]["after"][KEY] == {"status": "planned", "halt_reason": None, "orphaned": False}
     assert _writes(plans) == []
 
 
@@ -116,3 +120,12 @@ def test_a_consul_error_fails_with_its_message(run_module, monkeypatch):
     result = run_module(restart_control, dict(SCOPE, state="aborted"))
     assert result["failed"] is True
     assert result["msg"] == "consul kv.keys shepard/locks/ failed (HTTP 403): Permission denied"
+
+
+def test_resume_drives_an_orphaned_plan(run_module, plans):
+    plans.orphaned = True
+    result = run_module(restart_control, dict(SCOPE, state="resumed"))
+    assert result["changed"] is True
+    assert _writes(plans) == [("resume", "web", "app", "server")]
+    assert result["diff"]["before"][KEY]["orphaned"] is True
+    assert result["diff"]["after"][KEY] == {"status": "complete", "halt_reason": None, "orphaned": False}

@@ -28,6 +28,7 @@ def test_filters_reach_the_library_and_views_are_returned(run_module, monkeypatc
             "node": None,
             "plan": None,
             "slot_holders": {"0": "x"},
+            "orphaned": False,
         }
     ]
 

@@ -64,13 +64,14 @@ def test_options_reach_the_library(run_module, runs):
             "min_healthy_time": "1m30s",
             "healthy_deadline": "5m",
             "max_failures": 3,
+            "again": True,
         },
     )
     assert result["changed"] is True and result["ok"] is True
     ((name, job, options),) = calls
     assert (name, job) == ("ansible shepard.nomad.rolling_restart", "web")
     assert (options.group, options.task, options.alloc_ids) == ("app", "server", ("ab12", "cd34"))
-    assert (options.concurrency, options.max_failures) == (2, 3)
+    assert (options.concurrency, options.max_failures, options.again) == (2, 3, True)
     assert (options.method, options.health_source) == (RestartMethod.NOMAD_API, HealthSource.BOTH)
     assert (options.min_healthy_time, options.healthy_deadline, options.dry_run) == (90.0, 300.0, False)
 
@@ -81,6 +82,7 @@ def test_unset_options_are_left_to_the_configuration(run_module, runs):
     run_module(rolling_restart, {"job": "web"})
     options = calls[0][2]
     assert (options.group, options.concurrency, options.method, options.min_healthy_time) == (None, None, None, None)
+    assert options.again is False
 
 
 def test_nothing_restarted_is_not_changed(run_module, runs):
@@ -127,7 +129,7 @@ def test_warnings_become_ansible_warnings(run_module, runs):
         ({"job": "web", "min_healthy_time": "10"}, "min_healthy_time: not a duration: '10'"),
         ({"job": "web", "healthy_deadline": "-5m"}, "healthy_deadline: not a duration"),
         ({"job": "web", "concurrency": 0}, "concurrency must be >= 1, got 0"),
-        ({"job": "web", "max_failures": 0}, "max_failures must be >= 1, got 0"),
+        ({"job": "web", "max_failures": -1}, "max_failures must be >= 0, got -1"),
         ({"job": "web", "colour": "blue"}, "Unsupported parameters"),
     ],
 )

@@ -28,8 +28,9 @@ __all__ = ["Discovery", "ManagedAlloc", "managed_tasks"]
 
 log = logging.getLogger(__name__)
 
-WAIT = 300.0
-"""Cluster seconds one blocking query waits at most (Nomad's default is 5 minutes)."""
+WAIT = 60.0
+"""Cluster seconds one blocking query waits at most (Nomad's default is 5 minutes): also how long
+an unreachable Nomad may go unnoticed while nothing changes (``/ready``)."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ class Discovery:
     """Follows node ``node_id``'s allocations and calls ``on_update`` with the managed ones.
 
     ``on_update`` gets every managed allocation by ID each time the set (or an allocation's
-    ModifyIndex) changed; it runs on the discovery thread. ``stop`` ends the loop (within one
-    blocking query: the caller closes the backend's connections to end it sooner).
+    ModifyIndex) changed; it runs on the discovery thread. ``stop`` ends the loop when the
+    blocking query under way returns; nothing it answers is reported after ``stop``.
     """
 
     def __init__(
@@ -90,14 +91,6 @@ class Discovery:
         self.reachable.set()
         self._report(allocs)
         self.thread.start()
-
-    def join(self, timeout: float) -> None:
-        """Wait (real seconds) for the loop to end after ``stop`` was set."""
-        self.thread.join(timeout)
-
-    def current(self) -> dict[str, ManagedAlloc]:
-        """The managed allocations as last seen."""
-        return dict(self._last)
 
     def _run(self) -> None:
         index = self._index

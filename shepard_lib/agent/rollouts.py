@@ -31,7 +31,7 @@ from shepard_lib.clock import Clock
 from shepard_lib.config import LockScope
 from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, Target, target_for
 from shepard_lib.errors import NotFound, PlanError, ShepardError
-from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskRef, TaskScope, unescape_segment
+from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskRef, TaskScope
 from shepard_lib.model import Allocation, AllocClientStatus
 from shepard_lib.plan import MemberState, Plan
 from shepard_lib.trigger import describe
@@ -43,14 +43,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Change:
-    """A settled content change of ``task`` in ``alloc``; ``changed_at`` is cluster Unix time.
+    """A settled content change of ``task`` in ``alloc``; ``target`` is set once it is registered.
 
-    ``target`` is set once the change is registered in its plan.
+    When the change happened is not a host's clock time: the registration orders it by the plan's
+    Consul index read when the agent handles it (``seen_index``), which is after the files changed.
+    A restart claimed between the change and that read is then restarted once more (never missed).
     """
 
     alloc: Allocation
     task: str
-    changed_at: float
     files: tuple[str, ...] = ()
     target: Target | None = None
 
@@ -260,11 +261,15 @@ class _Worker:
             self._skipped.add((alloc_id, generation))
 
     def _alive_nodes(self) -> set[str]:
-        prefix = self.host.keyspace.node_key("")
+        """Nodes whose heartbeat key is held by a session (their agent is alive)."""
+        keys = self.host.keyspace
         alive = set()
-        for entry in self.host.consul.get_tree(prefix, consistent=True):
+        for entry in self.host.consul.get_tree(keys.nodes_prefix(), consistent=True):
             if entry.session is not None:
-                alive.add(_node_of(entry.key, prefix))
+                try:
+                    alive.add(keys.parse_node_key(entry.key))
+                except ValueError:
+                    continue
         return alive
 
     def _idle(self) -> bool:
@@ -286,15 +291,11 @@ def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:
     """Drive a registered change; register it first (``handle_change``) if the registrar could not."""
     if change.target is not None:
         return coordinator.drive(change.target)
-    return coordinator.handle_change(change.alloc, change.task, change.changed_at)
+    return coordinator.handle_change(change.alloc, change.task)
 
 
 def _open(plan: Plan) -> bool:
     return any(m.state in (MemberState.PENDING, MemberState.RESTARTING) for m in plan.members.values())
-
-
-def _node_of(key: str, prefix: str) -> str:
-    return unescape_segment(key[len(prefix) :])
 
 
 class Rollouts:
@@ -359,12 +360,7 @@ class Rollouts:
             for i, target in enumerate(targets):
                 scopes.setdefault(self._host.keyspace.scope(target.ref), []).append(i)
             for scope, indexes in scopes.items():
-                coordinator.register(
-                    scope,
-                    [targets[i] for i in indexes],
-                    job,
-                    changed_at=min(changes[i].changed_at for i in indexes),
-                )
+                coordinator.register(scope, [targets[i] for i in indexes], job)
         except ShepardError as exc:
             log.error("%s: could not register %d change(s) yet: %s", "/".join(name), len(changes), exc)
             return changes

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import requests
 from agent_support import (
     KEYS,
     SCALE,
+    SCOPE,
     agents,
     complete,
     make_agent,
@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shepard_lib.agent import Agent
 from shepard_lib.agent.inotify import PyInotifyWatcher, WatchLimitReached
 from shepard_lib.agent.watcher import TaskKey
-from shepard_lib.keyspace import TaskRef
+from shepard_lib.keyspace import TaskRef, TaskScope
 from shepard_lib.plan import MemberState
 from shepard_lib.sim.consul import ConsulServer
 from shepard_lib.sim.nomad.restarts import RestartRecord
@@ -51,6 +51,9 @@ def test_key_change_restarts_every_allocation_once_one_at_a_time_each_healthy_fi
     restarts = [r for r in sim.restarts() if r.job == "web"]
     assert Counter(r.alloc_id for r in restarts) == Counter({a: 1 for a in plan.members}), restarts
     assert len(plan.members) == 9
+    assert all(m.holder_name == m.node for m in plan.members.values()), (
+        "with every agent alive, each did its own"
+    )
     assert sim.peak_concurrency("web", "app", "server") == 1
     ordered = sorted(restarts, key=lambda r: r.stopped_at or 0)
     for before, after in itertools.pairwise(ordered):
@@ -69,6 +72,9 @@ def test_at_concurrency_two_each_allocation_restarts_once_and_never_more_than_tw
         plan = wait_plan(sim, complete(9))
     counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
     assert counts == Counter({a: 1 for a in plan.members}) and len(counts) == 9
+    assert all(m.holder_name == m.node for m in plan.members.values()), (
+        "with every agent alive, each did its own"
+    )
     assert 1 <= sim.peak_concurrency("web", "app", "server") <= 2
 
 
@@ -146,7 +152,7 @@ def test_a_change_mid_rollout_restarts_the_done_members_once_more(
             assert len(records) == 2, f"{alloc_id} was done before v3 but not restarted again"
 
 
-def test_allocations_arriving_rescheduled_stopped_or_removed_are_picked_up_or_dropped(
+def test_allocations_arriving_replaced_or_stopped_are_picked_up_or_dropped(
     sim_cluster_factory: SimClusterFactory,
 ) -> None:
     sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
@@ -163,30 +169,25 @@ def test_allocations_arriving_rescheduled_stopped_or_removed_are_picked_up_or_dr
         )
 
         old = sorted(ids)[0]
-        new = sim.nomad.reschedule(old).id
+        sim.nomad.stop_allocation(old)  # Nomad stops it and places a replacement: same index, new ID
+        (new,) = {a.id for a in sim.nomad.allocations("web")} - ids
         wait_until(
             sim,
             lambda: (
                 TaskKey(new, "server") in agent.watched() and TaskKey(old, "server") not in agent.watched()
             ),
-            "the replacement is watched instead of the rescheduled allocation",
+            "the replacement is watched instead of the stopped allocation",
         )
-        stopped = sorted(ids - {old})[0]
-        sim.nomad.stop_allocation(stopped)
+        sim.nomad.stop_job("api")
         wait_until(
             sim,
-            lambda: TaskKey(stopped, "server") not in agent.watched(),
-            "the stopped allocation is dropped",
-        )
-        removed = sorted(ids - {old, stopped})[0]
-        shutil.rmtree(sim.node_data_dir("n1") / "alloc" / removed)
-        wait_until(
-            sim, lambda: TaskKey(removed, "server") not in agent.watched(), "the removed directory is dropped"
+            lambda: TaskKey(api, "server") not in agent.watched(),
+            "the stopped job's allocation is dropped",
         )
 
         sim.set_key("config/web", "v2")
-        plan = wait_plan(sim, complete(1))
-    assert set(plan.members) == {new}, "only the replacement still runs with its files in place"
+        plan = wait_plan(sim, complete(3))
+    assert set(plan.members) == (ids - {old}) | {new}, "the running allocations, the replacement among them"
 
 
 def api_job() -> dict[str, Any]:
@@ -309,3 +310,42 @@ def test_the_agent_collects_garbage_every_gc_interval(sim_cluster_factory: SimCl
     with agents(sim, ["n1"], gc_interval=5.0):
         wait_until(sim, lambda: sim.get_key(stale) is None, "the stale trigger key is collected")
         assert sim.get_key(KEYS.node_key("n1")) is not None, "the live heartbeat is kept"
+
+
+def test_different_tasks_roll_out_concurrently(sim_cluster_factory: SimClusterFactory) -> None:
+    spec = scenario(count=1, concurrency=1, nodes=1)
+    spec["jobs"].append(api_job())
+    spec["keys"]["config/api"] = "a1"
+    sim = sim_cluster_factory(spec, time_scale=SCALE)
+    api = TaskScope("api", "http", "server")
+
+    def restarting(scope: TaskScope) -> bool:
+        plan, _ = read_plan(sim, scope)
+        return plan is not None and any(m.state is MemberState.RESTARTING for m in plan.members.values())
+
+    # A long min_healthy_time keeps each restart in flight: handled one after the other, the two
+    # tasks would never be restarting at the same moment.
+    with agents(sim, ["n1"], min_healthy_time=60.0, healthy_deadline=300.0):
+        sim.set_key("config/web", "v2")
+        sim.set_key("config/api", "a2")
+        wait_until(sim, lambda: restarting(SCOPE) and restarting(api), "both tasks restart at once")
+
+
+def test_nomad_failing_for_a_while_is_one_log_line_then_the_agent_resumes(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
+    with agents(sim, ["n1"]) as running:
+        agent = running["n1"]
+        sim.nomad_faults.error_rate = 1.0
+        wait_until(sim, lambda: not agent.ready(), "the agent is not ready while Nomad fails")
+        sim.clock.sleep(60.0)  # several backoff rounds
+        sim.nomad_faults.error_rate = 0.0
+        wait_until(sim, agent.ready, "the agent is ready again")
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(2))
+    assert len(plan.members) == 2
+    messages = [r.getMessage() for r in caplog.records if r.name == "shepard_lib.agent.outage"]
+    assert sum(m.startswith("Nomad unreachable") for m in messages) == 1, messages
+    assert sum(m.startswith("Nomad reachable again") for m in messages) == 1, messages

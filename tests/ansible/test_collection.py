@@ -461,3 +461,32 @@ def _peak(intervals: list[tuple[int, int]]) -> int:
         running += step
         peak = max(peak, running)
     return peak
+
+
+def test_gc_deletes_stale_keys_and_check_mode_only_reports_them(target: Target, tmp_path: Path) -> None:
+    assert target.sim is not None
+    stale = "shepard/keys/n1/gone-job/app/server/0"
+    target.sim.set_key(stale, "x")
+    before = target.kv_index()
+    dry = play(target, "gc", tmp_path, check=True)["gc"]
+    assert not dry.get("failed"), dry.get("msg")
+    assert dry["changed"] is True and dry["report"]["dry_run"] is True
+    assert [d["key"] for d in dry["report"]["deleted"]["job_gone"]] == [stale]
+    assert target.kv_index() == before, "check mode wrote to Consul's KV store"
+    done = play(target, "gc", tmp_path)["gc"]
+    assert not done.get("failed"), done.get("msg")
+    assert done["changed"] is True and done["report"]["deleted_by_rule"] == {"job_gone": 1}
+    assert target.sim.get_key(stale) is None
+    again = play(target, "gc", tmp_path)["gc"]
+    assert again["changed"] is False and again["report"]["deleted_count"] == 0
+
+
+def test_job_check_info_reports_a_ready_job_and_fails_on_an_unknown_one(
+    target: Target, tmp_path: Path
+) -> None:
+    check = play(target, "gc", tmp_path)["check"]
+    assert not check.get("failed"), check.get("msg")
+    assert check["changed"] is False and check["ready"] is True and check["job"] == "web"
+    assert [t["managed"] for t in check["tasks"]] == [True]
+    missing = play(target, "gc", tmp_path, check_job="nosuchjob")["check"]
+    assert missing["failed"] is True and "nosuchjob" in missing["msg"]

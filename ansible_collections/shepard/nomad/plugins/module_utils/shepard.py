@@ -25,6 +25,8 @@ try:
     from shepard_lib.clock import Clock
     from shepard_lib.config import load_config, parse_duration
     from shepard_lib.errors import ShepardError
+    from shepard_lib.gc import collect_garbage
+    from shepard_lib.jobcheck import check_job_in_nomad
     from shepard_lib.rollout import RollingRestart
 except ImportError:
     SHEPARD_IMPORT_ERROR = traceback.format_exc()
@@ -132,6 +134,25 @@ class ShepardModule:
             yield RollingRestart(
                 consul, nomad, config, clock=clock, observer=observer, name=f"ansible {name}"
             )
+
+    @staticmethod
+    def collect_garbage(consul, nomad, config, **kwargs):
+        """:func:`shepard_lib.gc.collect_garbage` (a dry run in check mode is the caller's ``dry_run``)."""
+        return collect_garbage(consul, nomad, config, name="ansible shepard.nomad.gc", **kwargs)
+
+    @staticmethod
+    def check_job(nomad, job, config):
+        """:func:`shepard_lib.jobcheck.check_job_in_nomad` with the configuration's prefix and health source."""
+        return check_job_in_nomad(nomad, job, key_prefix=config.key_prefix, health_source=config.health_source)
+
+
+def gc_report(report):
+    """A :class:`shepard_lib.gc.GCReport` as module results: ``skipped`` and ``failed`` are Ansible's own
+    result keys, so the key lists are ``skipped_keys`` and ``failed_keys``."""
+    data = report.to_dict()
+    data["skipped_keys"] = data.pop("skipped")
+    data["failed_keys"] = data.pop("failed")
+    return data
 
 
 def rollout_result(result):

@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "config_cmd",
     "template_cmd",
     "job_cmd",
+    "demo_cmd",
     "sim_cmd",
 )
 """The modules under ``shepard_lib.cli`` that register subcommands, in ``--help`` order."""

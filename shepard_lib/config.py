@@ -235,6 +235,10 @@ class ShepardConfig:
     ship_log_interval: float = field(
         default=60.0, metadata=_docs("How often new task log lines are shipped.")
     )
+    shutdown_timeout: float = field(
+        default=30.0,
+        metadata=_docs("Agent: on SIGTERM, how long a restart in flight may finish before the agent exits."),
+    )
     log_shipping: LogShippingConfig = field(
         default_factory=LogShippingConfig, metadata=_docs("Log shipping.")
     )
@@ -531,6 +535,7 @@ _DURATIONS: dict[str, tuple[float, float | None]] = {
     "gc_interval": (1.0, 7 * 86400.0),
     "node_cleanup_timeout": (60.0, None),
     "ship_log_interval": (1.0, 86400.0),
+    "shutdown_timeout": (1.0, 3600.0),
 }
 SCHEMA = vol.Schema(
     {

@@ -24,6 +24,7 @@ from shepard_lib.logsetup import setup_logging
 
 COMMAND_MODULES: tuple[str, ...] = (
     "restart_cmd",
+    "agent_cmd",
     "config_cmd",
     "template_cmd",
     "job_cmd",

@@ -64,6 +64,7 @@ EXPECTED_DEFAULTS: dict[str, Any] = {
     "gc_interval": 300.0,
     "node_cleanup_timeout": 86400.0,
     "ship_log_interval": 60.0,
+    "shutdown_timeout": 30.0,
     "metrics_address": None,
     "log_level": "INFO",
     "log_format": "text",

@@ -1,0 +1,295 @@
+"""The per-node agent end to end: real inotify on the simulator's allocation directories, over HTTP.
+
+Sim-only: the agents need each node's Nomad data dir on this machine, and the tests read the
+sim's restart record. (A real cluster's agent runs on its own node: see README, "The agent".)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from agent_support import (
+    KEYS,
+    SCALE,
+    agents,
+    complete,
+    make_agent,
+    read_plan,
+    scenario,
+    wait_plan,
+    wait_until,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from shepard_lib.agent import Agent
+from shepard_lib.agent.inotify import PyInotifyWatcher, WatchLimitReached
+from shepard_lib.agent.watcher import TaskKey
+from shepard_lib.plan import MemberState
+from shepard_lib.sim.consul import ConsulServer
+from shepard_lib.sim.nomad.restarts import RestartRecord
+from shepard_lib.sim.pytest_plugin import SimClusterFactory
+from shepard_lib.sim.scenario import load_scenario
+
+
+def test_key_change_restarts_every_allocation_once_one_at_a_time_each_healthy_first(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(count=9, concurrency=1), time_scale=SCALE)
+    with agents(sim, ["n1", "n2", "n3"]) as running:
+        assert all(len(a.watched()) == 3 for a in running.values())
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(9))
+    restarts = [r for r in sim.restarts() if r.job == "web"]
+    assert Counter(r.alloc_id for r in restarts) == Counter({a: 1 for a in plan.members}), restarts
+    assert len(plan.members) == 9
+    assert sim.peak_concurrency("web", "app", "server") == 1
+    ordered = sorted(restarts, key=lambda r: r.stopped_at or 0)
+    for before, after in itertools.pairwise(ordered):
+        assert before.healthy_at is not None and after.stopped_at is not None
+        assert before.healthy_at <= after.stopped_at, (
+            f"{after.alloc_id} went before {before.alloc_id} was healthy"
+        )
+
+
+def test_at_concurrency_two_each_allocation_restarts_once_and_never_more_than_two_at_once(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(count=9, concurrency=2), time_scale=SCALE)
+    with agents(sim, ["n1", "n2", "n3"]):
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(9))
+    counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
+    assert counts == Counter({a: 1 for a in plan.members}) and len(counts) == 9
+    assert 1 <= sim.peak_concurrency("web", "app", "server") <= 2
+
+
+def rewrite_atomically(path: Path, content: bytes) -> None:
+    """Write as consul-template does: a temp file in the same dir, then rename over the target."""
+    tmp = path.parent / "4815162342"  # consul-template's temp files have all-digit names
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+def test_logs_trigger_file_and_identical_renders_restart_nothing(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1), time_scale=SCALE)
+    with agents(sim, ["n1"]) as running:
+        agent = running["n1"]
+        (key,) = agent.watched()
+        base = sim.node_data_dir("n1") / "alloc" / key.alloc_id
+        before = len(sim.restarts())
+        with (base / "alloc" / "logs" / "server.stdout.0").open("ab") as log_file:
+            log_file.write(b"a log line\n")
+        (base / "alloc" / "logs" / "new-dir").mkdir()
+        (base / "alloc" / "logs" / "new-dir" / "x").write_bytes(b"x")
+        app = base / "server" / "local" / "app.conf"
+        rewrite_atomically(app, app.read_bytes())  # an identical re-render
+        tpl = base / "server" / "local" / "shepard.tpl"
+        rewrite_atomically(tpl, b"someone else's trigger value")
+        (base / "server" / "local" / ".app.conf.swp").write_bytes(b"editor state")
+        sim.set_key("config/web", "v1")  # the same value: Nomad renders nothing new
+        sim.clock.sleep(4 * agent.config.settle_time)
+        changes = sum(
+            s.value for s in agent.metrics.change_events.collect()[0].samples if s.name.endswith("_total")
+        )
+        assert changes == 0
+        plan, _ = read_plan(sim)
+        assert plan is None, plan
+        # Only the shepard.tpl write restarted its task (change_mode restart), never through Shepard.
+        assert [r.cause for r in sim.restarts()[before:]] in ([], ["template"])
+        # A real change in the shared alloc dir is seen: the watcher was not blind meanwhile.
+        (base / "alloc" / "data" / "feature.flags").write_bytes(b"on")
+        plan = wait_plan(sim, complete(1))
+        assert list(plan.members) == [key.alloc_id]
+
+
+def test_two_changes_within_settle_time_are_one_rollout(sim_cluster_factory: SimClusterFactory) -> None:
+    sim = sim_cluster_factory(scenario(count=6, concurrency=2), time_scale=SCALE)
+    with agents(sim, ["n1", "n2", "n3"], settle_time=20.0):
+        sim.set_key("config/web", "v2")
+        sim.set_key("config/web", "v3")
+        plan = wait_plan(sim, complete(6))
+    assert plan.generation == 1
+    counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
+    assert counts == Counter({a: 1 for a in plan.members}) and len(counts) == 6
+
+
+def test_a_change_mid_rollout_restarts_the_done_members_once_more(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(count=6, concurrency=1), time_scale=SCALE)
+    with agents(sim, ["n1", "n2", "n3"]):
+        sim.set_key("config/web", "v2")
+        wait_plan(sim, lambda p: sum(m.state is MemberState.DONE for m in p.members.values()) >= 2)
+        second = sim.clock.time()
+        sim.set_key("config/web", "v3")
+        plan = wait_plan(sim, complete(6, generation=2))
+    by_alloc: dict[str, list[RestartRecord]] = {}
+    for record in sim.restarts():
+        by_alloc.setdefault(record.alloc_id, []).append(record)
+    assert set(by_alloc) == set(plan.members)
+    for alloc_id, records in by_alloc.items():
+        assert len(records) <= 2, f"{alloc_id} restarted {len(records)} times"
+        assert any((r.stopped_at or 0) >= second for r in records), f"{alloc_id} never restarted after v3"
+        first = records[0]
+        if first.healthy_at is not None and first.healthy_at < second:
+            assert len(records) == 2, f"{alloc_id} was done before v3 but not restarted again"
+
+
+def test_allocations_arriving_rescheduled_stopped_or_removed_are_picked_up_or_dropped(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    with agents(sim, ["n1"]) as running:
+        agent = running["n1"]
+        ids = {a.id for a in sim.nomad.allocations("web")}
+        assert {k.alloc_id for k in agent.watched()} == ids
+        spec = load_scenario(scenario(count=1, nodes=1) | {"jobs": [api_job()]}).jobs[0]
+        sim.set_key("config/api", "a1")
+        sim.nomad.register_job(spec)
+        (api,) = (a.id for a in sim.nomad.allocations("api"))
+        wait_until(
+            sim, lambda: TaskKey(api, "server") in agent.watched(), "the new job's allocation is watched"
+        )
+
+        old = sorted(ids)[0]
+        new = sim.nomad.reschedule(old).id
+        wait_until(
+            sim,
+            lambda: (
+                TaskKey(new, "server") in agent.watched() and TaskKey(old, "server") not in agent.watched()
+            ),
+            "the replacement is watched instead of the rescheduled allocation",
+        )
+        stopped = sorted(ids - {old})[0]
+        sim.nomad.stop_allocation(stopped)
+        wait_until(
+            sim,
+            lambda: TaskKey(stopped, "server") not in agent.watched(),
+            "the stopped allocation is dropped",
+        )
+        removed = sorted(ids - {old, stopped})[0]
+        shutil.rmtree(sim.node_data_dir("n1") / "alloc" / removed)
+        wait_until(
+            sim, lambda: TaskKey(removed, "server") not in agent.watched(), "the removed directory is dropped"
+        )
+
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(1))
+    assert set(plan.members) == {new}, "only the replacement still runs with its files in place"
+
+
+def api_job() -> dict[str, Any]:
+    return {
+        "name": "api",
+        "groups": [
+            {
+                "name": "http",
+                "count": 1,
+                "tasks": [
+                    {
+                        "name": "server",
+                        "shepard": True,
+                        "templates": [
+                            {"key": "config/api", "destination": "local/api.conf", "change_mode": "noop"}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+
+
+class LimitedWatcher(PyInotifyWatcher):
+    """Real inotify, but the kernel's watch limit is 2 directories (fault injection)."""
+
+    def add(self, directory: Path) -> None:
+        if self.count() >= 2:
+            raise WatchLimitReached(f"inotify watch limit reached watching {directory}")
+        super().add(directory)
+
+
+def test_watch_exhaustion_is_logged_once_and_falls_back_to_scans(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
+    agent = make_agent(sim, "n1")
+    agent = Agent(agent.config, agent.consul, agent.nomad, clock=sim.clock, dir_watcher=LimitedWatcher)
+    with agent:
+        assert agent.metrics.inotify_fallback._value.get() >= 2  # every task past the first watches
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(3))
+    assert len(plan.members) == 3, "the tasks on scans were restarted too"
+    limit_lines = [r for r in caplog.records if "max_user_watches" in r.getMessage()]
+    assert len(limit_lines) == 1, [r.getMessage() for r in limit_lines]
+    assert "sysctl -w fs.inotify.max_user_watches=" in limit_lines[0].getMessage()
+
+
+def test_metrics_health_and_ready_are_served_and_parse(sim_cluster_factory: SimClusterFactory) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    with agents(sim, ["n1"], metrics_address="127.0.0.1:0") as running:
+        agent = running["n1"]
+        base = f"http://{agent.metrics_address}"
+        assert requests.get(f"{base}/health", timeout=10).status_code == 200
+        assert requests.get(f"{base}/ready", timeout=10).status_code == 200
+        sim.set_key("config/web", "v2")
+        wait_plan(sim, complete(3))
+        succeeded = agent.metrics.restarts_succeeded.labels("web", "app", "server")
+        wait_until(sim, lambda: succeeded._value.get() == 3, "the last outcome is counted")
+        text = requests.get(f"{base}/metrics", timeout=10).text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    task = (("group", "app"), ("job", "web"), ("task", "server"))
+    assert samples[("shepard_restarts_started_total", task)] == 3
+    assert samples[("shepard_restarts_succeeded_total", task)] == 3
+    assert samples[("shepard_change_events_total", task)] == 3
+    assert samples[("shepard_watched_allocations", ())] == 3
+    assert samples[("shepard_watched_tasks", ())] == 3
+    assert samples[("shepard_inotify_fallback_tasks", ())] == 0
+    assert samples[("shepard_slot_wait_seconds_count", ())] == 3
+    assert samples[("shepard_restart_to_healthy_seconds_count", ())] == 3
+    assert samples[("shepard_session_renew_failures_total", ())] == 0
+
+
+def test_consul_down_longer_than_the_ttl_then_back_gets_a_new_session_and_works(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
+    with agents(sim, ["n1"]) as running:
+        agent = running["n1"]
+        first = agent.session_id
+        port = sim.consul_server.port
+        sim.consul_server.stop()
+        sim.clock.sleep(3 * agent.config.session_ttl)
+        assert not agent.ready()
+        sim.consul_server = ConsulServer(sim.consul_state, port=port).start()
+        wait_until(sim, lambda: agent.ready() and agent.session_id != first, "the agent has a new session")
+        holder = sim.consul_state.kv_get(KEYS.node_key("n1"))
+        wait_until(
+            sim,
+            lambda: (
+                (e := sim.consul_state.kv_get(KEYS.node_key("n1"))) is not None
+                and e.session == agent.session_id
+            ),
+            "the heartbeat is held by the new session",
+        )
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(3))
+    assert holder is not None and len(plan.members) == 3
+    outage_lines = [r for r in caplog.records if r.getMessage().startswith("Consul unreachable")]
+    assert len(outage_lines) == 1, [r.getMessage() for r in outage_lines]
+    assert sum(r.getMessage().startswith("Consul reachable again") for r in caplog.records) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -61,6 +62,10 @@ def _at_least(low: int) -> type[int]:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if (
+        args.log_level is None
+    ):  # the agents' own lines (a failed restart, a halted plan) would drown the display
+        logging.getLogger("shepard_lib").setLevel(logging.CRITICAL)
     options = DemoOptions(
         allocations=args.allocations,
         nodes=args.nodes,
@@ -73,7 +78,8 @@ def _demo(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(to_json(results, options), indent=2))
     else:
-        print_table(Console(), results, options)
+        out = Console()
+        print_table(out if out.is_terminal else Console(width=120), results, options)
     if args.plot:
         _plot(args.plot, results, options, err)
     broken = [r for r in results if r.timed_out] + [

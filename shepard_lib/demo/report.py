@@ -34,13 +34,14 @@ def print_table(console: Console, results: Sequence[RunResult], options: DemoOpt
         f"(Shepard at concurrency {options.concurrency}; times in cluster seconds)",
         title_justify="left",
     )
-    for column in ("run", "peak down at once", "lowest healthy", f"time below {floor} healthy", "total time"):
-        table.add_column(column, justify="left" if column == "run" else "right")
+    table.add_column("run", no_wrap=True)
+    for column in ("peak down at once", "lowest healthy", f"time below {floor} healthy", "total time"):
+        table.add_column(column, justify="right")
     table.add_column("restarted / failed", justify="right")
     for r in results:
         m = r.measures
         table.add_row(
-            r.spec.name.replace("_", " "),
+            r.spec.name,
             str(m.peak_concurrent_restarts),
             f"{m.min_healthy}/{options.allocations}",
             f"{m.seconds_below_floor:.0f}s",

@@ -189,7 +189,17 @@ def _agents(sim: SimCluster, cfg: ShepardConfig) -> Iterator[list[Agent]]:
             stack.callback(consul.close)
             stack.callback(nomad.close)
             agents.append(stack.enter_context(Agent(node_cfg, consul, nomad, clock=sim.clock)))
+        _wait_watching(agents, len(sim.nomad.allocations()), sim)
         yield agents
+
+
+def _wait_watching(agents: list[Agent], tasks: int, sim: SimCluster, timeout: float = 120.0) -> None:
+    """Wait until the agents watch every task, so the change cannot slip past them."""
+    deadline = sim.clock.monotonic() + timeout
+    while sum(len(a.watched()) for a in agents) < tasks:
+        if sim.clock.monotonic() > deadline:
+            raise RuntimeError(f"the agents watch {sum(len(a.watched()) for a in agents)} of {tasks} tasks")
+        time.sleep(0.02)
 
 
 def _since(records: list[RestartRecord], start: float) -> list[RestartRecord]:

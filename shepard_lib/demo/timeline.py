@@ -65,9 +65,7 @@ def measure(
     ``seconds_below_floor`` is how long fewer instances than that were healthy.
     """
     series = healthy_series(records, instances, start, end)
-    below = sum(
-        t1 - t0 for (t0, healthy), (t1, _) in itertools.pairwise(series) if healthy < floor
-    )
+    below = sum(t1 - t0 for (t0, healthy), (t1, _) in itertools.pairwise(series) if healthy < floor)
     stops = [r for r in records if r.stopped_at is not None]
     ends = [span[1] for r in stops if (span := r.interval(end)) is not None]
     return RunMeasures(

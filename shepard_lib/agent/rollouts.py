@@ -18,6 +18,7 @@ changes (the agent watches the ``nodes/`` prefix) and at least every session TTL
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -28,7 +29,7 @@ from typing import Protocol
 from shepard_lib.backends import ConsulAPI, NomadAPI
 from shepard_lib.clock import Clock
 from shepard_lib.config import LockScope
-from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, target_for
+from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, Target, target_for
 from shepard_lib.errors import NotFound, PlanError, ShepardError
 from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskScope, unescape_segment
 from shepard_lib.model import Allocation
@@ -41,12 +42,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Change:
-    """A settled content change of ``task`` in ``alloc``; ``changed_at`` is cluster Unix time."""
+    """A settled content change of ``task`` in ``alloc``; ``changed_at`` is cluster Unix time.
+
+    ``target`` is set once the change is registered in its plan.
+    """
 
     alloc: Allocation
     task: str
     changed_at: float
     files: tuple[str, ...] = ()
+    target: Target | None = None
 
 
 class RolloutHost(Protocol):
@@ -262,6 +267,9 @@ class _Worker:
 
 
 def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:
+    """Drive a registered change; register it first (``handle_change``) if the registrar could not."""
+    if change.target is not None:
+        return coordinator.drive(change.target)
     return coordinator.handle_change(change.alloc, change.task, change.changed_at)
 
 
@@ -309,12 +317,12 @@ class Rollouts:
                     change
                 )
             for name, group in by_task.items():
-                self._register(name, group)
-                for change in group:
+                for change in self._register(name, group):
                     self._queue(name, change)
 
-    def _register(self, name: tuple[str, str, str], changes: list[Change]) -> None:
-        """Register ``changes`` (one task's) in their plan(s); the worker retries what fails here."""
+    def _register(self, name: tuple[str, str, str], changes: list[Change]) -> list[Change]:
+        """Register ``changes`` (one task's) in their plan(s); returned with their targets when
+        registered, as they were otherwise (the worker then registers them through handle_change)."""
         for change in changes:
             log.info(
                 "%s alloc %s on %s: change seen in %s",
@@ -325,7 +333,7 @@ class Rollouts:
             )
         coordinator = self._host.coordinator()
         if coordinator is None:
-            return
+            return changes
         try:
             job = self._host.nomad.job(name[0])
             targets = [target_for(c.alloc, c.task, job) for c in changes]
@@ -341,6 +349,8 @@ class Rollouts:
                 )
         except ShepardError as exc:
             log.error("%s: could not register %d change(s) yet: %s", "/".join(name), len(changes), exc)
+            return changes
+        return [dataclasses.replace(c, target=t) for c, t in zip(changes, targets, strict=True)]
 
     def _queue(self, name: tuple[str, str, str], change: Change) -> None:
         with self._lock:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import os
 import platform
 import subprocess
@@ -37,8 +38,10 @@ HERE = Path(__file__).resolve().parent
 JOB, GROUP, TASK, CONFIG_KEY = "web", "app", "server", "config/web"
 
 
-def scenario(allocations: int, nodes: int, restart: str | dict[str, Any], healthy_after: str) -> dict[str, Any]:
-    """One job of ``allocations`` Shepard-managed instances over ``nodes`` nodes (config template ``noop``)."""
+def scenario(
+    allocations: int, nodes: int, restart: str | dict[str, Any], healthy_after: str
+) -> dict[str, Any]:
+    """One job of ``allocations`` Shepard-managed instances on ``nodes`` nodes (config template ``noop``)."""
     return {
         "seed": 11,
         "nodes": nodes,
@@ -54,7 +57,11 @@ def scenario(allocations: int, nodes: int, restart: str | dict[str, Any], health
                                 "name": TASK,
                                 "shepard": True,
                                 "templates": [
-                                    {"key": CONFIG_KEY, "destination": "local/app.conf", "change_mode": "noop"}
+                                    {
+                                        "key": CONFIG_KEY,
+                                        "destination": "local/app.conf",
+                                        "change_mode": "noop",
+                                    }
                                 ],
                                 "service": JOB,
                             }
@@ -93,9 +100,11 @@ class SimProcess:
         self.time_scale = time_scale
         self.stderr = (Path(self._tmp.name) / "sim.log").open("w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from shepard_lib.cli import main; sys.exit(main())"]
-            + ["sim", "serve", "--scenario", str(path)]
-            + ["--time-scale", f"{time_scale:g}", "--agents", "--data-dir", str(Path(self._tmp.name) / "data")],
+            [
+                *(sys.executable, "-c", "import sys; from shepard_lib.cli import main; sys.exit(main())"),
+                *("sim", "serve", "--scenario", str(path), "--time-scale", f"{time_scale:g}"),
+                *("--agents", "--data-dir", str(Path(self._tmp.name) / "data")),
+            ],
             stdout=subprocess.PIPE,
             stderr=self.stderr,
             text=True,
@@ -179,7 +188,7 @@ class AgentHosts:
     ) -> None:
         self.procs: list[subprocess.Popen[str]] = []
         self.stopped: list[str] = []
-        self._logs = tempfile.TemporaryFile("w+")
+        self._logs = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in close())
         groups = [sim.nodes[i::processes] for i in range(processes)]
         for group in groups:
             spec = {
@@ -203,8 +212,9 @@ class AgentHosts:
             assert proc.stdout is not None
             line = proc.stdout.readline()
             if not line.startswith("watching "):
+                tail = self.log_tail()
                 self.close()
-                raise RuntimeError(f"an agent host failed to start: {line!r} {self.log_tail()}")
+                raise RuntimeError(f"an agent host failed to start: {line!r} {tail}")
 
     def log_tail(self) -> str:
         self._logs.seek(0)
@@ -227,14 +237,19 @@ class AgentHosts:
                 proc.communicate()
                 self.stopped.append("stopped never (killed)")
         self.procs = []
+        self._logs.close()
 
     def threads_left(self) -> int:
         """Threads still alive after ``Agent.stop`` in every host (after :meth:`close`)."""
-        return sum(int(line.split("threads=", 1)[1].split()[0]) for line in self.stopped if "threads=" in line)
+        return sum(
+            int(line.split("threads=", 1)[1].split()[0]) for line in self.stopped if "threads=" in line
+        )
 
     def thread_names_left(self) -> list[str]:
         """Names of the threads :meth:`threads_left` counts."""
-        names = {n for line in self.stopped if "names=" in line for n in line.split("names=", 1)[1].split(",")}
+        names = {
+            n for line in self.stopped if "names=" in line for n in line.split("names=", 1)[1].split(",")
+        }
         return sorted(names - {"-"})
 
     def __enter__(self) -> AgentHosts:
@@ -253,7 +268,9 @@ def tasks_per_node(sim: SimProcess) -> dict[str, int]:
     return dict(Counter(a["NodeName"] for a in answer.json() if a["ClientStatus"] == "running"))
 
 
-def wait_all_healthy(sim: SimProcess, allocations: int, timeout: float, poll: float = 0.2) -> list[RestartRecord]:
+def wait_all_healthy(
+    sim: SimProcess, allocations: int, timeout: float, poll: float = 0.2
+) -> list[RestartRecord]:
     """Poll the restart record (uncounted) until ``allocations`` allocations restarted healthy."""
     deadline = time.monotonic() + timeout
     while True:
@@ -293,7 +310,9 @@ def batch_makespan(times: Sequence[float], c: int) -> float:
 def makespan(records: Sequence[RestartRecord]) -> float:
     """First restart requested -> last healthy."""
     done = [r for r in records if r.healthy_at is not None]
-    return max(r.healthy_at for r in done if r.healthy_at) - min(r.requested_at for r in done) if done else 0.0
+    return (
+        max(r.healthy_at for r in done if r.healthy_at) - min(r.requested_at for r in done) if done else 0.0
+    )
 
 
 def handoffs(records: Sequence[RestartRecord], c: int) -> list[float]:
@@ -322,7 +341,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 def consul_total(counts: dict[str, dict[str, int]]) -> int:
@@ -332,8 +351,11 @@ def consul_total(counts: dict[str, dict[str, int]]) -> int:
 def machine() -> dict[str, Any]:
     """What ran the benchmark: CPU, cores, Python, and the load at the start."""
     model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
     )
     return {

@@ -35,10 +35,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import _common as common
 from rich.console import Console
 from rich.table import Table
-
-import _common as common
 
 RESTART_FIXED = "10s"
 RESTART_LOGNORMAL: dict[str, Any] = {"lognormal": {"median": "8s", "sigma": 0.6}}
@@ -59,7 +58,7 @@ class Case:
 
 
 def agent_config(concurrency: int) -> dict[str, Any]:
-    """The agents' settings: defaults, except a quick settle and no extra healthy time (the ideal has none)."""
+    """The agents' settings: defaults, but a short settle and no extra healthy time (the ideal has none)."""
     return {
         "concurrency": concurrency,
         "settle_time": 1.0,
@@ -83,7 +82,11 @@ def run_case(case: Case, time_scale: float, processes: int = 1) -> dict[str, Any
             records = common.wait_all_healthy(sim, n, timeout=max(600.0, 40 * n / c / time_scale))
             consul = sim.consul_requests()
             nomad = sum(sim.nomad_requests().values()) - nomad0
-            cpu_sim, cpu_agents, real = sim.cpu() - cpu_sim0, hosts.cpu() - cpu_agents0, time.monotonic() - real0
+            cpu_sim, cpu_agents, real = (
+                sim.cpu() - cpu_sim0,
+                hosts.cpu() - cpu_agents0,
+                time.monotonic() - real0,
+            )
             time.sleep(2.0)  # anything restarted a second time would show by now
             records = sim.restarts()
         threads_left, thread_names = hosts.threads_left(), hosts.thread_names_left()
@@ -142,18 +145,38 @@ def print_table(console: Console, results: list[dict[str, Any]]) -> None:
         title_justify="left",
     )
     for column in (
-        "N", "c", "dur", "makespan", "/ideal", "batch/shep", "req", "(w/o renew)",
-        "hand-off p50", "p99 ms", "peak", "once", "real s", "cpu ag/sim",
+        "N",
+        "c",
+        "dur",
+        "makespan",
+        "/ideal",
+        "batch/shep",
+        "req",
+        "(w/o renew)",
+        "hand-off p50",
+        "p99 ms",
+        "peak",
+        "once",
+        "real s",
+        "cpu ag/sim",
     ):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(
-            str(r["allocations"]), str(r["concurrency"]), r["durations"][:3], f"{r['makespan_s']:.0f}s",
-            f"{r['makespan_over_ideal']:.3f}", f"{r['batch_over_shepard']:.2f}",
-            f"{r['consul_requests_per_restart']:.1f}", f"{r['consul_requests_per_restart_without_renewals']:.1f}",
-            f"{r['handoff_p50_real_ms']:.0f}", f"{r['handoff_p99_real_ms']:.0f}",
-            f"{r['peak_concurrent_restarts']}/{r['concurrency']}", "yes" if r["restarted_exactly_once"] else "NO",
-            f"{r['real_seconds']:.0f}", f"{r['cpu_agents_s']:.1f}/{r['cpu_sim_s']:.1f}",
+            str(r["allocations"]),
+            str(r["concurrency"]),
+            r["durations"][:3],
+            f"{r['makespan_s']:.0f}s",
+            f"{r['makespan_over_ideal']:.3f}",
+            f"{r['batch_over_shepard']:.2f}",
+            f"{r['consul_requests_per_restart']:.1f}",
+            f"{r['consul_requests_per_restart_without_renewals']:.1f}",
+            f"{r['handoff_p50_real_ms']:.0f}",
+            f"{r['handoff_p99_real_ms']:.0f}",
+            f"{r['peak_concurrent_restarts']}/{r['concurrency']}",
+            "yes" if r["restarted_exactly_once"] else "NO",
+            f"{r['real_seconds']:.0f}",
+            f"{r['cpu_agents_s']:.1f}/{r['cpu_sim_s']:.1f}",
         )
     console.print(table)
 
@@ -161,14 +184,17 @@ def print_table(console: Console, results: list[dict[str, Any]]) -> None:
 def targets(results: list[dict[str, Any]]) -> list[str]:
     """Each target against the cases it applies to."""
     ideal = [r for r in results if r["concurrency"] <= 5]
-    batch = [r for r in results if r["durations"] == "lognormal" and r["batches"] >= 2 and r["concurrency"] > 1]
+    batch = [
+        r for r in results if r["durations"] == "lognormal" and r["batches"] >= 2 and r["concurrency"] > 1
+    ]
     lines = []
     if ideal:
         worst = max(ideal, key=lambda r: r["makespan_over_ideal"])
         met = sum(r["makespan_over_ideal"] <= TARGET_IDEAL for r in ideal)
         lines.append(
             f"within {TARGET_IDEAL - 1:.0%} of ideal at c <= 5: {met} of {len(ideal)} cases "
-            f"(worst {worst['makespan_over_ideal']:.3f} at N={worst['allocations']}, c={worst['concurrency']})"
+            f"(worst {worst['makespan_over_ideal']:.3f} "
+            f"at N={worst['allocations']}, c={worst['concurrency']})"
         )
     if batch:
         low = min(batch, key=lambda r: r["batch_over_shepard"])
@@ -200,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--durations", default="fixed,lognormal", help="fixed, lognormal or both")
     parser.add_argument("--time-scale", type=float, default=20.0, help="cluster seconds per real second")
     parser.add_argument(
-        "--max-restarts-in-series", type=int, default=100,
+        "--max-restarts-in-series",
+        type=int,
+        default=100,
         help="skip cases whose N / c is above this (N=500 at c=1 is 500 restarts one by one)",
     )
     parser.add_argument("--json", metavar="FILE", help="write the results here")
@@ -225,11 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         console.print(line)
     if skipped:
         console.print(f"skipped (N / c > {args.max_restarts_in_series}): {skipped}")
-    problems = [f"N={r['allocations']} c={r['concurrency']}: {p}" for r in results for p in invariant_problems(r)]
+    problems = [
+        f"N={r['allocations']} c={r['concurrency']}: {p}" for r in results for p in invariant_problems(r)
+    ]
     for problem in problems:
         console.print(f"[red]invariant broken: {problem}[/red]")
     common.write_json(
-        args.json, {"benchmark": "agents", "machine": common.machine(), "results": results, "skipped": skipped}
+        args.json,
+        {"benchmark": "agents", "machine": common.machine(), "results": results, "skipped": skipped},
     )
     return 1 if problems else 0
 

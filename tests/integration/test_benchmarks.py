@@ -52,12 +52,3 @@ def test_tiny_agent_rollout_figures_are_consistent(result: dict[str, Any]) -> No
     by_endpoint = result["consul_requests_by_endpoint"]
     assert by_endpoint.get("/v1/txn", {}).get("PUT", 0) >= N, "each trigger is a txn"
     assert result["consul_requests"] == common.consul_total(by_endpoint) - 1
-
-
-def test_schedule_measures_on_known_durations() -> None:
-    times = [4.0, 1.0, 1.0, 1.0, 1.0]
-    assert common.ideal_makespan(times, 2) == 4.0
-    assert common.batch_makespan(times, 2) == 4.0 + 1.0 + 1.0
-    assert common.ideal_makespan(times, 1) == 8.0 == common.batch_makespan(times, 1)
-    assert common.percentile([3.0, 1.0, 2.0], 50) == 2.0
-    assert common.percentile([float(i) for i in range(1, 101)], 99) == 99.0

@@ -61,9 +61,11 @@ def main() -> int:
         stop.wait()
     finally:
         started = time.monotonic()
-        for agent in agents:
-            with contextlib.suppress(Exception):
-                agent.stop(timeout=base.shutdown_timeout)
+        stoppers = [threading.Thread(target=_stop, args=(a, base.shutdown_timeout)) for a in agents]
+        for stopper in stoppers:  # in parallel, as the nodes' agents would stop
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
         for backend in backends:
             backend.close()
         time.sleep(0.5)  # a thread told to stop gets a moment to return before it is counted
@@ -71,6 +73,11 @@ def main() -> int:
         names = ",".join(sorted({t.name for t in left})) or "-"
         print(f"stopped {time.monotonic() - started:.2f} threads={len(left)} names={names}", flush=True)
     return 0
+
+
+def _stop(agent: Agent, timeout: float) -> None:
+    with contextlib.suppress(Exception):
+        agent.stop(timeout=timeout)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ def run_case(case: Case, time_scale: float, processes: int = 1) -> dict[str, Any
         **asdict(case),
         "nodes": case.nodes,
         "time_scale": time_scale,
+        "agent_processes": processes,
         "restarted": len(per_alloc),
         "restarted_exactly_once": len(per_alloc) == n and set(per_alloc.values()) == {1},
         "peak_concurrent_restarts": common.peak(records),
@@ -231,7 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         default=100,
         help="skip cases whose N / c is above this (N=500 at c=1 is 500 restarts one by one)",
     )
-    parser.add_argument("--json", metavar="FILE", help="write the results here")
+    parser.add_argument(
+        "--agent-processes",
+        type=int,
+        default=0,
+        help="processes the agents are spread over (default: 25 a process)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="write the results here (rewritten after every case)")
     args = parser.parse_args(argv)
     console = Console(width=160)
     cases = [
@@ -241,13 +248,19 @@ def main(argv: list[str] | None = None) -> int:
         for d in args.durations.split(",")
         if c <= n
     ]
-    results, skipped = [], []
+    results: list[dict[str, Any]] = []
+    skipped = [asdict(c) for c in cases if c.allocations / c.concurrency > args.max_restarts_in_series]
     for case in cases:
-        if case.allocations / case.concurrency > args.max_restarts_in_series:
-            skipped.append(asdict(case))
+        if asdict(case) in skipped:
             continue
         console.print(f"[dim]N={case.allocations} c={case.concurrency} {case.durations} ...[/dim]")
-        results.append(run_case(case, args.time_scale))
+        processes = args.agent_processes or -(-case.nodes // 25)
+        results.append(run_case(case, args.time_scale, processes))
+        print_table(console, results[-1:])
+        common.write_json(  # after every case: a long run stopped early keeps what it measured
+            args.json,
+            {"benchmark": "agents", "machine": common.machine(), "results": results, "skipped": skipped},
+        )
     print_table(console, results)
     for line in targets(results):
         console.print(line)
@@ -258,10 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for problem in problems:
         console.print(f"[red]invariant broken: {problem}[/red]")
-    common.write_json(
-        args.json,
-        {"benchmark": "agents", "machine": common.machine(), "results": results, "skipped": skipped},
-    )
     return 1 if problems else 0
 
 

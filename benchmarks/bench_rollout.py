@@ -120,7 +120,11 @@ def scenario(allocations: int, *, seed: int) -> dict[str, Any]:
                                 "name": "server",
                                 "shepard": True,
                                 "templates": [
-                                    {"key": "config/bench", "destination": "local/app.conf", "change_mode": "noop"}
+                                    {
+                                        "key": "config/bench",
+                                        "destination": "local/app.conf",
+                                        "change_mode": "noop",
+                                    }
                                 ],
                                 "service": JOB,
                             }
@@ -144,10 +148,25 @@ def sim_process(spec: dict[str, Any], time_scale: float) -> Iterator[tuple[str, 
     path = workdir / "scenario.yaml"
     path.write_text(yaml.safe_dump(spec))
     shepard = Path(sys.executable).with_name("shepard")
-    command = [str(shepard)] if shepard.exists() else [sys.executable, "-c", "from shepard_lib.cli import main; main()"]
+    command = (
+        [str(shepard)]
+        if shepard.exists()
+        else [sys.executable, "-c", "from shepard_lib.cli import main; main()"]
+    )
     proc = subprocess.Popen(
-        [*command, "--log-level", "WARNING", "sim", "serve", "--scenario", str(path), "--time-scale", str(time_scale),
-         "--data-dir", str(workdir / "data")],
+        [
+            *command,
+            "--log-level",
+            "WARNING",
+            "sim",
+            "serve",
+            "--scenario",
+            str(path),
+            "--time-scale",
+            str(time_scale),
+            "--data-dir",
+            str(workdir / "data"),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -181,7 +200,11 @@ class _Recorder(logging.Handler):
         now = time.monotonic()
         msg = str(record.msg)
         with self.mu:
-            if record.name == "shepard_lib.locks" and msg.startswith("restart slot") and msg.endswith("released"):
+            if (
+                record.name == "shepard_lib.locks"
+                and msg.startswith("restart slot")
+                and msg.endswith("released")
+            ):
                 self.events.append((now, "release"))
             elif record.name == "shepard_lib.trigger" and "triggered" in msg:
                 self.events.append((now, "trigger"))
@@ -306,7 +329,9 @@ def run_case(
     done.sort(key=lambda r: r["requested_at"])
     durations = [r["healthy_at"] - r["requested_at"] + min_healthy_time for r in done]
     makespan = (
-        max(r["healthy_at"] for r in done) + min_healthy_time - min(r["requested_at"] for r in done) if done else 0.0
+        max(r["healthy_at"] for r in done) + min_healthy_time - min(r["requested_at"] for r in done)
+        if done
+        else 0.0
     )
     ideal = list_schedule(durations, concurrency)
     batch = batch_schedule(durations, concurrency)
@@ -447,9 +472,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = ""
     for text in args.cases.split(","):
         n, c = _case(text)
-        profile = cProfile.Profile(time.thread_time) if args.profile and _case(args.profile) == (n, c) else None
+        profile = (
+            cProfile.Profile(time.thread_time) if args.profile and _case(args.profile) == (n, c) else None
+        )
         case = run_case(
-            n, c, time_scale=args.time_scale, min_healthy_time=args.min_healthy_time, seed=args.seed, profile=profile
+            n,
+            c,
+            time_scale=args.time_scale,
+            min_healthy_time=args.min_healthy_time,
+            seed=args.seed,
+            profile=profile,
         )
         print(show(case), flush=True)
         results.append(case)

@@ -211,8 +211,8 @@ def pinned_session(
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    resolved: bool | str = settings["verify"]
-    return resolved
+    resolved: bool | str | None = settings["verify"]
+    return verify if resolved is None else resolved
 
 
 def blocking_timeout(wait: float, clock: Clock, margin: float) -> float:

@@ -30,8 +30,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import threading
 import weakref
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,6 +96,26 @@ class _Claims:
 
 
 _CLAIMS = _Claims()
+
+
+class _Hints:
+    """The slot number each session last held under each slot prefix (weakly, like :class:`_Claims`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: weakref.WeakKeyDictionary[threading.Event, dict[str, int]] = weakref.WeakKeyDictionary()
+
+    def remember(self, session: threading.Event, prefix: str, number: int) -> None:
+        with self._lock:
+            self._last.setdefault(session, {})[prefix] = number
+
+    def last(self, session: threading.Event, prefix: str) -> int | None:
+        with self._lock:
+            return self._last.get(session, {}).get(prefix)
+
+
+_HINTS = _Hints()
+_RNG = random.Random()
 
 
 def _acquire_loop(
@@ -293,7 +315,11 @@ class RestartSlots:
         timeout: float | None = None,
         cancel: threading.Event | None = None,
     ) -> Slot:
-        """Take a free slot: try slots 0..size-1, else wait for a release (see the module docs).
+        """Take a free slot, else wait for a release (see the module docs).
+
+        The first try is one slot (the one this session held last, else one picked from its ID);
+        when it is refused the prefix is read once and only slots that look free are tried, in
+        random order, so contenders spread instead of colliding on slot 0.
 
         ``holder`` names the holder in the slot's value (e.g. ``"web-03 alloc 1f2e..."``). Raises
         LockTimeout after ``timeout`` cluster seconds (None: wait forever), LockLost when the
@@ -301,12 +327,12 @@ class RestartSlots:
         """
 
         def attempt(view: list[KVEntry] | None) -> Slot | None:
-            candidates = range(self.size) if view is None else self._free(view)
-            for number in candidates:
+            for number in self._candidates(session, view):
                 slot = Slot(self.key(number), number, session.id, self._clock.time(), session.lost)
                 value = json.dumps({"holder": holder, "session": session.id, "acquired_at": slot.acquired_at})
                 if _acquire_claimed(self._consul, slot.key, value, session, slot):
                     log.info("restart slot %s acquired by %s", slot.key, holder)
+                    _HINTS.remember(session.lost, self.prefix, number)
                     return slot
             return None
 
@@ -323,6 +349,23 @@ class RestartSlots:
             clock=self._clock,
             max_wait=self._max_wait,
         )
+
+    def _candidates(self, session: Session, view: list[KVEntry] | None) -> list[int]:
+        """Slots to try, in order: before any read, one guess; then every slot that looks free, shuffled.
+
+        The guess is the slot this session held last (a worker that just released it finds it free
+        unless someone was faster), else one picked from the session ID, so contenders spread over
+        the slots instead of all trying slot 0 first. After a refused guess the caller reads the
+        prefix (a blocking view it keeps), so the refused attempts per restart stay about one.
+        """
+        if view is None:
+            last = _HINTS.last(session.lost, self.prefix)
+            if last is None or last >= self.size:
+                last = zlib.crc32(session.id.encode("utf-8")) % self.size
+            return [last]
+        free = self._free(view)
+        _RNG.shuffle(free)
+        return free
 
     def release(self, slot: Slot) -> None:
         """Release ``slot`` (idempotent). A failure is logged: the slot then ends with the session."""

@@ -2,8 +2,9 @@
 
 A :class:`Plan` is a pure, frozen value with pure transition functions (:func:`register`,
 :func:`claim`, :func:`reclaim`, :func:`unclaim`, :func:`finish`, :func:`resume`, :func:`abort`);
-:class:`PlanStore` is the only part that does I/O: it reads the plan with a consistent read,
-applies one transition and writes it back with ``cas=ModifyIndex``, retrying on conflict.
+:class:`PlanStore` is the only part that does I/O: it applies one transition to the last plan
+seen and writes it back with a txn ``cas`` on its ModifyIndex, reading the key again only on
+conflict.
 
 Locking choice: ``task_lock`` is **not** taken as a Consul lock. Every plan update is a
 read-modify-write guarded by CAS on the key's ModifyIndex, which is exactly as atomic as a lock
@@ -41,6 +42,8 @@ import enum
 import json
 import logging
 import random
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -48,7 +51,7 @@ from typing import Any
 from shepard_lib.backends import ConsulAPI
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.errors import ConfigError, ConsulError, PlanError
-from shepard_lib.model import Job
+from shepard_lib.model import Job, TxnOp, TxnVerb
 
 __all__ = [
     "CONCURRENCY_META",
@@ -664,15 +667,65 @@ def _opt(value: Any, parse: Callable[[Any], Any]) -> Any:
 # --- storage ----------------------------------------------------------------------------------
 
 
+class _KnownPlans:
+    """The last plan value and ModifyIndex seen per key, shared by the stores on one Consul backend.
+
+    Only ever used to write with ``cas`` (a stale entry costs a refused write and a read, never a
+    wrong decision): what a caller decides on comes from :meth:`PlanStore.read` or from a write
+    that Consul accepted.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._plans: dict[str, tuple[Plan | None, int]] = {}
+
+    def get(self, key: str) -> tuple[Plan | None, int] | None:
+        with self._lock:
+            return self._plans.get(key)
+
+    def put(self, key: str, plan: Plan | None, index: int, *, read: bool = False) -> None:
+        """Remember ``plan`` at ``index`` unless something newer is known (``read``: always)."""
+        with self._lock:
+            known = self._plans.get(key)
+            if read or known is None or index >= known[1]:
+                self._plans[key] = (plan, index)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._plans.pop(key, None)
+
+
+_KNOWN: weakref.WeakKeyDictionary[object, _KnownPlans] = weakref.WeakKeyDictionary()
+_KNOWN_LOCK = threading.Lock()
+
+
+def _known_for(consul: ConsulAPI) -> _KnownPlans:
+    with _KNOWN_LOCK:
+        try:
+            return _KNOWN.setdefault(consul, _KnownPlans())
+        except TypeError:  # not weakly referenceable: a cache of this store only
+            return _KnownPlans()
+
+
 class PlanStore:
     """Reads and CAS-updates plans in Consul.
 
-    ``update(key, change)`` reads the plan with a consistent read, calls the pure ``change`` on
-    it (None when there is no plan, or when the value is corrupt or foreign: that is logged with
-    the key and the value is replaced) and writes the result with ``cas=ModifyIndex``. On a CAS
-    conflict it starts over, at most ``attempts`` times, with jittered backoff. A ``change``
-    that returns the plan unchanged writes nothing. Exceptions of ``change`` (such as
-    :class:`MemberUnavailable`) propagate and nothing is written.
+    ``update(key, change)`` calls the pure ``change`` on the plan (None when there is no plan, or
+    when the value is corrupt or foreign: that is logged with the key and the value is replaced)
+    and writes the result with a one-operation txn ``cas`` on the plan's ModifyIndex. The plan
+    and index it starts from are the last ones seen on this Consul backend in this process (a
+    read, a blocking answer, an accepted write, whose txn result carries the new ModifyIndex), so
+    an update usually costs one request; it reads the key (consistently) only when nothing is
+    known, when the CAS is refused, or when ``change`` refuses or keeps a plan that was not just
+    read. On a refused CAS after a fresh read it waits a jittered, growing backoff before the next
+    attempt, at most ``attempts`` in all. A ``change`` that returns the plan unchanged writes
+    nothing. Exceptions of ``change`` (such as :class:`MemberUnavailable`) on a fresh read
+    propagate and nothing is written.
+
+    A write whose answer was lost (a transport error or a 5xx) may have been applied: the next
+    attempt reads the key and, if it holds exactly what was written, counts the write as done;
+    otherwise ``change`` runs again on what is there (transitions treat the caller's own earlier
+    write as done).
     """
 
     def __init__(
@@ -689,21 +742,33 @@ class PlanStore:
         self._attempts = attempts
         self._backoff = backoff
         self._rng = rng or random.Random()
+        self._known = _known_for(consul)
 
     def read(self, key: str) -> tuple[Plan | None, int]:
         """The plan at ``key`` (None if absent, corrupt or foreign) and its ModifyIndex (0 if absent)."""
+        plan, index, _ = self._read(key)
+        return plan, index
+
+    def _read(self, key: str) -> tuple[Plan | None, int, bytes | None]:
         entry = self._consul.get(key, consistent=True)
         if entry is None:
-            return None, 0
+            self._known.put(key, None, 0, read=True)
+            return None, 0, None
+        plan = self._decode(key, entry.value)
+        self._known.put(key, plan, entry.modify_index, read=True)
+        return plan, entry.modify_index, entry.value
+
+    @staticmethod
+    def _decode(key: str, raw: bytes | None) -> Plan | None:
         try:
-            return Plan.decode(entry.value), entry.modify_index
+            return Plan.decode(raw)
         except PlanFormatError as exc:
             log.warning(
                 "plan key %s holds a corrupt or foreign value (%s); it will be replaced by a fresh plan",
                 key,
                 exc,
             )
-            return None, entry.modify_index
+            return None
 
     def load(self, key: str) -> Plan | None:
         """The plan at ``key``, or None."""
@@ -712,20 +777,55 @@ class PlanStore:
     def update(self, key: str, change: Callable[[Plan | None], Plan]) -> Plan:
         """Apply ``change`` atomically (see the class docstring); returns the plan as written."""
         last_error: Exception | None = None
+        unanswered: bytes | None = None  # what a write whose answer was lost tried to store
         for attempt in range(self._attempts):
+            known = self._known.get(key)
+            fresh = known is None
             try:
-                plan, index = self.read(key)
+                if known is None:
+                    plan, index, raw = self._read(key)
+                    if unanswered is not None and raw == unanswered and plan is not None:
+                        return plan  # the write whose answer was lost did apply
+                else:
+                    plan, index = known
                 updated = change(plan)
-                if updated is plan:
-                    return updated
-                if self._consul.put(key, updated.encode(), cas=index):
-                    return updated
-                last_error = None
             except ConsulError as exc:
                 if not exc.transient:
                     raise
                 last_error = exc
-            self._clock.sleep(self._rng.uniform(0, self._backoff * 2 ** min(attempt, 6)))
+                self._clock.sleep(self._rng.uniform(0, self._backoff * 2 ** min(attempt, 6)))
+                continue
+            except Exception:
+                if fresh:
+                    raise
+                self._known.forget(key)  # refused on what was known: decide on what is there
+                continue
+            if updated is plan:
+                if fresh:
+                    return updated
+                self._known.forget(key)  # nothing to write on what was known: confirm with a read
+                continue
+            encoded = updated.encode()
+            try:
+                result = self._consul.txn([TxnOp(TxnVerb.CAS, key, value=encoded, index=index)])
+            except ConsulError as exc:
+                if exc.status is not None and exc.status < 500:
+                    raise
+                self._known.forget(key)
+                unanswered, last_error = encoded, exc
+                self._clock.sleep(self._rng.uniform(0, self._backoff * 2 ** min(attempt, 6)))
+                continue
+            if result.ok:
+                written = result.results[0].modify_index if result.results else 0
+                if written:
+                    self._known.put(key, updated, written)
+                else:
+                    self._known.forget(key)
+                return updated
+            self._known.forget(key)
+            last_error = None
+            if fresh:  # a real race with another writer: spread the retries
+                self._clock.sleep(self._rng.uniform(0, self._backoff * 2 ** min(attempt, 6)))
         if last_error is not None:
             raise PlanError(
                 f"plan {key}: Consul kept failing ({last_error}); giving up after {self._attempts} attempts"
@@ -735,6 +835,14 @@ class PlanStore:
         )
 
     def watch(self, key: str, index: int, wait: float) -> int:
-        """Block until the plan key changes past ``index`` (or ``wait`` cluster seconds); the new index."""
-        new_index, _ = self._consul.watch(key, index, wait)
+        """Block until the plan key changes past ``index`` (or ``wait`` cluster seconds); the new index.
+
+        The answer's value is remembered for the next update.
+        """
+        new_index, entries = self._consul.watch(key, index, wait)
+        entry = next((e for e in entries if e.key == key), None)
+        if entry is None:
+            self._known.forget(key)
+        else:
+            self._known.put(key, self._decode(key, entry.value), entry.modify_index)
         return new_index

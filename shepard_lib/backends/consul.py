@@ -46,11 +46,13 @@ from shepard_lib.model import (
 )
 
 from ._http import (
+    DEFAULT_POOL_SIZE,
     NO_RETRY,
     RetryPolicy,
     blocking_timeout,
     call_with_retry,
     go_duration,
+    pinned_session,
     redact,
     tls_settings,
     transient_status,
@@ -164,7 +166,9 @@ class ConsulBackend:
     """:class:`~shepard_lib.backends.ConsulAPI` over HTTP, talking to exactly ``config``'s agent.
 
     ``retry`` decides how transient failures are retried (delays in cluster seconds of ``clock``);
-    ``timeout`` is the real-seconds timeout of a non-blocking request.
+    ``timeout`` is the real-seconds timeout of a non-blocking request; ``pool_size`` the keep-alive
+    connections kept (at least the number of threads using the backend at once, see
+    :func:`~shepard_lib.backends._http.pinned_session`).
     """
 
     def __init__(
@@ -174,6 +178,7 @@ class ConsulBackend:
         *,
         retry: RetryPolicy | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        pool_size: int = DEFAULT_POOL_SIZE,
     ) -> None:
         self._clock = clock
         self._retry = retry or RetryPolicy()
@@ -189,6 +194,7 @@ class ConsulBackend:
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._http.base_uri = f"{scheme}://{netloc}{url.path.rstrip('/')}"
         self._http.session = _TimedSession(clock, timeout)
+        self._http.verify = pinned_session(self._http.session, self._http.base_uri, verify, pool_size)
 
     def close(self) -> None:
         """Close the HTTP connections (the backend must not be used afterwards)."""

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 # --- Consul -----------------------------------------------------------------------------------
 
@@ -247,3 +250,27 @@ class AgentInfo:
     node_id: str | None
     datacenter: str
     region: str
+
+
+@dataclass(frozen=True)
+class JobStub:
+    """A job as ``GET /v1/jobs`` lists it."""
+
+    id: str
+    name: str
+    namespace: str
+    status: str  # "pending" | "running" | "dead"
+    stop: bool = False
+
+
+@dataclass(frozen=True)
+class Listing(Generic[T]):
+    """A Nomad list answered by a server that knew the cluster leader (``X-Nomad-KnownLeader: true``).
+
+    ``server_time`` is Unix seconds from the answer's ``Date`` header (None when it had none):
+    the answering agent's clock, so that ages of Nomad timestamps are measured on Nomad's side.
+    """
+
+    items: tuple[T, ...]
+    index: int
+    server_time: float | None = None

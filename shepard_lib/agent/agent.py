@@ -235,6 +235,11 @@ class Agent:
     # --- state for the endpoints and the workers -----------------------------------------------------
 
     @property
+    def session(self) -> Session | None:
+        """The agent's current Consul session (None before start); replaced when it is lost."""
+        return self._session
+
+    @property
     def session_id(self) -> str | None:
         """The current session's ID (None before start)."""
         session = self._session
@@ -346,6 +351,7 @@ class Agent:
             }
         )
         self._heartbeat_held = self.consul.acquire(self.keyspace.node_key(self.node_name), value, session.id)
+        self._consul_outage.recovered()
         if self._heartbeat_held:
             log.info("heartbeat %s held by session %s", self.keyspace.node_key(self.node_name), session.id)
             self._heartbeat_refused_logged = False
@@ -362,17 +368,16 @@ class Agent:
         while not self.stopping.is_set():
             session = self._session
             if session is None or session.lost.is_set():
+                if session is not None:
+                    self.metrics.sessions_lost.inc()
+                    log.warning(
+                        "session lost (%s): no action on its locks; creating a new one", session.lost_reason
+                    )
+                    session.destroy()  # if Consul still has it, its locks go now rather than at its TTL
                 with self._session_cond:
                     if self.stopping.is_set():
                         return
-                    if session is not None:
-                        self.metrics.sessions_lost.inc()
-                        log.warning(
-                            "session lost (%s): no action on its locks; creating a new one",
-                            session.lost_reason,
-                        )
-                        session.destroy()
-                        self._session = None
+                    self._session = None
                     try:
                         self._session = self._new_session()
                     except ShepardError as exc:
@@ -396,7 +401,7 @@ class Agent:
 
     def _watch_heartbeats(self) -> None:
         """Wake the rollout workers whenever an agent's heartbeat changes (an agent may have died)."""
-        prefix = self.keyspace.node_key("")
+        prefix = self.keyspace.nodes_prefix()
         index = 0
         while not self.stopping.is_set():
             try:
@@ -405,6 +410,7 @@ class Agent:
                 index = 0
                 self.clock.wait(self.stopping, self._consul_outage.failed("kv.watch nodes", exc))
                 continue
+            self._consul_outage.recovered()
             if index and new_index != index:
                 self._rollouts.poke()
             index = new_index

@@ -3,6 +3,8 @@
 SIGTERM and SIGINT stop it: no new work, a restart in flight may finish for ``shutdown_timeout``,
 then the slots and the heartbeat are released and the session destroyed, and the process exits 0.
 SIGHUP reloads the configuration file: a bad new configuration is logged and the old one kept.
+While Consul or Nomad is unreachable the process logs one line per outage (the per-retry lines of
+the backends move to DEBUG, see :func:`~shepard_lib.agent.outage.quiet_retries`).
 Startup with a bad configuration raises ConfigError (exit 2), with Consul or Nomad unreachable
 ShepardError (exit 1); the CLI prints either as one line, never a traceback.
 """
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from shepard_lib.agent.agent import Agent
+from shepard_lib.agent.outage import quiet_retries
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.clock import Clock
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], ShepardConfig]) -> int:
     """Run the agent until SIGTERM/SIGINT; ``load`` reads the configuration (again on SIGHUP)."""
     cfg = load(args)
+    quiet_retries()
     wake = threading.Event()
     flags = {"stop": False, "reload": False}
 

@@ -57,8 +57,8 @@ class Discovery:
     """Follows node ``node_id``'s allocations and calls ``on_update`` with the managed ones.
 
     ``on_update`` gets every managed allocation by ID each time the set (or an allocation's
-    ModifyIndex) changed; it runs on the discovery thread. ``stop`` ends the loop (within one
-    blocking query: the caller closes the backend's connections to end it sooner).
+    ModifyIndex) changed; it runs on the discovery thread. ``stop`` ends the loop when the
+    blocking query under way returns; nothing it answers is reported after ``stop``.
     """
 
     def __init__(
@@ -90,14 +90,6 @@ class Discovery:
         self.reachable.set()
         self._report(allocs)
         self.thread.start()
-
-    def join(self, timeout: float) -> None:
-        """Wait (real seconds) for the loop to end after ``stop`` was set."""
-        self.thread.join(timeout)
-
-    def current(self) -> dict[str, ManagedAlloc]:
-        """The managed allocations as last seen."""
-        return dict(self._last)
 
     def _run(self) -> None:
         index = self._index

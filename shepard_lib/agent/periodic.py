@@ -12,14 +12,16 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
+from shepard_lib.backends import NomadListAPI
 from shepard_lib.config import ShepardConfig
+from shepard_lib.gc import GCScope, collect_garbage
 
 if TYPE_CHECKING:
     from shepard_lib.agent.agent import Agent
 
-__all__ = ["PeriodicJob", "PeriodicRunner", "default_jobs"]
+__all__ = ["PeriodicJob", "PeriodicRunner", "collect_garbage_job", "default_jobs"]
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,24 @@ class PeriodicJob:
 
 
 def default_jobs(cfg: ShepardConfig) -> list[PeriodicJob]:
-    """The periodic jobs of an agent with ``cfg``: garbage collection (``gc_interval``) and log
-    shipping (``ship_log_interval``) are added here as they land, one line each."""
-    return []
+    """The periodic jobs of an agent with ``cfg``, one line each: garbage collection every
+    ``gc_interval`` (log shipping, every ``ship_log_interval``, is added here as it lands)."""
+    return [PeriodicJob("gc", lambda c: c.gc_interval, collect_garbage_job)]
+
+
+def collect_garbage_job(agent: Agent) -> None:
+    """This node's trigger keys, then the cluster pass under the GC leader lock (one agent at a time).
+
+    The cluster pass holds the lock with the agent's session; without a live session it waits for
+    the next interval. The Nomad backend must also be a ``NomadListAPI`` (``NomadBackend`` is).
+    """
+    nomad = cast(NomadListAPI, agent.nomad)
+    name = f"shepard-agent {agent.node_name}"
+    common: dict[str, Any] = {"clock": agent.clock, "name": name}
+    collect_garbage(agent.consul, nomad, agent.config, scope=GCScope.NODE, node=agent.node_name, **common)
+    session = agent.session
+    if session is not None and not session.lost.is_set():
+        collect_garbage(agent.consul, nomad, agent.config, scope=GCScope.CLUSTER, session=session, **common)
 
 
 class PeriodicRunner:

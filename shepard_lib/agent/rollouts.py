@@ -31,9 +31,10 @@ from shepard_lib.clock import Clock
 from shepard_lib.config import LockScope
 from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, Target, target_for
 from shepard_lib.errors import NotFound, PlanError, ShepardError
-from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskScope, unescape_segment
-from shepard_lib.model import Allocation
+from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskRef, TaskScope
+from shepard_lib.model import Allocation, AllocClientStatus
 from shepard_lib.plan import MemberState, Plan
+from shepard_lib.trigger import describe
 
 __all__ = ["Change", "RolloutHost", "Rollouts"]
 
@@ -234,6 +235,18 @@ class _Worker:
             log.warning("%s: member alloc %s on %s cannot be driven: %s", self.label, alloc_id, node, exc)
             self._skipped.add((alloc_id, generation))
             return
+        if not (alloc.desired_status == "run" and alloc.client_status in _LIVE):
+            # Triggering it would restart nothing and fail the member at healthy_deadline, halting the plan.
+            log.warning(
+                "%s: member alloc %s on %s is %s/%s, not restarting it",
+                self.label,
+                alloc_id,
+                node,
+                alloc.desired_status,
+                alloc.client_status,
+            )
+            self._skipped.add((alloc_id, generation))
+            return
         target = target_for(alloc, self.task, job)
         if node != self.host.node_name:
             log.info(
@@ -247,11 +260,15 @@ class _Worker:
             self._skipped.add((alloc_id, generation))
 
     def _alive_nodes(self) -> set[str]:
-        prefix = self.host.keyspace.node_key("")
+        """Nodes whose heartbeat key is held by a session (their agent is alive)."""
+        keys = self.host.keyspace
         alive = set()
-        for entry in self.host.consul.get_tree(prefix, consistent=True):
+        for entry in self.host.consul.get_tree(keys.nodes_prefix(), consistent=True):
             if entry.session is not None:
-                alive.add(_node_of(entry.key, prefix))
+                try:
+                    alive.add(keys.parse_node_key(entry.key))
+                except ValueError:
+                    continue
         return alive
 
     def _idle(self) -> bool:
@@ -266,6 +283,9 @@ class _Worker:
         return True
 
 
+_LIVE = (AllocClientStatus.RUNNING, AllocClientStatus.PENDING)
+
+
 def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:
     """Drive a registered change; register it first (``handle_change``) if the registrar could not."""
     if change.target is not None:
@@ -275,10 +295,6 @@ def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:
 
 def _open(plan: Plan) -> bool:
     return any(m.state in (MemberState.PENDING, MemberState.RESTARTING) for m in plan.members.values())
-
-
-def _node_of(key: str, prefix: str) -> str:
-    return unescape_segment(key[len(prefix) :])
 
 
 class Rollouts:
@@ -324,12 +340,14 @@ class Rollouts:
         """Register ``changes`` (one task's) in their plan(s); returned with their targets when
         registered, as they were otherwise (the worker then registers them through handle_change)."""
         for change in changes:
+            alloc = change.alloc
+            ref = TaskRef(alloc.node_name, alloc.job_id, alloc.task_group, change.task, alloc.index)
             log.info(
-                "%s alloc %s on %s: change seen in %s",
-                "/".join(name),
-                change.alloc.id,
-                change.alloc.node_name,
+                "%s alloc %s: change seen in %s",
+                describe(ref),
+                alloc.id,
                 ", ".join(change.files),
+                extra={"event": "change", "alloc_id": alloc.id, "files": list(change.files)},
             )
         coordinator = self._host.coordinator()
         if coordinator is None:

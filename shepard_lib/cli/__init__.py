@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "config_cmd",
     "template_cmd",
     "job_cmd",
+    "gc_cmd",
     "demo_cmd",
     "sim_cmd",
 )

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shepard_lib.agent import Agent
 from shepard_lib.agent.inotify import PyInotifyWatcher, WatchLimitReached
 from shepard_lib.agent.watcher import TaskKey
+from shepard_lib.keyspace import TaskRef
 from shepard_lib.plan import MemberState
 from shepard_lib.sim.consul import ConsulServer
 from shepard_lib.sim.nomad.restarts import RestartRecord
@@ -50,6 +51,9 @@ def test_key_change_restarts_every_allocation_once_one_at_a_time_each_healthy_fi
     restarts = [r for r in sim.restarts() if r.job == "web"]
     assert Counter(r.alloc_id for r in restarts) == Counter({a: 1 for a in plan.members}), restarts
     assert len(plan.members) == 9
+    assert all(m.holder_name == m.node for m in plan.members.values()), (
+        "with every agent alive, each did its own"
+    )
     assert sim.peak_concurrency("web", "app", "server") == 1
     ordered = sorted(restarts, key=lambda r: r.stopped_at or 0)
     for before, after in itertools.pairwise(ordered):
@@ -68,6 +72,9 @@ def test_at_concurrency_two_each_allocation_restarts_once_and_never_more_than_tw
         plan = wait_plan(sim, complete(9))
     counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
     assert counts == Counter({a: 1 for a in plan.members}) and len(counts) == 9
+    assert all(m.holder_name == m.node for m in plan.members.values()), (
+        "with every agent alive, each did its own"
+    )
     assert 1 <= sim.peak_concurrency("web", "app", "server") <= 2
 
 
@@ -235,8 +242,11 @@ def test_watch_exhaustion_is_logged_once_and_falls_back_to_scans(
     assert "sysctl -w fs.inotify.max_user_watches=" in limit_lines[0].getMessage()
 
 
-def test_metrics_health_and_ready_are_served_and_parse(sim_cluster_factory: SimClusterFactory) -> None:
+def test_metrics_health_and_ready_are_served_and_parse(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
     with agents(sim, ["n1"], metrics_address="127.0.0.1:0") as running:
         agent = running["n1"]
         base = f"http://{agent.metrics_address}"
@@ -262,6 +272,9 @@ def test_metrics_health_and_ready_are_served_and_parse(sim_cluster_factory: SimC
     assert samples[("shepard_slot_wait_seconds_count", ())] == 3
     assert samples[("shepard_restart_to_healthy_seconds_count", ())] == 3
     assert samples[("shepard_session_renew_failures_total", ())] == 0
+    seen = [r.getMessage() for r in caplog.records if "change seen" in r.getMessage()]
+    assert len(seen) == 3 and all(m.startswith("n1/web/app/server[") for m in seen), seen
+    assert all(m.endswith("change seen in server/local/app.conf") for m in seen), seen
 
 
 def test_consul_down_longer_than_the_ttl_then_back_gets_a_new_session_and_works(
@@ -293,3 +306,12 @@ def test_consul_down_longer_than_the_ttl_then_back_gets_a_new_session_and_works(
     outage_lines = [r for r in caplog.records if r.getMessage().startswith("Consul unreachable")]
     assert len(outage_lines) == 1, [r.getMessage() for r in outage_lines]
     assert sum(r.getMessage().startswith("Consul reachable again") for r in caplog.records) == 1
+
+
+def test_the_agent_collects_garbage_every_gc_interval(sim_cluster_factory: SimClusterFactory) -> None:
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    stale = KEYS.trigger_key(TaskRef("n1", "web", "app", "server", 7))  # no allocation has index 7
+    sim.set_key(stale, "old trigger")
+    with agents(sim, ["n1"], gc_interval=5.0):
+        wait_until(sim, lambda: sim.get_key(stale) is None, "the stale trigger key is collected")
+        assert sim.get_key(KEYS.node_key("n1")) is not None, "the live heartbeat is kept"

@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 import yaml
-from agent_support import KEYS, SCALE, complete, scenario, wait_plan, wait_until
+from agent_support import KEYS, SCALE, complete, read_plan, scenario, wait_plan, wait_until
 
 from shepard_lib.keyspace import Keyspace, TaskScope
 from shepard_lib.sim import SimCluster
+from shepard_lib.sim.consul import ConsulServer
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
 SHEPARD = str(Path(sys.executable).parent / "shepard")
@@ -166,11 +167,16 @@ def test_an_agent_killed_mid_rollout_leaves_nothing_stuck(
     with agent_processes(sim, tmp_path, ["n1", "n2", "n3"], lock_scope=lock_scope) as running:
         victim = heartbeat_session(sim, "n2", keys)
         sim.set_key("config/web", "v2")
-        wait_until(
-            sim,
-            lambda: (held := slot_holder(sim, victim_scope, keys)) is not None and held[0] == victim,
-            "the agent of n2 holds a restart slot",
-        )
+        plan_scope = TaskScope("web", "app", "server", node="n2" if lock_scope == "node" else None)
+
+        def victim_busy() -> bool:
+            held = slot_holder(sim, victim_scope, keys)
+            plan, _ = read_plan(sim, plan_scope, keys)
+            registered = sum(m.node == "n2" for m in plan.members.values()) if plan else 0
+            return held is not None and held[0] == victim and registered == 2
+
+        # Killed while it holds a slot, once it has registered both of its node's changes.
+        wait_until(sim, victim_busy, "the agent of n2 holds a restart slot with both its members registered")
         running["n2"].proc.kill()
         killed_at = sim.clock.monotonic()
         wait_until(
@@ -221,3 +227,23 @@ def test_startup_with_a_bad_config_exits_2_and_with_an_unreachable_cluster_exits
     assert result.returncode == 1, result.stderr
     assert "shepard: nomad agent.self failed" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_consul_outage_is_one_log_line_not_one_per_retry_and_the_agent_resumes(
+    sim_cluster_factory: SimClusterFactory, tmp_path: Path
+) -> None:
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    with agent_processes(sim, tmp_path, ["n1"]) as running:
+        agent = running["n1"]
+        port = sim.consul_server.port
+        sim.consul_server.stop()
+        wait_until(sim, lambda: "Consul unreachable" in agent.text(), "the outage is logged")
+        sim.clock.sleep(3 * TTL)  # several retries of every kind, and the session's TTL, pass
+        sim.consul_server = ConsulServer(sim.consul_state, port=port).start()
+        wait_until(sim, lambda: "Consul reachable again" in agent.text(), "the end of the outage is logged")
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(2))
+        log = agent.text()
+    assert len(plan.members) == 2, "the agent works again with a new session"
+    assert log.count("shepard_lib.agent.outage: Consul unreachable") == 1, log
+    assert "attempt 1/5 failed" not in log and "renew failed" not in log, log

@@ -16,7 +16,7 @@ import pytest
 from shepard_lib.agent.unit import UnitOptions, render_unit
 from shepard_lib.cli import main
 from shepard_lib.config import load_config
-from shepard_lib.sim.template import render
+from shepard_lib.gotemplate import render
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_FILE = REPO / "examples" / "nomad" / "shepard-agent.nomad.hcl"

@@ -222,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--time-scale", type=float, default=20.0, help="cluster seconds per real second")
-    parser.add_argument("--agent-processes", type=int, default=4, help="processes the agents are spread over")
+    parser.add_argument(
+        "--agent-processes",
+        type=int,
+        default=0,
+        help="processes the agents are spread over (default: 25 a process)",
+    )
     parser.add_argument("--idle", type=float, default=30.0, help="real seconds of idle measurement")
     parser.add_argument("--timeout", type=float, default=900.0, help="real seconds a rollout may take")
     parser.add_argument("--json", metavar="FILE", help="write the results here")
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.timeout,
             )
         )
+        common.write_json(args.json, {"benchmark": "scale", "machine": common.machine(), "results": results})
     print_table(console, results)
     for r in results:
         idle = r["idle"]
@@ -253,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     problems = [f"{r['nodes']} nodes: {p}" for r in results for p in invariant_problems(r)]
     for problem in problems:
         console.print(f"[red]invariant broken: {problem}[/red]")
-    common.write_json(args.json, {"benchmark": "scale", "machine": common.machine(), "results": results})
     return 1 if problems else 0
 
 

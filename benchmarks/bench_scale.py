@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 allocs,
                 args.concurrency,
                 args.time_scale,
-                args.agent_processes,
+                args.agent_processes or -(-nodes // 25),
                 args.idle,
                 args.timeout,
             )

@@ -189,6 +189,7 @@ class AgentHosts:
         self.procs: list[subprocess.Popen[str]] = []
         self.stopped: list[str] = []
         self._logs = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in close())
+        processes = max(1, min(processes, len(sim.nodes)))
         groups = [sim.nodes[i::processes] for i in range(processes)]
         for group in groups:
             spec = {

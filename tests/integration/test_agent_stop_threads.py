@@ -2,10 +2,10 @@
 
 Found by the agent benchmarks (``benchmarks/_agent_host.py`` counts the threads left after the
 stops): the discovery thread stays in its Nomad blocking query (``discovery.WAIT``, 5 cluster
-minutes); closing the backends does not end the query. Both are daemon threads, so ``shepard agent`` still exits, but an embedding process (the
-demo, the tests) keeps them, and the discovery thread logs "Nomad unreachable" once its Nomad goes
-away. Marked xfail (strict) until the agent ends them: when it does, this test passes and the mark
-must go.
+minutes); closing the backends does not end the query. It is a daemon thread, so ``shepard agent``
+still exits, but an embedding process (the demo, the tests) keeps it, and it logs "Nomad
+unreachable" once its Nomad goes away. Marked xfail (strict) until the agent ends it: when it
+does, this test passes and the mark must go.
 """
 
 from __future__ import annotations

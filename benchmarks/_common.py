@@ -320,7 +320,7 @@ def handoffs(records: Sequence[RestartRecord], c: int) -> list[float]:
     """Slot hand-offs: from a restart becoming healthy (its slot free) to the next restart requested.
 
     Greedy matching: the k-th restart requested after the first ``c`` takes the slot of the k-th
-    restart to become healthy.
+    restart to become healthy (``c``: the restarts that ran at once, when fewer than the limit).
     """
     requested = sorted(r.requested_at for r in records)[c:]
     released = sorted(r.healthy_at for r in records if r.healthy_at is not None)

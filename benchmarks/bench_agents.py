@@ -53,8 +53,14 @@ class Case:
 
     @property
     def nodes(self) -> int:
-        """4 allocations a node up to 24, then 10: a realistic density, and few enough agent threads."""
-        return max(2, self.allocations // 4) if self.allocations <= 24 else max(1, self.allocations // 10)
+        """4 allocations a node (10 from N = 500: fewer agent threads), and at least c nodes.
+
+        An agent restarts its node's instances of a task one after another (design.md, "One
+        session per agent, one member at a time per task"), so fewer nodes than c would cap the
+        rollout at one restart a node, below c.
+        """
+        density = 4 if self.allocations < 500 else 10
+        return min(self.allocations, max(2, self.allocations // density, self.concurrency))
 
 
 def agent_config(concurrency: int) -> dict[str, Any]:
@@ -94,7 +100,7 @@ def run_case(case: Case, time_scale: float, processes: int = 1) -> dict[str, Any
     made = common.makespan(records)
     ideal = common.ideal_makespan(times, c)
     batch = common.batch_makespan(times, c)
-    hand = common.handoffs(records, c)
+    hand = common.handoffs(records, min(c, common.peak(records)))
     total = common.consul_total(consul) - 1  # less the operator's own write of the key
     renewals = sum(consul.get("/v1/session/renew", {}).values())
     per_alloc = common.restarts_per_alloc(records)
@@ -147,6 +153,7 @@ def print_table(console: Console, results: list[dict[str, Any]]) -> None:
     )
     for column in (
         "N",
+        "nodes",
         "c",
         "dur",
         "makespan",
@@ -165,6 +172,7 @@ def print_table(console: Console, results: list[dict[str, Any]]) -> None:
     for r in results:
         table.add_row(
             str(r["allocations"]),
+            str(r["nodes"]),
             str(r["concurrency"]),
             r["durations"][:3],
             f"{r['makespan_s']:.0f}s",

@@ -125,6 +125,7 @@ def run_case(case: Case, time_scale: float, processes: int = 1) -> dict[str, Any
         "nomad_requests_per_restart": round(nomad / n, 2),
         "handoff_p50_s": round(common.percentile(hand, 50), 3),
         "handoff_p99_s": round(common.percentile(hand, 99), 3),
+        "handoff_max_s": round(max(hand, default=0.0), 3),
         "handoff_p50_real_ms": round(common.percentile(hand, 50) / time_scale * 1000, 1),
         "handoff_p99_real_ms": round(common.percentile(hand, 99) / time_scale * 1000, 1),
         "real_seconds": round(real, 1),

@@ -188,6 +188,8 @@ class AgentHosts:
     ) -> None:
         self.procs: list[subprocess.Popen[str]] = []
         self.stopped: list[str] = []
+        self.sessions_lost = 0
+        self.warnings: list[str] = []
         self._logs = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in close())
         processes = max(1, min(processes, len(sim.nodes)))
         groups = [sim.nodes[i::processes] for i in range(processes)]
@@ -238,7 +240,11 @@ class AgentHosts:
                 proc.communicate()
                 self.stopped.append("stopped never (killed)")
         self.procs = []
+        self._logs.seek(0)
+        lines = self._logs.read().splitlines()
         self._logs.close()
+        self.sessions_lost = sum(1 for line in lines if line.startswith("session ") and " lost: " in line)
+        self.warnings = [line for line in lines if line.strip()][-20:]
 
     def threads_left(self) -> int:
         """Threads still alive after ``Agent.stop`` in every host (after :meth:`close`)."""

@@ -71,6 +71,9 @@ def agent_config(concurrency: int) -> dict[str, Any]:
         "min_healthy_time": 0.0,
         "healthy_deadline": 300.0,
         "max_failures": 0,
+        # 3 real seconds at the default scale, as in the demo: a renewal starved on a busy machine
+        # must not lose a session (15 s would be 0.75 real seconds at scale 20).
+        "session_ttl": 60.0,
         "log_level": "WARNING",
     }
 
@@ -96,6 +99,7 @@ def run_case(case: Case, time_scale: float, processes: int = 1) -> dict[str, Any
             time.sleep(2.0)  # anything restarted a second time would show by now
             records = sim.restarts()
         threads_left, thread_names = hosts.threads_left(), hosts.thread_names_left()
+        sessions_lost, warnings = hosts.sessions_lost, hosts.warnings
     times = common.durations(records)
     made = common.makespan(records)
     ideal = common.ideal_makespan(times, c)
@@ -131,6 +135,8 @@ def run_case(case: Case, time_scale: float, processes: int = 1) -> dict[str, Any
         "real_seconds": round(real, 1),
         "cpu_agents_s": round(cpu_agents, 2),
         "cpu_sim_s": round(cpu_sim, 2),
+        "sessions_lost": sessions_lost,
+        "agent_log_tail": warnings,
         "threads_left_after_stop": threads_left,
         "thread_names_left_after_stop": thread_names,
     }

@@ -43,6 +43,9 @@ def agent_config(concurrency: int) -> dict[str, Any]:
         "min_healthy_time": 0.0,
         "healthy_deadline": 600.0,
         "max_failures": 0,
+        # 3 real seconds at the default scale, as in the demo: a renewal starved on a busy machine
+        # must not lose a session (15 s would be 0.75 real seconds at scale 20).
+        "session_ttl": 60.0,
         "log_level": "WARNING",
     }
 
@@ -76,6 +79,8 @@ def run_size(
             result["idle"] = _idle(sim, hosts, nodes, idle, time_scale)
             result["rollout"] = _rollout(sim, hosts, allocations, concurrency, time_scale, timeout)
         result["threads_left_after_stop"] = hosts.threads_left()
+        result["sessions_lost"] = hosts.sessions_lost
+        result["agent_log_tail"] = hosts.warnings
     return result
 
 

@@ -39,6 +39,7 @@ something else) is logged with its key and replaced by a fresh plan on the next 
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import random
@@ -667,6 +668,15 @@ def _opt(value: Any, parse: Callable[[Any], Any]) -> Any:
 # --- storage ----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=32)
+def _decode_plan(raw: bytes | None) -> Plan:
+    """:meth:`Plan.decode`, once per distinct value: every worker of a rollout reads the same plans.
+
+    Plans are frozen values, so sharing one decoded plan between threads is safe.
+    """
+    return Plan.decode(raw)
+
+
 class _KnownPlans:
     """The last plan value and ModifyIndex seen per key, shared by the stores on one Consul backend.
 
@@ -678,6 +688,12 @@ class _KnownPlans:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._plans: dict[str, tuple[Plan | None, int]] = {}
+        self._writers: dict[str, threading.Lock] = {}
+
+    def writing(self, key: str) -> threading.Lock:
+        """The lock the writers of ``key`` in this process take turns with."""
+        with self._lock:
+            return self._writers.setdefault(key, threading.Lock())
 
     def get(self, key: str) -> tuple[Plan | None, int] | None:
         with self._lock:
@@ -761,7 +777,7 @@ class PlanStore:
     @staticmethod
     def _decode(key: str, raw: bytes | None) -> Plan | None:
         try:
-            return Plan.decode(raw)
+            return _decode_plan(raw)
         except PlanFormatError as exc:
             log.warning(
                 "plan key %s holds a corrupt or foreign value (%s); it will be replaced by a fresh plan",
@@ -779,53 +795,58 @@ class PlanStore:
         last_error: Exception | None = None
         unanswered: bytes | None = None  # what a write whose answer was lost tried to store
         for attempt in range(self._attempts):
-            known = self._known.get(key)
-            fresh = known is None
-            try:
-                if known is None:
-                    plan, index, raw = self._read(key)
-                    if unanswered is not None and raw == unanswered and plan is not None:
-                        return plan  # the write whose answer was lost did apply
+            backoff = self._rng.uniform(0, self._backoff * 2 ** min(attempt, 6))
+            # Writers of one key in this process take turns, so they never refuse each other's CAS.
+            with self._known.writing(key):
+                known = self._known.get(key)
+                fresh = known is None
+                try:
+                    if known is None:
+                        plan, index, raw = self._read(key)
+                        if unanswered is not None and raw == unanswered and plan is not None:
+                            return plan  # the write whose answer was lost did apply
+                    else:
+                        plan, index = known
+                    updated = change(plan)
+                except ConsulError as exc:
+                    if not exc.transient:
+                        raise
+                    last_error = exc
+                    updated = None
+                except Exception:
+                    if fresh:
+                        raise
+                    self._known.forget(key)  # refused on what was known: decide on what is there
+                    continue
+                if updated is None:
+                    pass
+                elif updated is plan:
+                    if fresh:
+                        return updated
+                    self._known.forget(key)  # nothing to write on what was known: confirm with a read
+                    continue
                 else:
-                    plan, index = known
-                updated = change(plan)
-            except ConsulError as exc:
-                if not exc.transient:
-                    raise
-                last_error = exc
-                self._clock.sleep(self._rng.uniform(0, self._backoff * 2 ** min(attempt, 6)))
-                continue
-            except Exception:
-                if fresh:
-                    raise
-                self._known.forget(key)  # refused on what was known: decide on what is there
-                continue
-            if updated is plan:
-                if fresh:
-                    return updated
-                self._known.forget(key)  # nothing to write on what was known: confirm with a read
-                continue
-            encoded = updated.encode()
-            try:
-                result = self._consul.txn([TxnOp(TxnVerb.CAS, key, value=encoded, index=index)])
-            except ConsulError as exc:
-                if exc.status is not None and exc.status < 500:
-                    raise
-                self._known.forget(key)
-                unanswered, last_error = encoded, exc
-                self._clock.sleep(self._rng.uniform(0, self._backoff * 2 ** min(attempt, 6)))
-                continue
-            if result.ok:
-                written = result.results[0].modify_index if result.results else 0
-                if written:
-                    self._known.put(key, updated, written)
-                else:
-                    self._known.forget(key)
-                return updated
-            self._known.forget(key)
-            last_error = None
-            if fresh:  # a real race with another writer: spread the retries
-                self._clock.sleep(self._rng.uniform(0, self._backoff * 2 ** min(attempt, 6)))
+                    encoded = updated.encode()
+                    try:
+                        result = self._consul.txn([TxnOp(TxnVerb.CAS, key, value=encoded, index=index)])
+                    except ConsulError as exc:
+                        if exc.status is not None and exc.status < 500:
+                            raise
+                        self._known.forget(key)
+                        unanswered, last_error = encoded, exc
+                    else:
+                        if result.ok:
+                            written = result.results[0].modify_index if result.results else 0
+                            if written:
+                                self._known.put(key, updated, written)
+                            else:
+                                self._known.forget(key)
+                            return updated
+                        self._known.forget(key)
+                        last_error = None
+                        if not fresh:
+                            continue  # what was known was stale: read and try again at once
+            self._clock.sleep(backoff)  # a real race with another writer, or an error: spread the retries
         if last_error is not None:
             raise PlanError(
                 f"plan {key}: Consul kept failing ({last_error}); giving up after {self._attempts} attempts"

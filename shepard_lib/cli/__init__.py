@@ -26,6 +26,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "restart_cmd",
     "config_cmd",
     "template_cmd",
+    "job_cmd",
+    "gc_cmd",
     "sim_cmd",
 )
 """The modules under ``shepard_lib.cli`` that register subcommands, in ``--help`` order."""

@@ -295,3 +295,31 @@ def test_slot_of_an_abandoned_holder_is_taken_only_after_ttl_and_lock_delay(sim:
         assert counts.get("PUT", 0) <= 4, counts
         assert counts.get("GET", 0) <= 5, counts
     crashed.destroy()
+
+
+def test_contenders_try_one_guess_then_only_the_slots_the_prefix_shows_free(sim: Sim) -> None:
+    size = 6
+    slots = RestartSlots(sim.consul, "t/spread/restart_lock", size, clock=sim.clock)
+    sessions = [sim.session(f"s{n}") for n in range(size)]
+    for session in sessions:
+        session.create()
+    try:
+        sim.reset_requests()
+        held = [slots.acquire(session, holder=session.name) for session in sessions]
+        assert sorted(slot.number for slot in held) == list(range(size))
+        counts = sim.kv_requests()
+        # Each contender: one guess, and when it is refused one read of the prefix and one try per
+        # refusal of a slot that looked free (none here: nobody else acquires meanwhile).
+        refused = counts.get("PUT", 0) - size
+        assert counts.get("GET", 0) == refused, counts
+        assert refused <= size - 1, counts
+        for slot in held:
+            slots.release(slot)
+        sim.reset_requests()
+        again = slots.acquire(sessions[0], holder="s0 again")
+        assert again.number == held[0].number, "a session first tries the slot it held last"
+        assert sim.kv_requests() == {"PUT": 1}, "one request when the guess is free"
+        slots.release(again)
+    finally:
+        for session in sessions:
+            session.destroy()

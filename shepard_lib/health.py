@@ -279,25 +279,29 @@ class _Watch:
         if self.clock.monotonic() < self.retry_at:
             return
         for what in self._wanted():
+            source = "Nomad" if what == "nomad" else f"Consul (service {what.split(':', 1)[1]})"
+            retry = functools.partial(self._on_retry, source)
             try:
                 if what == "nomad":
                     self.unsubscribe[what] = self.hubs.nomad.subscribe(
-                        self.alloc_id, Subscriber(self._on_alloc, self._on_alloc_error)
+                        self.alloc_id, Subscriber(self._on_alloc, self._on_alloc_error, retry)
                     )
                 else:
                     service = what.split(":", 1)[1]
                     self.unsubscribe[what] = self.hubs.checks.subscribe(
                         service,
-                        Subscriber(functools.partial(self._on_checks, service), lambda exc: None),
+                        Subscriber(functools.partial(self._on_checks, service), lambda exc: None, retry),
                     )
             except NotFound as exc:
                 self._on_alloc_error(exc)
                 return
             except Exception as exc:  # the gate must survive anything the backend raises
-                source = "Nomad" if what == "nomad" else f"Consul (service {what.split(':', 1)[1]})"
-                log.warning("health of %s: query to %s failed, retrying: %s", self.name(), source, exc)
+                self._on_retry(source, exc)
                 self.retry_at = self.clock.monotonic() + ERROR_BACKOFF
                 return
+
+    def _on_retry(self, source: str, exc: Exception) -> None:
+        log.warning("health of %s: query to %s failed, retrying: %s", self.name(), source, exc)
 
     # --- answers (from the hubs) ---------------------------------------------------------------
 

@@ -147,3 +147,27 @@ def test_a_newer_answer_the_loop_delivered_first_wins_over_an_older_first_read()
     subscriber.deliver(6, "an older loop answer")
     subscriber.deliver(8, "index 8")
     assert seen == ["from the loop, index 7", "index 8"]
+
+
+def test_a_failed_query_is_reported_to_each_subscriber_and_retried() -> None:
+    source = Source()
+    watch = hub(source)
+    retries: list[Exception] = []
+    collector = Collector()
+    subscriber = collector.subscriber()
+
+    def retried(exc: Exception) -> None:
+        with collector.cond:
+            retries.append(exc)
+            collector.cond.notify_all()
+
+    subscriber.on_retry = retried
+    leave = watch.subscribe("k", subscriber)
+    source.fail(RuntimeError("500 rpc error"))
+    collector.wait(lambda: bool(retries))
+    with source.cond:
+        source.error = None
+    source.set("v2")
+    collector.wait(lambda: collector.values[-1] == "v2")
+    assert collector.errors == [], "a retried error is not final"
+    leave()

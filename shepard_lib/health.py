@@ -121,6 +121,29 @@ class HealthGate:
         """
         return self._nomad.allocation(alloc_id).task_states.get(task, TaskState(state="pending"))
 
+    def healthy_now(self, alloc_id: str, task: str, services: Sequence[str] = ()) -> bool:
+        """Whether ``task`` of ``alloc_id`` is healthy right now by this gate's source (no restart needed).
+
+        Used to tell when a failed member's task came back (it then stops counting as down).
+        """
+        try:
+            alloc = self._nomad.allocation(alloc_id)
+        except NotFound:
+            return False
+        state = alloc.task_states.get(task)
+        if state is None or state.state != "running" or not alloc.running:
+            return False
+        if self.source is HealthSource.NOMAD or not services:
+            return not state.failed
+        if self.source is HealthSource.BOTH and state.failed:
+            return False
+        for service in dict.fromkeys(services):
+            _, checks = self._consul.service_checks(service)
+            mine = [c for c in checks if alloc_id in c.service_id]
+            if not mine or any(c.status is not CheckStatus.PASSING for c in mine):
+                return False
+        return True
+
     def wait_healthy(
         self,
         alloc_id: str,
@@ -279,25 +302,29 @@ class _Watch:
         if self.clock.monotonic() < self.retry_at:
             return
         for what in self._wanted():
+            source = "Nomad" if what == "nomad" else f"Consul (service {what.split(':', 1)[1]})"
+            retry = functools.partial(self._on_retry, source)
             try:
                 if what == "nomad":
                     self.unsubscribe[what] = self.hubs.nomad.subscribe(
-                        self.alloc_id, Subscriber(self._on_alloc, self._on_alloc_error)
+                        self.alloc_id, Subscriber(self._on_alloc, self._on_alloc_error, retry)
                     )
                 else:
                     service = what.split(":", 1)[1]
                     self.unsubscribe[what] = self.hubs.checks.subscribe(
                         service,
-                        Subscriber(functools.partial(self._on_checks, service), lambda exc: None),
+                        Subscriber(functools.partial(self._on_checks, service), lambda exc: None, retry),
                     )
             except NotFound as exc:
                 self._on_alloc_error(exc)
                 return
             except Exception as exc:  # the gate must survive anything the backend raises
-                source = "Nomad" if what == "nomad" else f"Consul (service {what.split(':', 1)[1]})"
-                log.warning("health of %s: query to %s failed, retrying: %s", self.name(), source, exc)
+                self._on_retry(source, exc)
                 self.retry_at = self.clock.monotonic() + ERROR_BACKOFF
                 return
+
+    def _on_retry(self, source: str, exc: Exception) -> None:
+        log.warning("health of %s: query to %s failed, retrying: %s", self.name(), source, exc)
 
     # --- answers (from the hubs) ---------------------------------------------------------------
 

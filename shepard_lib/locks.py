@@ -31,19 +31,20 @@ import contextlib
 import json
 import logging
 import random
+import secrets
 import threading
 import weakref
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TypeVar
 
 from shepard_lib.backends import ConsulAPI
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.errors import ConsulError, LockLost, LockTimeout, ShepardError
-from shepard_lib.model import KVEntry
+from shepard_lib.model import KVEntry, TxnOp, TxnVerb
 from shepard_lib.session import Session
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,14 @@ class _Claims:
                 return False
             owners[key] = weakref.ref(owner)
             return True
+
+    def swap(self, session: threading.Event, key: str, owner: object, new_owner: object) -> None:
+        """Hand ``owner``'s claim of ``key`` to ``new_owner`` (the same slot with a new token)."""
+        with self._lock:
+            owners = self._owners.get(session, {})
+            current = owners.get(key)
+            if current is not None and current() is owner:
+                owners[key] = weakref.ref(new_owner)
 
     def drop(self, session: threading.Event, key: str, owner: object) -> bool:
         """Give up ``owner``'s claim; False when it had none (released already, or never held)."""
@@ -216,7 +225,8 @@ class Lock:
             return
 
         def attempt(_view: list[KVEntry] | None) -> bool | None:
-            return _acquire_claimed(self._consul, self.key, self._value, self._session, self) or None
+            taken = _acquire_claimed(self._consul, self.key, self._value, self._session, self)
+            return True if taken is not None else None
 
         _acquire_loop(
             self._consul,
@@ -266,7 +276,10 @@ class Slot:
     """A held restart slot: ``key`` is ``<slot_prefix><number>``.
 
     ``acquired_at`` is cluster Unix time. ``lost`` is the holding session's ``lost`` event: once it
-    is set the slot may already belong to someone else.
+    is set the slot may already belong to someone else. ``index`` is the fencing token of this
+    acquisition: the slot key's ModifyIndex right after it was acquired (or bumped). A write fenced
+    with ``check-index`` on it applies only while this acquisition holds the slot, so a write sent
+    under it and applied late can never land under a later acquisition by the same session.
     """
 
     key: str
@@ -274,6 +287,8 @@ class Slot:
     session_id: str
     acquired_at: float
     lost: threading.Event
+    index: int = 0
+    holder: str = ""
 
 
 class RestartSlots:
@@ -328,12 +343,15 @@ class RestartSlots:
 
         def attempt(view: list[KVEntry] | None) -> Slot | None:
             for number in self._candidates(session, view):
-                slot = Slot(self.key(number), number, session.id, self._clock.time(), session.lost)
+                slot = Slot(
+                    self.key(number), number, session.id, self._clock.time(), session.lost, holder=holder
+                )
                 value = json.dumps({"holder": holder, "session": session.id, "acquired_at": slot.acquired_at})
-                if _acquire_claimed(self._consul, slot.key, value, session, slot):
+                index = _acquire_claimed(self._consul, slot.key, value, session, slot, token=True)
+                if index is not None:
                     log.info("restart slot %s acquired by %s", slot.key, holder)
                     _HINTS.remember(session.lost, self.prefix, number)
-                    return slot
+                    return self._tokened(slot, session, index)
             return None
 
         return _acquire_loop(
@@ -366,6 +384,58 @@ class RestartSlots:
         free = self._free(view)
         _RNG.shuffle(free)
         return free
+
+    def _tokened(self, slot: Slot, session: Session, index: int = 0) -> Slot:
+        """``slot`` with its fencing token: the key's ModifyIndex right after the acquire.
+
+        ``index`` is that ModifyIndex when the acquire's txn result carried it; otherwise it is read
+        (consistently). Only the holder's session changes a held slot, so it is this acquisition's.
+        """
+        if index > 0:
+            tokened = replace(slot, index=index)
+            _CLAIMS.swap(slot.lost, slot.key, slot, tokened)
+            return tokened
+        try:
+            entry = self._consul.get(slot.key, consistent=True)
+        except BaseException:
+            self.release(slot)
+            raise
+        if entry is None or entry.session != session.id:
+            self.release(slot)
+            raise LockLost(f"restart slot {slot.key}: lost right after it was acquired")
+        tokened = replace(slot, index=entry.modify_index)
+        _CLAIMS.swap(slot.lost, slot.key, slot, tokened)
+        return tokened
+
+    def bump(self, slot: Slot) -> Slot | None:
+        """Give ``slot`` a new fencing token, so nothing fenced by its old one can apply any more.
+
+        Re-acquires the key under the same session (Consul lets a holder acquire again; the key's
+        ModifyIndex moves). Returns the slot with its new token, or None when the slot is no longer
+        held (its session was lost: Consul released it, which moved the index too). Raises
+        :class:`ConsulError` when it cannot tell whether the old token is dead.
+        """
+        # A fresh nonce: Consul skips a write that changes nothing, and keeps the ModifyIndex.
+        value = json.dumps(
+            {
+                "holder": slot.holder,
+                "session": slot.session_id,
+                "acquired_at": slot.acquired_at,
+                "token": secrets.token_hex(8),
+            }
+        )
+        try:
+            self._consul.acquire(slot.key, value, slot.session_id)
+        except ConsulError as exc:
+            log.warning("restart slot %s: bump failed, reading it: %s", slot.key, exc)
+        entry = self._consul.get(slot.key, consistent=True)
+        if entry is not None and entry.modify_index == slot.index:
+            raise ConsulError(f"bump {slot.key}", "the index did not move: the old token may still apply")
+        if entry is None or entry.session != slot.session_id:
+            return None
+        bumped = replace(slot, index=entry.modify_index)
+        _CLAIMS.swap(slot.lost, slot.key, slot, bumped)
+        return bumped
 
     def release(self, slot: Slot) -> None:
         """Release ``slot`` (idempotent). A failure is logged: the slot then ends with the session."""
@@ -416,22 +486,48 @@ class RestartSlots:
 
 
 def _acquire_claimed(
-    consul: ConsulAPI, key: str, value: bytes | str, session: Session, owner: object
-) -> bool:
-    """``?acquire`` of ``key`` for ``owner``, unless another holder of ``session`` has it in this process."""
+    consul: ConsulAPI, key: str, value: bytes | str, session: Session, owner: object, *, token: bool = False
+) -> int | None:
+    """Take ``key`` for ``owner``, unless another holder of ``session`` has it in this process.
+
+    Returns None when refused. With ``token`` the key is taken by a txn ``lock`` op, whose result
+    carries the key's new ModifyIndex (the acquisition's fencing token), returned; otherwise by
+    ``?acquire``, and 0 is returned.
+    """
     if not _CLAIMS.claim(session.lost, key, owner):
-        return False
+        return None
     try:
-        acquired = consul.acquire(key, value, session.id)
+        acquired = (
+            _lock(consul, key, value, session.id)
+            if token
+            else (0 if consul.acquire(key, value, session.id) else None)
+        )
     except BaseException:
         _CLAIMS.drop(session.lost, key, owner)
         # The acquire may have applied with its answer lost: release, or a long-lived session keeps the key.
         with contextlib.suppress(ShepardError):
             consul.release(key, session.id)
         raise
-    if not acquired:
+    if acquired is None:
         _CLAIMS.drop(session.lost, key, owner)
     return acquired
+
+
+def _lock(consul: ConsulAPI, key: str, value: bytes | str, session_id: str) -> int | None:
+    """A txn ``lock`` of ``key``: its new ModifyIndex, or None when Consul refused it (held, lock-delay).
+
+    Consul refuses a lock with an unknown session too (as ``?acquire`` answers it with a 500): that
+    is raised as a :class:`ConsulError`, so the caller asks whether its session is gone.
+    """
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    result = consul.txn([TxnOp(TxnVerb.LOCK, key, value=data, session=session_id)])
+    if result.ok:
+        entry = next((e for e in result.results if e.key == key), None)
+        return entry.modify_index if entry is not None else 0
+    reasons = "; ".join(what for _, what in result.errors)
+    if "invalid session" in reasons.lower():
+        raise ConsulError(f"txn lock {key}", reasons, status=409)
+    return None
 
 
 def _holder_text(entry: KVEntry) -> str:

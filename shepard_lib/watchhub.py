@@ -13,9 +13,10 @@ loop already delivered a newer one (answers are ordered by the server's index, n
 After that the subscriber sees every answer of the shared loop.
 
 A loop ends when its last subscriber leaves (after its current query returns: a blocking query
-waits at most ``max_wait`` cluster seconds). A failed query is logged and retried after
-``backoff``; an error that ``final`` accepts (say, Nomad no longer knows the allocation) is handed
-to every subscriber and ends the loop.
+waits at most ``max_wait`` cluster seconds). A failed query is reported to each subscriber
+(``on_retry``, so each can say which of its waits is affected) and retried after ``backoff``;
+an error that ``final`` accepts (say, Nomad no longer knows the allocation) is handed to every
+subscriber and ends the loop.
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ Query = Callable[[str, int, float], "tuple[int, V]"]
 
 @dataclass(eq=False)
 class Subscriber(Generic[V]):
-    """One waiter: ``on_answer(value)`` for each answer, ``on_error(exc)`` for a final error.
+    """One waiter: ``on_answer(value)`` for each answer, ``on_error(exc)`` for a final error,
+    ``on_retry(exc)`` for a failed query that the loop retries (None: the hub logs it).
 
-    Both are called from the hub's loop thread (or the subscribing thread for the first answer),
+    They are called from the hub's loop thread (or the subscribing thread for the first answer),
     must be quick and must not raise.
     """
 
     on_answer: Callable[[V], None]
     on_error: Callable[[Exception], None]
+    on_retry: Callable[[Exception], None] | None = None
     last_index: int = 0
     ready: bool = False  # the fresh first answer was handed over; until then answers wait in ``pending``
     pending: tuple[int, V] | None = None
@@ -177,7 +180,13 @@ class WatchHub(Generic[V]):
                     for s in subscribers:
                         s.fail(exc)
                     return
-                log.warning("%s watch of %s: query failed, retrying: %s", self.name, key, exc)
+                with self._lock:
+                    subscribers = list(loop.subscribers)
+                told = [s for s in subscribers if s.on_retry is not None and s.active]
+                for s in told:
+                    s.on_retry(exc)  # type: ignore[misc]
+                if not told:
+                    log.warning("%s watch of %s: query failed, retrying: %s", self.name, key, exc)
                 self.clock.wait(self._stop, self._backoff)
                 continue
             with self._lock:

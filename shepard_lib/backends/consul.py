@@ -91,6 +91,8 @@ class _TimedSession(requests.Session):
         return super().request(method, url, *args, **kwargs)
 
     def _timeout_for(self, url: str) -> float:
+        if "wait=" not in url:
+            return self._margin
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
         if "index" in query and "wait" in query:
             return blocking_timeout(parse_go_duration(query["wait"][0]), self._clock, self._margin)
@@ -115,6 +117,9 @@ def _entry(item: dict[str, Any]) -> KVEntry:
     )
 
 
+_CHECK_STATUS = {s.value: s for s in CheckStatus}
+
+
 def _check(item: dict[str, Any]) -> HealthCheck:
     status = str(item.get("Status", "")).lower()
     return HealthCheck(
@@ -122,7 +127,7 @@ def _check(item: dict[str, Any]) -> HealthCheck:
         check_id=item.get("CheckID", ""),
         name=item.get("Name", ""),
         # A status this code does not know is treated as the one that blocks a rollout.
-        status=CheckStatus(status) if status in set(CheckStatus) else CheckStatus.CRITICAL,
+        status=_CHECK_STATUS.get(status, CheckStatus.CRITICAL),
         service_id=item.get("ServiceID", "") or "",
         service_name=item.get("ServiceName", "") or "",
         output=item.get("Output", "") or "",
@@ -417,9 +422,15 @@ class ConsulBackend:
         self._request("PUT", call, f"/v1/session/destroy/{session}", allow=[404])
 
     def session_info(self, session: str) -> SessionInfo | None:
-        """The session, or None when it does not exist."""
+        """The session, or None when it does not exist, from a ``?consistent`` read.
+
+        Every caller decides with it (a holder is gone, so its member may be reclaimed; our own
+        session is lost): a stale 404 for a live session would lead to a second trigger.
+        """
         call = f"session.info {session}"
-        response = self._request("GET", call, f"/v1/session/info/{session}", allow=[404])
+        response = self._request(
+            "GET", call, f"/v1/session/info/{session}", params=[("consistent", "1")], allow=[404]
+        )
         items = [] if response.code == 404 else self._json(call, response) or []
         try:
             return _session(items[0]) if items else None

@@ -43,6 +43,11 @@ class Sim:
         counts = requests.get(f"{self.server.address}/_sim/requests", timeout=5).json()
         return dict(counts.get("/v1/kv", {}))
 
+    def txn_requests(self) -> int:
+        """``PUT /v1/txn`` requests since the last reset (a slot is taken with a txn ``lock``)."""
+        counts = requests.get(f"{self.server.address}/_sim/requests", timeout=5).json()
+        return int(counts.get("/v1/txn", {}).get("PUT", 0))
+
     def reset_requests(self) -> None:
         requests.delete(f"{self.server.address}/_sim/requests", timeout=5).raise_for_status()
 
@@ -215,8 +220,8 @@ def test_waiter_makes_one_request_per_change_and_takes_the_released_slot(sim: Si
         held = slots.acquire(holder, holder="holder")
         sim.reset_requests()
         call = Background(lambda: slots.acquire(waiter, holder="waiter"))
-        # refused acquire, then a read (index 0) and the first blocking query
-        sim.until("the waiter to block", lambda: sim.kv_requests() == {"PUT": 1, "GET": 2})
+        # refused acquire (a txn lock), then a read (index 0) and the first blocking query
+        sim.until("the waiter to block", lambda: sim.kv_requests() == {"GET": 2} and sim.txn_requests() == 1)
         time.sleep(0.05)
         sim.reset_requests()
         for change in range(1, 6):
@@ -229,8 +234,11 @@ def test_waiter_makes_one_request_per_change_and_takes_the_released_slot(sim: Si
         assert call.error is None, call.error
         slot = call.result
         assert isinstance(slot, Slot) and slot.session_id == waiter.id and slot.number == 0
-        # the holder's release, then the waiter's query wakes and its one acquire succeeds
-        assert sim.kv_requests() == {"GET": 5, "PUT": 2}
+        # the holder's release, then the waiter's query wakes and its one acquire succeeds; the
+        # lock's txn result carries the slot's fencing token (its ModifyIndex): no read for it
+        assert sim.kv_requests() == {"GET": 5, "PUT": 1}
+        assert sim.txn_requests() == 1
+        assert slot.index == sim.server.state.kv_get(slot.key).modify_index  # type: ignore[union-attr]
 
 
 def test_acquire_raises_lock_timeout_after_the_timeout_without_polling(sim: Sim) -> None:
@@ -243,7 +251,8 @@ def test_acquire_raises_lock_timeout_after_the_timeout_without_polling(sim: Sim)
             slots.acquire(waiter, holder="waiter", timeout=10)
         waited = sim.clock.monotonic() - start
         assert 10 <= waited <= 14, f"gave up after {waited:.1f}s"
-        assert sim.kv_requests() == {"PUT": 1, "GET": 2}
+        assert sim.kv_requests() == {"GET": 2}
+        assert sim.txn_requests() == 1, "one refused lock"
 
 
 def test_cancel_stops_a_waiting_acquire(sim: Sim) -> None:
@@ -295,3 +304,38 @@ def test_slot_of_an_abandoned_holder_is_taken_only_after_ttl_and_lock_delay(sim:
         assert counts.get("PUT", 0) <= 4, counts
         assert counts.get("GET", 0) <= 5, counts
     crashed.destroy()
+
+
+def test_contenders_try_one_guess_then_only_the_slots_the_prefix_shows_free(sim: Sim) -> None:
+    size = 6
+    slots = RestartSlots(sim.consul, "t/spread/restart_lock", size, clock=sim.clock)
+    sessions = [sim.session(f"s{n}") for n in range(size)]
+    for session in sessions:
+        session.create()
+
+    def counts() -> tuple[int, int]:
+        """(slot locks sent: txns, reads of the prefix)."""
+        all_counts = requests.get(f"{sim.server.address}/_sim/requests", timeout=5).json()
+        return all_counts.get("/v1/txn", {}).get("PUT", 0), all_counts.get("/v1/kv", {}).get("GET", 0)
+
+    try:
+        sim.reset_requests()
+        held = [slots.acquire(session, holder=session.name) for session in sessions]
+        assert sorted(slot.number for slot in held) == list(range(size))
+        assert all(slot.index > 0 for slot in held), "each acquisition has its fencing token"
+        locks, reads = counts()
+        # Each contender: one guess, and when it is refused one read of the prefix and one try of a
+        # slot that looks free (nobody else acquires meanwhile); the token comes with the lock's answer.
+        refused = locks - size
+        assert reads == refused, (locks, reads)
+        assert refused <= size - 1, (locks, reads)
+        for slot in held:
+            slots.release(slot)
+        sim.reset_requests()
+        again = slots.acquire(sessions[0], holder="s0 again")
+        assert again.number == held[0].number, "a session first tries the slot it held last"
+        assert counts() == (1, 0), "one request when the guess is free"
+        slots.release(again)
+    finally:
+        for session in sessions:
+            session.destroy()

@@ -161,6 +161,7 @@ def main() -> None:
             agent.wait(60)
             log.close()
 
+    print("samples (ms, in order):", " ".join(f"{x * 1000:.0f}" for x in latencies))
     latencies.sort()
     p50 = statistics.median(latencies)
     p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]

@@ -28,8 +28,9 @@ __all__ = ["Discovery", "ManagedAlloc", "managed_tasks"]
 
 log = logging.getLogger(__name__)
 
-WAIT = 300.0
-"""Cluster seconds one blocking query waits at most (Nomad's default is 5 minutes)."""
+WAIT = 60.0
+"""Cluster seconds one blocking query waits at most (Nomad's default is 5 minutes): also how long
+an unreachable Nomad may go unnoticed while nothing changes (``/ready``)."""
 
 
 @dataclass(frozen=True)

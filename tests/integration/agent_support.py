@@ -67,7 +67,7 @@ def agent_config(sim: SimCluster, node: str, **changes: Any) -> ShepardConfig:
         "settle_time": 2.0,
         "min_healthy_time": 1.0,
         "healthy_deadline": 60.0,
-        "session_ttl": 10.0,
+        "session_ttl": 30.0,  # 1.5 s real at SCALE: no sub-second real TTL on a busy machine
         "lock_delay": 1.0,
     }
     values.update(changes)
@@ -126,8 +126,15 @@ def complete(members: int, generation: int = 1) -> Any:
 
 
 def wait_until(sim: SimCluster, condition: Any, what: str, timeout: float = 300.0) -> None:
-    """Wait (cluster seconds, in short sleeps) until ``condition()`` holds; fail saying ``what``."""
+    """Wait (``timeout`` cluster seconds) until ``condition()`` holds; fail saying ``what``.
+
+    Looks again at every Consul write (a blocking wait on the sim's index), and at least every
+    half cluster second for what Consul does not see (files, processes, Nomad).
+    """
     deadline = sim.clock.monotonic() + timeout
-    while not condition():
+    while True:
+        index = sim.consul_state.index
+        if condition():
+            return
         assert sim.clock.monotonic() < deadline, f"timed out waiting until {what}"
-        sim.clock.sleep(0.5)
+        sim.consul_state.wait_for_change(index, sim.clock.real(0.5))

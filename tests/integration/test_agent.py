@@ -19,6 +19,7 @@ import requests
 from agent_support import (
     KEYS,
     SCALE,
+    SCOPE,
     agents,
     complete,
     make_agent,
@@ -32,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shepard_lib.agent import Agent
 from shepard_lib.agent.inotify import PyInotifyWatcher, WatchLimitReached
 from shepard_lib.agent.watcher import TaskKey
-from shepard_lib.keyspace import TaskRef
+from shepard_lib.keyspace import TaskRef, TaskScope
 from shepard_lib.plan import MemberState
 from shepard_lib.sim.consul import ConsulServer
 from shepard_lib.sim.nomad.restarts import RestartRecord
@@ -315,3 +316,42 @@ def test_the_agent_collects_garbage_every_gc_interval(sim_cluster_factory: SimCl
     with agents(sim, ["n1"], gc_interval=5.0):
         wait_until(sim, lambda: sim.get_key(stale) is None, "the stale trigger key is collected")
         assert sim.get_key(KEYS.node_key("n1")) is not None, "the live heartbeat is kept"
+
+
+def test_different_tasks_roll_out_concurrently(sim_cluster_factory: SimClusterFactory) -> None:
+    spec = scenario(count=1, concurrency=1, nodes=1)
+    spec["jobs"].append(api_job())
+    spec["keys"]["config/api"] = "a1"
+    sim = sim_cluster_factory(spec, time_scale=SCALE)
+    api = TaskScope("api", "http", "server")
+
+    def restarting(scope: TaskScope) -> bool:
+        plan, _ = read_plan(sim, scope)
+        return plan is not None and any(m.state is MemberState.RESTARTING for m in plan.members.values())
+
+    # A long min_healthy_time keeps each restart in flight: handled one after the other, the two
+    # tasks would never be restarting at the same moment.
+    with agents(sim, ["n1"], min_healthy_time=60.0, healthy_deadline=300.0):
+        sim.set_key("config/web", "v2")
+        sim.set_key("config/api", "a2")
+        wait_until(sim, lambda: restarting(SCOPE) and restarting(api), "both tasks restart at once")
+
+
+def test_nomad_failing_for_a_while_is_one_log_line_then_the_agent_resumes(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
+    with agents(sim, ["n1"]) as running:
+        agent = running["n1"]
+        sim.nomad_faults.error_rate = 1.0
+        wait_until(sim, lambda: not agent.ready(), "the agent is not ready while Nomad fails")
+        sim.clock.sleep(60.0)  # several backoff rounds
+        sim.nomad_faults.error_rate = 0.0
+        wait_until(sim, agent.ready, "the agent is ready again")
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(2))
+    assert len(plan.members) == 2
+    messages = [r.getMessage() for r in caplog.records if r.name == "shepard_lib.agent.outage"]
+    assert sum(m.startswith("Nomad unreachable") for m in messages) == 1, messages
+    assert sum(m.startswith("Nomad reachable again") for m in messages) == 1, messages

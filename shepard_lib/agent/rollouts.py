@@ -290,7 +290,7 @@ def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:
     """Drive a registered change; register it first (``handle_change``) if the registrar could not."""
     if change.target is not None:
         return coordinator.drive(change.target)
-    return coordinator.handle_change(change.alloc, change.task, change.changed_at)
+    return coordinator.handle_change(change.alloc, change.task)
 
 
 def _open(plan: Plan) -> bool:
@@ -359,12 +359,8 @@ class Rollouts:
             for i, target in enumerate(targets):
                 scopes.setdefault(self._host.keyspace.scope(target.ref), []).append(i)
             for scope, indexes in scopes.items():
-                coordinator.register(
-                    scope,
-                    [targets[i] for i in indexes],
-                    job,
-                    changed_at=min(changes[i].changed_at for i in indexes),
-                )
+                # seen_index: the plan's index now (the registrar runs as soon as the change settles)
+                coordinator.register(scope, [targets[i] for i in indexes], job)
         except ShepardError as exc:
             log.error("%s: could not register %d change(s) yet: %s", "/".join(name), len(changes), exc)
             return changes

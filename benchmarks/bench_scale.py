@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import _common as common
@@ -238,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the results here")
     args = parser.parse_args(argv)
     console = Console(width=160)
+    limit = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    if max(nodes for nodes, _ in args.sizes) > limit - 8:
+        parser.error(
+            f"every agent opens an inotify instance and this user may open {limit} "
+            f"(fs.inotify.max_user_instances); raise it first, e.g. sysctl fs.inotify.max_user_instances=1024"
+        )
     results = []
     for nodes, allocs in args.sizes:
         console.print(f"[dim]{nodes} nodes, {allocs} allocations, c={args.concurrency} ...[/dim]")

@@ -455,7 +455,7 @@ class Agent:
         self.metrics.change_events.labels(alloc.job_id, alloc.task_group, event.key.task).inc()
         if self._watcher is not None:
             self.metrics.inotify_fallback.set(self._watcher.fallback_count())
-        self._rollouts.submit(Change(alloc, event.key.task, event.seen_at, event.files))
+        self._rollouts.submit(Change(alloc, event.key.task, event.files))
 
     def _observe(self, event: RolloutEvent) -> None:
         """Coordinator observer: slot waits, restarts started, restart-to-healthy times."""

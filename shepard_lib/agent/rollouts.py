@@ -43,14 +43,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Change:
-    """A settled content change of ``task`` in ``alloc``; ``changed_at`` is cluster Unix time.
+    """A settled content change of ``task`` in ``alloc``; ``target`` is set once it is registered.
 
-    ``target`` is set once the change is registered in its plan.
+    When the change happened is not a host's clock time: the registration orders it by the plan's
+    Consul index read when the agent handles it (``seen_index``), which is after the files changed.
+    A restart claimed between the change and that read is then restarted once more (never missed).
     """
 
     alloc: Allocation
     task: str
-    changed_at: float
     files: tuple[str, ...] = ()
     target: Target | None = None
 
@@ -359,7 +360,6 @@ class Rollouts:
             for i, target in enumerate(targets):
                 scopes.setdefault(self._host.keyspace.scope(target.ref), []).append(i)
             for scope, indexes in scopes.items():
-                # seen_index: the plan's index now (the registrar runs as soon as the change settles)
                 coordinator.register(scope, [targets[i] for i in indexes], job)
         except ShepardError as exc:
             log.error("%s: could not register %d change(s) yet: %s", "/".join(name), len(changes), exc)

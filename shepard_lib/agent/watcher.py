@@ -56,11 +56,10 @@ class TaskKey:
 
 @dataclass(frozen=True)
 class ChangeEvent:
-    """The files of ``key`` changed; ``seen_at`` is the cluster time of the burst's first event."""
+    """The files of ``key`` changed (``files`` relative to the allocation dir)."""
 
     key: TaskKey
     files: tuple[str, ...]
-    seen_at: float
 
 
 @dataclass
@@ -317,7 +316,11 @@ class FileWatcher:
         capped = now - state.first_event >= SETTLE_CAP * self.settle_time
         if not (quiet or capped):
             return None
-        seen_at = self._clock.time() - (now - state.first_event)
+        if not self._roots(key)[0].is_dir():
+            # The task's directory is gone (its allocation was collected): nothing to restart.
+            state.dirty.clear()
+            state.first_event = state.last_event = None
+            return None
         changed = []
         for path in sorted(state.dirty):
             digest = _digest(path) if path.is_file() else None
@@ -332,7 +335,7 @@ class FileWatcher:
         if not changed:
             return None
         base = self.alloc_root / key.alloc_id
-        return ChangeEvent(key, tuple(str(p.relative_to(base)) for p in changed), seen_at)
+        return ChangeEvent(key, tuple(str(p.relative_to(base)) for p in changed))
 
     def _next_wake(self, now: float) -> float | None:
         wakes = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,5 +111,22 @@ def test_secrets_are_watched_with_watch_secrets(layout: Path) -> None:
         watcher.watch(KEY)
         (task_dir(layout) / "secrets" / "token").write_text("s2")
         assert next_event(got).files == ("server/secrets/token",)
+    finally:
+        watcher.close()
+
+
+def test_a_task_whose_directory_is_removed_is_dropped_without_an_event(layout: Path) -> None:
+    got: queue.Queue[ChangeEvent] = queue.Queue()
+    gone: queue.Queue[TaskKey] = queue.Queue()
+    watcher = FileWatcher(
+        layout, got.put, PyInotifyWatcher, on_gone=gone.put, clock=CLOCK, settle_time=SETTLE
+    )
+    try:
+        watcher.watch(KEY)
+        shutil.rmtree(layout / "alloc" / KEY.alloc_id)  # Nomad collected the allocation
+        assert gone.get(timeout=CLOCK.real(20 * SETTLE) + 5) == KEY
+        assert KEY not in watcher.watched()
+        CLOCK.sleep(4 * SETTLE)
+        assert got.empty(), "a removed task is not restarted"
     finally:
         watcher.close()

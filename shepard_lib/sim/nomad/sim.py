@@ -236,22 +236,6 @@ class NomadSim:
         self.clients[node.id].run_alloc(replacement)
         return replacement
 
-    def reschedule(self, alloc_id: str, node: str | None = None) -> SimAlloc:
-        """Stop ``alloc_id`` and place its replacement, as Nomad's rescheduler does.
-
-        The replacement has a new ID and the same name (``job.group[index]``), on ``node`` (default:
-        the same node). Returns it.
-        """
-        old = self.state.allocs.get(alloc_id)
-        if old is None:
-            raise ClientError(404, "alloc not found")
-        target = self.node(node) if node is not None else old.node
-        self.client_of(old).stop_alloc(old, "alloc was rescheduled because it failed")
-        group = old.job.group(old.group)
-        replacement = self.state.add_alloc(old.job, group, old.index, target, self._port())
-        self.clients[target.id].run_alloc(replacement)
-        return replacement
-
     def kill_allocation(self, alloc_id: str) -> None:
         """Fault: the allocation's tasks are killed and fail."""
         alloc = self.state.allocs[alloc_id]

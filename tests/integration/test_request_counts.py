@@ -21,7 +21,7 @@ from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
 SCALE = 10.0
 ALLOCATIONS = 8
-CONSUL_LIMITS = {1: 12.5, 4: 15.0}
+CONSUL_LIMITS = {1: 12.5, 4: 13.5}
 """Consul requests per restart (session renewals aside) a rollout may cost at each concurrency."""
 NOMAD_LIMIT = 7.0
 """Nomad requests per restart: the allocation reads before the trigger, and its watch."""

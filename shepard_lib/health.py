@@ -1,9 +1,13 @@
 """The health gate: wait until a restarted task has really restarted and is healthy, and stays so.
 
-The gate watches with blocking queries only: one thread follows the allocation in Nomad
-(``watch_allocation``) and, when Consul checks count, one thread per service follows
-``/v1/health/checks/<service>``. Every answer is judged as it arrives, so a check that flaps back to
-critical restarts the stable timer even if it passes again before the caller looks.
+The gate watches with blocking queries only, through watch hubs (:mod:`shepard_lib.watchhub`)
+shared by every gate on the same backends in the process: one loop follows each allocation in
+Nomad (``watch_allocation``) and, when Consul checks count, one loop per service follows
+``/v1/health/checks/<service>``, so c restarts of a service in flight cost one Consul request per
+change, not c. A gate asks for Consul's answers once Nomad reports the restarted task running
+(before that no check can make it healthy). Each subscription starts with an answer read after it
+began, then every answer is judged as it arrives, so a check that flaps back to critical restarts
+the stable timer even if it passes again before the caller looks.
 
 What "healthy" means depends on ``source``; every source first requires that the task restarted
 since the baseline (its restart count grew or it started later than before) and that Nomad reports
@@ -34,8 +38,10 @@ checks only); pass only services that have checks.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +50,7 @@ from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.config import HealthSource
 from shepard_lib.errors import HealthTimeout, LockLost, NotFound, TaskFailed
 from shepard_lib.model import Allocation, AllocClientStatus, CheckStatus, HealthCheck, TaskState
+from shepard_lib.watchhub import Subscriber, WatchHub
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +106,7 @@ class HealthGate:
         self._clock = clock
         self._fallback_logged: set[tuple[str, str, str]] = set()
         self._fallback_lock = threading.Lock()
+        self._hubs = _hubs_for(consul, nomad, clock)
 
     def __repr__(self) -> str:
         return (
@@ -152,8 +160,7 @@ class HealthGate:
         """
         use_checks = self.source is not HealthSource.NOMAD and bool(services)
         watch = _Watch(
-            self._consul,
-            self._nomad,
+            self._hubs,
             self._clock,
             alloc_id,
             task,
@@ -182,12 +189,11 @@ class HealthGate:
 
 
 class _Watch:
-    """One wait of the gate: the watcher threads, the latest answers and the stable timer."""
+    """One wait of the gate: its subscriptions to the watch hubs, the latest answers and the stable timer."""
 
     def __init__(
         self,
-        consul: ConsulAPI,
-        nomad: NomadAPI,
+        hubs: _Hubs,
         clock: Clock,
         alloc_id: str,
         task: str,
@@ -199,8 +205,7 @@ class _Watch:
         healthy_deadline: float,
         on_first_alloc: Callable[[Allocation, str], None] | None,
     ) -> None:
-        self.consul = consul
-        self.nomad = nomad
+        self.hubs = hubs
         self.clock = clock
         self.min_healthy_time = min_healthy_time
         self.healthy_deadline = healthy_deadline
@@ -210,7 +215,6 @@ class _Watch:
         self.strict = strict
         self.on_first_alloc = on_first_alloc
         self.cond = threading.Condition()
-        self.stopped = threading.Event()
         self.alloc: Allocation | None = None
         self.checks: dict[str, list[HealthCheck] | None] = {s: None for s in services}
         self.failure: str | None = None
@@ -218,21 +222,16 @@ class _Watch:
         self.why_not = "no answer from Nomad yet"
         self.answers = 0  # how many answers were judged: what run() waits on
         self.deadline = self.clock.monotonic() + healthy_deadline
+        self.unsubscribe: dict[str, Callable[[], None]] = {}  # "nomad" or "consul:<service>"
+        self.retry_at = 0.0  # clock.monotonic() before which no failed subscription is tried again
 
     def name(self) -> str:
         return f"task {self.task} of allocation {self.alloc_id}"
 
     def run(self, cancel: threading.Event | None) -> HealthReport:
-        threads = [threading.Thread(target=self._follow_nomad, name=f"shepard-health-nomad[{self.alloc_id}]")]
-        threads += [
-            threading.Thread(target=self._follow_checks, args=(s,), name=f"shepard-health-consul[{s}]")
-            for s in self.checks
-        ]
-        for thread in threads:
-            thread.daemon = True
-            thread.start()
-        with self.cond:
-            while True:
+        while True:
+            self._subscribe_due()
+            with self.cond:
                 if self.failure is not None:
                     raise TaskFailed(f"{self.name()} failed after the restart: {self.failure}")
                 if cancel is not None and cancel.is_set():
@@ -244,16 +243,22 @@ class _Watch:
                     raise HealthTimeout(
                         f"{self.name()} not healthy within {self.healthy_deadline:g}s: {self.why_not}"
                     )
+                due = self._due()
+                if due is not None and due <= now:
+                    continue
                 wake = self.deadline
                 if self.healthy_since is not None:
                     wake = min(wake, self.healthy_since + self.min_healthy_time)
                 if cancel is not None:
                     wake = min(wake, now + CANCEL_CHECK)
+                if due is not None:
+                    wake = min(wake, due)
                 seen = self.answers
                 self.clock.wait_for(self.cond, lambda seen=seen: self.answers != seen, wake - now)
 
     def stop(self) -> None:
-        self.stopped.set()
+        for unsubscribe in self.unsubscribe.values():
+            unsubscribe()
 
     def _report(self) -> HealthReport:
         state = self.alloc.task_states.get(self.task) if self.alloc else None
@@ -264,6 +269,83 @@ class _Watch:
             running_at=state.started_at if state else None,
             healthy_at=self.clock.time(),
         )
+
+    # --- subscriptions (run() only, without self.cond) -----------------------------------------
+
+    def _wanted(self) -> list[str]:
+        """Subscriptions to make now: Nomad first; Consul once the restarted task runs.
+
+        Consul's answers matter only while Nomad reports the restarted task running, so a gate
+        asks for them from then on (what happened before cannot make it healthy).
+        """
+        if "nomad" not in self.unsubscribe:
+            return ["nomad"]
+        with self.cond:
+            alloc = self.alloc
+        state = alloc.task_states.get(self.task) if alloc else None
+        if state is None or state.state != "running" or not restarted(self.before, state):
+            return []
+        return [f"consul:{s}" for s in self.checks if f"consul:{s}" not in self.unsubscribe]
+
+    def _due(self) -> float | None:
+        """When the next subscription is to be tried (None: none is wanted). Called with self.cond held."""
+        if "nomad" not in self.unsubscribe:
+            return self.retry_at
+        state = self.alloc.task_states.get(self.task) if self.alloc else None
+        if state is None or state.state != "running" or not restarted(self.before, state):
+            return None
+        if all(f"consul:{s}" in self.unsubscribe for s in self.checks):
+            return None
+        return self.retry_at
+
+    def _subscribe_due(self) -> None:
+        if self.clock.monotonic() < self.retry_at:
+            return
+        for what in self._wanted():
+            source = "Nomad" if what == "nomad" else f"Consul (service {what.split(':', 1)[1]})"
+            retry = functools.partial(self._on_retry, source)
+            try:
+                if what == "nomad":
+                    self.unsubscribe[what] = self.hubs.nomad.subscribe(
+                        self.alloc_id, Subscriber(self._on_alloc, self._on_alloc_error, retry)
+                    )
+                else:
+                    service = what.split(":", 1)[1]
+                    self.unsubscribe[what] = self.hubs.checks.subscribe(
+                        service,
+                        Subscriber(functools.partial(self._on_checks, service), lambda exc: None, retry),
+                    )
+            except NotFound as exc:
+                self._on_alloc_error(exc)
+                return
+            except Exception as exc:  # the gate must survive anything the backend raises
+                self._on_retry(source, exc)
+                self.retry_at = self.clock.monotonic() + ERROR_BACKOFF
+                return
+
+    def _on_retry(self, source: str, exc: Exception) -> None:
+        log.warning("health of %s: query to %s failed, retrying: %s", self.name(), source, exc)
+
+    # --- answers (from the hubs) ---------------------------------------------------------------
+
+    def _on_alloc(self, alloc: Allocation) -> None:
+        with self.cond:
+            first = self.alloc is None
+            self.alloc = alloc
+            self._judge()
+        if first and self.on_first_alloc is not None:
+            self.on_first_alloc(alloc, self.task)
+
+    def _on_alloc_error(self, exc: Exception) -> None:
+        with self.cond:
+            self.failure = self.failure or "Nomad no longer knows the allocation"
+            self.answers += 1
+            self.cond.notify_all()
+
+    def _on_checks(self, service: str, checks: list[HealthCheck]) -> None:
+        with self.cond:
+            self.checks[service] = checks
+            self._judge()
 
     # --- judging answers (called with self.cond held) ------------------------------------------
 
@@ -318,51 +400,60 @@ class _Watch:
                 )
         return True, "healthy"
 
-    # --- watcher threads -----------------------------------------------------------------------
 
-    def _wait_for_query(self) -> float:
-        return max(0.05, min(MAX_WAIT, self.deadline - self.clock.monotonic()))
+@dataclass(frozen=True)
+class _Hubs:
+    """The watch hubs of one pair of backends: one loop per allocation, one per service."""
 
-    def _follow_nomad(self) -> None:
-        index = 0
-        while not self.stopped.is_set():
-            try:
-                index, alloc = self.nomad.watch_allocation(self.alloc_id, index, self._wait_for_query())
-            except NotFound:
-                with self.cond:
-                    self.failure = "Nomad no longer knows the allocation"
-                    self.answers += 1
-                    self.cond.notify_all()
-                return
-            except Exception as exc:  # a watcher thread must survive anything the backend raises
-                if self._backoff("Nomad", exc):
-                    return
-                continue
-            with self.cond:
-                first = self.alloc is None
-                self.alloc = alloc
-                self._judge()
-            if first and self.on_first_alloc is not None:
-                self.on_first_alloc(alloc, self.task)
+    nomad: WatchHub[Allocation]
+    checks: WatchHub[list[HealthCheck]]
 
-    def _follow_checks(self, service: str) -> None:
-        index = 0
-        while not self.stopped.is_set():
-            try:
-                index, checks = self.consul.service_checks(
-                    service, index, self._wait_for_query() if index else None
-                )
-            except Exception as exc:  # a watcher thread must survive anything the backend raises
-                if self._backoff(f"Consul (service {service})", exc):
-                    return
-                continue
-            with self.cond:
-                self.checks[service] = checks
-                self._judge()
 
-    def _backoff(self, source: str, exc: Exception) -> bool:
-        """Log a failed query and wait a little; True when the gate is done meanwhile."""
-        if self.stopped.is_set():
-            return True
-        log.warning("health of %s: query to %s failed, retrying: %s", self.name(), source, exc)
-        return self.clock.wait(self.stopped, ERROR_BACKOFF)
+_ByNomad = weakref.WeakKeyDictionary[object, _Hubs]
+_HUBS: weakref.WeakKeyDictionary[object, _ByNomad] = weakref.WeakKeyDictionary()
+_HUBS_LOCK = threading.Lock()
+
+
+def _hubs_for(consul: ConsulAPI, nomad: NomadAPI, clock: Clock) -> _Hubs:
+    """The hubs shared by every gate on these backends in this process (made on first use).
+
+    The hubs hold the backends weakly (a gate holds them while it waits), so backends that are
+    dropped go away with their hubs.
+    """
+    consul_ref, nomad_ref = weakref.ref(consul), weakref.ref(nomad)
+
+    def watch_allocation(alloc_id: str, index: int, wait: float) -> tuple[int, Allocation]:
+        backend = nomad_ref()
+        if backend is None:
+            raise NotFound("nomad.watch_allocation", "the Nomad backend is gone")
+        return backend.watch_allocation(alloc_id, index, wait)
+
+    def service_checks(service: str, index: int, wait: float) -> tuple[int, list[HealthCheck]]:
+        backend = consul_ref()
+        if backend is None:
+            raise LockLost("the Consul backend is gone")
+        return backend.service_checks(service, index, wait if index else None)
+
+    with _HUBS_LOCK:
+        by_nomad = _HUBS.setdefault(consul, weakref.WeakKeyDictionary())
+        hubs = by_nomad.get(nomad)
+        if hubs is None or hubs.nomad.clock is not clock:
+            hubs = by_nomad[nomad] = _Hubs(
+                nomad=WatchHub(
+                    "nomad-allocation",
+                    watch_allocation,
+                    clock,
+                    max_wait=MAX_WAIT,
+                    backoff=ERROR_BACKOFF,
+                    final=lambda exc: isinstance(exc, NotFound),
+                ),
+                checks=WatchHub(
+                    "consul-checks",
+                    service_checks,
+                    clock,
+                    max_wait=MAX_WAIT,
+                    backoff=ERROR_BACKOFF,
+                    final=lambda exc: isinstance(exc, LockLost),
+                ),
+            )
+        return hubs

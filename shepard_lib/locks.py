@@ -30,9 +30,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import secrets
 import threading
 import weakref
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -42,7 +44,7 @@ from typing import TypeVar
 from shepard_lib.backends import ConsulAPI
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.errors import ConsulError, LockLost, LockTimeout, ShepardError
-from shepard_lib.model import KVEntry
+from shepard_lib.model import KVEntry, TxnOp, TxnVerb
 from shepard_lib.session import Session
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,26 @@ class _Claims:
 
 
 _CLAIMS = _Claims()
+
+
+class _Hints:
+    """The slot number each session last held under each slot prefix (weakly, like :class:`_Claims`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: weakref.WeakKeyDictionary[threading.Event, dict[str, int]] = weakref.WeakKeyDictionary()
+
+    def remember(self, session: threading.Event, prefix: str, number: int) -> None:
+        with self._lock:
+            self._last.setdefault(session, {})[prefix] = number
+
+    def last(self, session: threading.Event, prefix: str) -> int | None:
+        with self._lock:
+            return self._last.get(session, {}).get(prefix)
+
+
+_HINTS = _Hints()
+_RNG = random.Random()
 
 
 def _acquire_loop(
@@ -203,7 +225,8 @@ class Lock:
             return
 
         def attempt(_view: list[KVEntry] | None) -> bool | None:
-            return _acquire_claimed(self._consul, self.key, self._value, self._session, self) or None
+            taken = _acquire_claimed(self._consul, self.key, self._value, self._session, self)
+            return True if taken is not None else None
 
         _acquire_loop(
             self._consul,
@@ -307,7 +330,11 @@ class RestartSlots:
         timeout: float | None = None,
         cancel: threading.Event | None = None,
     ) -> Slot:
-        """Take a free slot: try slots 0..size-1, else wait for a release (see the module docs).
+        """Take a free slot, else wait for a release (see the module docs).
+
+        The first try is one slot (the one this session held last, else one picked from its ID);
+        when it is refused the prefix is read once and only slots that look free are tried, in
+        random order, so contenders spread instead of colliding on slot 0.
 
         ``holder`` names the holder in the slot's value (e.g. ``"web-03 alloc 1f2e..."``). Raises
         LockTimeout after ``timeout`` cluster seconds (None: wait forever), LockLost when the
@@ -315,15 +342,16 @@ class RestartSlots:
         """
 
         def attempt(view: list[KVEntry] | None) -> Slot | None:
-            candidates = range(self.size) if view is None else self._free(view)
-            for number in candidates:
+            for number in self._candidates(session, view):
                 slot = Slot(
                     self.key(number), number, session.id, self._clock.time(), session.lost, holder=holder
                 )
                 value = json.dumps({"holder": holder, "session": session.id, "acquired_at": slot.acquired_at})
-                if _acquire_claimed(self._consul, slot.key, value, session, slot):
+                index = _acquire_claimed(self._consul, slot.key, value, session, slot, token=True)
+                if index is not None:
                     log.info("restart slot %s acquired by %s", slot.key, holder)
-                    return self._tokened(slot, session)
+                    _HINTS.remember(session.lost, self.prefix, number)
+                    return self._tokened(slot, session, index)
             return None
 
         return _acquire_loop(
@@ -340,11 +368,33 @@ class RestartSlots:
             max_wait=self._max_wait,
         )
 
-    def _tokened(self, slot: Slot, session: Session) -> Slot:
-        """``slot`` with its fencing token: the key's ModifyIndex, from a consistent read after the acquire.
+    def _candidates(self, session: Session, view: list[KVEntry] | None) -> list[int]:
+        """Slots to try, in order: before any read, one guess; then every slot that looks free, shuffled.
 
-        Only the holder's session changes a held slot, so the index read is this acquisition's.
+        The guess is the slot this session held last (a worker that just released it finds it free
+        unless someone was faster), else one picked from the session ID, so contenders spread over
+        the slots instead of all trying slot 0 first. After a refused guess the caller reads the
+        prefix (a blocking view it keeps), so the refused attempts per restart stay about one.
         """
+        if view is None:
+            last = _HINTS.last(session.lost, self.prefix)
+            if last is None or last >= self.size:
+                last = zlib.crc32(session.id.encode("utf-8")) % self.size
+            return [last]
+        free = self._free(view)
+        _RNG.shuffle(free)
+        return free
+
+    def _tokened(self, slot: Slot, session: Session, index: int = 0) -> Slot:
+        """``slot`` with its fencing token: the key's ModifyIndex right after the acquire.
+
+        ``index`` is that ModifyIndex when the acquire's txn result carried it; otherwise it is read
+        (consistently). Only the holder's session changes a held slot, so it is this acquisition's.
+        """
+        if index > 0:
+            tokened = replace(slot, index=index)
+            _CLAIMS.swap(slot.lost, slot.key, slot, tokened)
+            return tokened
         try:
             entry = self._consul.get(slot.key, consistent=True)
         except BaseException:
@@ -436,22 +486,48 @@ class RestartSlots:
 
 
 def _acquire_claimed(
-    consul: ConsulAPI, key: str, value: bytes | str, session: Session, owner: object
-) -> bool:
-    """``?acquire`` of ``key`` for ``owner``, unless another holder of ``session`` has it in this process."""
+    consul: ConsulAPI, key: str, value: bytes | str, session: Session, owner: object, *, token: bool = False
+) -> int | None:
+    """Take ``key`` for ``owner``, unless another holder of ``session`` has it in this process.
+
+    Returns None when refused. With ``token`` the key is taken by a txn ``lock`` op, whose result
+    carries the key's new ModifyIndex (the acquisition's fencing token), returned; otherwise by
+    ``?acquire``, and 0 is returned.
+    """
     if not _CLAIMS.claim(session.lost, key, owner):
-        return False
+        return None
     try:
-        acquired = consul.acquire(key, value, session.id)
+        acquired = (
+            _lock(consul, key, value, session.id)
+            if token
+            else (0 if consul.acquire(key, value, session.id) else None)
+        )
     except BaseException:
         _CLAIMS.drop(session.lost, key, owner)
         # The acquire may have applied with its answer lost: release, or a long-lived session keeps the key.
         with contextlib.suppress(ShepardError):
             consul.release(key, session.id)
         raise
-    if not acquired:
+    if acquired is None:
         _CLAIMS.drop(session.lost, key, owner)
     return acquired
+
+
+def _lock(consul: ConsulAPI, key: str, value: bytes | str, session_id: str) -> int | None:
+    """A txn ``lock`` of ``key``: its new ModifyIndex, or None when Consul refused it (held, lock-delay).
+
+    Consul refuses a lock with an unknown session too (as ``?acquire`` answers it with a 500): that
+    is raised as a :class:`ConsulError`, so the caller asks whether its session is gone.
+    """
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    result = consul.txn([TxnOp(TxnVerb.LOCK, key, value=data, session=session_id)])
+    if result.ok:
+        entry = next((e for e in result.results if e.key == key), None)
+        return entry.modify_index if entry is not None else 0
+    reasons = "; ".join(what for _, what in result.errors)
+    if "invalid session" in reasons.lower():
+        raise ConsulError(f"txn lock {key}", reasons, status=409)
+    return None
 
 
 def _holder_text(entry: KVEntry) -> str:

@@ -2,8 +2,9 @@
 
 A :class:`Plan` is a pure, frozen value with pure transition functions (:func:`register`,
 :func:`claim`, :func:`reclaim`, :func:`unclaim`, :func:`finish`, :func:`resume`, :func:`abort`);
-:class:`PlanStore` is the only part that does I/O: it reads the plan with a consistent read,
-applies one transition and writes it back with ``cas=ModifyIndex``, retrying on conflict.
+:class:`PlanStore` is the only part that does I/O: it applies one transition to the last plan
+seen and writes it back with a txn ``cas`` on its ModifyIndex, reading the key again only on
+conflict.
 
 Locking choice: ``task_lock`` is **not** taken as a Consul lock. Every plan update is a
 read-modify-write guarded by CAS on the key's ModifyIndex, which is exactly as atomic as a lock
@@ -55,9 +56,12 @@ something else) is logged with its key and replaced by a fresh plan on the next 
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import random
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -65,7 +69,7 @@ from typing import Any
 from shepard_lib.backends import ConsulAPI
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.errors import ConfigError, ConsulError, PlanError
-from shepard_lib.model import Job
+from shepard_lib.model import Job, TxnOp, TxnVerb
 
 __all__ = [
     "CONCURRENCY_META",
@@ -821,6 +825,61 @@ def _opt(value: Any, parse: Callable[[Any], Any]) -> Any:
 # --- storage ----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=32)
+def _decode_plan(raw: bytes | None) -> Plan:
+    """:meth:`Plan.decode`, once per distinct value: every worker of a rollout reads the same plans.
+
+    Plans are frozen values, so sharing one decoded plan between threads is safe.
+    """
+    return Plan.decode(raw)
+
+
+class _KnownPlans:
+    """The last plan value and ModifyIndex seen per key, shared by the stores on one Consul backend.
+
+    Only ever used to write with ``cas`` (a stale entry costs a refused write and a read, never a
+    wrong decision): what a caller decides on comes from :meth:`PlanStore.read` or from a write
+    that Consul accepted.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._plans: dict[str, tuple[Plan | None, int]] = {}
+        self._writers: dict[str, threading.Lock] = {}
+
+    def writing(self, key: str) -> threading.Lock:
+        """The lock the writers of ``key`` in this process take turns with."""
+        with self._lock:
+            return self._writers.setdefault(key, threading.Lock())
+
+    def get(self, key: str) -> tuple[Plan | None, int] | None:
+        with self._lock:
+            return self._plans.get(key)
+
+    def put(self, key: str, plan: Plan | None, index: int, *, read: bool = False) -> None:
+        """Remember ``plan`` at ``index`` unless something newer is known (``read``: always)."""
+        with self._lock:
+            known = self._plans.get(key)
+            if read or known is None or index >= known[1]:
+                self._plans[key] = (plan, index)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._plans.pop(key, None)
+
+
+_KNOWN: weakref.WeakKeyDictionary[object, _KnownPlans] = weakref.WeakKeyDictionary()
+_KNOWN_LOCK = threading.Lock()
+
+
+def _known_for(consul: ConsulAPI) -> _KnownPlans:
+    with _KNOWN_LOCK:
+        try:
+            return _KNOWN.setdefault(consul, _KnownPlans())
+        except TypeError:  # not weakly referenceable: a cache of this store only
+            return _KnownPlans()
+
+
 def _ambiguous(exc: ConsulError) -> bool:
     """A write error that says nothing about whether it applied (no answer, or a 5xx outage)."""
     return exc.status is None or exc.status >= 500
@@ -829,14 +888,22 @@ def _ambiguous(exc: ConsulError) -> bool:
 class PlanStore:
     """Reads and CAS-updates plans in Consul.
 
-    ``update(key, change)`` reads the plan with a consistent read, calls the pure ``change`` on
-    it (None when there is no plan, or when the value is corrupt or foreign: that is logged with
-    the key and the value is replaced) and writes the result with ``cas=ModifyIndex``. On a CAS
-    conflict, or a write whose answer was lost, it starts over, at most ``attempts`` times, with
-    jittered backoff (every transition is idempotent, so a lost answer of one that applied is
-    seen on the next read). A ``change``
-    that returns the plan unchanged writes nothing. Exceptions of ``change`` (such as
-    :class:`MemberUnavailable`) propagate and nothing is written.
+    ``update(key, change)`` calls the pure ``change`` on the plan (None when there is no plan, or
+    when the value is corrupt or foreign: that is logged with the key and the value is replaced)
+    and writes the result with a one-operation txn ``cas`` on the plan's ModifyIndex. The plan
+    and index it starts from are the last ones seen on this Consul backend in this process (a
+    read, a blocking answer, an accepted write, whose txn result carries the new ModifyIndex), so
+    an update usually costs one request; it reads the key (consistently) only when nothing is
+    known, when the CAS is refused, or when ``change`` refuses or keeps a plan that was not just
+    read. On a refused CAS after a fresh read it waits a jittered, growing backoff before the next
+    attempt, at most ``attempts`` in all. A ``change`` that returns the plan unchanged writes
+    nothing. Exceptions of ``change`` (such as :class:`MemberUnavailable`) on a fresh read
+    propagate and nothing is written.
+
+    A write whose answer was lost (a transport error or a 5xx) may have been applied: the next
+    attempt reads the key and, if it holds exactly what was written, counts the write as done;
+    otherwise ``change`` runs again on what is there (transitions treat the caller's own earlier
+    write as done).
     """
 
     def __init__(
@@ -853,21 +920,33 @@ class PlanStore:
         self._attempts = attempts
         self._backoff = backoff
         self._rng = rng or random.Random()
+        self._known = _known_for(consul)
 
     def read(self, key: str) -> tuple[Plan | None, int]:
         """The plan at ``key`` (None if absent, corrupt or foreign) and its ModifyIndex (0 if absent)."""
+        plan, index, _ = self._read(key)
+        return plan, index
+
+    def _read(self, key: str) -> tuple[Plan | None, int, bytes | None]:
         entry = self._consul.get(key, consistent=True)
         if entry is None:
-            return None, 0
+            self._known.put(key, None, 0, read=True)
+            return None, 0, None
+        plan = self._decode(key, entry.value)
+        self._known.put(key, plan, entry.modify_index, read=True)
+        return plan, entry.modify_index, entry.value
+
+    @staticmethod
+    def _decode(key: str, raw: bytes | None) -> Plan | None:
         try:
-            return Plan.decode(entry.value), entry.modify_index
+            return _decode_plan(raw)
         except PlanFormatError as exc:
             log.warning(
                 "plan key %s holds a corrupt or foreign value (%s); it will be replaced by a fresh plan",
                 key,
                 exc,
             )
-            return None, entry.modify_index
+            return None
 
     def load(self, key: str) -> Plan | None:
         """The plan at ``key``, or None."""
@@ -880,29 +959,60 @@ class PlanStore:
     def update_at(self, key: str, change: Callable[[Plan | None, int], Plan]) -> Plan:
         """:meth:`update` with ``change(plan, index)``: ``index`` is the ModifyIndex the write is based on."""
         last_error: Exception | None = None
+        unanswered: bytes | None = None  # what a write whose answer was lost tried to store
         for attempt in range(self._attempts):
-            try:
-                plan, index = self.read(key)
-                updated = change(plan, index)
-                if updated is plan:
-                    return updated
+            backoff = self._rng.uniform(0, self._backoff * 2 ** min(attempt, 6))
+            # Writers of one key in this process take turns, so they never refuse each other's CAS.
+            with self._known.writing(key):
+                known = self._known.get(key)
+                fresh = known is None
                 try:
-                    if self._consul.put(key, updated.encode(), cas=index):
-                        return updated
+                    if known is None:
+                        plan, index, raw = self._read(key)
+                        if unanswered is not None and raw == unanswered and plan is not None:
+                            return plan  # the write whose answer was lost did apply
+                    else:
+                        plan, index = known
+                    updated = change(plan, index)
                 except ConsulError as exc:
-                    if not (exc.transient or _ambiguous(exc)):
+                    if not exc.transient:
                         raise
-                    # The write may have applied with its answer lost, or may still apply: read
-                    # again. The CAS keeps a late one from applying over a newer plan, and every
-                    # transition is idempotent, so one that did apply makes ``change`` a no-op.
                     last_error = exc
+                    updated = None
+                except Exception:
+                    if fresh:
+                        raise
+                    self._known.forget(key)  # refused on what was known: decide on what is there
+                    continue
+                if updated is None:
+                    pass
+                elif updated is plan:
+                    if fresh:
+                        return updated
+                    self._known.forget(key)  # nothing to write on what was known: confirm with a read
+                    continue
                 else:
-                    last_error = None
-            except ConsulError as exc:
-                if not exc.transient:
-                    raise
-                last_error = exc
-            self._clock.sleep(self._rng.uniform(0, self._backoff * 2 ** min(attempt, 6)))
+                    encoded = updated.encode()
+                    try:
+                        result = self._consul.txn([TxnOp(TxnVerb.CAS, key, value=encoded, index=index)])
+                    except ConsulError as exc:
+                        if not _ambiguous(exc):
+                            raise
+                        self._known.forget(key)
+                        unanswered, last_error = encoded, exc
+                    else:
+                        if result.ok:
+                            written = result.results[0].modify_index if result.results else 0
+                            if written:
+                                self._known.put(key, updated, written)
+                            else:
+                                self._known.forget(key)
+                            return updated
+                        self._known.forget(key)
+                        last_error = None
+                        if not fresh:
+                            continue  # what was known was stale: read and try again at once
+            self._clock.sleep(backoff)  # a real race with another writer, or an error: spread the retries
         if last_error is not None:
             raise PlanError(
                 f"plan {key}: Consul kept failing ({last_error}); giving up after {self._attempts} attempts"
@@ -912,6 +1022,14 @@ class PlanStore:
         )
 
     def watch(self, key: str, index: int, wait: float) -> int:
-        """Block until the plan key changes past ``index`` (or ``wait`` cluster seconds); the new index."""
-        new_index, _ = self._consul.watch(key, index, wait)
+        """Block until the plan key changes past ``index`` (or ``wait`` cluster seconds); the new index.
+
+        The answer's value is remembered for the next update.
+        """
+        new_index, entries = self._consul.watch(key, index, wait)
+        entry = next((e for e in entries if e.key == key), None)
+        if entry is None:
+            self._known.forget(key)
+        else:
+            self._known.put(key, self._decode(key, entry.value), entry.modify_index)
         return new_index

@@ -33,7 +33,7 @@ from shepard_lib.health import HealthGate, restarted
 from shepard_lib.locks import RestartSlots, Slot
 from shepard_lib.model import Allocation, AllocClientStatus, TaskState
 from shepard_lib.plan import Member, MemberState
-from shepard_lib.session import Session
+from shepard_lib.session import Session, live_here
 
 __all__ = [
     "GC_REASON",
@@ -182,6 +182,9 @@ class Holders:
             return None
         if member.session == self.session.id:
             return self.session.ttl if self.session.holds(member.holder) else None
+        local = live_here(self._consul, member.session)
+        if local is not None:  # another worker of this process, alive: no read needed
+            return local.ttl
         info = self._consul.session_info(member.session)
         if info is None:
             return None

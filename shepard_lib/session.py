@@ -21,8 +21,10 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -110,6 +112,7 @@ class Session:
                     raise
                 log.warning("session %r: create failed (%s), trying again", self.name, exc)
         self._last_renew = sent
+        _register(self._consul, self)
         log.debug("session %r created (ttl %ss, lock-delay %ss)", self.name, self.ttl, self.lock_delay)
         for target, role in ((self._renew_loop, "renew"), (self._watchdog, "watchdog")):
             threading.Thread(target=target, name=f"shepard-session-{role}[{self.name}]", daemon=True).start()
@@ -256,3 +259,32 @@ class Session:
             else:
                 return
         self._mark_lost(f"no successful renew for {self.ttl:g}s (Consul unreachable?)")
+
+
+_LOCAL: weakref.WeakKeyDictionary[object, weakref.WeakValueDictionary[str, Session]] = (
+    weakref.WeakKeyDictionary()
+)
+_LOCAL_LOCK = threading.Lock()
+
+
+def _register(consul: ConsulAPI, session: Session) -> None:
+    with _LOCAL_LOCK, contextlib.suppress(TypeError):  # a backend not weakly referenceable: not known here
+        _LOCAL.setdefault(consul, weakref.WeakValueDictionary())[session.id] = session
+
+
+def live_here(consul: ConsulAPI, session_id: str) -> Session | None:
+    """The session ``session_id`` on ``consul`` when this process holds it and it is alive by its own account.
+
+    Alive means created here, not destroyed or abandoned, and :attr:`Session.lost` not set, which
+    the watchdog sets no later than Consul could invalidate the session: so Consul still knows it,
+    and a caller can skip a consistent read. None means "not known here": ask Consul.
+    """
+    with _LOCAL_LOCK:
+        try:
+            by_id = _LOCAL.get(consul)
+        except TypeError:
+            return None
+        session = by_id.get(session_id) if by_id is not None else None
+    if session is None or session.lost.is_set() or session._ended or session._abandoned:
+        return None
+    return session

@@ -46,11 +46,13 @@ from shepard_lib.model import (
 )
 
 from ._http import (
+    DEFAULT_POOL_SIZE,
     NO_RETRY,
     RetryPolicy,
     blocking_timeout,
     call_with_retry,
     go_duration,
+    pinned_session,
     redact,
     tls_settings,
     transient_status,
@@ -89,6 +91,8 @@ class _TimedSession(requests.Session):
         return super().request(method, url, *args, **kwargs)
 
     def _timeout_for(self, url: str) -> float:
+        if "wait=" not in url:
+            return self._margin
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
         if "index" in query and "wait" in query:
             return blocking_timeout(parse_go_duration(query["wait"][0]), self._clock, self._margin)
@@ -113,6 +117,9 @@ def _entry(item: dict[str, Any]) -> KVEntry:
     )
 
 
+_CHECK_STATUS = {s.value: s for s in CheckStatus}
+
+
 def _check(item: dict[str, Any]) -> HealthCheck:
     status = str(item.get("Status", "")).lower()
     return HealthCheck(
@@ -120,7 +127,7 @@ def _check(item: dict[str, Any]) -> HealthCheck:
         check_id=item.get("CheckID", ""),
         name=item.get("Name", ""),
         # A status this code does not know is treated as the one that blocks a rollout.
-        status=CheckStatus(status) if status in set(CheckStatus) else CheckStatus.CRITICAL,
+        status=_CHECK_STATUS.get(status, CheckStatus.CRITICAL),
         service_id=item.get("ServiceID", "") or "",
         service_name=item.get("ServiceName", "") or "",
         output=item.get("Output", "") or "",
@@ -164,7 +171,9 @@ class ConsulBackend:
     """:class:`~shepard_lib.backends.ConsulAPI` over HTTP, talking to exactly ``config``'s agent.
 
     ``retry`` decides how transient failures are retried (delays in cluster seconds of ``clock``);
-    ``timeout`` is the real-seconds timeout of a non-blocking request.
+    ``timeout`` is the real-seconds timeout of a non-blocking request; ``pool_size`` the keep-alive
+    connections kept (at least the number of threads using the backend at once, see
+    :func:`~shepard_lib.backends._http.pinned_session`).
     """
 
     def __init__(
@@ -174,6 +183,7 @@ class ConsulBackend:
         *,
         retry: RetryPolicy | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        pool_size: int = DEFAULT_POOL_SIZE,
     ) -> None:
         self._clock = clock
         self._retry = retry or RetryPolicy()
@@ -189,6 +199,7 @@ class ConsulBackend:
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._http.base_uri = f"{scheme}://{netloc}{url.path.rstrip('/')}"
         self._http.session = _TimedSession(clock, timeout)
+        self._http.verify = pinned_session(self._http.session, self._http.base_uri, verify, pool_size)
 
     def close(self) -> None:
         """Close the HTTP connections (the backend must not be used afterwards)."""

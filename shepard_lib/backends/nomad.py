@@ -46,11 +46,13 @@ from shepard_lib.model import (
 )
 
 from ._http import (
+    DEFAULT_POOL_SIZE,
     NO_RETRY,
     RetryPolicy,
     blocking_timeout,
     call_with_retry,
     go_duration,
+    pinned_session,
     redact,
     tls_settings,
     transient_status,
@@ -271,7 +273,8 @@ class NomadBackend:
     """:class:`~shepard_lib.backends.NomadAPI` over HTTP, talking to exactly ``config``'s agent.
 
     ``retry`` decides how transient failures are retried (delays in cluster seconds of ``clock``);
-    ``timeout`` is the real-seconds timeout of a non-blocking request.
+    ``timeout`` is the real-seconds timeout of a non-blocking request; ``pool_size`` the keep-alive
+    connections kept (at least the number of threads using the backend at once).
     """
 
     def __init__(
@@ -281,6 +284,7 @@ class NomadBackend:
         *,
         retry: RetryPolicy | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        pool_size: int = DEFAULT_POOL_SIZE,
     ) -> None:
         self._clock = clock
         self._retry = retry or RetryPolicy()
@@ -289,6 +293,7 @@ class NomadBackend:
         self._session = requests.Session()
         verify, cert = tls_settings(config.verify, config.ca_file, config.cert_file, config.key_file)
         address = config.address if "//" in config.address else f"http://{config.address}"
+        verify = pinned_session(self._session, address, verify, pool_size)
         settings: dict[str, Any] = {
             "address": address.rstrip("/"),
             "namespace": config.namespace or None,

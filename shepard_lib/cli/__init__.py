@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "template_cmd",
     "job_cmd",
     "gc_cmd",
+    "demo_cmd",
     "sim_cmd",
     "logs_cmd",
 )

@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a simulated cluster until SIGTERM/SIGINT",
         description="Start a simulated Consul and Nomad from a scenario and serve them until SIGTERM or "
-        "SIGINT. Prints one line 'ready consul=<addr> nomad=<addr>' once both listen.",
+        "SIGINT. Prints one line 'ready consul=<addr> nomad=<addr>' once both listen; with --agents, "
+        "one line 'agent node=<name> nomad=<addr> data_dir=<dir>' per node before it.",
     )
     serve.add_argument(
         "--consul-port", type=_port, default=0, help="Consul HTTP port (default: any free port)"
@@ -59,6 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--scenario", metavar="FILE.yaml", help="scenario file (default: the small scenario)")
     serve.add_argument("--acl-token", metavar="TOKEN", help="require this ACL token on both APIs")
     serve.add_argument("--time-scale", type=_scale, default=1.0, help="cluster seconds per real second")
+    serve.add_argument(
+        "--agents",
+        action="store_true",
+        help="also serve each node's own Nomad agent API (its /v1/agent/self is that node) and print "
+        "its address and the node's data dir, one line per node, before the ready line",
+    )
     serve.set_defaults(func=run)
 
 
@@ -87,6 +94,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"shepard sim serve: cannot listen: {exc}", file=sys.stderr)
             return 1
         with cluster:
+            if args.agents:
+                for node in cluster.scenario.nodes:
+                    print(
+                        f"agent node={node.name} nomad={cluster.nomad_agent_addr(node.name)} "
+                        f"data_dir={cluster.node_data_dir(node.name)}",
+                        flush=True,
+                    )
             print(f"ready consul={cluster.consul_addr} nomad={cluster.nomad_addr}", flush=True)
             log.info("simulated cluster serving; node data dirs under %s", cluster.data_dir)
             stop.wait()

@@ -32,7 +32,7 @@ from shepard_lib.coordinator import (
 )
 from shepard_lib.errors import ConfigError, ConsulError
 from shepard_lib.keyspace import Keyspace, TaskScope
-from shepard_lib.model import Allocation, TxnOp, TxnResult
+from shepard_lib.model import Allocation, TxnOp, TxnResult, TxnVerb
 from shepard_lib.plan import MemberState, Plan, PlanStore, register
 from shepard_lib.rollout import RollingRestart, RolloutOptions
 from shepard_lib.session import Session
@@ -260,7 +260,7 @@ def test_killed_holder_is_taken_over_and_its_allocation_restarts_exactly_once(
 
 
 class FirstTxnFails:
-    """A ConsulAPI proxy whose first txn (the trigger) meets the sim fault ``fault`` (rate 1)."""
+    """A ConsulAPI proxy whose first trigger txn (a trigger key write) meets the sim fault ``fault``."""
 
     def __init__(self, inner: ConsulAPI, sim: SimCluster, fault: str) -> None:
         self._inner = inner
@@ -269,7 +269,8 @@ class FirstTxnFails:
         self.failed = 0
 
     def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
-        if self.failed:
+        sets_trigger = any(op.verb == TxnVerb.SET and op.key.startswith(KEYS.keys_prefix()) for op in ops)
+        if self.failed or not sets_trigger:
             return self._inner.txn(ops)
         self.failed += 1
         setattr(self._sim.consul_faults, self._fault, 1.0)
@@ -380,6 +381,8 @@ class _TriggerAnswerLostAndCheckFails:
         self._failed_read = False
 
     def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        if not any(op.verb == TxnVerb.SET and op.key.startswith(KEYS.keys_prefix()) for op in ops):
+            return self._inner.txn(ops)  # a plan write
         self.txns += 1
         if self.txns > 1:
             return self._inner.txn(ops)

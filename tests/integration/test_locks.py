@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -21,7 +21,7 @@ from shepard_lib.clock import Clock
 from shepard_lib.config import ConsulConfig
 from shepard_lib.errors import ConsulError, LockLost, LockTimeout
 from shepard_lib.locks import Lock, RestartSlots, Slot
-from shepard_lib.model import SessionBehavior
+from shepard_lib.model import SessionBehavior, TxnOp, TxnResult, TxnVerb
 from shepard_lib.session import Session
 from shepard_lib.sim.consul import ConsulServer, ConsulState
 
@@ -43,6 +43,11 @@ class Sim:
         """Counts of ``/v1/kv`` requests by method since the last reset, from ``/_sim/requests``."""
         counts = requests.get(f"{self.server.address}/_sim/requests", timeout=5).json()
         return dict(counts.get("/v1/kv", {}))
+
+    def txn_requests(self) -> int:
+        """``PUT /v1/txn`` requests since the last reset (a slot is taken with a txn ``lock``)."""
+        counts = requests.get(f"{self.server.address}/_sim/requests", timeout=5).json()
+        return int(counts.get("/v1/txn", {}).get("PUT", 0))
 
     def reset_requests(self) -> None:
         requests.delete(f"{self.server.address}/_sim/requests", timeout=5).raise_for_status()
@@ -129,10 +134,12 @@ def test_acquire_with_a_session_consul_no_longer_knows_raises_lock_lost(sim: Sim
 def test_slot_value_names_holder_session_and_time_and_holders_reads_it(sim: Sim) -> None:
     slots = RestartSlots(sim.consul, "t/value/restart_lock", 3, clock=sim.clock)
     with sim.session("a") as a, sim.session("b") as b:
+        asked_at = sim.clock.time()
         first = slots.acquire(a, holder="web-01 alloc 1")
+        assert asked_at <= first.acquired_at <= sim.clock.time()
         second = slots.acquire(b, holder="web-02 alloc 2")
-        assert (first.number, second.number) == (0, 1)
-        assert first.key == "t/value/restart_lock/0"
+        assert first.number != second.number and {first.number, second.number} <= {0, 1, 2}
+        assert first.key == f"t/value/restart_lock/{first.number}"
         entry = sim.consul.get(first.key, consistent=True)
         assert entry is not None and entry.session == a.id
         assert json.loads(entry.text()) == {
@@ -140,15 +147,14 @@ def test_slot_value_names_holder_session_and_time_and_holders_reads_it(sim: Sim)
             "session": a.id,
             "acquired_at": first.acquired_at,
         }
-        assert abs(first.acquired_at - sim.clock.time()) < 5
         assert first.lost is a.lost
-        assert slots.holders() == {0: "web-01 alloc 1", 1: "web-02 alloc 2"}
+        assert slots.holders() == {first.number: "web-01 alloc 1", second.number: "web-02 alloc 2"}
         slots.release(first)
         slots.release(first)  # idempotent
-        assert slots.holders() == {1: "web-02 alloc 2"}
+        assert slots.holders() == {second.number: "web-02 alloc 2"}
         with slots.hold(a, holder="web-03") as third:
-            assert third.number == 0
-        assert slots.holders() == {1: "web-02 alloc 2"}
+            assert third.number == first.number, "a session tries the slot it held last first"
+        assert slots.holders() == {second.number: "web-02 alloc 2"}
 
 
 def test_contending_threads_never_exceed_the_slot_count(sim: Sim) -> None:
@@ -215,8 +221,8 @@ def test_waiter_makes_one_request_per_change_and_takes_the_released_slot(sim: Si
         held = slots.acquire(holder, holder="holder")
         sim.reset_requests()
         call = Background(lambda: slots.acquire(waiter, holder="waiter"))
-        # refused acquire, then a read (index 0) and the first blocking query
-        sim.until("the waiter to block", lambda: sim.kv_requests() == {"PUT": 1, "GET": 2})
+        # refused acquire (a txn lock), then a read (index 0) and the first blocking query
+        sim.until("the waiter to block", lambda: sim.kv_requests() == {"GET": 2} and sim.txn_requests() == 1)
         time.sleep(0.05)
         sim.reset_requests()
         for change in range(1, 6):
@@ -229,9 +235,11 @@ def test_waiter_makes_one_request_per_change_and_takes_the_released_slot(sim: Si
         assert call.error is None, call.error
         slot = call.result
         assert isinstance(slot, Slot) and slot.session_id == waiter.id and slot.number == 0
-        # the holder's release, then the waiter's query wakes, its one acquire succeeds and one
-        # consistent read takes the slot's fencing token (its ModifyIndex)
-        assert sim.kv_requests() == {"GET": 6, "PUT": 2}
+        # the holder's release, then the waiter's query wakes and its one acquire succeeds; the
+        # lock's txn result carries the slot's fencing token (its ModifyIndex): no read for it
+        assert sim.kv_requests() == {"GET": 5, "PUT": 1}
+        assert sim.txn_requests() == 1
+        assert slot.index == sim.server.state.kv_get(slot.key).modify_index  # type: ignore[union-attr]
 
 
 def test_acquire_raises_lock_timeout_after_the_timeout_without_polling(sim: Sim) -> None:
@@ -244,7 +252,8 @@ def test_acquire_raises_lock_timeout_after_the_timeout_without_polling(sim: Sim)
             slots.acquire(waiter, holder="waiter", timeout=10)
         waited = sim.clock.monotonic() - start
         assert 10 <= waited <= 14, f"gave up after {waited:.1f}s"
-        assert sim.kv_requests() == {"PUT": 1, "GET": 2}
+        assert sim.kv_requests() == {"GET": 2}
+        assert sim.txn_requests() == 1, "one refused lock"
 
 
 def test_cancel_stops_a_waiting_acquire(sim: Sim) -> None:
@@ -298,8 +307,44 @@ def test_slot_of_an_abandoned_holder_is_taken_only_after_ttl_and_lock_delay(sim:
     crashed.destroy()
 
 
+def test_contenders_try_one_guess_then_only_the_slots_the_prefix_shows_free(sim: Sim) -> None:
+    size = 6
+    slots = RestartSlots(sim.consul, "t/spread/restart_lock", size, clock=sim.clock)
+    sessions = [sim.session(f"s{n}") for n in range(size)]
+    for session in sessions:
+        session.create()
+
+    def counts() -> tuple[int, int]:
+        """(slot locks sent: txns, reads of the prefix)."""
+        all_counts = requests.get(f"{sim.server.address}/_sim/requests", timeout=5).json()
+        return all_counts.get("/v1/txn", {}).get("PUT", 0), all_counts.get("/v1/kv", {}).get("GET", 0)
+
+    try:
+        sim.reset_requests()
+        held = [slots.acquire(session, holder=session.name) for session in sessions]
+        assert sorted(slot.number for slot in held) == list(range(size))
+        assert all(slot.index > 0 for slot in held), "each acquisition has its fencing token"
+        locks, reads = counts()
+        # Each contender: one guess, and when it is refused one read of the prefix and one try of a
+        # slot that looks free (nobody else acquires meanwhile); the token comes with the lock's answer.
+        refused = locks - size
+        assert reads == refused, (locks, reads)
+        assert refused <= size - 1, (locks, reads)
+        for slot in held:
+            slots.release(slot)
+        sim.reset_requests()
+        again = slots.acquire(sessions[0], holder="s0 again")
+        assert again.number == held[0].number, "a session first tries the slot it held last"
+        assert counts() == (1, 0), "one request when the guess is free"
+        slots.release(again)
+    finally:
+        for session in sessions:
+            session.destroy()
+
+
 class LostAcquireAnswers:
-    """The Consul backend, where the answer of each ``acquire`` is lost after Consul applied it."""
+    """The Consul backend, where the answer of each ``acquire`` (or txn ``lock``, as slots are taken)
+    is lost after Consul applied it."""
 
     def __init__(self, consul: ConsulBackend) -> None:
         self._consul = consul
@@ -313,6 +358,12 @@ class LostAcquireAnswers:
         if self.lose:
             raise ConsulError(f"kv.acquire {key}", "connection reset after the request was sent")
         return applied
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        result = self._consul.txn(ops)
+        if self.lose and any(op.verb == TxnVerb.LOCK for op in ops):
+            raise ConsulError(f"txn ({len(ops)} ops)", "connection reset after the request was sent")
+        return result
 
 
 def _holder(sim: Sim, key: str) -> str | None:

@@ -75,3 +75,28 @@ def test_serve_with_an_invalid_scenario_exits_2_naming_the_problem(tmp_path: Pat
     assert proc.returncode == 2
     assert out == ""
     assert "nodes:" in err and "Traceback" not in err
+
+
+AGENT = re.compile(r"^agent node=(\S+) nomad=(http://127\.0\.0\.1:\d+) data_dir=(\S+)$")
+
+
+def test_serve_with_agents_prints_each_nodes_own_agent_api_before_the_ready_line(tmp_path: Path) -> None:
+    with _serve("--scenario", str(SCENARIO), "--data-dir", str(tmp_path), "--agents") as proc:
+        try:
+            assert proc.stdout is not None
+            lines = [proc.stdout.readline().rstrip("\n") for _ in range(4)]
+            agents = [AGENT.match(line) for line in lines[:3]]
+            assert all(agents), f"expected three agent lines then ready, got {lines!r}"
+            assert READY.match(lines[3]), f"expected the ready line last, got {lines[3]!r}"
+            for match in agents:
+                assert match is not None
+                node, nomad, data_dir = match.groups()
+                me = requests.get(f"{nomad}/v1/agent/self", timeout=10).json()
+                assert me["config"]["NodeName"] == node
+                assert Path(data_dir) == tmp_path / node and (Path(data_dir) / "alloc").is_dir()
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0

@@ -9,7 +9,7 @@ import pytest
 
 from shepard_lib.clock import Clock
 from shepard_lib.errors import ConsulError, PlanError
-from shepard_lib.model import KVEntry
+from shepard_lib.model import KVEntry, TxnOp, TxnResult, TxnVerb
 from shepard_lib.plan import (
     MemberSpec,
     MemberUnavailable,
@@ -34,10 +34,13 @@ class MemoryKV:
         self.entries: dict[str, KVEntry] = {}
         self.index = 10
         self.puts = 0
+        self.gets = 0
+        self.lose_answers = 0
         self.before_put: Callable[[], None] | None = None
         self.fail_puts = 0
 
     def get(self, key: str, *, consistent: bool = False) -> KVEntry | None:
+        self.gets += 1
         return self.entries.get(key)
 
     def write(self, key: str, value: bytes) -> None:
@@ -58,6 +61,18 @@ class MemoryKV:
             return False
         self.write(key, value.encode() if isinstance(value, str) else value)
         return True
+
+    def txn(self, ops: list[TxnOp]) -> TxnResult:
+        """A one-operation ``cas`` txn, as PlanStore writes: the same hooks as ``put``."""
+        [op] = ops
+        assert op.verb == TxnVerb.CAS and op.value is not None and op.index is not None
+        if not self.put(op.key, op.value, cas=op.index):
+            return TxnResult(ok=False, errors=((0, f'failed index check for key "{op.key}"'),))
+        if self.lose_answers:
+            self.lose_answers -= 1
+            raise ConsulError(f"txn {op.key}", "connection reset after the write applied", transient=False)
+        entry = self.entries[op.key]
+        return TxnResult(ok=True, results=(KVEntry(op.key, None, entry.create_index, entry.modify_index),))
 
     def watch(self, key: str, index: int, wait: float, *, recurse: bool = False) -> tuple[int, list[KVEntry]]:
         entry = self.entries.get(key)
@@ -180,3 +195,70 @@ def test_endless_cas_conflicts_give_up_after_the_attempts() -> None:
 
     with pytest.raises(PlanError, match="won the CAS race"):
         plans.update(KEY, always_conflict)
+
+
+def claim_a(p: Plan | None) -> Plan:
+    assert p is not None
+    return claim(
+        p,
+        A.alloc_id,
+        holder="h",
+        session="s",
+        holder_name="me",
+        restarts_before=0,
+        started_before=None,
+        now=3.0,
+    )
+
+
+def test_an_update_after_a_write_starts_from_the_written_plan_without_a_read() -> None:
+    kv = MemoryKV()
+    plans = store(kv)
+    plans.update(KEY, start)
+    gets, puts = kv.gets, kv.puts
+    plan = plans.update(KEY, claim_a)
+    assert (kv.gets, kv.puts) == (gets, puts + 1), "one CAS write, no read"
+    assert Plan.decode(kv.entries[KEY].value) == plan
+
+
+def test_another_store_on_the_same_backend_shares_what_is_known() -> None:
+    kv = MemoryKV()
+    store(kv).update(KEY, start)
+    gets = kv.gets
+    store(kv).update(KEY, claim_a)
+    assert kv.gets == gets
+
+
+def test_a_refusal_on_a_stale_known_plan_is_decided_again_on_a_fresh_read() -> None:
+    kv = MemoryKV()
+    plans = store(kv)
+    plans.update(KEY, start)
+    current = Plan.decode(kv.entries[KEY].value)
+    kv.write(KEY, register(current, [B], now=2.0).encode())  # another writer; the known plan lacks B
+    gets = kv.gets
+    plan = plans.update(
+        KEY,
+        lambda p: claim(
+            p,
+            B.alloc_id,
+            holder="h",
+            session="s",
+            holder_name="me",  # type: ignore[arg-type]
+            restarts_before=0,
+            started_before=None,
+            now=3.0,
+        ),
+    )
+    assert kv.gets == gets + 1
+    assert plan.members[B.alloc_id].holder == "h"
+
+
+def test_a_write_whose_answer_was_lost_but_applied_is_not_written_again() -> None:
+    kv = MemoryKV()
+    plans = store(kv)
+    plans.update(KEY, start)
+    kv.lose_answers = 1
+    puts = kv.puts
+    plan = plans.update(KEY, claim_a)
+    assert kv.puts == puts + 1, "the applied write was recognised on the next read"
+    assert Plan.decode(kv.entries[KEY].value) == plan

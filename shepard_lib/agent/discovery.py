@@ -98,6 +98,8 @@ class Discovery:
             try:
                 index, allocs = self._nomad.watch_node_allocations(self.node_id, index, WAIT)
             except ShepardError as exc:
+                if self._stop.is_set():  # the agent stopped while the query waited: no outage to report
+                    return
                 self.reachable.clear()
                 index = 0
                 self._clock.wait(self._stop, self._outage.failed("node.allocations", exc))

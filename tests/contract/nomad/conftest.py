@@ -8,19 +8,17 @@ for tests that restart tasks or use the sim's fault controls and record.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
-import nomad
 import pytest
 from nomad_contract import (
     CONTRACT_SCENARIO,
-    REAL_SKIP_REASON,
     SIM_SCALE,
     SIM_TOKEN,
     NomadTarget,
     python_nomad,
+    real_target,
 )
 
 from shepard_lib.sim import SimCluster
@@ -48,7 +46,7 @@ def _sim(
         yield NomadTarget("sim", sim.nomad_addr, acl_token, python_nomad(sim.nomad_addr, acl_token), sim)
 
 
-@pytest.fixture(params=["sim", "real"])
+@pytest.fixture(params=["sim", pytest.param("real", marks=pytest.mark.real_cluster)])
 def nomad_target(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> Iterator[NomadTarget]:
@@ -56,13 +54,7 @@ def nomad_target(
     if request.param == "sim":
         yield from _sim(monkeypatch, tmp_path)
         return
-    address = os.environ.get("NOMAD_ADDR")
-    if not address:
-        pytest.skip(REAL_SKIP_REASON)
-    token = os.environ.get("NOMAD_TOKEN")
-    yield NomadTarget(
-        "real", address.rstrip("/"), token, nomad.Nomad(address=address, token=token, timeout=30)
-    )
+    yield real_target()
 
 
 @pytest.fixture

@@ -155,6 +155,14 @@ class Session:
         self._stop_renewing.set()
         log.info("session %r abandoned: no more renewals, Consul frees its locks after the TTL", self.name)
 
+    def invalidate(self, reason: str) -> None:
+        """Mark the session lost now, without asking Consul, so its holders stop acting on its locks.
+
+        For a holder that is shutting down: every wait that watches :attr:`lost` ends, the holders
+        release what they hold (the session still exists in Consul), then :meth:`destroy` ends it.
+        """
+        self._mark_lost(reason)
+
     def hold(self, token: str) -> None:
         """Record that a coordinator of this process drives the plan claim ``token`` under this session.
 

@@ -130,6 +130,10 @@ class NomadAPI(Protocol):
         """The allocations placed on a node."""
         ...
 
+    def watch_node_allocations(self, node_id: str, index: int, wait: float) -> tuple[int, list[Allocation]]:
+        """Blocking query on a node's allocations: returns after one changes past ``index`` or ``wait``."""
+        ...
+
     def job_allocations(self, job_id: str) -> list[Allocation]:
         """The allocations of a job."""
         ...

@@ -412,6 +412,28 @@ class NomadBackend:
         data = self._json(call, self._request(call, "node", _seg(node_id), "allocations"))
         return [self._parse(call, parse_allocation, a) for a in data or []]
 
+    def watch_node_allocations(self, node_id: str, index: int, wait: float) -> tuple[int, list[Allocation]]:
+        """Blocking query on a node's allocations (``GET /v1/node/<id>/allocations?index=&wait=``).
+
+        Returns after an allocation of the node changes past ``index`` or after ``wait``, with the
+        new ``X-Nomad-Index`` (0 when it went backwards, so the next query answers at once) and the
+        allocations. ``index`` 0 does not block.
+        """
+        call = f"node.allocations.watch {node_id}"
+        params: dict[str, Any] = {}
+        timeout = None
+        if index > 0:
+            params = {"index": index, "wait": go_duration(wait)}
+            timeout = blocking_timeout(wait, self._clock, self._timeout)
+        response = self._request(call, "node", _seg(node_id), "allocations", params=params, timeout=timeout)
+        data = self._json(call, response)
+        allocs = [self._parse(call, parse_allocation, a) for a in data or []]
+        try:
+            new_index = int(response.headers.get("X-Nomad-Index", 0))
+        except ValueError:
+            new_index = 0
+        return (0 if new_index < index else max(new_index, 1)), allocs
+
     def job_allocations(self, job_id: str) -> list[Allocation]:
         """The allocations of a job."""
         call = f"job.allocations {job_id}"

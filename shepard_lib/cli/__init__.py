@@ -24,11 +24,13 @@ from shepard_lib.logsetup import setup_logging
 
 COMMAND_MODULES: tuple[str, ...] = (
     "restart_cmd",
+    "agent_cmd",
     "config_cmd",
     "template_cmd",
     "job_cmd",
     "gc_cmd",
     "sim_cmd",
+    "logs_cmd",
 )
 """The modules under ``shepard_lib.cli`` that register subcommands, in ``--help`` order."""
 

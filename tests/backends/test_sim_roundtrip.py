@@ -236,3 +236,17 @@ def test_restart_task_restarts_that_task_and_watch_sees_it(nomad: NomadAPI, clus
     assert seen.task_states["server"].last_restart is not None
     assert [(r.alloc_id, r.task) for r in cluster.restarts()][-1:] == [(alloc.id, "server")]
     cluster.wait_settled()
+
+
+def test_watch_node_allocations_blocks_until_one_of_the_nodes_allocations_changes(
+    nomad: NomadAPI, cluster: SimCluster
+) -> None:
+    n1 = next(n for n in nomad.nodes() if n.name == "n1")
+    index, allocs = nomad.watch_node_allocations(n1.id, 0, 5)
+    assert index > 0 and allocs and {a.node_name for a in allocs} == {"n1"}
+    target = allocs[0]
+    cluster.nomad.restart(target.id, "server")
+    new_index, seen = nomad.watch_node_allocations(n1.id, index, 30)
+    assert new_index > index
+    assert {a.id for a in seen} == {a.id for a in allocs}
+    cluster.wait_settled()

@@ -1,0 +1,78 @@
+"""``shepard agent``: the agent as a process, with its signals.
+
+SIGTERM and SIGINT stop it: no new work, a restart in flight may finish for ``shutdown_timeout``,
+then the slots and the heartbeat are released and the session destroyed, and the process exits 0.
+SIGHUP reloads the configuration file: a bad new configuration is logged and the old one kept.
+While Consul or Nomad is unreachable the process logs one line per outage (the per-retry lines of
+the backends move to DEBUG, see :func:`~shepard_lib.agent.outage.quiet_retries`).
+Startup with a bad configuration raises ConfigError (exit 2), with Consul or Nomad unreachable
+ShepardError (exit 1); the CLI prints either as one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from shepard_lib.agent.agent import Agent
+from shepard_lib.agent.outage import quiet_retries
+from shepard_lib.backends.consul import ConsulBackend
+from shepard_lib.backends.nomad import NomadBackend
+from shepard_lib.clock import Clock
+from shepard_lib.config import ShepardConfig
+from shepard_lib.errors import ConfigError
+
+__all__ = ["run"]
+
+log = logging.getLogger(__name__)
+
+
+def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], ShepardConfig]) -> int:
+    """Run the agent until SIGTERM/SIGINT; ``load`` reads the configuration (again on SIGHUP)."""
+    cfg = load(args)
+    quiet_retries()
+    wake = threading.Event()
+    flags = {"stop": False, "reload": False}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        flags["reload" if signum == signal.SIGHUP else "stop"] = True
+        wake.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        clock = Clock(cfg.time_scale)
+        consul = ConsulBackend(cfg.consul, clock)
+        nomad = NomadBackend(cfg.nomad, clock)
+        agent = Agent(cfg, consul, nomad, clock=clock)
+        agent.start()
+        try:
+            while not flags["stop"]:
+                wake.wait()
+                wake.clear()
+                if flags["reload"] and not flags["stop"]:
+                    flags["reload"] = False
+                    _reload(agent, args, load)
+        finally:
+            agent.stop()
+            consul.close()
+            nomad.close()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0
+
+
+def _reload(
+    agent: Agent, args: argparse.Namespace, load: Callable[[argparse.Namespace], ShepardConfig]
+) -> None:
+    log.info("SIGHUP: reloading the configuration")
+    try:
+        cfg = load(args)
+    except ConfigError as exc:
+        log.error("config reload failed, keeping the running config: %s", "; ".join(exc.problems))
+        return
+    agent.reload(cfg)

@@ -1,0 +1,406 @@
+"""The agent's rollouts: one worker thread per task (``job/group/task``), all tasks concurrently.
+
+A change event of an allocation's task is registered in the task's plan at once by the agent's
+registrar thread (so the member is visible as ``pending`` even if this agent dies while it is
+busy with another restart), then queued on that task's worker, which hands each change to
+:meth:`Coordinator.handle_change`, one at a time (one coordinator drives one member at a time,
+see :mod:`shepard_lib.coordinator`).
+
+**No rollout depends on every agent being alive.** Once its own members are through, a worker
+stays while the task's plan (every node's plan of the task with ``lock_scope: node``) still has
+members pending or restarting, and drives, through :meth:`Coordinator.drive`, each member that
+no live agent will: a ``pending`` member on a node whose heartbeat key
+``<prefix>/nodes/<node>`` is not held by a session (its agent is dead or was never there), or a
+``restarting`` one on such a node whose holder's session is gone. Any slot holder may write any
+allocation's trigger key, and Nomad on that node renders it. The worker wakes when a heartbeat
+changes (the agent watches the ``nodes/`` prefix) and at least every session TTL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from shepard_lib.backends import ConsulAPI, NomadAPI
+from shepard_lib.clock import Clock
+from shepard_lib.config import LockScope
+from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, Target, target_for
+from shepard_lib.errors import NotFound, PlanError, ShepardError
+from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskRef, TaskScope
+from shepard_lib.model import Allocation, AllocClientStatus
+from shepard_lib.plan import MemberState, Plan
+from shepard_lib.trigger import describe
+
+__all__ = ["Change", "RolloutHost", "Rollouts"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Change:
+    """A settled content change of ``task`` in ``alloc``; ``target`` is set once it is registered.
+
+    When the change happened is not a host's clock time: the registration orders it by the plan's
+    Consul index read when the agent handles it (``seen_index``), which is after the files changed.
+    A restart claimed between the change and that read is then restarted once more (never missed).
+    """
+
+    alloc: Allocation
+    task: str
+    files: tuple[str, ...] = ()
+    target: Target | None = None
+
+
+class RolloutHost(Protocol):
+    """What the workers need of the agent."""
+
+    consul: ConsulAPI
+    nomad: NomadAPI
+    keyspace: Keyspace
+    node_name: str
+    clock: Clock
+    stopping: threading.Event
+
+    def coordinator(self) -> Coordinator | None:
+        """A coordinator under the agent's current live session; None while it has none."""
+        ...
+
+    def wait_for_session(self) -> bool:
+        """Block until the agent holds a live session (True) or is stopping (False)."""
+        ...
+
+    def recheck_interval(self) -> float:
+        """Cluster seconds an idle worker waits at most before looking at its plan again."""
+        ...
+
+    def record(self, outcome: MemberOutcome) -> None:
+        """Count an outcome in the metrics."""
+        ...
+
+
+class _Worker:
+    """The rollout of one task on this agent."""
+
+    def __init__(
+        self,
+        host: RolloutHost,
+        name: tuple[str, str, str],
+        lock: threading.Lock,
+        done: Callable[[_Worker], None],
+    ) -> None:
+        self.host = host
+        self.lock = lock
+        self.job, self.group, self.task = name
+        self.pending: dict[str, Change] = {}
+        self.wake = threading.Event()
+        self.busy = False  # driving a member now
+        self._done = done
+        self._skipped: set[tuple[str, int]] = set()  # (alloc, generation) that could not be driven
+        self.thread = threading.Thread(
+            target=self._run, name=f"shepard-rollout[{'/'.join(name)}]", daemon=True
+        )
+
+    @property
+    def label(self) -> str:
+        return f"{self.job}/{self.group}/{self.task}"
+
+    def _run(self) -> None:
+        try:
+            while not self.host.stopping.is_set():
+                changes = self._take()
+                if changes:
+                    self._handle(changes)
+                    continue
+                if not self._drive_orphan() and not self._idle():
+                    return
+        except Exception:
+            log.exception("rollout worker of %s failed", self.label)
+        finally:
+            self._done(self)
+
+    def _take(self) -> list[Change]:
+        with self.lock:
+            changes = list(self.pending.values())
+            self.pending.clear()
+            self.wake.clear()
+        return changes
+
+    def _handle(self, changes: list[Change]) -> None:
+        """Drive each change (already registered) through the coordinator."""
+        for change in changes:
+            if self.host.stopping.is_set():
+                return
+            self._with_session(functools.partial(_handle_change, change=change))
+
+    def _with_session(self, step: Callable[[Coordinator], MemberOutcome]) -> MemberOutcome | None:
+        """Run ``step``; after a lost session once more under the agent's next one.
+
+        None when it could not run (stopping, or an error, which is logged).
+        """
+        outcome = None
+        for _ in range(2):
+            coordinator = self._coordinator()
+            if coordinator is None:
+                return None
+            self.busy = True
+            try:
+                outcome = step(coordinator)
+            except ShepardError as exc:
+                log.error("%s: %s", self.label, exc)
+                return None
+            finally:
+                self.busy = False
+            self.host.record(outcome)
+            if not (outcome.outcome is Outcome.SKIPPED and coordinator.session.lost.is_set()):
+                break
+        return outcome
+
+    def _coordinator(self) -> Coordinator | None:
+        if not self.host.wait_for_session():
+            return None
+        return self.host.coordinator()
+
+    # --- members nobody else will drive --------------------------------------------------------------
+
+    def _plans(self) -> list[tuple[Plan, int]]:
+        """The task's plans (one, or one per node with lock_scope node) that still have work."""
+        consul, keys = self.host.consul, self.host.keyspace
+        if keys.lock_scope is LockScope.NODE:
+            plan_keys = []
+            for key in consul.keys(keys.locks_prefix()):
+                try:
+                    scope, kind, _ = keys.parse_lock_key(key)
+                except ValueError:
+                    continue
+                if kind == TASK_LOCK and (scope.job, scope.group, scope.task) == (
+                    self.job,
+                    self.group,
+                    self.task,
+                ):
+                    plan_keys.append(key)
+        else:
+            plan_keys = [keys.task_lock_key(TaskScope(self.job, self.group, self.task))]
+        coordinator = self.host.coordinator()
+        if coordinator is None:
+            return []
+        plans = []
+        for key in plan_keys:
+            try:
+                plan, index = coordinator.plans.read(key)
+            except PlanError as exc:
+                log.warning("%s: unreadable plan at %s: %s", self.label, key, exc)
+                continue
+            if plan is not None and not plan.halted and _open(plan):
+                plans.append((plan, index))
+        return plans
+
+    def _drive_orphan(self) -> bool:
+        """Drive one member that no live agent will; True if one was driven."""
+        try:
+            plans = self._plans()
+            if not plans:
+                return False
+            alive = self._alive_nodes()
+            me = self.host.coordinator()
+            own_session = me.session.id if me is not None else None
+            for plan, _ in plans:
+                for alloc_id, m in sorted(plan.members.items(), key=lambda kv: kv[1].alloc_index):
+                    if (alloc_id, m.generation) in self._skipped:
+                        continue
+                    if m.node != self.host.node_name and m.node in alive:
+                        continue
+                    if m.state == MemberState.RESTARTING:
+                        holder_alive = m.session not in (None, own_session) and (
+                            self.host.consul.session_info(m.session or "") is not None
+                        )
+                        if holder_alive:
+                            continue
+                    elif m.state != MemberState.PENDING:
+                        continue
+                    self._drive(alloc_id, m.generation, m.node)
+                    return True
+        except ShepardError as exc:
+            log.warning("%s: looking for members nobody drives failed: %s", self.label, exc)
+        return False
+
+    def _drive(self, alloc_id: str, generation: int, node: str) -> None:
+        try:
+            alloc = self.host.nomad.allocation(alloc_id)
+            job = self.host.nomad.job(self.job)
+        except NotFound as exc:
+            log.warning("%s: member alloc %s on %s cannot be driven: %s", self.label, alloc_id, node, exc)
+            self._skipped.add((alloc_id, generation))
+            return
+        if not (alloc.desired_status == "run" and alloc.client_status in _LIVE):
+            # Triggering it would restart nothing and fail the member at healthy_deadline, halting the plan.
+            log.warning(
+                "%s: member alloc %s on %s is %s/%s, not restarting it",
+                self.label,
+                alloc_id,
+                node,
+                alloc.desired_status,
+                alloc.client_status,
+            )
+            self._skipped.add((alloc_id, generation))
+            return
+        target = target_for(alloc, self.task, job)
+        if node != self.host.node_name:
+            log.info(
+                "%s: driving alloc %s of node %s, whose agent is not alive (no heartbeat)",
+                self.label,
+                alloc_id,
+                node,
+            )
+        outcome = self._with_session(lambda c: c.drive(target))
+        if outcome is None or outcome.outcome is Outcome.SKIPPED:
+            self._skipped.add((alloc_id, generation))
+
+    def _alive_nodes(self) -> set[str]:
+        """Nodes whose heartbeat key is held by a session (their agent is alive)."""
+        keys = self.host.keyspace
+        alive = set()
+        for entry in self.host.consul.get_tree(keys.nodes_prefix(), consistent=True):
+            if entry.session is not None:
+                try:
+                    alive.add(keys.parse_node_key(entry.key))
+                except ValueError:
+                    continue
+        return alive
+
+    def _idle(self) -> bool:
+        """Wait for new changes or a heartbeat change while the plan has work; False when it has none."""
+        try:
+            if not self._plans():
+                with self.lock:
+                    return bool(self.pending)
+        except ShepardError as exc:
+            log.warning("%s: reading the plan failed: %s", self.label, exc)
+        self.host.clock.wait(self.wake, self.host.recheck_interval())
+        return True
+
+
+_LIVE = (AllocClientStatus.RUNNING, AllocClientStatus.PENDING)
+
+
+def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:
+    """Drive a registered change; register it first (``handle_change``) if the registrar could not."""
+    if change.target is not None:
+        return coordinator.drive(change.target)
+    return coordinator.handle_change(change.alloc, change.task)
+
+
+def _open(plan: Plan) -> bool:
+    return any(m.state in (MemberState.PENDING, MemberState.RESTARTING) for m in plan.members.values())
+
+
+class Rollouts:
+    """The agent's workers, by task; :meth:`submit` queues a change on its task's worker."""
+
+    def __init__(self, host: RolloutHost) -> None:
+        self._host = host
+        self._lock = threading.Lock()
+        self._registered = threading.Condition(self._lock)
+        self._to_register: list[Change] = []
+        self._registrar: threading.Thread | None = None
+        self._workers: dict[tuple[str, str, str], _Worker] = {}
+
+    def submit(self, change: Change) -> None:
+        """Register ``change`` in its plan (on the registrar thread), then queue it on its task's worker."""
+        with self._lock:
+            self._to_register.append(change)
+            if self._registrar is None or not self._registrar.is_alive():
+                self._registrar = threading.Thread(
+                    target=self._register_loop, name="shepard-registrar", daemon=True
+                )
+                self._registrar.start()
+            self._registered.notify_all()
+
+    def _register_loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._to_register:
+                    self._registered.wait(1.0)
+                if self._host.stopping.is_set():
+                    return
+                changes, self._to_register = self._to_register, []
+            by_task: dict[tuple[str, str, str], list[Change]] = {}
+            for change in changes:
+                by_task.setdefault((change.alloc.job_id, change.alloc.task_group, change.task), []).append(
+                    change
+                )
+            for name, group in by_task.items():
+                for change in self._register(name, group):
+                    self._queue(name, change)
+
+    def _register(self, name: tuple[str, str, str], changes: list[Change]) -> list[Change]:
+        """Register ``changes`` (one task's) in their plan(s); returned with their targets when
+        registered, as they were otherwise (the worker then registers them through handle_change)."""
+        for change in changes:
+            alloc = change.alloc
+            ref = TaskRef(alloc.node_name, alloc.job_id, alloc.task_group, change.task, alloc.index)
+            log.info(
+                "%s alloc %s: change seen in %s",
+                describe(ref),
+                alloc.id,
+                ", ".join(change.files),
+                extra={"event": "change", "alloc_id": alloc.id, "files": list(change.files)},
+            )
+        coordinator = self._host.coordinator()
+        if coordinator is None:
+            return changes
+        try:
+            job = self._host.nomad.job(name[0])
+            targets = [target_for(c.alloc, c.task, job) for c in changes]
+            scopes: dict[TaskScope, list[int]] = {}
+            for i, target in enumerate(targets):
+                scopes.setdefault(self._host.keyspace.scope(target.ref), []).append(i)
+            for scope, indexes in scopes.items():
+                coordinator.register(scope, [targets[i] for i in indexes], job)
+        except ShepardError as exc:
+            log.error("%s: could not register %d change(s) yet: %s", "/".join(name), len(changes), exc)
+            return changes
+        return [dataclasses.replace(c, target=t) for c, t in zip(changes, targets, strict=True)]
+
+    def _queue(self, name: tuple[str, str, str], change: Change) -> None:
+        with self._lock:
+            worker = self._workers.get(name)
+            if worker is None:
+                worker = _Worker(self._host, name, self._lock, self._finished)
+                self._workers[name] = worker
+                worker.thread.start()
+            worker.pending[change.alloc.id] = change
+            worker.wake.set()
+
+    def poke(self) -> None:
+        """Wake every idle worker (a heartbeat changed: an agent may have died) and the registrar."""
+        with self._lock:
+            self._registered.notify_all()
+            for worker in self._workers.values():
+                worker.wake.set()
+
+    def busy(self) -> bool:
+        """A worker is driving a member now."""
+        with self._lock:
+            return any(w.busy for w in self._workers.values())
+
+    def active(self) -> Mapping[tuple[str, str, str], threading.Thread]:
+        """The running workers' threads, by task."""
+        with self._lock:
+            return {name: w.thread for name, w in self._workers.items()}
+
+    def _finished(self, worker: _Worker) -> None:
+        with self._lock:
+            name = (worker.job, worker.group, worker.task)
+            if self._workers.get(name) is worker:
+                del self._workers[name]
+                if worker.pending and not self._host.stopping.is_set():
+                    # A change arrived as the worker was leaving: start another for it.
+                    successor = _Worker(self._host, name, self._lock, self._finished)
+                    successor.pending.update(worker.pending)
+                    self._workers[name] = successor
+                    successor.thread.start()

@@ -1,0 +1,93 @@
+"""The agent role's failure paths and token hygiene, with ``ansible-playbook -vvv`` on localhost.
+
+Its happy path (virtualenv, config mode and content, unit verified, idempotence) is the Molecule scenario
+``extensions/molecule/agent``; here: a bad configuration is refused with Shepard's message before it is
+written, bad role variables are refused by the argument spec, and the tokens never appear in the output.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_collection import ANSIBLE_PLAYBOOK, PLAYBOOKS, REPO, run_playbook
+
+TOKEN = "role-consul-token-8e21c4"
+NOMAD_TOKEN = "role-nomad-token-57ab0d"
+
+pytestmark = pytest.mark.skipif(
+    not ANSIBLE_PLAYBOOK.exists(),
+    reason=f"ansible-core is not installed next to {sys.executable}: pip install -e '.[ansible]'",
+)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Shepard wheel built from this checkout."""
+    dist = tmp_path_factory.mktemp("dist")
+    argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(dist), str(REPO)]
+    subprocess.run(argv, check=True, timeout=600)
+    (built,) = dist.glob("shepard-*.whl")
+    return str(built)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One host for every test here, so the virtualenv is made once."""
+    return tmp_path_factory.mktemp("host")
+
+
+def _role(root: Path, wheel: str, tmp_path: Path, expect_failure: bool = False, **variables: object) -> str:
+    (root / "systemd").mkdir(exist_ok=True)
+    extra = {"root": str(root), "wheel": wheel, **variables}
+    try:
+        return run_playbook(PLAYBOOKS / "agent.yml", tmp_path, extra, tokens=[TOKEN, NOMAD_TOKEN])
+    except AssertionError as exc:
+        if not expect_failure:
+            raise
+        return str(exc)
+
+
+def test_a_bad_configuration_is_refused_with_shepards_message_and_not_written(
+    root: Path, wheel: str, tmp_path: Path
+) -> None:
+    output = _role(
+        root,
+        wheel,
+        tmp_path,
+        expect_failure=True,
+        shepard_agent_config={"concurrency": 0, "session_ttl": "fast"},
+        shepard_agent_consul_token=TOKEN,
+    )
+    assert "ansible-playbook exited 2" in output
+    assert "failed to validate" in output
+    assert "concurrency" in output and "session_ttl" in output, "Shepard's problems are shown"
+    assert not (root / "etc" / "shepard.yaml").exists()
+
+
+def test_bad_role_variables_are_refused_by_the_argument_spec(root: Path, wheel: str, tmp_path: Path) -> None:
+    output = _role(root, wheel, tmp_path, expect_failure=True, shepard_agent_service_manager="upstart")
+    assert "value of shepard_agent_service_manager must be one of: systemd, none, got: upstart" in output
+
+
+def test_the_tokens_reach_the_config_file_and_never_the_output(
+    root: Path, wheel: str, tmp_path: Path
+) -> None:
+    _role(
+        root,
+        wheel,
+        tmp_path,
+        shepard_agent_config={"nomad_data_dir": str(root)},
+        shepard_agent_consul_token=TOKEN,
+        shepard_agent_nomad_token=NOMAD_TOKEN,
+    )
+    config = root / "etc" / "shepard.yaml"
+    written = yaml.safe_load(config.read_text(encoding="utf-8"))
+    assert (written["consul"]["token"], written["nomad"]["token"]) == (TOKEN, NOMAD_TOKEN)
+    assert config.stat().st_mode & 0o777 == 0o600
+    unit = (root / "systemd" / "shepard-agent.service").read_text(encoding="utf-8")
+    assert f"ExecStart={root}/venv/bin/shepard agent --config {config}" in unit
+    assert f"ReadOnlyPaths={root}" in unit

@@ -1,0 +1,385 @@
+"""The per-node agent end to end: real inotify on the simulator's allocation directories, over HTTP.
+
+Sim-only: the agents need each node's Nomad data dir on this machine, and the tests read the
+sim's restart record. (A real cluster's agent runs on its own node: see README, "The agent".)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from agent_support import (
+    KEYS,
+    SCALE,
+    SCOPE,
+    agents,
+    complete,
+    make_agent,
+    read_plan,
+    scenario,
+    wait_plan,
+    wait_until,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from shepard_lib.agent import Agent
+from shepard_lib.agent.inotify import PyInotifyWatcher, WatchLimitReached
+from shepard_lib.agent.watcher import TaskKey
+from shepard_lib.config import default_config
+from shepard_lib.keyspace import TaskRef, TaskScope
+from shepard_lib.plan import MemberState
+from shepard_lib.sim.consul import ConsulServer
+from shepard_lib.sim.nomad.restarts import RestartRecord
+from shepard_lib.sim.pytest_plugin import SimClusterFactory
+from shepard_lib.sim.scenario import load_scenario
+
+
+def test_key_change_restarts_every_allocation_once_one_at_a_time_each_healthy_first(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(count=9, concurrency=1), time_scale=SCALE)
+    with agents(sim, ["n1", "n2", "n3"]) as running:
+        assert all(len(a.watched()) == 3 for a in running.values())
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(9))
+    restarts = [r for r in sim.restarts() if r.job == "web"]
+    assert Counter(r.alloc_id for r in restarts) == Counter({a: 1 for a in plan.members}), restarts
+    assert len(plan.members) == 9
+    assert all(m.holder_name == m.node for m in plan.members.values()), (
+        "with every agent alive, each did its own"
+    )
+    assert sim.peak_concurrency("web", "app", "server") == 1
+    ordered = sorted(restarts, key=lambda r: r.stopped_at or 0)
+    for before, after in itertools.pairwise(ordered):
+        assert before.healthy_at is not None and after.stopped_at is not None
+        assert before.healthy_at <= after.stopped_at, (
+            f"{after.alloc_id} went before {before.alloc_id} was healthy"
+        )
+
+
+def test_at_concurrency_two_each_allocation_restarts_once_and_never_more_than_two_at_once(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(count=9, concurrency=2), time_scale=SCALE)
+    with agents(sim, ["n1", "n2", "n3"]):
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(9))
+    counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
+    assert counts == Counter({a: 1 for a in plan.members}) and len(counts) == 9
+    assert all(m.holder_name == m.node for m in plan.members.values()), (
+        "with every agent alive, each did its own"
+    )
+    assert 1 <= sim.peak_concurrency("web", "app", "server") <= 2
+
+
+def rewrite_atomically(path: Path, content: bytes) -> None:
+    """Write as consul-template does: a temp file in the same dir, then rename over the target."""
+    tmp = path.parent / "4815162342"  # consul-template's temp files have all-digit names
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+def test_logs_trigger_file_and_identical_renders_restart_nothing(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1), time_scale=SCALE)
+    with agents(sim, ["n1"]) as running:
+        agent = running["n1"]
+        (key,) = agent.watched()
+        base = sim.node_data_dir("n1") / "alloc" / key.alloc_id
+        before = len(sim.restarts())
+        with (base / "alloc" / "logs" / "server.stdout.0").open("ab") as log_file:
+            log_file.write(b"a log line\n")
+        (base / "alloc" / "logs" / "new-dir").mkdir()
+        (base / "alloc" / "logs" / "new-dir" / "x").write_bytes(b"x")
+        app = base / "server" / "local" / "app.conf"
+        rewrite_atomically(app, app.read_bytes())  # an identical re-render
+        tpl = base / "server" / "local" / "shepard.tpl"
+        rewrite_atomically(tpl, b"someone else's trigger value")
+        (base / "server" / "local" / ".app.conf.swp").write_bytes(b"editor state")
+        sim.set_key("config/web", "v1")  # the same value: Nomad renders nothing new
+        sim.clock.sleep(4 * agent.config.settle_time)
+        changes = sum(
+            s.value for s in agent.metrics.change_events.collect()[0].samples if s.name.endswith("_total")
+        )
+        assert changes == 0
+        plan, _ = read_plan(sim)
+        assert plan is None, plan
+        # Only the shepard.tpl write restarted its task (change_mode restart), never through Shepard.
+        assert [r.cause for r in sim.restarts()[before:]] in ([], ["template"])
+        # A real change in the shared alloc dir is seen: the watcher was not blind meanwhile.
+        (base / "alloc" / "data" / "feature.flags").write_bytes(b"on")
+        plan = wait_plan(sim, complete(1))
+        assert list(plan.members) == [key.alloc_id]
+
+
+def test_two_changes_within_settle_time_are_one_rollout(sim_cluster_factory: SimClusterFactory) -> None:
+    sim = sim_cluster_factory(scenario(count=6, concurrency=2), time_scale=SCALE)
+    with agents(sim, ["n1", "n2", "n3"], settle_time=20.0):
+        sim.set_key("config/web", "v2")
+        sim.set_key("config/web", "v3")
+        plan = wait_plan(sim, complete(6))
+    assert plan.generation == 1
+    counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
+    assert counts == Counter({a: 1 for a in plan.members}) and len(counts) == 6
+
+
+def test_a_change_mid_rollout_restarts_the_done_members_once_more(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(count=6, concurrency=1), time_scale=SCALE)
+    with agents(sim, ["n1", "n2", "n3"]):
+        sim.set_key("config/web", "v2")
+        wait_plan(sim, lambda p: sum(m.state is MemberState.DONE for m in p.members.values()) >= 2)
+        second = sim.clock.time()
+        sim.set_key("config/web", "v3")
+        plan = wait_plan(sim, complete(6, generation=2))
+    by_alloc: dict[str, list[RestartRecord]] = {}
+    for record in sim.restarts():
+        by_alloc.setdefault(record.alloc_id, []).append(record)
+    assert set(by_alloc) == set(plan.members)
+    for alloc_id, records in by_alloc.items():
+        assert len(records) <= 2, f"{alloc_id} restarted {len(records)} times"
+        assert any((r.stopped_at or 0) >= second for r in records), f"{alloc_id} never restarted after v3"
+        first = records[0]
+        if first.healthy_at is not None and first.healthy_at < second:
+            assert len(records) == 2, f"{alloc_id} was done before v3 but not restarted again"
+
+
+def test_allocations_arriving_replaced_or_stopped_are_picked_up_or_dropped(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    with agents(sim, ["n1"]) as running:
+        agent = running["n1"]
+        ids = {a.id for a in sim.nomad.allocations("web")}
+        assert {k.alloc_id for k in agent.watched()} == ids
+        spec = load_scenario(scenario(count=1, nodes=1) | {"jobs": [api_job()]}).jobs[0]
+        sim.set_key("config/api", "a1")
+        sim.nomad.register_job(spec)
+        (api,) = (a.id for a in sim.nomad.allocations("api"))
+        wait_until(
+            sim, lambda: TaskKey(api, "server") in agent.watched(), "the new job's allocation is watched"
+        )
+
+        old = sorted(ids)[0]
+        sim.nomad.stop_allocation(old)  # Nomad stops it and places a replacement: same index, new ID
+        (new,) = {a.id for a in sim.nomad.allocations("web")} - ids
+        wait_until(
+            sim,
+            lambda: (
+                TaskKey(new, "server") in agent.watched() and TaskKey(old, "server") not in agent.watched()
+            ),
+            "the replacement is watched instead of the stopped allocation",
+        )
+        sim.nomad.stop_job("api")
+        wait_until(
+            sim,
+            lambda: TaskKey(api, "server") not in agent.watched(),
+            "the stopped job's allocation is dropped",
+        )
+
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(3))
+    assert set(plan.members) == (ids - {old}) | {new}, "the running allocations, the replacement among them"
+
+
+def api_job() -> dict[str, Any]:
+    return {
+        "name": "api",
+        "groups": [
+            {
+                "name": "http",
+                "count": 1,
+                "tasks": [
+                    {
+                        "name": "server",
+                        "shepard": True,
+                        "templates": [
+                            {"key": "config/api", "destination": "local/api.conf", "change_mode": "noop"}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+
+
+class LimitedWatcher(PyInotifyWatcher):
+    """Real inotify, but the kernel's watch limit is 2 directories (fault injection)."""
+
+    def add(self, directory: Path) -> None:
+        if self.count() >= 2:
+            raise WatchLimitReached(f"inotify watch limit reached watching {directory}")
+        super().add(directory)
+
+
+def test_watch_exhaustion_is_logged_once_and_falls_back_to_scans(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
+    agent = make_agent(sim, "n1")
+    agent = Agent(agent.config, agent.consul, agent.nomad, clock=sim.clock, dir_watcher=LimitedWatcher)
+    with agent:
+        assert agent.metrics.inotify_fallback._value.get() >= 2  # every task past the first watches
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(3))
+    assert len(plan.members) == 3, "the tasks on scans were restarted too"
+    limit_lines = [r for r in caplog.records if "max_user_watches" in r.getMessage()]
+    assert len(limit_lines) == 1, [r.getMessage() for r in limit_lines]
+    assert "sysctl -w fs.inotify.max_user_watches=" in limit_lines[0].getMessage()
+
+
+def test_metrics_health_and_ready_are_served_and_parse(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
+    with agents(sim, ["n1"], metrics_address="127.0.0.1:0") as running:
+        agent = running["n1"]
+        base = f"http://{agent.metrics_address}"
+        assert requests.get(f"{base}/health", timeout=10).status_code == 200
+        assert requests.get(f"{base}/ready", timeout=10).status_code == 200
+        sim.set_key("config/web", "v2")
+        wait_plan(sim, complete(3))
+        succeeded = agent.metrics.restarts_succeeded.labels("web", "app", "server")
+        wait_until(sim, lambda: succeeded._value.get() == 3, "the last outcome is counted")
+        text = requests.get(f"{base}/metrics", timeout=10).text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    task = (("group", "app"), ("job", "web"), ("task", "server"))
+    assert samples[("shepard_restarts_started_total", task)] == 3
+    assert samples[("shepard_restarts_succeeded_total", task)] == 3
+    assert samples[("shepard_change_events_total", task)] == 3
+    assert samples[("shepard_watched_allocations", ())] == 3
+    assert samples[("shepard_watched_tasks", ())] == 3
+    assert samples[("shepard_inotify_fallback_tasks", ())] == 0
+    assert samples[("shepard_slot_wait_seconds_count", ())] == 3
+    assert samples[("shepard_restart_to_healthy_seconds_count", ())] == 3
+    assert samples[("shepard_session_renew_failures_total", ())] == 0
+    seen = [r.getMessage() for r in caplog.records if "change seen" in r.getMessage()]
+    assert len(seen) == 3 and all(m.startswith("n1/web/app/server[") for m in seen), seen
+    assert all(m.endswith("change seen in server/local/app.conf") for m in seen), seen
+
+
+def test_consul_down_longer_than_the_ttl_then_back_gets_a_new_session_and_works(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
+    with agents(sim, ["n1"]) as running:
+        agent = running["n1"]
+        first = agent.session_id
+        port = sim.consul_server.port
+        sim.consul_server.stop()
+        sim.clock.sleep(3 * agent.config.session_ttl)
+        assert not agent.ready()
+        sim.consul_server = ConsulServer(sim.consul_state, port=port).start()
+        wait_until(sim, lambda: agent.ready() and agent.session_id != first, "the agent has a new session")
+        holder = sim.consul_state.kv_get(KEYS.node_key("n1"))
+        wait_until(
+            sim,
+            lambda: (
+                (e := sim.consul_state.kv_get(KEYS.node_key("n1"))) is not None
+                and e.session == agent.session_id
+            ),
+            "the heartbeat is held by the new session",
+        )
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(3))
+    assert holder is not None and len(plan.members) == 3
+    outage_lines = [r for r in caplog.records if r.getMessage().startswith("Consul unreachable")]
+    assert len(outage_lines) == 1, [r.getMessage() for r in outage_lines]
+    assert sum(r.getMessage().startswith("Consul reachable again") for r in caplog.records) == 1
+
+
+def test_the_agent_collects_garbage_every_gc_interval(sim_cluster_factory: SimClusterFactory) -> None:
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    stale = KEYS.trigger_key(TaskRef("n1", "web", "app", "server", 7))  # no allocation has index 7
+    sim.set_key(stale, "old trigger")
+    with agents(sim, ["n1"], gc_interval=5.0):
+        wait_until(sim, lambda: sim.get_key(stale) is None, "the stale trigger key is collected")
+        assert sim.get_key(KEYS.node_key("n1")) is not None, "the live heartbeat is kept"
+
+
+def test_different_tasks_roll_out_concurrently(sim_cluster_factory: SimClusterFactory) -> None:
+    spec = scenario(count=1, concurrency=1, nodes=1)
+    spec["jobs"].append(api_job())
+    spec["keys"]["config/api"] = "a1"
+    sim = sim_cluster_factory(spec, time_scale=SCALE)
+    api = TaskScope("api", "http", "server")
+
+    def restarting(scope: TaskScope) -> bool:
+        plan, _ = read_plan(sim, scope)
+        return plan is not None and any(m.state is MemberState.RESTARTING for m in plan.members.values())
+
+    # A long min_healthy_time keeps each restart in flight: handled one after the other, the two
+    # tasks would never be restarting at the same moment.
+    with agents(sim, ["n1"], min_healthy_time=60.0, healthy_deadline=300.0):
+        sim.set_key("config/web", "v2")
+        sim.set_key("config/api", "a2")
+        wait_until(sim, lambda: restarting(SCOPE) and restarting(api), "both tasks restart at once")
+
+
+def test_nomad_failing_for_a_while_is_one_log_line_then_the_agent_resumes(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
+    with agents(sim, ["n1"]) as running:
+        agent = running["n1"]
+        sim.nomad_faults.error_rate = 1.0
+        wait_until(sim, lambda: not agent.ready(), "the agent is not ready while Nomad fails")
+        sim.clock.sleep(60.0)  # several backoff rounds
+        sim.nomad_faults.error_rate = 0.0
+        wait_until(sim, agent.ready, "the agent is ready again")
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(2))
+    assert len(plan.members) == 2
+    messages = [r.getMessage() for r in caplog.records if r.name == "shepard_lib.agent.outage"]
+    assert sum(m.startswith("Nomad unreachable") for m in messages) == 1, messages
+    assert sum(m.startswith("Nomad reachable again") for m in messages) == 1, messages
+
+
+def test_periodic_gc_and_log_shipping_run_and_are_counted_in_the_metrics(
+    sim_cluster_factory: SimClusterFactory, tmp_path: Path
+) -> None:
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    stale = "shepard/keys/n1/gone-job/app/server/0"
+    sim.set_key(stale, "x")
+    shipping = dataclasses.replace(
+        default_config().log_shipping,
+        enabled=True,
+        path=str(tmp_path / "tasks.jsonl"),
+        checkpoint_path=str(tmp_path / "checkpoints.json"),
+    )
+    changes = {"gc_interval": 5.0, "ship_log_interval": 5.0, "log_shipping": shipping}
+    with agents(sim, ["n1"], metrics_address="127.0.0.1:0", **changes) as running:
+        agent = running["n1"]
+        wait_until(sim, lambda: sim.get_key(stale) is None, "the stale trigger key is collected")
+        wait_until(sim, lambda: (tmp_path / "tasks.jsonl").exists(), "task logs are shipped")
+        deleted = agent.metrics.gc_deleted.labels("job_gone")
+        wait_until(sim, lambda: deleted._value.get() >= 1, "the deletion is counted")
+        text = requests.get(f"http://{agent.metrics_address}/metrics", timeout=10).text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("shepard_gc_deleted_total", (("rule", "job_gone"),))] >= 1
+    assert samples[("shepard_logship_lines_shipped_total", (("sink", "file"),))] >= 1
+    records = [json.loads(line) for line in (tmp_path / "tasks.jsonl").read_text().splitlines()]
+    assert {r["nomad.job.name"] for r in records} == {"web"}

@@ -182,6 +182,10 @@ class WatchHub(Generic[V]):
                     return
                 with self._lock:
                     subscribers = list(loop.subscribers)
+                    if not subscribers:  # nobody waits for this answer any more: end quietly
+                        if self._loops.get(key) is loop:
+                            del self._loops[key]
+                        return
                 told = [s for s in subscribers if s.on_retry is not None and s.active]
                 for s in told:
                     s.on_retry(exc)  # type: ignore[misc]

@@ -43,7 +43,13 @@ def _run(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     if not shutil.which("python3.12", path=env["PATH"]):
         env["PYENV_ROOT"] = str(repo / "no-pyenv")
     return subprocess.run(
-        ["bash", "scripts/test", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=60, check=False
+        ["bash", "scripts/test", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -52,9 +58,10 @@ def test_every_step_runs_and_every_failure_is_listed_at_the_end(tmp_path: Path) 
     result = _run(repo)
     calls = (repo / "calls.log").read_text(encoding="utf-8")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert ".venv/pytest" in calls and ".venv-pyconsul/pytest -p no:cacheprovider tests/backends tests/contract" in calls, (
-        f"the steps after the failing ruff did not run: {calls!r}"
-    )
+    assert (
+        ".venv/pytest" in calls
+        and ".venv-pyconsul/pytest -p no:cacheprovider tests/backends tests/contract" in calls
+    ), f"the steps after the failing ruff did not run: {calls!r}"
     summary = result.stderr[result.stderr.index("step(s) failed") - 4 :]
     assert "2 step(s) failed" in summary and "ruff" in summary and "mypy" in summary, result.stderr
     assert "pytest" not in summary, result.stderr

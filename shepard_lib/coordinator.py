@@ -43,6 +43,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import threading
 import uuid
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -105,6 +106,9 @@ PLAN_WAIT = 15.0
 
 SESSION_ATTEMPTS = 3
 """Sessions :meth:`Coordinator.drive` may lose for one member (with a session factory) before it skips it."""
+
+INTERRUPTED = "not restarted: the rollout was interrupted before its restart started"
+"""The reason of a member skipped because :class:`Coordinator`'s ``stop`` was set."""
 
 
 class Step(enum.StrEnum):
@@ -267,7 +271,9 @@ class Coordinator:
 
     ``name`` identifies this coordinator in plans and slot values (an agent's node, a rollout).
     ``session_factory`` makes a new (not yet created) session to go on with when :attr:`session`
-    is lost; without it a lost session ends :meth:`drive` with the member skipped. ``fault_hook``
+    is lost; without it a lost session ends :meth:`drive` with the member skipped. Once ``stop`` is
+    set (an operator interrupted the rollout) :meth:`drive` starts no new restart: a member it has
+    not claimed is skipped (:data:`INTERRUPTED`), one it is restarting is seen through. ``fault_hook``
     is a test hook: it is called after each :class:`Step` and may raise :class:`SimulatedCrash`
     to stop the coordinator without any cleanup. One coordinator serves one thread: a rollout
     gives each worker thread its own coordinator and session, because Consul lets a session
@@ -287,6 +293,7 @@ class Coordinator:
         observer: Observer | None = None,
         session_factory: Callable[[], Session] | None = None,
         fault_hook: Callable[[Step, Target], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.consul = consul
         self.nomad = nomad
@@ -299,6 +306,7 @@ class Coordinator:
         self._observer = observer
         self._session_factory = session_factory
         self._fault_hook = fault_hook
+        self._stop = stop
         self._trigger = Trigger(consul, nomad, keyspace, options.method)
         self._health = HealthGate(
             consul,
@@ -391,6 +399,8 @@ class Coordinator:
         errors = 0
         sessions = 1
         while True:
+            if self._stop is not None and self._stop.is_set():
+                return self._skip(target, scope, INTERRUPTED, rlog)
             if self.session.lost.is_set():
                 reason = f"session lost ({self.session.lost_reason})"
                 if self._session_factory is None or sessions >= SESSION_ATTEMPTS:
@@ -412,6 +422,8 @@ class Coordinator:
                 rlog.warning("Consul or Nomad failed, trying again: %s", exc)
                 continue
             except LockLost as exc:
+                if self._stop is not None and self._stop.is_set():
+                    continue  # the slot wait was cancelled by the stop: the top of the loop skips
                 if self._session_factory is not None and self._session_gone():
                     continue  # the top of the loop goes on with a new session
                 return self._skip(target, scope, str(exc), rlog)
@@ -495,8 +507,8 @@ class Coordinator:
         holder_text = f"{self.name} alloc {target.alloc_id}"
         self._emit(EventKind.WAITING, scope, target.alloc_id, ref=target.ref)
         rlog.debug("waiting for a restart slot of %s (%d slots)", plan.label, plan.concurrent_lock_count)
-        slot = slots.acquire(
-            self.session, holder=holder_text, timeout=self.options.slot_timeout, cancel=self.session.lost
+        slot = slots.acquire(  # the slot wait checks the session itself; the stop ends it too
+            self.session, holder=holder_text, timeout=self.options.slot_timeout, cancel=self._stop
         )
         try:
             self._hook(Step.SLOT, target)

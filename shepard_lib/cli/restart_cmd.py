@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
 from collections import Counter
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from types import FrameType
 from typing import Any
 
 from shepard_lib.backends.consul import ConsulBackend
@@ -20,8 +24,14 @@ from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.clock import Clock
 from shepard_lib.config import HealthSource, RestartMethod
 from shepard_lib.errors import ConfigError, NotFound
+from shepard_lib.interrupt import Interrupt
 from shepard_lib.progress import progress_for
 from shepard_lib.rollout import PlanView, RollingRestart, RolloutOptions, RolloutResult
+
+log = logging.getLogger(__name__)
+
+INTERRUPT_MARGIN = 10.0
+"""Real seconds an interrupted rollout waits, beyond ``healthy_deadline``, for its restarts in flight."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -117,16 +127,59 @@ def _restart(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
     )
     rolling, display = _rollout(args, observe=args.output == "text" and not args.dry_run)
-    with display:
+    interrupt = Interrupt()
+    with display, _stopped_by_signals(rolling, interrupt) as received:
         try:
-            result = rolling.run(args.job, options)
+            result = rolling.run(args.job, options, interrupt)
         except NotFound as exc:  # the job named on the command line: a usage error (exit 2)
             raise ConfigError(f"job {args.job!r}: {exc.reason}") from None
+    return _report(args, result, received)
+
+
+def _report(args: argparse.Namespace, result: RolloutResult, received: list[int]) -> int:
+    """Print ``result``; the exit code: 128 + the signal when interrupted, else 0 ok / 1 not."""
     if args.output == "json":
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
         print(_result_text(result))
+    if received:
+        return 128 + received[0]
     return 0 if result.ok else 1
+
+
+@contextmanager
+def _stopped_by_signals(rolling: RollingRestart, interrupt: Interrupt) -> Iterator[list[int]]:
+    """SIGINT/SIGTERM stop the rollout in two stages (:mod:`shepard_lib.interrupt`); yields the signals seen.
+
+    The first starts no new restart and waits up to ``healthy_deadline`` (real time) plus
+    :data:`INTERRUPT_MARGIN` for those in flight; a second abandons them.
+    """
+    cfg = rolling.config
+    grace = cfg.healthy_deadline / cfg.time_scale + INTERRUPT_MARGIN
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if interrupt.request(grace):
+            log.warning(
+                "%s: starting no new restarts; waiting up to %.0fs for the restarts in flight "
+                "(Ctrl-C again abandons them)",
+                name,
+                grace,
+            )
+        else:
+            log.warning(
+                "%s again: abandoning the restarts in flight, releasing their slots and sessions", name
+            )
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        interrupt.close()
 
 
 def _result_text(result: RolloutResult) -> str:
@@ -166,6 +219,15 @@ def _result_text(result: RolloutResult) -> str:
             f"concurrency {p.concurrency}, max_failures {p.max_failures}"
         )
     lines += [f"  warning: {w}" for w in result.warnings]
+    if result.interrupted:
+        scopes = (
+            " ".join(f"{p.scope.job}/{p.scope.group}/{p.scope.task}" for p in result.plans)
+            or "JOB/GROUP/TASK"
+        )
+        lines.append(
+            f"  interrupted: {len(result.skipped)} allocation(s) not restarted; "
+            f"`shepard resume {scopes}` restarts them"
+        )
     return "\n".join(lines)
 
 
@@ -200,13 +262,10 @@ def _status_text(views: list[PlanView]) -> str:
 def _resume(args: argparse.Namespace) -> int:
     job, group, task = _split_scope(args.scope)
     rolling, display = _rollout(args, observe=args.output == "text")
-    with display:
-        result = rolling.resume(job, group, task)
-    if args.output == "json":
-        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
-    else:
-        print(_result_text(result))
-    return 0 if result.ok else 1
+    interrupt = Interrupt()
+    with display, _stopped_by_signals(rolling, interrupt) as received:
+        result = rolling.resume(job, group, task, interrupt)
+    return _report(args, result, received)
 
 
 def _abort(args: argparse.Namespace) -> int:

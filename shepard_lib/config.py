@@ -34,6 +34,8 @@ from shepard_lib.errors import ConfigError
 from shepard_lib.yamlfile import read_yaml_mapping
 
 CONFIG_PATH_ENV = "SHEPARD_CONFIG_PATH"
+TIME_SCALE_ENV = "SHEPARD_TIME_SCALE"
+"""Sets ``time_scale`` where the file does not: what ``shepard sim serve`` tells Shepard to export."""
 REDACTED = "<redacted>"
 
 
@@ -631,7 +633,13 @@ def _from_env(env: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
     skip = _env_bool(env, "NOMAD_SKIP_VERIFY", problems)
     if skip is not None:
         out["nomad"]["verify"] = not skip
-    return {section: values for section, values in out.items() if values}
+    layer: dict[str, Any] = {section: values for section, values in out.items() if values}
+    if env.get(TIME_SCALE_ENV):
+        try:
+            layer["time_scale"] = float(env[TIME_SCALE_ENV])
+        except ValueError:
+            problems.append(f"{TIME_SCALE_ENV}: expected a number > 0, got {env[TIME_SCALE_ENV]!r}")
+    return layer
 
 
 def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -697,7 +705,7 @@ def _problem(error: vol.Invalid, env_layer: Mapping[str, Any], merged: Mapping[s
         message = f"expected a mapping of settings, got {_shown(_lookup(merged, path))}"
     value = _lookup(env_layer, path)
     if value is not None and value is _lookup(merged, path):
-        message += f" (from {_ENV_NAMES[tuple(path)]})"
+        message += f" (from {_ENV_NAMES.get(tuple(path), TIME_SCALE_ENV)})"
     return f"{where}: {message}"
 
 

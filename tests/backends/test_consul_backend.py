@@ -77,7 +77,7 @@ def test_get_decodes_the_base64_value_and_metadata(server: ScriptedServer, consu
 def test_get_of_a_missing_key_is_none_and_a_null_value_is_none(
     server: ScriptedServer, consul: ConsulBackend
 ) -> None:
-    server.script(Reply(404, ""), Reply(200, [kv_json("a", None)]))
+    server.script(Reply(404, "", {"X-Consul-Index": "3"}), Reply(200, [kv_json("a", None)]))
     assert consul.get("a") is None
     entry = consul.get("a")
     assert entry is not None and entry.value is None and entry.text() == ""
@@ -86,7 +86,7 @@ def test_get_of_a_missing_key_is_none_and_a_null_value_is_none(
 def test_get_tree_and_keys_send_recurse_and_keys(server: ScriptedServer, consul: ConsulBackend) -> None:
     server.script(
         Reply(200, [kv_json("p/a", "1"), kv_json("p/b", "2")]),
-        Reply(404, ""),
+        Reply(404, "", {"X-Consul-Index": "3"}),
         Reply(200, ["p/a", "p/sub/"]),
     )
     assert [e.value for e in consul.get_tree("p/")] == [b"1", b"2"]
@@ -277,7 +277,7 @@ def test_agent_node_name_or_none_when_not_readable(server: ScriptedServer, consu
 
 def test_datacenter_is_sent_on_every_data_call(server: ScriptedServer) -> None:
     backend = ConsulBackend(ConsulConfig(address=server.address, datacenter="dc2"), retry=NO_RETRY)
-    server.script(Reply(404, ""), Reply(200, True))
+    server.script(Reply(404, "", {"X-Consul-Index": "3"}), Reply(200, True))
     backend.get("a")
     backend.session_renew("s")
     assert [r.param("dc") for r in server.requests] == ["dc2", "dc2"]
@@ -463,7 +463,7 @@ def test_the_request_timeout_is_what_requests_gets(
 
     monkeypatch.setattr(requests.Session, "request", spy)
     backend = ConsulBackend(ConsulConfig(address=server.address), Clock(scale=4), retry=NO_RETRY, timeout=3.0)
-    server.script(Reply(200, [], {"X-Consul-Index": "2"}), Reply(404, ""))
+    server.script(Reply(200, [], {"X-Consul-Index": "2"}), Reply(404, "", {"X-Consul-Index": "2"}))
     backend.watch("k", 1, 64)
     backend.get("k")
     backend.close()

@@ -1,4 +1,4 @@
-"""``/v1/agent/self``: what clients read from it, as Consul returns it (python-consul2's own tests read leader_addr)."""
+"""``/v1/agent/self`` as Consul returns it, where clients read it (python-consul2 reads leader_addr)."""
 
 from __future__ import annotations
 

@@ -240,7 +240,13 @@ class ConsulBackend:
                 transient=transient_status(response.code, body, repeatable=repeatable),
             )
 
-        return call_with_retry(attempt, call=call, policy=self._retry, clock=self._clock)
+        return call_with_retry(
+            attempt,
+            call=call,
+            policy=self._retry,
+            clock=self._clock,
+            server=f"Consul at {self._http.base_uri}",
+        )
 
     def _json(self, call: str, response: _Response) -> Any:
         try:

@@ -294,7 +294,9 @@ class NomadBackend:
             check_time_scale("Nomad", self._address, response.headers, self._clock)
             return response
 
-        return call_with_retry(attempt, call=call, policy=self._retry, clock=self._clock)
+        return call_with_retry(
+            attempt, call=call, policy=self._retry, clock=self._clock, server=f"Nomad at {self._address}"
+        )
 
     def _error(self, call: str, cause: Any, *, idempotent: bool) -> NomadError:
         secrets = [self._token]

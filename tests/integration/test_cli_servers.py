@@ -6,6 +6,8 @@ and their ACL policies vary).
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import requests
 from support import Console, client_env
@@ -65,3 +67,17 @@ def test_a_time_scale_other_than_the_sims_stops_at_once_naming_the_scale_to_use(
     assert code == 2, (code, out, err)
     assert "time scale 20, but Shepard's time_scale is 1" in err and "SHEPARD_TIME_SCALE=20" in err, err
     assert sim_cluster.restarts() == []
+
+
+def test_an_unreachable_consul_is_one_warning_and_one_error_in_shepards_words() -> None:
+    with socket.socket() as refusing:  # bound, never listening: connections are refused
+        refusing.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{refusing.getsockname()[1]}"
+        code, out, err = _shepard("status", CONSUL_HTTP_ADDR=address)
+    assert code == 1, (code, out, err)
+    lines = err.splitlines()
+    assert len([line for line in lines if "retrying" in line]) == 1, err
+    unreachable = f"cannot reach Consul at {address}: connection refused"
+    assert lines[-1] == f"shepard: consul kv.keys shepard/locks/ failed: {unreachable}", err
+    for internal in ("HTTPConnectionPool", "NewConnectionError", "Max retries", "urllib3", "Traceback"):
+        assert internal not in err, err

@@ -69,7 +69,11 @@ def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentP
 def build_parser() -> argparse.ArgumentParser:
     """The ``shepard`` argument parser with every command of :data:`COMMAND_MODULES`."""
     parser = argparse.ArgumentParser(
-        prog="shepard", description="Safe, rate-limited restarts of HashiCorp Nomad tasks."
+        prog="shepard",
+        description="Safe, rate-limited restarts of HashiCorp Nomad tasks.",
+        epilog="Exit codes: 0 ok; 1 failure (a restart failed, Consul or Nomad could not be reached); "
+        "2 usage or configuration error; 128 + the signal when SIGINT/SIGTERM interrupted a rollout. "
+        "Each command's --help lists its own. Design: docs/design.md.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_global_options(parser, default=None)

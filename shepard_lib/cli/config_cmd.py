@@ -12,13 +12,19 @@ from shepard_lib.config import redacted
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``config check``."""
-    config = subparsers.add_parser("config", help="work with the configuration")
+    config = subparsers.add_parser(
+        "config",
+        help="work with the configuration",
+        description="Work with Shepard's configuration (see docs/configuration.md).",
+        epilog="Exit codes: 0 ok; 2 usage or configuration error.",
+    )
     actions = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     check = actions.add_parser(
         "check",
         help="validate the configuration and print the effective settings (tokens redacted)",
         description="Validate the configuration (file, environment, defaults) and print the effective "
-        "settings as YAML, tokens redacted. Exit 0 when valid; 2 with one line per problem otherwise.",
+        "settings as YAML, tokens redacted.",
+        epilog="Exit codes: 0 valid; 2 invalid, with one line per problem on stderr.",
     )
     check.set_defaults(func=run_check)
 

@@ -3,7 +3,9 @@
 ``restart JOB`` rolls a restart over the job's running allocations through the plans and slots the
 agents use; ``status`` shows plans and slot holders; ``resume`` / ``abort`` act on the plan of
 ``JOB/GROUP/TASK`` (the job part may itself contain ``/``). Exit codes: 0 every allocation
-restarted and healthy, 1 some failed or were skipped, 2 usage or configuration error.
+restarted and healthy, 1 some failed or were skipped, 2 usage or configuration error (among them a
+job Nomad does not know and a plan that does not exist, in the same words for every command),
+128 + the signal when SIGINT/SIGTERM interrupted a rollout.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     restart = subparsers.add_parser(
         "restart",
         help="restart a job's allocations, a few at a time, waiting for each to be healthy",
-        description="Restart every running allocation of JOB through Shepard's plan and restart slots.",
+        description="Restart every running allocation of JOB (a Nomad job ID) through Shepard's plan and "
+        "restart slots: at most --concurrency at once, each healthy before the next starts. Ctrl-C (or "
+        "SIGTERM) starts no new restart and waits for those in flight; a second Ctrl-C abandons them.",
+        epilog="Exit codes: 0 every allocation restarted and is healthy; 1 some failed or were skipped; "
+        f"2 {_USAGE}; 130 / 143 interrupted by SIGINT / SIGTERM (`shepard resume` restarts the rest).",
     )
     restart.add_argument("job", metavar="JOB")
     restart.add_argument("--group", help="only this task group")
@@ -61,21 +67,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _output(restart)
     restart.set_defaults(func=_restart)
 
-    status = subparsers.add_parser("status", help="show restart plans and who holds their slots")
+    status = subparsers.add_parser(
+        "status",
+        help="show restart plans and who holds their slots",
+        description="Show every restart plan in Consul (of JOB only, when given): its JOB/GROUP/TASK, "
+        "status, the members' states and the holders of its restart slots.",
+        epilog=f"Exit codes: 0 shown (also when there is no plan); 1 Consul could not be read; 2 {_USAGE}.",
+    )
     status.add_argument("job", metavar="JOB", nargs="?", help="only this job")
     _output(status)
     status.set_defaults(func=_status)
 
-    for name, helptext, handler in (
-        ("resume", "resume a failed or aborted plan and restart its pending allocations", _resume),
-        ("abort", "stop a plan: no new restarts start, restarts in flight finish", _abort),
+    for name, helptext, handler, codes in (
+        (
+            "resume",
+            "resume a failed or aborted plan and restart its pending allocations",
+            _resume,
+            "0 every allocation restarted and is healthy; 1 some failed or were skipped; "
+            f"2 {_USAGE}; 130 / 143 interrupted by SIGINT / SIGTERM",
+        ),
+        (
+            "abort",
+            "stop a plan: no new restarts start, restarts in flight finish",
+            _abort,
+            f"0 aborted; 1 Consul could not be written; 2 {_USAGE}",
+        ),
     ):
-        sub = subparsers.add_parser(name, help=helptext)
-        sub.add_argument("scope", metavar="JOB/GROUP/TASK")
+        sub = subparsers.add_parser(
+            name,
+            help=helptext,
+            description=f"{helptext[0].upper()}{helptext[1:]}. {_SCOPE_HELP}",
+            epilog=f"Exit codes: {codes}.",
+        )
+        sub.add_argument("scope", metavar="JOB/GROUP/TASK", help="the plan, as `shepard status` names it")
         if name == "abort":
             sub.add_argument("--reason", default="aborted by an operator", help="recorded in the plan")
         _output(sub)
         sub.set_defaults(func=handler)
+
+
+_USAGE = "usage or configuration error (among them a job Nomad does not know, or no plan for JOB/GROUP/TASK)"
+
+_SCOPE_HELP = (
+    "JOB/GROUP/TASK names one task's plan: the Nomad job ID, the task group and the task, "
+    "as `shepard status` lists them (e.g. web/app/server); the job ID may itself contain '/' "
+    "(a periodic or dispatched child job)."
+)
 
 
 def _output(parser: argparse.ArgumentParser) -> None:
@@ -131,9 +168,25 @@ def _restart(args: argparse.Namespace) -> int:
     with display, _stopped_by_signals(rolling, interrupt) as received:
         try:
             result = rolling.run(args.job, options, interrupt)
-        except NotFound as exc:  # the job named on the command line: a usage error (exit 2)
-            raise ConfigError(f"job {args.job!r}: {exc.reason}") from None
+        except NotFound:  # the job named on the command line: a usage error (exit 2)
+            raise _job_not_found(rolling, args.job) from None
     return _report(args, result, received)
+
+
+def _job_not_found(rolling: RollingRestart, job: str) -> ConfigError:
+    """The usage error of every command for a job Nomad does not know."""
+    return ConfigError(f"job {job!r} not found in Nomad namespace {rolling.config.nomad.namespace!r}")
+
+
+def _require_plan(rolling: RollingRestart, job: str, group: str, task: str) -> None:
+    """ConfigError (usage) unless a plan of ``job/group/task`` exists, naming what is missing."""
+    if any(view.plan is not None for view in rolling.status(job, group, task)):
+        return
+    try:
+        rolling.nomad.job(job)
+    except NotFound:
+        raise _job_not_found(rolling, job) from None
+    raise ConfigError(f"no plan for {job}/{group}/{task} (`shepard status` lists the plans)")
 
 
 def _report(args: argparse.Namespace, result: RolloutResult, received: list[int]) -> int:
@@ -234,6 +287,11 @@ def _result_text(result: RolloutResult) -> str:
 def _status(args: argparse.Namespace) -> int:
     rolling, _ = _rollout(args)
     views = rolling.status(args.job)
+    if not views and args.job is not None:
+        try:
+            rolling.nomad.job(args.job)
+        except NotFound:
+            raise _job_not_found(rolling, args.job) from None
     if args.output == "json":
         print(json.dumps([v.to_dict() for v in views], indent=2, sort_keys=True))
     else:
@@ -262,15 +320,20 @@ def _status_text(views: list[PlanView]) -> str:
 def _resume(args: argparse.Namespace) -> int:
     job, group, task = _split_scope(args.scope)
     rolling, display = _rollout(args, observe=args.output == "text")
+    _require_plan(rolling, job, group, task)
     interrupt = Interrupt()
     with display, _stopped_by_signals(rolling, interrupt) as received:
-        result = rolling.resume(job, group, task, interrupt)
+        try:
+            result = rolling.resume(job, group, task, interrupt)
+        except NotFound:
+            raise _job_not_found(rolling, job) from None
     return _report(args, result, received)
 
 
 def _abort(args: argparse.Namespace) -> int:
     job, group, task = _split_scope(args.scope)
     rolling, _ = _rollout(args)
+    _require_plan(rolling, job, group, task)
     plans = rolling.abort(job, group, task, reason=args.reason)
     data: list[dict[str, Any]] = [p.to_json() for p in plans]
     if args.output == "json":

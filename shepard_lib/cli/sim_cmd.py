@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sim",
         help="run a simulated Consul + Nomad cluster",
         description="Simulated Consul and Nomad speaking the real HTTP APIs.",
+        epilog="Exit codes: see `shepard sim serve --help`; 2 usage error.",
     )
     sim_sub = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", required=True)
     serve = sim_sub.add_parser(

@@ -7,7 +7,7 @@ import argparse
 import yaml
 
 from shepard_lib import cli
-from shepard_lib.config import redacted
+from shepard_lib.config import file_form
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """Print the effective configuration as YAML; ConfigError (exit 2) when it is invalid."""
+    """Print the effective configuration as a config file accepts it; ConfigError (exit 2) when invalid."""
     cfg = cli.load_config_from_args(args)
-    print(yaml.safe_dump(redacted(cfg), sort_keys=False, default_flow_style=False), end="")
+    print(yaml.safe_dump(file_form(cfg), sort_keys=False, default_flow_style=False), end="")
     return 0

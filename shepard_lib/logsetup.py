@@ -124,6 +124,14 @@ class ShepardHandler(logging.StreamHandler[TextIO]):
     """The handler :func:`setup_logging` installs (and replaces on the next call)."""
 
 
+def logs_json() -> bool:
+    """Whether the handler :func:`setup_logging` installed writes JSON lines (then every stderr line must)."""
+    return any(
+        isinstance(h, ShepardHandler) and isinstance(h.formatter, JsonFormatter)
+        for h in logging.getLogger().handlers
+    )
+
+
 def setup_logging(
     level: str = "INFO", fmt: str = "text", secrets: Iterable[str] = (), stream: TextIO | None = None
 ) -> logging.Handler:

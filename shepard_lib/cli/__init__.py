@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from shepard_lib import __version__
 from shepard_lib.config import ShepardConfig, load_config, secret_values
 from shepard_lib.errors import ConfigError, ShepardError
-from shepard_lib.logsetup import setup_logging
+from shepard_lib.logsetup import logs_json, setup_logging
 
 COMMAND_MODULES: tuple[str, ...] = (
     "restart_cmd",
@@ -110,12 +111,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            _error(problem)
         return 2
     except ShepardError as exc:
-        print(f"shepard: {exc}", file=sys.stderr)
+        _error(f"shepard: {exc}")
         return 1
     except KeyboardInterrupt:
-        print("shepard: interrupted", file=sys.stderr)
+        _error("shepard: interrupted")
         return 130
     return code
+
+
+def _error(line: str) -> None:
+    """One error line on stderr: plain, or a JSON log record when the logs are JSON lines."""
+    if logs_json():
+        logging.getLogger("shepard_lib.cli").error(line)
+    else:
+        print(line, file=sys.stderr)

@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -137,7 +138,8 @@ def _rollout(
 
     cfg = load_config_from_args(args)
     clock = Clock(cfg.time_scale)
-    display = progress_for(sys.stderr) if observe else None
+    # JSON logs stay JSON lines: the progress then goes through logging too.
+    display = progress_for(sys.stderr, live=None if cfg.log_format == "text" else False) if observe else None
     rolling = RollingRestart(
         ConsulBackend(cfg.consul, clock), NomadBackend(cfg.nomad, clock), cfg, clock=clock, observer=display
     )
@@ -165,12 +167,13 @@ def _restart(args: argparse.Namespace) -> int:
     )
     rolling, display = _rollout(args, observe=args.output == "text" and not args.dry_run)
     interrupt = Interrupt()
+    started = time.monotonic()
     with display, _stopped_by_signals(rolling, interrupt) as received:
         try:
             result = rolling.run(args.job, options, interrupt)
         except NotFound:  # the job named on the command line: a usage error (exit 2)
             raise _job_not_found(rolling, args.job) from None
-    return _report(args, result, received)
+    return _report(args, rolling, result, received, time.monotonic() - started)
 
 
 def _job_not_found(rolling: RollingRestart, job: str) -> ConfigError:
@@ -189,12 +192,15 @@ def _require_plan(rolling: RollingRestart, job: str, group: str, task: str) -> N
     raise ConfigError(f"no plan for {job}/{group}/{task} (`shepard status` lists the plans)")
 
 
-def _report(args: argparse.Namespace, result: RolloutResult, received: list[int]) -> int:
-    """Print ``result``; the exit code: 128 + the signal when interrupted, else 0 ok / 1 not."""
+def _report(
+    args: argparse.Namespace, rolling: RollingRestart, result: RolloutResult, received: list[int], wall: float
+) -> int:
+    """Print ``result`` (``wall``: real seconds it took); the exit code: 128 + the signal when
+    interrupted, else 0 ok / 1 not."""
     if args.output == "json":
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
-        print(_result_text(result))
+        print(_result_text(result, wall=wall, scale=rolling.config.time_scale))
     if received:
         return 128 + received[0]
     return 0 if result.ok else 1
@@ -235,7 +241,8 @@ def _stopped_by_signals(rolling: RollingRestart, interrupt: Interrupt) -> Iterat
         interrupt.close()
 
 
-def _result_text(result: RolloutResult) -> str:
+def _result_text(result: RolloutResult, *, wall: float, scale: float) -> str:
+    """The result for a person: wall-clock seconds (cluster seconds only where labelled)."""
     lines = []
     if result.dry_run:
         lines.append(
@@ -248,8 +255,9 @@ def _result_text(result: RolloutResult) -> str:
     else:
         lines.append(
             f"{result.job}: {len(result.restarted)} restarted, {len(result.failed)} failed, "
-            f"{len(result.skipped)} skipped in {result.duration:.1f}s "
-            f"(peak concurrency {result.peak_concurrency})"
+            f"{len(result.skipped)} skipped in {wall:.1f}s "
+            f"(peak concurrency {result.peak_concurrency}"
+            + (f"; {result.duration:.1f}s of cluster time at time scale {scale:g})" if scale != 1 else ")")
         )
         for kind, outcomes in (
             ("restarted", result.restarted),
@@ -258,7 +266,7 @@ def _result_text(result: RolloutResult) -> str:
         ):
             for o in outcomes:
                 ref = o.target.ref
-                took = f" in {o.duration:.1f}s" if o.duration is not None else ""
+                took = f" in {o.duration / scale:.1f}s" if o.duration is not None else ""
                 why = f": {o.reason}" if o.reason else ""
                 where = f"{ref.group}/{ref.task} {ref.node}[{ref.alloc_index}]"
                 lines.append(f"  {kind} {where} alloc {o.target.alloc_id}{took}{why}")
@@ -322,12 +330,13 @@ def _resume(args: argparse.Namespace) -> int:
     rolling, display = _rollout(args, observe=args.output == "text")
     _require_plan(rolling, job, group, task)
     interrupt = Interrupt()
+    started = time.monotonic()
     with display, _stopped_by_signals(rolling, interrupt) as received:
         try:
             result = rolling.resume(job, group, task, interrupt)
         except NotFound:
             raise _job_not_found(rolling, job) from None
-    return _report(args, result, received)
+    return _report(args, rolling, result, received, time.monotonic() - started)
 
 
 def _abort(args: argparse.Namespace) -> int:

@@ -39,11 +39,14 @@ def _clear_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _sim(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, acl_token: str | None = None
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+    acl_token: str | None = None,
+    scenario: dict[str, Any] = CONTRACT_SCENARIO,
 ) -> Iterator[NomadTarget]:
     _clear_env(monkeypatch)
     with SimCluster.from_scenario(
-        CONTRACT_SCENARIO, data_dir=tmp_path, time_scale=SIM_SCALE, acl_token=acl_token
+        scenario, data_dir=tmp_path, time_scale=SIM_SCALE, acl_token=acl_token
     ) as sim:
         yield NomadTarget("sim", sim.nomad_addr, acl_token, python_nomad(sim.nomad_addr, acl_token), sim)
 
@@ -69,6 +72,14 @@ def nomad_target(
 def sim_target(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[NomadTarget]:
     """The sim alone (restarts, fault controls, the restart record)."""
     yield from _sim(monkeypatch, tmp_path)
+
+
+@pytest.fixture
+def slow_restart_target(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[NomadTarget]:
+    """The sim whose tasks stay down for an hour (cluster time) once restarted: "not running" is a
+    state a test can rely on, however slowly a loaded machine runs it."""
+    scenario = {**CONTRACT_SCENARIO, "timing": {**CONTRACT_SCENARIO["timing"], "restart": "1h"}}
+    yield from _sim(monkeypatch, tmp_path, scenario=scenario)
 
 
 @pytest.fixture

@@ -146,7 +146,9 @@ def test_agents_and_a_rollout_of_the_same_change_restart_each_allocation_once_wi
     sim_cluster_factory: SimClusterFactory,
 ) -> None:
     sim = sim_cluster_factory(scenario(8, job_meta={"shepard_concurrency": "2"}), time_scale=SCALE)
-    agents = Agents(sim)
+    # Nine sessions renew while the sim serves them from this same process: a 10 s TTL (0.4 real
+    # seconds) starves on a busy machine, and nothing here waits for a TTL, so give it real margin.
+    agents = Agents(sim, session_ttl=60.0)
     allocs = agents.allocs()
     changed_at = sim.clock.time()
     sim.set_key("config/web", "v2")

@@ -446,16 +446,17 @@ class RollingRestart:
                 for coordinator in coordinators:  # Consul frees their slots now, not at their TTL
                     coordinator.session.destroy()
         # A member no worker reported must not vanish from the result (it would read as a success).
-        with lock:
-            reported = {o.target.alloc_id for o in outcomes}
-            inflight = peak.inflight() if abandoned else set()
-        outcomes += [
+        with lock:  # abandoned workers may still report: the result is this moment's copy
+            result = list(outcomes)
+        reported = {o.target.alloc_id for o in result}
+        inflight = peak.inflight() if abandoned else set()
+        result += [
             MemberOutcome(t, Outcome.SKIPPED, _unreported(t, inflight, no_session, interrupt))
             for t in targets
             if t.alloc_id not in reported
         ]
         order = {t.alloc_id: n for n, t in enumerate(targets)}
-        return plan, sorted(outcomes, key=lambda o: order[o.target.alloc_id])
+        return plan, sorted(result, key=lambda o: order[o.target.alloc_id])
 
     # --- status, resume, abort ------------------------------------------------------------------
 

@@ -81,3 +81,17 @@ def test_an_unreachable_consul_is_one_warning_and_one_error_in_shepards_words() 
     assert lines[-1] == f"shepard: consul kv.keys shepard/locks/ failed: {unreachable}", err
     for internal in ("HTTPConnectionPool", "NewConnectionError", "Max retries", "urllib3", "Traceback"):
         assert internal not in err, err
+
+
+def test_a_dry_run_never_reads_absent_from_the_wrong_server_or_without_a_token(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(time_scale=20, acl_token=TOKEN)
+    env = {"NOMAD_ADDR": sim.nomad_addr, "NOMAD_TOKEN": TOKEN, "SHEPARD_TIME_SCALE": "20"}
+    code, out, err = _shepard("restart", "web", "--dry-run", **env, CONSUL_HTTP_ADDR=sim.consul_addr)
+    assert (code, out) == (1, ""), (code, out, err)
+    assert "HTTP 403" in err and "key:read" in err and TOKEN not in err, err
+
+    code, out, err = _shepard("restart", "web", "--dry-run", **env, CONSUL_HTTP_ADDR=sim.nomad_addr)
+    assert (code, out) == (2, ""), (code, out, err)
+    assert "is not a Consul agent" in err, err

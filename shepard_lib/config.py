@@ -234,6 +234,9 @@ class ShepardConfig:
     node_cleanup_timeout: float = field(
         default=86400.0, metadata=_docs("Delete the keys of a node that is gone or down for this long.")
     )
+    gc_plan_retention: float = field(
+        default=86400.0, metadata=_docs("Keep a `complete` restart plan this long before it is collected.")
+    )
     ship_log_interval: float = field(
         default=60.0, metadata=_docs("How often new task log lines are shipped.")
     )
@@ -538,6 +541,7 @@ _DURATIONS: dict[str, tuple[float, float | None]] = {
     "slot_timeout": (1.0, 7 * 86400.0),
     "gc_interval": (1.0, 7 * 86400.0),
     "node_cleanup_timeout": (60.0, None),
+    "gc_plan_retention": (0.0, None),
     "ship_log_interval": (1.0, 86400.0),
 }
 SCHEMA = vol.Schema(

@@ -6,6 +6,7 @@ Layout (``shepard`` is ``key_prefix``)::
     shepard/locks/<job>/<group>/<task>/task_lock               plan of the current rollout
     shepard/locks/<job>/<group>/<task>/restart_lock/<i>        restart slot i
     shepard/nodes/<node>                                       agent heartbeat
+    shepard/gc/leader                                          lock of the cluster-wide GC pass
 
 With ``lock_scope: node`` the lock paths carry the node first: ``shepard/locks/<node>/<job>/...``.
 
@@ -88,6 +89,7 @@ _INDEX = re.compile(r"0|[1-9][0-9]*")
 
 TASK_LOCK = "task_lock"
 RESTART_LOCK = "restart_lock"
+GC_LEADER = "gc/leader"
 
 TEMPLATE_DESTINATION = "local/shepard.tpl"
 _TEMPLATE_ENV = ("node.unique.name", "NOMAD_JOB_NAME", "NOMAD_GROUP_NAME", "NOMAD_TASK_NAME")
@@ -186,7 +188,15 @@ class Keyspace:
 
     def node_key(self, node: str) -> str:
         """``<prefix>/nodes/<node>``: the agent heartbeat of ``node``."""
-        return f"{self.prefix}/nodes/{escape_segment(node)}"
+        return self.nodes_prefix() + escape_segment(node)
+
+    def gc_leader_key(self) -> str:
+        """``<prefix>/gc/leader``: the lock held by the one agent running the cluster-wide GC pass."""
+        return f"{self.prefix}/{GC_LEADER}"
+
+    def nodes_prefix(self) -> str:
+        """``<prefix>/nodes/``: every agent heartbeat."""
+        return f"{self.prefix}/nodes/"
 
     def keys_prefix(self, node: str | None = None) -> str:
         """``<prefix>/keys/``, or ``<prefix>/keys/<node>/`` for one node's triggers."""
@@ -209,6 +219,16 @@ class Keyspace:
         except ValueError as exc:
             raise ValueError(f"not a Shepard trigger key: {key!r} ({exc})") from None
         return TaskRef(node=node, job=job, group=group, task=task, alloc_index=int(parts[4]))
+
+    def parse_node_key(self, key: str) -> str:
+        """The node name whose :meth:`node_key` is ``key``; ValueError for any other key."""
+        rest = self._strip(key, self.nodes_prefix())
+        try:
+            if "/" in rest:
+                raise ValueError("more than one segment")
+            return unescape_segment(rest)
+        except ValueError as exc:
+            raise ValueError(f"not a Shepard node key: {key!r} ({exc})") from None
 
     def parse_lock_key(self, key: str) -> tuple[TaskScope, str, int | None]:
         """Parse a plan or slot key into ``(scope, "task_lock" | "restart_lock", slot)``.

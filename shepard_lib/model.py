@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 # --- Consul -----------------------------------------------------------------------------------
 
@@ -169,6 +172,17 @@ class Template:
     dest_path: str
     change_mode: str = "restart"
     embedded_tmpl: str = ""
+    source_path: str = ""
+    splay: float = 0.0  # seconds
+
+
+@dataclass(frozen=True)
+class Service:
+    """A ``service`` block: its name, its ``provider`` (``consul`` or ``nomad``) and its number of checks."""
+
+    name: str
+    provider: str = "consul"
+    checks: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,6 +194,7 @@ class Task:
     meta: dict[str, str] = field(default_factory=dict)
     templates: tuple[Template, ...] = ()
     services: tuple[str, ...] = ()
+    service_blocks: tuple[Service, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -191,6 +206,7 @@ class TaskGroup:
     meta: dict[str, str] = field(default_factory=dict)
     tasks: tuple[Task, ...] = ()
     services: tuple[str, ...] = ()
+    service_blocks: tuple[Service, ...] = ()
 
     def task(self, name: str) -> Task | None:
         """The task called ``name``, or None."""
@@ -234,3 +250,27 @@ class AgentInfo:
     node_id: str | None
     datacenter: str
     region: str
+
+
+@dataclass(frozen=True)
+class JobStub:
+    """A job as ``GET /v1/jobs`` lists it."""
+
+    id: str
+    name: str
+    namespace: str
+    status: str  # "pending" | "running" | "dead"
+    stop: bool = False
+
+
+@dataclass(frozen=True)
+class Listing(Generic[T]):
+    """A Nomad list answered by a server that knew the cluster leader (``X-Nomad-KnownLeader: true``).
+
+    ``server_time`` is Unix seconds from the answer's ``Date`` header (None when it had none):
+    the answering agent's clock, so that ages of Nomad timestamps are measured on Nomad's side.
+    """
+
+    items: tuple[T, ...]
+    index: int
+    server_time: float | None = None

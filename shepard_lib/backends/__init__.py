@@ -19,7 +19,9 @@ from shepard_lib.model import (
     Allocation,
     HealthCheck,
     Job,
+    JobStub,
     KVEntry,
+    Listing,
     NodeInfo,
     SessionBehavior,
     SessionInfo,
@@ -150,6 +152,31 @@ class NomadAPI(Protocol):
 
     def restart_task(self, alloc_id: str, task: str) -> None:
         """``POST /v1/client/allocation/<id>/restart`` with ``{"TaskName": task}``."""
+        ...
+
+    def agent_self(self) -> AgentInfo:
+        """The local agent's node name, node ID, datacenter and region."""
+        ...
+
+
+class NomadListAPI(Protocol):
+    """The fresh lists garbage collection decides on: each answer comes from a server that knows
+    the cluster leader (``X-Nomad-KnownLeader: true``), or the call raises NomadError."""
+
+    def list_jobs(self) -> Listing[JobStub]:
+        """Every job of every namespace."""
+        ...
+
+    def list_nodes(self) -> Listing[NodeInfo]:
+        """Every client node (without ``StatusUpdatedAt``: see :meth:`node_status`)."""
+        ...
+
+    def node_status(self, node_id: str) -> Listing[NodeInfo]:
+        """One node, with its ``StatusUpdatedAt``."""
+        ...
+
+    def list_allocations(self, node_id: str | None = None) -> Listing[Allocation]:
+        """The allocations of every namespace, or those on one node."""
         ...
 
     def agent_self(self) -> AgentInfo:

@@ -16,6 +16,7 @@ the allocation name ``<job>.<group>[<index>]``.
 from __future__ import annotations
 
 import calendar
+import email.utils
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -30,7 +31,19 @@ from nomad.api.base import Requester
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.config import NomadConfig
 from shepard_lib.errors import NomadError, NotFound
-from shepard_lib.model import AgentInfo, Allocation, Job, NodeInfo, Task, TaskGroup, TaskState, Template
+from shepard_lib.model import (
+    AgentInfo,
+    Allocation,
+    Job,
+    JobStub,
+    Listing,
+    NodeInfo,
+    Service,
+    Task,
+    TaskGroup,
+    TaskState,
+    Template,
+)
 
 from ._http import (
     NO_RETRY,
@@ -55,6 +68,7 @@ __all__ = [
     "parse_agent",
     "parse_allocation",
     "parse_job",
+    "parse_job_stub",
     "parse_node",
     "parse_time",
 ]
@@ -146,6 +160,17 @@ def _service_names(services: Any) -> tuple[str, ...]:
     return tuple(s.get("Name") or "" for s in services or [])
 
 
+def _service_blocks(services: Any) -> tuple[Service, ...]:
+    return tuple(
+        Service(
+            name=s.get("Name") or "",
+            provider=s.get("Provider") or "consul",
+            checks=len(s.get("Checks") or []),
+        )
+        for s in services or []
+    )
+
+
 def _task(data: dict[str, Any]) -> Task:
     return Task(
         name=data["Name"],
@@ -156,10 +181,13 @@ def _task(data: dict[str, Any]) -> Task:
                 dest_path=t.get("DestPath") or "",
                 change_mode=t.get("ChangeMode") or "restart",
                 embedded_tmpl=t.get("EmbeddedTmpl") or "",
+                source_path=t.get("SourcePath") or "",
+                splay=(t.get("Splay") or 0) / 1e9,
             )
             for t in data.get("Templates") or []
         ),
         services=_service_names(data.get("Services")),
+        service_blocks=_service_blocks(data.get("Services")),
     )
 
 
@@ -178,9 +206,21 @@ def parse_job(data: dict[str, Any]) -> Job:
                 meta=_meta(g.get("Meta")),
                 tasks=tuple(_task(t) for t in g.get("Tasks") or []),
                 services=_service_names(g.get("Services")),
+                service_blocks=_service_blocks(g.get("Services")),
             )
             for g in data.get("TaskGroups") or []
         ),
+        stop=bool(data.get("Stop")),
+    )
+
+
+def parse_job_stub(data: dict[str, Any]) -> JobStub:
+    """A :class:`JobStub` from an entry of ``GET /v1/jobs``."""
+    return JobStub(
+        id=data["ID"],
+        name=data.get("Name") or data["ID"],
+        namespace=data.get("Namespace") or "default",
+        status=data.get("Status") or "",
         stop=bool(data.get("Stop")),
     )
 
@@ -209,6 +249,16 @@ def parse_agent(data: dict[str, Any]) -> AgentInfo:
         datacenter=config.get("Datacenter") or tags.get("dc") or "",
         region=config.get("Region") or tags.get("region") or "",
     )
+
+
+def _http_date(value: str | None) -> float | None:
+    """Unix seconds of an HTTP ``Date`` header, or None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def _seg(value: str) -> str:
@@ -256,6 +306,7 @@ class NomadBackend:
             "node": nomad.api.Node(**settings),
             "nodes": nomad.api.Nodes(**settings),
             "agent": nomad.api.Agent(**settings),
+            "allocations": nomad.api.Allocations(**settings),
             "client/allocation": nomad.api.client.allocation(**settings),
         }
 
@@ -390,6 +441,69 @@ class NomadBackend:
         """One node; raises NotFound when it does not exist."""
         call = f"node {node_id}"
         return self._parse(call, parse_node, self._json(call, self._request(call, "node", _seg(node_id))))
+
+    # --- lists a decision may rest on (garbage collection) --------------------------------------
+
+    def list_jobs(self) -> Listing[JobStub]:
+        """Every job of every namespace (``GET /v1/jobs?namespace=*``), from a server that knows the leader.
+
+        Raises NomadError when the answer does not carry ``X-Nomad-KnownLeader: true``, as for any
+        other failure: a view that may be stale or partial must not pass for the cluster's.
+        """
+        call = "jobs (all namespaces)"
+        response = self._request(call, "jobs", params={"namespace": "*"})
+        return self._listing(call, response, parse_job_stub)
+
+    def list_nodes(self) -> Listing[NodeInfo]:
+        """Every client node (``GET /v1/nodes``), from a server that knows the leader.
+
+        The list stubs carry no ``StatusUpdatedAt``: :meth:`node_status` reads it for one node.
+        """
+        call = "nodes"
+        return self._listing(call, self._request(call, "nodes"), parse_node)
+
+    def node_status(self, node_id: str) -> Listing[NodeInfo]:
+        """One node with its ``StatusUpdatedAt`` (``GET /v1/node/<id>``), from a server knowing the leader."""
+        call = f"node {node_id}"
+        response = self._request(call, "node", _seg(node_id))
+        return self._listing(call, response, parse_node, single=True)
+
+    def list_allocations(self, node_id: str | None = None) -> Listing[Allocation]:
+        """The allocations of every namespace, or those on one node, from a server that knows the leader.
+
+        ``GET /v1/allocations?namespace=*`` (stubs with task states), or ``GET /v1/node/<id>/allocations``.
+        """
+        if node_id is None:
+            call = "allocations (all namespaces)"
+            response = self._request(call, "allocations", params={"namespace": "*", "task_states": "true"})
+        else:
+            call = f"node.allocations {node_id}"
+            response = self._request(call, "node", _seg(node_id), "allocations")
+        return self._listing(call, response, parse_allocation)
+
+    def _listing(
+        self, call: str, response: requests.Response, parse: Callable[[Any], T], *, single: bool = False
+    ) -> Listing[T]:
+        leader = response.headers.get("X-Nomad-KnownLeader")
+        if leader != "true":
+            shown = "missing" if leader is None else repr(leader)
+            raise NomadError(
+                call,
+                f"the answer may be stale or partial: X-Nomad-KnownLeader is {shown}, not 'true'",
+                status=response.status_code,
+                transient=True,
+            )
+        data = self._json(call, response)
+        items = [data] if single else data or []
+        try:
+            index = int(response.headers.get("X-Nomad-Index", 0))
+        except ValueError:
+            index = 0
+        return Listing(
+            items=tuple(self._parse(call, parse, item) for item in items),
+            index=index,
+            server_time=_http_date(response.headers.get("Date")),
+        )
 
     # --- actions and agent ----------------------------------------------------------------------
 

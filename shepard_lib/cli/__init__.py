@@ -27,6 +27,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "restart_cmd",
     "config_cmd",
     "template_cmd",
+    "job_cmd",
+    "gc_cmd",
     "sim_cmd",
 )
 """The modules under ``shepard_lib.cli`` that register subcommands, in ``--help`` order."""
@@ -97,6 +99,11 @@ def load_config_from_args(args: argparse.Namespace) -> ShepardConfig:
     cfg = load_config(path=args.config, overrides=overrides)
     setup_logging(cfg.log_level, cfg.log_format, secrets=secret_values(cfg))
     return cfg
+
+
+def job_not_found(job: str, namespace: str) -> ConfigError:
+    """The usage error (exit 2) of every command for a job Nomad does not know: one wording for all."""
+    return ConfigError(f"job {job!r} not found in Nomad namespace {namespace!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

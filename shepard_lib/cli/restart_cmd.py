@@ -177,8 +177,9 @@ def _restart(args: argparse.Namespace) -> int:
 
 
 def _job_not_found(rolling: RollingRestart, job: str) -> ConfigError:
-    """The usage error of every command for a job Nomad does not know."""
-    return ConfigError(f"job {job!r} not found in Nomad namespace {rolling.config.nomad.namespace!r}")
+    from shepard_lib.cli import job_not_found
+
+    return job_not_found(job, rolling.config.nomad.namespace)
 
 
 def _require_plan(rolling: RollingRestart, job: str, group: str, task: str) -> None:

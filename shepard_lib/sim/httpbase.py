@@ -17,11 +17,13 @@
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from shepard_lib.clock import Clock
 from shepard_lib.durations import parse_go_duration
 
 __all__ = ["HTTPError", "TrackedHandler", "TrackingHTTPServer", "bearer_token", "parse_index", "parse_wait"]
@@ -43,6 +45,9 @@ class TrackingHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    clock: Clock | None = None
+    """The cluster's clock, when set: the ``Date`` header of every answer follows it, as a real
+    agent's follows its host clock (so a sped-up sim's dates agree with the times in its answers)."""
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         self._conns: set[socket.socket] = set()
@@ -82,6 +87,12 @@ class TrackedHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.server.track(self.connection, True)
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header: the server's clock when it has one (see :attr:`TrackingHTTPServer.clock`)."""
+        if timestamp is None and self.server.clock is not None:
+            timestamp = self.server.clock.time()
+        return email.utils.formatdate(timestamp, usegmt=True)
 
     def finish(self) -> None:
         self.server.track(self.connection, False)

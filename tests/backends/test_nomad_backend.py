@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -327,3 +328,52 @@ def test_environment_does_not_override_the_config(
     assert "x-nomad-token" not in request.headers
     assert request.param("namespace") == "default" and request.param("region") is None
     backend.close()
+
+
+# --- the lists garbage collection decides on ------------------------------------------------------
+
+LEADER = {"X-Nomad-KnownLeader": "true", "X-Nomad-Index": "42"}
+
+
+def test_gc_lists_read_every_namespace_and_carry_index_and_server_time(
+    nomad: NomadBackend, server: ScriptedServer
+) -> None:
+    job = {"ID": "web", "Name": "web-name", "Namespace": "prod", "Status": "dead", "Stop": True}
+    node = {"ID": "n1", "Name": "web-03", "Status": "down", "StatusUpdatedAt": 1709287000}
+    server.script(
+        Reply(200, [job], headers=LEADER),
+        Reply(200, [alloc_json()], headers=LEADER),
+        Reply(200, [alloc_json()], headers=LEADER),
+        Reply(200, node, headers=LEADER),
+    )
+    jobs = nomad.list_jobs()
+    assert [(j.id, j.name, j.namespace, j.status, j.stop) for j in jobs.items] == [
+        ("web", "web-name", "prod", "dead", True)
+    ]
+    assert jobs.index == 42
+    assert jobs.server_time is not None and abs(jobs.server_time - time.time()) < 60, "the answer's Date"
+    assert nomad.list_allocations().items[0].index == 3
+    assert nomad.list_allocations("n1").items[0].node_name == "web-03"
+    (status,) = nomad.node_status("n1").items
+    assert (status.status, status.status_updated_at) == ("down", 1709287000.0)
+    paths = [(r.path, r.param("namespace")) for r in server.requests]
+    assert paths == [
+        ("/v1/jobs", "*"),
+        ("/v1/allocations", "*"),
+        ("/v1/node/n1/allocations", "prod"),
+        ("/v1/node/n1", "prod"),
+    ]
+
+
+@pytest.mark.parametrize("leader", [None, "false"])
+def test_a_gc_list_without_a_known_leader_is_an_error_never_a_view(
+    server: ScriptedServer, leader: str | None
+) -> None:
+    headers = {} if leader is None else {"X-Nomad-KnownLeader": leader}
+    backend = NomadBackend(NomadConfig(address=server.address), Clock(scale=100), retry=NO_RETRY)
+    server.script(Reply(200, [], headers=headers))
+    try:
+        with pytest.raises(NomadError, match=r"X-Nomad-KnownLeader is (missing|'false')"):
+            backend.list_nodes()
+    finally:
+        backend.close()

@@ -27,6 +27,7 @@ def _shepard(sim: SimCluster, *args: str) -> tuple[int, str, str]:
         ["status", "nosuchjob"],
         ["resume", "nosuchjob/app/server"],
         ["abort", "nosuchjob/app/server"],
+        ["job", "check", "nosuchjob"],
     ],
 )
 def test_a_job_nomad_does_not_know_is_exit_2_in_the_same_words(

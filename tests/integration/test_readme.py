@@ -52,6 +52,27 @@ def test_the_readme_shows_the_template_shepard_prints() -> None:
     )
 
 
+def test_the_gc_example_reports_what_would_go_and_deletes_nothing(
+    sim_cluster_factory: SimClusterFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sim_cluster = sim_cluster_factory(time_scale=1.0)
+    (example,) = [block for block in _python_blocks() if "collect_garbage" in block]
+    monkeypatch.delenv("SHEPARD_CONFIG_PATH", raising=False)
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", sim_cluster.consul_addr)
+    monkeypatch.setenv("NOMAD_ADDR", sim_cluster.nomad_addr)
+    for name in ("CONSUL_HTTP_TOKEN", "NOMAD_TOKEN", "NOMAD_NAMESPACE", "NOMAD_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    stale = "shepard/keys/node-1/web/app/server/9"
+    sim_cluster.set_key(stale, "x")
+
+    exec(compile(example, str(README), "exec"), {})
+
+    assert capsys.readouterr().out.strip() == "True {'alloc_gone': 1} {}"
+    assert sim_cluster.get_key(stale) == "x", "a dry run deleted a key"
+
+
 # The shell examples, run as written from the checkout, with `.venv/bin/shepard` as the quick start made it.
 # Not run: the install (the environment running these tests is it) and `scripts/test` (which runs them).
 INSTALL = "python3 -m venv .venv && .venv/bin/pip install -q -e . && "

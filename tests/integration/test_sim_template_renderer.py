@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shepard_lib.gotemplate import MissingKey, TemplateError, render
 from shepard_lib.keyspace import Keyspace, TaskRef, shepard_template
-from shepard_lib.sim.template import MissingKey, TemplateError, render
 
 KV = {"a": b"alpha", "config/web": b"v1", "empty": b""}
 

@@ -81,7 +81,24 @@ def test_prefixes_and_node_key() -> None:
     assert ks.keys_prefix("web-03") == "ops/shepard/keys/web-03/"
     assert ks.locks_prefix() == "ops/shepard/locks/"
     assert ks.node_key("web-03") == "ops/shepard/nodes/web-03"
+    assert ks.nodes_prefix() == "ops/shepard/nodes/"
+    assert ks.gc_leader_key() == "ops/shepard/gc/leader"
     assert ks.trigger_key(SEED_REF).startswith(ks.keys_prefix("web-03"))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "shepard/nodes/",
+        "shepard/nodes/a/b",
+        "shepard/nodes/a%2Fb",
+        "shepard/nodes/x,41",
+        "other/nodes/web-03",
+    ],
+)
+def test_parse_node_key_rejects_foreign_keys(key: str) -> None:
+    with pytest.raises(ValueError, match="not"):
+        Keyspace().parse_node_key(key)
 
 
 def test_periodic_child_job_name_is_escaped_not_split() -> None:
@@ -200,6 +217,12 @@ def test_escape_round_trips(name: str) -> None:
 @given(names, names)
 def test_distinct_names_give_distinct_segments(a: str, b: str) -> None:
     assert (escape_segment(a) == escape_segment(b)) == (a == b)
+
+
+@given(names)
+def test_node_key_round_trips(name: str) -> None:
+    ks = Keyspace()
+    assert ks.parse_node_key(ks.node_key(name)) == name
 
 
 @given(refs)

@@ -59,12 +59,16 @@ class NomadFaults:
     """Fault knobs, safe to change while serving.
 
     ``error_rate`` (0..1) of ``/v1`` requests fail with 500 before doing anything (seeded draws);
-    ``latency`` cluster seconds are added to each; ``leader_lost`` answers ``500 No cluster leader``.
+    ``latency`` cluster seconds are added to each; ``leader_lost`` answers ``500 No cluster leader``;
+    ``known_leader`` is the ``X-Nomad-KnownLeader`` value of read answers (``"false"``: a server
+    without a leader answering from its own, possibly stale, state; None: no such header, as from
+    a proxy that drops it).
     """
 
     error_rate: float = 0.0
     latency: float = 0.0
     leader_lost: bool = False
+    known_leader: str | None = "true"
     seed: int = 0
     _rng: random.Random = field(init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -84,6 +88,7 @@ class NomadFaults:
         self.error_rate = 0.0
         self.latency = 0.0
         self.leader_lost = False
+        self.known_leader = "true"
 
 
 @dataclass
@@ -139,6 +144,7 @@ class NomadServer:
         self.faults = faults or NomadFaults(seed=sim.scenario.seed)
         self._wait_rng = random.Random(sim.scenario.seed + 1)
         self._httpd = TrackingHTTPServer((host, port), _handler_class(self))
+        self._httpd.clock = sim.clock
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, args=(0.05,), name="sim-nomad-http", daemon=True
         )
@@ -203,13 +209,9 @@ class NomadServer:
             return err.status, {"Content-Type": "text/plain; charset=utf-8"}, str(err).encode()
         headers = {"Content-Type": "application/json"}
         if answer.index is not None:
-            headers.update(
-                {
-                    "X-Nomad-Index": str(max(1, answer.index)),
-                    "X-Nomad-KnownLeader": "true",
-                    "X-Nomad-LastContact": "0",
-                }
-            )
+            headers.update({"X-Nomad-Index": str(max(1, answer.index)), "X-Nomad-LastContact": "0"})
+            if self.faults.known_leader is not None:
+                headers["X-Nomad-KnownLeader"] = self.faults.known_leader
         return answer.status, headers, json.dumps(answer.body).encode()
 
     def _route(self, req: _Request) -> tuple[Route, tuple[str, ...]]:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from shepard_lib.gotemplate import MissingKey, TemplateError, render
 from shepard_lib.keyspace import TEMPLATE_DESTINATION, shepard_template
 from shepard_lib.model import CheckStatus
 from shepard_lib.sim.consul.state import ConsulState
@@ -40,7 +41,6 @@ from shepard_lib.sim.nomad.scheduler import Scheduler
 from shepard_lib.sim.nomad.state import NomadState, SimAlloc, SimNode, SimTaskState
 from shepard_lib.sim.nomad.wire import PORT_LABEL, node_attributes, rfc3339
 from shepard_lib.sim.scenario import Condition, Scenario, TaskSpec, TemplateSpec
-from shepard_lib.sim.template import MissingKey, TemplateError, render
 
 __all__ = [
     "ClientError",

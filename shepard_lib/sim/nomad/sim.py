@@ -156,6 +156,14 @@ class NomadSim:
         for alloc in self.state.allocs_of(job=job):
             self.client_of(alloc).stop_alloc(alloc, "alloc not needed due to job update")
 
+    def purge_job(self, job_id: str, namespace: str = "default") -> None:
+        """``nomad job stop -purge``: the job is stopped, then gone from ``/v1/jobs``.
+
+        Its allocations stay listed (complete) until Nomad's own GC, as on a real cluster.
+        """
+        self.stop_job(job_id, namespace)
+        self.state.remove_job(self.job(job_id, namespace))
+
     def stop_allocation(self, alloc_id: str) -> None:
         """``POST /v1/allocation/<id>/stop`` without the rescheduling: the allocation completes."""
         alloc = self.state.allocs.get(alloc_id)

@@ -207,6 +207,12 @@ class NomadState:
             job.status = "dead"
             job.modify_index = self._bump("jobs")
 
+    def remove_job(self, job: SimJob) -> None:
+        """Deregister a job for good (a purge): it is no longer listed or readable."""
+        with self.lock:
+            self.jobs.pop((job.namespace, job.id), None)
+            self._bump("jobs")
+
     def add_alloc(self, job: SimJob, group: GroupSpec, index: int, node: SimNode, port: int) -> SimAlloc:
         """Place allocation ``index`` of ``group`` on ``node`` with dynamic port ``port`` (tasks pending)."""
         with self.lock:

@@ -1,4 +1,7 @@
-"""The subset of Go templates (with consul-template functions) that the simulated Nomad client renders.
+"""The subset of Go templates (with consul-template functions) that Shepard evaluates.
+
+The simulated Nomad client renders task templates with it, and ``shepard job check`` evaluates a
+job's ``shepard.tpl`` with it to see which Consul key the task would really read.
 
 Supported: literal text, ``{{ ... }}`` actions with ``{{-`` / ``-}}`` whitespace trimming and
 ``{{/* comments */}}``, pipelines joined by ``|`` (the piped value becomes the last argument),

@@ -118,14 +118,10 @@ def test_sigterm_while_waiting_for_tasks_to_become_healthy_stops_at_once(tmp_pat
     del scenario["keys"]  # the template's key does not exist: no task ever starts
     path = tmp_path / "never-healthy.yaml"
     path.write_text(yaml.safe_dump(scenario))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with _serve(
-        "--scenario", str(path), "--consul-port", str(port), "--data-dir", str(tmp_path / "d")
-    ) as proc:
+    data_dir = tmp_path / "d"
+    with _serve("--scenario", str(path), "--data-dir", str(data_dir)) as proc:
         try:
-            _wait_listening(port, proc)
+            _wait_for_allocations(data_dir, proc)  # placed: the start now waits for them to be healthy
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=60)  # the start alone would wait 120 s
         finally:
@@ -136,13 +132,9 @@ def test_sigterm_while_waiting_for_tasks_to_become_healthy_stops_at_once(tmp_pat
     assert out == "" and "Traceback" not in err, err
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[str]) -> None:
+def _wait_for_allocations(data_dir: Path, proc: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "sim serve exited before listening"
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/_sim/info", timeout=5).json()["service"] == "consul":
-                return
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    raise AssertionError(f"the simulated Consul never listened on port {port}")
+    while not any(data_dir.glob("*/alloc/*/server")):
+        assert proc.poll() is None, "sim serve exited before placing its allocations"
+        assert time.monotonic() < deadline, f"no allocation directory under {data_dir} after 60 s"
+        time.sleep(0.1)

@@ -181,7 +181,7 @@ def test_bad_config_stops_after_max_failures_and_resume_finishes_after_the_fix(
     assert restarts_by_alloc(sim) == {bad: 1}  # the rest untouched
 
     sim.set_key("config/web", "v2")
-    resumed = rolling(sim, cfg).resume("web", "app", "server")
+    resumed = rolling(sim, config_for(sim)).resume("web", "app", "server")  # the fix gets the usual deadline
 
     assert resumed.ok, resumed.to_dict()
     assert len(resumed.restarted) == 5

@@ -91,7 +91,7 @@ class Agents:
 
     def __init__(self, sim: SimCluster, token: str | None = None, **changes: Any) -> None:
         fast: dict[str, Any] = {
-            "session_ttl": 10.0,
+            "session_ttl": 30.0,  # 1.2 real seconds: a renew every 0.6 s survives a busy machine
             "lock_delay": 2.0,
             "min_healthy_time": 2.0,
             "healthy_deadline": 60.0,  # 2.4 real seconds of slack on a busy machine

@@ -198,8 +198,8 @@ def _report(
 ) -> int:
     """Print ``result`` (``wall``: real seconds it took); the exit code: 128 + the signal when
     interrupted, else 0 ok / 1 not."""
-    if args.output == "json":
-        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    if args.output == "json":  # "duration" is the cluster's seconds, "wall_duration" the real ones
+        print(json.dumps({**result.to_dict(), "wall_duration": wall}, indent=2, sort_keys=True))
     else:
         print(_result_text(result, wall=wall, scale=rolling.config.time_scale))
     if received:
@@ -304,7 +304,11 @@ def _status(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps([v.to_dict() for v in views], indent=2, sort_keys=True))
     else:
-        print(_status_text(views) if views else "no restart plans")
+        print(
+            _status_text(views)
+            if views
+            else f"no restart plans{f' for job {args.job!r}' if args.job else ''}"
+        )
     return 0
 
 

@@ -54,3 +54,13 @@ def test_times_shown_are_wall_clock_times_even_on_a_sped_up_cluster(sim_cluster:
     for stamp in stamps:  # progress lines carry the wall-clock time, not the cluster's (20x ahead)
         at = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S")
         assert before.replace(microsecond=0) <= at <= after, f"{stamp} is outside the run ({before}..{after})"
+
+
+def test_json_output_labels_cluster_and_wall_durations(sim_cluster: SimCluster) -> None:
+    started = time.monotonic()
+    code, out, err = Console("restart", "web", "--output", "json", env=_env(sim_cluster)).finish()
+    took = time.monotonic() - started
+    assert code == 0, err
+    result = json.loads(out)
+    assert 0 < result["wall_duration"] <= took, (result["wall_duration"], took)
+    assert result["duration"] > result["wall_duration"], "the cluster's clock runs 20 times faster"

@@ -304,11 +304,8 @@ def _status(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps([v.to_dict() for v in views], indent=2, sort_keys=True))
     else:
-        print(
-            _status_text(views)
-            if views
-            else f"no restart plans{f' for job {args.job!r}' if args.job else ''}"
-        )
+        whose = f" for job {args.job!r}" if args.job else ""
+        print(_status_text(views) if views else f"no restart plans{whose}")
     return 0
 
 

@@ -6,8 +6,12 @@ real clock has ``scale=1``. Tests and the demo run the simulator and the coordin
 clock with ``scale > 1``, so that a 15 s TTL passes in 15/scale real seconds while every protocol
 step keeps its real proportions.
 
-``time()`` is wall-clock-like: it starts at the real Unix time when the clock was made and then
-runs ``scale`` times faster. Two clocks with the same ``origin`` agree with each other.
+``time()`` is wall-clock-like: ``origin + (real Unix time - origin) * scale``, so it equals the
+real time at ``origin`` and runs ``scale`` times faster. Two clocks with the same ``origin`` and
+scale agree with each other, whenever and in whichever process they were made. A scaled clock's
+default origin is the fixed :data:`SCALED_EPOCH`, not "now": the simulator and every Shepard
+process of one test or demo then share one cluster-time origin without having to exchange it.
+(Shepard never orders events by comparing clock readings anyway; see docs/design.md section 4.)
 """
 
 from __future__ import annotations
@@ -15,15 +19,20 @@ from __future__ import annotations
 import threading
 import time as _time
 
+SCALED_EPOCH = 1_767_225_600.0
+"""2026-01-01T00:00:00Z: the default origin of every clock with ``scale != 1``."""
+
 
 class Clock:
-    """A clock that runs ``scale`` times faster than real time."""
+    """A clock that runs ``scale`` times faster than real time (see the module docs for ``origin``)."""
 
     def __init__(self, scale: float = 1.0, origin: float | None = None) -> None:
         if scale <= 0:
             raise ValueError(f"clock scale must be > 0, got {scale!r}")
         self.scale = float(scale)
-        self._origin_wall = _time.time() if origin is None else origin
+        if origin is None:
+            origin = _time.time() if self.scale == 1.0 else SCALED_EPOCH
+        self._origin_wall = origin
         self._origin_mono = _time.monotonic() - (_time.time() - self._origin_wall)
 
     def time(self) -> float:

@@ -6,23 +6,26 @@ restart (:mod:`shepard_lib.rollout`) registers many allocations with :meth:`Coor
 and calls :meth:`Coordinator.drive` for each, so agents and rollouts cooperate through the same
 plan and the same slots instead of racing each other.
 
+The happy path of one member (:meth:`Coordinator._claim`): take a slot (its ModifyIndex is the
+fencing token of this acquisition), check that Nomad still runs the allocation, claim the member
+(CAS ``pending`` -> ``restarting`` with a fresh holder token; the claim is refused while
+``concurrent_lock_count`` members are down), check the allocation again, trigger (a txn fenced by
+``check-session`` and ``check-index`` on the slot), wait for health, finish (``done``/``failed``),
+release the slot.
+
 ``drive`` loops until the member is no longer its business:
 
-- ``pending`` in a ``planned`` plan: take a slot, claim the member (CAS ``pending`` ->
-  ``restarting``; if someone else was faster, release the slot and look again), trigger, wait
-  for health, finish (``done``/``failed``), release the slot. The claim is refused while
-  ``concurrent_lock_count`` members are restarting: a restart whose holder died counts until
-  someone has seen it through (its slot came free when the session ended, but the task may
-  still be restarting), so a slot holder that finds such a member takes it over first;
-- ``restarting`` under a session that no longer exists (its holder died): take a slot, reclaim
-  the member and, if the task already restarted since ``restarts_before``, only run the health
-  gate, otherwise trigger. So a member restarts exactly once per generation even when holders
-  are killed. (The dead holder's trigger always took effect before the reclaim, because Consul
-  invalidates a session at least its TTL after the last renew, much longer than a trigger
-  takes to render.)
-- ``restarting`` under a live session: wait (blocking query on the plan) for it to finish; it
-  may come back as ``pending`` when a new change arrived meanwhile;
-- ``done``, ``failed``, or the plan halted (failed/aborted): stop and report.
+- ``pending`` in a ``planned`` plan: first take over any member left ``restarting`` that nobody
+  drives (its holder's session is gone, or its claim token is held by no coordinator of its
+  session), then run the happy path. A claim refused because the plan is full waits for a plan
+  change (or for a failed member's task to become healthy again);
+- ``restarting`` and nobody drives it: take a slot and reclaim it; trigger again only if its
+  trigger key did not move since the claim and the task did not restart;
+- ``restarting`` and driven by a live holder: wait (blocking query on the plan);
+- ``done``, ``failed``, ``skipped``, or the plan halted (failed/aborted): stop and report.
+
+What is recovery rather than the happy path (ambiguous trigger writes, allocations Nomad took
+away, members nobody drives) is decided in :mod:`shepard_lib.recovery`.
 
 Losing the session stops the flow cleanly: a claimed member that was not triggered is given
 back; one that was triggered stays ``restarting`` under the dead session, for a reclaimer.
@@ -30,10 +33,10 @@ Without a ``session_factory`` (an agent) the member is then reported skipped; wi
 rollout worker, which must take every member it was given to the end) the lost session is
 destroyed (so Consul frees its locks now, not at its TTL) and the flow goes on under a new
 session, which reclaims the member if it was left ``restarting``. Nothing is ever triggered without a held
-slot (the trigger is fenced by the slot).
+slot (the trigger is fenced by the slot acquisition's token).
 
 A member another participant restarted meanwhile is reported ``restarted``, with ``by`` naming
-that participant.
+that participant. A member whose task restarted is never reported skipped.
 
 Every log line names the task: ``node/job/group/task[alloc_index] alloc <id>``.
 """
@@ -41,7 +44,6 @@ Every log line names the task: ``node/job/group/task[alloc_index] alloc <id>``.
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 import threading
 import uuid
@@ -65,8 +67,9 @@ from shepard_lib.errors import (
 from shepard_lib.health import HealthGate, restarted
 from shepard_lib.keyspace import Keyspace, TaskRef, TaskScope
 from shepard_lib.locks import RestartSlots, Slot
-from shepard_lib.model import Allocation, Job, SessionInfo, TaskState
+from shepard_lib.model import Allocation, Job, TaskState
 from shepard_lib.plan import (
+    ConcurrencyFull,
     Member,
     MemberSpec,
     MemberState,
@@ -75,13 +78,27 @@ from shepard_lib.plan import (
     PlanSettings,
     PlanStore,
     claim,
+    down,
     finish,
     new_plan,
     reclaim,
+    recover,
     register,
     require,
     resolve_settings,
+    skip,
     unclaim,
+)
+from shepard_lib.recovery import (
+    GC_REASON,
+    Holders,
+    TriggerOutcome,
+    gone_reason,
+    no_longer_down,
+    reclaim_decision,
+    settle_with_new_token,
+    stopped_reason,
+    trigger_outcome,
 )
 from shepard_lib.session import Session
 from shepard_lib.trigger import Trigger, describe
@@ -189,7 +206,8 @@ class MemberOutcome:
 
     ``by`` names who restarted it (this coordinator or another holder), ``duration`` is cluster
     seconds from the slot to the verdict when this coordinator restarted it, ``reclaimed`` tells
-    that it finished a dead holder's restart.
+    that it finished a dead holder's restart. ``stopped`` marks a member skipped because Nomad
+    stopped, replaced or garbage-collected its allocation: there is nothing left to restart.
     """
 
     target: Target
@@ -199,6 +217,7 @@ class MemberOutcome:
     by: str = ""
     duration: float | None = None
     reclaimed: bool = False
+    stopped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -216,6 +235,7 @@ class MemberOutcome:
             "by": self.by,
             "duration": self.duration,
             "reclaimed": self.reclaimed,
+            "stopped": self.stopped,
         }
 
 
@@ -242,7 +262,7 @@ class CoordinatorOptions:
             "healthy_deadline": cfg.healthy_deadline,
             "slot_timeout": cfg.slot_timeout,
             "concurrency": cfg.concurrency,
-            "max_failures": max(1, cfg.max_failures),
+            "max_failures": cfg.max_failures,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -275,9 +295,9 @@ class Coordinator:
     set (an operator interrupted the rollout) :meth:`drive` starts no new restart: a member it has
     not claimed is skipped (:data:`INTERRUPTED`), one it is restarting is seen through. ``fault_hook``
     is a test hook: it is called after each :class:`Step` and may raise :class:`SimulatedCrash`
-    to stop the coordinator without any cleanup. One coordinator serves one thread: a rollout
-    gives each worker thread its own coordinator and session, because Consul lets a session
-    acquire a lock it already holds.
+    to stop the coordinator without any cleanup (or block, to pause a live holder). Several
+    coordinators may share one session (each claim carries its own holder token); one
+    coordinator serves one thread.
     """
 
     def __init__(
@@ -307,15 +327,10 @@ class Coordinator:
         self._session_factory = session_factory
         self._fault_hook = fault_hook
         self._stop = stop
-        self._trigger = Trigger(consul, nomad, keyspace, options.method)
-        self._health = HealthGate(
-            consul,
-            nomad,
-            source=options.health_source,
-            min_healthy_time=options.min_healthy_time,
-            healthy_deadline=options.healthy_deadline,
-            clock=clock,
-        )
+        self._triggers: dict[RestartMethod, Trigger] = {}
+        self._gates: dict[HealthSource, HealthGate] = {}
+        self._deadline = 0.0
+        self._triggered: set[str] = set()  # members this coordinator triggered (or reclaimed) in drive
 
     # --- planning ----------------------------------------------------------------------------
 
@@ -335,19 +350,26 @@ class Coordinator:
         targets: Sequence[Target],
         job: Job,
         settings: PlanSettings | None = None,
-        changed_at: float | None = None,
+        *,
+        seen_index: int | None = None,
+        live: Sequence[str] | None = None,
+        join: bool = False,
     ) -> Plan:
         """Register ``targets`` (all of ``scope``) as needing a restart, in one CAS update.
 
-        ``changed_at`` is when the change happened (default: now), see :func:`shepard_lib.plan.register`.
-        ``settings`` (default: :meth:`settings_for`) apply only if this creates or reopens the plan.
+        ``seen_index`` is the plan's ModifyIndex read after the change was seen (default: now),
+        ``live`` every live allocation of the job (settled members of the others are dropped),
+        ``join`` joins a planned plan without a new generation; see :func:`shepard_lib.plan.register`.
+        ``settings`` (default: :meth:`settings_for`) apply only if this creates or reopens the plan,
+        which then records this coordinator's restart method and health source.
         """
         settings = settings or self.settings_for(job, scope.group)
         group = job.group(scope.group)
         count = group.count if group is not None else len(targets)
         now = self._clock.time()
+        method, source = self.options.method.value, self.options.health_source.value
 
-        def change(plan: Plan | None) -> Plan:
+        def change(plan: Plan | None, index: int) -> Plan:
             base = plan or new_plan(
                 scope.job,
                 scope.group,
@@ -356,17 +378,24 @@ class Coordinator:
                 instance_count=count,
                 settings=settings,
                 now=now,
+                method=method,
+                health_source=source,
             )
             return register(
                 base,
                 [t.spec() for t in targets],
                 now=now,
-                changed_at=changed_at,
+                index=index,
+                seen_index=seen_index,
                 settings=settings,
                 instance_count=count,
+                method=method,
+                health_source=source,
+                live=live,
+                join=join,
             )
 
-        plan = self.plans.update(self.plan_key(scope), change)
+        plan = self.plans.update_at(self.plan_key(scope), change)
         for target in targets:
             self._log(target).info(
                 "registered in plan %s (generation %d, %s, concurrency %d)",
@@ -379,15 +408,19 @@ class Coordinator:
         self._emit(EventKind.PLANNED, scope, "", detail=plan.status.value, count=len(targets))
         return plan
 
-    def handle_change(self, alloc: Allocation, task: str, changed_at: float | None = None) -> MemberOutcome:
+    def change_mark(self, scope: TaskScope) -> int:
+        """The ``seen_index`` of a change seen now: the plan's ModifyIndex, read consistently (0: no plan)."""
+        return self.plans.read(self.plan_key(scope))[1]
+
+    def handle_change(self, alloc: Allocation, task: str, *, seen_index: int | None = None) -> MemberOutcome:
         """The agent's flow for a change of ``task`` in ``alloc``: register, then :meth:`drive`.
 
-        ``changed_at`` is when the change was seen (cluster Unix time; default: now).
+        ``seen_index`` is :meth:`change_mark` taken when the change was seen (default: now).
         """
         job = self.nomad.job(alloc.job_id)
         target = target_for(alloc, task, job)
         scope = self.keyspace.scope(target.ref)
-        self.register(scope, [target], job, changed_at=changed_at)
+        self.register(scope, [target], job, seen_index=seen_index)
         return self.drive(target)
 
     # --- the flow ----------------------------------------------------------------------------
@@ -398,8 +431,10 @@ class Coordinator:
         rlog = self._log(target)
         errors = 0
         sessions = 1
+        self._deadline = self._clock.monotonic() + self.options.slot_timeout
+        self._triggered.discard(target.alloc_id)
         while True:
-            if self._stop is not None and self._stop.is_set():
+            if self._stopped(target):
                 return self._skip(target, scope, INTERRUPTED, rlog)
             if self.session.lost.is_set():
                 reason = f"session lost ({self.session.lost_reason})"
@@ -413,8 +448,6 @@ class Coordinator:
                 continue
             try:
                 result = self._step(target, scope, rlog)
-            except NotFound as exc:
-                return self._skip(target, scope, f"allocation gone: {exc}", rlog)
             except (BackendError, PlanError) as exc:  # PlanError: a plan update that kept conflicting
                 errors += 1
                 if errors >= self.options.error_attempts:
@@ -422,7 +455,7 @@ class Coordinator:
                 rlog.warning("Consul or Nomad failed, trying again: %s", exc)
                 continue
             except LockLost as exc:
-                if self._stop is not None and self._stop.is_set():
+                if self._stopped(target):
                     continue  # the slot wait was cancelled by the stop: the top of the loop skips
                 if self._session_factory is not None and self._session_gone():
                     continue  # the top of the loop goes on with a new session
@@ -431,6 +464,11 @@ class Coordinator:
                 return self._skip(target, scope, str(exc), rlog)
             if result is not None:
                 return result
+
+    def _stopped(self, target: Target) -> bool:
+        """Whether an operator's stop ends ``target`` here: not once this coordinator triggered it
+        (a restart in flight is seen through, under a new session if need be)."""
+        return self._stop is not None and self._stop.is_set() and target.alloc_id not in self._triggered
 
     def _session_gone(self) -> bool:
         """Whether the session is lost, asking Consul now (a fenced write refused may be the first sign)."""
@@ -463,41 +501,42 @@ class Coordinator:
             return self._skip(target, scope, "not in the plan (it was deleted or replaced)", rlog)
         if member.state in (MemberState.DONE, MemberState.FAILED):
             return self._finished_by_other(target, scope, plan, member)
+        if member.state == MemberState.SKIPPED:
+            return self._skip(target, scope, member.error or "skipped", rlog, stopped=True)
         if member.state == MemberState.RESTARTING:
-            if self._wait_for_live_holders(key, index, [member], rlog):
+            bound = self._live_holder(member)
+            if bound is not None:
+                self._wait(key, index, [bound], f"its restart by {member.holder_name}", rlog)
                 return None
             rlog.warning("holder %s of its restart in flight is gone; reclaiming", member.holder_name)
-        elif plan.halted:
+            return self._attempt(target, scope, plan, rlog)
+        if plan.halted:
             return self._skip(
                 target, scope, f"plan {plan.label} is {plan.status.value}: {plan.halt_reason}", rlog
             )
-        else:
-            inflight = list(plan.in_state(MemberState.RESTARTING).values())
-            if len(inflight) >= plan.concurrent_lock_count and self._wait_for_live_holders(
-                key, index, inflight, rlog
-            ):
-                return None
+        orphan = self._orphan(plan, scope, target)
+        if orphan is not None:
+            self._log(orphan).warning("nobody drives its restart in flight; %s takes it over", self.name)
+            self._attempt(orphan, scope, plan, self._log(orphan))
+            return None
         return self._attempt(target, scope, plan, rlog)
 
-    def _wait_for_live_holders(self, key: str, index: int, members: Sequence[Member], rlog: _RefLog) -> bool:
-        """If every one of ``members`` (restarting) has a live holder, wait for a plan change; True if waited.
+    def _orphan(self, plan: Plan, scope: TaskScope, target: Target) -> Target | None:
+        """A member left ``restarting`` that nobody drives (other than ``target``), as a target."""
+        for alloc_id, m in sorted(
+            plan.in_state(MemberState.RESTARTING).items(), key=lambda i: i[1].alloc_index
+        ):
+            if alloc_id != target.alloc_id and self._live_holder(m) is None:
+                ref = TaskRef(m.node, scope.job, scope.group, scope.task, m.alloc_index)
+                return Target(ref, alloc_id, target.services)
+        return None
 
-        The plan changes when a holder finishes; if a holder dies instead nothing changes, so the
-        wait is bounded by the holders' TTL.
-        """
-        ttls = []
-        for m in members:
-            info = self._live_holder(m)
-            if info is None:
-                return False
-            ttls.append(info.ttl or PLAN_WAIT)
-        rlog.info(
-            "waiting for %d restart(s) in flight (%s)",
-            len(members),
-            ", ".join(sorted({m.holder_name or "?" for m in members})),
-        )
-        self.plans.watch(key, index, min([PLAN_WAIT, *ttls]))
-        return True
+    def _wait(self, key: str, index: int, bounds: Sequence[float], what: str, rlog: _RefLog) -> None:
+        """Wait for the plan to change past ``index`` (at most the shortest bound, and PLAN_WAIT)."""
+        if self._clock.monotonic() >= self._deadline:
+            raise LockTimeout(f"still waiting for {what} after slot_timeout {self.options.slot_timeout:g}s")
+        rlog.info("waiting for %s", what)
+        self.plans.watch(key, index, min([PLAN_WAIT, *bounds]))
 
     def _attempt(self, target: Target, scope: TaskScope, plan: Plan, rlog: _RefLog) -> MemberOutcome | None:
         """One pass with a slot: claim or reclaim, trigger, health, finish. None: look at the plan again."""
@@ -507,145 +546,211 @@ class Coordinator:
         holder_text = f"{self.name} alloc {target.alloc_id}"
         self._emit(EventKind.WAITING, scope, target.alloc_id, ref=target.ref)
         rlog.debug("waiting for a restart slot of %s (%d slots)", plan.label, plan.concurrent_lock_count)
-        slot = slots.acquire(  # the slot wait checks the session itself; the stop ends it too
-            self.session, holder=holder_text, timeout=self.options.slot_timeout, cancel=self._stop
+        remaining = max(0.0, self._deadline - self._clock.monotonic())
+        held = _Held(
+            slots,
+            # the slot wait checks the session itself; an operator's stop ends it, unless ours is in flight
+            slots.acquire(
+                self.session,
+                holder=holder_text,
+                timeout=remaining,
+                cancel=None if target.alloc_id in self._triggered else self._stop,
+            ),
         )
         try:
             self._hook(Step.SLOT, target)
-            result = self._with_slot(target, scope, slot, rlog)
+            result = self._with_slot(target, scope, held, rlog)
         except SimulatedCrash:
             raise
         except BaseException:
-            slots.release(slot)
+            held.release()
             raise
-        slots.release(slot)
-        return result
+        held.release()
+        if result is _FULL:
+            return self._when_full(target, scope, rlog)
+        return result if isinstance(result, MemberOutcome) else None
 
-    def _with_slot(self, target: Target, scope: TaskScope, slot: Slot, rlog: _RefLog) -> MemberOutcome | None:
-        """With a slot held: claim our member, or first take over a dead holder's restart; None: look again.
+    def _with_slot(self, target: Target, scope: TaskScope, held: _Held, rlog: _RefLog) -> object:
+        """With a slot held: claim our pending member, or reclaim it if nobody drives it.
 
-        A restart whose holder died still counts against the concurrency until someone has seen
-        it through: its slot came free when the holder's session ended, but the task may still be
-        restarting. So a claim is refused while ``concurrent_lock_count`` members are restarting,
-        and a slot holder that finds a dead holder's member takes it over first.
+        Returns a MemberOutcome, None (look again) or ``_FULL`` (the claim was refused: the plan
+        has ``concurrent_lock_count`` members down).
         """
-        key = self.plan_key(scope)
-        plan, _ = self.plans.read(key)
+        plan, _ = self.plans.read(self.plan_key(scope))
         member = plan.members.get(target.alloc_id) if plan else None
         if plan is None or member is None:
             return None
         if member.state == MemberState.RESTARTING:
-            return self._restart(target, scope, slot, member, rlog)
+            return self._reclaim(target, scope, held, member, rlog)
         if member.state != MemberState.PENDING or plan.halted:
             return None
-        inflight = plan.in_state(MemberState.RESTARTING)
-        if len(inflight) < plan.concurrent_lock_count:
-            return self._restart(target, scope, slot, None, rlog)
-        for alloc_id, other in sorted(inflight.items(), key=lambda item: item[1].alloc_index):
-            if self._live_holder(other) is None:
-                orphan = Target(
-                    TaskRef(other.node, scope.job, scope.group, scope.task, other.alloc_index),
-                    alloc_id,
-                    target.services,
-                )
-                self._log(orphan).warning(
-                    "holder %s of its restart in flight is gone; %s takes it over",
-                    other.holder_name,
-                    self.name,
-                )
-                self._restart(orphan, scope, slot, other, self._log(orphan))
-                return None
-        return None
+        return self._claim(target, scope, held, plan, rlog)
 
-    def _restart(
-        self, target: Target, scope: TaskScope, slot: Slot, dead: Member | None, rlog: _RefLog
-    ) -> MemberOutcome | None:
-        """Claim (``dead`` None) or reclaim ``dead``'s member, trigger if needed, wait for health, finish."""
+    def _claim(self, target: Target, scope: TaskScope, held: _Held, plan: Plan, rlog: _RefLog) -> object:
+        """The happy path: live allocation, claim, then see the restart through."""
         key = self.plan_key(scope)
-        started = self._clock.monotonic()
+        trigger_index = self._trigger_index(target, self._method(plan))
+        alloc = self._allocation(target)
+        gone = None if alloc is None else stopped_reason(alloc)
+        if alloc is None or gone is not None:
+            return self._settle_gone(target, scope, gone or GC_REASON, None, rlog)
+        baseline = alloc.task_states.get(target.ref.task, TaskState(state="pending"))
         holder = uuid.uuid4().hex
-        baseline = self._health.baseline(target.alloc_id, target.ref.task)
-        trigger_index = self._trigger_index(target)
-        if dead is None:
-            change = functools.partial(
-                claim,
-                alloc_id=target.alloc_id,
-                holder=holder,
-                session=self.session.id,
-                holder_name=self.name,
-                restarts_before=baseline.restarts,
-                started_before=baseline.started_at,
-                trigger_index=trigger_index,
-            )
-            before, must_trigger = baseline, True
-        else:
-            if self._live_holder(dead) is not None:
-                return None
-            change = functools.partial(
-                reclaim,
-                alloc_id=target.alloc_id,
-                dead_session=dead.session,
-                holder=holder,
-                session=self.session.id,
-                holder_name=self.name,
-            )
-            restarts = dead.restarts_before if dead.restarts_before is not None else baseline.restarts
-            before = TaskState(state="running", restarts=restarts, started_at=dead.started_before)
-            # The dead holder may have written the trigger just before it died, and the task
-            # may not have restarted yet: a trigger key that moved since the claim means written.
-            written = dead.trigger_index is not None and trigger_index != dead.trigger_index
-            must_trigger = not written and not restarted(before, baseline)
+        self.session.hold(holder)
         try:
-            plan = self.plans.update(key, lambda p: change(require(p, key), now=self._clock.time()))
-        except MemberUnavailable as exc:
-            rlog.info(
-                "not %s (%s); releasing the slot", "claimed" if dead is None else "reclaimed", exc.reason
-            )
-            return None
-        if dead is not None:
-            rlog.info(
-                "reclaimed from %s; %s",
-                dead.holder_name,
-                "triggering again" if must_trigger else "it already restarted, checking its health",
-            )
-        generation = plan.members[target.alloc_id].generation
-        self._hook(Step.CLAIMED, target)
-        if must_trigger:
-            try:
-                self._trigger.fire(target.ref, target.alloc_id, slot)
-            except (LockLost, BackendError) as exc:
-                if not self._trigger_may_have_applied(target, trigger_index, exc):
-                    self._give_back(key, target, holder, f"not triggered: {exc}", rlog)
-                    raise
-                rlog.warning("trigger reported an error but may have been applied; checking health: %s", exc)
-        self._hook(Step.TRIGGERED, target)
-        reclaimed = dead is not None
-        self._emit(
-            EventKind.RESTARTING,
-            scope,
-            target.alloc_id,
-            ref=target.ref,
-            detail="reclaimed" if reclaimed else "",
-        )
-        ok, error = self._wait_healthy(target, before, rlog)
-        self._hook(Step.HEALTHY, target)
-        try:
-            plan = self.plans.update(
+            plan = self.plans.update_at(
                 key,
-                lambda p: finish(
+                lambda p, index: claim(
                     require(p, key),
                     target.alloc_id,
                     holder=holder,
-                    ok=ok,
+                    session=self.session.id,
+                    holder_name=self.name,
+                    restarts_before=baseline.restarts,
+                    started_before=baseline.started_at,
                     now=self._clock.time(),
-                    error=error,
+                    index=index,
+                    trigger_index=trigger_index,
+                ),
+            )
+        except ConcurrencyFull as exc:
+            self.session.drop(holder)
+            rlog.info("not claimed (%s); releasing the slot", exc.reason)
+            return _FULL
+        except MemberUnavailable as exc:
+            self.session.drop(holder)
+            rlog.info("not claimed (%s); releasing the slot", exc.reason)
+            return None
+        except BaseException:
+            self.session.drop(holder)
+            raise
+        member = plan.members[target.alloc_id]
+        return self._see_through(
+            target, scope, held, plan, member, before=baseline, must_trigger=True, rlog=rlog
+        )
+
+    def _reclaim(self, target: Target, scope: TaskScope, held: _Held, dead: Member, rlog: _RefLog) -> object:
+        """Take over ``dead``'s claim (nobody drives it) and see its restart through."""
+        if self._live_holder(dead) is not None:
+            return None
+        key = self.plan_key(scope)
+        alloc = self._allocation(target)
+        baseline = (
+            TaskState(state="pending")
+            if alloc is None
+            else alloc.task_states.get(target.ref.task, TaskState(state="pending"))
+        )
+        holder = uuid.uuid4().hex
+        self.session.hold(holder)
+        try:
+            plan = self.plans.update_at(
+                key,
+                lambda p, _index: reclaim(
+                    require(p, key),
+                    target.alloc_id,
+                    dead_holder=dead.holder,
+                    holder=holder,
+                    session=self.session.id,
+                    holder_name=self.name,
+                    now=self._clock.time(),
                 ),
             )
         except MemberUnavailable as exc:
-            # Taken over (this session looked dead to someone) or dropped from the plan: the plan
-            # says what became of it.
-            rlog.warning("restart seen through, but the member is no longer ours to finish: %s", exc.reason)
+            self.session.drop(holder)
+            rlog.info("not reclaimed (%s); releasing the slot", exc.reason)
             return None
+        except BaseException:
+            self.session.drop(holder)
+            raise
+        trigger_index = self._trigger_index(target, self._method(plan))
+        before, must_trigger = reclaim_decision(dead, baseline, trigger_index)
+        rlog.info(
+            "reclaimed from %s; %s",
+            dead.holder_name,
+            "triggering again" if must_trigger else "it already restarted, checking its health",
+        )
+        member = plan.members[target.alloc_id]
+        return self._see_through(
+            target,
+            scope,
+            held,
+            plan,
+            member,
+            before=before,
+            must_trigger=must_trigger,
+            rlog=rlog,
+            reclaimed=True,
+        )
+
+    def _see_through(
+        self,
+        target: Target,
+        scope: TaskScope,
+        held: _Held,
+        plan: Plan,
+        member: Member,
+        *,
+        before: TaskState,
+        must_trigger: bool,
+        rlog: _RefLog,
+        reclaimed: bool = False,
+    ) -> MemberOutcome | None:
+        """Claimed (holder token held): trigger if needed, wait for health, finish. Drops the token."""
+        key = self.plan_key(scope)
+        holder = member.holder or ""
+        started = self._clock.monotonic()
+        try:
+            self._hook(Step.CLAIMED, target)
+            ambiguous = False
+            if must_trigger:
+                gone = gone_reason(self.nomad, target.alloc_id)
+                if gone is not None:
+                    return self._settle_gone(target, scope, gone, holder, rlog)
+                ambiguous = self._fire(target, key, held, plan, member, rlog)
+            self._triggered.add(target.alloc_id)
+            self._hook(Step.TRIGGERED, target)
+            self._emit(
+                EventKind.RESTARTING,
+                scope,
+                target.alloc_id,
+                ref=target.ref,
+                detail="reclaimed" if reclaimed else "",
+            )
+            ok, error = self._wait_healthy(target, plan, before, rlog)
+            self._hook(Step.HEALTHY, target)
+            if not ok and ambiguous and self._never_applied(target, held, plan, member, before):
+                self._triggered.discard(target.alloc_id)
+                self._give_back(key, target, holder, "its trigger never applied", rlog)
+                return None
+            if not ok:
+                gone = gone_reason(self.nomad, target.alloc_id)
+                if gone is not None:
+                    # Nomad took the allocation away during the health wait: not a failure.
+                    if not self._restarted_since(target, before):
+                        return self._settle_gone(target, scope, gone, holder, rlog)
+                    rlog.warning("restarted, then %s: counted as restarted", gone)
+                    ok, error = True, None
+            try:
+                plan = self.plans.update_at(
+                    key,
+                    lambda p, index: finish(
+                        require(p, key),
+                        target.alloc_id,
+                        holder=holder,
+                        ok=ok,
+                        now=self._clock.time(),
+                        index=index,
+                        error=error,
+                    ),
+                )
+            except MemberUnavailable as exc:
+                # Taken over (this claim looked abandoned to someone) or dropped from the plan.
+                rlog.warning(
+                    "restart seen through, but the member is no longer ours to finish: %s", exc.reason
+                )
+                return None
+        finally:
+            self.session.drop(holder)
         self._hook(Step.FINISHED, target)
         duration = self._clock.monotonic() - started
         if plan.members[target.alloc_id].state == MemberState.PENDING:
@@ -660,13 +765,93 @@ class Coordinator:
             self._emit(EventKind.FAILED, scope, target.alloc_id, ref=target.ref, detail=error or "")
         outcome = Outcome.RESTARTED if ok else Outcome.FAILED
         return MemberOutcome(
-            target, outcome, error or "", generation, by=self.name, duration=duration, reclaimed=reclaimed
+            target,
+            outcome,
+            error or "",
+            member.generation,
+            by=self.name,
+            duration=duration,
+            reclaimed=reclaimed,
         )
 
-    def _wait_healthy(self, target: Target, before: TaskState, rlog: _RefLog) -> tuple[bool, str | None]:
+    def _never_applied(
+        self, target: Target, held: _Held, plan: Plan, member: Member, before: TaskState
+    ) -> bool:
+        """After an ambiguous trigger and no restart by the deadline: did it provably never apply?
+
+        Only with a new token (so it cannot land any more) and an unmoved trigger key.
+        """
+        method = self._method(plan)
+        if method is not RestartMethod.CONSUL_KEY or member.trigger_index is None:
+            return False
+        if self._restarted_since(target, before):
+            return False
+        outcome, slot = settle_with_new_token(
+            held.slots, held.slot, member.trigger_index, lambda: self._trigger_index(target, method)
+        )
+        held.replace(slot)
+        return outcome is TriggerOutcome.NOT_APPLIED
+
+    def _fire(self, target: Target, key: str, held: _Held, plan: Plan, member: Member, rlog: _RefLog) -> bool:
+        """Trigger the restart, fenced by the slot; an error is decided by :func:`trigger_outcome`.
+
+        Returns True when the trigger may or may not have applied (the health gate decides).
+        """
+        method = self._method(plan)
+        try:
+            self._trigger(method).fire(target.ref, target.alloc_id, held.slot)
+        except (LockLost, BackendError) as exc:
+            outcome, slot = trigger_outcome(
+                exc,
+                slots=held.slots,
+                slot=held.slot,
+                trigger_index=member.trigger_index if method is RestartMethod.CONSUL_KEY else None,
+                read_trigger_index=lambda: self._trigger_index(target, method),
+            )
+            held.replace(slot)
+            if outcome is TriggerOutcome.NOT_APPLIED:
+                self._give_back(key, target, member.holder or "", f"not triggered: {exc}", rlog)
+                raise
+            rlog.warning("trigger reported an error but may have been applied; checking health: %s", exc)
+            return True
+        return False
+
+    def _when_full(self, target: Target, scope: TaskScope, rlog: _RefLog) -> MemberOutcome | None:
+        """The claim was refused for the concurrency: recover failed members healthy again, or wait."""
+        key = self.plan_key(scope)
+        plan, index = self.plans.read(key)
+        if plan is None:
+            return None
+        busy = down(plan)
+        healthy = no_longer_down(self.nomad, self._gate(plan), busy, scope.task, target.services)
+        if healthy:
+            now = self._clock.time()
+
+            def mark(p: Plan | None) -> Plan:
+                current = require(p, key)
+                for alloc_id in healthy:
+                    current = recover(current, alloc_id, now=now)
+                return current
+
+            self.plans.update(key, mark)
+            rlog.info("%d failed member(s) healthy again or gone: no longer counted as down", len(healthy))
+            return None
+        bounds = []
+        for m in busy.values():
+            if m.state == MemberState.RESTARTING:
+                bound = self._live_holder(m)
+                if bound is None:
+                    return None  # an orphan: the next step takes it over
+                bounds.append(bound)
+        self._wait(key, index, bounds, f"{len(busy)} member(s) restarting or failed (the concurrency)", rlog)
+        return None
+
+    def _wait_healthy(
+        self, target: Target, plan: Plan, before: TaskState, rlog: _RefLog
+    ) -> tuple[bool, str | None]:
         """(True, None) when healthy; (False, why) when the task failed or timed out. LockLost propagates."""
         try:
-            self._health.wait_healthy(
+            self._gate(plan).wait_healthy(
                 target.alloc_id,
                 target.ref.task,
                 before=before,
@@ -678,55 +863,100 @@ class Coordinator:
             return False, str(exc)
         return True, None
 
-    def _trigger_index(self, target: Target) -> int | None:
+    def _allocation(self, target: Target) -> Allocation | None:
+        """The allocation from Nomad, or None when Nomad no longer knows it."""
+        try:
+            return self.nomad.allocation(target.alloc_id)
+        except NotFound:
+            return None
+
+    def _restarted_since(self, target: Target, before: TaskState) -> bool:
+        alloc = self._allocation(target)
+        state = alloc.task_states.get(target.ref.task) if alloc is not None else None
+        return state is not None and restarted(before, state)
+
+    def _settle_gone(
+        self, target: Target, scope: TaskScope, reason: str, holder: str | None, rlog: _RefLog
+    ) -> MemberOutcome | None:
+        """Settle the member as skipped: Nomad stopped, replaced or forgot its allocation."""
+        key = self.plan_key(scope)
+        try:
+            self.plans.update_at(
+                key,
+                lambda p, index: skip(
+                    require(p, key),
+                    target.alloc_id,
+                    reason=reason,
+                    now=self._clock.time(),
+                    index=index,
+                    holder=holder,
+                ),
+            )
+        except MemberUnavailable:
+            return None
+        return self._skip(target, scope, reason, rlog, stopped=True)
+
+    def _trigger_index(self, target: Target, method: RestartMethod) -> int | None:
         """The trigger key's ModifyIndex (0: absent) for method consul_key; None for nomad_api."""
-        if self.options.method is not RestartMethod.CONSUL_KEY:
+        if method is not RestartMethod.CONSUL_KEY:
             return None
         entry = self.consul.get(self.keyspace.trigger_key(target.ref), consistent=True)
         return 0 if entry is None else entry.modify_index
 
-    def _trigger_may_have_applied(self, target: Target, trigger_index: int | None, error: Exception) -> bool:
-        """After a trigger error: may the restart have been requested anyway? False only when proven not.
+    def _live_holder(self, member: Member) -> float | None:
+        """How long to wait for the holder driving ``member``'s restart at most; None when nobody drives it.
 
-        A refused fence (LockLost) applied nothing. After a BackendError the request may have been
-        applied with its answer lost: for method consul_key a trigger key that did not move proves it
-        was not. A restart through Nomad's API cannot be disproved (its restart count moves later), nor
-        can anything when the check itself fails: those count as applied and the health gate decides.
-        A restart that never happened then fails at healthy_deadline and halts the plan, where giving
-        the member back could restart the task twice in one generation.
+        A member held under another session is driven while that session lives (consistent read);
+        one held under this coordinator's own session only while a coordinator of this process
+        holds its claim token: several coordinators may share the session, and a claim whose
+        coordinator stopped (a finish or give-back write Consul refused) would be waited for forever.
         """
-        if isinstance(error, LockLost):
-            return False
-        if trigger_index is None:
-            return True
-        try:
-            return self._trigger_index(target) != trigger_index
-        except BackendError:
-            return True
-
-    def _live_holder(self, member: Member) -> SessionInfo | None:
-        """The live session of another holder of ``member``'s restart; None when it is reclaimable.
-
-        A member held by this coordinator's own session is reclaimable too: a coordinator drives one
-        member at a time, so such a member was left behind by a step of ours that failed (a finish or
-        give-back write that Consul refused), and waiting for it would wait forever.
-        """
-        if member.session is None or member.session == self.session.id:
-            return None
-        return self.consul.session_info(member.session)
+        return Holders(self.consul, self.session).wait_bound(member)
 
     def _give_back(self, key: str, target: Target, holder: str, why: str, rlog: _RefLog) -> None:
         try:
-            self.plans.update(
+            self.plans.update_at(
                 key,
-                lambda p: unclaim(
-                    require(p, key), target.alloc_id, holder=holder, now=self._clock.time(), error=why
+                lambda p, index: unclaim(
+                    require(p, key),
+                    target.alloc_id,
+                    holder=holder,
+                    now=self._clock.time(),
+                    index=index,
+                    error=why,
                 ),
             )
         except (PlanError, BackendError) as exc:
             rlog.warning("could not give the member back (%s); it stays reclaimable", exc)
         else:
             rlog.warning("gave the member back: %s", why)
+
+    # --- the plan's method and health source -----------------------------------------------------
+
+    def _method(self, plan: Plan | None) -> RestartMethod:
+        """The plan's restart method (recorded when it was created), else this coordinator's."""
+        if plan is not None and plan.method:
+            return RestartMethod(plan.method)
+        return self.options.method
+
+    def _trigger(self, method: RestartMethod) -> Trigger:
+        if method not in self._triggers:
+            self._triggers[method] = Trigger(self.consul, self.nomad, self.keyspace, method)
+        return self._triggers[method]
+
+    def _gate(self, plan: Plan | None) -> HealthGate:
+        source = HealthSource(plan.health_source) if plan is not None and plan.health_source else None
+        source = source or self.options.health_source
+        if source not in self._gates:
+            self._gates[source] = HealthGate(
+                self.consul,
+                self.nomad,
+                source=source,
+                min_healthy_time=self.options.min_healthy_time,
+                healthy_deadline=self.options.healthy_deadline,
+                clock=self._clock,
+            )
+        return self._gates[source]
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -740,10 +970,19 @@ class Coordinator:
         self._emit(EventKind.FAILED, scope, target.alloc_id, ref=target.ref, detail=member.error or "")
         return MemberOutcome(target, Outcome.FAILED, member.error or "failed", member.generation, by=by)
 
-    def _skip(self, target: Target, scope: TaskScope, reason: str, rlog: _RefLog) -> MemberOutcome:
+    def _skip(
+        self, target: Target, scope: TaskScope, reason: str, rlog: _RefLog, *, stopped: bool = False
+    ) -> MemberOutcome:
+        if target.alloc_id in self._triggered:
+            # Its task restarted (we triggered it): never report that as skipped. Its health gate
+            # is left to whoever takes the member over.
+            why = f"restarted, but {reason}: its health is judged by whoever takes it over"
+            rlog.warning("%s", why)
+            self._emit(EventKind.RESTARTED, scope, target.alloc_id, ref=target.ref, detail=why)
+            return MemberOutcome(target, Outcome.RESTARTED, why, by=self.name)
         rlog.warning("not restarted: %s", reason)
         self._emit(EventKind.SKIPPED, scope, target.alloc_id, ref=target.ref, detail=reason)
-        return MemberOutcome(target, Outcome.SKIPPED, reason)
+        return MemberOutcome(target, Outcome.SKIPPED, reason, stopped=stopped)
 
     def _log(self, target: Target) -> _RefLog:
         return _RefLog(log, {"prefix": f"{describe(target.ref)} alloc {target.alloc_id}"})
@@ -769,3 +1008,27 @@ class Coordinator:
             self._observer(event)
         except Exception:  # a display must never break a rollout
             log.exception("rollout observer failed on %s", kind.value)
+
+
+_FULL = object()
+"""What :meth:`Coordinator._with_slot` returns when the claim was refused for the concurrency."""
+
+
+class _Held:
+    """The slot a coordinator holds for one attempt; a bump gives it a new token (or ends it)."""
+
+    def __init__(self, slots: RestartSlots, slot: Slot) -> None:
+        self.slots = slots
+        self.slot = slot
+        self._held: Slot | None = slot
+
+    def replace(self, slot: Slot | None) -> None:
+        """Go on with ``slot`` (the same slot with a new token), or with none (it was lost)."""
+        self._held = slot
+        if slot is not None:
+            self.slot = slot
+
+    def release(self) -> None:
+        if self._held is not None:
+            self.slots.release(self._held)
+            self._held = None

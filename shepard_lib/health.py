@@ -113,6 +113,29 @@ class HealthGate:
         """
         return self._nomad.allocation(alloc_id).task_states.get(task, TaskState(state="pending"))
 
+    def healthy_now(self, alloc_id: str, task: str, services: Sequence[str] = ()) -> bool:
+        """Whether ``task`` of ``alloc_id`` is healthy right now by this gate's source (no restart needed).
+
+        Used to tell when a failed member's task came back (it then stops counting as down).
+        """
+        try:
+            alloc = self._nomad.allocation(alloc_id)
+        except NotFound:
+            return False
+        state = alloc.task_states.get(task)
+        if state is None or state.state != "running" or not alloc.running:
+            return False
+        if self.source is HealthSource.NOMAD or not services:
+            return not state.failed
+        if self.source is HealthSource.BOTH and state.failed:
+            return False
+        for service in dict.fromkeys(services):
+            _, checks = self._consul.service_checks(service)
+            mine = [c for c in checks if alloc_id in c.service_id]
+            if not mine or any(c.status is not CheckStatus.PASSING for c in mine):
+                return False
+        return True
+
     def wait_healthy(
         self,
         alloc_id: str,

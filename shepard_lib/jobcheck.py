@@ -185,6 +185,16 @@ def _check_trigger(
                 "a splay only delays each one (and the health gate waits for it)",
             )
         )
+    if job.name != job.id:
+        findings.append(
+            Finding(
+                Severity.ERROR,
+                "job_name_differs",
+                f"the job's name {job.name!r} differs from its ID {job.id!r}: shepard.tpl reads "
+                "NOMAD_JOB_NAME, while Shepard writes trigger keys by job ID, so its restarts would never "
+                "reach this task (remove the job's `name` attribute)",
+            )
+        )
     if not trigger.embedded_tmpl:
         source = f"source {trigger.source_path}" if trigger.source_path else "no embedded data"
         findings.append(

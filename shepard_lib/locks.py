@@ -30,11 +30,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TypeVar
 
@@ -81,6 +82,14 @@ class _Claims:
                 return False
             owners[key] = weakref.ref(owner)
             return True
+
+    def swap(self, session: threading.Event, key: str, owner: object, new_owner: object) -> None:
+        """Hand ``owner``'s claim of ``key`` to ``new_owner`` (the same slot with a new token)."""
+        with self._lock:
+            owners = self._owners.get(session, {})
+            current = owners.get(key)
+            if current is not None and current() is owner:
+                owners[key] = weakref.ref(new_owner)
 
     def drop(self, session: threading.Event, key: str, owner: object) -> bool:
         """Give up ``owner``'s claim; False when it had none (released already, or never held)."""
@@ -244,7 +253,10 @@ class Slot:
     """A held restart slot: ``key`` is ``<slot_prefix><number>``.
 
     ``acquired_at`` is cluster Unix time. ``lost`` is the holding session's ``lost`` event: once it
-    is set the slot may already belong to someone else.
+    is set the slot may already belong to someone else. ``index`` is the fencing token of this
+    acquisition: the slot key's ModifyIndex right after it was acquired (or bumped). A write fenced
+    with ``check-index`` on it applies only while this acquisition holds the slot, so a write sent
+    under it and applied late can never land under a later acquisition by the same session.
     """
 
     key: str
@@ -252,6 +264,8 @@ class Slot:
     session_id: str
     acquired_at: float
     lost: threading.Event
+    index: int = 0
+    holder: str = ""
 
 
 class RestartSlots:
@@ -303,11 +317,13 @@ class RestartSlots:
         def attempt(view: list[KVEntry] | None) -> Slot | None:
             candidates = range(self.size) if view is None else self._free(view)
             for number in candidates:
-                slot = Slot(self.key(number), number, session.id, self._clock.time(), session.lost)
+                slot = Slot(
+                    self.key(number), number, session.id, self._clock.time(), session.lost, holder=holder
+                )
                 value = json.dumps({"holder": holder, "session": session.id, "acquired_at": slot.acquired_at})
                 if _acquire_claimed(self._consul, slot.key, value, session, slot):
                     log.info("restart slot %s acquired by %s", slot.key, holder)
-                    return slot
+                    return self._tokened(slot, session)
             return None
 
         return _acquire_loop(
@@ -323,6 +339,53 @@ class RestartSlots:
             clock=self._clock,
             max_wait=self._max_wait,
         )
+
+    def _tokened(self, slot: Slot, session: Session) -> Slot:
+        """``slot`` with its fencing token: the key's ModifyIndex, from a consistent read after the acquire.
+
+        Only the holder's session changes a held slot, so the index read is this acquisition's.
+        """
+        try:
+            entry = self._consul.get(slot.key, consistent=True)
+        except BaseException:
+            self.release(slot)
+            raise
+        if entry is None or entry.session != session.id:
+            self.release(slot)
+            raise LockLost(f"restart slot {slot.key}: lost right after it was acquired")
+        tokened = replace(slot, index=entry.modify_index)
+        _CLAIMS.swap(slot.lost, slot.key, slot, tokened)
+        return tokened
+
+    def bump(self, slot: Slot) -> Slot | None:
+        """Give ``slot`` a new fencing token, so nothing fenced by its old one can apply any more.
+
+        Re-acquires the key under the same session (Consul lets a holder acquire again; the key's
+        ModifyIndex moves). Returns the slot with its new token, or None when the slot is no longer
+        held (its session was lost: Consul released it, which moved the index too). Raises
+        :class:`ConsulError` when it cannot tell whether the old token is dead.
+        """
+        # A fresh nonce: Consul skips a write that changes nothing, and keeps the ModifyIndex.
+        value = json.dumps(
+            {
+                "holder": slot.holder,
+                "session": slot.session_id,
+                "acquired_at": slot.acquired_at,
+                "token": secrets.token_hex(8),
+            }
+        )
+        try:
+            self._consul.acquire(slot.key, value, slot.session_id)
+        except ConsulError as exc:
+            log.warning("restart slot %s: bump failed, reading it: %s", slot.key, exc)
+        entry = self._consul.get(slot.key, consistent=True)
+        if entry is not None and entry.modify_index == slot.index:
+            raise ConsulError(f"bump {slot.key}", "the index did not move: the old token may still apply")
+        if entry is None or entry.session != slot.session_id:
+            return None
+        bumped = replace(slot, index=entry.modify_index)
+        _CLAIMS.swap(slot.lost, slot.key, slot, bumped)
+        return bumped
 
     def release(self, slot: Slot) -> None:
         """Release ``slot`` (idempotent). A failure is logged: the slot then ends with the session."""

@@ -158,6 +158,8 @@ class Allocation:
     index: int
     task_states: dict[str, TaskState] = field(default_factory=dict)
     modify_index: int = 0
+    previous_allocation: str = ""
+    next_allocation: str = ""
 
     @property
     def running(self) -> bool:

@@ -10,26 +10,43 @@ read-modify-write guarded by CAS on the key's ModifyIndex, which is exactly as a
 around the update but depends on no holder being alive: a lock on ``task_lock`` would put a
 session (and after a crash, its lock-delay) in front of every finish, resume and abort.
 
-Generations: ``generation`` counts the changes a plan has seen. A registration carries the time
-of its change (``changed_at``: when the agent saw the files change, or when a rollout was asked
-for). A member whose restart was claimed at or after that time already runs the changed config,
-so the registration leaves it alone: the many events of one change, and a rollout asked for
-together with them, restart each member once. Otherwise:
+Generations: ``generation`` counts the changes a plan has seen. Changes are ordered by Consul's
+logical indexes, never by comparing two hosts' clocks. Every transition is applied at the plan's
+ModifyIndex (the ``index`` the CAS write is based on): a claim records it as ``claim_index``, so
+the claim's write came after every plan write up to that index. A registration carries
+``seen_index``: the plan's ModifyIndex read *after* the change was seen (0 when there was no plan;
+default: the index the registration itself is applied at, i.e. "now"). A member with
+``claim_index >= seen_index`` was claimed after the change was seen, so its restart runs the
+changed config and the registration leaves it alone: the many events of one change, and a rollout
+asked for together with them, restart each member once. Otherwise:
 
 - a member not in the plan, or ``pending``, joins the current generation (a pending member is
   never restarted twice);
-- a member ``done`` or ``failed`` in the current generation opens a new generation (at most one
-  per registration): it becomes ``pending``, the other pending members move to the new
-  generation (they are restarted once, with the newest config), and a failed or aborted plan is
-  planned again (a new change is the other way, besides ``resume``, out of a halted plan);
+- a member ``done``, ``failed`` or ``skipped`` in the current generation opens a new generation
+  (at most one per registration): it becomes ``pending``, the other pending members move to the
+  new generation (they are restarted once, with the newest config);
 - a member ``restarting`` is marked ``rerun`` (opening a new generation if it was claimed in the
   current one): its restart began before the change, so the new config may not have been
   rendered in time; when it finishes it goes back to ``pending`` in the newest generation
-  instead of ``done``.
+  instead of ``done``;
+- a halted (failed or aborted) plan is planned again, in a new generation, by a change seen
+  after it halted (``seen_index`` past the ``halt_index`` recorded by the halting write), whichever
+  member reports it first; a late event of the change that halted it does not un-halt it.
 
-A late event of the change that failed a plan therefore does not un-fail it (the failed member
-was claimed after that change). Times are cluster Unix seconds from the participants' clocks,
-which are assumed to agree (NTP) to well under the time a restart takes.
+``join=True`` (a rollout that was not asked to restart ``--again``) joins a ``planned`` plan
+instead: members of the current generation are left as they are and no generation is opened.
+
+Concurrency: a member counts against ``concurrent_lock_count`` while it is ``restarting``, and
+also while it is ``failed`` in the current generation of a plan that goes on (``max_failures`` not
+exceeded) until :func:`recover` records that its task is healthy again, or an operator aborts or
+resumes: a failed restart leaves its task down, and the limit counts what is really down.
+
+``max_failures`` is how many failed restarts a generation tolerates: the plan halts when the
+failures exceed it (0: at the first).
+
+Members whose allocation Nomad stopped, replaced or garbage-collected are ``skipped`` (settled,
+never a failure), and a registration that knows the job's ``live`` allocations drops settled
+members of the others, so the plan stays bounded however many deployments the job sees.
 
 Wire format: JSON with ``"schema": 1``. A value that is not such JSON (corrupt, or written by
 something else) is logged with its key and replaced by a fresh plan on the next update.
@@ -54,6 +71,7 @@ __all__ = [
     "CONCURRENCY_META",
     "MAX_FAILURES_META",
     "SCHEMA_VERSION",
+    "ConcurrencyFull",
     "Member",
     "MemberSpec",
     "MemberState",
@@ -65,19 +83,22 @@ __all__ = [
     "PlanStore",
     "abort",
     "claim",
+    "down",
     "finish",
     "new_plan",
     "reclaim",
+    "recover",
     "register",
     "require",
     "resolve_settings",
     "resume",
+    "skip",
     "unclaim",
 ]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CONCURRENCY_META = "shepard_concurrency"
 MAX_FAILURES_META = "shepard_max_failures"
 
@@ -87,7 +108,7 @@ class PlanStatus(enum.StrEnum):
 
     PLANNED = "planned"
     COMPLETE = "complete"
-    FAILED = "failed"  # max_failures reached: halted until resume or a new change
+    FAILED = "failed"  # max_failures exceeded: halted until resume or a new change
     ABORTED = "aborted"  # halted by an operator: halted until resume or a new change
 
 
@@ -98,9 +119,11 @@ class MemberState(enum.StrEnum):
     RESTARTING = "restarting"
     DONE = "done"
     FAILED = "failed"
+    SKIPPED = "skipped"  # its allocation was stopped, replaced or garbage-collected: settled
 
 
 HALTED = frozenset({PlanStatus.FAILED, PlanStatus.ABORTED})
+SETTLED = frozenset({MemberState.DONE, MemberState.FAILED, MemberState.SKIPPED})
 
 
 class PlanFormatError(PlanError):
@@ -119,9 +142,16 @@ class MemberUnavailable(PlanError):
         super().__init__(f"allocation {alloc_id}: {reason}")
 
 
+class ConcurrencyFull(MemberUnavailable):
+    """A claim refused because ``concurrent_lock_count`` members are down already (see :func:`down`)."""
+
+
 @dataclass(frozen=True)
 class PlanSettings:
-    """The numbers a plan is created with; fixed for the plan while it is active."""
+    """The numbers a plan is created with; fixed for the plan while it is active.
+
+    ``max_failures`` is how many failed restarts are tolerated: the plan halts past it (0: at the first).
+    """
 
     concurrency: int = 1
     max_failures: int = 1
@@ -129,8 +159,8 @@ class PlanSettings:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.max_failures < 1:
-            raise ValueError(f"max_failures must be >= 1, got {self.max_failures}")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
 
 
 @dataclass(frozen=True)
@@ -146,12 +176,15 @@ class MemberSpec:
 class Member:
     """One allocation of the plan.
 
-    ``holder`` is the unique claim of whoever restarts it (several workers may share one
-    session), ``session`` that worker's Consul session ID (a member whose session is gone can be
-    reclaimed) and ``holder_name`` says who it is, for humans. ``restarts_before`` /
-    ``started_before`` are the task's restart count and start time read before the trigger, and
-    ``trigger_index`` the trigger key's ModifyIndex then (method consul_key), so a reclaimer can
-    tell whether the trigger was written or already took effect.
+    ``holder`` is the unique token of one claim (several coordinators may share one session; a
+    member is held by exactly one claim), ``session`` that claimant's Consul session ID (a member
+    whose session is gone can be reclaimed) and ``holder_name`` says who it is, for humans.
+    ``restarts_before`` / ``started_before`` are the task's restart count and start time read
+    before the trigger, and ``trigger_index`` the trigger key's ModifyIndex then (method
+    consul_key), so a reclaimer can tell whether the trigger was written or already took effect.
+    ``claim_index`` is the plan ModifyIndex the claim was applied at (see the module docs).
+    ``recovered`` marks a failed member whose task is healthy again (it no longer counts as down).
+    ``error`` is why it failed, or why it was skipped.
     """
 
     state: MemberState
@@ -165,8 +198,9 @@ class Member:
     restarts_before: int | None = None
     started_before: float | None = None
     trigger_index: int | None = None
-    claimed_at: float | None = None
+    claim_index: int | None = None
     rerun: bool = False
+    recovered: bool = False
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -182,8 +216,9 @@ class Member:
             "restarts_before": self.restarts_before,
             "started_before": self.started_before,
             "trigger_index": self.trigger_index,
-            "claimed_at": self.claimed_at,
+            "claim_index": self.claim_index,
             "rerun": self.rerun,
+            "recovered": self.recovered,
             "updated_at": self.updated_at,
             "error": self.error,
         }
@@ -203,15 +238,21 @@ class Member:
             restarts_before=_opt(data.get("restarts_before"), _int),
             started_before=_opt(data.get("started_before"), _float),
             trigger_index=_opt(data.get("trigger_index"), _int),
-            claimed_at=_opt(data.get("claimed_at"), _float),
+            claim_index=_opt(data.get("claim_index"), _int),
             rerun=bool(data.get("rerun", False)),
+            recovered=bool(data.get("recovered", False)),
             error=_opt(data.get("error"), _str),
         )
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The restart plan of one task scope (job/group/task, plus node when lock_scope is node)."""
+    """The restart plan of one task scope (job/group/task, plus node when lock_scope is node).
+
+    ``method`` and ``health_source`` are how this plan restarts and judges its members, recorded
+    when it was created or re-opened, so a resume or a reclaimer uses the plan's, not its own
+    configuration's. ``halt_index`` is the plan ModifyIndex the halting write was applied at.
+    """
 
     job: str
     group: str
@@ -226,6 +267,9 @@ class Plan:
     updated_at: float
     members: Mapping[str, Member] = field(default_factory=dict)
     halt_reason: str | None = None
+    halt_index: int | None = None
+    method: str | None = None
+    health_source: str | None = None
 
     @property
     def label(self) -> str:
@@ -265,6 +309,9 @@ class Plan:
             "concurrent_lock_count": self.concurrent_lock_count,
             "max_failures": self.max_failures,
             "halt_reason": self.halt_reason,
+            "halt_index": self.halt_index,
+            "method": self.method,
+            "health_source": self.health_source,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "members": {a: m.to_json() for a, m in sorted(self.members.items())},
@@ -300,11 +347,14 @@ class Plan:
                 generation=_int(data["generation"]),
                 instance_count=_int(data["instance_count"]),
                 concurrent_lock_count=_positive(data["concurrent_lock_count"]),
-                max_failures=_positive(data["max_failures"]),
+                max_failures=_not_negative(data["max_failures"]),
                 created_at=_float(data["created_at"]),
                 updated_at=_float(data["updated_at"]),
                 members={_str(a): Member.from_json(m) for a, m in members.items()},
                 halt_reason=_opt(data.get("halt_reason"), _str),
+                halt_index=_opt(data.get("halt_index"), _int),
+                method=_opt(data.get("method"), _str),
+                health_source=_opt(data.get("health_source"), _str),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanFormatError(f"malformed plan ({type(exc).__name__}: {exc})") from None
@@ -324,6 +374,7 @@ def resolve_settings(job: Job, group: str, *, concurrency: int, max_failures: in
     group_meta: Mapping[str, str] = tg.meta if tg is not None else {}
     problems: list[str] = []
     values = {CONCURRENCY_META: concurrency, MAX_FAILURES_META: max_failures}
+    least = {CONCURRENCY_META: 1, MAX_FAILURES_META: 0}
     for key in values:
         for where, meta in ((f"job {job.id!r}", job.meta), (f"job {job.id!r} group {group!r}", group_meta)):
             if key not in meta:
@@ -332,9 +383,9 @@ def resolve_settings(job: Job, group: str, *, concurrency: int, max_failures: in
             try:
                 number = int(str(raw).strip())
             except ValueError:
-                number = 0
-            if number < 1:
-                problems.append(f"{where}: meta {key} = {raw!r} is not a whole number >= 1")
+                number = -1
+            if number < least[key]:
+                problems.append(f"{where}: meta {key} = {raw!r} is not a whole number >= {least[key]}")
             else:
                 values[key] = number
     if problems:
@@ -343,6 +394,20 @@ def resolve_settings(job: Job, group: str, *, concurrency: int, max_failures: in
 
 
 # --- transitions (pure) -----------------------------------------------------------------------
+
+
+def down(plan: Plan) -> dict[str, Member]:
+    """The members that count against the concurrency: restarting, or failed and not yet recovered.
+
+    A failed member of the current generation counts until its task is healthy again
+    (:func:`recover`) or the plan leaves that generation (resume, a new change).
+    """
+    return {
+        a: m
+        for a, m in plan.members.items()
+        if m.state == MemberState.RESTARTING
+        or (m.state == MemberState.FAILED and m.generation == plan.generation and not m.recovered)
+    }
 
 
 def new_plan(
@@ -354,6 +419,8 @@ def new_plan(
     instance_count: int,
     settings: PlanSettings,
     now: float,
+    method: str | None = None,
+    health_source: str | None = None,
 ) -> Plan:
     """An empty ``planned`` plan at generation 1."""
     return Plan(
@@ -368,6 +435,8 @@ def new_plan(
         max_failures=settings.max_failures,
         created_at=now,
         updated_at=now,
+        method=method,
+        health_source=health_source,
     )
 
 
@@ -376,32 +445,48 @@ def register(
     specs: Iterable[MemberSpec],
     *,
     now: float,
-    changed_at: float | None = None,
+    index: int = 0,
+    seen_index: int | None = None,
     settings: PlanSettings | None = None,
     instance_count: int | None = None,
+    method: str | None = None,
+    health_source: str | None = None,
+    live: Iterable[str] | None = None,
+    join: bool = False,
 ) -> Plan:
     """Register allocations that need a restart (one change event, or one rollout request).
 
-    ``changed_at`` (default ``now``) is when the change happened: a member whose restart was
-    claimed at or after it already runs the changed config, so the registration leaves it alone.
-    See the module docstring for the generation rules. ``settings`` and ``instance_count`` are
-    applied only when the plan is not active (complete, or a new change with nothing
-    restarting): an active plan keeps the concurrency it was created with, so every
-    participant uses the same slots.
+    ``index`` is the plan ModifyIndex this registration is applied at and ``seen_index`` (default
+    ``index``) the plan's ModifyIndex read after the change was seen; ``join`` joins a planned
+    plan without opening a generation. See the module docstring for the generation rules.
+    ``settings``, ``instance_count``, ``method`` and ``health_source`` are applied only when the
+    plan is not active (complete, or a new change with nothing restarting): an active plan keeps
+    the concurrency it was created with, so every participant uses the same slots. ``live``
+    (every live allocation of the job, when the caller knows them) drops the settled members of
+    the others.
     """
-    changed = now if changed_at is None else changed_at
-
-    def covered(m: Member) -> bool:
-        return m.claimed_at is not None and m.claimed_at >= changed
-
+    seen = index if seen_index is None else seen_index
     specs = list(specs)
     members = dict(plan.members)
-    new_change = any(
-        (m := members.get(s.alloc_id)) is not None
-        and m.generation == plan.generation
-        and m.state in (MemberState.DONE, MemberState.FAILED, MemberState.RESTARTING)
-        and not covered(m)
-        for s in specs
+    if live is not None:
+        alive = set(live)
+        members = {a: m for a, m in members.items() if a in alive or m.state not in SETTLED}
+
+    def covered(m: Member) -> bool:
+        if join and plan.status == PlanStatus.PLANNED and m.generation == plan.generation:
+            return True
+        return m.claim_index is not None and m.claim_index >= seen
+
+    reopened = plan.halted and (plan.halt_index is None or seen > plan.halt_index)
+    new_change = reopened or (
+        not (join and plan.status == PlanStatus.PLANNED)
+        and any(
+            (m := members.get(s.alloc_id)) is not None
+            and m.generation == plan.generation
+            and m.state != MemberState.PENDING
+            and not covered(m)
+            for s in specs
+        )
     )
     generation = plan.generation + 1 if new_change else plan.generation
     if new_change:
@@ -416,7 +501,7 @@ def register(
             )
         elif covered(m):
             continue
-        elif m.state in (MemberState.DONE, MemberState.FAILED):
+        elif m.state in SETTLED:
             members[s.alloc_id] = replace(_back_to_pending(m, now), generation=generation)
         elif m.state == MemberState.RESTARTING:
             # Its restart began before the change: restart it once more when it finishes.
@@ -424,10 +509,17 @@ def register(
                 members[s.alloc_id] = replace(m, rerun=True, updated_at=now)
         elif m.generation != generation:
             members[s.alloc_id] = replace(m, generation=generation, updated_at=now)
-    status, halt_reason = plan.status, plan.halt_reason
+    status, halt_reason, halt_index = plan.status, plan.halt_reason, plan.halt_index
     if new_change or (status == PlanStatus.COMPLETE and members != plan.members):
-        status, halt_reason = PlanStatus.PLANNED, None
-    updated = replace(plan, members=members, generation=generation, status=status, halt_reason=halt_reason)
+        status, halt_reason, halt_index = PlanStatus.PLANNED, None, None
+    updated = replace(
+        plan,
+        members=members,
+        generation=generation,
+        status=status,
+        halt_reason=halt_reason,
+        halt_index=halt_index,
+    )
     if plan.status == PlanStatus.COMPLETE or (new_change and not plan.in_state(MemberState.RESTARTING)):
         if settings is not None:
             updated = replace(
@@ -435,9 +527,11 @@ def register(
             )
         if instance_count is not None:
             updated = replace(updated, instance_count=instance_count)
+        if method is not None:
+            updated = replace(updated, method=method, health_source=health_source)
     if updated == plan:
         return plan
-    return replace(updated, updated_at=now)
+    return _settle(replace(updated, updated_at=now), index)
 
 
 def claim(
@@ -450,14 +544,16 @@ def claim(
     restarts_before: int,
     started_before: float | None,
     now: float,
+    index: int = 0,
     trigger_index: int | None = None,
 ) -> Plan:
-    """``pending`` -> ``restarting`` by ``holder``; idempotent for the same holder.
+    """``pending`` -> ``restarting`` by ``holder``, applied at plan ModifyIndex ``index``; idempotent.
 
-    Raises :class:`MemberUnavailable` when the plan is not ``planned``, the member is not
-    pending (someone else took it, it finished, or it is not in the plan), or
-    ``concurrent_lock_count`` members are restarting already: a restart whose holder died keeps
-    counting until it is reclaimed and seen through, although its slot came free.
+    Raises :class:`MemberUnavailable` when the plan is not ``planned`` or the member is not
+    pending (someone else took it, it finished, or it is not in the plan), and
+    :class:`ConcurrencyFull` when ``concurrent_lock_count`` members are down already
+    (:func:`down`): a restart whose holder died keeps counting until it is reclaimed and seen
+    through although its slot came free, and a failed restart until its task is healthy again.
     """
     m = _member(plan, alloc_id)
     if m.state == MemberState.RESTARTING and m.holder == holder:
@@ -466,10 +562,10 @@ def claim(
         raise MemberUnavailable(alloc_id, _halted_reason(plan))
     if m.state != MemberState.PENDING:
         raise MemberUnavailable(alloc_id, _describe(m))
-    inflight = len(plan.in_state(MemberState.RESTARTING))
-    if inflight >= plan.concurrent_lock_count:
-        raise MemberUnavailable(
-            alloc_id, f"{inflight} restart(s) in flight, the concurrency of plan {plan.label}"
+    busy = len(down(plan))
+    if busy >= plan.concurrent_lock_count:
+        raise ConcurrencyFull(
+            alloc_id, f"{busy} member(s) restarting or failed, the concurrency of plan {plan.label}"
         )
     claimed = replace(
         m,
@@ -480,8 +576,9 @@ def claim(
         restarts_before=restarts_before,
         started_before=started_before,
         trigger_index=trigger_index,
-        claimed_at=now,
+        claim_index=index,
         rerun=False,
+        recovered=False,
         error=None,
         updated_at=now,
     )
@@ -492,29 +589,32 @@ def reclaim(
     plan: Plan,
     alloc_id: str,
     *,
-    dead_session: str | None,
+    dead_holder: str | None,
     holder: str,
     session: str,
     holder_name: str,
     now: float,
 ) -> Plan:
-    """Take over a ``restarting`` member whose holder's session no longer exists.
+    """Take over a ``restarting`` member whose claim ``dead_holder`` is no longer driven by anyone.
 
-    The caller checked that ``dead_session`` is gone; the transition only applies while the
-    member is still held under it. ``restarts_before`` is kept, so the new holder can tell
-    whether the dead holder's trigger already took effect. Reclaiming is allowed on a halted
-    plan too: it finishes an in-flight restart, it does not start a new one.
+    The caller checked that ``dead_holder``'s session is gone (or, for its own session, that no
+    coordinator of it holds that claim); the transition only applies while the member is still
+    held by that claim. ``restarts_before`` is kept, so the new holder can tell whether the dead
+    holder's trigger already took effect. Reclaiming is allowed on a halted plan too: it
+    finishes an in-flight restart, it does not start a new one.
     """
     m = _member(plan, alloc_id)
     if m.state == MemberState.RESTARTING and m.holder == holder:
         return plan
-    if m.state != MemberState.RESTARTING or m.session != dead_session:
+    if m.state != MemberState.RESTARTING or m.holder != dead_holder:
         raise MemberUnavailable(alloc_id, _describe(m))
     taken = replace(m, holder=holder, session=session, holder_name=holder_name, updated_at=now)
     return _with_member(plan, alloc_id, taken, now)
 
 
-def unclaim(plan: Plan, alloc_id: str, *, holder: str, now: float, error: str | None = None) -> Plan:
+def unclaim(
+    plan: Plan, alloc_id: str, *, holder: str, now: float, index: int = 0, error: str | None = None
+) -> Plan:
     """``restarting`` -> ``pending``: the holder gives the member back without having triggered it."""
     m = _member(plan, alloc_id)
     if m.state != MemberState.RESTARTING or m.holder != holder:
@@ -522,18 +622,27 @@ def unclaim(plan: Plan, alloc_id: str, *, holder: str, now: float, error: str | 
             return plan  # our own earlier write that we did not see acknowledged
         raise MemberUnavailable(alloc_id, _describe(m))
     back = replace(_back_to_pending(m, now), generation=plan.generation, error=error)
-    return _settle(_with_member(plan, alloc_id, back, now))
+    return _settle(_with_member(plan, alloc_id, back, now), index)
 
 
-def finish(plan: Plan, alloc_id: str, *, holder: str, ok: bool, now: float, error: str | None = None) -> Plan:
+def finish(
+    plan: Plan,
+    alloc_id: str,
+    *,
+    holder: str,
+    ok: bool,
+    now: float,
+    index: int = 0,
+    error: str | None = None,
+) -> Plan:
     """``restarting`` -> ``done`` / ``failed``, or back to ``pending`` when it was marked ``rerun``.
 
-    Then the plan becomes ``failed`` when the failures of the current generation reach
-    max_failures, or ``complete`` when no member is pending or restarting.
+    Then the plan becomes ``failed`` when the failures of the current generation exceed
+    max_failures (recording ``halt_index``), or ``complete`` when no member is pending or restarting.
     """
     m = _member(plan, alloc_id)
     if m.state != MemberState.RESTARTING or m.holder != holder:
-        if m.holder == holder and m.state in (MemberState.DONE, MemberState.FAILED):
+        if m.holder == holder and m.state in SETTLED:
             return plan  # our own earlier write that we did not see acknowledged
         raise MemberUnavailable(alloc_id, _describe(m))
     if m.rerun:
@@ -541,13 +650,44 @@ def finish(plan: Plan, alloc_id: str, *, holder: str, ok: bool, now: float, erro
     else:
         state = MemberState.DONE if ok else MemberState.FAILED
         finished = replace(m, state=state, error=None if ok else error, updated_at=now)
-    return _settle(_with_member(plan, alloc_id, finished, now))
+    return _settle(_with_member(plan, alloc_id, finished, now), index)
+
+
+def skip(
+    plan: Plan, alloc_id: str, *, reason: str, now: float, index: int = 0, holder: str | None = None
+) -> Plan:
+    """Settle a member whose allocation Nomad stopped, replaced or forgot as ``skipped`` (never a failure).
+
+    A pending member is skipped by anyone; a restarting one only by its ``holder`` (who checked
+    that its trigger did not restart it). Idempotent.
+    """
+    m = _member(plan, alloc_id)
+    if m.state == MemberState.SKIPPED:
+        return plan
+    if m.state == MemberState.RESTARTING and (holder is None or m.holder != holder):
+        raise MemberUnavailable(alloc_id, _describe(m))
+    if m.state not in (MemberState.PENDING, MemberState.RESTARTING):
+        raise MemberUnavailable(alloc_id, _describe(m))
+    skipped = replace(_back_to_pending(m, now), state=MemberState.SKIPPED, error=reason)
+    return _settle(_with_member(plan, alloc_id, skipped, now), index)
+
+
+def recover(plan: Plan, alloc_id: str, *, now: float) -> Plan:
+    """A failed member's task is healthy again: it no longer counts against the concurrency. Idempotent."""
+    m = _member(plan, alloc_id)
+    if m.state != MemberState.FAILED or m.recovered:
+        return plan
+    return _with_member(plan, alloc_id, replace(m, recovered=True, updated_at=now), now)
 
 
 def resume(plan: Plan, *, now: float) -> Plan:
-    """An operator resumes a failed or aborted plan: failed members of this generation are pending again."""
+    """An operator resumes a failed or aborted plan: failed members of this generation are pending again.
+
+    Idempotent: a plan that is not halted (a resume whose answer was lost, or an orphaned
+    ``planned`` plan the operator wants driven again) is returned unchanged.
+    """
     if not plan.halted:
-        raise PlanError(f"plan {plan.label} is {plan.status.value}, not failed or aborted: nothing to resume")
+        return plan
     members = {
         a: (
             _back_to_pending(m, now)
@@ -557,17 +697,25 @@ def resume(plan: Plan, *, now: float) -> Plan:
         for a, m in plan.members.items()
     }
     return _settle(
-        replace(plan, members=members, status=PlanStatus.PLANNED, halt_reason=None, updated_at=now)
+        replace(
+            plan,
+            members=members,
+            status=PlanStatus.PLANNED,
+            halt_reason=None,
+            halt_index=None,
+            updated_at=now,
+        ),
+        0,
     )
 
 
-def abort(plan: Plan, *, reason: str, now: float) -> Plan:
-    """An operator stops a plan: nobody starts a restart; in-flight restarts finish; pending are skipped."""
+def abort(plan: Plan, *, reason: str, now: float, index: int = 0) -> Plan:
+    """An operator stops a plan: nobody starts a restart; in-flight restarts finish. Idempotent."""
     if plan.status == PlanStatus.COMPLETE:
         raise PlanError(f"plan {plan.label} is complete: nothing to abort")
     if plan.status == PlanStatus.ABORTED:
         return plan
-    return replace(plan, status=PlanStatus.ABORTED, halt_reason=reason, updated_at=now)
+    return replace(plan, status=PlanStatus.ABORTED, halt_reason=reason, halt_index=index, updated_at=now)
 
 
 def require(plan: Plan | None, key: str) -> Plan:
@@ -577,13 +725,14 @@ def require(plan: Plan | None, key: str) -> Plan:
     return plan
 
 
-def _settle(plan: Plan) -> Plan:
-    """Recompute the plan status after a member changed."""
-    if plan.status == PlanStatus.PLANNED and plan.failures() >= plan.max_failures:
+def _settle(plan: Plan, index: int) -> Plan:
+    """Recompute the plan status after a member changed; ``index``: where this write is applied."""
+    if plan.status == PlanStatus.PLANNED and plan.failures() > plan.max_failures:
         return replace(
             plan,
             status=PlanStatus.FAILED,
-            halt_reason=f"{plan.failures()} failed restart(s) reached max_failures={plan.max_failures}",
+            halt_reason=f"{plan.failures()} failed restart(s) exceeded max_failures={plan.max_failures}",
+            halt_index=index,
         )
     active = any(m.state in (MemberState.PENDING, MemberState.RESTARTING) for m in plan.members.values())
     if plan.status == PlanStatus.PLANNED and not active:
@@ -603,8 +752,9 @@ def _back_to_pending(m: Member, now: float) -> Member:
         restarts_before=None,
         started_before=None,
         trigger_index=None,
-        claimed_at=None,
+        claim_index=None,
         rerun=False,
+        recovered=False,
         error=None,
         updated_at=now,
     )
@@ -651,6 +801,13 @@ def _positive(value: Any) -> int:
     return number
 
 
+def _not_negative(value: Any) -> int:
+    number = _int(value)
+    if number < 0:
+        raise ValueError(f"expected an integer >= 0, got {number}")
+    return number
+
+
 def _float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"expected a number, got {type(value).__name__}")
@@ -664,13 +821,20 @@ def _opt(value: Any, parse: Callable[[Any], Any]) -> Any:
 # --- storage ----------------------------------------------------------------------------------
 
 
+def _ambiguous(exc: ConsulError) -> bool:
+    """A write error that says nothing about whether it applied (no answer, or a 5xx outage)."""
+    return exc.status is None or exc.status >= 500
+
+
 class PlanStore:
     """Reads and CAS-updates plans in Consul.
 
     ``update(key, change)`` reads the plan with a consistent read, calls the pure ``change`` on
     it (None when there is no plan, or when the value is corrupt or foreign: that is logged with
     the key and the value is replaced) and writes the result with ``cas=ModifyIndex``. On a CAS
-    conflict it starts over, at most ``attempts`` times, with jittered backoff. A ``change``
+    conflict, or a write whose answer was lost, it starts over, at most ``attempts`` times, with
+    jittered backoff (every transition is idempotent, so a lost answer of one that applied is
+    seen on the next read). A ``change``
     that returns the plan unchanged writes nothing. Exceptions of ``change`` (such as
     :class:`MemberUnavailable`) propagate and nothing is written.
     """
@@ -711,16 +875,29 @@ class PlanStore:
 
     def update(self, key: str, change: Callable[[Plan | None], Plan]) -> Plan:
         """Apply ``change`` atomically (see the class docstring); returns the plan as written."""
+        return self.update_at(key, lambda plan, _index: change(plan))
+
+    def update_at(self, key: str, change: Callable[[Plan | None, int], Plan]) -> Plan:
+        """:meth:`update` with ``change(plan, index)``: ``index`` is the ModifyIndex the write is based on."""
         last_error: Exception | None = None
         for attempt in range(self._attempts):
             try:
                 plan, index = self.read(key)
-                updated = change(plan)
+                updated = change(plan, index)
                 if updated is plan:
                     return updated
-                if self._consul.put(key, updated.encode(), cas=index):
-                    return updated
-                last_error = None
+                try:
+                    if self._consul.put(key, updated.encode(), cas=index):
+                        return updated
+                except ConsulError as exc:
+                    if not (exc.transient or _ambiguous(exc)):
+                        raise
+                    # The write may have applied with its answer lost, or may still apply: read
+                    # again. The CAS keeps a late one from applying over a newer plan, and every
+                    # transition is idempotent, so one that did apply makes ``change`` a no-op.
+                    last_error = exc
+                else:
+                    last_error = None
             except ConsulError as exc:
                 if not exc.transient:
                     raise

@@ -87,17 +87,25 @@ class RolloutOptions:
     min_healthy_time: float | None = None
     healthy_deadline: float | None = None
     max_failures: int | None = None
+    """Failed restarts tolerated before the plan halts (0: halt at the first)."""
     dry_run: bool = False
-    changed_at: float | None = None
-    """The change this rollout is for (cluster Unix time; default: when it starts). Allocations
-    whose restart began at or after it are not restarted again, so a rollout of a change that
-    agents are already rolling out cooperates with them instead of restarting twice."""
+    seen_index: int | None = None
+    """The change this rollout is for, as a Consul index: the ModifyIndex of each task's plan read
+    after the change was seen (0: there was no plan; for several tasks, the largest). Allocations
+    whose restart was claimed after it are not restarted again, so a rollout of a change that
+    agents are already rolling out cooperates with them. Default: the rollout's own request."""
+    again: bool = False
+    """Restart every allocation once more even when a plan of the task is in progress; by default
+    a rollout joins a ``planned`` plan and restarts only what its current generation has not."""
 
     def __post_init__(self) -> None:
         problems = [
-            f"{name} must be >= 1, got {value}"
-            for name, value in (("concurrency", self.concurrency), ("max_failures", self.max_failures))
-            if value is not None and value < 1
+            f"{name} must be >= {least}, got {value}"
+            for name, value, least in (
+                ("concurrency", self.concurrency, 1),
+                ("max_failures", self.max_failures, 0),
+            )
+            if value is not None and value < least
         ]
         if problems:
             raise ConfigError(problems)
@@ -178,8 +186,12 @@ class RolloutResult:
 
     @property
     def ok(self) -> bool:
-        """Every allocation asked for restarted and is healthy (tasks that cannot be restarted aside)."""
-        return not self.failed and not self.skipped
+        """Every allocation asked for restarted and is healthy (tasks that cannot be restarted aside).
+
+        A member skipped because Nomad stopped, replaced or garbage-collected its allocation does
+        not count against it: there was nothing left to restart.
+        """
+        return not self.failed and all(o.stopped for o in self.skipped)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (``shepard restart --output json``)."""
@@ -208,6 +220,9 @@ class PlanView:
     scope: TaskScope
     plan: Plan | None
     holders: dict[int, str] = field(default_factory=dict)
+    orphaned: bool = False
+    """The plan is planned with members pending or restarting, but no live session holds one of
+    its slots or a restarting member: nobody drives it (``resume`` drives it again)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -219,6 +234,7 @@ class PlanView:
             "node": self.scope.node,
             "plan": self.plan.to_json() if self.plan else None,
             "slot_holders": {str(n): h for n, h in sorted(self.holders.items())},
+            "orphaned": self.orphaned,
         }
 
 
@@ -288,10 +304,9 @@ class RollingRestart:
         """
         options = options or RolloutOptions()
         started = self._clock.monotonic()
-        requested_at = self._clock.time() if options.changed_at is None else options.changed_at
         job = self.nomad.job(job_id)
         coordinator_options = self._coordinator_options(options)
-        scopes, skipped_tasks = self._select(job, options, coordinator_options.method)
+        scopes, skipped_tasks, live = self._select(job, options, coordinator_options.method)
         planned = tuple(
             PlannedRestart(n, t.alloc_id, t.ref.node, t.ref.alloc_index, t.ref.group, t.ref.task)
             for n, t in enumerate(t for targets in scopes.values() for t in targets)
@@ -322,7 +337,7 @@ class RollingRestart:
                 settings,
                 coordinator_options,
                 peak,
-                requested_at=requested_at,
+                registration=_Registration(options.seen_index, live, join=not options.again),
                 interrupt=interrupt,
             )
             if options.concurrency is not None and plan.concurrent_lock_count != options.concurrency:
@@ -370,18 +385,26 @@ class RollingRestart:
         options: CoordinatorOptions,
         peak: _Peak,
         *,
-        requested_at: float | None = None,
+        registration: _Registration | None = None,
         interrupt: Interrupt | None = None,
     ) -> tuple[Plan, list[MemberOutcome]]:
-        """Register ``targets`` (unless ``requested_at`` is None: resume) and drive them in workers.
+        """Register ``targets`` (unless ``registration`` is None: resume) and drive them in workers.
 
         On ``interrupt.stop`` the workers take no new member; on ``interrupt.abandon`` their
         sessions are destroyed and the members still in flight are reported skipped.
         """
         with self._session("planner") as session:
             planner = self._coordinator(session, options, peak, self.name)
-            if requested_at is not None:
-                plan = planner.register(scope, targets, job, settings, changed_at=requested_at)
+            if registration is not None:
+                plan = planner.register(
+                    scope,
+                    targets,
+                    job,
+                    settings,
+                    seen_index=registration.seen_index,
+                    live=registration.live,
+                    join=registration.join,
+                )
             else:
                 loaded = self._plans.load(planner.plan_key(scope))
                 if loaded is None:
@@ -480,17 +503,29 @@ class RollingRestart:
             holders = RestartSlots(
                 self.consul, self.keyspace.slot_prefix(scope), size, clock=self._clock
             ).holders()
-            views.append(PlanView(key, scope, plan, holders))
+            views.append(PlanView(key, scope, plan, holders, orphaned=self._orphaned(plan, holders)))
         return views
 
-    def resume(self, job_id: str, group: str, task: str, interrupt: Interrupt | None = None) -> RolloutResult:
-        """Resume the failed or aborted plan(s) of ``job/group/task`` and restart their pending members.
+    def _orphaned(self, plan: Plan | None, holders: dict[int, str]) -> bool:
+        """Whether ``plan`` has work left but no live session holds a slot or a restarting member."""
+        if plan is None or plan.status != PlanStatus.PLANNED or holders:
+            return False
+        active = [
+            m for m in plan.members.values() if m.state in (MemberState.PENDING, MemberState.RESTARTING)
+        ]
+        sessions = {m.session for m in active if m.state == MemberState.RESTARTING and m.session}
+        return bool(active) and all(self.consul.session_info(s) is None for s in sessions)
 
-        ``interrupt`` stops it as it stops :meth:`run`.
+    def resume(self, job_id: str, group: str, task: str, interrupt: Interrupt | None = None) -> RolloutResult:
+        """Resume the plan(s) of ``job/group/task`` and restart their pending members.
+
+        A failed or aborted plan is planned again; a plan that is planned already (nobody drives
+        it, or a resume whose answer was lost) is driven as it is: resume is idempotent. The
+        members are restarted by the plan's own restart method and health source. ``interrupt``
+        stops it as it stops :meth:`run`.
         """
         started = self._clock.monotonic()
         job = self.nomad.job(job_id)
-        options = CoordinatorOptions.from_config(self.config)
         views = [v for v in self.status(job_id, group, task) if v.plan is not None]
         if not views:
             raise PlanError(f"no plan for {job_id}/{group}/{task}: nothing to resume")
@@ -513,6 +548,11 @@ class RollingRestart:
                     ref = TaskRef(member.node, job_id, group, task, member.alloc_index)
                     targets.append(Target(ref, alloc_id))
             settings = PlanSettings(plan.concurrent_lock_count, plan.max_failures)
+            options = CoordinatorOptions.from_config(
+                self.config,
+                method=RestartMethod(plan.method) if plan.method else None,
+                health_source=HealthSource(plan.health_source) if plan.health_source else None,
+            )
             if targets and interrupt is not None and interrupt.stop.is_set():
                 outcomes += [MemberOutcome(t, Outcome.SKIPPED, INTERRUPTED) for t in targets]
             elif targets:
@@ -558,13 +598,13 @@ class RollingRestart:
         return replace(
             settings,
             concurrency=options.concurrency or settings.concurrency,
-            max_failures=options.max_failures or settings.max_failures,
+            max_failures=settings.max_failures if options.max_failures is None else options.max_failures,
         )
 
     def _select(
         self, job: Job, options: RolloutOptions, method: RestartMethod
-    ) -> tuple[dict[TaskScope, list[Target]], tuple[SkippedTask, ...]]:
-        """The targets to restart, grouped by scope in rollout order, and the tasks left out."""
+    ) -> tuple[dict[TaskScope, list[Target]], tuple[SkippedTask, ...], tuple[str, ...]]:
+        """The targets by scope in rollout order, the tasks left out, and every live allocation of the job."""
         if options.group is not None and job.group(options.group) is None:
             raise ConfigError(f"job {job.id!r} has no group {options.group!r} (groups: {_names(job.groups)})")
         groups = [g for g in job.groups if options.group in (None, g.name)]
@@ -574,6 +614,7 @@ class RollingRestart:
             (a for a in self.nomad.job_allocations(job.id) if _live(a)),
             key=lambda a: (a.task_group, a.index, a.id),
         )
+        live = tuple(a.id for a in allocs)
         if options.alloc_ids:
             allocs = [a for a in allocs if any(a.id.startswith(want) for want in options.alloc_ids)]
             found = {want for want in options.alloc_ids if any(a.id.startswith(want) for a in allocs)}
@@ -602,7 +643,7 @@ class RollingRestart:
                 for alloc in (a for a in allocs if a.task_group == group.name):
                     target = target_for(alloc, task.name, job)
                     scopes.setdefault(self.keyspace.scope(target.ref), []).append(target)
-        return scopes, tuple(skipped)
+        return scopes, tuple(skipped), live
 
     def _dry_summary(
         self, job: Job, scope: TaskScope, options: RolloutOptions, coordinator: CoordinatorOptions
@@ -667,6 +708,15 @@ class RollingRestart:
             lock_delay=self.config.lock_delay,
             clock=self._clock,
         )
+
+
+@dataclass(frozen=True)
+class _Registration:
+    """How a rollout registers its targets (see :func:`shepard_lib.plan.register`)."""
+
+    seen_index: int | None
+    live: tuple[str, ...]
+    join: bool
 
 
 def _drive(coordinator: Coordinator, target: Target, scope: TaskScope) -> MemberOutcome:

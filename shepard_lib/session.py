@@ -28,11 +28,13 @@ from types import TracebackType
 
 from shepard_lib.backends import ConsulAPI
 from shepard_lib.clock import REAL_CLOCK, Clock
-from shepard_lib.errors import LockLost, ShepardError
+from shepard_lib.errors import ConsulError, LockLost, ShepardError
 from shepard_lib.model import SessionBehavior
 
 log = logging.getLogger(__name__)
 
+CREATE_ATTEMPTS = 3
+"""Creates tried when Consul's answer is lost (the backend retries only answers proving nothing applied)."""
 RETRY_FRACTION = 5
 """After a failed renew, retry every ``ttl / RETRY_FRACTION`` until the session counts as lost."""
 
@@ -78,6 +80,7 @@ class Session:
         self._stop_renewing = threading.Event()
         self._ended = False  # destroy() was called: the watchdog stops too
         self._abandoned = False
+        self._claims: set[str] = set()  # holder tokens of the claims coordinators drive under this session
 
     def __repr__(self) -> str:
         return f"Session(name={self.name!r}, id={self.id!r}, ttl={self.ttl}, lost={self.lost.is_set()})"
@@ -88,15 +91,24 @@ class Session:
         """Create the session in Consul and start renewing it every ``ttl / 2``; returns its ID."""
         if self.id:
             raise RuntimeError(f"session {self.name!r} was already created")
-        sent = self._clock.monotonic()  # Consul starts the TTL when it gets the request, not before
-        self.id = self._consul.session_create(
-            self.name,
-            self.ttl,
-            behavior=self.behavior,
-            lock_delay=self.lock_delay,
-            node=self.node,
-            node_checks=self.node_checks,
-        )
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            sent = self._clock.monotonic()  # Consul starts the TTL when it gets the request, not before
+            try:
+                self.id = self._consul.session_create(
+                    self.name,
+                    self.ttl,
+                    behavior=self.behavior,
+                    lock_delay=self.lock_delay,
+                    node=self.node,
+                    node_checks=self.node_checks,
+                )
+                break
+            except ConsulError as exc:
+                # An answer lost after Consul created the session leaves a session that holds
+                # nothing and ends at its TTL: creating another one is safe.
+                if attempt == CREATE_ATTEMPTS or not (exc.status is None or exc.status >= 500):
+                    raise
+                log.warning("session %r: create failed (%s), trying again", self.name, exc)
         self._last_renew = sent
         log.debug("session %r created (ttl %ss, lock-delay %ss)", self.name, self.ttl, self.lock_delay)
         for target, role in ((self._renew_loop, "renew"), (self._watchdog, "watchdog")):
@@ -139,6 +151,25 @@ class Session:
         self._abandoned = True
         self._stop_renewing.set()
         log.info("session %r abandoned: no more renewals, Consul frees its locks after the TTL", self.name)
+
+    def hold(self, token: str) -> None:
+        """Record that a coordinator of this process drives the plan claim ``token`` under this session.
+
+        Several coordinators may share one session; a member held under it is theirs only while
+        its claim token is held here (see :meth:`holds`), otherwise it was left behind.
+        """
+        with self._state:
+            self._claims.add(token)
+
+    def drop(self, token: str) -> None:
+        """Forget claim ``token`` (its coordinator finished, gave it back, or stopped)."""
+        with self._state:
+            self._claims.discard(token)
+
+    def holds(self, token: str | None) -> bool:
+        """Whether a coordinator of this process is driving claim ``token`` under this session."""
+        with self._state:
+            return token is not None and token in self._claims
 
     def check(self) -> None:
         """Raise :class:`LockLost` if the session is lost."""

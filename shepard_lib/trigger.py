@@ -4,13 +4,15 @@ Two methods (``restart_method`` in the configuration):
 
 - ``consul_key`` (the seed's): write a fresh random value to the task's trigger key; the task's
   ``shepard.tpl`` template reads that key, so Nomad re-renders it and restarts the task
-  (``change_mode = "restart"``). The write is one Consul transaction of ``check-session`` on the
-  slot key plus ``set`` of the trigger key: Consul applies it only while the slot is held by the
-  caller's session, so a holder that lost its slot can never restart anything.
+  (``change_mode = "restart"``). The write is one Consul transaction of ``check-session`` and
+  ``check-index`` on the slot key plus ``set`` of the trigger key: Consul applies it only while the
+  slot is held by the caller's session *and* by the same acquisition (the slot's ModifyIndex is
+  the fencing token, :attr:`~shepard_lib.locks.Slot.index`), so neither a holder that lost its slot
+  nor a write of an earlier acquisition applied late can restart anything.
 - ``nomad_api``: ``POST /v1/client/allocation/<id>/restart`` with the task name, after a
-  consistent read shows the slot still held by the caller's session. Nomad cannot check a Consul
-  lock, so this fence has a gap of one request between the check and the restart; ``consul_key``
-  has none.
+  consistent read shows the slot still held by the caller's acquisition (session and index).
+  Nomad cannot check a Consul lock, so this fence has a gap of one request between the check
+  and the restart; ``consul_key`` has none.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ class Trigger:
     def fire(self, ref: TaskRef, alloc_id: str, slot: Slot) -> None:
         """Restart task ``ref`` of allocation ``alloc_id``; raise LockLost if ``slot`` is no longer held.
 
-        When LockLost is raised nothing was written and nothing was restarted.
+        When LockLost is raised nothing was written and nothing was restarted. A
+        :class:`~shepard_lib.errors.BackendError` with ``transient`` set proves the same (these calls
+        are not repeatable, so only answers that say nothing was applied are transient: 429, 503,
+        "No cluster leader", a request never sent); any other BackendError leaves it unknown.
         """
         if slot.lost.is_set():
             raise LockLost(
@@ -65,20 +70,21 @@ class Trigger:
         result = self._consul.txn(
             [
                 TxnOp(TxnVerb.CHECK_SESSION, slot.key, session=slot.session_id),
+                TxnOp(TxnVerb.CHECK_INDEX, slot.key, index=slot.index),
                 TxnOp(TxnVerb.SET, key, value=value.encode("ascii")),
             ]
         )
         if not result.ok:
             reasons = "; ".join(what for _, what in result.errors) or "transaction rolled back"
             raise LockLost(
-                f"restart of {describe(ref)} not triggered: {slot.key} is no longer held by this session "
+                f"restart of {describe(ref)} not triggered: {slot.key} is no longer held by this acquisition "
                 f"({reasons})"
             )
         log.info("%s: restart triggered through %s (fenced by %s)", describe(ref), key, slot.key)
 
     def _restart_through_nomad(self, ref: TaskRef, alloc_id: str, slot: Slot) -> None:
         entry = self._consul.get(slot.key, consistent=True)
-        if entry is None or entry.session != slot.session_id:
+        if entry is None or entry.session != slot.session_id or entry.modify_index != slot.index:
             raise LockLost(
                 f"restart of {describe(ref)} not requested: {slot.key} is no longer held by this session"
             )

@@ -425,9 +425,15 @@ class ConsulBackend:
         self._request("PUT", call, f"/v1/session/destroy/{session}", allow=[404])
 
     def session_info(self, session: str) -> SessionInfo | None:
-        """The session, or None when it does not exist."""
+        """The session, or None when it does not exist, from a ``?consistent`` read.
+
+        Every caller decides with it (a holder is gone, so its member may be reclaimed; our own
+        session is lost): a stale 404 for a live session would lead to a second trigger.
+        """
         call = f"session.info {session}"
-        response = self._request("GET", call, f"/v1/session/info/{session}", allow=[404])
+        response = self._request(
+            "GET", call, f"/v1/session/info/{session}", params=[("consistent", "1")], allow=[404]
+        )
         items = [] if response.code == 404 else self._json(call, response) or []
         try:
             return _session(items[0]) if items else None

@@ -149,6 +149,8 @@ def parse_allocation(data: dict[str, Any]) -> Allocation:
             task: _task_state(state or {}) for task, state in (data.get("TaskStates") or {}).items()
         },
         modify_index=int(data.get("ModifyIndex") or 0),
+        previous_allocation=data.get("PreviousAllocation") or "",
+        next_allocation=data.get("NextAllocation") or "",
     )
 
 

@@ -61,7 +61,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     restart.add_argument(
         "--health-source", choices=[h.value for h in HealthSource], help="where health is read"
     )
-    restart.add_argument("--max-failures", type=_positive, help="failed restarts before the rollout stops")
+    restart.add_argument(
+        "--max-failures",
+        type=_not_negative,
+        help="failed restarts tolerated before the rollout stops (0: stop at the first)",
+    )
+    restart.add_argument(
+        "--again",
+        action="store_true",
+        help="restart every allocation once more even if a rollout of the task is in progress "
+        "(default: join it, restarting only what it has not restarted yet)",
+    )
     restart.add_argument(
         "--dry-run", action="store_true", help="show what would be restarted; change nothing"
     )
@@ -130,6 +140,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _not_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def _rollout(
     args: argparse.Namespace, *, observe: bool = False
 ) -> tuple[RollingRestart, AbstractContextManager[Any]]:
@@ -164,6 +184,7 @@ def _restart(args: argparse.Namespace) -> int:
         health_source=HealthSource(args.health_source) if args.health_source else None,
         max_failures=args.max_failures,
         dry_run=args.dry_run,
+        again=args.again,
     )
     rolling, display = _rollout(args, observe=args.output == "text" and not args.dry_run)
     interrupt = Interrupt()
@@ -323,6 +344,11 @@ def _status_text(views: list[PlanView]) -> str:
             f"{plan.label}: {plan.status.value}{halted}, generation {plan.generation}, {states}; "
             f"concurrency {plan.concurrent_lock_count}, max_failures {plan.max_failures}"
         )
+        if view.orphaned:
+            lines.append(
+                "  nobody is driving this plan (no live session holds a slot or a restarting member): "
+                f"`shepard resume {plan.job}/{plan.group}/{plan.task}` drives it again"
+            )
         lines += [f"  slot {n}: {holder}" for n, holder in sorted(view.holders.items())]
     return "\n".join(lines)
 

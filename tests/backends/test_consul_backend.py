@@ -473,3 +473,10 @@ def test_the_request_timeout_is_what_requests_gets(
     backend.get("k")
     backend.close()
     assert seen == [pytest.approx(64 * 17 / 16 / 4 + 3.0), 3.0]
+
+
+def test_session_info_is_a_consistent_read(server: ScriptedServer, consul: ConsulBackend) -> None:
+    """Issue 8 finding 7: the session read that decides a reclaim must not be served stale."""
+    server.script(Reply(404, ""))
+    assert consul.session_info("maybe-stale") is None
+    assert "consistent" in server.requests[0].query, server.requests[0].query

@@ -122,10 +122,10 @@ class Agents:
             self.consul, self.nomad, KEYS, session, self.options, clock=self.clock, name=name, **kwargs
         )
 
-    def handle(self, alloc: Allocation, changed_at: float, results: list[Any]) -> None:
+    def handle(self, alloc: Allocation, seen_index: int | None, results: list[Any]) -> None:
         with self.session(f"agent {alloc.node_name}") as session:
             outcome = self.coordinator(session, f"agent {alloc.node_name}").handle_change(
-                alloc, "server", changed_at
+                alloc, "server", seen_index=seen_index
             )
             results.append(outcome)
 
@@ -150,16 +150,16 @@ def test_agents_and_a_rollout_of_the_same_change_restart_each_allocation_once_wi
     # seconds) starves on a busy machine, and nothing here waits for a TTL, so give it real margin.
     agents = Agents(sim, session_ttl=60.0)
     allocs = agents.allocs()
-    changed_at = sim.clock.time()
+    seen = agents.plans.read(PLAN_KEY)[1]  # the plan's index when the change was seen (0: none yet)
     sim.set_key("config/web", "v2")
 
     outcomes: list[Any] = []
     rollout_result: dict[str, Any] = {}
-    threads = [threading.Thread(target=agents.handle, args=(a, changed_at, outcomes)) for a in allocs]
+    threads = [threading.Thread(target=agents.handle, args=(a, seen, outcomes)) for a in allocs]
     threads.append(
         threading.Thread(
             target=lambda: rollout_result.setdefault(
-                "r", agents.rollout().run("web", RolloutOptions(changed_at=changed_at))
+                "r", agents.rollout().run("web", RolloutOptions(seen_index=seen))
             )
         )
     )
@@ -202,23 +202,22 @@ def test_second_change_mid_rollout_restarts_done_members_again_and_pending_ones_
     assert two_done.wait(30)
 
     # The second change reaches every allocation at once; capture the plan it was applied to.
-    seen: list[Plan] = []
+    seen: list[tuple[Plan, int]] = []
     targets = [target_for(a, "server", agents.nomad.job("web")) for a in allocs]
-    change_at = sim.clock.time()
 
-    def second_change(plan: Plan | None) -> Plan:
+    def second_change(plan: Plan | None, index: int) -> Plan:
         assert plan is not None
-        seen.append(plan)
-        return register(plan, [t.spec() for t in targets], now=change_at, changed_at=change_at)
+        seen.append((plan, index))
+        return register(plan, [t.spec() for t in targets], now=sim.clock.time(), index=index)
 
-    after = agents.plans.update(PLAN_KEY, second_change)
-    before = seen[-1]
-    second = agents.rollout().run("web", RolloutOptions(concurrency=1, changed_at=change_at))
+    after = agents.plans.update_at(PLAN_KEY, second_change)
+    before, change_index = seen[-1]
+    second = agents.rollout().run("web", RolloutOptions(concurrency=1, seen_index=change_index))
     runner.join(60)
 
-    # Restarted again: members done, or restarting, since before the change; pending ones: once.
+    # Restarted again: members claimed (done, or restarting) before the change; pending ones: once.
     expected = {
-        alloc: 2 if m.claimed_at is not None and m.claimed_at < change_at else 1
+        alloc: 2 if m.claim_index is not None and m.claim_index < change_index else 1
         for alloc, m in before.members.items()
     }
     assert after.generation == before.generation + 1
@@ -250,7 +249,7 @@ def test_killed_holder_is_taken_over_and_its_allocation_restarts_exactly_once(
         coordinator.handle_change(victim, "server")
     killed_at = sim.clock.monotonic()
 
-    result = agents.rollout().run("web", RolloutOptions(changed_at=killed_at - 1e6))  # the same change
+    result = agents.rollout().run("web", RolloutOptions())  # joins the plan in progress: the same change
     took = sim.clock.monotonic() - killed_at
 
     assert result.ok, result.to_dict()
@@ -322,7 +321,7 @@ def test_corrupt_plan_is_reported_with_its_key_and_replaced(
     sim.set_key(PLAN_KEY, "{not json")
     results: list[Any] = []
     with caplog.at_level(logging.WARNING, logger="shepard_lib.plan"):
-        agents.handle(agents.allocs()[0], sim.clock.time(), results)
+        agents.handle(agents.allocs()[0], None, results)
     assert [r.outcome for r in results] == [Outcome.RESTARTED]
     assert f"plan key {PLAN_KEY} holds a corrupt or foreign value" in caplog.text
     assert agents.plan().status.value == "complete"
@@ -348,7 +347,7 @@ def test_every_log_line_of_a_restart_names_the_task(
     agents = Agents(sim)
     alloc = agents.allocs()[0]
     with caplog.at_level(logging.DEBUG, logger="shepard_lib.coordinator"):
-        agents.handle(alloc, sim.clock.time(), [])
+        agents.handle(alloc, None, [])
     lines = [r.getMessage() for r in caplog.records if r.name == "shepard_lib.coordinator"]
     assert lines
     assert all(line.startswith(f"{alloc.node_name}/web/app/server[0] alloc {alloc.id}") for line in lines), (
@@ -363,7 +362,7 @@ def test_tokens_never_appear_in_logs(
     sim = sim_cluster_factory(scenario(3), time_scale=SCALE, acl_token=token)
     agents = Agents(sim, token=token)
     with caplog.at_level(logging.DEBUG):
-        agents.handle(agents.allocs()[0], sim.clock.time(), [])
+        agents.handle(agents.allocs()[0], None, [])
         result = agents.rollout().run("web", RolloutOptions(concurrency=2))
         views = agents.rollout().status("web")
     assert result.ok

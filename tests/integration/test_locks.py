@@ -228,8 +228,9 @@ def test_waiter_makes_one_request_per_change_and_takes_the_released_slot(sim: Si
         assert call.error is None, call.error
         slot = call.result
         assert isinstance(slot, Slot) and slot.session_id == waiter.id and slot.number == 0
-        # the holder's release, then the waiter's query wakes and its one acquire succeeds
-        assert sim.kv_requests() == {"GET": 5, "PUT": 2}
+        # the holder's release, then the waiter's query wakes, its one acquire succeeds and one
+        # consistent read takes the slot's fencing token (its ModifyIndex)
+        assert sim.kv_requests() == {"GET": 6, "PUT": 2}
 
 
 def test_acquire_raises_lock_timeout_after_the_timeout_without_polling(sim: Sim) -> None:

@@ -82,14 +82,14 @@ def test_failed_rollout_exits_1_and_status_resume_and_abort_work_on_its_plan(
     sim: SimCluster, config: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sim.set_key("config/web", "broken")
-    code, out, _ = run(capsys, config, "restart", "web", "--concurrency", "1", "--max-failures", "1")
+    code, out, _ = run(capsys, config, "restart", "web", "--concurrency", "1", "--max-failures", "0")
     assert code == 1
     assert "1 restarted" not in out and "1 failed" in out
     assert "FAILED app/server" in out
 
     code, out, _ = run(capsys, config, "status", "web")
     assert code == 0
-    assert out.startswith("web/app/server: failed (1 failed restart(s) reached max_failures=1)")
+    assert out.startswith("web/app/server: failed (1 failed restart(s) exceeded max_failures=0)")
 
     code, out, _ = run(capsys, config, "abort", "web/app/server", "--reason", "investigating")
     assert (code, out.strip()) == (0, "web/app/server: aborted (investigating), generation 1")

@@ -197,3 +197,11 @@ def test_every_command_module_registers_a_handler() -> None:
     parser = cli.build_parser()
     assert parser.parse_args(["config", "check"]).func is config_cmd.run_check
     assert callable(parser.parse_args(["template"]).func)
+
+
+def test_restart_accepts_max_failures_zero_and_again() -> None:
+    """Issue 11: `--max-failures 0` (halt at the first failure) is valid; `--again` is a flag."""
+    args = cli.build_parser().parse_args(["restart", "web", "--max-failures", "0", "--again"])
+    assert (args.max_failures, args.again) == (0, True)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["restart", "web", "--max-failures", "-1"])

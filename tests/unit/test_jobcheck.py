@@ -176,3 +176,10 @@ def test_a_template_from_a_source_file_cannot_be_checked() -> None:
     report = check(job([task([tpl])]))
     assert codes(report) == {"trigger_not_checked": Severity.WARNING}
     assert "local/in.tpl" in report.tasks[0].findings[0].message
+
+
+def test_a_job_whose_name_differs_from_its_id_is_an_error() -> None:
+    data = job([task([trigger()])])
+    data["Name"] = "web-prod"
+    report = check(data)
+    assert codes(report) == {"job_name_differs": Severity.ERROR}

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shepard_lib import plan as plan_module
 from shepard_lib.errors import ConfigError, PlanError
 from shepard_lib.model import Job, TaskGroup
 from shepard_lib.plan import (
     SCHEMA_VERSION,
+    ConcurrencyFull,
     MemberSpec,
     MemberState,
     MemberUnavailable,
@@ -19,21 +24,42 @@ from shepard_lib.plan import (
     PlanFormatError,
     PlanSettings,
     PlanStatus,
-    abort,
-    claim,
-    finish,
+    down,
     new_plan,
     reclaim,
-    register,
+    recover,
     resolve_settings,
     resume,
-    unclaim,
 )
 
 A, B, C, D = (MemberSpec(f"alloc-{x}", f"node-{i}", i) for i, x in enumerate("abcd"))
 
+# Consul's ModifyIndex of the plan key, as the store would pass it: every write is applied at a
+# higher index than the one before, and mark() is a plan index read "now".
+_INDEX = itertools.count(1)
 
-def fresh(concurrency: int = 2, max_failures: int = 1, count: int = 4) -> Plan:
+
+def mark() -> int:
+    return next(_INDEX)
+
+
+def _applied(fn: Callable[..., Plan]) -> Callable[..., Plan]:
+    def call(*args: Any, **kwargs: Any) -> Plan:
+        kwargs.setdefault("index", next(_INDEX))
+        return fn(*args, **kwargs)
+
+    return call
+
+
+register = _applied(plan_module.register)
+claim = _applied(plan_module.claim)
+finish = _applied(plan_module.finish)
+unclaim = _applied(plan_module.unclaim)
+skip = _applied(plan_module.skip)
+abort = _applied(plan_module.abort)
+
+
+def fresh(concurrency: int = 2, max_failures: int = 0, count: int = 4) -> Plan:
     return new_plan(
         "web",
         "app",
@@ -117,13 +143,17 @@ def test_new_change_makes_done_member_pending_in_next_generation_and_moves_pendi
 
 
 def test_event_of_a_change_older_than_the_members_restart_leaves_it_done() -> None:
-    plan = restart(register(fresh(), [A, B], now=100.0), A)  # claimed at 101
-    assert register(plan, [A], now=110.0, changed_at=100.5) is plan
+    plan = register(fresh(), [A, B], now=100.0)
+    seen = mark()  # the change was seen (plan index read) before A was claimed
+    plan = restart(plan, A)
+    assert register(plan, [A], now=110.0, seen_index=seen) is plan
 
 
 def test_event_of_a_change_older_than_a_restart_in_flight_does_not_rerun_it() -> None:
-    plan = take(register(fresh(), [A, B], now=100.0), A)  # claimed at 101
-    plan = register(plan, [A], now=105.0, changed_at=100.5)
+    plan = register(fresh(), [A, B], now=100.0)
+    seen = mark()
+    plan = take(plan, A)
+    plan = register(plan, [A], now=105.0, seen_index=seen)
     assert plan.generation == 1
     assert not plan.members[A.alloc_id].rerun
 
@@ -178,7 +208,7 @@ def test_registering_many_members_opens_at_most_one_generation() -> None:
 def test_active_plan_keeps_its_concurrency_and_a_reopened_one_takes_the_new_settings() -> None:
     plan = register(fresh(concurrency=2), [A, B], now=100.0)
     joined = register(plan, [C], now=101.0, settings=PlanSettings(5, 3), instance_count=9)
-    assert (joined.concurrent_lock_count, joined.max_failures, joined.instance_count) == (2, 1, 4)
+    assert (joined.concurrent_lock_count, joined.max_failures, joined.instance_count) == (2, 0, 4)
     done = restart(restart(restart(joined, A), B), C)
     assert done.status == PlanStatus.COMPLETE
     reopened = register(done, [A], now=120.0, settings=PlanSettings(5, 3), instance_count=9)
@@ -212,11 +242,9 @@ def test_a_member_can_be_claimed_by_one_holder_only() -> None:
 def test_claim_is_refused_while_the_concurrency_is_taken_by_restarts_in_flight() -> None:
     plan = register(fresh(concurrency=2), [A, B, C], now=100.0)
     plan = take(take(plan, A, holder="h1", session="dead"), B, holder="h2", session="s2")
-    with pytest.raises(MemberUnavailable, match="2 restart\\(s\\) in flight"):
+    with pytest.raises(ConcurrencyFull, match="2 member\\(s\\) restarting or failed"):
         take(plan, C, holder="h3", session="s3")
-    plan = reclaim(
-        plan, A.alloc_id, dead_session="dead", holder="h3", session="s3", holder_name="x", now=120.0
-    )
+    plan = reclaim(plan, A.alloc_id, dead_holder="h1", holder="h3", session="s3", holder_name="x", now=120.0)
     plan = finish(plan, A.alloc_id, holder="h3", ok=True, now=121.0)
     assert take(plan, C, holder="h4", session="s4").members[C.alloc_id].holder == "h4"
 
@@ -249,7 +277,7 @@ def test_unclaim_gives_the_member_back() -> None:
 def test_reclaim_moves_a_dead_holders_member_and_keeps_its_baseline() -> None:
     plan = take(register(fresh(), [A], now=100.0), A, holder="h1", session="dead", restarts=4)
     plan = reclaim(
-        plan, A.alloc_id, dead_session="dead", holder="h2", session="s2", holder_name="rescuer", now=130.0
+        plan, A.alloc_id, dead_holder="h1", holder="h2", session="s2", holder_name="rescuer", now=130.0
     )
     member = plan.members[A.alloc_id]
     assert (member.holder, member.session, member.holder_name) == ("h2", "s2", "rescuer")
@@ -257,10 +285,10 @@ def test_reclaim_moves_a_dead_holders_member_and_keeps_its_baseline() -> None:
     assert member.state == MemberState.RESTARTING
 
 
-def test_reclaim_refuses_a_member_held_by_another_session() -> None:
-    plan = take(register(fresh(), [A], now=100.0), A, holder="h1", session="alive")
+def test_reclaim_refuses_a_member_held_by_another_claim() -> None:
+    plan = take(register(fresh(), [A], now=100.0), A, holder="h1", session="shared")
     with pytest.raises(MemberUnavailable):
-        reclaim(plan, A.alloc_id, dead_session="dead", holder="h2", session="s2", holder_name="x", now=130.0)
+        reclaim(plan, A.alloc_id, dead_holder="h0", holder="h2", session="shared", holder_name="x", now=130.0)
 
 
 # --- finishing and the failure policy ---------------------------------------------------------
@@ -282,13 +310,13 @@ def test_finish_by_someone_else_is_refused_and_own_repeat_is_a_no_op() -> None:
     assert finish(done, A.alloc_id, holder="h1", ok=True, now=104.0) is done
 
 
-def test_failures_reaching_max_failures_halt_the_plan() -> None:
-    plan = register(fresh(max_failures=2), [A, B, C, D], now=100.0)
+def test_failures_exceeding_max_failures_halt_the_plan() -> None:
+    plan = register(fresh(max_failures=1), [A, B, C, D], now=100.0)
     plan = restart(plan, A, ok=False)
     assert plan.status == PlanStatus.PLANNED
     plan = restart(plan, B, ok=False)
     assert plan.status == PlanStatus.FAILED
-    assert plan.halt_reason is not None and "max_failures=2" in plan.halt_reason
+    assert plan.halt_reason is not None and "max_failures=1" in plan.halt_reason
     assert plan.members[B.alloc_id].error == "boom"
     with pytest.raises(MemberUnavailable, match="plan web/app/server is failed"):
         take(plan, C)
@@ -306,9 +334,11 @@ def test_restart_in_flight_when_the_plan_fails_still_finishes() -> None:
 
 
 def test_late_event_of_the_failing_change_does_not_resume_the_plan() -> None:
-    plan = restart(register(fresh(), [A], now=100.0), A, ok=False)
-    plan = register(plan, [B], now=110.0, changed_at=100.0)
-    plan = register(plan, [A], now=111.0, changed_at=100.0)
+    plan = register(fresh(), [A], now=100.0)
+    seen = mark()
+    plan = restart(plan, A, ok=False)
+    plan = register(plan, [B], now=110.0, seen_index=seen)
+    plan = register(plan, [A], now=111.0, seen_index=seen)
     assert plan.status == PlanStatus.FAILED
     assert plan.generation == 1
     assert (state(plan, A), state(plan, B)) == (MemberState.FAILED, MemberState.PENDING)
@@ -322,13 +352,13 @@ def test_new_change_on_a_failed_member_starts_a_new_generation_and_replans() -> 
 
 
 def test_failures_of_an_older_generation_do_not_count() -> None:
-    plan = register(fresh(max_failures=2), [A, B], now=100.0)
+    plan = register(fresh(max_failures=1), [A, B], now=100.0)
     plan = restart(plan, A, ok=False)
     plan = restart(plan, B)
     plan = register(plan, [B], now=120.0)
     assert plan.failures() == 0
     plan = restart(plan, B, ok=False)
-    assert plan.status == PlanStatus.COMPLETE  # one failure of generation 2 < 2
+    assert plan.status == PlanStatus.COMPLETE  # one failure of generation 2 is tolerated
 
 
 def test_resume_makes_failed_members_pending_and_the_plan_planned() -> None:
@@ -341,9 +371,10 @@ def test_resume_makes_failed_members_pending_and_the_plan_planned() -> None:
     assert state(restart(restart(plan, A), B), B) == MemberState.DONE
 
 
-def test_resume_of_a_running_plan_is_an_error() -> None:
-    with pytest.raises(PlanError, match="nothing to resume"):
-        resume(register(fresh(), [A], now=100.0), now=101.0)
+def test_resume_of_a_planned_plan_is_idempotent() -> None:
+    """Issue 8 finding 4: a resume whose CAS answer was lost is re-applied to a planned plan."""
+    plan = register(fresh(), [A], now=100.0)
+    assert resume(plan, now=101.0) is plan
 
 
 def test_abort_stops_new_claims_and_leaves_pending_members() -> None:
@@ -388,12 +419,12 @@ def test_job_meta_overrides_config_and_group_meta_wins() -> None:
     assert resolve_settings(both, "app", concurrency=1, max_failures=1) == PlanSettings(3, 2)
 
 
-@pytest.mark.parametrize("bad", ["zero", "0", "-1", "", "1.5"])
+@pytest.mark.parametrize("bad", ["zero", "-1", "", "1.5"])
 def test_bad_meta_value_is_a_config_error_naming_job_group_and_key(bad: str) -> None:
     with pytest.raises(ConfigError) as err:
         resolve_settings(job({}, {"shepard_max_failures": bad}), "app", concurrency=1, max_failures=1)
     assert err.value.problems == [
-        f"job 'web' group 'app': meta shepard_max_failures = {bad!r} is not a whole number >= 1"
+        f"job 'web' group 'app': meta shepard_max_failures = {bad!r} is not a whole number >= 0"
     ]
 
 
@@ -432,7 +463,8 @@ def test_plan_round_trips_through_json() -> None:
         (b"locked-by-node-3", "not JSON"),
         (b'{"status": "planned"}', "not a Shepard plan"),
         (b'{"kind": "shepard.plan", "schema": 99}', "schema 99"),
-        (b'{"kind": "shepard.plan", "schema": 1, "job": "web"}', "malformed plan"),
+        (b'{"kind": "shepard.plan", "schema": 2, "job": "web"}', "malformed plan"),
+        (b'{"kind": "shepard.plan", "schema": 1, "job": "web"}', "schema 1, this Shepard reads 2"),
     ],
 )
 def test_corrupt_or_foreign_value_is_a_format_error_saying_why(raw: bytes, why: str) -> None:
@@ -461,6 +493,7 @@ def test_interleaved_workers_restart_each_member_once_per_generation(
 ) -> None:
     specs = [A, B, C, D]
     plan = register(fresh(max_failures=3), specs, now=0.0)
+    earlier = mark()
     restarts: dict[tuple[str, int], int] = {}
     claims: dict[str, tuple[str, int]] = {}  # alloc -> (holder, generation claimed in)
     for n, (op, i) in enumerate(steps):
@@ -477,7 +510,9 @@ def test_interleaved_workers_restart_each_member_once_per_generation(
                     plan, spec.alloc_id, holder=claims.pop(spec.alloc_id)[0], ok=op == "finish", now=n
                 )
             elif op == "change":
-                plan = register(plan, [spec], now=n, changed_at=n - 0.5 * (i % 2))
+                now_mark = mark()
+                plan = register(plan, [spec], now=n, seen_index=earlier if i % 2 else now_mark)
+                earlier = now_mark
         except MemberUnavailable:
             pass
         assert all(count == 1 for count in restarts.values()), restarts
@@ -485,3 +520,83 @@ def test_interleaved_workers_restart_each_member_once_per_generation(
         assert set(restarting) == set(claims)
         if plan.status == PlanStatus.COMPLETE:
             assert not plan.in_state(MemberState.PENDING)
+
+
+# --- issue 8: logical generations, halted plans, the concurrency of failures, pruning ---------
+
+
+def test_a_change_seen_after_the_halt_reopens_the_plan_for_every_pending_member() -> None:
+    """Finding 4: the first agent reporting a new change (its member still pending) un-halts the plan."""
+    plan = register(fresh(), [A, B, C], now=100.0)
+    plan = restart(plan, A, ok=False)
+    assert plan.status == PlanStatus.FAILED
+    seen = mark()  # the new change is seen after the halt
+    plan = register(plan, [B], now=120.0, seen_index=seen)
+    assert (plan.status, plan.generation) == (PlanStatus.PLANNED, 2)
+    assert {m.generation for a, m in plan.members.items() if a != A.alloc_id} == {2}
+    assert take(plan, C, holder="h9").members[C.alloc_id].state == MemberState.RESTARTING
+
+
+def test_generations_are_ordered_by_index_not_by_any_clock() -> None:
+    """Finding 3: a registration's wall time says nothing; only claim_index >= seen_index covers a member."""
+    plan = restart(register(fresh(), [A, B], now=100.0), A)
+    # A host whose clock is far behind registers a new change seen after A's restart.
+    plan = register(plan, [A], now=-1e9, seen_index=mark())
+    assert (plan.generation, state(plan, A)) == (2, MemberState.PENDING)
+
+
+def test_join_adds_no_generation_to_a_planned_plan() -> None:
+    """Issue 11: a second rollout joins the plan in progress unless asked to restart again."""
+    plan = restart(register(fresh(), [A, B], now=100.0), A)
+    joined = register(plan, [A, B, C], now=110.0, join=True)
+    assert (joined.generation, state(joined, A), state(joined, C)) == (
+        1,
+        MemberState.DONE,
+        MemberState.PENDING,
+    )
+    again = register(plan, [A, B, C], now=110.0)
+    assert (again.generation, state(again, A)) == (2, MemberState.PENDING)
+
+
+def test_a_failed_member_keeps_its_concurrency_share_until_it_recovers() -> None:
+    """Finding 5: with max_failures > 0 a failed restart still counts as down."""
+    plan = register(fresh(concurrency=1, max_failures=2), [A, B], now=100.0)
+    plan = restart(plan, A, ok=False)
+    assert plan.status == PlanStatus.PLANNED and set(down(plan)) == {A.alloc_id}
+    with pytest.raises(ConcurrencyFull):
+        take(plan, B, holder="h2")
+    plan = recover(plan, A.alloc_id, now=120.0)
+    assert not down(plan)
+    assert state(take(plan, B, holder="h2"), B) == MemberState.RESTARTING
+
+
+def test_max_failures_zero_halts_at_the_first_failure() -> None:
+    plan = restart(register(fresh(max_failures=0), [A, B], now=100.0), A, ok=False)
+    assert plan.status == PlanStatus.FAILED
+
+
+def test_a_member_of_a_stopped_allocation_is_skipped_never_failed() -> None:
+    plan = register(fresh(), [A, B], now=100.0)
+    plan = skip(plan, A.alloc_id, reason="stopped", now=101.0)
+    plan = skip(take(plan, B, holder="h2"), B.alloc_id, reason="replaced", now=102.0, holder="h2")
+    assert (state(plan, A), state(plan, B), plan.failures(), plan.status) == (
+        MemberState.SKIPPED,
+        MemberState.SKIPPED,
+        0,
+        PlanStatus.COMPLETE,
+    )
+    with pytest.raises(MemberUnavailable):
+        skip(take(register(plan, [C], now=103.0), C, holder="h3"), C.alloc_id, reason="x", now=104.0)
+
+
+def test_plan_of_100_deployments_of_a_50_allocation_job_stays_under_64_kib() -> None:
+    """Finding 2: settled members of allocations Nomad replaced are pruned; the value stays bounded."""
+    plan = fresh(concurrency=5, count=50)
+    for deployment in range(100):
+        specs = [MemberSpec(f"alloc-{deployment}-{i}", f"node-{i % 7}", i) for i in range(50)]
+        plan = register(plan, specs, now=float(deployment), live=[s.alloc_id for s in specs])
+        for spec in specs:
+            plan = restart(plan, spec, holder=f"h{deployment}-{spec.alloc_index}")
+        assert plan.status == PlanStatus.COMPLETE
+    assert len(plan.members) == 50
+    assert len(plan.encode()) < 64 * 1024, len(plan.encode())

@@ -1,4 +1,4 @@
-"""Fault injection for the simulated Consul: errors, latency, leader loss, partitioned sessions.
+"""Fault injection for the simulated Consul: errors, latency, late writes and replies, leader loss.
 
 Every control is a plain attribute or method, safe to change while the server runs. Errors are
 drawn from a seeded RNG, so a seeded chaos run fails the same requests each time it makes the
@@ -23,6 +23,11 @@ class Faults:
     - ``lost_reply_rate``: fraction of ``/v1/`` requests that are applied but whose answer is lost
       (``500`` all the same): the ambiguous failure of a write whose server connection dropped;
     - ``latency``: cluster seconds added before each ``/v1/`` request is handled;
+    - ``late_write_rate``: fraction of writes (PUT, POST, DELETE) held for ``late_delay`` cluster
+      seconds *before* they are applied: a client that timed out meanwhile sees an error, and the
+      write still lands later (a Raft apply that outlasted the client's timeout);
+    - ``late_reply_rate``: fraction of writes applied at once whose answer is held for
+      ``late_delay`` cluster seconds: the write took effect, the client may have given up on it;
     - ``leader_lost``: no leader, so requests answer ``500 No cluster leader`` except ``?stale``
       reads, agent and status endpoints (and ``/v1/status/leader`` answers ``""``);
     - :meth:`pause_session_renewals`: renewals of that session fail (``500``), as if the holder
@@ -33,6 +38,9 @@ class Faults:
         self.error_rate = 0.0
         self.lost_reply_rate = 0.0
         self.latency = 0.0
+        self.late_write_rate = 0.0
+        self.late_reply_rate = 0.0
+        self.late_delay = 0.0
         self.leader_lost = False
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -45,6 +53,14 @@ class Faults:
     def draw_lost_reply(self) -> bool:
         """True when this applied request's answer should be lost (draws only while the rate > 0)."""
         return self._draw(self.lost_reply_rate)
+
+    def draw_late_write(self) -> bool:
+        """True when this write should be applied only after ``late_delay``."""
+        return self._draw(self.late_write_rate)
+
+    def draw_late_reply(self) -> bool:
+        """True when this applied write's answer should wait ``late_delay``."""
+        return self._draw(self.late_reply_rate)
 
     def _draw(self, rate: float) -> bool:
         if rate <= 0:
@@ -73,5 +89,8 @@ class Faults:
             self.error_rate = 0.0
             self.lost_reply_rate = 0.0
             self.latency = 0.0
+            self.late_write_rate = 0.0
+            self.late_reply_rate = 0.0
+            self.late_delay = 0.0
             self.leader_lost = False
             self._paused.clear()

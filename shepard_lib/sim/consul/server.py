@@ -164,13 +164,18 @@ class ConsulServer:
         req = Request.parse(method, target, headers, body)
         endpoint, handler = _route(req.path)
         self.requests.add(endpoint, method)
+        write = method in ("PUT", "POST", "DELETE")
         try:
             if handler is None:
                 raise HTTPError(404, "404 page not found\n")
             self._before(req)
+            if write and self.faults.draw_late_write():
+                self.state.clock.sleep(self.faults.late_delay)  # applied after the client may have left
             resp = handler(self._ctx, req)
         except HTTPError as exc:
             return text_body(exc.status, exc.text)
+        if write and self.faults.draw_late_reply():
+            self.state.clock.sleep(self.faults.late_delay)  # applied; the answer comes late
         if self.faults.draw_lost_reply():
             return text_body(500, RPC_FAILED)
         return resp

@@ -163,6 +163,8 @@ class NomadServer:
             ("GET", re.compile(r"/v1/allocations"), "/v1/allocations", self._allocs),
             ("GET", re.compile(r"/v1/allocation/([^/]+)"), "/v1/allocation/:id", self._alloc),
             ("POST", re.compile(r"/v1/allocation/([^/]+)/stop"), "/v1/allocation/:id/stop", self._alloc_stop),
+            ("POST", re.compile(r"/v1/node/([^/]+)/drain"), "/v1/node/:id/drain", self._node_drain),
+            ("POST", re.compile(r"/v1/job/([^/]+)"), "/v1/job/:id", self._job_update),
             ("GET", re.compile(r"/v1/agent/self"), "/v1/agent/self", self._agent_self),
             (
                 "POST",
@@ -358,8 +360,62 @@ class NomadServer:
         return wire.alloc_json(alloc, self.sim.state.region, scenario.logs, scenario.restart_policy)
 
     def _alloc_stop(self, req: _Request, alloc_id: str) -> _Answer:
-        self.sim.stop_allocation(alloc_id)
-        return _Answer({"EvalID": "", "Index": self.sim.state.index})
+        eval_id = self.sim.stop_allocation(alloc_id)
+        return _Answer({"EvalID": eval_id, "Index": self.sim.state.index})
+
+    def _node_drain(self, req: _Request, node_id: str) -> _Answer:
+        """``NodeUpdateDrainRequest``: ``{"DrainSpec": {"Deadline": ns, ...}, "MarkEligible": bool}``."""
+        body = _json_body(req)
+        spec = body.get("DrainSpec")
+        if not isinstance(spec, dict):
+            raise HTTPError(400, "drain spec required: set DrainSpec (a null spec cancels a drain)")
+        deadline = spec.get("Deadline", 0)
+        if not isinstance(deadline, int):
+            raise HTTPError(400, f"invalid DrainSpec.Deadline: {deadline!r}")
+        evals = self.sim.drain_node(node_id, deadline / 1e9)
+        state = self.sim.state
+        return _Answer(
+            {
+                "EvalIDs": evals,
+                "EvalCreateIndex": state.index,
+                "NodeModifyIndex": state.index,
+                "Index": state.index,
+            }
+        )
+
+    def _job_update(self, req: _Request, job_id: str) -> _Answer:
+        """``POST /v1/job/<id>`` (``JobRegisterRequest``): a changed task replaces every allocation.
+
+        The simulator keeps running its scenario's tasks; what it models is that Nomad replaces
+        each allocation (new IDs, same names) when a task changed, and does nothing otherwise.
+        """
+        body = _json_body(req)
+        job = body.get("Job")
+        if not isinstance(job, dict):
+            raise HTTPError(400, "Job must be specified")
+        if job.get("ID") != job_id:
+            raise HTTPError(400, "Job ID does not match name")
+        namespace = req.query.get("namespace") or "default"
+        try:
+            current = self.sim.job(job_id, namespace)
+        except KeyError:
+            raise HTTPError(404, "job not found") from None
+        scenario = self.sim.scenario
+        rendered = wire.job_json(current, self.sim.state.region, scenario.logs, scenario.restart_policy)
+        changed = _tasks(job) != _tasks(rendered)
+        eval_id = self.sim.update_job(job_id, namespace) if changed else ""
+        state = self.sim.state
+        return _Answer(
+            {
+                "EvalID": eval_id,
+                "EvalCreateIndex": state.index,
+                "JobModifyIndex": current.modify_index,
+                "Warnings": "",
+                "Index": state.index,
+                "LastContact": 0,
+                "KnownLeader": True,
+            }
+        )
 
     def _agent_self(self, req: _Request) -> _Answer:
         state = self.sim.state
@@ -391,6 +447,30 @@ class NomadServer:
 
     def _sim_info(self, req: _Request) -> _Answer:
         return _Answer({"service": "nomad", "time_scale": self.sim.clock.scale})
+
+
+def _json_body(req: _Request) -> dict[str, Any]:
+    try:
+        body = json.loads(req.body or b"{}")
+    except ValueError as exc:
+        raise HTTPError(400, f"failed to decode request body: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "failed to decode request body: not an object")
+    return body
+
+
+def _tasks(job: dict[str, Any]) -> list[Any]:
+    """The task definitions of a job's JSON, the part whose change is destructive."""
+    return [
+        (
+            group.get("Name"),
+            [
+                {k: t.get(k) for k in ("Name", "Driver", "Config", "Env", "Templates")}
+                for t in group.get("Tasks") or []
+            ],
+        )
+        for group in job.get("TaskGroups") or []
+    ]
 
 
 def _handler_class(server: NomadServer) -> type[BaseHTTPRequestHandler]:

@@ -164,12 +164,77 @@ class NomadSim:
         self.stop_job(job_id, namespace)
         self.state.remove_job(self.job(job_id, namespace))
 
-    def stop_allocation(self, alloc_id: str) -> None:
-        """``POST /v1/allocation/<id>/stop`` without the rescheduling: the allocation completes."""
-        alloc = self.state.allocs.get(alloc_id)
-        if alloc is None:
-            raise ClientError(404, "alloc not found")
-        self.client_of(alloc).stop_alloc(alloc, "alloc is being stopped by user")
+    def stop_allocation(self, alloc_id: str) -> str:
+        """``POST /v1/allocation/<id>/stop``: "stops and reschedules" it; returns the evaluation ID.
+
+        As Nomad's ``Alloc.Stop`` does, the allocation gets ``DesiredTransition.Migrate`` and the
+        evaluation stops it (``DesiredStatus: stop``; its tasks are killed, ``ClientStatus:
+        complete``) and places a replacement with the same name, a new ID and its own alloc dir,
+        linked both ways (``NextAllocation`` / ``PreviousAllocation``).
+        """
+        with self.state.lock:
+            alloc = self.state.allocs.get(alloc_id)
+            if alloc is None:
+                raise ClientError(404, "alloc not found")
+            with self.state.update_alloc(alloc):
+                alloc.migrate = True
+            self._migrate(alloc, "alloc is being migrated", prefer=alloc.node)
+            return self.state.new_eval_id()
+
+    def drain_node(self, node_id: str, deadline: float) -> list[str]:
+        """``POST /v1/node/<id>/drain`` with a ``DrainSpec``: the node becomes ineligible and every
+        allocation on it is migrated to other nodes; returns the evaluation IDs.
+
+        The simulator migrates at once, so the drain completes before the answer (``LastDrain``
+        says so); the node stays ineligible, as after a real drain.
+        """
+        with self.state.lock:
+            node = next((n for n in self.state.nodes.values() if n.id == node_id), None)
+            if node is None:
+                raise ClientError(404, "node not found")
+            node.eligibility = "ineligible"
+            node.drain_deadline = deadline
+            self.state.update_node(node)
+            evals = []
+            for alloc in self.state.allocs_of(node=node):
+                if alloc.desired_status == "run":
+                    with self.state.update_alloc(alloc):
+                        alloc.migrate = True
+                    self._migrate(alloc, "alloc is being migrated")
+                    evals.append(self.state.new_eval_id())
+            node.drain_deadline = None
+            node.last_drain = self.clock.time()
+            self.state.update_node(node)
+            return evals
+
+    def update_job(self, job_id: str, namespace: str = "default") -> str:
+        """A destructive job update (``POST /v1/job/<id>`` with a changed task): every allocation is
+        replaced by one of the new version; returns the evaluation ID."""
+        with self.state.lock:
+            job = self.job(job_id, namespace)
+            self.state.update_job(job)
+            for alloc in self.state.allocs_of(job=job):
+                if alloc.desired_status == "run" and not alloc.lost:
+                    self._migrate(alloc, "alloc is being updated due to job update", prefer=alloc.node)
+            return self.state.new_eval_id()
+
+    def _migrate(self, alloc: SimAlloc, description: str, prefer: SimNode | None = None) -> SimAlloc | None:
+        """Stop ``alloc`` and place its replacement (on ``prefer`` if it can take it, else another node)."""
+        nodes = [n for n in self.state.nodes.values() if n.status == "ready" and n.eligibility == "eligible"]
+        if alloc.desired_status == "run" and not alloc.lost:
+            self.client_of(alloc).stop_alloc(alloc, description)
+        if not nodes or alloc.next_allocation:
+            return None
+        others = [n for n in nodes if n is not alloc.node]
+        node = prefer if prefer in nodes else (others or nodes)[alloc.index % len(others or nodes)]
+        group = alloc.job.group(alloc.group)
+        replacement = self.state.add_alloc(
+            alloc.job, group, alloc.index, node, self._port(), previous=alloc.id
+        )
+        with self.state.update_alloc(alloc):
+            alloc.next_allocation = replacement.id
+        self.clients[node.id].run_alloc(replacement)
+        return replacement
 
     def kill_allocation(self, alloc_id: str) -> None:
         """Fault: the allocation's tasks are killed and fail."""
@@ -177,10 +242,15 @@ class NomadSim:
         self.client_of(alloc).kill_alloc(alloc)
 
     def set_node_down(self, name: str) -> None:
-        """Fault: the node stops heartbeating; it is ``down`` and its allocations are lost."""
+        """Fault: the node stops heartbeating; it is ``down``, its allocations are lost and replaced
+        on the other nodes (as the servers reschedule lost allocations)."""
         node = self.node(name)
         self.state.set_node_status(node, "down")
-        self.clients[node.id].go_down()
+        with self.state.lock:
+            lost = [a for a in self.state.allocs_of(node=node) if a.desired_status == "run"]
+            self.clients[node.id].go_down()
+            for alloc in lost:
+                self._migrate(alloc, "alloc is lost since its node is down")
         self.consul.set_node_health(name, CheckStatus.CRITICAL, "Agent not live or unreachable")
 
     def count_request(self, key: str) -> None:

@@ -64,6 +64,8 @@ class SimNode:
     status_updated_at: float
     status: str = "ready"
     eligibility: str = "eligible"
+    drain_deadline: float | None = None  # DrainStrategy.Deadline (cluster seconds) while draining
+    last_drain: float | None = None  # when the last drain completed (cluster Unix time)
 
     @property
     def name(self) -> str:
@@ -82,6 +84,7 @@ class SimJob:
     submit_time: float
     status: str = "running"
     stop: bool = False
+    version: int = 0
 
     @property
     def id(self) -> str:
@@ -119,6 +122,10 @@ class SimAlloc:
     client_status: str = "pending"
     client_description: str = "No tasks have started"
     lost: bool = False
+    previous_allocation: str = ""
+    next_allocation: str = ""
+    job_version: int = 0
+    migrate: bool = False  # DesiredTransition.Migrate: stopped to be placed elsewhere
 
     @property
     def name(self) -> str:
@@ -184,6 +191,21 @@ class NomadState:
             self.nodes[node.id] = node
             return node
 
+    def update_node(self, node: SimNode) -> None:
+        """Record a change made to ``node`` under the lock (eligibility, drain)."""
+        with self.lock:
+            node.modify_index = self._bump("nodes")
+
+    def update_job(self, job: SimJob) -> None:
+        """Record a new version of ``job`` (a destructive update)."""
+        with self.lock:
+            job.version += 1
+            job.modify_index = self._bump("jobs")
+
+    def new_eval_id(self) -> str:
+        """A fresh evaluation ID (the simulator runs the evaluation at once)."""
+        return str(uuid.uuid4())
+
     def set_node_status(self, node: SimNode, status: str) -> None:
         """Change a node's ``Status`` (``ready``/``down``) and ``StatusUpdatedAt``."""
         with self.lock:
@@ -213,8 +235,13 @@ class NomadState:
             self.jobs.pop((job.namespace, job.id), None)
             self._bump("jobs")
 
-    def add_alloc(self, job: SimJob, group: GroupSpec, index: int, node: SimNode, port: int) -> SimAlloc:
-        """Place allocation ``index`` of ``group`` on ``node`` with dynamic port ``port`` (tasks pending)."""
+    def add_alloc(
+        self, job: SimJob, group: GroupSpec, index: int, node: SimNode, port: int, previous: str = ""
+    ) -> SimAlloc:
+        """Place allocation ``index`` of ``group`` on ``node`` with dynamic port ``port`` (tasks pending).
+
+        ``previous`` is the allocation this one replaces (its ``PreviousAllocation``).
+        """
         with self.lock:
             now = self.clock.time()
             create = self._bump("allocs")
@@ -231,6 +258,8 @@ class NomadState:
                 modify_time=now,
                 task_states={t.name: SimTaskState() for t in group.tasks},
                 port=port,
+                previous_allocation=previous,
+                job_version=job.version,
             )
             self.allocs[alloc.id] = alloc
             return alloc

@@ -112,14 +112,18 @@ def alloc_stub(alloc: SimAlloc, task_states: bool = True) -> dict[str, Any]:
         "NodeName": alloc.node.name,
         "JobID": alloc.job.id,
         "JobType": "service",
-        "JobVersion": 0,
+        "JobVersion": alloc.job_version,
         "TaskGroup": alloc.group,
         "AllocatedResources": None,
         "DesiredStatus": alloc.desired_status,
         "DesiredDescription": alloc.desired_description,
         "ClientStatus": alloc.client_status,
         "ClientDescription": alloc.client_description,
-        "DesiredTransition": {"Migrate": None, "Reschedule": None, "ForceReschedule": None},
+        "DesiredTransition": {
+            "Migrate": True if alloc.migrate else None,
+            "Reschedule": None,
+            "ForceReschedule": None,
+        },
         "TaskStates": {n: task_state_json(ts) for n, ts in alloc.task_states.items()}
         if task_states
         else None,
@@ -152,8 +156,8 @@ def alloc_json(alloc: SimAlloc, region: str, logs: LogSpec, policy: RestartPolic
             "SharedResources": None,
             "TaskResources": None,
             "Metrics": {"NodesEvaluated": 1, "NodesFiltered": 0, "NodesExhausted": 0, "CoalescedFailures": 0},
-            "PreviousAllocation": "",
-            "NextAllocation": "",
+            "PreviousAllocation": alloc.previous_allocation,
+            "NextAllocation": alloc.next_allocation,
             "AllocModifyIndex": alloc.create_index,
             "NetworkStatus": None,
         }
@@ -348,17 +352,36 @@ def node_stub(node: SimNode) -> dict[str, Any]:
         "NodeClass": node.spec.node_class,
         "NodePool": "default",
         "Version": NOMAD_VERSION,
-        "Drain": False,
+        "Drain": node.drain_deadline is not None,
         "SchedulingEligibility": node.eligibility,
         "Status": node.status,
         "StatusDescription": "",
         "Drivers": {"docker": {"Detected": True, "Healthy": True}},
         "NodeResources": None,
         "ReservedResources": None,
-        "LastDrain": None,
+        "LastDrain": _last_drain(node),
         "CreateIndex": node.create_index,
         "ModifyIndex": node.modify_index,
     }
+
+
+def _drain_strategy(node: SimNode) -> dict[str, Any] | None:
+    """``DrainStrategy`` while the node drains (the simulator migrates at once, so it is brief)."""
+    if node.drain_deadline is None:
+        return None
+    return {
+        "Deadline": ns(node.drain_deadline),
+        "IgnoreSystemJobs": False,
+        "ForceDeadline": "0001-01-01T00:00:00Z",
+        "StartedAt": rfc3339(node.status_updated_at),
+    }
+
+
+def _last_drain(node: SimNode) -> dict[str, Any] | None:
+    if node.last_drain is None:
+        return None
+    at = rfc3339(node.last_drain)
+    return {"StartedAt": at, "UpdatedAt": at, "Status": "complete", "AccessorID": "", "Meta": None}
 
 
 def node_json(node: SimNode) -> dict[str, Any]:
@@ -374,8 +397,8 @@ def node_json(node: SimNode) -> dict[str, Any]:
         "NodeClass": node.spec.node_class,
         "NodePool": "default",
         "ComputedClass": "",
-        "Drain": False,
-        "DrainStrategy": None,
+        "Drain": node.drain_deadline is not None,
+        "DrainStrategy": _drain_strategy(node),
         "SchedulingEligibility": node.eligibility,
         "Status": node.status,
         "StatusDescription": "",

@@ -74,6 +74,14 @@ def test_one_sigint_finishes_the_restart_in_flight_starts_no_other_and_frees_eve
     assert _slot_holders(sim) == [], "a slot is still held after the command exited"
     assert _rollout_sessions(sim) == [], "the rollout's sessions were left to expire"
 
+    code, out, err = Console("--config", config, "status", "web").finish()
+    assert code == 0, err
+    assert "nobody is driving this plan" in out and "`shepard resume web/app/server`" in out, out
+    code, out, err = Console("--config", config, "resume", "web/app/server").finish()
+    assert code == 0, f"{out}\n{err}"
+    assert len(sim.restarts()) == 3, "resume restarted the two the interrupt left, and only them"
+    assert _member_states(sim) == ["done", "done", "done"]
+
 
 def test_a_second_sigint_abandons_the_restart_in_flight_and_releases_its_slot_and_session(
     sim: SimCluster, tmp_path: Path
@@ -93,6 +101,9 @@ def test_a_second_sigint_abandons_the_restart_in_flight_and_releases_its_slot_an
     assert _slot_holders(sim) == [], "a slot is still held after the command exited"
     assert _rollout_sessions(sim) == [], "the rollout's sessions were left to expire"
     assert _member_states(sim) == ["pending", "pending", "restarting"]
+
+    code, out, err = Console("--config", config, "status", "web").finish()
+    assert code == 0 and "nobody is driving this plan" in out, (code, out, err)
 
 
 def test_sigterm_stops_the_rollout_like_sigint_with_exit_143(sim: SimCluster, tmp_path: Path) -> None:

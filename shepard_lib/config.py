@@ -83,6 +83,13 @@ class HttpFormat(enum.StrEnum):
     NDJSON = "ndjson"
 
 
+class StartAt(enum.StrEnum):
+    """Where log shipping starts in the log files present on its first run."""
+
+    BEGINNING = "beginning"
+    END = "end"
+
+
 def _docs(text: str) -> dict[str, str]:
     """Field metadata: the one-line description of a setting (see reference_table)."""
     return {"doc": text}
@@ -144,19 +151,60 @@ class NomadConfig:
 
 @dataclass(frozen=True)
 class LogShippingConfig:
-    """Shipping of task logs (``alloc/logs``) to a sink."""
+    """Shipping of task logs (``alloc/logs``) to one or more sinks (``shepard_lib.logship``)."""
 
     enabled: bool = field(default=False, metadata=_docs("Ship the stdout/stderr logs of this node's tasks."))
-    sink: LogSink = field(default=LogSink.FILE, metadata=_docs("Where to: `file`, `syslog` or `http`."))
+    sink: tuple[LogSink, ...] = field(
+        default=(LogSink.FILE,),
+        metadata=_docs("Where to: `file`, `syslog`, `http`, or a list of them (each gets every line)."),
+    )
+    start_at: StartAt = field(
+        default=StartAt.BEGINNING,
+        metadata=_docs(
+            "First run only: ship the logs already there (`beginning`) or only new lines (`end`);"
+            " allocations that appear later ship from their first line."
+        ),
+    )
+    tags: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_docs("Static tags added to every record (`{env: prod}`); names `[A-Za-z_][A-Za-z0-9_.]*`."),
+    )
+    checkpoint_path: str = field(
+        default="/var/lib/shepard/logship-checkpoints.json",
+        metadata=_docs("Where each sink's position in each log stream is kept (rewritten atomically)."),
+    )
+    max_line_bytes: int = field(
+        default=16384,
+        metadata=_docs(
+            "Longer lines are cut into pieces of at most this size (between UTF-8 characters),"
+            " each marked `log.cut`."
+        ),
+    )
+    batch_size: int = field(default=500, metadata=_docs("Most records sent in one write or request."))
+    batch_bytes: int = field(default=1048576, metadata=_docs("Most line bytes sent in one write or request."))
+    buffer_limit: int = field(
+        default=0,
+        metadata=_docs(
+            "Most unshipped bytes a sink may fall behind in a stream before the oldest lines are"
+            " dropped (and counted); `0`: never drop, only Nomad's own log rotation bounds the backlog."
+        ),
+    )
     path: str = field(
         default="/var/log/shepard/tasks.jsonl",
         metadata=_docs("`file` sink: the JSON-lines file to append to."),
+    )
+    file_max_bytes: int = field(
+        default=104857600, metadata=_docs("`file` sink: rotate the file before it grows past this size.")
+    )
+    file_max_files: int = field(
+        default=5, metadata=_docs("`file` sink: rotated files kept (`path.1` ... `path.N`).")
     )
     syslog_address: str = field(
         default="127.0.0.1:514", metadata=_docs("`syslog` sink: `host:port` of the syslog server.")
     )
     syslog_protocol: SyslogProtocol = field(
-        default=SyslogProtocol.UDP, metadata=_docs("`syslog` sink: `tcp` or `udp` (RFC 5424 messages).")
+        default=SyslogProtocol.UDP,
+        metadata=_docs("`syslog` sink: `tcp` (octet-counted, RFC 6587) or `udp` (RFC 5424 messages)."),
     )
     syslog_app_name: str = field(default="shepard", metadata=_docs("`syslog` sink: the APP-NAME field."))
     http_url: str | None = field(
@@ -166,7 +214,6 @@ class LogShippingConfig:
     http_format: HttpFormat = field(
         default=HttpFormat.LOKI, metadata=_docs("`http` sink: `loki` (push API) or `ndjson`.")
     )
-    batch_size: int = field(default=500, metadata=_docs("Most records sent in one write or request."))
 
 
 @dataclass(frozen=True)
@@ -522,6 +569,37 @@ def _address(value: Any) -> str:
         raise vol.Invalid(f"{expected}: {exc}") from None
 
 
+def _sinks(value: Any) -> tuple[LogSink, ...]:
+    """``log_shipping.sink``: one sink name or a list of distinct ones."""
+    names = value if isinstance(value, list) else [value]
+    sinks = tuple(_choice(LogSink)(name) for name in names)
+    if not sinks:
+        raise vol.Invalid("expected a sink or a list of sinks, got an empty list")
+    if len(set(sinks)) != len(sinks):
+        raise vol.Invalid(f"each sink may be listed once, got {', '.join(str(s) for s in sinks)}")
+    return sinks  # type: ignore[return-value]
+
+
+_TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,31}")
+_RESERVED_TAGS = ("nomad.", "log.", "stream")
+
+
+def _static_tags(value: Any) -> dict[str, str]:
+    """``log_shipping.tags``: a mapping of tag names (syslog SD-PARAM-safe, not Shepard's own) to strings."""
+    if not isinstance(value, dict):
+        raise vol.Invalid(f"expected a mapping of tag names to strings, got {_shown(value)}")
+    for name, text in value.items():
+        if not isinstance(name, str) or not _TAG_NAME.fullmatch(name):
+            raise vol.Invalid(
+                f"tag name {_shown(name)}: expected up to 32 of [A-Za-z0-9_.], not starting with a digit"
+            )
+        if name.startswith(_RESERVED_TAGS):
+            raise vol.Invalid(f"tag name {name!r}: nomad.*, log.* and stream* are Shepard's own tags")
+        if not isinstance(text, str):
+            raise vol.Invalid(f"tag {name}: expected a string, got {_shown(text)}")
+    return dict(value)
+
+
 # --- schema -------------------------------------------------------------------------------
 
 _TLS = {
@@ -569,14 +647,22 @@ SCHEMA = vol.Schema(
         vol.Optional("watch_secrets"): _boolean,
         vol.Optional("log_shipping"): {
             vol.Optional("enabled"): _boolean,
-            vol.Optional("sink"): _choice(LogSink),
+            vol.Optional("sink"): _sinks,
+            vol.Optional("start_at"): _choice(StartAt),
+            vol.Optional("tags"): _static_tags,
+            vol.Optional("checkpoint_path"): _text,
+            vol.Optional("max_line_bytes"): _integer(256),
+            vol.Optional("batch_size"): _integer(1),
+            vol.Optional("batch_bytes"): _integer(1024),
+            vol.Optional("buffer_limit"): _integer(0),
             vol.Optional("path"): _text,
+            vol.Optional("file_max_bytes"): _integer(4096),
+            vol.Optional("file_max_files"): _integer(0),
             vol.Optional("syslog_address"): _host_port,
             vol.Optional("syslog_protocol"): _choice(SyslogProtocol),
             vol.Optional("syslog_app_name"): _text,
             vol.Optional("http_url"): _url,
             vol.Optional("http_format"): _choice(HttpFormat),
-            vol.Optional("batch_size"): _integer(1),
         },
         vol.Optional("metrics_address"): _host_port,
         vol.Optional("log_level"): _one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", upper=True),
@@ -733,8 +819,8 @@ def _cross_checks(data: Mapping[str, Any]) -> Iterator[str]:
             f"got {format_go_duration(deadline)}"
         )
     shipping = data.get("log_shipping", {})
-    if shipping.get("enabled") and shipping.get("sink") is LogSink.HTTP and "http_url" not in shipping:
-        yield "log_shipping.http_url: required when log_shipping.sink is http"
+    if LogSink.HTTP in shipping.get("sink", ()) and "http_url" not in shipping:
+        yield "log_shipping.http_url: required when log_shipping.sink includes http"
 
 
 def _both_tokens(path: str | None, file_layer: Mapping[str, Any]) -> Iterator[str]:
@@ -819,6 +905,8 @@ def _plain(value: Any) -> Any:
         return value.value
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     return value
 
 
@@ -859,6 +947,8 @@ def _default_text(value: Any) -> str:
         return "`true`" if value else "`false`"
     if isinstance(value, enum.Enum):
         return f"`{value.value}`"
+    if isinstance(value, tuple):
+        return ", ".join(_default_text(v) for v in value)
     return f"`{value}`"
 
 

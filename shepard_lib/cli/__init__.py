@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "job_cmd",
     "gc_cmd",
     "sim_cmd",
+    "logs_cmd",
 )
 """The modules under ``shepard_lib.cli`` that register subcommands, in ``--help`` order."""
 

@@ -190,6 +190,14 @@ class SimCluster:
         """Wait (``timeout`` cluster seconds) until every task is running with passing checks."""
         self.nomad.wait_settled(timeout)
 
+    def wait_caught_up(self, timeout: float = 120.0) -> None:
+        """Wait until the simulated clients have acted on every Consul KV write so far.
+
+        Templates are re-rendered and the restarts and signals due by now are done, so a write that
+        restarted nothing by then never will. ``timeout`` is in cluster seconds.
+        """
+        self.nomad.wait_caught_up(timeout)
+
     # --- the record ------------------------------------------------------------------------------
 
     def restarts(self) -> list[RestartRecord]:

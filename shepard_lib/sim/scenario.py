@@ -20,6 +20,7 @@ A scenario is YAML (or the equivalent dict)::
     timing:
       restart: 1s                # fixed, or {lognormal: {median: 1s, sigma: 0.5}}
       healthy_after: 0.5s
+      register_after: 100ms      # running in Nomad until the service is in Consul
     keys: {config/web: "v1"}
 
 :func:`load_scenario` validates it and raises :class:`ScenarioError` with one message per problem,
@@ -156,6 +157,8 @@ class Timing:
     restart: Distribution = Distribution(1.0)
     healthy_after: Distribution = Distribution(0.5)
     crash_after: Distribution = Distribution(0.5)
+    register_after: Distribution = Distribution(0.1)
+    """From a task's start (``running`` in Nomad) until its service and checks are in Consul."""
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,7 @@ _SCHEMA = vol.Schema(
             vol.Optional("restart"): _distribution,
             vol.Optional("healthy_after"): _distribution,
             vol.Optional("crash_after"): _distribution,
+            vol.Optional("register_after"): _distribution,
         },
         vol.Optional("restart_policy", default=dict): {
             vol.Optional("attempts"): vol.All(int, vol.Range(min=0)),

@@ -41,9 +41,6 @@ REAL_SKIP = (
     "set CONSUL_HTTP_ADDR and NOMAD_ADDR (and CONSUL_HTTP_TOKEN / NOMAD_TOKEN) to run against a real cluster"
 )
 
-pytestmark = pytest.mark.usefixtures("no_client_env")
-
-
 @dataclass
 class Cluster:
     """A cluster to collect on: backends, a config with its own key prefix, and the sim when it is one."""
@@ -82,7 +79,7 @@ def _cluster(
 
 
 @pytest.fixture
-def sim(sim_cluster_factory: SimClusterFactory) -> SimCluster:
+def sim(sim_cluster_factory: SimClusterFactory, no_client_env: None) -> SimCluster:
     return sim_cluster_factory(time_scale=SCALE)  # nodes node-1..3, job web: app/server[0..2]
 
 
@@ -96,11 +93,12 @@ def simc(sim: SimCluster) -> Iterator[Cluster]:
     made.nomad.close()
 
 
-@pytest.fixture(params=["sim", "real"])
+@pytest.fixture(params=["sim", pytest.param("real", marks=pytest.mark.real_cluster)])
 def cluster(request: pytest.FixtureRequest, sim_cluster_factory: SimClusterFactory) -> Iterator[Cluster]:
     """The simulator, or the real cluster named by CONSUL_HTTP_ADDR / NOMAD_ADDR (its own key prefix)."""
     prefix = f"shepard-gc-test-{uuid.uuid4().hex[:8]}"
     if request.param == "sim":
+        request.getfixturevalue("no_client_env")  # only the sim variant: the real one reads them
         sim = sim_cluster_factory(time_scale=SCALE)
         made = _cluster(ConsulConfig(sim.consul_addr), NomadConfig(sim.nomad_addr), sim.clock, prefix)
         made.sim = sim

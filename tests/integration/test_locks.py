@@ -19,8 +19,9 @@ from support import Background
 from shepard_lib.backends.consul import ConsulBackend, RetryPolicy
 from shepard_lib.clock import Clock
 from shepard_lib.config import ConsulConfig
-from shepard_lib.errors import LockLost, LockTimeout
+from shepard_lib.errors import ConsulError, LockLost, LockTimeout
 from shepard_lib.locks import Lock, RestartSlots, Slot
+from shepard_lib.model import SessionBehavior
 from shepard_lib.session import Session
 from shepard_lib.sim.consul import ConsulServer, ConsulState
 
@@ -295,3 +296,116 @@ def test_slot_of_an_abandoned_holder_is_taken_only_after_ttl_and_lock_delay(sim:
         assert counts.get("PUT", 0) <= 4, counts
         assert counts.get("GET", 0) <= 5, counts
     crashed.destroy()
+
+
+class LostAcquireAnswers:
+    """The Consul backend, where the answer of each ``acquire`` is lost after Consul applied it."""
+
+    def __init__(self, consul: ConsulBackend) -> None:
+        self._consul = consul
+        self.lose = True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._consul, name)
+
+    def acquire(self, key: str, value: bytes | str, session: str) -> bool:
+        applied = self._consul.acquire(key, value, session)
+        if self.lose:
+            raise ConsulError(f"kv.acquire {key}", "connection reset after the request was sent")
+        return applied
+
+
+def _holder(sim: Sim, key: str) -> str | None:
+    entry = sim.consul.get(key, consistent=True)
+    return entry.session if entry else None
+
+
+@pytest.mark.parametrize("kind", ["lock", "slot"])
+def test_an_acquire_whose_answer_was_lost_is_released_and_its_claim_dropped(sim: Sim, kind: str) -> None:
+    lossy = LostAcquireAnswers(sim.consul)
+    key = "t/lost-answer/mutex" if kind == "lock" else "t/lost-answer/restart_lock/0"
+    with sim.session("holder") as session:
+        slots = RestartSlots(lossy, "t/lost-answer/restart_lock/", 1, clock=sim.clock)  # type: ignore[arg-type]
+        failed = Lock(lossy, key, session, clock=sim.clock)  # type: ignore[arg-type]  # kept alive
+        with pytest.raises(ConsulError):
+            if kind == "lock":
+                failed.acquire(timeout=0)
+            else:
+                slots.acquire(session, holder="lossy", timeout=0)
+        assert _holder(sim, key) is None, "an acquire that applied with its answer lost must be released"
+        lossy.lose = False
+        # The failed holder's in-process claim is gone too: another holder of the session gets the key.
+        if kind == "lock":
+            Lock(lossy, key, session, clock=sim.clock).acquire(timeout=0)  # type: ignore[arg-type]
+        else:
+            assert slots.acquire(session, holder="next", timeout=0).number == 0
+        assert _holder(sim, key) == session.id
+
+
+def test_a_lock_used_as_a_context_manager_waits_its_configured_timeout(sim: Sim) -> None:
+    with sim.session("a") as a, sim.session("b") as b:
+        Lock(sim.consul, "t/ctx-timeout", a, clock=sim.clock).acquire(timeout=0)
+        start = sim.clock.monotonic()
+        with (
+            pytest.raises(LockTimeout, match="within 5s"),
+            Lock(sim.consul, "t/ctx-timeout", b, timeout=5, clock=sim.clock),
+        ):
+            pass
+        assert 5 <= sim.clock.monotonic() - start <= 5 + 4
+
+
+def test_a_waiting_lock_stops_on_cancel(sim: Sim) -> None:
+    cancel = threading.Event()
+    with sim.session("a") as a, sim.session("b") as b:
+        Lock(sim.consul, "t/lock-cancel", a, clock=sim.clock).acquire(timeout=0)
+        waiter = Lock(sim.consul, "t/lock-cancel", b, clock=sim.clock, max_wait=5)
+        call = Background(lambda: waiter.acquire(timeout=1_000, cancel=cancel))
+        sim.clock.sleep(2)
+        assert call.thread.is_alive()
+        cancel.set()
+        call.join()
+        assert isinstance(call.error, LockLost) and "cancelled" in str(call.error)
+        assert not waiter.held
+
+
+def test_keys_under_the_slot_prefix_that_are_not_slot_numbers_are_ignored(sim: Sim) -> None:
+    slots = RestartSlots(sim.consul, "t/odd/restart_lock/", 1, clock=sim.clock)
+    with sim.session("holder") as holder, sim.session("other") as other:
+        assert sim.consul.acquire("t/odd/restart_lock/notes", "not a slot", other.id)
+        slot = slots.acquire(holder, holder="holder", timeout=0)
+        assert slot.number == 0
+        assert slots.holders() == {0: "holder"}
+
+
+def test_a_lock_waiter_takes_the_lock_when_the_holders_key_is_deleted(sim: Sim) -> None:
+    # A holder whose session has behavior "delete" leaves no key behind: the waiter sees an empty view.
+    delete = SessionBehavior.DELETE
+    holder = Session(sim.consul, "deleter", ttl=LONG_TTL, lock_delay=0, behavior=delete, clock=sim.clock)
+    with holder, sim.session("waiter") as waiter:
+        Lock(sim.consul, "t/deleted", holder, clock=sim.clock).acquire(timeout=0)
+        lock = Lock(sim.consul, "t/deleted", waiter, clock=sim.clock, max_wait=10_000)
+        call = Background(lambda: lock.acquire(timeout=1_000))
+        sim.clock.sleep(2)
+        assert call.thread.is_alive()
+        holder.destroy()
+        call.join()
+        assert call.error is None, call.error
+        assert lock.held and _holder(sim, "t/deleted") == waiter.id
+
+
+def test_a_refused_acquire_leaves_no_claim_behind(sim: Sim) -> None:
+    with sim.session("t") as t, sim.session("s") as s:
+        held = Lock(sim.consul, "t/refused", t, clock=sim.clock)
+        held.acquire(timeout=0)
+        refused = Lock(sim.consul, "t/refused", s, clock=sim.clock)  # kept alive below
+        with pytest.raises(LockTimeout):
+            refused.acquire(timeout=0)
+        held.release()
+        other = Lock(sim.consul, "t/refused", s, clock=sim.clock)
+        other.acquire(timeout=0)  # the refused holder of the same session left no claim in the way
+        assert other.held and not refused.held
+
+
+def test_restart_slots_need_a_size_of_at_least_one(sim: Sim) -> None:
+    with pytest.raises(ValueError, match="restart slots: size must be >= 1, got 0"):
+        RestartSlots(sim.consul, "t/none/restart_lock/", 0, clock=sim.clock)

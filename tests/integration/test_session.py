@@ -16,7 +16,7 @@ import pytest
 from shepard_lib.backends.consul import ConsulBackend, RetryPolicy
 from shepard_lib.clock import Clock
 from shepard_lib.config import ConsulConfig
-from shepard_lib.errors import LockLost, LockTimeout
+from shepard_lib.errors import ConsulError, LockLost, LockTimeout
 from shepard_lib.locks import Lock
 from shepard_lib.session import Session
 from shepard_lib.sim.consul import ConsulServer, ConsulState
@@ -194,5 +194,79 @@ def test_check_raises_only_once_lost_and_create_twice_is_refused(sim: Sim) -> No
         with pytest.raises(LockLost, match="no longer knows"):
             session.verify()
         assert session.lost.is_set()
+    finally:
+        session.destroy()
+
+
+class LateReplies:
+    """The Consul backend with a late reply: the request applies at once, its answer comes ``delay`` later.
+
+    Consul starts (or resets) a session's TTL when it receives the request, so a session's clock
+    must count from when the request was sent; counting from the reply would trust the session
+    ``delay`` longer than Consul does. After ``fail_renewals`` every renew fails (Consul unreachable).
+    """
+
+    def __init__(self, consul: ConsulBackend, clock: Clock, *, delay: float) -> None:
+        self._consul = consul
+        self._clock = clock
+        self.delay = delay
+        self.late_create = False
+        self.late_renewals = 0  # how many renewals still answer late
+        self.fail_renewals = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._consul, name)
+
+    def session_create(self, *args: object, **kwargs: object) -> str:
+        session_id = self._consul.session_create(*args, **kwargs)  # type: ignore[arg-type]
+        if self.late_create:
+            self._clock.sleep(self.delay)
+        return session_id
+
+    def session_renew(self, session: str) -> bool:
+        if self.fail_renewals:
+            raise ConsulError("Consul unreachable (test)")
+        known = self._consul.session_renew(session)
+        if self.late_renewals:
+            self.late_renewals -= 1
+            self.fail_renewals = True  # the late renew is the last one that reaches Consul
+            self._clock.sleep(self.delay)
+        return known
+
+
+def test_the_session_counts_its_ttl_from_when_the_create_was_sent_not_answered(sim: Sim) -> None:
+    # Created at 0 and answered at 8; no renew ever succeeds. Consul's TTL runs from 0, so lost is due
+    # at 10 (at 18 if counted from the answer).
+    late = LateReplies(sim.consul, sim.clock, delay=8)
+    late.late_create = late.fail_renewals = True
+    session = Session(late, "late create", ttl=TTL, clock=sim.clock)  # type: ignore[arg-type]
+    sent = sim.clock.monotonic()
+    session.create()
+    try:
+        assert sim.clock.wait(session.lost, sent + 14 - sim.clock.monotonic()), (
+            "lost not set 14s after the create was sent, with no renew since: "
+            "the TTL was counted from the answer"
+        )
+        assert sim.clock.monotonic() - sent >= TTL - 0.5, "lost set before the TTL could have run out"
+    finally:
+        session.destroy()
+
+
+def test_the_session_counts_its_ttl_from_when_the_last_good_renew_was_sent_not_answered(sim: Sim) -> None:
+    # TTL 30: the first renew is sent at 15 and answered at 27, before the TTL counted from the create
+    # ran out; every later renew fails. Consul reset its TTL at 15, so lost is due at 45 (at 57 if
+    # counted from the answer).
+    ttl = 30.0
+    late = LateReplies(sim.consul, sim.clock, delay=12)
+    late.late_renewals = 1
+    session = Session(late, "late renew", ttl=ttl, clock=sim.clock)  # type: ignore[arg-type]
+    created = sim.clock.monotonic()
+    session.create()
+    try:
+        assert sim.clock.wait(session.lost, created + 51 - sim.clock.monotonic()), (
+            "lost not set 36s after the last good renew was sent: the TTL was counted from its answer"
+        )
+        assert sim.clock.monotonic() - created >= ttl / 2 + ttl - 1, "lost set before the renewed TTL ran out"
+        assert late.fail_renewals, "the late renew never happened"
     finally:
         session.destroy()

@@ -26,7 +26,13 @@ def _logs_dir(sim: SimCluster) -> Path:
 def test_each_start_writes_stdout_and_stderr_lines(sim_cluster_factory: Any) -> None:
     sim = sim_cluster_factory(_scenario({"lines_per_start": 4}), time_scale=50)
     logs = _logs_dir(sim)
-    assert sorted(p.name for p in logs.iterdir()) == ["server.stderr.0", "server.stdout.0"]
+    assert sorted(p.name for p in logs.iterdir()) == [
+        ".server.stderr.fifo",
+        ".server.stdout.fifo",
+        "server.stderr.0",
+        "server.stdout.0",
+    ]
+    assert (logs / ".server.stdout.fifo").is_fifo(), "logmon's FIFOs are there, as on a real client"
     assert len((logs / "server.stdout.0").read_text().splitlines()) == 4
     sim.nomad.restart(sim.nomad.allocation("web", "app", 0).id)
     sim.wait_settled()
@@ -43,7 +49,7 @@ def test_logs_rotate_at_the_size_limit_and_keep_max_files(sim_cluster_factory: A
     for _ in range(4):
         sim.nomad.restart(alloc_id)
         sim.wait_settled()
-    stdout = sorted(p for p in _logs_dir(sim).iterdir() if ".stdout." in p.name)
+    stdout = sorted(p for p in _logs_dir(sim).iterdir() if ".stdout." in p.name and p.is_file())
     indexes = sorted(int(p.name.rsplit(".", 1)[1]) for p in stdout)
     assert len(indexes) == 2 and indexes[1] == indexes[0] + 1 and indexes[0] > 0, indexes
     assert all(p.stat().st_size <= 150 for p in stdout)

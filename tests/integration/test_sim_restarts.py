@@ -48,10 +48,12 @@ def _record(start: float, end: float | None, task: str = "t", job: str = "j") ->
     return RestartRecord("a", 0, "n", job, "g", task, "api", start, stopped_at=start, ended_at=end)
 
 
-def _check(sim: SimCluster, alloc_id: str) -> CheckStatus:
+def _check(sim: SimCluster, alloc_id: str) -> CheckStatus | None:
+    """The status of the allocation's check in Consul, None while its service is not registered."""
     checks = requests.get(f"{sim.consul_addr}/v1/health/checks/web", timeout=10).json()
-    [check] = [c for c in checks if alloc_id in c["ServiceID"]]
-    return CheckStatus(check["Status"])
+    mine = [c for c in checks if alloc_id in c["ServiceID"]]
+    assert len(mine) <= 1, mine
+    return CheckStatus(mine[0]["Status"]) if mine else None
 
 
 def test_peak_concurrency_counts_overlapping_intervals_only() -> None:
@@ -75,8 +77,9 @@ def test_peak_concurrency_counts_overlapping_intervals_only() -> None:
 def test_every_restart_is_recorded_with_its_timeline(sim_cluster_factory: Any) -> None:
     sim = sim_cluster_factory(_scenario(count=1), time_scale=SCALE)
     alloc = sim.nomad.allocation("web", "app", 0)
+    assert _check(sim, alloc.id) == CheckStatus.PASSING
     sim.nomad.restart(alloc.id, "server")
-    assert _check(sim, alloc.id) == CheckStatus.CRITICAL
+    assert _check(sim, alloc.id) is None, "Nomad deregisters the service before it stops the task"
     sim.wait_settled()
     [record] = sim.restarts()
     assert record.stopped_at is not None and record.running_at is not None and record.healthy_at is not None
@@ -98,6 +101,25 @@ def test_every_restart_is_recorded_with_its_timeline(sim_cluster_factory: Any) -
         "running_at",
         "healthy_at",
     } <= (served[0].keys())
+
+
+def test_a_restarted_task_runs_before_its_service_is_registered_again(sim_cluster_factory: Any) -> None:
+    sim = sim_cluster_factory(_scenario(count=1, register_after="30s"), time_scale=SCALE)
+    alloc = sim.nomad.allocation("web", "app", 0)
+    sim.nomad.restart(alloc.id, "server")
+    restarted = sim.clock.monotonic()
+    deadline = time.monotonic() + 10
+    while alloc.task_states["server"].state != "running":
+        assert time.monotonic() < deadline, "the task did not run again"
+        time.sleep(0.002)
+    running = sim.clock.monotonic()
+    assert _check(sim, alloc.id) is None, "the service is registered the moment the task runs"
+    assert running - restarted < 2 + 30 - 5, "the check above came too late to mean anything"
+    sim.wait_settled()
+    assert _check(sim, alloc.id) == CheckStatus.PASSING
+    [record] = sim.restarts()
+    assert record.running_at is not None and record.healthy_at is not None
+    assert record.healthy_at - record.running_at >= 30 - 0.01, "healthy before Consul had its check"
 
 
 def test_simultaneous_restarts_overlap_and_sequential_ones_do_not(sim_cluster_factory: Any) -> None:
@@ -169,7 +191,8 @@ def test_seeded_lognormal_timing_repeats(sim_cluster_factory: Any) -> None:
     timing = {"restart": {"lognormal": {"median": "2s", "sigma": 0.8}}}
 
     def durations() -> list[float]:
-        sim = sim_cluster_factory(_scenario(count=1, **timing), time_scale=SCALE)
+        # Scale 10: the 0.5 s tolerance below is 50 real ms of scheduling delay on a busy machine.
+        sim = sim_cluster_factory(_scenario(count=1, **timing), time_scale=10)
         alloc = sim.nomad.allocation("web", "app", 0)
         for _ in range(3):
             sim.nomad.restart(alloc.id)

@@ -1,4 +1,9 @@
-"""The simulated Nomad client renders templates from Consul the way Nomad's template runner does."""
+"""The simulator's template runner: how its Nomad client renders templates from Consul.
+
+A test of the sim, not of Nomad: it reads the sim's own task states, files and restart record. The
+behaviour copied is Nomad's template runner (consul-template, ``change_mode``, splay); a real
+cluster's is exercised by the real-cluster variant of ``test_real_cluster.py``.
+"""
 
 from __future__ import annotations
 
@@ -79,7 +84,7 @@ def test_noop_change_rewrites_the_file_without_a_restart(sim_cluster_factory: An
     path = _task_dir(sim) / "local/app.conf"
     sim.set_key("config/web", "v2")
     _wait(lambda: path.read_text() == "v2")
-    time.sleep(2 / SCALE)
+    sim.wait_caught_up()
     assert sim.restarts() == []
     assert all(a.task_states["server"].restarts == 0 for a in sim.nomad.allocations("web"))
 
@@ -94,7 +99,7 @@ def test_identical_content_is_not_a_change(sim_cluster_factory: Any) -> None:
     sim.set_key("config/web", "v2")  # a new value that renders the same text
     sim.set_key("config/web", "v2")  # a write of the same value
     sim.set_key("other/key", "x")
-    time.sleep(3 / SCALE)
+    sim.wait_caught_up()
     assert path.read_text() == "same" and path.stat().st_mtime_ns == mtime
     assert sim.restarts() == []
 
@@ -168,7 +173,7 @@ def test_a_missing_key_blocks_the_start_until_it_exists(sim_cluster_factory: Any
         _scenario([{"key": "config/later", "destination": "local/later.conf"}], count=1), settle=False
     )
     alloc = sim.nomad.allocation("web", "app", 0)
-    time.sleep(2 / SCALE)
+    sim.wait_caught_up()
     assert alloc.task_states["server"].state == "pending" and alloc.client_status == "pending"
     sim.set_key("config/later", "now")
     sim.wait_settled()

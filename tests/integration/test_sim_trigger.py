@@ -57,7 +57,7 @@ def test_trigger_key_restarts_exactly_that_allocation_task(sim_cluster_factory: 
     sim = sim_cluster_factory(_scenario(), time_scale=SCALE)
     value = _trigger(sim, 4)
     _wait_restarts(sim, 1)
-    time.sleep(2 / SCALE)
+    sim.wait_caught_up()
     sim.wait_settled()
     [record] = sim.restarts()
     alloc = sim.nomad.allocation("web", "app", 4)
@@ -77,7 +77,7 @@ def test_same_trigger_value_twice_restarts_once(sim_cluster_factory: Any) -> Non
     _wait_restarts(sim, 1)
     sim.wait_settled()
     sim.set_key(key, "one")
-    time.sleep(3 / SCALE)
+    sim.wait_caught_up()
     assert len(sim.restarts()) == 1
 
 

@@ -75,9 +75,9 @@ class Env:
             assert time.monotonic() < deadline, f"expected {n} restarts, have {self.sim.restarts()}"
             time.sleep(0.005)
 
-    def settle(self, seconds: float = 3.0) -> None:
-        """Long enough (cluster seconds) for a trigger to have restarted a task if it were going to."""
-        self.sim.clock.sleep(seconds)
+    def settle(self) -> None:
+        """Wait until the sim acted on every write so far: what did not restart by then never will."""
+        self.sim.wait_caught_up()
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_consul_key_trigger_restarts_exactly_that_task_through_its_template(env:
         trigger.fire(ref, alloc.id, slot)
         first = env.sim.get_key(KEYSPACE.trigger_key(ref))
         env.wait_restarts(1)
-        env.settle()
+        env.sim.wait_settled()  # running again: the next trigger restarts it again
         trigger.fire(ref, alloc.id, slot)
         assert env.sim.get_key(KEYSPACE.trigger_key(ref)) != first, "each trigger must write a fresh value"
         env.wait_restarts(2)
@@ -119,7 +119,8 @@ def test_fenced_trigger_is_refused_once_the_slot_was_lost(env: Env, after_loss: 
         if after_loss == "slot taken by another session":
             env.slots().acquire(successor, holder="successor", timeout=0)
         assert not slot.lost.is_set(), "the test needs the fence itself to refuse, not the lost event"
-        with pytest.raises(LockLost, match="no longer held"):
+        refused = r"no longer held by this acquisition \(failed session check for key"
+        with pytest.raises(LockLost, match=refused):
             trigger.fire(ref, alloc.id, slot)
         env.settle()
     assert env.sim.get_key(key) == "before", "a trigger was written without a held slot"
@@ -136,7 +137,7 @@ def test_trigger_with_a_lost_session_writes_nothing(env: Env) -> None:
         slot = env.slots().acquire(session, holder="lost")
         env.consul.session_destroy(session.id)
         assert env.sim.clock.wait(slot.lost, 120), "slot.lost not set after the session was destroyed"
-        with pytest.raises(LockLost):
+        with pytest.raises(LockLost, match=r"not triggered: the session holding .*restart_lock/0 is lost"):
             trigger.fire(ref, alloc.id, slot)
     assert env.sim.get_key(KEYSPACE.trigger_key(ref)) is None
     assert env.sim.restarts() == []
@@ -165,4 +166,55 @@ def test_nomad_api_trigger_is_refused_when_the_slot_is_no_longer_held(env: Env) 
         with pytest.raises(LockLost, match="no longer held"):
             trigger.fire(env.ref(alloc), alloc.id, slot)
         env.settle()
+    assert env.sim.restarts() == []
+
+
+class RecordedReads:
+    """The Consul backend, recording each ``get`` as ``(key, consistent)``."""
+
+    def __init__(self, consul: ConsulBackend) -> None:
+        self._consul = consul
+        self.reads: list[tuple[str, bool]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._consul, name)
+
+    def get(self, key: str, *, consistent: bool = False) -> object:
+        self.reads.append((key, consistent))
+        return self._consul.get(key, consistent=consistent)
+
+
+def test_nomad_api_fence_reads_the_slot_with_a_consistent_read(env: Env) -> None:
+    # Consul's default read mode may answer from a leader that was just replaced, showing a slot that
+    # is no longer held; only ``?consistent`` confirms leadership first. The sim has one state and
+    # cannot serve that stale answer, so the test checks the mode of the fence read.
+    alloc = env.alloc(0)
+    reads = RecordedReads(env.consul)
+    trigger = Trigger(reads, env.nomad, KEYSPACE, RestartMethod.NOMAD_API)  # type: ignore[arg-type]
+    with env.session("agent") as session, env.slots().hold(session, holder="agent") as slot:
+        trigger.fire(env.ref(alloc), alloc.id, slot)
+    assert reads.reads == [(slot.key, True)], "the fence read of the slot must be a consistent read"
+
+
+def test_nomad_api_trigger_is_refused_for_an_earlier_acquisition_by_the_same_session(env: Env) -> None:
+    alloc = env.alloc(0)
+    trigger = Trigger(env.consul, env.nomad, KEYSPACE, RestartMethod.NOMAD_API)
+    with env.session("agent") as session:
+        slots = env.slots()
+        earlier = slots.acquire(session, holder="first")
+        slots.release(earlier)
+        slots.acquire(session, holder="second")  # the same session holds the slot again, a new acquisition
+        with pytest.raises(LockLost, match="no longer held"):
+            trigger.fire(env.ref(alloc), alloc.id, earlier)
+    assert env.sim.restarts() == []
+
+
+def test_nomad_api_trigger_is_refused_when_the_slot_key_is_gone(env: Env) -> None:
+    alloc = env.alloc(0)
+    trigger = Trigger(env.consul, env.nomad, KEYSPACE, RestartMethod.NOMAD_API)
+    with env.session("agent") as session:
+        slot = env.slots().acquire(session, holder="agent")
+        env.consul.delete(slot.key)
+        with pytest.raises(LockLost, match="no longer held"):
+            trigger.fire(env.ref(alloc), alloc.id, slot)
     assert env.sim.restarts() == []

@@ -102,7 +102,7 @@ def test_connection_and_log_shipping_defaults() -> None:
     shipping = cfg.log_shipping
     assert (shipping.enabled, shipping.sink, shipping.path) == (
         False,
-        LogSink.FILE,
+        (LogSink.FILE,),
         "/var/log/shepard/tasks.jsonl",
     )
     assert (shipping.syslog_address, shipping.syslog_protocol, shipping.syslog_app_name) == (
@@ -170,7 +170,7 @@ time_scale: 50
     assert (cfg.session_ttl, cfg.lock_delay, cfg.settle_time) == (90.0, 0.25, 1.5)
     assert (cfg.min_healthy_time, cfg.healthy_deadline, cfg.max_failures) == (0.0, 3600.0, 0)
     assert cfg.watch_secrets is True
-    assert cfg.log_shipping.sink is LogSink.HTTP
+    assert cfg.log_shipping.sink == (LogSink.HTTP,)
     assert cfg.log_shipping.http_format is HttpFormat.NDJSON
     assert cfg.metrics_address == "0.0.0.0:9464"
     assert (cfg.log_level, cfg.log_format, cfg.time_scale) == ("DEBUG", "json", 50.0)
@@ -416,7 +416,7 @@ def test_cross_field_problems(tmp_path: Path) -> None:
     assert problems(path=write(tmp_path, text)) == [
         "nomad.key_file: required when nomad.cert_file is set",
         "healthy_deadline: expected more than min_healthy_time (10s), got 5s",
-        "log_shipping.http_url: required when log_shipping.sink is http",
+        "log_shipping.http_url: required when log_shipping.sink includes http",
     ]
 
 
@@ -620,7 +620,7 @@ def test_redacted_hides_tokens_and_keeps_the_rest(tmp_path: Path) -> None:
     assert data["nomad"]["token"] == "<redacted>"
     assert "tok-consul-1" not in repr(data) and "tok-nomad-2" not in repr(data)
     assert data["lock_scope"] == "cluster" and type(data["lock_scope"]) is str
-    assert data["log_shipping"]["sink"] == "file"
+    assert data["log_shipping"]["sink"] == ["file"]
     assert redacted(default_config())["consul"]["token"] is None
     assert secret_values(cfg) == ["tok-consul-1", "tok-nomad-2"]
 

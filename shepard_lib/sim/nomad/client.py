@@ -120,6 +120,8 @@ class TaskRunner:
         self.rendered: dict[str, bool] = {}
         self.deps: dict[str, int | None] = {}
         self.record: RestartRecord | None = None
+        self.registered = False  # the service and its check are in Consul
+        self.check: tuple[CheckStatus, str] = (CheckStatus.CRITICAL, "")  # shown once registered
         self.service_id = service_id(alloc.id, task.name, task.service) if task.service else None
         self.check_id = (
             check_id(self.service_id, f'service: "{task.service}" check') if self.service_id else None
@@ -296,7 +298,11 @@ class TaskRunner:
             self._end_record("failed", now)
 
     def start(self) -> None:
-        """The task process starts: ``Started``, logs, service registration, health timers."""
+        """The task process starts: ``Started``, logs, health timers; the service registers later.
+
+        As in Nomad, the task is ``running`` first: its service hook registers the service and
+        checks after the start (poststart), and Consul has them ``register_after`` later.
+        """
         now = self.now()
         self.phase = Phase.RUNNING
         gen = self.generation
@@ -307,10 +313,12 @@ class TaskRunner:
             ts.finished_at = None
             ts.add_event("Started", now, "Task started by client")
         self._log_start(ts.restarts)
-        self._register_service()
+        self.check = (CheckStatus.CRITICAL, "")  # Nomad registers checks critical until they run
         if self.record is not None and self.record.running_at is None:
             self.record.running_at = now
         timing = self.client.scenario.timing
+        register_after = timing.register_after.sample(self.client.rng)
+        self.client.scheduler.call_later(register_after, lambda: self._register(gen))
         if self._holds(self.spec.crash_if):
             self.client.scheduler.call_later(
                 timing.crash_after.sample(self.client.rng), lambda: self._crash(gen)
@@ -330,16 +338,28 @@ class TaskRunner:
         entry = self.client.consul.kv_get(cond.key)
         return entry is not None and (entry.value or b"").decode("utf-8", "replace") == cond.equals
 
+    def _register(self, gen: int) -> None:
+        with self.state.lock:
+            if gen != self.generation or self.phase != Phase.RUNNING:
+                return
+            self._register_service()
+            self._record_health()
+
     def _healthy(self, gen: int) -> None:
         with self.state.lock:
             if gen != self.generation or self.phase != Phase.RUNNING:
                 return
             self.crashes = 0
             self._set_check(CheckStatus.PASSING, "HTTP GET /health: 200 OK")
-            if self.record is not None:
-                now = self.now()
-                self.record.healthy_at = now
-                self._end_record("healthy", now)
+            self._record_health()
+
+    def _record_health(self) -> None:
+        """End the restart record once Consul shows the task healthy (its check passing, or no service)."""
+        healthy = self.check[0] is CheckStatus.PASSING and (self.registered or self.service_id is None)
+        if healthy and self.record is not None:
+            now = self.now()
+            self.record.healthy_at = now
+            self._end_record("healthy", now)
 
     def restart(self, cause: str, requested_at: float | None = None) -> None:
         """Restart the running task now (``cause``: ``template`` or ``api``)."""
@@ -364,6 +384,7 @@ class TaskRunner:
             if cause == "template"
             else ("User requested task to restart")
         )
+        self._deregister_service()  # Nomad's service hook deregisters before it kills the task
         with self.state.update_alloc(self.alloc):
             ts = self.task_state
             ts.add_event("Restart Signaled", now, message, RestartReason=message)
@@ -399,6 +420,7 @@ class TaskRunner:
             policy = self.client.scenario.restart_policy
             self.crashes += 1
             self.logs.write("stderr", f"{_stamp(now)} FATAL configuration rejected, exiting\n")
+            self._deregister_service()  # the task exited: Nomad's service hook deregisters it
             if self.crashes <= policy.attempts:
                 with self.state.update_alloc(self.alloc):
                     ts = self.task_state
@@ -451,8 +473,7 @@ class TaskRunner:
         self.generation += 1
         if self.record is not None:
             self._end_record("stopped", self.now())
-        if self.service_id is not None:
-            self.client.consul.deregister_service(self.service_id)
+        self._deregister_service()
 
     def die(self, failed: bool) -> None:
         """The task is dead (``Failed`` when it failed); its service is deregistered."""
@@ -463,8 +484,7 @@ class TaskRunner:
             ts.state = "dead"
             ts.failed = failed
             ts.finished_at = self.now()
-        if self.service_id is not None:
-            self.client.consul.deregister_service(self.service_id)
+        self._deregister_service()
 
     def _end_record(self, outcome: str, at: float) -> None:
         record = self.record
@@ -486,11 +506,21 @@ class TaskRunner:
             tags=(),
             check_id=self.check_id,
             check_name=f'service: "{self.spec.service}" check',
-            status=CheckStatus.CRITICAL,
+            status=self.check[0],
         )
+        self.registered = True
+        if self.check[1]:
+            self.client.consul.set_check_status(self.check_id, *self.check, node=self.alloc.node.name)
+
+    def _deregister_service(self) -> None:
+        if self.registered and self.service_id is not None:
+            self.client.consul.deregister_service(self.service_id)
+        self.registered = False
 
     def _set_check(self, status: CheckStatus, output: str) -> None:
-        if self.check_id is not None:
+        """Set what the task's check says; Consul shows it while the service is registered."""
+        self.check = (status, output)
+        if self.registered and self.check_id is not None:
             self.client.consul.set_check_status(self.check_id, status, output, node=self.alloc.node.name)
 
     def _log_start(self, restarts: int) -> None:
@@ -623,10 +653,13 @@ class KVWatcher:
         self.clients = clients
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._handled = threading.Condition()
+        self._handled_index = 0  # every client has seen the KV up to this index
 
     def start(self) -> None:
         """Start watching from the current KV index (call before any allocation renders)."""
         kv_index = self.consul.read(lambda: self.consul.kv.table_index)
+        self._handled_index = kv_index
         self._thread = threading.Thread(
             target=self._run, args=(kv_index,), name="sim-nomad-kv-watch", daemon=True
         )
@@ -649,6 +682,17 @@ class KVWatcher:
             kv_index = new
             for client in self.clients():
                 client.on_kv_change()
+            with self._handled:
+                self._handled_index = kv_index
+                self._handled.notify_all()
+
+    def wait_handled(self, timeout: float) -> bool:
+        """Block until every client has handled the KV as it is now (``timeout`` real seconds)."""
+        index = self.consul.read(lambda: self.consul.kv.table_index)
+        with self._handled:
+            return self._handled.wait_for(
+                lambda: self._handled_index >= index or self._stop.is_set(), timeout
+            )
 
 
 def _modify_indexes(consul: ConsulState, keys: set[str]) -> dict[str, int | None]:

@@ -2,11 +2,15 @@
 
 Like Nomad's file rotator, a file is filled up to ``max_file_size`` bytes (a write may be split
 across two files, mid-line), the next index is opened, and only the ``max_files`` newest files of
-a stream are kept.
+a stream are kept. As on a real client, the directory also holds the FIFOs the task writes into
+and logmon reads from, ``.<task>.stdout.fifo`` and ``.<task>.stderr.fifo`` (Nomad's
+``logmon_hook.go``); the simulator never opens them, and neither may anything that reads the logs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from pathlib import Path
 
@@ -22,6 +26,14 @@ class TaskLogs:
         self.max_file_size = max_file_size
         self.max_files = max_files
         self._index = {stream: self._last_index(stream) for stream in ("stdout", "stderr")}
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        for stream in ("stdout", "stderr"):
+            with contextlib.suppress(FileExistsError):
+                os.mkfifo(self.fifo(stream))
+
+    def fifo(self, stream: str) -> Path:
+        """The FIFO of ``stream``: ``.<task>.<stream>.fifo``, as logmon names it."""
+        return self.logs_dir / f".{self.task}.{stream}.fifo"
 
     def path(self, stream: str, index: int) -> Path:
         """The file of ``stream`` (``stdout``/``stderr``) with rotation ``index``."""

@@ -25,6 +25,7 @@ class Scheduler:
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._stopped = False
+        self._running = False  # a callback is running now
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -49,6 +50,16 @@ class Scheduler:
             heapq.heappush(self._queue, (due, next(self._seq), callback))
             self._cond.notify_all()
 
+    def wait_due(self, timeout: float) -> bool:
+        """Block until every callback due by now has run (``timeout`` real seconds); False on timeout."""
+        mark = time.monotonic()
+        with self._cond:
+
+            def done() -> bool:
+                return not self._running and (not self._queue or self._queue[0][0] > mark)
+
+            return self._cond.wait_for(lambda: self._stopped or done(), timeout)
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -58,7 +69,12 @@ class Scheduler:
                 if self._stopped:
                     return
                 _, _, callback = heapq.heappop(self._queue)
+                self._running = True
             try:
                 callback()
             except Exception:
                 log.exception("simulated Nomad callback failed")
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify_all()

@@ -309,6 +309,16 @@ class NomadSim:
         check = self.consul.read(lambda: self.consul.catalog.checks.get((node, check_id)))
         return check is not None and check.status == CheckStatus.PASSING
 
+    def wait_caught_up(self, timeout: float = 60.0) -> None:
+        """Wait until the clients have acted on every KV write so far (``timeout`` cluster seconds).
+
+        Templates are re-rendered and every restart or signal due by then is done: what a test waits
+        on before it checks that a write did *not* restart anything.
+        """
+        real = self.clock.real(timeout)
+        if not (self.watcher.wait_handled(real) and self.scheduler.wait_due(real)):
+            raise HealthTimeout(f"simulated clients did not catch up with Consul within {timeout:g}s")
+
     def wait_settled(self, timeout: float = 60.0) -> None:
         """Wait until every task of every running allocation is running and healthy.
 

@@ -46,7 +46,7 @@ def _real_target() -> ConsulTarget:
     return ConsulTarget("real", address, os.environ.get("CONSUL_HTTP_TOKEN"), Clock())
 
 
-@pytest.fixture(params=["sim", "real"])
+@pytest.fixture(params=["sim", pytest.param("real", marks=pytest.mark.real_cluster)])
 def consul_target(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[ConsulTarget]:
     """The Consul under test: the sim, or the real one named by CONSUL_HTTP_ADDR."""
     if request.param == "sim":
@@ -59,7 +59,7 @@ def consul_target(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
         target.cleanup()
 
 
-@pytest.fixture(params=["sim", "real"])
+@pytest.fixture(params=["sim", pytest.param("real", marks=pytest.mark.real_cluster)])
 def acl_consul(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[ConsulTarget]:
     """A Consul with ACLs on whose anonymous token may not touch the test's keys."""
     if request.param == "sim":

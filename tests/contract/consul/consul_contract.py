@@ -6,10 +6,12 @@ session it creates through ``target.session(...)`` is destroyed afterwards.
 
 from __future__ import annotations
 
+import os
 import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import requests
 
@@ -21,7 +23,14 @@ with warnings.catch_warnings():
     import consul
     from consul import ConsulException
 
-__all__ = ["REAL_SKIP_REASON", "SIM_SCALE", "ConsulException", "ConsulTarget", "make_client"]
+__all__ = [
+    "REAL_SKIP_REASON",
+    "SIM_SCALE",
+    "ConsulException",
+    "ConsulTarget",
+    "anonymous_client",
+    "make_client",
+]
 
 REAL_SKIP_REASON = "set CONSUL_HTTP_ADDR (and CONSUL_HTTP_TOKEN) to run against a real Consul"
 SIM_SCALE = 50.0
@@ -35,6 +44,19 @@ def make_client(address: str, token: str | None = None) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return consul.Consul(host=host, port=int(port), token=token, scheme=scheme)
+
+
+def anonymous_client(address: str) -> Any:
+    """A python-consul2 client that sends no token at all, whatever the environment says.
+
+    python-consul2 takes ``CONSUL_HTTP_TOKEN`` over ``token=None``, so a client built while the
+    variable is set (as for a real cluster) would send the management token: build it without it.
+    """
+    with mock.patch.dict(os.environ):
+        os.environ.pop("CONSUL_HTTP_TOKEN", None)
+        client = make_client(address)
+    assert getattr(client, "token", None) is None, "the anonymous client has a token"
+    return client
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import requests
-from consul_contract import ConsulException, ConsulTarget, make_client
+from consul_contract import ConsulException, ConsulTarget, anonymous_client
 
 FILTERED = "X-Consul-Results-Filtered-By-ACLs"
 
@@ -98,7 +98,7 @@ def test_anonymous_may_not_create_renew_or_destroy_sessions(acl_consul: ConsulTa
     node = acl_consul.node_name()
     assert_denied(anonymous(acl_consul, "PUT", "/v1/session/create"), acl_consul, "session:write", node)
     with pytest.raises(ConsulException, match="Permission denied"):
-        make_client(acl_consul.address).session.create()
+        anonymous_client(acl_consul.address).session.create()
     session_id = acl_consul.session(ttl=60)
     for verb in ("renew", "destroy"):
         resp = anonymous(acl_consul, "PUT", f"/v1/session/{verb}/{session_id}")

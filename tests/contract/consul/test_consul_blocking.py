@@ -151,8 +151,10 @@ def test_a_wait_that_expires_costs_exactly_one_request(sim_consul: ConsulTarget)
     assert sim_consul.requests_count("/v1/kv", "GET") - before == 1
 
 
-def test_wait_is_defaulted_capped_and_jittered_by_at_most_a_sixteenth(sim_consul: ConsulTarget) -> None:
-    """Sim-only: the server-side timeout rule of Consul's ``blockingQuery``."""
+def test_sim_wait_rule_defaults_caps_and_jitters_by_at_most_a_sixteenth(sim_consul: ConsulTarget) -> None:
+    """A test of the sim, not of Consul: the sim's copy of ``blockingQuery``'s timeout rule, read from
+    its internals. What a client sees over HTTP (sim and real) is
+    ``test_blocking_get_times_out_with_the_same_index``."""
     ctx = sim_consul.sim._ctx  # type: ignore[union-attr]
     scale = sim_consul.clock.scale
     assert (CONSUL_WAIT.default, CONSUL_WAIT.maximum, CONSUL_WAIT.jitter_fraction) == (300.0, 600.0, 16)
@@ -162,8 +164,8 @@ def test_wait_is_defaulted_capped_and_jittered_by_at_most_a_sixteenth(sim_consul
         assert max(samples) > base  # the stagger is really applied
 
 
-def test_wait_staggers_are_reproducible_from_the_server_seed() -> None:
-    """Sim-only: two servers with one seed draw the same staggers, another seed draws others."""
+def test_sim_wait_staggers_are_reproducible_from_the_server_seed() -> None:
+    """A test of the sim: two servers with one seed draw the same staggers, another seed draws others."""
 
     def staggers(seed: int) -> list[float]:
         server = ConsulServer(ConsulState(Clock(), seed=seed), seed=seed)

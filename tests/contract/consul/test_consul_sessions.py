@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
-from consul_contract import ConsulException, ConsulTarget
+from consul_contract import ConsulException, ConsulTarget, make_client
 
+from shepard_lib.clock import Clock
 from shepard_lib.model import CheckStatus
+from shepard_lib.sim.consul import ConsulServer, ConsulState
 
 
 def test_session_defaults_match_consul(consul_target: ConsulTarget) -> None:
@@ -175,28 +178,34 @@ def test_behavior_delete_deletes_held_keys_on_invalidation(consul_target: Consul
     assert c.kv.get(consul_target.key("unlocked"))[1]["Value"] == b"stays"
 
 
-def test_ttl_expiry_releases_locks_not_before_the_ttl(sim_consul: ConsulTarget) -> None:
-    """Sim-only (time-scaled TTL): a 10 s TTL passes in 0.2 real seconds.
+def _released_at(c: Any, clock: Clock, key: str, holder: str) -> float:
+    """Follow ``key`` with blocking queries until ``holder`` no longer holds it; the cluster time then.
 
-    Times are measured from when the session surely exists (the create call returned), and the
-    lock-delay is Consul's longest (60 s, 1.2 real seconds): the few requests between the expiry
-    and the refused acquire must not outlast it, however slowly a loaded machine sends them.
+    The time is read after the answer that shows the key free, so it is never before the release:
+    a release before the TTL shows as an early time and fails the caller's check.
     """
+    index, entry = c.kv.get(key)
+    for _ in range(50):
+        if entry is None or entry.get("Session") != holder:
+            return clock.monotonic()
+        index, entry = c.kv.get(key, index=index, wait="5s")
+    raise AssertionError(f"{key} still held by {holder} after 50 blocking queries")
+
+
+def test_ttl_expiry_releases_locks_not_before_the_ttl(sim_consul: ConsulTarget) -> None:
+    """Sim-only (time-scaled TTL): a 10 s TTL passes in 0.2 real seconds."""
     c, key, clock = sim_consul.client(), sim_consul.key("ttl"), sim_consul.clock
     other = sim_consul.session()
-    holder = sim_consul.session(ttl=10, lock_delay=60)
-    created = clock.monotonic()  # the server created it before this
+    start = clock.monotonic()
+    holder = sim_consul.session(ttl=10, lock_delay=10)
     c.kv.put(key, "v", acquire=holder)
-    clock.sleep(7)
-    held = c.kv.get(key)[1].get("Session") == holder
-    assert held or clock.monotonic() - created >= 10, "expired before its TTL"
-    clock.sleep(10 - (clock.monotonic() - created) + 0.5)
-    assert "Session" not in c.kv.get(key)[1]
+    released = _released_at(c, clock, key, holder) - start
+    assert 10 <= released <= 10 + 3, f"the lock was released {released:.1f}s after a 10s-TTL session began"
     assert c.session.info(holder)[1] is None
     resp = sim_consul.http("PUT", f"/v1/session/renew/{holder}")
     assert resp.status_code == 404
     assert c.kv.put(key, "w", acquire=other) is False  # lock-delay after an invalidation
-    clock.sleep(60.2)
+    clock.sleep(10.2)
     assert c.kv.put(key, "w", acquire=other) is True
 
 
@@ -220,24 +229,17 @@ def test_ttl_expiry_with_behavior_delete_deletes_the_key(sim_consul: ConsulTarge
     assert c.kv.get(key)[1] is None
 
 
-def test_ttl_multiplier_two_expires_between_one_and_two_ttls(sim_consul: ConsulTarget) -> None:
-    """Sim-only: ``session_ttl_multiplier=2`` reproduces Consul's up-to-2x TTL grace."""
-    from shepard_lib.clock import Clock
-    from shepard_lib.sim.consul import ConsulState
-    from shepard_lib.sim.consul.sessions import validate_request
-
+def test_sim_ttl_multiplier_two_expires_between_one_and_two_ttls() -> None:
+    """Sim-only: the sim's ``session_ttl_multiplier=2`` reproduces Consul's up-to-2x TTL grace (over HTTP)."""
     clock = Clock(scale=20)
-    state = ConsulState(clock, session_ttl_multiplier=2.0)
-    start = clock.monotonic()
-    session = state.session_create(validate_request(state.server_node, "", "10s", 10.0))
-    state.kv_acquire("k", b"v", 0, session.id)
-    clock.sleep(15)
-    entry = state.kv_get("k")
-    assert entry is not None
-    assert entry.session == session.id or clock.monotonic() - start >= 20
-    clock.sleep(20 - (clock.monotonic() - start) + 0.5)
-    entry = state.kv_get("k")
-    assert entry is not None and entry.session is None
+    with ConsulServer(ConsulState(clock, session_ttl_multiplier=2.0)) as server:
+        c = make_client(server.address)
+        start = clock.monotonic()
+        holder = c.session.create(ttl=10, lock_delay=0)
+        c.kv.put("grace", "v", acquire=holder)
+        released = _released_at(c, clock, "grace", holder) - start
+        assert 10 <= released <= 20 + 3, f"released {released:.1f}s after a 10s-TTL session began"
+        assert released >= 20 - 0.5, "the sim's multiplier 2 grants the whole 2x grace"
 
 
 def test_critical_serf_health_invalidates_the_nodes_sessions(sim_consul: ConsulTarget) -> None:

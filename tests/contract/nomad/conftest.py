@@ -8,19 +8,17 @@ for tests that restart tasks or use the sim's fault controls and record.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
-import nomad
 import pytest
 from nomad_contract import (
     CONTRACT_SCENARIO,
-    REAL_SKIP_REASON,
     SIM_SCALE,
     SIM_TOKEN,
     NomadTarget,
     python_nomad,
+    real_target,
 )
 
 from shepard_lib.sim import SimCluster
@@ -39,19 +37,16 @@ def _clear_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _sim(
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Any,
-    acl_token: str | None = None,
-    scenario: dict[str, Any] = CONTRACT_SCENARIO,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, acl_token: str | None = None
 ) -> Iterator[NomadTarget]:
     _clear_env(monkeypatch)
     with SimCluster.from_scenario(
-        scenario, data_dir=tmp_path, time_scale=SIM_SCALE, acl_token=acl_token
+        CONTRACT_SCENARIO, data_dir=tmp_path, time_scale=SIM_SCALE, acl_token=acl_token
     ) as sim:
         yield NomadTarget("sim", sim.nomad_addr, acl_token, python_nomad(sim.nomad_addr, acl_token), sim)
 
 
-@pytest.fixture(params=["sim", "real"])
+@pytest.fixture(params=["sim", pytest.param("real", marks=pytest.mark.real_cluster)])
 def nomad_target(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> Iterator[NomadTarget]:
@@ -59,27 +54,13 @@ def nomad_target(
     if request.param == "sim":
         yield from _sim(monkeypatch, tmp_path)
         return
-    address = os.environ.get("NOMAD_ADDR")
-    if not address:
-        pytest.skip(REAL_SKIP_REASON)
-    token = os.environ.get("NOMAD_TOKEN")
-    yield NomadTarget(
-        "real", address.rstrip("/"), token, nomad.Nomad(address=address, token=token, timeout=30)
-    )
+    yield real_target()
 
 
 @pytest.fixture
 def sim_target(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[NomadTarget]:
     """The sim alone (restarts, fault controls, the restart record)."""
     yield from _sim(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def slow_restart_target(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[NomadTarget]:
-    """The sim whose tasks stay down for an hour (cluster time) once restarted: "not running" is a
-    state a test can rely on, however slowly a loaded machine runs it."""
-    scenario = {**CONTRACT_SCENARIO, "timing": {**CONTRACT_SCENARIO["timing"], "restart": "1h"}}
-    yield from _sim(monkeypatch, tmp_path, scenario=scenario)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ for tests that restart tasks or use the sim's fault controls and record.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -88,6 +89,16 @@ class NomadTarget:
             if allocs:
                 return stub["ID"], allocs
         pytest.skip("the cluster has no job with allocations")
+
+
+def real_target() -> NomadTarget:
+    """The real Nomad named by ``NOMAD_ADDR`` (and ``NOMAD_TOKEN``); skips the test when it is not set."""
+    address = os.environ.get("NOMAD_ADDR")
+    if not address:
+        pytest.skip(REAL_SKIP_REASON)
+    token = os.environ.get("NOMAD_TOKEN")
+    client = nomad.Nomad(address=address, token=token, timeout=30)
+    return NomadTarget("real", address.rstrip("/"), token, client)
 
 
 def python_nomad(address: str, token: str | None) -> nomad.Nomad:

@@ -59,11 +59,14 @@ def test_node_down_marks_node_and_loses_its_allocations(sim_target: NomadTarget)
     sim = sim_target.cluster()
     node_id = sim.nomad.node("n2").id
     before = sim_target.client.node.get_node(node_id)
-    time.sleep(2 / SIM_SCALE)
+    sim.clock.sleep(2)  # StatusUpdatedAt is in whole seconds: 2 cluster seconds make it strictly later
+    down_from = sim.clock.time()
     sim.nomad.set_node_down("n2")
+    down_by = sim.clock.time()
     after = sim_target.client.node.get_node(node_id)
     assert after["Status"] == "down" and after["ModifyIndex"] > before["ModifyIndex"]
-    assert after["StatusUpdatedAt"] >= before["StatusUpdatedAt"]
+    assert after["StatusUpdatedAt"] > before["StatusUpdatedAt"]
+    assert int(down_from) <= after["StatusUpdatedAt"] <= down_by, "StatusUpdatedAt is not when it went down"
     lost = [a for a in sim_target.client.node.get_allocations(node_id)]
     assert lost and {a["ClientStatus"] for a in lost} == {"lost"}
     assert {a["DesiredStatus"] for a in lost} == {"stop"}

@@ -71,8 +71,10 @@ def test_bad_index_or_wait_is_a_bad_request_with_nomads_text(nomad_target: Nomad
         assert (resp.status_code, resp.text) == (400, text), params
 
 
-def test_wait_is_defaulted_capped_at_five_minutes_and_jittered(sim_target: NomadTarget) -> None:
-    """Sim-only: ``blockingRPC`` in nomad/rpc.go (default and maximum 300 s, stagger up to wait/16)."""
+def test_sim_wait_rule_defaults_caps_at_five_minutes_and_jitters(sim_target: NomadTarget) -> None:
+    """A test of the sim, not of Nomad: the sim's copy of ``blockingRPC``'s rule in nomad/rpc.go
+    (default and maximum 300 s, stagger up to wait/16), read from its own constants. What a client
+    sees over HTTP (sim and real) is ``test_blocking_query_returns_after_wait_when_nothing_changes``."""
     assert (NOMAD_WAIT.default, NOMAD_WAIT.maximum, NOMAD_WAIT.jitter_fraction) == (300.0, 300.0, 16)
     rng = random.Random(3)
     for wait, base in ((0.0, 300.0), (30.0, 30.0), (600.0, 300.0), (3600.0, 300.0)):
@@ -81,10 +83,10 @@ def test_wait_is_defaulted_capped_at_five_minutes_and_jittered(sim_target: Nomad
         assert max(samples) > base
 
 
-def test_wait_staggers_come_from_the_scenario_seed_not_the_global_random(
+def test_sim_wait_staggers_come_from_the_scenario_seed_not_the_global_random(
     sim_target: NomadTarget, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Sim-only: the timeouts the server blocks for are drawn from ``Random(scenario seed + 1)``."""
+    """A test of the sim: the timeouts it blocks for are drawn from ``Random(scenario seed + 1)``."""
     sim = sim_target.cluster()
     timeouts: list[float] = []
     state = sim.nomad.state

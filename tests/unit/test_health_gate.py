@@ -1,0 +1,387 @@
+"""HealthGate's verdicts, decision by decision, on answers the test scripts (no sockets).
+
+A small in-process stand-in for the two read endpoints the gate follows (``watch_allocation`` and
+``service_checks``, with blocking-query semantics) lets each test hand the gate exactly the
+allocation and checks it must judge, including states the simulator does not produce (a running
+task Nomad marks failed, an allocation Nomad means to stop). Each test names the decision it pins;
+the sim-backed end-to-end tests are in ``tests/integration/test_health.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from shepard_lib.clock import Clock
+from shepard_lib.config import HealthSource
+from shepard_lib.errors import ConsulError, HealthTimeout, LockLost, NomadError, NotFound, TaskFailed
+from shepard_lib.health import HealthGate, HealthReport
+from shepard_lib.model import Allocation, CheckStatus, HealthCheck, TaskState
+
+SCALE = 50.0  # cluster seconds per real second
+PASSES = 60.0  # the deadline of a wait that must pass: 1.2 real seconds, wide on a busy machine
+TIMES_OUT = 10.0  # the deadline of a wait that must time out: 0.2 real seconds
+ALLOC = "5b8f3c1e-0000-4000-8000-000000000001"
+OTHER = "5b8f3c1e-0000-4000-8000-000000000002"
+BEFORE = TaskState(state="running", restarts=0, started_at=1000.0)
+RESTARTED = TaskState(state="running", restarts=1, last_restart=1010.0, started_at=1011.0)
+
+
+def _alloc(
+    task: TaskState = RESTARTED, *, client_status: str = "running", desired: str = "run"
+) -> Allocation:
+    return Allocation(
+        id=ALLOC,
+        name="web.app[0]",
+        namespace="default",
+        node_id="node-1",
+        node_name="n1",
+        job_id="web",
+        task_group="app",
+        client_status=client_status,
+        desired_status=desired,
+        index=0,
+        task_states={"server": task},
+    )
+
+
+def _check(alloc_id: str = ALLOC, status: CheckStatus = CheckStatus.PASSING) -> HealthCheck:
+    service_id = f"_nomad-task-{alloc_id}-server-web-http"
+    return HealthCheck("n1", f"check-{alloc_id}", 'service: "web" check', status, service_id, "web")
+
+
+class Answers:
+    """What Nomad and Consul answer, changed by the test; reads block like Consul's and Nomad's queries."""
+
+    def __init__(self, clock: Clock, alloc: Allocation, checks: list[HealthCheck]) -> None:
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._index = 1
+        self._alloc: Allocation | None = alloc
+        self._checks = checks
+        self._served = 0  # the index of the last checks answer handed out
+        self.consul_silent = False  # Consul never answers (its queries block until the gate ends)
+        self.nomad_errors = 0  # how many allocation reads fail before Nomad answers again
+
+    def set(self, *, alloc: Allocation | None = None, checks: list[HealthCheck] | None = None) -> int:
+        """Change the answers; returns their new index."""
+        with self._cond:
+            self._alloc = alloc if alloc is not None else self._alloc
+            self._checks = checks if checks is not None else self._checks
+            self._index += 1
+            self._cond.notify_all()
+            return self._index
+
+    def wait_served(self, index: int) -> None:
+        """Block until the gate was handed the checks of ``index`` (or later)."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: self._served >= index, 10), "the gate never read the checks"
+
+    def forget_allocation(self) -> None:
+        with self._cond:
+            self._alloc = None
+            self._index += 1
+            self._cond.notify_all()
+
+    def _block(self, index: int, wait: float | None) -> None:
+        if index:
+            self._clock.wait_for(self._cond, lambda: self._index > index, wait)
+
+    # --- the NomadAPI and ConsulAPI calls the gate makes ---------------------------------------
+
+    def allocation(self, alloc_id: str) -> Allocation:
+        with self._cond:
+            if self._alloc is None or alloc_id != ALLOC:
+                raise NotFound(f"allocation {alloc_id}", "unknown allocation", 404)
+            return self._alloc
+
+    def watch_allocation(self, alloc_id: str, index: int, wait: float) -> tuple[int, Allocation]:
+        with self._cond:
+            if self.nomad_errors:
+                self.nomad_errors -= 1
+                raise NomadError(f"allocation.watch {alloc_id}", "HTTP 500: rpc error", 500, transient=True)
+            self._block(index, wait)
+            if self._alloc is None:
+                raise NotFound(f"allocation {alloc_id}", "unknown allocation", 404)
+            return self._index, self._alloc
+
+    def service_checks(
+        self, service: str, index: int = 0, wait: float | None = None
+    ) -> tuple[int, list[HealthCheck]]:
+        with self._cond:
+            if self.consul_silent:
+                self._clock.wait_for(self._cond, lambda: False, wait if wait is not None else 1.0)
+                raise ConsulError(f"health.checks {service}", "timed out")
+            self._block(index, wait)
+            self._served = self._index
+            self._cond.notify_all()
+            return self._index, [c for c in self._checks if c.service_name == service]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(scale=SCALE)
+
+
+def _gate(
+    clock: Clock,
+    answers: Answers,
+    source: HealthSource,
+    *,
+    min_healthy_time: float = 2,
+    deadline: float = PASSES,
+) -> HealthGate:
+    return HealthGate(
+        answers,  # type: ignore[arg-type]
+        answers,  # type: ignore[arg-type]
+        source=source,
+        min_healthy_time=min_healthy_time,
+        healthy_deadline=deadline,
+        clock=clock,
+    )
+
+
+def _wait(
+    clock: Clock,
+    source: HealthSource,
+    alloc: Allocation,
+    checks: list[HealthCheck],
+    services: tuple[str, ...] = ("web",),
+    before: TaskState = BEFORE,
+    deadline: float = PASSES,
+) -> HealthReport:
+    """Wait for answers that never change; with HealthTimeout expected, the deadline is short."""
+    answers = Answers(clock, alloc, checks)
+    return _gate(clock, answers, source, deadline=deadline).wait_healthy(
+        ALLOC, "server", before=before, services=services
+    )
+
+
+ALL_SOURCES = list(HealthSource)
+CHECK_SOURCES = [HealthSource.CONSUL, HealthSource.BOTH]
+
+
+@pytest.mark.parametrize("source", ALL_SOURCES)
+def test_a_restarted_running_task_with_passing_checks_is_healthy(clock: Clock, source: HealthSource) -> None:
+    start = clock.time()
+    report = _wait(clock, source, _alloc(), [_check()])
+    assert (report.alloc_id, report.task, report.running_at) == (ALLOC, "server", RESTARTED.started_at)
+    assert report.healthy_at - start >= 2, "passed before min_healthy_time"
+
+
+@pytest.mark.parametrize("source", CHECK_SOURCES)
+@pytest.mark.parametrize("checks", [[], [_check(OTHER)]], ids=["no checks", "another allocation's check"])
+def test_no_check_for_this_allocation_is_not_healthy(
+    clock: Clock, source: HealthSource, checks: list[HealthCheck]
+) -> None:
+    # The task runs before Nomad registered its service: nothing says it is healthy yet.
+    with pytest.raises(HealthTimeout, match="service web has no checks registered for this allocation"):
+        _wait(clock, source, _alloc(), checks, deadline=TIMES_OUT)
+
+
+@pytest.mark.parametrize(
+    ("source", "services"),
+    [(HealthSource.NOMAD, ("web",)), (HealthSource.BOTH, ("web",)), (HealthSource.CONSUL, ())],
+    ids=["nomad", "both", "consul without services"],
+)
+def test_a_running_task_nomad_marks_failed_is_not_healthy(
+    clock: Clock, source: HealthSource, services: tuple[str, ...]
+) -> None:
+    failed = dataclasses.replace(RESTARTED, failed=True)
+    with pytest.raises(HealthTimeout, match="Nomad marks the task failed"):
+        _wait(clock, source, _alloc(failed), [_check()], services, deadline=TIMES_OUT)
+
+
+def test_source_consul_with_services_does_not_read_the_failed_flag(clock: Clock) -> None:
+    failed = dataclasses.replace(RESTARTED, failed=True)
+    assert _wait(clock, HealthSource.CONSUL, _alloc(failed), [_check()]).alloc_id == ALLOC
+
+
+@pytest.mark.parametrize("services", [("web",), ()], ids=["with services", "without services"])
+def test_source_both_requires_the_allocation_itself_running(clock: Clock, services: tuple[str, ...]) -> None:
+    with pytest.raises(HealthTimeout, match="the allocation is pending"):
+        _wait(
+            clock,
+            HealthSource.BOTH,
+            _alloc(client_status="pending"),
+            [_check()],
+            services,
+            deadline=TIMES_OUT,
+        )
+
+
+@pytest.mark.parametrize("source", [HealthSource.CONSUL, HealthSource.NOMAD])
+def test_sources_other_than_both_do_not_read_the_allocation_status_of_a_running_task(
+    clock: Clock, source: HealthSource
+) -> None:
+    assert _wait(clock, source, _alloc(client_status="pending"), [_check()]).alloc_id == ALLOC
+
+
+@pytest.mark.parametrize("source", ALL_SOURCES)
+@pytest.mark.parametrize("desired", ["stop", "evict"])
+def test_an_allocation_nomad_means_to_stop_fails_the_wait(
+    clock: Clock, source: HealthSource, desired: str
+) -> None:
+    with pytest.raises(TaskFailed, match=f"desired status {desired}"):
+        _wait(clock, source, _alloc(desired=desired), [_check()])
+
+
+@pytest.mark.parametrize("source", [HealthSource.CONSUL, HealthSource.NOMAD])
+def test_an_empty_desired_status_counts_as_run(clock: Clock, source: HealthSource) -> None:
+    assert _wait(clock, source, _alloc(desired=""), [_check()]).alloc_id == ALLOC
+
+
+@pytest.mark.parametrize("status", ["complete", "failed", "lost"])
+def test_a_terminal_allocation_fails_the_wait(clock: Clock, status: str) -> None:
+    with pytest.raises(TaskFailed, match=f"the allocation is {status}"):
+        _wait(clock, HealthSource.CONSUL, _alloc(client_status=status), [_check()])
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_a_dead_task_fails_the_wait(clock: Clock, failed: bool) -> None:
+    dead = dataclasses.replace(RESTARTED, state="dead", failed=failed)
+    with pytest.raises(TaskFailed, match="the task is dead" + (r" \(failed\)" if failed else "$")):
+        _wait(clock, HealthSource.NOMAD, _alloc(dead), [])
+
+
+def test_an_allocation_nomad_forgot_fails_the_wait(clock: Clock) -> None:
+    answers = Answers(clock, _alloc(BEFORE), [_check()])
+    gate = _gate(clock, answers, HealthSource.CONSUL)
+    threading.Timer(clock.real(1), answers.forget_allocation).start()
+    start = clock.monotonic()
+    with pytest.raises(TaskFailed, match="Nomad no longer knows the allocation"):
+        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+    assert clock.monotonic() - start < PASSES / 2, "the failure was noticed only at the deadline"
+
+
+@pytest.mark.parametrize("source", ALL_SOURCES)
+def test_the_old_run_is_not_the_restart(clock: Clock, source: HealthSource) -> None:
+    with pytest.raises(HealthTimeout, match="has not restarted yet"):
+        _wait(clock, source, _alloc(BEFORE), [_check()], deadline=TIMES_OUT)
+
+
+@pytest.mark.parametrize(
+    "now",
+    [
+        dataclasses.replace(BEFORE, restarts=1),
+        dataclasses.replace(BEFORE, started_at=1001.0),
+    ],
+    ids=["more restarts", "started later"],
+)
+def test_more_restarts_or_a_later_start_is_a_restart(clock: Clock, now: TaskState) -> None:
+    assert _wait(clock, HealthSource.CONSUL, _alloc(now), [_check()]).alloc_id == ALLOC
+
+
+def test_a_task_that_never_started_before_counts_as_restarted_once_it_starts(clock: Clock) -> None:
+    never = TaskState(state="pending")
+    assert _wait(clock, HealthSource.NOMAD, _alloc(), [], before=never).alloc_id == ALLOC
+
+
+def test_an_earlier_start_is_not_a_restart(clock: Clock) -> None:
+    earlier = dataclasses.replace(BEFORE, started_at=999.0)
+    with pytest.raises(HealthTimeout, match="has not restarted yet"):
+        _wait(clock, HealthSource.NOMAD, _alloc(earlier), [], deadline=TIMES_OUT)
+
+
+@pytest.mark.parametrize("source", ALL_SOURCES)
+def test_a_restarted_task_not_yet_running_is_not_healthy(clock: Clock, source: HealthSource) -> None:
+    pending = dataclasses.replace(RESTARTED, state="pending")
+    with pytest.raises(HealthTimeout, match="the task is pending"):
+        _wait(clock, source, _alloc(pending), [_check()], deadline=TIMES_OUT)
+
+
+def test_a_task_nomad_has_no_state_for_is_not_healthy(clock: Clock) -> None:
+    alloc = dataclasses.replace(_alloc(), task_states={})
+    with pytest.raises(HealthTimeout, match="no state for the task"):
+        _wait(clock, HealthSource.NOMAD, alloc, [], deadline=TIMES_OUT)
+
+
+@pytest.mark.parametrize("source", CHECK_SOURCES)
+@pytest.mark.parametrize("status", [CheckStatus.CRITICAL, CheckStatus.WARNING])
+def test_a_check_not_passing_is_not_healthy(clock: Clock, source: HealthSource, status: CheckStatus) -> None:
+    checks = [_check(), dataclasses.replace(_check(status=status), check_id="second")]
+    with pytest.raises(HealthTimeout, match=f"is {status}"):
+        _wait(clock, source, _alloc(), checks, deadline=TIMES_OUT)
+
+
+def test_source_nomad_ignores_the_checks(clock: Clock) -> None:
+    report = _wait(clock, HealthSource.NOMAD, _alloc(), [_check(status=CheckStatus.CRITICAL)])
+    assert report.alloc_id == ALLOC
+
+
+def test_every_service_must_have_passing_checks(clock: Clock) -> None:
+    api = dataclasses.replace(_check(), check_id="api-check", service_name="api")
+    checks = [_check(), dataclasses.replace(api, status=CheckStatus.CRITICAL)]
+    with pytest.raises(HealthTimeout, match=r"service api: check .* is critical"):
+        _wait(clock, HealthSource.CONSUL, _alloc(), checks, ("web", "api"), deadline=TIMES_OUT)
+
+
+@pytest.fixture
+def flapping(clock: Clock) -> Iterator[tuple[Answers, HealthGate]]:
+    answers = Answers(clock, _alloc(), [_check()])
+    yield answers, _gate(clock, answers, HealthSource.CONSUL, min_healthy_time=30)
+
+
+def test_an_unhealthy_answer_restarts_the_stable_timer(
+    clock: Clock, flapping: tuple[Answers, HealthGate]
+) -> None:
+    answers, gate = flapping
+    marks: list[float] = []
+
+    def flap() -> None:
+        clock.sleep(2)
+        answers.wait_served(answers.set(checks=[_check(status=CheckStatus.CRITICAL)]))
+        answers.set(checks=[_check()])
+        marks.append(clock.time())
+
+    flapper = threading.Thread(target=flap)
+    flapper.start()
+    report = gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+    flapper.join()
+    assert marks and report.healthy_at >= marks[0] + 30 - 0.01, "the stable timer did not restart"
+
+
+def test_cancel_ends_the_wait_with_lock_lost(clock: Clock) -> None:
+    answers = Answers(clock, _alloc(BEFORE), [])
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(LockLost, match="cancelled"):
+        _gate(clock, answers, HealthSource.CONSUL).wait_healthy(
+            ALLOC, "server", before=BEFORE, services=["web"], cancel=cancel
+        )
+
+
+def test_the_baseline_of_a_task_without_state_is_pending(clock: Clock) -> None:
+    answers = Answers(clock, dataclasses.replace(_alloc(), task_states={}), [])
+    assert _gate(clock, answers, HealthSource.NOMAD).baseline(ALLOC, "server") == TaskState(state="pending")
+
+
+@pytest.mark.parametrize("source", CHECK_SOURCES)
+def test_no_answer_from_consul_is_not_healthy(clock: Clock, source: HealthSource) -> None:
+    answers = Answers(clock, _alloc(), [_check()])
+    answers.consul_silent = True
+    gate = _gate(clock, answers, source, deadline=TIMES_OUT)
+    with pytest.raises(HealthTimeout, match="no answer from Consul for service web yet"):
+        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+
+
+def test_the_gate_keeps_watching_after_nomad_fails(clock: Clock) -> None:
+    answers = Answers(clock, _alloc(), [_check()])
+    answers.nomad_errors = 2
+    report = _gate(clock, answers, HealthSource.NOMAD).wait_healthy(ALLOC, "server", before=BEFORE)
+    assert report.alloc_id == ALLOC and answers.nomad_errors == 0
+
+
+def test_cancel_while_waiting_ends_the_wait_with_lock_lost(clock: Clock) -> None:
+    answers = Answers(clock, _alloc(BEFORE), [])
+    cancel = threading.Event()
+    threading.Timer(clock.real(2), cancel.set).start()
+    start = clock.monotonic()
+    with pytest.raises(LockLost, match="cancelled"):
+        _gate(clock, answers, HealthSource.CONSUL).wait_healthy(
+            ALLOC, "server", before=BEFORE, services=["web"], cancel=cancel
+        )
+    assert clock.monotonic() - start < PASSES / 2, "cancel was noticed only at the deadline"

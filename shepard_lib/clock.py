@@ -69,5 +69,8 @@ class Clock:
         return bool(condition.wait_for(predicate, timeout))  # type: ignore[arg-type]
 
 
+SIM_TIME_SCALE_HEADER = "X-Shepard-Sim-Time-Scale"
+"""The header in which the simulated Consul and Nomad tell their time scale (real ones never send it)."""
+
 REAL_CLOCK = Clock()
 """The clock of production code: real time."""

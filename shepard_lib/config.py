@@ -34,6 +34,8 @@ from shepard_lib.errors import ConfigError
 from shepard_lib.yamlfile import read_yaml_mapping
 
 CONFIG_PATH_ENV = "SHEPARD_CONFIG_PATH"
+TIME_SCALE_ENV = "SHEPARD_TIME_SCALE"
+"""Sets ``time_scale`` where the file does not: what ``shepard sim serve`` tells Shepard to export."""
 REDACTED = "<redacted>"
 
 
@@ -366,10 +368,16 @@ def _duration(low: float, high: float | None) -> Callable[[Any], float]:
     return validate
 
 
+def _quoted_hint(value: Any, kind: str) -> str:
+    """`` (a string: write the number without quotes)`` when ``value`` is a string, else ``""``."""
+    return f" (a string: write the {kind} without quotes)" if isinstance(value, str) else ""
+
+
 def _integer(low: int) -> Callable[[Any], int]:
     def validate(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise vol.Invalid(f"expected an integer >= {low}, got {_shown(value)}")
+            hint = _quoted_hint(value, "number")
+            raise vol.Invalid(f"expected an integer >= {low}, got {_shown(value)}{hint}")
         return value
 
     return validate
@@ -382,13 +390,13 @@ def _positive_number(value: Any) -> float:
         or not math.isfinite(value)
         or value <= 0
     ):
-        raise vol.Invalid(f"expected a number > 0, got {_shown(value)}")
+        raise vol.Invalid(f"expected a number > 0, got {_shown(value)}{_quoted_hint(value, 'number')}")
     return float(value)
 
 
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise vol.Invalid(f"expected true or false, got {_shown(value)}")
+        raise vol.Invalid(f"expected true or false, got {_shown(value)}{_quoted_hint(value, 'boolean')}")
     return value
 
 
@@ -726,7 +734,13 @@ def _from_env(env: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
     skip = _env_bool(env, "NOMAD_SKIP_VERIFY", problems)
     if skip is not None:
         out["nomad"]["verify"] = not skip
-    return {section: values for section, values in out.items() if values}
+    layer: dict[str, Any] = {section: values for section, values in out.items() if values}
+    if env.get(TIME_SCALE_ENV):
+        try:
+            layer["time_scale"] = float(env[TIME_SCALE_ENV])
+        except ValueError:
+            problems.append(f"{TIME_SCALE_ENV}: expected a number > 0, got {env[TIME_SCALE_ENV]!r}")
+    return layer
 
 
 def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -792,7 +806,7 @@ def _problem(error: vol.Invalid, env_layer: Mapping[str, Any], merged: Mapping[s
         message = f"expected a mapping of settings, got {_shown(_lookup(merged, path))}"
     value = _lookup(env_layer, path)
     if value is not None and value is _lookup(merged, path):
-        message += f" (from {_ENV_NAMES[tuple(path)]})"
+        message += f" (from {_ENV_NAMES.get(tuple(path), TIME_SCALE_ENV)})"
     return f"{where}: {message}"
 
 
@@ -812,6 +826,14 @@ def _cross_checks(data: Mapping[str, Any]) -> Iterator[str]:
     shipping = data.get("log_shipping", {})
     if LogSink.HTTP in shipping.get("sink", ()) and "http_url" not in shipping:
         yield "log_shipping.http_url: required when log_shipping.sink includes http"
+
+
+def _both_tokens(path: str | None, file_layer: Mapping[str, Any]) -> Iterator[str]:
+    """A problem for each section of the file that sets both ``token`` and ``token_file``."""
+    for section in ("consul", "nomad"):
+        values = file_layer.get(section)
+        if isinstance(values, Mapping) and "token" in values and "token_file" in values:
+            yield f"{section}.token and {section}.token_file: both set in {path}; keep one"
 
 
 def _read_token(section: str, data: dict[str, Any], problems: list[str]) -> None:
@@ -847,8 +869,10 @@ def load_config(
     problems: list[str] = []
     env_layer = _from_env(env, problems)
     merged = env_layer
+    file_layer: dict[str, Any] = {}
     if path is not None:
-        merged = _merge(merged, read_yaml_mapping(path))
+        file_layer = read_yaml_mapping(path)
+        merged = _merge(merged, file_layer)
     if overrides:
         merged = _merge(merged, _nest(overrides))
     try:
@@ -857,6 +881,7 @@ def load_config(
         problems.extend(sorted({_problem(e, env_layer, merged) for e in exc.errors}))
         raise ConfigError(problems) from None
     problems.extend(_cross_checks(data))
+    problems.extend(_both_tokens(path, file_layer))
     consul = dict(data.pop("consul", {}))
     nomad = dict(data.pop("nomad", {}))
     _read_token("consul", consul, problems)
@@ -900,6 +925,24 @@ def redacted(cfg: ShepardConfig) -> dict[str, Any]:
     if cfg.log_shipping.http_url:
         data["log_shipping"]["http_url"] = redact_url(cfg.log_shipping.http_url)
     return data
+
+
+def file_form(cfg: ShepardConfig) -> dict[str, Any]:
+    """:func:`redacted` as a config file writes it, so it can be pasted back: durations as Go
+    durations (``15s``), unset keys left out."""
+
+    def clean(data: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                value = clean(value)
+            elif key in _DURATIONS and isinstance(value, int | float):
+                value = format_go_duration(value)
+            if value is not None:
+                out[key] = value
+        return out
+
+    return clean(redacted(cfg))
 
 
 def _default_text(value: Any) -> str:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 import uuid
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -122,6 +123,9 @@ PLAN_WAIT = 15.0
 
 SESSION_ATTEMPTS = 3
 """Sessions :meth:`Coordinator.drive` may lose for one member (with a session factory) before it skips it."""
+
+INTERRUPTED = "not restarted: the rollout was interrupted before its restart started"
+"""The reason of a member skipped because :class:`Coordinator`'s ``stop`` was set."""
 
 
 class Step(enum.StrEnum):
@@ -287,7 +291,9 @@ class Coordinator:
 
     ``name`` identifies this coordinator in plans and slot values (an agent's node, a rollout).
     ``session_factory`` makes a new (not yet created) session to go on with when :attr:`session`
-    is lost; without it a lost session ends :meth:`drive` with the member skipped. ``fault_hook``
+    is lost; without it a lost session ends :meth:`drive` with the member skipped. Once ``stop`` is
+    set (an operator interrupted the rollout) :meth:`drive` starts no new restart: a member it has
+    not claimed is skipped (:data:`INTERRUPTED`), one it is restarting is seen through. ``fault_hook``
     is a test hook: it is called after each :class:`Step` and may raise :class:`SimulatedCrash`
     to stop the coordinator without any cleanup (or block, to pause a live holder). Several
     coordinators may share one session (each claim carries its own holder token); one
@@ -307,6 +313,7 @@ class Coordinator:
         observer: Observer | None = None,
         session_factory: Callable[[], Session] | None = None,
         fault_hook: Callable[[Step, Target], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.consul = consul
         self.nomad = nomad
@@ -319,6 +326,7 @@ class Coordinator:
         self._observer = observer
         self._session_factory = session_factory
         self._fault_hook = fault_hook
+        self._stop = stop
         self._triggers: dict[RestartMethod, Trigger] = {}
         self._gates: dict[HealthSource, HealthGate] = {}
         self._deadline = 0.0
@@ -426,6 +434,8 @@ class Coordinator:
         self._deadline = self._clock.monotonic() + self.options.slot_timeout
         self._triggered.discard(target.alloc_id)
         while True:
+            if self._stopped(target):
+                return self._skip(target, scope, INTERRUPTED, rlog)
             if self.session.lost.is_set():
                 reason = f"session lost ({self.session.lost_reason})"
                 if self._session_factory is None or sessions >= SESSION_ATTEMPTS:
@@ -445,6 +455,8 @@ class Coordinator:
                 rlog.warning("Consul or Nomad failed, trying again: %s", exc)
                 continue
             except LockLost as exc:
+                if self._stopped(target):
+                    continue  # the slot wait was cancelled by the stop: the top of the loop skips
                 if self._session_factory is not None and self._session_gone():
                     continue  # the top of the loop goes on with a new session
                 return self._skip(target, scope, str(exc), rlog)
@@ -452,6 +464,11 @@ class Coordinator:
                 return self._skip(target, scope, str(exc), rlog)
             if result is not None:
                 return result
+
+    def _stopped(self, target: Target) -> bool:
+        """Whether an operator's stop ends ``target`` here: not once this coordinator triggered it
+        (a restart in flight is seen through, under a new session if need be)."""
+        return self._stop is not None and self._stop.is_set() and target.alloc_id not in self._triggered
 
     def _session_gone(self) -> bool:
         """Whether the session is lost, asking Consul now (a fenced write refused may be the first sign)."""
@@ -532,7 +549,13 @@ class Coordinator:
         remaining = max(0.0, self._deadline - self._clock.monotonic())
         held = _Held(
             slots,
-            slots.acquire(self.session, holder=holder_text, timeout=remaining, cancel=self.session.lost),
+            # the slot wait checks the session itself; an operator's stop ends it, unless ours is in flight
+            slots.acquire(
+                self.session,
+                holder=holder_text,
+                timeout=remaining,
+                cancel=None if target.alloc_id in self._triggered else self._stop,
+            ),
         )
         try:
             self._hook(Step.SLOT, target)

@@ -107,8 +107,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str, ensure_ascii=False)
 
 
+class QuietLibraries(logging.Filter):
+    """Drops the HTTP libraries' own records (urllib3's "Connection pool is full", its retry notes)
+    unless Shepard logs at DEBUG: the backends report connection trouble in Shepard's words."""
+
+    LIBRARIES = ("urllib3", "requests")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep the record unless it comes from an HTTP library and the root level is above DEBUG."""
+        if not record.name.startswith(self.LIBRARIES):
+            return True
+        return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+
+
 class ShepardHandler(logging.StreamHandler[TextIO]):
     """The handler :func:`setup_logging` installs (and replaces on the next call)."""
+
+
+def logs_json() -> bool:
+    """Whether the handler :func:`setup_logging` installed writes JSON lines (then every stderr line must)."""
+    return any(
+        isinstance(h, ShepardHandler) and isinstance(h.formatter, JsonFormatter)
+        for h in logging.getLogger().handlers
+    )
 
 
 def setup_logging(
@@ -126,6 +147,7 @@ def setup_logging(
         root.removeHandler(old)
     handler = ShepardHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(QuietLibraries())
     handler.addFilter(RedactingFilter(secrets))
     root.addHandler(handler)
     root.setLevel(level.upper())

@@ -1,31 +1,39 @@
-"""Showing a rollout as it happens: a live display on a terminal, plain lines elsewhere.
+"""Showing a rollout as it happens: a live display on a terminal, log lines elsewhere.
 
 The library stays UI-free: a rollout reports :class:`~shepard_lib.coordinator.RolloutEvent` objects
 to an observer; the classes here are observers. :func:`progress_for` picks one for a stream:
 :class:`LiveProgress` (``rich``: one bar per task scope, plus the allocations in flight) when the
-stream is a terminal, :class:`PlainProgress` (one line per event, like a log) otherwise.
+stream is a terminal, :class:`PlainProgress` (one log record per event, so ``--log-format json``
+gives JSON lines and every line carries the wall-clock time) otherwise. While the live display
+runs, Shepard's log lines are printed through its console, above the display, so no stale frame
+is left behind.
 
 Both are context managers and thread-safe (a rollout reports from its worker threads).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from types import TracebackType
-from typing import TextIO
+from typing import TextIO, cast
 
 from rich.console import Console, Group
+from rich.file_proxy import FileProxy
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from shepard_lib.coordinator import EventKind, RolloutEvent
 from shepard_lib.keyspace import TaskScope
+from shepard_lib.logsetup import ShepardHandler
 
 __all__ = ["LiveProgress", "PlainProgress", "ProgressDisplay", "progress_for"]
 
 _FINAL = (EventKind.RESTARTED, EventKind.FAILED, EventKind.SKIPPED)
+
+log = logging.getLogger(__name__)
 
 
 def _label(scope: TaskScope) -> str:
@@ -50,40 +58,36 @@ class ProgressDisplay:
 
 
 class PlainProgress(ProgressDisplay):
-    """One line per event, for logs and pipes: ``HH:MM:SS job/group/task node[i] alloc restarting``."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._lock = threading.Lock()
+    """One log record per event (logger ``shepard_lib.progress``), for logs and pipes:
+    ``job/group/task node[i] alloc 1b2c3d4e restarting``; a failure or a skip is a warning."""
 
     def __call__(self, event: RolloutEvent) -> None:
-        """Write the event as one line."""
-        stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
+        """Log the event."""
         where = _label(event.scope)
         if event.kind == EventKind.PLANNED:
-            line = f"{stamp} {where}: {event.count} allocation(s) registered, plan {event.detail}"
-        else:
-            who = f"{event.ref.node}[{event.ref.alloc_index}] " if event.ref else ""
-            detail = f": {event.detail}" if event.detail else ""
-            line = f"{stamp} {where} {who}alloc {event.alloc_id[:8]} {event.kind.value}{detail}"
-        with self._lock:
-            self._stream.write(line + "\n")
-            self._stream.flush()
+            log.info("%s: %d allocation(s) registered, plan %s", where, event.count, event.detail)
+            return
+        who = f"{event.ref.node}[{event.ref.alloc_index}] " if event.ref else ""
+        detail = f": {event.detail}" if event.detail else ""
+        level = logging.WARNING if event.kind in (EventKind.FAILED, EventKind.SKIPPED) else logging.INFO
+        log.log(level, "%s %salloc %s %s%s", where, who, event.alloc_id[:8], event.kind.value, detail)
 
 
 class LiveProgress(ProgressDisplay):
     """A ``rich`` live display: a bar per task scope and a table of the allocations in flight."""
 
     def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
         self._console = Console(file=stream)
         self._progress = Progress(
             TextColumn("{task.description}"),
-            BarColumn(),
+            BarColumn(complete_style="green", finished_style="green"),  # red only says "failed"
             MofNCompleteColumn(),
-            TextColumn("{task.fields[failed]} failed"),
+            TextColumn("{task.fields[failed_text]}"),
             TimeElapsedColumn(),
             console=self._console,
         )
+        self._log_streams: dict[ShepardHandler, TextIO] = {}
         self._bars: dict[TaskScope, TaskID] = {}
         self._inflight: dict[str, tuple[RolloutEvent, float]] = {}  # with when it arrived
         self._lock = threading.Lock()
@@ -91,6 +95,10 @@ class LiveProgress(ProgressDisplay):
 
     def __enter__(self) -> LiveProgress:
         self._live.start()
+        proxy = cast(TextIO, FileProxy(self._console, self._stream))
+        for handler in logging.getLogger().handlers:  # log lines go above the display, not into it
+            if isinstance(handler, ShepardHandler) and handler.stream is self._stream:
+                self._log_streams[handler] = handler.setStream(proxy) or self._stream
         return self
 
     def __exit__(
@@ -98,6 +106,9 @@ class LiveProgress(ProgressDisplay):
     ) -> None:
         with self._lock:
             self._live.update(self._render())
+        for handler, stream in self._log_streams.items():
+            handler.setStream(stream)
+        self._log_streams.clear()
         self._live.stop()
 
     def __call__(self, event: RolloutEvent) -> None:
@@ -105,7 +116,9 @@ class LiveProgress(ProgressDisplay):
         with self._lock:
             bar = self._bars.get(event.scope)
             if bar is None:
-                bar = self._progress.add_task(_label(event.scope), total=None, failed=0)
+                bar = self._progress.add_task(
+                    _label(event.scope), total=None, failed=0, failed_text="0 failed"
+                )
                 self._bars[event.scope] = bar
             if event.kind == EventKind.PLANNED:
                 task = self._progress.tasks[bar]
@@ -114,8 +127,11 @@ class LiveProgress(ProgressDisplay):
                 self._inflight[event.alloc_id] = (event, time.monotonic())
             elif event.kind in _FINAL:
                 self._inflight.pop(event.alloc_id, None)
-                failed = self._progress.tasks[bar].fields.get("failed", 0)
-                self._progress.update(bar, advance=1, failed=failed + (event.kind != EventKind.RESTARTED))
+                failed = self._progress.tasks[bar].fields.get("failed", 0) + (
+                    event.kind != EventKind.RESTARTED
+                )
+                text = f"[red]{failed} failed[/red]" if failed else "0 failed"
+                self._progress.update(bar, advance=1, failed=failed, failed_text=text)
             self._live.update(self._render())
 
     def _render(self) -> Group:
@@ -136,7 +152,7 @@ class LiveProgress(ProgressDisplay):
 
 
 def progress_for(stream: TextIO, *, live: bool | None = None) -> ProgressDisplay:
-    """A live display when ``stream`` is a terminal (or ``live`` is True), plain lines otherwise."""
+    """A live display on ``stream`` when it is a terminal (or ``live`` is True), log records otherwise."""
     if live is None:
         live = stream.isatty()
-    return LiveProgress(stream) if live else PlainProgress(stream)
+    return LiveProgress(stream) if live else PlainProgress()

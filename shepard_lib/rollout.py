@@ -31,6 +31,7 @@ from shepard_lib.backends import ConsulAPI, NomadAPI
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.config import HealthSource, RestartMethod, ShepardConfig
 from shepard_lib.coordinator import (
+    INTERRUPTED,
     Coordinator,
     CoordinatorOptions,
     EventKind,
@@ -42,6 +43,7 @@ from shepard_lib.coordinator import (
     target_for,
 )
 from shepard_lib.errors import ConfigError, PlanError, ShepardError
+from shepard_lib.interrupt import Interrupt
 from shepard_lib.keyspace import TASK_LOCK, TEMPLATE_DESTINATION, Keyspace, TaskRef, TaskScope
 from shepard_lib.locks import RestartSlots
 from shepard_lib.model import Allocation, AllocClientStatus, Job, Task
@@ -179,6 +181,8 @@ class RolloutResult:
     peak_concurrency: int = 0
     duration: float = 0.0
     warnings: tuple[str, ...] = ()
+    interrupted: bool = False
+    """An :class:`~shepard_lib.interrupt.Interrupt` stopped the rollout before it was through."""
 
     @property
     def ok(self) -> bool:
@@ -204,6 +208,7 @@ class RolloutResult:
             "peak_concurrency": self.peak_concurrency,
             "duration": self.duration,
             "warnings": list(self.warnings),
+            "interrupted": self.interrupted,
         }
 
 
@@ -247,6 +252,11 @@ class _Peak:
         self._inflight: set[str] = set()
         self.peak = 0
 
+    def inflight(self) -> set[str]:
+        """The allocations restarting now (RESTARTING seen, no final event yet)."""
+        with self._lock:
+            return set(self._inflight)
+
     def __call__(self, event: RolloutEvent) -> None:
         with self._lock:
             if event.kind == EventKind.RESTARTING:
@@ -285,8 +295,13 @@ class RollingRestart:
 
     # --- restart -----------------------------------------------------------------------------
 
-    def run(self, job_id: str, options: RolloutOptions | None = None) -> RolloutResult:
-        """Restart ``job_id``'s running allocations as ``options`` say; see the module docs."""
+    def run(
+        self, job_id: str, options: RolloutOptions | None = None, interrupt: Interrupt | None = None
+    ) -> RolloutResult:
+        """Restart ``job_id``'s running allocations as ``options`` say; see the module docs.
+
+        ``interrupt`` lets a caller (the CLI's signal handler) stop it: see :mod:`shepard_lib.interrupt`.
+        """
         options = options or RolloutOptions()
         started = self._clock.monotonic()
         job = self.nomad.job(job_id)
@@ -311,6 +326,9 @@ class RollingRestart:
         warnings: list[str] = []
         peak = _Peak(self._observer)
         for scope, targets in scopes.items():
+            if interrupt is not None and interrupt.stop.is_set():  # not even registered
+                outcomes += [MemberOutcome(t, Outcome.SKIPPED, INTERRUPTED) for t in targets]
+                continue
             settings = self._settings(job, scope, options, coordinator_options)
             plan, scope_outcomes = self._roll_scope(
                 job,
@@ -320,6 +338,7 @@ class RollingRestart:
                 coordinator_options,
                 peak,
                 registration=_Registration(options.seen_index, live, join=not options.again),
+                interrupt=interrupt,
             )
             if options.concurrency is not None and plan.concurrent_lock_count != options.concurrency:
                 warnings.append(
@@ -330,7 +349,9 @@ class RollingRestart:
             summaries_list.append(
                 self._summary(scope, self._plans.load(self.keyspace.task_lock_key(scope)) or plan)
             )
-        return self._result(job_id, planned, outcomes, skipped_tasks, summaries_list, peak, started, warnings)
+        return self._result(
+            job_id, planned, outcomes, skipped_tasks, summaries_list, peak, started, warnings, interrupt
+        )
 
     def _coordinator(
         self,
@@ -339,6 +360,7 @@ class RollingRestart:
         peak: _Peak,
         name: str,
         session_factory: Callable[[], Session] | None = None,
+        interrupt: Interrupt | None = None,
     ) -> Coordinator:
         """A coordinator of this rollout, reporting to ``peak``."""
         return Coordinator(
@@ -351,6 +373,7 @@ class RollingRestart:
             name=name,
             observer=peak,
             session_factory=session_factory,
+            stop=interrupt.stop if interrupt is not None else None,
         )
 
     def _roll_scope(
@@ -363,8 +386,13 @@ class RollingRestart:
         peak: _Peak,
         *,
         registration: _Registration | None = None,
+        interrupt: Interrupt | None = None,
     ) -> tuple[Plan, list[MemberOutcome]]:
-        """Register ``targets`` (unless ``registration`` is None: resume) and drive them in workers."""
+        """Register ``targets`` (unless ``registration`` is None: resume) and drive them in workers.
+
+        On ``interrupt.stop`` the workers take no new member; on ``interrupt.abandon`` their
+        sessions are destroyed and the members still in flight are reported skipped.
+        """
         with self._session("planner") as session:
             planner = self._coordinator(session, options, peak, self.name)
             if registration is not None:
@@ -387,11 +415,16 @@ class RollingRestart:
             work.put(target)
         outcomes: list[MemberOutcome] = []
         no_session: list[str] = []
+        coordinators: list[Coordinator] = []
         lock = threading.Lock()
 
+        def new_session(number: int) -> Session:
+            if interrupt is not None and interrupt.abandon.is_set():
+                raise PlanError("the rollout was interrupted: no new session")
+            return self._session(f"worker {number}")
+
         def worker(number: int) -> None:
-            new_session = functools.partial(self._session, f"worker {number}")
-            session = new_session()
+            session = new_session(number)
             try:
                 session.create()
             except ShepardError as exc:
@@ -403,10 +436,17 @@ class RollingRestart:
                 return
             # A lost session is replaced (session_factory), so a worker sees each member it takes to the end.
             coordinator = self._coordinator(
-                session, options, peak, f"{self.name} worker {number}", session_factory=new_session
+                session,
+                options,
+                peak,
+                f"{self.name} worker {number}",
+                session_factory=functools.partial(new_session, number),
+                interrupt=interrupt,
             )
+            with lock:
+                coordinators.append(coordinator)
             try:
-                while True:
+                while interrupt is None or not interrupt.stop.is_set():
                     try:
                         target = work.get_nowait()
                     except queue.Empty:
@@ -423,18 +463,23 @@ class RollingRestart:
         ]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        abandoned = _join(threads, interrupt)
+        if abandoned:
+            with lock:
+                for coordinator in coordinators:  # Consul frees their slots now, not at their TTL
+                    coordinator.session.destroy()
         # A member no worker reported must not vanish from the result (it would read as a success).
-        reported = {o.target.alloc_id for o in outcomes}
-        why = (
-            f"no worker could create a Consul session: {no_session[-1]}"
-            if no_session
-            else "its worker stopped"
-        )
-        outcomes += [MemberOutcome(t, Outcome.SKIPPED, why) for t in targets if t.alloc_id not in reported]
+        with lock:  # abandoned workers may still report: the result is this moment's copy
+            result = list(outcomes)
+        reported = {o.target.alloc_id for o in result}
+        inflight = peak.inflight() if abandoned else set()
+        result += [
+            MemberOutcome(t, Outcome.SKIPPED, _unreported(t, inflight, no_session, interrupt))
+            for t in targets
+            if t.alloc_id not in reported
+        ]
         order = {t.alloc_id: n for n, t in enumerate(targets)}
-        return plan, sorted(outcomes, key=lambda o: order[o.target.alloc_id])
+        return plan, sorted(result, key=lambda o: order[o.target.alloc_id])
 
     # --- status, resume, abort ------------------------------------------------------------------
 
@@ -471,12 +516,13 @@ class RollingRestart:
         sessions = {m.session for m in active if m.state == MemberState.RESTARTING and m.session}
         return bool(active) and all(self.consul.session_info(s) is None for s in sessions)
 
-    def resume(self, job_id: str, group: str, task: str) -> RolloutResult:
+    def resume(self, job_id: str, group: str, task: str, interrupt: Interrupt | None = None) -> RolloutResult:
         """Resume the plan(s) of ``job/group/task`` and restart their pending members.
 
         A failed or aborted plan is planned again; a plan that is planned already (nobody drives
         it, or a resume whose answer was lost) is driven as it is: resume is idempotent. The
-        members are restarted by the plan's own restart method and health source.
+        members are restarted by the plan's own restart method and health source. ``interrupt``
+        stops it as it stops :meth:`run`.
         """
         started = self._clock.monotonic()
         job = self.nomad.job(job_id)
@@ -507,11 +553,15 @@ class RollingRestart:
                 method=RestartMethod(plan.method) if plan.method else None,
                 health_source=HealthSource(plan.health_source) if plan.health_source else None,
             )
-            if targets:
-                plan, scope_outcomes = self._roll_scope(job, view.scope, targets, settings, options, peak)
+            if targets and interrupt is not None and interrupt.stop.is_set():
+                outcomes += [MemberOutcome(t, Outcome.SKIPPED, INTERRUPTED) for t in targets]
+            elif targets:
+                plan, scope_outcomes = self._roll_scope(
+                    job, view.scope, targets, settings, options, peak, interrupt=interrupt
+                )
                 outcomes += scope_outcomes
             summaries.append(self._summary(view.scope, self._plans.load(view.key) or plan))
-        return self._result(job_id, (), outcomes, (), summaries, peak, started, [])
+        return self._result(job_id, (), outcomes, (), summaries, peak, started, [], interrupt)
 
     def abort(self, job_id: str, group: str, task: str, reason: str = "aborted by an operator") -> list[Plan]:
         """Abort the plan(s) of ``job/group/task``: nobody starts a new restart; in-flight ones finish."""
@@ -631,6 +681,7 @@ class RollingRestart:
         peak: _Peak,
         started: float,
         warnings: list[str],
+        interrupt: Interrupt | None = None,
     ) -> RolloutResult:
         def having(kind: Outcome) -> tuple[MemberOutcome, ...]:
             return tuple(o for o in outcomes if o.outcome == kind)
@@ -646,6 +697,7 @@ class RollingRestart:
             peak_concurrency=peak.peak,
             duration=self._clock.monotonic() - started,
             warnings=tuple(warnings),
+            interrupted=interrupt is not None and interrupt.stop.is_set(),
         )
 
     def _session(self, role: str) -> Session:
@@ -677,6 +729,35 @@ def _drive(coordinator: Coordinator, target: Target, scope: TaskScope) -> Member
     except Exception as exc:  # a bug: report it for this allocation, keep the rollout going
         log.exception("%s alloc %s: unexpected error", scope_label(scope), target.alloc_id)
         return MemberOutcome(target, Outcome.SKIPPED, f"unexpected error: {exc!r}")
+
+
+def _join(threads: Sequence[threading.Thread], interrupt: Interrupt | None) -> bool:
+    """Wait for ``threads``; True if ``interrupt.abandon`` came first (they are left running)."""
+    for thread in threads:
+        while thread.is_alive():
+            if interrupt is None:
+                thread.join()
+            elif interrupt.abandon.wait(0.1):
+                return True
+            else:
+                thread.join(0.1)
+    return False
+
+
+def _unreported(
+    target: Target, inflight: set[str], no_session: list[str], interrupt: Interrupt | None
+) -> str:
+    """Why a member no worker reported was not restarted."""
+    if target.alloc_id in inflight:
+        return (
+            "abandoned while restarting (the rollout was interrupted twice): its slot and session "
+            "were released; `shepard resume` sees it through"
+        )
+    if interrupt is not None and interrupt.stop.is_set():
+        return INTERRUPTED
+    if no_session:
+        return f"no worker could create a Consul session: {no_session[-1]}"
+    return "its worker stopped"
 
 
 def _live(alloc: Allocation) -> bool:

@@ -41,6 +41,8 @@ from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.durations import format_go_duration
 from shepard_lib.errors import BackendError
 
+from ._outage import OUTAGES, unreachable
+
 log = logging.getLogger("shepard_lib.backends")
 
 T = TypeVar("T")
@@ -124,7 +126,9 @@ def transport_error(
         transient = _never_sent(exc) or (
             idempotent and isinstance(exc, requests.ConnectionError | requests.Timeout)
         )
-    return error_cls(call, redact(f"{type(exc).__name__}: {exc}", secrets), transient=transient)
+    return error_cls(
+        call, redact(unreachable(error_cls.service.capitalize(), exc), secrets), transient=transient
+    )
 
 
 def _never_sent(exc: requests.RequestException) -> bool:
@@ -135,19 +139,32 @@ def _never_sent(exc: requests.RequestException) -> bool:
     return isinstance(getattr(reason, "reason", reason), urllib3.exceptions.NewConnectionError)
 
 
-def call_with_retry(fn: Callable[[], T], *, call: str, policy: RetryPolicy, clock: Clock = REAL_CLOCK) -> T:
+def call_with_retry(
+    fn: Callable[[], T],
+    *,
+    call: str,
+    policy: RetryPolicy,
+    clock: Clock = REAL_CLOCK,
+    server: str | None = None,
+) -> T:
     """Run ``fn``; on a transient :class:`BackendError` retry it as ``policy`` says, then re-raise.
 
     The first attempt runs directly (most calls succeed at once, and building the retry machinery
     costs about a tenth of a request's CPU); after a transient failure the retries go on exactly as
-    if every attempt had run under it, the first failure counting as attempt 1.
+    if every attempt had run under it, the first failure counting as attempt 1. With ``server``
+    (``"Consul at http://..."``) failures are logged once per outage of it
+    (:data:`~shepard_lib.backends._outage.OUTAGES`), not once per retry.
     """
     try:
-        return fn()
+        result = fn()
     except BackendError as exc:
         if not exc.transient or policy.attempts <= 1:
             raise
         first: BackendError | None = exc
+    else:
+        if server is not None:
+            OUTAGES.answered(server)
+        return result
 
     def attempt() -> T:
         nonlocal first
@@ -166,15 +183,21 @@ def call_with_retry(fn: Callable[[], T], *, call: str, policy: RetryPolicy, cloc
         + tenacity.wait_random(0, policy.jitter),
         retry=tenacity.retry_if_exception(lambda e: isinstance(e, BackendError) and e.transient),
         sleep=clock.sleep,
-        before_sleep=lambda state: _log_retry(call, policy, state),
+        before_sleep=lambda state: _log_retry(call, policy, state, server),
         reraise=True,
     )
-    return retrying(attempt)
+    result = retrying(attempt)
+    if server is not None:
+        OUTAGES.answered(server)
+    return result
 
 
-def _log_retry(call: str, policy: RetryPolicy, state: tenacity.RetryCallState) -> None:
+def _log_retry(call: str, policy: RetryPolicy, state: tenacity.RetryCallState, server: str | None) -> None:
     error = state.outcome.exception() if state.outcome else None
     delay = state.next_action.sleep if state.next_action else 0.0
+    if server is not None:
+        OUTAGES.failed(server, error, state.attempt_number, policy.attempts, delay)
+        return
     log.warning(
         "%s: attempt %d/%d failed, retrying in %.2fs: %s",
         call,

@@ -58,6 +58,7 @@ from ._http import (
     transient_status,
     transport_error,
 )
+from ._servers import check_consul_kv_answer, check_time_scale
 
 __all__ = ["DEFAULT_TIMEOUT", "NO_RETRY", "ConsulBackend", "RetryPolicy"]
 
@@ -239,6 +240,7 @@ class ConsulBackend:
                 raise transport_error(
                     ConsulError, call, exc, idempotent=method == "GET", secrets=[self._token]
                 ) from None
+            check_time_scale("Consul", self._http.base_uri, response.headers, self._clock)
             if 200 <= response.code < 300 or response.code in allow:
                 return response
             body = response.body.strip()[:500]
@@ -249,7 +251,13 @@ class ConsulBackend:
                 transient=transient_status(response.code, body, repeatable=repeatable),
             )
 
-        return call_with_retry(attempt, call=call, policy=self._retry, clock=self._clock)
+        return call_with_retry(
+            attempt,
+            call=call,
+            policy=self._retry,
+            clock=self._clock,
+            server=f"Consul at {self._http.base_uri}",
+        )
 
     def _json(self, call: str, response: _Response) -> Any:
         try:
@@ -259,7 +267,12 @@ class ConsulBackend:
                 call, redact(f"unexpected response body: {response.body[:200]!r}", [self._token])
             ) from None
 
+    def _kv_answer(self, call: str, response: _Response) -> None:
+        """ConfigError unless ``response`` is Consul's KV answer with nothing hidden by ACLs."""
+        check_consul_kv_answer(self._http.base_uri, response.code, response.headers, call.partition(" ")[2])
+
     def _entries(self, call: str, response: _Response) -> list[KVEntry]:
+        self._kv_answer(call, response)
         if response.code == 404:
             return []
         try:
@@ -303,6 +316,7 @@ class ConsulBackend:
         call = f"kv.keys {prefix}"
         params = [("keys", "1"), *([("separator", separator)] if separator else [])]
         response = self._request("GET", call, f"/v1/kv/{prefix}", params=params, allow=[404])
+        self._kv_answer(call, response)
         return [] if response.code == 404 else [str(k) for k in self._json(call, response) or []]
 
     def watch(self, key: str, index: int, wait: float, *, recurse: bool = False) -> tuple[int, list[KVEntry]]:

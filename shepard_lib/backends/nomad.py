@@ -58,6 +58,7 @@ from ._http import (
     transient_status,
     transport_error,
 )
+from ._servers import check_time_scale
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -294,6 +295,7 @@ class NomadBackend:
         verify, cert = tls_settings(config.verify, config.ca_file, config.cert_file, config.key_file)
         address = config.address if "//" in config.address else f"http://{config.address}"
         verify = pinned_session(self._session, address, verify, pool_size)
+        self._address = address.rstrip("/")
         settings: dict[str, Any] = {
             "address": address.rstrip("/"),
             "namespace": config.namespace or None,
@@ -341,13 +343,18 @@ class NomadBackend:
                     json=json,
                     timeout=timeout or self._timeout,
                 )
-                return response
             except nomad.api.exceptions.BaseNomadException as exc:
+                if isinstance(exc.nomad_resp, requests.Response):
+                    check_time_scale("Nomad", self._address, exc.nomad_resp.headers, self._clock)
                 raise self._error(call, exc.nomad_resp, idempotent=method == "get") from None
             except requests.RequestException as exc:
                 raise self._error(call, exc, idempotent=method == "get") from None
+            check_time_scale("Nomad", self._address, response.headers, self._clock)
+            return response
 
-        return call_with_retry(attempt, call=call, policy=self._retry, clock=self._clock)
+        return call_with_retry(
+            attempt, call=call, policy=self._retry, clock=self._clock, server=f"Nomad at {self._address}"
+        )
 
     def _error(self, call: str, cause: Any, *, idempotent: bool) -> NomadError:
         secrets = [self._token]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from shepard_lib import __version__
 from shepard_lib.config import ShepardConfig, load_config, secret_values
 from shepard_lib.errors import ConfigError, ShepardError
-from shepard_lib.logsetup import setup_logging
+from shepard_lib.logsetup import logs_json, setup_logging
 
 COMMAND_MODULES: tuple[str, ...] = (
     "restart_cmd",
@@ -74,7 +75,11 @@ def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentP
 def build_parser() -> argparse.ArgumentParser:
     """The ``shepard`` argument parser with every command of :data:`COMMAND_MODULES`."""
     parser = argparse.ArgumentParser(
-        prog="shepard", description="Safe, rate-limited restarts of HashiCorp Nomad tasks."
+        prog="shepard",
+        description="Safe, rate-limited restarts of HashiCorp Nomad tasks.",
+        epilog="Exit codes: 0 ok; 1 failure (a restart failed, Consul or Nomad could not be reached); "
+        "2 usage or configuration error; 128 + the signal when SIGINT/SIGTERM interrupted a rollout. "
+        "Each command's --help lists its own. Design: docs/design.md.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_global_options(parser, default=None)
@@ -99,6 +104,11 @@ def load_config_from_args(args: argparse.Namespace) -> ShepardConfig:
     return cfg
 
 
+def job_not_found(job: str, namespace: str) -> ConfigError:
+    """The usage error (exit 2) of every command for a job Nomad does not know: one wording for all."""
+    return ConfigError(f"job {job!r} not found in Nomad namespace {namespace!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``shepard`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
@@ -111,12 +121,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            _error(problem)
         return 2
     except ShepardError as exc:
-        print(f"shepard: {exc}", file=sys.stderr)
+        _error(f"shepard: {exc}")
         return 1
     except KeyboardInterrupt:
-        print("shepard: interrupted", file=sys.stderr)
+        _error("shepard: interrupted")
         return 130
     return code
+
+
+def _error(line: str) -> None:
+    """One error line on stderr: plain, or a JSON log record when the logs are JSON lines."""
+    if logs_json():
+        logging.getLogger("shepard_lib.cli").error(line)
+    else:
+        print(line, file=sys.stderr)

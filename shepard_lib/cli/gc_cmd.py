@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "One garbage-collection pass: 'node' collects this node's trigger keys, 'cluster' applies "
             "every rule to every key under the GC leader lock."
         ),
+        epilog="Exit codes: 0 done; 1 partial failure (Nomad or Consul could not be asked, some deletes "
+        "failed); 2 usage or configuration error.",
     )
     gc.add_argument(
         "--scope", choices=[s.value for s in GCScope], default=GCScope.CLUSTER.value, help="default: cluster"

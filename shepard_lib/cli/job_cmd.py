@@ -11,15 +11,17 @@ import json
 
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.clock import Clock
-from shepard_lib.errors import ConfigError, NotFound
+from shepard_lib.errors import NotFound
 from shepard_lib.jobcheck import JobCheckReport, check_job_in_nomad
 
-_EXIT_CODES = "exit codes: 0 ready, 1 problems found, 2 usage or configuration error (unknown job)"
+_EXIT_CODES = "Exit codes: 0 ready, 1 problems found, 2 usage or configuration error (unknown job)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``job check``."""
-    job = subparsers.add_parser("job", help="inspect Nomad jobs", description="Inspect Nomad jobs.")
+    job = subparsers.add_parser(
+        "job", help="inspect Nomad jobs", description="Inspect Nomad jobs.", epilog=_EXIT_CODES
+    )
     commands = job.add_subparsers(dest="job_command", metavar="COMMAND", required=True)
     check = commands.add_parser(
         "check",
@@ -36,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from shepard_lib.cli import load_config_from_args
+    from shepard_lib.cli import job_not_found, load_config_from_args
 
     cfg = load_config_from_args(args)
     nomad = NomadBackend(cfg.nomad, Clock(cfg.time_scale))
@@ -44,8 +46,8 @@ def _check(args: argparse.Namespace) -> int:
         report = check_job_in_nomad(
             nomad, args.job, key_prefix=cfg.key_prefix, health_source=cfg.health_source
         )
-    except NotFound as exc:
-        raise ConfigError(f"job {args.job!r}: {exc.reason}") from None
+    except NotFound:
+        raise job_not_found(args.job, cfg.nomad.namespace) from None
     finally:
         nomad.close()
     print(

@@ -13,7 +13,12 @@ from shepard_lib.logship import LogShipper, ShipReport
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``logs ship``."""
-    logs = subparsers.add_parser("logs", help="ship task logs")
+    logs = subparsers.add_parser(
+        "logs",
+        help="ship task logs",
+        description="Ship the task logs of this node's allocations.",
+        epilog="Exit codes: see `shepard logs ship --help`; 2 usage error.",
+    )
     actions = logs.add_subparsers(dest="logs_command", metavar="ACTION", required=True)
     ship = actions.add_parser(
         "ship",
@@ -23,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(for cron or testing), whether or not log_shipping.enabled (which switches the agent's shipping) is "
         "set. Exit 0 when every sink took everything, 1 when a sink stayed down or Nomad could not list "
         "this node's allocations.",
+        epilog="Exit codes: 0 every sink took everything; 1 a sink stayed down or Nomad could not list "
+        "this node's allocations; 2 usage or configuration error.",
     )
     ship.add_argument("--once", action="store_true", help="ship one round and exit")
     ship.add_argument(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 
+from shepard_lib.config import TIME_SCALE_ENV
+from shepard_lib.errors import ConfigError
 from shepard_lib.sim.cluster import SimCluster
 from shepard_lib.sim.scenario import small_scenario
 
@@ -41,14 +45,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sim",
         help="run a simulated Consul + Nomad cluster",
         description="Simulated Consul and Nomad speaking the real HTTP APIs.",
+        epilog="Exit codes: see `shepard sim serve --help`; 2 usage error.",
     )
     sim_sub = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", required=True)
     serve = sim_sub.add_parser(
         "serve",
         help="serve a simulated cluster until SIGTERM/SIGINT",
         description="Start a simulated Consul and Nomad from a scenario and serve them until SIGTERM or "
-        "SIGINT. Prints one line 'ready consul=<addr> nomad=<addr>' once both listen; with --agents, "
-        "one line 'agent node=<name> nomad=<addr> data_dir=<dir>' per node before it.",
+        "SIGINT. Once every task is running and healthy it prints on stdout: with --agents, one line "
+        "'agent node=<name> nomad=<addr> data_dir=<dir>' per node (that node's own Nomad agent API); then "
+        "'ready consul=<addr> nomad=<addr>', then the shell line that points Shepard at it: "
+        "'export CONSUL_HTTP_ADDR=<addr> NOMAD_ADDR=<addr> SHEPARD_TIME_SCALE=<scale>' "
+        "(with --acl-token, also export CONSUL_HTTP_TOKEN and NOMAD_TOKEN: tokens are never printed).",
+        epilog="Exit codes: 0 stopped by SIGTERM/SIGINT, 1 a port is taken or the cluster could not start, "
+        "2 usage error (bad scenario, --data-dir not a writable directory).",
     )
     serve.add_argument(
         "--consul-port", type=_port, default=0, help="Consul HTTP port (default: any free port)"
@@ -69,31 +79,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT; 0 on a clean stop, 1 when a port is taken.
+class _Stopped(BaseException):
+    """Raised by the signal handler while the cluster starts, to abandon the start."""
 
-    An invalid scenario raises ScenarioError (a ConfigError: exit 2).
+
+def _check_data_dir(data_dir: str) -> None:
+    """ConfigError unless ``data_dir`` is (or can be made) a writable directory."""
+    path = Path(data_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"--data-dir {data_dir}: exists and is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"--data-dir {data_dir}: cannot create it: {exc.strerror}") from None
+    if not path.is_dir():
+        raise ConfigError(f"--data-dir {data_dir}: exists and is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--data-dir {data_dir}: not writable")
+
+
+def export_line(cluster: SimCluster) -> str:
+    """The shell line that points Shepard (and the consul/nomad CLIs) at ``cluster`` (no token)."""
+    env = {
+        "CONSUL_HTTP_ADDR": cluster.consul_addr,
+        "NOMAD_ADDR": cluster.nomad_addr,
+        TIME_SCALE_ENV: f"{cluster.clock.scale:g}",
+    }
+    return "export " + " ".join(f"{k}={v}" for k, v in env.items())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; 0 on a clean stop (also during the start), 1 when it cannot start.
+
+    An invalid scenario raises ScenarioError (a ConfigError: exit 2), so does a bad ``--data-dir``.
     """
     stop = threading.Event()
+    serving = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
+        if not serving.is_set():
+            raise _Stopped  # the start waits for every task to be healthy: do not make it finish first
 
+    if args.data_dir is not None:
+        _check_data_dir(args.data_dir)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        try:
-            cluster = SimCluster.from_scenario(
-                args.scenario or small_scenario(),
-                data_dir=args.data_dir,
-                time_scale=args.time_scale,
-                acl_token=args.acl_token,
-                consul_port=args.consul_port,
-                nomad_port=args.nomad_port,
-            )
-        except OSError as exc:
-            print(f"shepard sim serve: cannot listen: {exc}", file=sys.stderr)
-            return 1
+        cluster = SimCluster.from_scenario(
+            args.scenario or small_scenario(),
+            data_dir=args.data_dir,
+            time_scale=args.time_scale,
+            acl_token=args.acl_token,
+            consul_port=args.consul_port,
+            nomad_port=args.nomad_port,
+        )
         with cluster:
+            serving.set()
             if args.agents:
                 for node in cluster.scenario.nodes:
                     print(
@@ -102,10 +143,17 @@ def run(args: argparse.Namespace) -> int:
                         flush=True,
                     )
             print(f"ready consul={cluster.consul_addr} nomad={cluster.nomad_addr}", flush=True)
+            print(export_line(cluster), flush=True)
             log.info("simulated cluster serving; node data dirs under %s", cluster.data_dir)
             stop.wait()
             log.info("stopping the simulated cluster")
+    except _Stopped:
+        log.info("stopped while starting")
+    except OSError as exc:
+        print(f"shepard sim serve: cannot start: {exc}", file=sys.stderr)
+        return 1
     finally:
+        serving.set()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0

@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="print the shepard.tpl template that makes a task restartable",
         description="Print the Consul template a task renders to local/shepard.tpl with "
         'change_mode = "restart"; with --hcl, the whole Nomad template block.',
+        epilog="Exit codes: 0 printed; 2 usage or configuration error (an invalid --prefix or config).",
     )
     parser.add_argument("--prefix", type=_prefix, help="key prefix (default: the config's key_prefix)")
     parser.add_argument("--hcl", action="store_true", help="print a Nomad job `template { ... }` block")

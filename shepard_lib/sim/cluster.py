@@ -53,16 +53,25 @@ class SimCluster:
         self.settle = settle
         self._own_dir = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="shepard-sim-")) if data_dir is None else Path(data_dir)
-        self.consul_state = ConsulState(self.clock, seed=scenario.seed)
-        for key, value in scenario.keys.items():
-            self.consul_state.kv_put(key, value.encode("utf-8"))
-        self.consul_server = ConsulServer(
-            self.consul_state, port=consul_port, acl_token=acl_token, seed=scenario.seed
-        )
-        self.nomad = NomadSim(scenario, self.consul_state, self.clock, self.data_dir)
-        self.nomad_server = NomadServer(self.nomad, port=nomad_port, acl_token=acl_token)
         self._agents: dict[str, NomadServer] = {}
         self._started = False
+        try:  # a port in use fails here: leave no empty temp dir behind
+            self.consul_state = ConsulState(self.clock, seed=scenario.seed)
+            for key, value in scenario.keys.items():
+                self.consul_state.kv_put(key, value.encode("utf-8"))
+            self.consul_server = ConsulServer(
+                self.consul_state, port=consul_port, acl_token=acl_token, seed=scenario.seed
+            )
+            try:
+                self.nomad = NomadSim(scenario, self.consul_state, self.clock, self.data_dir)
+                self.nomad_server = NomadServer(self.nomad, port=nomad_port, acl_token=acl_token)
+            except BaseException:
+                self.consul_server.stop()
+                raise
+        except BaseException:
+            if self._own_dir:
+                shutil.rmtree(self.data_dir, ignore_errors=True)
+            raise
 
     @classmethod
     def from_scenario(

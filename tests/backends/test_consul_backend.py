@@ -77,7 +77,7 @@ def test_get_decodes_the_base64_value_and_metadata(server: ScriptedServer, consu
 def test_get_of_a_missing_key_is_none_and_a_null_value_is_none(
     server: ScriptedServer, consul: ConsulBackend
 ) -> None:
-    server.script(Reply(404, ""), Reply(200, [kv_json("a", None)]))
+    server.script(Reply(404, "", {"X-Consul-Index": "3"}), Reply(200, [kv_json("a", None)]))
     assert consul.get("a") is None
     entry = consul.get("a")
     assert entry is not None and entry.value is None and entry.text() == ""
@@ -86,7 +86,7 @@ def test_get_of_a_missing_key_is_none_and_a_null_value_is_none(
 def test_get_tree_and_keys_send_recurse_and_keys(server: ScriptedServer, consul: ConsulBackend) -> None:
     server.script(
         Reply(200, [kv_json("p/a", "1"), kv_json("p/b", "2")]),
-        Reply(404, ""),
+        Reply(404, "", {"X-Consul-Index": "3"}),
         Reply(200, ["p/a", "p/sub/"]),
     )
     assert [e.value for e in consul.get_tree("p/")] == [b"1", b"2"]
@@ -277,7 +277,7 @@ def test_agent_node_name_or_none_when_not_readable(server: ScriptedServer, consu
 
 def test_datacenter_is_sent_on_every_data_call(server: ScriptedServer) -> None:
     backend = ConsulBackend(ConsulConfig(address=server.address, datacenter="dc2"), retry=NO_RETRY)
-    server.script(Reply(404, ""), Reply(200, True))
+    server.script(Reply(404, "", {"X-Consul-Index": "3"}), Reply(200, True))
     backend.get("a")
     backend.session_renew("s")
     assert [r.param("dc") for r in server.requests] == ["dc2", "dc2"]
@@ -287,15 +287,17 @@ def test_datacenter_is_sent_on_every_data_call(server: ScriptedServer) -> None:
 # --- retries and errors -------------------------------------------------------------------------
 
 
-def test_5xx_is_retried_until_it_succeeds(
+def test_5xx_is_retried_until_it_succeeds_with_one_warning_for_the_outage(
     server: ScriptedServer, consul: ConsulBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
     server.script(Reply(503, "Service Unavailable"), Reply(500, "No cluster leader"), Reply(200, True))
-    with caplog.at_level(logging.WARNING, logger="shepard_lib.backends"):
+    with caplog.at_level(logging.INFO, logger="shepard_lib.backends"):
         assert consul.put("k", "v") is True
     assert len(server.requests) == 3
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 2 and all("kv.put k" in w for w in warnings)
+    assert len(warnings) == 1 and "kv.put k failed (HTTP 503)" in warnings[0], warnings
+    back = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert back == [f"Consul at {server.address} answers again"]
 
 
 def test_429_is_retried(server: ScriptedServer, consul: ConsulBackend) -> None:
@@ -358,7 +360,10 @@ def test_connection_refused_for_good_is_a_transient_consul_error() -> None:
         ConsulConfig(address=f"http://{host}:{port}"), Clock(scale=1000), retry=FAST_RETRY
     )
     try:
-        with pytest.raises(ConsulError, match=r"session\.renew s failed: ConnectionError") as err:
+        with pytest.raises(
+            ConsulError,
+            match=r"session\.renew s failed: cannot reach Consul at http://[\d.:]+: connection refused",
+        ) as err:
             backend.session_renew("s")
         assert err.value.transient and err.value.status is None
         assert err.value.__suppress_context__, "the requests exception (with its URL) is not chained"
@@ -374,7 +379,7 @@ def test_a_dropped_connection_is_retried_for_a_read_but_not_for_a_write(
     entry = consul.get("k")
     assert entry is not None and entry.value == b"v"
     server.script(Reply(drop=True), Reply(200, True))
-    with pytest.raises(ConsulError, match="ConnectionError") as err:
+    with pytest.raises(ConsulError, match="the connection was closed before the answer") as err:
         consul.put("k", "v", cas=7)
     assert not err.value.transient, "the server may have applied the write before the connection dropped"
     assert len(server.requests) == 3
@@ -428,7 +433,7 @@ def test_blocking_get_timeout_covers_the_wait_but_a_plain_get_does_not(server: S
         assert backend.watch("k", 7, 5)[0] == 8
         assert time.monotonic() - started >= 0.45
         server.script(Reply(200, [kv_json("k", "v")], delay=0.45))
-        with pytest.raises(ConsulError, match="ReadTimeout") as err:
+        with pytest.raises(ConsulError, match="no answer before the timeout") as err:
             backend.get("k")
         assert err.value.transient, "a timed-out read may be retried"
     finally:
@@ -441,7 +446,7 @@ def test_a_timed_out_write_is_not_retried(server: ScriptedServer) -> None:
     )
     try:
         server.script(Reply(200, True, delay=0.4), Reply(200, True))
-        with pytest.raises(ConsulError, match="ReadTimeout") as err:
+        with pytest.raises(ConsulError, match="no answer before the timeout") as err:
             backend.put("k", "v")
         assert not err.value.transient, "the write may have been applied"
         assert len(server.requests) == 1
@@ -463,7 +468,7 @@ def test_the_request_timeout_is_what_requests_gets(
 
     monkeypatch.setattr(requests.Session, "request", spy)
     backend = ConsulBackend(ConsulConfig(address=server.address), Clock(scale=4), retry=NO_RETRY, timeout=3.0)
-    server.script(Reply(200, [], {"X-Consul-Index": "2"}), Reply(404, ""))
+    server.script(Reply(200, [], {"X-Consul-Index": "2"}), Reply(404, "", {"X-Consul-Index": "2"}))
     backend.watch("k", 1, 64)
     backend.get("k")
     backend.close()

@@ -179,7 +179,8 @@ def test_agent_node_name_is_a_registered_node(consul: ConsulAPI) -> None:
 
 
 def test_a_wrong_token_is_refused_without_showing_it(cluster: SimCluster) -> None:
-    backend = ConsulBackend(ConsulConfig(address=cluster.consul_addr, token="wrong-t0ken"), retry=NO_RETRY)
+    config = ConsulConfig(address=cluster.consul_addr, token="wrong-t0ken")
+    backend = ConsulBackend(config, cluster.clock, retry=NO_RETRY)
     with pytest.raises(ConsulError) as err:
         backend.put("rt/x", "v")
     assert err.value.status == 403 and "wrong-t0ken" not in str(err.value)

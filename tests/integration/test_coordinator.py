@@ -91,10 +91,10 @@ class Agents:
 
     def __init__(self, sim: SimCluster, token: str | None = None, **changes: Any) -> None:
         fast: dict[str, Any] = {
-            "session_ttl": 10.0,
+            "session_ttl": 30.0,  # 1.2 real seconds: a renew every 0.6 s survives a busy machine
             "lock_delay": 2.0,
             "min_healthy_time": 2.0,
-            "healthy_deadline": 20.0,
+            "healthy_deadline": 60.0,  # 2.4 real seconds of slack on a busy machine
         }
         self.sim = sim
         self.clock = sim.clock
@@ -146,7 +146,9 @@ def test_agents_and_a_rollout_of_the_same_change_restart_each_allocation_once_wi
     sim_cluster_factory: SimClusterFactory,
 ) -> None:
     sim = sim_cluster_factory(scenario(8, job_meta={"shepard_concurrency": "2"}), time_scale=SCALE)
-    agents = Agents(sim)
+    # Nine sessions renew while the sim serves them from this same process: a 10 s TTL (0.4 real
+    # seconds) starves on a busy machine, and nothing here waits for a TTL, so give it real margin.
+    agents = Agents(sim, session_ttl=60.0)
     allocs = agents.allocs()
     seen = agents.plans.read(PLAN_KEY)[1]  # the plan's index when the change was seen (0: none yet)
     sim.set_key("config/web", "v2")

@@ -250,7 +250,7 @@ def _stale_triggers(c: Cluster, n: int, node: str = "ghost") -> list[str]:
         ("leader_lost", "No cluster leader"),
         ("known_leader_missing", "X-Nomad-KnownLeader is missing"),
         ("known_leader_false", "X-Nomad-KnownLeader is 'false'"),
-        ("timeout", "Timeout"),
+        ("timeout", "no answer before the timeout"),
     ],
 )
 def test_nomad_that_cannot_be_asked_means_nothing_is_deleted(

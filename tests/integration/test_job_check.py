@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from shepard_lib.keyspace import shepard_template
-from shepard_lib.sim.pytest_plugin import SimClusterFactory
+from shepard_lib.sim.pytest_plugin import DEFAULT_TIME_SCALE, SimClusterFactory
 
 SHEPARD = Path(sys.executable).parent / "shepard"
 REAL_SKIP = "set NOMAD_ADDR (and NOMAD_TOKEN) and SHEPARD_TEST_JOB to check a job on a real Nomad"
@@ -104,6 +104,7 @@ def run_check(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[st
 def sim_env(nomad_addr: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOMAD_", "CONSUL_", "SHEPARD_"))}
     env["NOMAD_ADDR"] = nomad_addr
+    env["SHEPARD_TIME_SCALE"] = f"{DEFAULT_TIME_SCALE:g}"  # the sim's clock (a mismatch is a usage error)
     return env
 
 

@@ -289,8 +289,8 @@ def test_slot_of_an_abandoned_holder_is_taken_only_after_ttl_and_lock_delay(sim:
     lock_delay = 15.0
     slots = RestartSlots(sim.consul, "t/delay/restart_lock/", 1, clock=sim.clock, max_wait=100)
     crashed = sim.session("crashed", ttl=TTL, lock_delay=lock_delay)
+    created = sim.clock.monotonic()  # before the create: the server's TTL starts after this
     crashed.create()
-    created = sim.clock.monotonic()
     slots.acquire(crashed, holder="crashed")
     crashed.abandon()
     with sim.session("successor", lock_delay=lock_delay) as successor:

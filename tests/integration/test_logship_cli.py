@@ -43,9 +43,10 @@ def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         root.removeHandler(handler)
 
 
-def _config(tmp_path: Path, nomad: str, data_dir: Path, extra: str = "") -> str:
+def _config(tmp_path: Path, nomad: str, data_dir: Path, extra: str = "", scale: float = 1.0) -> str:
     path = tmp_path / "shepard.yaml"
     path.write_text(
+        f"time_scale: {scale:g}\n"  # the sim's clock: a mismatch is a usage error
         f"nomad: {{address: '{nomad}'}}\n"
         f"nomad_data_dir: '{data_dir}'\n"
         "log_shipping:\n"
@@ -83,9 +84,9 @@ def test_logs_ship_once_ships_this_nodes_allocations_with_their_tags(
 ) -> None:
     sim = sim_cluster_factory(SCENARIO, time_scale=50)
     if how == "agent_self":
-        cfg = _config(tmp_path, sim.nomad_agent_addr("n2"), sim.node_data_dir("n2"))
+        cfg = _config(tmp_path, sim.nomad_agent_addr("n2"), sim.node_data_dir("n2"), scale=50)
     else:
-        cfg = _config(tmp_path, sim.nomad_addr, sim.node_data_dir("n2"), extra="node_name: n2\n")
+        cfg = _config(tmp_path, sim.nomad_addr, sim.node_data_dir("n2"), extra="node_name: n2\n", scale=50)
     assert main(["--config", cfg, "logs", "ship", "--once", "--output", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     records = _shipped(tmp_path)
@@ -130,7 +131,7 @@ def test_logs_ship_exits_1_when_a_sink_stays_down(
     sim = sim_cluster_factory(SCENARIO, time_scale=50)
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    cfg = _config(tmp_path, sim.nomad_agent_addr("n1"), sim.node_data_dir("n1"))
+    cfg = _config(tmp_path, sim.nomad_agent_addr("n1"), sim.node_data_dir("n1"), scale=50)
     text = Path(cfg).read_text().replace(str(tmp_path / "tasks.jsonl"), str(blocker / "x.jsonl"))
     Path(cfg).write_text(text)
     assert main(["--config", cfg, "logs", "ship", "--once"]) == 1

@@ -5,7 +5,9 @@ Sim-only: it reads the simulator's restart record.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,49 @@ def test_the_gc_example_reports_what_would_go_and_deletes_nothing(
 
     assert capsys.readouterr().out.strip() == "True {'alloc_gone': 1} {}"
     assert sim_cluster.get_key(stale) == "x", "a dry run deleted a key"
+
+
+# The shell examples, run as written from the checkout, with `.venv/bin/shepard` as the quick start made it.
+# Not run: the install (the environment running these tests is it) and `scripts/test` (which runs them).
+INSTALL = "python3 -m venv .venv && .venv/bin/pip install -q -e . && "
+NOT_RUN = {"scripts/test\n"}
+REPO = README.parent
+
+
+def _shell_blocks() -> list[str]:
+    return re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
+
+
+def _untracked() -> str:
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+
+
+@pytest.mark.parametrize("number", range(len(_shell_blocks())))
+def test_every_shell_example_of_the_readme_works_as_written(number: int) -> None:
+    block = _shell_blocks()[number]
+    if block in NOT_RUN:
+        pytest.skip(f"not run from a test: {block.strip()}")
+    if not (REPO / ".venv" / "bin" / "shepard").exists():
+        pytest.skip("the examples call .venv/bin/shepard: run the quick start first")
+    if block.startswith(INSTALL):
+        block = block[len(INSTALL) :]  # the install is this test environment
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "NOMAD_", "SHEPARD_"))}
+    before = _untracked()
+    done = subprocess.run(
+        ["timeout", "300", "bash", "-euo", "pipefail", "-c", block],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, (
+        f"README example failed ({done.returncode}):\n{block}\n{done.stdout}\n{done.stderr}"
+    )
+    assert _untracked() == before, "the example left files in the checkout"

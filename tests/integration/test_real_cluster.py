@@ -172,7 +172,8 @@ def test_a_trigger_is_refused_once_its_slot_is_lost(cluster: Cluster) -> None:
     ref = TaskRef("node-x", "job-x", "group-x", "task-x", 0)
     slots = RestartSlots(cluster.consul, keyspace.slot_prefix(keyspace.scope(ref)), 1, clock=cluster.clock)
     trigger = Trigger(cluster.consul, cluster.nomad, keyspace, RestartMethod.CONSUL_KEY)
-    session = Session(cluster.consul, "shepard-test fenced", ttl=10, clock=cluster.clock)
+    # A TTL with real margin on the sim's fast clock: nothing here waits for it to run out.
+    session = Session(cluster.consul, "shepard-test fenced", ttl=60, clock=cluster.clock)
     session.create()
     slot = slots.acquire(session, holder="fenced", timeout=30)
     trigger.fire(ref, "alloc-x", slot)

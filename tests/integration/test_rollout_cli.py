@@ -41,7 +41,7 @@ def config(sim: SimCluster, tmp_path: Path) -> str:
     path.write_text(
         f"consul: {{address: '{sim.consul_addr}', token: '{TOKEN}'}}\n"
         f"nomad: {{address: '{sim.nomad_addr}', token: '{TOKEN}'}}\n"
-        "session_ttl: 10s\nlock_delay: 2s\nmin_healthy_time: 2s\nhealthy_deadline: 8s\n"
+        "session_ttl: 60s\nlock_delay: 2s\nmin_healthy_time: 2s\nhealthy_deadline: 60s\n"
         f"time_scale: {SCALE}\n",
         encoding="utf-8",
     )

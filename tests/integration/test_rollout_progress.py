@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+from rich.console import Console
 
 from shepard_lib.coordinator import EventKind, RolloutEvent
 from shepard_lib.keyspace import TaskRef, TaskScope
+from shepard_lib.logsetup import ShepardHandler, setup_logging
 from shepard_lib.progress import LiveProgress, PlainProgress, progress_for
 
 SCOPE = TaskScope("web", "app", "server")
@@ -24,16 +30,18 @@ def events() -> list[RolloutEvent]:
     return out
 
 
-def test_plain_progress_writes_one_line_per_event_naming_task_and_allocation() -> None:
-    stream = io.StringIO()
-    with PlainProgress(stream) as display:
+def test_plain_progress_logs_one_record_per_event_naming_task_and_allocation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="shepard_lib.progress"), PlainProgress() as display:
         for event in events():
             display(event)
-    lines = stream.getvalue().splitlines()
+    lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 7
-    assert lines[0].endswith("web/app/server: 3 allocation(s) registered, plan planned")
-    assert lines[1].endswith("web/app/server node-0[0] alloc 0aaaaaaa restarting")
-    assert lines[-1].endswith("web/app/server node-2[2] alloc 2aaaaaaa failed: check critical")
+    assert lines[0] == "web/app/server: 3 allocation(s) registered, plan planned"
+    assert lines[1] == "web/app/server node-0[0] alloc 0aaaaaaa restarting"
+    assert lines[-1] == "web/app/server node-2[2] alloc 2aaaaaaa failed: check critical"
+    assert caplog.records[-1].levelno == logging.WARNING
 
 
 def test_live_progress_counts_finished_and_failed_allocations() -> None:
@@ -50,3 +58,43 @@ def test_live_progress_counts_finished_and_failed_allocations() -> None:
 def test_progress_for_picks_plain_lines_when_not_a_terminal() -> None:
     assert isinstance(progress_for(io.StringIO()), PlainProgress)
     assert isinstance(progress_for(io.StringIO(), live=True), LiveProgress)
+
+
+@pytest.fixture
+def shepard_logging() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    setup_logging("INFO", "text", stream=stream)
+    yield stream
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, ShepardHandler)]:
+        root.removeHandler(handler)
+
+
+def test_log_lines_go_through_the_live_display_while_it_runs(shepard_logging: io.StringIO) -> None:
+    (handler,) = [h for h in logging.getLogger().handlers if isinstance(h, ShepardHandler)]
+    with LiveProgress(shepard_logging) as display:
+        assert handler.stream is not shepard_logging, "logging still writes past the live display"
+        display(events()[0])
+        logging.getLogger("shepard_lib.rollout").warning("a line logged mid-display")
+    assert handler.stream is shepard_logging, "the log stream is restored after the display"
+    assert "a line logged mid-display" in shepard_logging.getvalue()
+
+
+def _colours(display: LiveProgress) -> str:
+    console = Console(file=io.StringIO(), force_terminal=True, color_system="truecolor", width=120)
+    console.print(display._progress)
+    return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_the_bar_is_red_only_when_something_failed() -> None:
+    display = LiveProgress(io.StringIO())
+    with display:
+        for event in events()[:5]:  # two restarted, none failed
+            display(event)
+        clean = _colours(display)
+        for event in events()[5:]:
+            display(event)
+        failed = _colours(display)
+    red = ("38;2;249;38;114", "\x1b[31m")  # rich's default bar colour, and red
+    assert not any(code in clean for code in red), "red with 0 failed"
+    assert "\x1b[31m" in failed and "1 failed" in failed

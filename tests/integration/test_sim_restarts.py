@@ -197,9 +197,12 @@ def test_seeded_lognormal_timing_repeats(sim_cluster_factory: Any) -> None:
         for _ in range(3):
             sim.nomad.restart(alloc.id)
             sim.wait_settled()
-        return [r.running_at - r.stopped_at for r in sim.restarts() if r.running_at and r.stopped_at]
+        records = sim.restarts()
+        # A loaded machine runs a timer late, never early: the observed downtime is at least the draw.
+        assert all(r.running_at - r.stopped_at >= r.down_for - 1e-6 for r in records), records  # type: ignore[operator]
+        return [r.down_for for r in records]  # type: ignore[misc]
 
     first, second = durations(), durations()
     assert len(first) == len(second) == 3
-    assert all(abs(a - b) < 0.5 for a, b in zip(first, second, strict=True)), (first, second)
+    assert first == second, "the same seed draws the same downtimes"
     assert max(first) - min(first) > 0.5, f"lognormal draws should differ: {first}"

@@ -5,18 +5,24 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import requests
+import yaml
+
+from shepard_lib.sim.scenario import small_scenario
 
 READY = re.compile(r"^ready consul=(http://127\.0\.0\.1:\d+) nomad=(http://127\.0\.0\.1:\d+)$")
 SCENARIO = Path(__file__).resolve().parents[2] / "examples" / "scenarios" / "web-9.yaml"
 
 
-def _serve(*args: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOMAD_", "CONSUL_"))}
+def _serve(*args: str, **extra_env: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOMAD_", "CONSUL_"))} | extra_env
     code = "import sys; from shepard_lib.cli import main; sys.exit(main())"
     return subprocess.Popen(
         [sys.executable, "-c", code, "sim", "serve", *args],
@@ -48,6 +54,7 @@ def test_serve_prints_one_ready_line_serves_and_exits_on_sigterm(tmp_path: Path)
                 _, err = proc.communicate()
                 raise AssertionError(f"expected the ready line, got {line!r}; stderr: {err}")
             consul, nomad = match.groups()
+            export = proc.stdout.readline()
             token = {"X-Nomad-Token": "s3cret"}
             allocs = requests.get(f"{nomad}/v1/allocations", headers=token, timeout=10).json()
             assert len(allocs) == 9 and {a["ClientStatus"] for a in allocs} == {"running"}
@@ -63,8 +70,11 @@ def test_serve_prints_one_ready_line_serves_and_exits_on_sigterm(tmp_path: Path)
             if proc.poll() is None:
                 proc.kill()
     assert proc.returncode == 0, err
-    assert out == "", "nothing but the ready line on stdout"
-    assert "s3cret" not in err
+    assert export == f"export CONSUL_HTTP_ADDR={consul} NOMAD_ADDR={nomad} SHEPARD_TIME_SCALE=20\n", (
+        "the ready line, then the line that points Shepard at the sim"
+    )
+    assert out == "", "nothing else on stdout"
+    assert "s3cret" not in out + err
 
 
 def test_serve_with_an_invalid_scenario_exits_2_naming_the_problem(tmp_path: Path) -> None:
@@ -100,3 +110,56 @@ def test_serve_with_agents_prints_each_nodes_own_agent_api_before_the_ready_line
             if proc.poll() is None:
                 proc.kill()
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["under /proc", "a regular file"])
+def test_serve_with_an_unusable_data_dir_exits_2_naming_it(tmp_path: Path, kind: str) -> None:
+    if kind == "a regular file":
+        data_dir = tmp_path / "file"
+        data_dir.write_text("x")
+    else:
+        data_dir = Path("/proc/shepard-no-such-dir")
+    with _serve("--data-dir", str(data_dir)) as proc:
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, err
+    assert out == ""
+    assert err.startswith(f"--data-dir {data_dir}: ") and "Traceback" not in err, err
+
+
+def test_serve_on_a_port_in_use_exits_1_and_leaves_no_temp_dir(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with _serve("--consul-port", str(port), TMPDIR=str(tmp_path)) as proc:
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    assert "cannot start" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == [], "an empty shepard-sim-* dir was left behind"
+
+
+def test_sigterm_while_waiting_for_tasks_to_become_healthy_stops_at_once(tmp_path: Path) -> None:
+    scenario = small_scenario()
+    del scenario["keys"]  # the template's key does not exist: no task ever starts
+    path = tmp_path / "never-healthy.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    data_dir = tmp_path / "d"
+    with _serve("--scenario", str(path), "--data-dir", str(data_dir)) as proc:
+        try:
+            _wait_for_allocations(data_dir, proc)  # placed: the start now waits for them to be healthy
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)  # the start alone would wait 120 s
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == "" and "Traceback" not in err, err
+
+
+def _wait_for_allocations(data_dir: Path, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while not any(data_dir.glob("*/alloc/*/server")):
+        assert proc.poll() is None, "sim serve exited before placing its allocations"
+        assert time.monotonic() < deadline, f"no allocation directory under {data_dir} after 60 s"
+        time.sleep(0.1)

@@ -131,10 +131,12 @@ def test_trigger_with_a_lost_session_writes_nothing(env: Env) -> None:
     alloc = env.alloc(2)
     ref = env.ref(alloc)
     trigger = Trigger(env.consul, env.nomad, KEYSPACE, RestartMethod.CONSUL_KEY)
-    with env.session("lost", ttl=10) as session:
+    # TTL 60 s (1.2 real seconds): not lost by a starved renew before the test destroys it; the
+    # first renew after the destroy (at TTL/2) learns it is gone.
+    with env.session("lost", ttl=60) as session:
         slot = env.slots().acquire(session, holder="lost")
         env.consul.session_destroy(session.id)
-        assert env.sim.clock.wait(slot.lost, 10), "slot.lost not set after the session was destroyed"
+        assert env.sim.clock.wait(slot.lost, 120), "slot.lost not set after the session was destroyed"
         with pytest.raises(LockLost, match=r"not triggered: the session holding .*restart_lock/0 is lost"):
             trigger.fire(ref, alloc.id, slot)
     assert env.sim.get_key(KEYSPACE.trigger_key(ref)) is None

@@ -13,7 +13,7 @@ import yaml
 
 from shepard_lib import __version__, cli
 from shepard_lib.cli import config_cmd
-from shepard_lib.config import default_config, redacted
+from shepard_lib.config import default_config, file_form
 from shepard_lib.errors import PlanError
 from shepard_lib.keyspace import nomad_template_block, shepard_template
 from shepard_lib.logsetup import ShepardHandler
@@ -63,7 +63,7 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
 def test_config_check_prints_the_effective_config(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "config", "check", "--config", EXAMPLE)
     assert (code, err) == (0, "")
-    assert yaml.safe_load(out) == redacted(default_config())
+    assert yaml.safe_load(out) == file_form(default_config())
 
 
 def test_global_options_work_before_and_after_the_subcommand(

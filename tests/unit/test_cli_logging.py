@@ -107,3 +107,17 @@ def test_short_secrets_are_ignored() -> None:
 def test_unknown_format_is_rejected() -> None:
     with pytest.raises(ValueError, match="text or json"):
         setup_logging("INFO", "xml")
+
+
+def test_urllib3_pool_warnings_never_reach_the_user_unless_debugging() -> None:
+    stream = io.StringIO()
+    setup_logging("INFO", "text", stream=stream)
+    pool = logging.getLogger("urllib3.connectionpool")
+    pool.warning("Connection pool is full, discarding connection: %s. Connection pool size: %s", "h", 10)
+    logging.getLogger("shepard_lib.backends").warning("cannot reach Consul at http://h:1: connection refused")
+    assert "Connection pool is full" not in stream.getvalue()
+    assert "cannot reach Consul" in stream.getvalue()
+
+    setup_logging("DEBUG", "text", stream=stream)
+    pool.warning("Connection pool is full, discarding connection: %s. Connection pool size: %s", "h", 10)
+    assert "Connection pool is full" in stream.getvalue(), "--log-level DEBUG shows the libraries too"

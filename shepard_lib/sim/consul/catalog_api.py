@@ -118,9 +118,23 @@ def agent_self(ctx: Context, req: Request) -> Response:
                 "Status": 1,
             },
             "Meta": {"consul-network-segment": ""},
-            "Stats": {"consul": {"known_servers": "1", "leader": str(not ctx.faults.leader_lost).lower()}},
+            "Stats": {"consul": _consul_stats(ctx)},
         }
     )
+
+
+def _consul_stats(ctx: Context) -> dict[str, str]:
+    """``Stats.consul`` as Consul's ``Server.Stats`` (a server agent) or ``Client.Stats`` returns it."""
+    if ctx.node_name != ctx.state.server_node:
+        return {"server": "false", "known_servers": "1"}
+    leader = not ctx.faults.leader_lost
+    return {
+        "server": "true",
+        "leader": str(leader).lower(),
+        "leader_addr": f"127.0.0.1:{SERVER_RPC_PORT}" if leader else "",
+        "bootstrap": "true",
+        "known_datacenters": "1",
+    }
 
 
 def status_leader(ctx: Context, req: Request) -> Response:

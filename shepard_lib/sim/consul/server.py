@@ -3,8 +3,10 @@
 A stdlib :class:`http.server.ThreadingHTTPServer` speaking HTTP/1.1 with keep-alive (one daemon
 thread per connection, so a blocking query holds only its own connection). Besides the Consul
 API it answers ``GET /_sim/requests`` with the request counts by endpoint and method
-(``{"/v1/kv": {"GET": 3, "PUT": 1}, ...}``; ``DELETE /_sim/requests`` resets them). The ``/_sim/``
-endpoints are never counted, delayed, failed or ACL-checked.
+(``{"/v1/kv": {"GET": 3, "PUT": 1}, ...}``; ``DELETE /_sim/requests`` resets them) and
+``GET /_sim/info`` with ``{"service": "consul", "time_scale": <scale>}``. The ``/_sim/``
+endpoints are never counted, delayed, failed or ACL-checked. Every answer carries
+``X-Shepard-Sim-Time-Scale: <scale>``, so a client can tell that its clock runs at another speed.
 
 ACL (when started with ``acl_token``, the one management token): a request with any other token
 is 403 ``ACL not found``, as ``ResolveToken`` answers for an unknown secret; a request without a
@@ -25,6 +27,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from shepard_lib.clock import SIM_TIME_SCALE_HEADER
 from shepard_lib.sim.consul import catalog_api, kv_api, session_api, txn_api
 from shepard_lib.sim.consul.acl import ACL_NOT_FOUND
 from shepard_lib.sim.consul.faults import NO_LEADER, RPC_FAILED, Faults
@@ -204,6 +207,8 @@ class ConsulServer:
                 raise HTTPError(403, ACL_NOT_FOUND)
 
     def _sim_endpoint(self, method: str, target: str) -> Response:
+        if target.split("?")[0] == "/_sim/info":
+            return json_body({"service": "consul", "time_scale": self.state.clock.scale})
         if target.split("?")[0] != "/_sim/requests":
             return text_body(404, "404 page not found\n")
         if method == "DELETE":
@@ -262,6 +267,7 @@ class _Handler(TrackedHandler):
             f"Content-Length: {len(resp.body)}",
         ]
         head.extend(f"{k}: {v}" for k, v in resp.headers.items())
+        head.append(f"{SIM_TIME_SCALE_HEADER}: {self.server.sim.state.clock.scale:g}")
         if self.close_connection:
             head.append("Connection: close")
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + resp.body

@@ -11,8 +11,10 @@ wait/16 drawn from an RNG seeded by the scenario's seed), ``?namespace=`` (``*``
 ``X-Nomad-Token`` or ``Authorization: Bearer`` (403 ``Permission denied`` without one, 403
 ``ACL token not found`` for a wrong one).
 
-Simulator endpoints (no ACL): ``GET /_sim/restarts`` (the restart record as JSON) and
-``GET /_sim/requests`` (request counts by method and endpoint).
+Simulator endpoints (no ACL): ``GET /_sim/restarts`` (the restart record as JSON),
+``GET /_sim/requests`` (request counts by method and endpoint) and ``GET /_sim/info``
+(``{"service": "nomad", "time_scale": <scale>}``). Every answer carries
+``X-Shepard-Sim-Time-Scale: <scale>``, so a client can tell that its clock runs at another speed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from shepard_lib.clock import SIM_TIME_SCALE_HEADER
 from shepard_lib.sim.blocking import NOMAD_WAIT, blocking_wait
 from shepard_lib.sim.httpbase import (
     HTTPError,
@@ -171,6 +174,7 @@ class NomadServer:
             ),
             ("GET", re.compile(r"/_sim/restarts"), "/_sim/restarts", self._sim_restarts),
             ("GET", re.compile(r"/_sim/requests"), "/_sim/requests", self._sim_requests),
+            ("GET", re.compile(r"/_sim/info"), "/_sim/info", self._sim_info),
         ]
 
     @property
@@ -441,6 +445,9 @@ class NomadServer:
     def _sim_requests(self, req: _Request) -> _Answer:
         return _Answer(self.sim.request_counts())
 
+    def _sim_info(self, req: _Request) -> _Answer:
+        return _Answer({"service": "nomad", "time_scale": self.sim.clock.scale})
+
 
 def _json_body(req: _Request) -> dict[str, Any]:
     try:
@@ -486,6 +493,7 @@ def _handler_class(server: NomadServer) -> type[BaseHTTPRequestHandler]:
             for name, value in headers.items():
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(payload)))
+            self.send_header(SIM_TIME_SCALE_HEADER, f"{server.sim.clock.scale:g}")
             self.end_headers()
             self.wfile.write(payload)
 

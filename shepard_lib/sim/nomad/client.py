@@ -396,7 +396,8 @@ class TaskRunner:
             ts.restarts += 1
             ts.last_restart = now
         self.logs.write("stdout", f"{_stamp(now)} INFO received SIGTERM, shutting down\n")
-        self._pause(self.client.scenario.timing.restart.sample(self.client.rng))
+        self.record.down_for = self.client.scenario.timing.restart.sample(self.client.rng)
+        self._pause(self.record.down_for)
 
     def _pause(self, delay: float) -> None:
         """Task is down for ``delay`` cluster seconds, then starts again."""

@@ -34,6 +34,9 @@ class RestartRecord:
     failed_at: float | None = None
     ended_at: float | None = None
     outcome: str | None = None  # "healthy" | "failed" | "superseded" | "stopped"
+    down_for: float | None = None
+    """The downtime drawn from the scenario's ``timing.restart`` (cluster seconds): ``running_at -
+    stopped_at`` is at least this, plus however late a loaded machine ran the timer."""
 
     def to_json(self) -> dict[str, Any]:
         """The record as the ``/_sim/restarts`` endpoint shows it."""

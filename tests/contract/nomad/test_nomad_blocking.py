@@ -30,8 +30,8 @@ def test_blocking_query_returns_after_wait_when_nothing_changes(nomad_target: No
     elapsed = time.monotonic() - started
     assert again.status_code == 200
     assert again.headers["X-Nomad-Index"] == index
-    # Nomad adds up to wait/16 of jitter.
-    assert 2 / scale * 0.9 <= elapsed < (2 + 2 / 16) / scale + 1.0
+    # Nomad adds up to wait/16 of jitter; 5 real seconds tell "answered" from "hung" on a busy machine.
+    assert 2 / scale * 0.9 <= elapsed < (2 + 2 / 16) / scale + 5.0
 
 
 def test_blocking_query_on_allocation_wakes_when_it_restarts(sim_target: NomadTarget) -> None:
@@ -43,9 +43,9 @@ def test_blocking_query_on_allocation_wakes_when_it_restarts(sim_target: NomadTa
     timer = threading.Timer(0.1, lambda: sim_target.cluster().nomad.restart(alloc["ID"], "server"))
     timer.start()
     started = time.monotonic()
-    woke = sim_target.get(f"/v1/allocation/{alloc['ID']}", index=index, wait="5m")
+    woke = sim_target.get(f"/v1/allocation/{alloc['ID']}", index=index, wait="10m")  # 12 real seconds
     timer.join()
-    assert time.monotonic() - started < 5, "the blocking query should wake on the change, not time out"
+    assert time.monotonic() - started < 10, "the blocking query should wake on the change, not time out"
     assert int(woke.headers["X-Nomad-Index"]) > index
     assert woke.json()["TaskStates"]["server"]["Restarts"] == 1
 

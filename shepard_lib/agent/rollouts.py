@@ -100,7 +100,8 @@ class _Worker:
         self.wake = threading.Event()
         self.busy = False  # driving a member now
         self._done = done
-        self._skipped: set[tuple[str, int]] = set()  # (alloc, generation) that could not be driven
+        self._skipped: set[tuple[str, int]] = set()  # (alloc, generation) that cannot be driven
+        self._retry_at: dict[tuple[str, int], float] = {}  # whose drive failed, and when to try it again
         self.thread = threading.Thread(
             target=self._run, name=f"shepard-rollout[{'/'.join(name)}]", daemon=True
         )
@@ -131,11 +132,24 @@ class _Worker:
         return changes
 
     def _handle(self, changes: list[Change]) -> None:
-        """Drive each change (already registered) through the coordinator."""
-        for change in changes:
+        """Drive each change (already registered) through the coordinator.
+
+        A change whose step failed (Consul or Nomad refused, a plan update lost every race) is not
+        dropped: it is handed back after ``recheck_interval``, as many times as it takes.
+        """
+        for number, change in enumerate(changes):
             if self.host.stopping.is_set():
                 return
-            self._with_session(functools.partial(_handle_change, change=change))
+            if self._with_session(functools.partial(_handle_change, change=change)) is None:
+                self._retry_later(changes[number:])
+                return
+
+    def _retry_later(self, changes: list[Change]) -> None:
+        if self.host.clock.wait(self.host.stopping, self.host.recheck_interval()):
+            return
+        with self.lock:
+            for change in changes:
+                self.pending.setdefault(change.alloc.id, change)  # a newer change of it wins
 
     def _with_session(self, step: Callable[[Coordinator], MemberOutcome]) -> MemberOutcome | None:
         """Run ``step``; after a lost session once more under the agent's next one.
@@ -212,6 +226,8 @@ class _Worker:
                 for alloc_id, m in sorted(plan.members.items(), key=lambda kv: kv[1].alloc_index):
                     if (alloc_id, m.generation) in self._skipped:
                         continue
+                    if self._retry_at.get((alloc_id, m.generation), 0.0) > self.host.clock.monotonic():
+                        continue
                     if m.node != self.host.node_name and m.node in alive:
                         continue
                     if m.state == MemberState.RESTARTING:
@@ -257,7 +273,10 @@ class _Worker:
                 node,
             )
         outcome = self._with_session(lambda c: c.drive(target))
-        if outcome is None or outcome.outcome is Outcome.SKIPPED:
+        if outcome is None:  # an error, logged: look at the member again after recheck_interval, not never
+            retry_at = self.host.clock.monotonic() + self.host.recheck_interval()
+            self._retry_at[(alloc_id, generation)] = retry_at
+        elif outcome.outcome is Outcome.SKIPPED:
             self._skipped.add((alloc_id, generation))
 
     def _alive_nodes(self) -> set[str]:

@@ -35,6 +35,8 @@ from shepard_lib.agent import Agent
 from shepard_lib.agent.inotify import PyInotifyWatcher, WatchLimitReached
 from shepard_lib.agent.watcher import TaskKey
 from shepard_lib.config import default_config
+from shepard_lib.coordinator import Coordinator
+from shepard_lib.errors import PlanError
 from shepard_lib.keyspace import TaskRef, TaskScope
 from shepard_lib.plan import MemberState
 from shepard_lib.sim.consul import ConsulServer
@@ -383,3 +385,27 @@ def test_periodic_gc_and_log_shipping_run_and_are_counted_in_the_metrics(
     assert samples[("shepard_logship_lines_shipped_total", (("sink", "file"),))] >= 1
     records = [json.loads(line) for line in (tmp_path / "tasks.jsonl").read_text().splitlines()]
     assert {r["nomad.job.name"] for r in records} == {"web"}
+
+
+def test_a_member_whose_drive_fails_twice_is_tried_again_not_dropped(
+    sim_cluster_factory: SimClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the agent benchmarks: a drive that lost every plan-update race was logged and dropped,
+    and after a second failure the member was marked undrivable for good: the plan never completed."""
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    failures: Counter[str] = Counter()
+    real_drive = Coordinator.drive
+
+    def flaky_drive(self: Coordinator, target: Any) -> Any:
+        if not failures or (target.alloc_id in failures and failures[target.alloc_id] < 2):
+            failures[target.alloc_id] += 1
+            raise PlanError(f"plan update of {target.alloc_id} lost every race (injected)")
+        return real_drive(self, target)
+
+    monkeypatch.setattr(Coordinator, "drive", flaky_drive)
+    with agents(sim, ["n1"]):
+        sim.set_key("config/web", "v2")
+        wait_plan(sim, complete(3))
+    assert list(failures.values()) == [2], failures
+    restarted = Counter(r.alloc_id for r in sim.restarts())
+    assert sorted(restarted.values()) == [1, 1, 1], restarted

@@ -34,6 +34,7 @@ import yaml
 from shepard_lib.keyspace import Keyspace, TaskRef
 from shepard_lib.plan import Plan, PlanStatus
 from shepard_lib.sim import SimCluster
+from shepard_lib.sim.scenario import web_scenario
 
 SETTLE = 2.0
 TARGET_RSS_MB = 60.0
@@ -43,37 +44,9 @@ KEYS = Keyspace()
 
 
 def scenario(count: int) -> dict[str, object]:
-    return {
-        "seed": 1,
-        "nodes": ["bench-node"],
-        "jobs": [
-            {
-                "name": "web",
-                "groups": [
-                    {
-                        "name": "app",
-                        "count": count,
-                        "tasks": [
-                            {
-                                "name": "server",
-                                "shepard": True,
-                                "templates": [
-                                    {
-                                        "key": "config/web",
-                                        "destination": "local/app.conf",
-                                        "change_mode": "noop",
-                                    }
-                                ],
-                                "service": "web",
-                            }
-                        ],
-                    }
-                ],
-            }
-        ],
-        "timing": {"restart": "200ms", "healthy_after": "100ms"},
-        "keys": {"config/web": "v1"},
-    }
+    return web_scenario(
+        count=count, nodes=["bench-node"], restart="200ms", healthy_after="100ms", unhealthy_if_broken=False
+    )
 
 
 def rss_mb(pid: int) -> float:

@@ -117,6 +117,7 @@ class Agent:
         self._discovery: Discovery | None = None
         self._server: MetricsServer | None = None
         self._threads: list[threading.Thread] = []
+        self._periodic: list[threading.Thread] = []  # GC, log shipping: they end (and close) when stopping
         self._started = False
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class Agent:
         for job in self._jobs:
             runner = PeriodicRunner(job, self, lambda name: self.metrics.periodic_failures.labels(name).inc())
             runner.thread.start()
+            self._periodic.append(runner.thread)
         log.info(
             "agent of node %s started (data dir %s, session %s%s)",
             self.node_name,
@@ -201,6 +203,8 @@ class Agent:
                 session.invalidate("agent shutting down")
             self._session_cond.notify_all()
         self._join_workers(margin)
+        for thread in self._periodic:  # a GC pass or a shipping round in progress finishes first
+            thread.join(self.clock.real(margin))
         if session is not None:
             if self._heartbeat_held:
                 try:

@@ -34,6 +34,8 @@ class PeriodicJob:
     name: str
     interval: Callable[[ShepardConfig], float]
     run: Callable[[Agent], None]
+    close: Callable[[], None] | None = None
+    """Called once when the agent stops (a job that keeps sockets or files open closes them)."""
 
 
 def default_jobs(cfg: ShepardConfig) -> list[PeriodicJob]:
@@ -41,7 +43,8 @@ def default_jobs(cfg: ShepardConfig) -> list[PeriodicJob]:
     ``gc_interval``; log shipping every ``ship_log_interval`` when ``log_shipping.enabled``."""
     jobs = [PeriodicJob("gc", lambda c: c.gc_interval, collect_garbage_job)]
     if cfg.log_shipping.enabled:
-        jobs.append(PeriodicJob("log_shipping", lambda c: c.ship_log_interval, ShipLogsJob()))
+        shipping = ShipLogsJob()
+        jobs.append(PeriodicJob("log_shipping", lambda c: c.ship_log_interval, shipping, shipping.close))
     return jobs
 
 
@@ -73,6 +76,11 @@ class ShipLogsJob:
     def __init__(self) -> None:
         self._shipper: LogShipper | None = None
 
+    def close(self) -> None:
+        """Close the shipper's sinks (the agent stopped)."""
+        if self._shipper is not None:
+            self._shipper.close()
+
     def __call__(self, agent: Agent) -> None:
         if self._shipper is None:
             self._shipper = LogShipper.for_node(agent.config, agent.nomad, agent.node_name)
@@ -97,13 +105,17 @@ class PeriodicRunner:
 
     def _loop(self) -> None:
         agent = self._agent
-        while not agent.clock.wait(agent.stopping, self.job.interval(agent.config)):
-            try:
-                self.job.run(agent)
-            except Exception:
-                log.exception(
-                    "periodic job %s failed; it runs again in %gs",
-                    self.job.name,
-                    self.job.interval(agent.config),
-                )
-                self._on_failure(self.job.name)
+        try:
+            while not agent.clock.wait(agent.stopping, self.job.interval(agent.config)):
+                try:
+                    self.job.run(agent)
+                except Exception:
+                    log.exception(
+                        "periodic job %s failed; it runs again in %gs",
+                        self.job.name,
+                        self.job.interval(agent.config),
+                    )
+                    self._on_failure(self.job.name)
+        finally:
+            if self.job.close is not None:
+                self.job.close()

@@ -20,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Shepard's plan and restart slots. SIGTERM/SIGINT: finish a restart in flight (up to "
             "shutdown_timeout), release everything, exit 0. SIGHUP: reload the config."
         ),
+        epilog="Exit codes: 0 stopped by SIGTERM/SIGINT (or --print-unit printed the unit), 1 Consul or "
+        "Nomad could not be reached at startup, 2 usage or configuration error.",
     )
     unit = agent.add_argument_group("systemd unit (with --print-unit)")
     unit.add_argument("--print-unit", action="store_true", help="print the agent's systemd unit and exit")

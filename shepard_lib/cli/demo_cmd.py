@@ -19,7 +19,7 @@ from rich.table import Table
 from shepard_lib.demo import RUNS, DemoOptions, RunResult, Snapshot, run_once
 from shepard_lib.demo.report import print_table, to_json
 
-_EXIT_CODES = "exit codes: 0 done, 1 a run timed out or broke Shepard's limit, 2 usage error"
+_EXIT_CODES = "Exit codes: 0 done, 1 a run timed out or broke Shepard's limit, 2 usage error"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -60,6 +60,7 @@ __all__ = [
     "load_scenario",
     "parse_duration",
     "small_scenario",
+    "web_scenario",
 ]
 
 CHANGE_MODES = ("restart", "noop", "signal")
@@ -467,35 +468,39 @@ def _duplicates(problems: list[str], where: str, names: list[str]) -> None:
 
 def small_scenario() -> dict[str, object]:
     """The default scenario (``examples/scenarios/small.yaml``): 3 nodes, one 3-allocation job."""
+    return web_scenario(count=3, nodes=["node-1", "node-2", "node-3"], seed=1)
+
+
+def web_scenario(
+    *,
+    count: int,
+    nodes: int | list[str],
+    concurrency: int | None = None,
+    seed: int = 1,
+    restart: str | dict[str, Any] = "1s",
+    healthy_after: str = "500ms",
+    unhealthy_if_broken: bool = True,
+) -> dict[str, Any]:
+    """The scenario dict most tests use: job ``web``, group ``app`` of ``count`` allocations over ``nodes``
+    (a count, or names), task ``server`` managed by Shepard with service ``web`` and ``config/web`` rendered
+    with ``change_mode = "noop"``; ``config/web: broken`` makes its check fail (``unhealthy_if_broken``).
+    ``concurrency`` sets the job meta ``shepard_concurrency``; ``restart`` is a duration or a distribution.
+    """
+    task: dict[str, Any] = {
+        "name": "server",
+        "shepard": True,
+        "templates": [{"key": "config/web", "destination": "local/app.conf", "change_mode": "noop"}],
+        "service": "web",
+    }
+    if unhealthy_if_broken:
+        task["unhealthy_if"] = {"key": "config/web", "equals": "broken"}
+    job: dict[str, Any] = {"name": "web", "groups": [{"name": "app", "count": count, "tasks": [task]}]}
+    if concurrency is not None:
+        job["meta"] = {"shepard_concurrency": str(concurrency)}
     return {
-        "seed": 1,
-        "nodes": ["node-1", "node-2", "node-3"],
-        "jobs": [
-            {
-                "name": "web",
-                "groups": [
-                    {
-                        "name": "app",
-                        "count": 3,
-                        "tasks": [
-                            {
-                                "name": "server",
-                                "shepard": True,
-                                "templates": [
-                                    {
-                                        "key": "config/web",
-                                        "destination": "local/app.conf",
-                                        "change_mode": "noop",
-                                    }
-                                ],
-                                "service": "web",
-                                "unhealthy_if": {"key": "config/web", "equals": "broken"},
-                            }
-                        ],
-                    }
-                ],
-            }
-        ],
-        "timing": {"restart": "1s", "healthy_after": "500ms"},
+        "seed": seed,
+        "nodes": nodes,
+        "jobs": [job],
+        "timing": {"restart": restart, "healthy_after": healthy_after},
         "keys": {"config/web": "v1"},
     }

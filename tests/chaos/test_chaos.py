@@ -62,6 +62,7 @@ from shepard_lib.plan import MemberState, PlanStore
 from shepard_lib.rollout import RollingRestart, RolloutOptions, RolloutResult
 from shepard_lib.session import Session
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
+from shepard_lib.sim.scenario import web_scenario
 
 SEEDS = range(int(os.environ.get("SHEPARD_CHAOS_SEEDS", "20")))
 SCALE = 10.0
@@ -78,38 +79,14 @@ CLIENT_TIMEOUT = 1.0
 
 
 def scenario(seed: int) -> dict[str, Any]:
-    return {
-        "seed": seed,
-        "nodes": ["node-1", "node-2", "node-3", "node-4"],
-        "jobs": [
-            {
-                "name": "web",
-                "meta": {"shepard_concurrency": str(CONCURRENCY)},
-                "groups": [
-                    {
-                        "name": "app",
-                        "count": ALLOCS,
-                        "tasks": [
-                            {
-                                "name": "server",
-                                "shepard": True,
-                                "templates": [
-                                    {
-                                        "key": "config/web",
-                                        "destination": "local/app.conf",
-                                        "change_mode": "noop",
-                                    }
-                                ],
-                                "service": "web",
-                            }
-                        ],
-                    }
-                ],
-            }
-        ],
-        "timing": {"restart": {"lognormal": {"median": "1s", "sigma": 0.4}}, "healthy_after": "500ms"},
-        "keys": {"config/web": "v1"},
-    }
+    return web_scenario(
+        count=ALLOCS,
+        nodes=["node-1", "node-2", "node-3", "node-4"],
+        concurrency=CONCURRENCY,
+        seed=seed,
+        restart={"lognormal": {"median": "1s", "sigma": 0.4}},
+        unhealthy_if_broken=False,
+    )
 
 
 class FencedWrites:

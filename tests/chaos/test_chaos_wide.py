@@ -40,6 +40,7 @@ from shepard_lib.plan import MemberState, PlanStore
 from shepard_lib.rollout import RollingRestart, RolloutOptions
 from shepard_lib.session import Session
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
+from shepard_lib.sim.scenario import web_scenario
 
 SEEDS = range(2)
 SCALE = 10.0
@@ -54,38 +55,14 @@ FENCES = (TxnVerb.CHECK_SESSION, TxnVerb.CHECK_INDEX)
 
 
 def scenario(seed: int) -> dict[str, Any]:
-    return {
-        "seed": seed,
-        "nodes": 10,
-        "jobs": [
-            {
-                "name": "web",
-                "meta": {"shepard_concurrency": str(CONCURRENCY)},
-                "groups": [
-                    {
-                        "name": "app",
-                        "count": ALLOCS,
-                        "tasks": [
-                            {
-                                "name": "server",
-                                "shepard": True,
-                                "templates": [
-                                    {
-                                        "key": "config/web",
-                                        "destination": "local/app.conf",
-                                        "change_mode": "noop",
-                                    }
-                                ],
-                                "service": "web",
-                            }
-                        ],
-                    }
-                ],
-            }
-        ],
-        "timing": {"restart": {"lognormal": {"median": "1s", "sigma": 0.4}}, "healthy_after": "500ms"},
-        "keys": {"config/web": "v1"},
-    }
+    return web_scenario(
+        count=ALLOCS,
+        nodes=10,
+        concurrency=CONCURRENCY,
+        seed=seed,
+        restart={"lognormal": {"median": "1s", "sigma": 0.4}},
+        unhealthy_if_broken=False,
+    )
 
 
 class FencedWrites:

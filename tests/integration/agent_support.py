@@ -14,6 +14,7 @@ from shepard_lib.config import ConsulConfig, NomadConfig, ShepardConfig, default
 from shepard_lib.keyspace import Keyspace, TaskScope
 from shepard_lib.plan import Plan, PlanStatus
 from shepard_lib.sim import SimCluster
+from shepard_lib.sim.scenario import web_scenario
 
 SCALE = 20.0
 KEYS = Keyspace()
@@ -22,39 +23,9 @@ SCOPE = TaskScope("web", "app", "server")
 
 def scenario(count: int = 9, concurrency: int = 1, nodes: int = 3) -> dict[str, Any]:
     """``count`` web allocations over ``nodes`` nodes; config/web rendered with change_mode noop."""
-    return {
-        "seed": 5,
-        "nodes": [f"n{i}" for i in range(1, nodes + 1)],
-        "jobs": [
-            {
-                "name": "web",
-                "meta": {"shepard_concurrency": str(concurrency)},
-                "groups": [
-                    {
-                        "name": "app",
-                        "count": count,
-                        "tasks": [
-                            {
-                                "name": "server",
-                                "shepard": True,
-                                "templates": [
-                                    {
-                                        "key": "config/web",
-                                        "destination": "local/app.conf",
-                                        "change_mode": "noop",
-                                    }
-                                ],
-                                "service": "web",
-                                "unhealthy_if": {"key": "config/web", "equals": "broken"},
-                            }
-                        ],
-                    }
-                ],
-            }
-        ],
-        "timing": {"restart": "1s", "healthy_after": "500ms"},
-        "keys": {"config/web": "v1"},
-    }
+    return web_scenario(
+        count=count, nodes=[f"n{i}" for i in range(1, nodes + 1)], concurrency=concurrency, seed=5
+    )
 
 
 def agent_config(sim: SimCluster, node: str, **changes: Any) -> ShepardConfig:

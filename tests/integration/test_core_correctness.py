@@ -41,6 +41,7 @@ from shepard_lib.rollout import RollingRestart, RolloutOptions
 from shepard_lib.session import Session
 from shepard_lib.sim.cluster import SimCluster
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
+from shepard_lib.sim.scenario import web_scenario
 
 SCALE = 25.0
 KEYS = Keyspace()
@@ -51,39 +52,9 @@ pytestmark = pytest.mark.usefixtures("no_client_env")
 
 
 def scenario(count: int, concurrency: int = 1, nodes: int = 3) -> dict[str, Any]:
-    return {
-        "seed": 8,
-        "nodes": [f"node-{n}" for n in range(1, nodes + 1)],
-        "jobs": [
-            {
-                "name": "web",
-                "meta": {"shepard_concurrency": str(concurrency)},
-                "groups": [
-                    {
-                        "name": "app",
-                        "count": count,
-                        "tasks": [
-                            {
-                                "name": "server",
-                                "shepard": True,
-                                "templates": [
-                                    {
-                                        "key": "config/web",
-                                        "destination": "local/app.conf",
-                                        "change_mode": "noop",
-                                    }
-                                ],
-                                "service": "web",
-                                "unhealthy_if": {"key": "config/web", "equals": "broken"},
-                            }
-                        ],
-                    }
-                ],
-            }
-        ],
-        "timing": {"restart": "1s", "healthy_after": "500ms"},
-        "keys": {"config/web": "v1"},
-    }
+    return web_scenario(
+        count=count, nodes=[f"node-{n}" for n in range(1, nodes + 1)], concurrency=concurrency, seed=8
+    )
 
 
 class Cluster:

@@ -18,6 +18,7 @@ from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.config import ConsulConfig, NomadConfig, default_config
 from shepard_lib.rollout import RollingRestart, RolloutOptions
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
+from shepard_lib.sim.scenario import web_scenario
 
 SCALE = 10.0
 ALLOCATIONS = 8
@@ -34,37 +35,13 @@ pytestmark = pytest.mark.usefixtures("no_client_env")
 
 
 def scenario() -> dict[str, Any]:
-    return {
-        "seed": 3,
-        "nodes": ["node-1", "node-2", "node-3"],
-        "jobs": [
-            {
-                "name": "web",
-                "groups": [
-                    {
-                        "name": "app",
-                        "count": ALLOCATIONS,
-                        "tasks": [
-                            {
-                                "name": "server",
-                                "shepard": True,
-                                "templates": [
-                                    {
-                                        "key": "config/web",
-                                        "destination": "local/app.conf",
-                                        "change_mode": "noop",
-                                    }
-                                ],
-                                "service": "web",
-                            }
-                        ],
-                    }
-                ],
-            }
-        ],
-        "timing": {"restart": "1s", "healthy_after": "1s"},
-        "keys": {"config/web": "v1"},
-    }
+    return web_scenario(
+        count=ALLOCATIONS,
+        nodes=["node-1", "node-2", "node-3"],
+        seed=3,
+        healthy_after="1s",
+        unhealthy_if_broken=False,
+    )
 
 
 @pytest.mark.parametrize("concurrency", sorted(CONSUL_LIMITS))

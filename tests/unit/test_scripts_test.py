@@ -30,7 +30,7 @@ def _repo(tmp_path: Path, *, failing: set[str]) -> Path:
     (repo / "scripts").mkdir(parents=True)
     shutil.copy(SCRIPT, repo / "scripts" / "test")
     log = repo / "calls.log"
-    for script in ("real-cluster-sim", "mutation"):
+    for script in ("real-cluster-sim", "mutation", "test-ansible"):
         _stub(repo / "scripts" / script, f'echo "scripts/{script} $*" >> "{log}"; exit 0')
     for venv in (".venv", ".venv-pyconsul"):
         _stub(repo / venv / "bin" / "python", 'case "$1" in -c) echo 3.11.0;; esac; exit 0')
@@ -61,6 +61,7 @@ def test_every_step_runs_and_every_failure_is_listed_at_the_end(tmp_path: Path) 
     calls = (repo / "calls.log").read_text(encoding="utf-8")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "scripts/real-cluster-sim" in calls and "scripts/mutation --ci" in calls, calls
+    assert "scripts/test-ansible" in calls, calls
     assert (
         ".venv/pytest" in calls
         and ".venv-pyconsul/pytest -p no:cacheprovider tests/backends tests/contract" in calls

@@ -372,7 +372,14 @@ def test_periodic_gc_and_log_shipping_run_and_are_counted_in_the_metrics(
     with agents(sim, ["n1"], metrics_address="127.0.0.1:0", **changes) as running:
         agent = running["n1"]
         wait_until(sim, lambda: sim.get_key(stale) is None, "the stale trigger key is collected")
-        wait_until(sim, lambda: (tmp_path / "tasks.jsonl").exists(), "task logs are shipped")
+        registry = agent.metrics.registry
+        wait_until(
+            sim,
+            lambda: (
+                (registry.get_sample_value("shepard_logship_lines_shipped_total", {"sink": "file"}) or 0) > 0
+            ),
+            "task logs are shipped and counted",
+        )
         deleted = agent.metrics.gc_deleted.labels("job_gone")
         wait_until(sim, lambda: deleted._value.get() >= 1, "the deletion is counted")
         text = requests.get(f"http://{agent.metrics_address}/metrics", timeout=10).text

@@ -431,7 +431,8 @@ def _unquote(value: str) -> str:
 def _nomad(target: Target) -> Iterator[NomadBackend]:
     """Shepard's Nomad client for ``target``, to read allocations before and after a playbook."""
     token = target.tokens[1]
-    backend = NomadBackend(NomadConfig(address=target.nomad_addr, token=token), Clock())
+    clock = target.sim.clock if target.sim is not None else Clock()  # the sim says its scale: it must agree
+    backend = NomadBackend(NomadConfig(address=target.nomad_addr, token=token), clock)
     try:
         yield backend
     finally:

@@ -1,55 +1,71 @@
-"""After ``Agent.stop`` (and closing its backends) none of the agent's threads is left running.
+"""When ``Agent.stop`` returns, none of the threads the agent started is left running.
 
 Found by the agent benchmarks (``benchmarks/_agent_host.py`` counts the threads left after the
-stops): the discovery thread stays in its Nomad blocking query (``discovery.WAIT``, 5 cluster
-minutes); closing the backends does not end the query. It is a daemon thread, so ``shepard agent``
-still exits, but an embedding process (the demo, the tests) keeps it, and it logs "Nomad
-unreachable" once its Nomad goes away. Marked xfail (strict) until the agent ends it: when it
-does, this test passes and the mark must go.
+stops): the discovery thread stayed in its Nomad blocking query, the heartbeat watcher in its
+Consul one, and the session keeper in a wait of ``session_ttl / 2``. Now ``stop`` cancels the
+blocking queries in flight (their sockets are shut down), wakes every wait, and joins the threads.
+
+The sim runs at real time (scale 1) with waits of minutes: the discovery query waits 10 minutes, the
+heartbeat query ``session_ttl`` (10 minutes), the keeper and the session renewals 5 minutes. A
+thread that ended because its wait ran out could not have ended before ``stop`` returned (its joins
+give up after ``agent.THREAD_JOIN``, 30 real seconds): the check right after ``stop`` needs no
+luck. It needs a simulated node's allocation directories, so it runs on the sim only
+(``test_agent_real.py`` covers an agent against a real cluster).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-import time
 
 import pytest
 from agent_support import agent_config, scenario
 
 from shepard_lib.agent import Agent
+from shepard_lib.agent import discovery as discovery_module
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.sim import SimCluster
 
-pytestmark = pytest.mark.xfail(
-    strict=True, reason="Agent.stop leaves the discovery thread in its Nomad blocking query (see docstring)"
-)
+LONG_WAIT = 600.0
+"""Cluster (here real) seconds of every wait the agent's threads do: far beyond the joins' bound."""
 
 
-def _agent_threads(node: str) -> list[str]:
+def _started_since(before: set[threading.Thread]) -> list[str]:
+    """The shepard threads (the agent's, its sessions', its periodic jobs') started since ``before``."""
     return sorted(
         t.name
         for t in threading.enumerate()
-        if t.is_alive() and (t.name == "shepard-discovery" or t.name.endswith(f"[{node}]"))
+        if t not in before and t.is_alive() and t.name.startswith("shepard")
     )
 
 
-def test_no_agent_thread_outlives_stop_and_backend_close() -> None:
+def test_no_agent_thread_outlives_stop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(discovery_module, "WAIT", LONG_WAIT)
     with SimCluster.from_scenario(scenario(count=2, nodes=1), time_scale=1.0) as sim:
         node = sim.scenario.nodes[0].name
-        cfg = agent_config(sim, node)
+        cfg = agent_config(sim, node, session_ttl=LONG_WAIT, metrics_address="127.0.0.1:0")
         consul, nomad = ConsulBackend(cfg.consul, sim.clock), NomadBackend(cfg.nomad, sim.clock)
+        before = set(threading.enumerate())
         agent = Agent(cfg, consul, nomad, clock=sim.clock).start()
-        deadline = time.monotonic() + 60
-        while len(agent.watched()) < 2:
-            assert time.monotonic() < deadline, "the agent never watched both tasks"
-            time.sleep(0.05)
-        agent.stop()
+        try:
+            assert len(agent.watched()) == 2, "start reports the node's allocations before it returns"
+            running = _started_since(before)
+            for expected in (
+                "shepard-discovery",
+                f"shepard-agent-session[{node}]",
+                f"shepard-agent-heartbeats[{node}]",
+                "shepard-metrics",
+            ):
+                assert expected in running, f"{expected} should run while the agent does: {running}"
+            assert any(name.startswith("shepard-session-renew") for name in running), running
+        finally:
+            with caplog.at_level(logging.WARNING, logger="shepard_lib"):
+                agent.stop()
+        left = _started_since(before)
+        assert left == [], f"threads still running when Agent.stop returned: {left}"
+        assert not caplog.records, f"stop logged warnings: {[r.getMessage() for r in caplog.records]}"
         consul.close()
         nomad.close()
-        deadline = time.monotonic() + 5.0  # real seconds: far more than a thread told to stop needs
-        while _agent_threads(node) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _agent_threads(node) == [], (
-            "threads still running 5 s after Agent.stop and closing its backends"
-        )

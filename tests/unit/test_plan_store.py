@@ -74,7 +74,9 @@ class MemoryKV:
         entry = self.entries[op.key]
         return TxnResult(ok=True, results=(KVEntry(op.key, None, entry.create_index, entry.modify_index),))
 
-    def watch(self, key: str, index: int, wait: float, *, recurse: bool = False) -> tuple[int, list[KVEntry]]:
+    def watch(
+        self, key: str, index: int, wait: float, *, recurse: bool = False, cancel: object = None
+    ) -> tuple[int, list[KVEntry]]:
         entry = self.entries.get(key)
         return self.index, [entry] if entry else []
 

@@ -48,6 +48,7 @@ from shepard_lib.coordinator import (
     RolloutEvent,
 )
 from shepard_lib.errors import Cancelled, ConfigError, ShepardError
+from shepard_lib.health import close_watches
 from shepard_lib.keyspace import Keyspace
 from shepard_lib.model import Allocation
 from shepard_lib.session import Session
@@ -221,6 +222,7 @@ class Agent:
         if self._server is not None:
             self._server.stop()
         self._join_threads()
+        close_watches(self.consul, self.nomad)  # the health watches its restarts left lingering
         log.info("agent of node %s stopped", self.node_name)
 
     def __enter__(self) -> Agent:

@@ -110,11 +110,11 @@ class ConsulAPI(Protocol):
         ...
 
     def service_checks(
-        self, service: str, index: int = 0, wait: float | None = None
+        self, service: str, index: int = 0, wait: float | None = None, *, cancel: CancelEvent | None = None
     ) -> tuple[int, list[HealthCheck]]:
         """Checks of every instance of ``service`` (``/v1/health/checks/<service>``).
 
-        Blocks like ``watch`` when ``index`` is non-zero.
+        Blocks like ``watch`` when ``index`` is non-zero; ``cancel`` as for ``watch``.
         """
         ...
 

@@ -487,14 +487,17 @@ class ConsulBackend:
     # --- health ---------------------------------------------------------------------------------
 
     def service_checks(
-        self, service: str, index: int = 0, wait: float | None = None
+        self, service: str, index: int = 0, wait: float | None = None, *, cancel: CancelEvent | None = None
     ) -> tuple[int, list[HealthCheck]]:
-        """Checks of all instances of ``service`` (``/v1/health/checks/<service>``), blocking on ``index``."""
+        """Checks of all instances of ``service`` (``/v1/health/checks/<service>``), blocking on ``index``.
+
+        Setting ``cancel`` ends the blocking query at once with :class:`~shepard_lib.errors.Cancelled`.
+        """
         call = f"health.checks {service}"
         params: list[tuple[str, Any]] = []
         if index > 0:
             params = [("index", index), ("wait", go_duration(wait if wait is not None else 300.0))]
-        response = self._request("GET", call, f"/v1/health/checks/{service}", params=params)
+        response = self._request("GET", call, f"/v1/health/checks/{service}", params=params, cancel=cancel)
         return _next_index(index, self._index(response)), self._checks(call, response)
 
     def node_checks(self, node: str) -> list[HealthCheck]:

@@ -19,12 +19,13 @@ import logging
 import threading
 
 import pytest
-from agent_support import agent_config, scenario
+from agent_support import agent_config, scenario, wait_plan, wait_until
 
 from shepard_lib.agent import Agent
 from shepard_lib.agent import discovery as discovery_module
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
+from shepard_lib.plan import MemberState
 from shepard_lib.sim import SimCluster
 
 LONG_WAIT = 600.0
@@ -67,5 +68,35 @@ def test_no_agent_thread_outlives_stop(
         left = _started_since(before)
         assert left == [], f"threads still running when Agent.stop returned: {left}"
         assert not caplog.records, f"stop logged warnings: {[r.getMessage() for r in caplog.records]}"
+        consul.close()
+        nomad.close()
+
+
+def test_no_thread_outlives_a_stop_with_a_restart_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent stops (``timeout=0``: no grace) while its worker waits for a restarted task to be
+    healthy: the worker, its health watches (one blocking query per allocation and per service,
+    15 s each at scale 1) and every other thread are gone when ``stop`` returns."""
+    monkeypatch.setattr(discovery_module, "WAIT", LONG_WAIT)
+    with SimCluster.from_scenario(scenario(count=2, nodes=1), time_scale=1.0) as sim:
+        node = sim.scenario.nodes[0].name
+        cfg = agent_config(sim, node, session_ttl=LONG_WAIT, min_healthy_time=LONG_WAIT, settle_time=0.5)
+        consul, nomad = ConsulBackend(cfg.consul, sim.clock), NomadBackend(cfg.nomad, sim.clock)
+        before = set(threading.enumerate())
+        agent = Agent(cfg, consul, nomad, clock=sim.clock).start()
+        try:
+            sim.set_key("config/web", "v2")
+            # Healthy only after min_healthy_time (10 minutes): the restart stays in flight.
+            wait_plan(sim, lambda plan: bool(plan.in_state(MemberState.RESTARTING)), timeout=300)
+            wait_until(
+                sim,
+                lambda: any(name.startswith("shepard-watch-") for name in _started_since(before)),
+                "the health gate watches the restarted task",
+            )
+            running = _started_since(before)
+            assert any(name.startswith("shepard-rollout[") for name in running), running
+        finally:
+            agent.stop(timeout=0)
+        left = _started_since(before)
+        assert left == [], f"threads still running when Agent.stop returned: {left}"
         consul.close()
         nomad.close()

@@ -56,7 +56,8 @@ from shepard_lib.watchhub import Subscriber, WatchHub
 log = logging.getLogger(__name__)
 
 MAX_WAIT = 15.0
-"""Cluster seconds one blocking query waits at most; also how long a watcher may outlive its gate."""
+"""Cluster seconds one blocking query waits at most; also how long a watcher may outlive its gate
+(unless its backends' owner closes the watches: :func:`close_watches`)."""
 CANCEL_CHECK = 1.0
 """Cluster seconds between looks at ``cancel`` while nothing else happens (no request is made)."""
 ERROR_BACKOFF = 2.0

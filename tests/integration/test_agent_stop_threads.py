@@ -20,6 +20,7 @@ import threading
 
 import pytest
 from agent_support import agent_config, scenario, wait_plan, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 from shepard_lib.agent import Agent
 from shepard_lib.agent import discovery as discovery_module
@@ -68,6 +69,13 @@ def test_no_agent_thread_outlives_stop(
         left = _started_since(before)
         assert left == [], f"threads still running when Agent.stop returned: {left}"
         assert not caplog.records, f"stop logged warnings: {[r.getMessage() for r in caplog.records]}"
+        errors = [
+            (s.labels, s.value)
+            for family in text_string_to_metric_families(agent.metrics.exposition().decode())
+            for s in family.samples
+            if s.name == "shepard_request_errors_total"
+        ]
+        assert errors == [], f"the cancelled queries were counted as failed calls: {errors}"
         consul.close()
         nomad.close()
 

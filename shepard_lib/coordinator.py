@@ -302,6 +302,12 @@ class Coordinator:
     to stop the coordinator without any cleanup (or block, to pause a live holder). Several
     coordinators may share one session (each claim carries its own holder token); one
     coordinator serves one thread.
+
+    ``drive(target, keep_slot=True)`` keeps the restart slot after the member is finished, for the
+    next member of the same task (a rollout worker's next target, an agent's lane): the next
+    drive goes on under the same slot, without giving it up and taking it again, and nobody
+    waiting for a slot is woken for nothing. The caller gives kept slots back with
+    :meth:`release_slots` when it has no more work.
     """
 
     def __init__(
@@ -335,6 +341,8 @@ class Coordinator:
         self._gates: dict[HealthSource, HealthGate] = {}
         self._deadline = 0.0
         self._triggered: set[str] = set()  # members this coordinator triggered (or reclaimed) in drive
+        self._keep_slot = False
+        self._kept: _Held | None = None  # the slot kept after a member, for the next (see drive)
 
     # --- planning ----------------------------------------------------------------------------
 
@@ -429,9 +437,16 @@ class Coordinator:
 
     # --- the flow ----------------------------------------------------------------------------
 
-    def drive(self, target: Target) -> MemberOutcome:
-        """Bring ``target`` through the plan until it is done, failed or not ours to do (see module docs)."""
+    def drive(self, target: Target, *, keep_slot: bool = False) -> MemberOutcome:
+        """Bring ``target`` through the plan until it is done, failed or not ours to do (see module docs).
+
+        ``keep_slot``: keep the slot for the next member of the task (see the class docs).
+        """
         scope = self.keyspace.scope(target.ref)
+        self._keep_slot = keep_slot
+        kept_prefix = self._kept.slots.prefix.rstrip("/") if self._kept is not None else None
+        if kept_prefix not in (None, self.keyspace.slot_prefix(scope).rstrip("/")):
+            self.release_slots()  # a slot kept for another task
         rlog = self._log(target)
         errors = 0
         sessions = 1
@@ -469,6 +484,12 @@ class Coordinator:
             if result is not None:
                 return result
 
+    def release_slots(self) -> None:
+        """Give back the slot kept by ``drive(..., keep_slot=True)``, if any (one request)."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept.release()
+
     def _stopped(self, target: Target) -> bool:
         """Whether an operator's stop ends ``target`` here: not once this coordinator triggered it
         (a restart in flight is seen through, under a new session if need be)."""
@@ -490,6 +511,7 @@ class Coordinator:
         Destroying frees what the lost session still holds in Consul at once (after the
         lock-delay) instead of at its TTL, so a restart it left in flight can be reclaimed now.
         """
+        self.release_slots()
         self.session.destroy()
         session = factory()
         session.create()
@@ -553,7 +575,7 @@ class Coordinator:
         self._emit(EventKind.WAITING, scope, target.alloc_id, ref=target.ref)
         rlog.debug("waiting for a restart slot of %s (%d slots)", plan.label, plan.concurrent_lock_count)
         remaining = max(0.0, self._deadline - self._clock.monotonic())
-        held = _Held(
+        held = self._kept_for(slots) or _Held(
             slots,
             # the slot wait checks the session itself; an operator's stop ends it, unless ours is in flight
             slots.acquire(
@@ -571,10 +593,28 @@ class Coordinator:
         except BaseException:
             held.release()
             raise
-        held.release()
+        if self._keep_slot and held.holding is not None and not held.slot.lost.is_set():
+            self._kept = held
+        else:
+            held.release()
         if result is _FULL:
             return self._when_full(target, scope, rlog)
         return result if isinstance(result, MemberOutcome) else None
+
+    def _kept_for(self, slots: RestartSlots) -> _Held | None:
+        """The slot kept from the last member, if it is one of ``slots`` and still held."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        if (
+            kept.holding is None
+            or kept.slot.lost.is_set()
+            or kept.slots.prefix != slots.prefix
+            or kept.slot.number >= slots.size
+        ):
+            kept.release()
+            return None
+        return kept
 
     def _with_slot(self, target: Target, scope: TaskScope, held: _Held, rlog: _RefLog) -> object:
         """With a slot held: claim our pending member, or reclaim it if nobody drives it.
@@ -772,7 +812,8 @@ class Coordinator:
     def _finish(
         self, key: str, target: Target, held: _Held, *, holder: str, ok: bool, error: str | None
     ) -> Plan:
-        """Write the member's outcome, releasing the slot in the same txn when it is still held."""
+        """Write the member's outcome, releasing the slot in the same txn when it is still held
+        (and not kept for the next member)."""
 
         def change(p: Plan | None, index: int) -> Plan:
             return finish(
@@ -786,7 +827,7 @@ class Coordinator:
             )
 
         slot = held.holding
-        if slot is not None:
+        if slot is not None and not self._keep_slot:
             try:
                 plan = self.plans.update_at(key, change, ops=[held.slots.unlock_op(slot)])
             except LockLost:

@@ -1,4 +1,4 @@
-"""What the agent benchmarks share: the simulator and the agents in their own processes, and the measures.
+"""What the benchmarks share: the simulator and the agents in their own processes, and the measures.
 
 - :class:`SimProcess`: ``shepard sim serve --agents`` as a subprocess (its restart record, its
   request counters, its CPU time);

@@ -61,7 +61,7 @@ from shepard_lib.rollout import RollingRestart, RolloutOptions
 from shepard_lib.sim.nomad.restarts import RestartRecord, peak_concurrency
 
 DEFAULT_CASES = "24x1,100x5,100x20,500x50"
-JOB = "bench"
+JOB = common.JOB
 TARGETS = {
     "consul_per_restart_c1": 8,
     "consul_per_restart": 10,
@@ -106,41 +106,13 @@ class CaseResult:
 
 def scenario(allocations: int, *, seed: int) -> dict[str, Any]:
     """One job of ``allocations`` Shepard-managed tasks with a Consul check, log-normal times."""
-    nodes = max(3, allocations // 10)
-    return {
-        "seed": seed,
-        "nodes": nodes,
-        "jobs": [
-            {
-                "name": JOB,
-                "groups": [
-                    {
-                        "name": "app",
-                        "count": allocations,
-                        "tasks": [
-                            {
-                                "name": "server",
-                                "shepard": True,
-                                "templates": [
-                                    {
-                                        "key": "config/bench",
-                                        "destination": "local/app.conf",
-                                        "change_mode": "noop",
-                                    }
-                                ],
-                                "service": JOB,
-                            }
-                        ],
-                    }
-                ],
-            }
-        ],
-        "timing": {
-            "restart": {"lognormal": {"median": "2s", "sigma": 0.5}},
-            "healthy_after": {"lognormal": {"median": "3s", "sigma": 0.4}},
-        },
-        "keys": {"config/bench": "v1"},
-    }
+    return common.scenario(
+        allocations,
+        max(3, allocations // 10),
+        restart={"lognormal": {"median": "2s", "sigma": 0.5}},
+        healthy_after={"lognormal": {"median": "3s", "sigma": 0.4}},
+        seed=seed,
+    )
 
 
 @contextmanager

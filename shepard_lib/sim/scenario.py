@@ -478,13 +478,14 @@ def web_scenario(
     concurrency: int | None = None,
     seed: int = 1,
     restart: str | dict[str, Any] = "1s",
-    healthy_after: str = "500ms",
+    healthy_after: str | dict[str, Any] = "500ms",
     unhealthy_if_broken: bool = True,
 ) -> dict[str, Any]:
     """The scenario dict most tests use: job ``web``, group ``app`` of ``count`` allocations over ``nodes``
     (a count, or names), task ``server`` managed by Shepard with service ``web`` and ``config/web`` rendered
     with ``change_mode = "noop"``; ``config/web: broken`` makes its check fail (``unhealthy_if_broken``).
-    ``concurrency`` sets the job meta ``shepard_concurrency``; ``restart`` is a duration or a distribution.
+    ``concurrency`` sets the job meta ``shepard_concurrency``; ``restart`` and ``healthy_after`` are durations
+    or distributions.
     """
     task: dict[str, Any] = {
         "name": "server",

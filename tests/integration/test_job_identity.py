@@ -21,6 +21,7 @@ Restarts are counted from Nomad's task states, the same way in both variants.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -168,9 +169,28 @@ def _managed_tasks(nomad: NomadBackend, job_id: str) -> set[str]:
     return {t.name for g in nomad.job(job_id).groups for t in g.tasks if is_shepard_managed(t)}
 
 
-def _rollout_restarts_each_once(cluster: Cluster, job_id: str) -> None:
-    """Restart ``job_id`` through the trigger keys; every managed task restarted exactly once."""
+def _delete_keys_of(consul: ConsulBackend, keyspace: Keyspace, job_id: str, *, triggers: bool) -> None:
+    """Delete the plans and slots of ``job_id`` and, with ``triggers``, its trigger keys.
+
+    A trigger key stays while its job runs: the template reads it, so deleting it restarts the task.
+    """
+    for key in consul.keys(keyspace.locks_prefix()):
+        with contextlib.suppress(ValueError):
+            if keyspace.parse_lock_key(key)[0].job == job_id:
+                consul.delete(key)
+    for key in consul.keys(keyspace.keys_prefix()) if triggers else []:
+        with contextlib.suppress(ValueError):
+            if keyspace.parse_trigger_key(key).job == job_id:
+                consul.delete(key)
+
+
+def _rollout_restarts_each_once(cluster: Cluster, job_id: str, *, gone_after: bool = False) -> None:
+    """Restart ``job_id`` through the trigger keys; every managed task restarted exactly once.
+
+    Its keys are deleted afterwards (its trigger keys only when ``gone_after``: the job is purged next).
+    """
     consul, nomad = cluster.backends()
+    keyspace = Keyspace(cluster.config.key_prefix, cluster.config.lock_scope)
     try:
         tasks = _managed_tasks(nomad, job_id)
         assert tasks, f"job {job_id} has no task that renders local/shepard.tpl"
@@ -182,7 +202,6 @@ def _rollout_restarts_each_once(cluster: Cluster, job_id: str) -> None:
         assert {o.target.ref.job for o in result.restarted} == {job_id}
         after = _restart_counts(nomad, job_id, tasks)
         assert {k: after[k] - n for k, n in before.items()} == dict.fromkeys(before, 1)
-        keyspace = Keyspace(cluster.config.key_prefix)
         for outcome in result.restarted:
             # the key the coordinator wrote (and the template read): the job ID is one segment
             key = keyspace.trigger_key(outcome.target.ref)
@@ -190,6 +209,7 @@ def _rollout_restarts_each_once(cluster: Cluster, job_id: str) -> None:
             assert keyspace.parse_trigger_key(key).job == job_id
             assert consul.get(key, consistent=True) is not None, key
     finally:
+        _delete_keys_of(consul, keyspace, job_id, triggers=gone_after)
         consul.close()
         nomad.close()
 
@@ -226,7 +246,7 @@ def test_a_dispatched_child_restarts_through_its_escaped_trigger_keys(cluster: C
         finally:
             nomad.close()
         assert job.name == job.id == child
-        _rollout_restarts_each_once(cluster, child)
+        _rollout_restarts_each_once(cluster, child, gone_after=cluster.kind == "real")  # purged below
     finally:
         if cluster.kind == "real":
             requests.delete(

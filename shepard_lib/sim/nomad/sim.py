@@ -395,5 +395,5 @@ class DispatchError(ValueError):
 
 
 def _go_quote(text: str) -> str:
-    """Go's ``%q`` of ``text`` (JSON's escaping agrees with it for the IDs Nomad accepts)."""
+    """Go's ``%q`` of ``text``: JSON's quoting agrees with it for printable text (not control bytes)."""
     return json.dumps(text, ensure_ascii=False)

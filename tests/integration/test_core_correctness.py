@@ -125,8 +125,10 @@ def restarts_by_alloc(sim: SimCluster) -> Counter[str]:
 class LateTrigger:
     """A Consul whose first trigger txn times out unsent and is applied by Consul later.
 
-    The txn is held back and delivered just before the *next* trigger txn, when the same session
-    holds the same slot again (a later acquisition): the interleaving of finding 1.
+    The txn is held back and delivered just before the first trigger txn of *another* task, when
+    the same session holds the same slot again (a later acquisition): the interleaving of finding 1.
+    (The coordinator's own retry of the lost txn goes through; with the claim in the same txn as the
+    trigger, at most one of the two can apply.)
     """
 
     def __init__(self, inner: ConsulBackend) -> None:
@@ -136,13 +138,14 @@ class LateTrigger:
         self.txns = 0
 
     def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
-        if not any(op.key.startswith("shepard/keys/") for op in ops):
+        triggers = {op.key for op in ops if op.key.startswith("shepard/keys/")}
+        if not triggers:
             return self._inner.txn(ops)
         self.txns += 1
         if self.txns == 1:
             self.held = list(ops)
-            raise ConsulError("txn (2 ops)", "ReadTimeout: read timed out", transient=False)
-        if self.held is not None:
+            raise ConsulError("txn (4 ops)", "ReadTimeout: read timed out", transient=False)
+        if self.held is not None and not triggers & {op.key for op in self.held}:
             self.late_result, self.held = self._inner.txn(self.held), None
         return self._inner.txn(ops)
 

@@ -269,7 +269,7 @@ def _wrong_key(text: str, job: _JobIdentity, group: str, task: str, keyspace: Ke
     if job.name != job.id and keys == {keyspace.trigger_key(replace(ref, job=job.name))}:
         wrong += (
             f" (it reads the job's name {job.name!r}, NOMAD_JOB_NAME; Shepard keys by the job's ID "
-            f'{job.id!r}: use env "NOMAD_JOB_ID", as the template `shepard template` prints does)'
+            f'{job.id!r}: read env "NOMAD_JOB_ID", as the template `shepard template` prints)'
         )
     return wrong
 

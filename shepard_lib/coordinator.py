@@ -71,7 +71,7 @@ from shepard_lib.errors import (
 )
 from shepard_lib.health import HealthGate, restarted
 from shepard_lib.keyspace import Keyspace, TaskRef, TaskScope
-from shepard_lib.locks import RestartSlots, Slot
+from shepard_lib.locks import RestartSlots, Slot, SlotNotNeeded
 from shepard_lib.model import Allocation, Job, TaskState
 from shepard_lib.plan import (
     ConcurrencyFull,
@@ -424,7 +424,9 @@ class Coordinator:
         """The ``seen_index`` of a change seen now: the plan's ModifyIndex, read consistently (0: no plan)."""
         return self.plans.read(self.plan_key(scope))[1]
 
-    def handle_change(self, alloc: Allocation, task: str, *, seen_index: int | None = None) -> MemberOutcome:
+    def handle_change(
+        self, alloc: Allocation, task: str, *, seen_index: int | None = None, keep_slot: bool = False
+    ) -> MemberOutcome:
         """The agent's flow for a change of ``task`` in ``alloc``: register, then :meth:`drive`.
 
         ``seen_index`` is :meth:`change_mark` taken when the change was seen (default: now).
@@ -433,7 +435,7 @@ class Coordinator:
         target = target_for(alloc, task, job)
         scope = self.keyspace.scope(target.ref)
         self.register(scope, [target], job, seen_index=seen_index)
-        return self.drive(target)
+        return self.drive(target, keep_slot=keep_slot)
 
     # --- the flow ----------------------------------------------------------------------------
 
@@ -483,6 +485,12 @@ class Coordinator:
                 return self._skip(target, scope, str(exc), rlog)
             if result is not None:
                 return result
+
+    @property
+    def keeps_slot(self) -> bool:
+        """Whether a slot kept by ``drive(..., keep_slot=True)`` is held (for the next member)."""
+        kept = self._kept
+        return kept is not None and kept.holding is not None and not kept.slot.lost.is_set()
 
     def release_slots(self) -> None:
         """Give back the slot kept by ``drive(..., keep_slot=True)``, if any (one request)."""
@@ -575,16 +583,20 @@ class Coordinator:
         self._emit(EventKind.WAITING, scope, target.alloc_id, ref=target.ref)
         rlog.debug("waiting for a restart slot of %s (%d slots)", plan.label, plan.concurrent_lock_count)
         remaining = max(0.0, self._deadline - self._clock.monotonic())
-        held = self._kept_for(slots) or _Held(
-            slots,
-            # the slot wait checks the session itself; an operator's stop ends it, unless ours is in flight
-            slots.acquire(
-                self.session,
-                holder=holder_text,
-                timeout=remaining,
-                cancel=None if target.alloc_id in self._triggered else self._stop,
-            ),
-        )
+        try:
+            held = self._kept_for(slots) or _Held(
+                slots,
+                # the slot wait checks the session; an operator's stop ends it, unless ours is in flight
+                slots.acquire(
+                    self.session,
+                    holder=holder_text,
+                    timeout=remaining,
+                    cancel=None if target.alloc_id in self._triggered else self._stop,
+                    needed=lambda: self._needs_slot(self.plan_key(scope), target.alloc_id),
+                ),
+            )
+        except SlotNotNeeded:
+            return None  # someone else took it on while this waited: look at the plan again
         try:
             self._hook(Step.SLOT, target)
             result = self._with_slot(target, scope, held, rlog)
@@ -600,6 +612,17 @@ class Coordinator:
         if result is _FULL:
             return self._when_full(target, scope, rlog)
         return result if isinstance(result, MemberOutcome) else None
+
+    def _needs_slot(self, key: str, alloc_id: str) -> bool:
+        """Whether ``alloc_id`` still needs a slot from this coordinator (a consistent plan read):
+        pending in a plan that goes on, or restarting with nobody driving it."""
+        plan, _ = self.plans.read(key)
+        member = plan.members.get(alloc_id) if plan is not None else None
+        if plan is None or member is None:
+            return False
+        if member.state == MemberState.PENDING:
+            return not plan.halted
+        return member.state == MemberState.RESTARTING and self._live_holder(member) is None
 
     def _kept_for(self, slots: RestartSlots) -> _Held | None:
         """The slot kept from the last member, if it is one of ``slots`` and still held."""

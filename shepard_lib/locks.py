@@ -174,6 +174,10 @@ def _acquire_loop(
         index, view = consul.watch(watch_key, index, max(wait, MIN_WAIT), recurse=recurse)
 
 
+class SlotNotNeeded(ShepardError):
+    """A slot wait ended because its caller no longer needs a slot (see :meth:`RestartSlots.acquire`)."""
+
+
 class Lock:
     """One KV key as a mutex held by ``session``; a context manager that acquires with ``timeout``.
 
@@ -328,6 +332,7 @@ class RestartSlots:
         holder: str,
         timeout: float | None = None,
         cancel: threading.Event | None = None,
+        needed: Callable[[], bool] | None = None,
     ) -> Slot:
         """Take a free slot, else wait for a release (see the module docs).
 
@@ -337,10 +342,14 @@ class RestartSlots:
 
         ``holder`` names the holder in the slot's value (e.g. ``"web-03 alloc 1f2e..."``). Raises
         LockTimeout after ``timeout`` cluster seconds (None: wait forever), LockLost when the
-        session is lost or ``cancel`` is set while waiting.
+        session is lost or ``cancel`` is set while waiting. ``needed`` is asked before a slot
+        that came free after a wait is taken: when it says no (someone else did the work meanwhile)
+        :class:`SlotNotNeeded` is raised instead, and nothing is taken.
         """
 
         def attempt(view: list[KVEntry] | None) -> Slot | None:
+            if view is not None and needed is not None and not needed():
+                raise SlotNotNeeded(f"restart slot under {self.prefix}: {holder} no longer needs one")
             for number in self._candidates(session, view):
                 slot = Slot(
                     self.key(number), number, session.id, self._clock.time(), session.lost, holder=holder

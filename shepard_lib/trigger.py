@@ -77,7 +77,6 @@ class Trigger:
         ]
 
     def _write_trigger_key(self, ref: TaskRef, slot: Slot) -> None:
-        key = self._keyspace.trigger_key(ref)
         result = self._consul.txn(self.ops(ref, slot))
         if not result.ok:
             reasons = "; ".join(what for _, what in result.errors) or "transaction rolled back"
@@ -85,7 +84,12 @@ class Trigger:
                 f"restart of {describe(ref)} not triggered: {slot.key} is no longer held by this acquisition "
                 f"({reasons})"
             )
-        log.info("%s: restart triggered through %s (fenced by %s)", describe(ref), key, slot.key)
+        log.info(
+            "%s: restart triggered through %s (fenced by %s)",
+            describe(ref),
+            self._keyspace.trigger_key(ref),
+            slot.key,
+        )
 
     def _restart_through_nomad(self, ref: TaskRef, alloc_id: str, slot: Slot) -> None:
         entry = self._consul.get(slot.key, consistent=True)

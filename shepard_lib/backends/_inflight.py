@@ -14,6 +14,9 @@ the connection, and the backend, seeing the event set, raises
 A connection is the request's only while it is checked out of the pool: it is forgotten when the
 pool takes it back (``_put_conn``), before another thread can reuse it, so a cancellation never
 touches another thread's request.
+
+Not covered: a connection still being opened (TCP connect, TLS handshake) when the event is set has
+no socket to shut down yet; that request ends at its timeout, then raises ``Cancelled``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class _InFlight:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sockets: dict[int, socket.socket] = {}
+        self._sockets: dict[Any, socket.socket] = {}  # by connection (hashed by identity)
         self.cancelled = False
 
     def track(self, connection: Any) -> None:
@@ -49,13 +52,13 @@ class _InFlight:
             return
         with self._lock:
             setattr(connection, _OWNER, self)
-            self._sockets[id(connection)] = sock
+            self._sockets[connection] = sock
             if self.cancelled:
                 _shut(sock)
 
     def untrack(self, connection: Any) -> None:
         with self._lock:
-            self._sockets.pop(id(connection), None)
+            self._sockets.pop(connection, None)
 
     def cancel(self) -> None:
         with self._lock:

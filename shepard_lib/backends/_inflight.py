@@ -16,7 +16,8 @@ pool takes it back (``_put_conn``), before another thread can reuse it, so a can
 touches another thread's request.
 
 Not covered: a connection still being opened (TCP connect, TLS handshake) when the event is set has
-no socket to shut down yet; that request ends at its timeout, then raises ``Cancelled``.
+no socket to shut down yet; that request ends at its connect timeout (the backends give connecting
+only the plain request timeout, never a blocking query's wait), then raises ``Cancelled``.
 """
 
 from __future__ import annotations

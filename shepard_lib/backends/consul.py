@@ -86,8 +86,9 @@ class _TimedSession(requests.Session):
     """A requests session that times each request out by what it is.
 
     A blocking query (``index`` and ``wait`` in the URL) gets ``clock.real(wait + wait/16) + margin``
-    real seconds, any other request ``margin``: Consul answers a blocking query only when its
-    ``wait`` (plus jitter) has passed, so a shorter timeout would fail every idle watch.
+    real seconds to answer, any other request ``margin``: Consul answers a blocking query only when
+    its ``wait`` (plus jitter) has passed, so a shorter timeout would fail every idle watch.
+    Connecting gets ``margin`` for every request.
     """
 
     def __init__(self, clock: Clock, margin: float) -> None:
@@ -96,7 +97,8 @@ class _TimedSession(requests.Session):
         self._margin = margin
 
     def request(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> requests.Response:
-        kwargs["timeout"] = self._timeout_for(str(url))
+        # connecting never waits longer than a plain request: a connect cannot be cancelled
+        kwargs["timeout"] = (self._margin, self._timeout_for(str(url)))
         return super().request(method, url, *args, **kwargs)
 
     def _timeout_for(self, url: str) -> float:

@@ -281,8 +281,9 @@ class NomadBackend:
     """:class:`~shepard_lib.backends.NomadAPI` over HTTP, talking to exactly ``config``'s agent.
 
     ``retry`` decides how transient failures are retried (delays in cluster seconds of ``clock``);
-    ``timeout`` is the real-seconds timeout of a non-blocking request; ``pool_size`` the keep-alive
-    connections kept (at least the number of threads using the backend at once).
+    ``timeout`` is the real-seconds timeout of a non-blocking request (and of connecting, for every
+    request); ``pool_size`` the keep-alive connections kept (at least the number of threads using
+    the backend at once).
     """
 
     def __init__(
@@ -359,7 +360,8 @@ class NomadBackend:
                     method=method,
                     params=dict(params or {}),
                     json=json,
-                    timeout=timeout or self._timeout,
+                    # connecting never waits longer than a plain request: a connect cannot be cancelled
+                    timeout=(self._timeout, timeout or self._timeout),
                 )
             except nomad.api.exceptions.BaseNomadException as exc:
                 if isinstance(exc.nomad_resp, requests.Response):

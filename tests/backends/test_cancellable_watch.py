@@ -7,6 +7,7 @@ so a watch that returns did so because it was cancelled: no timing is involved.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,14 +17,14 @@ import pytest
 import requests
 from scripted_http import FAST_RETRY, Reply, ScriptedServer, TLSFiles
 
-from shepard_lib.backends._http import pinned_session
+from shepard_lib.backends._http import NO_RETRY, pinned_session
 from shepard_lib.backends._inflight import cancellable
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
 from shepard_lib.config import ConsulConfig, NomadConfig
-from shepard_lib.errors import Cancelled
+from shepard_lib.errors import BackendError, Cancelled
 
 JOIN = 30.0
 """Real seconds a cancelled call gets to return: far more than a shut-down socket needs."""
@@ -53,7 +54,7 @@ class Call:
     def join(self) -> None:
         self.thread.join(JOIN)
         assert not self.thread.is_alive(), (
-            f"the call was still running {JOIN:g} real seconds after the cancel"
+            f"the call was still running {JOIN:g} real seconds later"
         )
 
 
@@ -279,3 +280,46 @@ def test_cancel_event_runs_its_callbacks_once_and_at_once_when_already_set() -> 
     assert ran == ["kept", "late"]
     with pytest.raises(RuntimeError):
         event.clear()
+
+
+# --- connecting ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unanswered_address() -> Iterator[str]:
+    """An address whose connects hang: a listener with a full accept queue that never accepts."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    filler = socket.create_connection(address, timeout=5)  # takes the only place in the queue
+    probe = socket.socket()
+    probe.settimeout(0.5)
+    try:
+        probe.connect(address)
+    except TimeoutError:
+        pass
+    else:
+        pytest.skip("this kernel completes connects beyond a full accept queue: no hanging connect to test")
+    finally:
+        probe.close()
+    yield f"http://{address[0]}:{address[1]}"
+    filler.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("backend", ["nomad", "consul"])
+def test_a_hanging_connect_gives_up_after_the_request_timeout_not_the_querys_wait(
+    backend: str, unanswered_address: str
+) -> None:
+    """A socket still connecting cannot be shut down, so connecting is bounded apart: by the plain
+    request timeout (here 1 s), not by the blocking query's wait (here 10 minutes)."""
+    if backend == "nomad":
+        nomad = NomadBackend(NomadConfig(address=unanswered_address), Clock(), retry=NO_RETRY, timeout=1.0)
+        call = in_thread(lambda: nomad.watch_node_allocations("n1", 5, 600))
+    else:
+        consul = ConsulBackend(ConsulConfig(address=unanswered_address), Clock(), retry=NO_RETRY, timeout=1.0)
+        call = in_thread(lambda: consul.watch("k", 5, 600))
+    call.join()
+    assert isinstance(call.error, BackendError), f"expected a connect timeout, got {call.error!r}"
+    assert call.error.transient, "a request that never connected may be retried"

@@ -343,6 +343,7 @@ class Coordinator:
         self._deadline = 0.0
         self._triggered: set[str] = set()  # members this coordinator triggered (or reclaimed) in drive
         self._keep_slot = False
+        self._holders = Holders(consul, session, clock=clock)
         self._kept: _Held | None = None  # the slot kept after a member, for the next (see drive)
 
     # --- planning ----------------------------------------------------------------------------
@@ -972,7 +973,8 @@ class Coordinator:
         holds its claim token: several coordinators may share the session, and a claim whose
         coordinator stopped (a finish or give-back write Consul refused) would be waited for forever.
         """
-        return Holders(self.consul, self.session).wait_bound(member)
+        self._holders.session = self.session
+        return self._holders.wait_bound(member)
 
     def _give_back(self, key: str, target: Target, holder: str, why: str, rlog: _RefLog) -> None:
         try:

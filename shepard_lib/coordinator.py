@@ -965,6 +965,10 @@ class Coordinator:
             return None
         return self._skip(target, scope, reason, rlog, stopped=True)
 
+    def driven(self, member: Member) -> bool:
+        """Whether someone alive drives ``member``'s restart in flight (see :class:`Holders`)."""
+        return self._live_holder(member) is not None
+
     def _live_holder(self, member: Member) -> float | None:
         """How long to wait for the holder driving ``member``'s restart at most; None when nobody drives it.
 

@@ -261,8 +261,7 @@ class _Worker:
             if not plans:
                 return False
             alive = set() if lane else self._alive_nodes()
-            me = self.host.coordinator()
-            own_session = me.session.id if me is not None else None
+            me = self._lane or self.host.coordinator()
             for plan, _ in plans:
                 members = sorted(plan.members.items(), key=lambda kv: kv[1].alloc_index)
                 if lane:
@@ -277,10 +276,7 @@ class _Worker:
                     if m.node != self.host.node_name and m.node in alive:
                         continue
                     if m.state == MemberState.RESTARTING:
-                        holder_alive = m.session not in (None, own_session) and (
-                            self.host.consul.session_info(m.session or "") is not None
-                        )
-                        if holder_alive:
+                        if me is None or me.driven(m):
                             continue
                     elif m.state != MemberState.PENDING:
                         continue

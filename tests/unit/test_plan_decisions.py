@@ -9,6 +9,7 @@ reclaims and the store's write loop are pinned by tests/unit/test_plan.py and te
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from shepard_lib.clock import Clock
-from shepard_lib.errors import PlanError
+from shepard_lib.errors import ConsulError, PlanError
 from shepard_lib.model import Job, KVEntry, TaskGroup, TxnOp, TxnResult, TxnVerb
 from shepard_lib.plan import (
     Member,
@@ -242,6 +243,12 @@ def test_a_registration_that_halts_the_plan_records_its_own_index() -> None:
     assert (halted.status, halted.max_failures, halted.halt_index) == (PlanStatus.FAILED, 0, 10)
 
 
+def test_a_registration_applied_at_an_unknown_index_halts_at_index_zero() -> None:
+    plan = register(fresh(max_failures=1), [A, B], now=100.0, index=1)
+    plan = restarted(restarted(plan, A, ok=False, index=2), B, index=4)
+    assert register(plan, [C], now=110.0, settings=PlanSettings(2, 0)).halt_index == 0
+
+
 # --- finish -----------------------------------------------------------------------------------
 
 
@@ -272,6 +279,12 @@ def test_finish_stamps_the_member_and_the_plan_and_a_success_carries_no_error() 
         103.0,
         103.0,
     )
+
+
+def test_a_finish_applied_at_an_unknown_index_halts_at_index_zero() -> None:
+    plan = claimed(register(fresh(max_failures=0), [A, B], now=100.0, index=1), A, index=2)
+    halted = finish(plan, A.alloc_id, holder="h1", ok=False, now=103.0, error="boom")
+    assert (halted.status, halted.halt_index) == (PlanStatus.FAILED, 0)
 
 
 # --- skip -------------------------------------------------------------------------------------
@@ -686,3 +699,32 @@ def test_writers_of_one_key_share_a_lock_and_writers_of_another_do_not() -> None
     known = _KnownPlans()
     assert known.writing(KEY) is known.writing(KEY)
     assert known.writing(KEY) is not known.writing(KEY + "-other")
+
+
+class SleepLog(Clock):
+    """A clock that records the store's waits instead of sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__(scale=10_000)
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+
+class DownKV(RecordingKV):
+    """Consul answering every write with a 500 (the write may or may not have applied: it did not)."""
+
+    def txn(self, ops: list[TxnOp]) -> TxnResult:
+        self.txns += 1
+        raise ConsulError("txn", "Internal Server Error", status=500)
+
+
+def test_a_store_tries_30_times_waiting_at_most_50_ms_doubled_each_attempt_up_to_3_2_s() -> None:
+    kv, clock = DownKV(), SleepLog()
+    plans = PlanStore(kv, clock=clock, rng=random.Random(0))  # type: ignore[arg-type]
+    with pytest.raises(PlanError, match="giving up after 30 attempts"):
+        plans.update(KEY, adding(A))
+    assert kv.txns == 30
+    assert clock.sleeps, "no wait between the attempts"
+    assert all(wait <= 0.05 * 2 ** min(n, 6) for n, wait in enumerate(clock.sleeps)), clock.sleeps

@@ -1,8 +1,10 @@
-"""What the agent benchmarks share: the simulator and the agents in their own processes, and the measures.
+"""What the benchmarks share: the simulator and the agents in their own processes, and the measures.
 
 - :class:`SimProcess`: ``shepard sim serve --agents`` as a subprocess (its restart record, its
   request counters, its CPU time);
-- :class:`AgentHosts`: the agents of every node in one or more ``_agent_host.py`` subprocesses;
+- :class:`AgentHosts`: the agents of every node in one or more ``_agent_host.py`` subprocesses, with
+  :func:`agent_config`;
+- :func:`scenario`: the job every benchmark rolls out;
 - the measures of a rollout from the sim's restart record: :func:`ideal_makespan` (list scheduling
   of the recorded durations on c slots, no overhead), :func:`batch_makespan` (``nomad job restart
   -batch-size=c``: each batch waits for its slowest member), :func:`handoffs`, :func:`peak`;
@@ -33,45 +35,42 @@ import requests
 import yaml
 
 from shepard_lib.sim.nomad.restarts import RestartRecord, peak_concurrency
+from shepard_lib.sim.scenario import web_scenario
 
 HERE = Path(__file__).resolve().parent
 JOB, GROUP, TASK, CONFIG_KEY = "web", "app", "server", "config/web"
 
 
 def scenario(
-    allocations: int, nodes: int, restart: str | dict[str, Any], healthy_after: str
+    allocations: int,
+    nodes: int,
+    restart: str | dict[str, Any],
+    healthy_after: str | dict[str, Any],
+    seed: int = 11,
 ) -> dict[str, Any]:
     """One job of ``allocations`` Shepard-managed instances on ``nodes`` nodes (config template ``noop``)."""
+    return web_scenario(
+        count=allocations,
+        nodes=nodes,
+        seed=seed,
+        restart=restart,
+        healthy_after=healthy_after,
+        unhealthy_if_broken=False,
+    )
+
+
+def agent_config(concurrency: int, healthy_deadline: float) -> dict[str, Any]:
+    """The agents' settings: defaults, but a short settle and no extra healthy time (the ideal has none)."""
     return {
-        "seed": 11,
-        "nodes": nodes,
-        "jobs": [
-            {
-                "name": JOB,
-                "groups": [
-                    {
-                        "name": GROUP,
-                        "count": allocations,
-                        "tasks": [
-                            {
-                                "name": TASK,
-                                "shepard": True,
-                                "templates": [
-                                    {
-                                        "key": CONFIG_KEY,
-                                        "destination": "local/app.conf",
-                                        "change_mode": "noop",
-                                    }
-                                ],
-                                "service": JOB,
-                            }
-                        ],
-                    }
-                ],
-            }
-        ],
-        "timing": {"restart": restart, "healthy_after": healthy_after},
-        "keys": {CONFIG_KEY: "v1"},
+        "concurrency": concurrency,
+        "settle_time": 1.0,
+        "min_healthy_time": 0.0,
+        "healthy_deadline": healthy_deadline,
+        "max_failures": 0,
+        # 3 real seconds at the default scale, as in the demo: a renewal starved on a busy machine
+        # must not lose a session (15 s would be 0.75 real seconds at scale 20).
+        "session_ttl": 60.0,
+        "log_level": "WARNING",
     }
 
 

@@ -42,6 +42,7 @@ from rich.table import Table
 RESTART_FIXED = "10s"
 RESTART_LOGNORMAL: dict[str, Any] = {"lognormal": {"median": "8s", "sigma": 0.6}}
 HEALTHY_AFTER = "2s"
+HEALTHY_DEADLINE = 300.0
 TARGET_IDEAL, TARGET_BATCH, TARGET_REQUESTS = 1.05, 1.3, 10.0
 
 
@@ -63,27 +64,14 @@ class Case:
         return min(self.allocations, max(2, self.allocations // density, self.concurrency))
 
 
-def agent_config(concurrency: int) -> dict[str, Any]:
-    """The agents' settings: defaults, but a short settle and no extra healthy time (the ideal has none)."""
-    return {
-        "concurrency": concurrency,
-        "settle_time": 1.0,
-        "min_healthy_time": 0.0,
-        "healthy_deadline": 300.0,
-        "max_failures": 0,
-        # 3 real seconds at the default scale, as in the demo: a renewal starved on a busy machine
-        # must not lose a session (15 s would be 0.75 real seconds at scale 20).
-        "session_ttl": 60.0,
-        "log_level": "WARNING",
-    }
-
-
 def run_case(case: Case, time_scale: float, processes: int = 1) -> dict[str, Any]:
     """One rollout; the figures of :mod:`bench_agents` as a dict."""
     restart = RESTART_FIXED if case.durations == "fixed" else RESTART_LOGNORMAL
     n, c = case.allocations, case.concurrency
     with common.SimProcess(common.scenario(n, case.nodes, restart, HEALTHY_AFTER), time_scale) as sim:
-        with common.AgentHosts(sim, agent_config(c), common.tasks_per_node(sim), processes) as hosts:
+        with common.AgentHosts(
+            sim, common.agent_config(c, HEALTHY_DEADLINE), common.tasks_per_node(sim), processes
+        ) as hosts:
             sim.reset_consul_requests()
             nomad0 = sum(sim.nomad_requests().values())
             cpu_sim0, cpu_agents0, real0 = sim.cpu(), hosts.cpu(), time.monotonic()

@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import _common as common
 import requests
 import yaml
 
@@ -57,9 +58,10 @@ from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.clock import Clock
 from shepard_lib.config import ConsulConfig, NomadConfig, ShepardConfig, default_config
 from shepard_lib.rollout import RollingRestart, RolloutOptions
+from shepard_lib.sim.nomad.restarts import RestartRecord, peak_concurrency
 
 DEFAULT_CASES = "24x1,100x5,100x20,500x50"
-JOB = "bench"
+JOB = common.JOB
 TARGETS = {
     "consul_per_restart_c1": 8,
     "consul_per_restart": 10,
@@ -104,41 +106,13 @@ class CaseResult:
 
 def scenario(allocations: int, *, seed: int) -> dict[str, Any]:
     """One job of ``allocations`` Shepard-managed tasks with a Consul check, log-normal times."""
-    nodes = max(3, allocations // 10)
-    return {
-        "seed": seed,
-        "nodes": nodes,
-        "jobs": [
-            {
-                "name": JOB,
-                "groups": [
-                    {
-                        "name": "app",
-                        "count": allocations,
-                        "tasks": [
-                            {
-                                "name": "server",
-                                "shepard": True,
-                                "templates": [
-                                    {
-                                        "key": "config/bench",
-                                        "destination": "local/app.conf",
-                                        "change_mode": "noop",
-                                    }
-                                ],
-                                "service": JOB,
-                            }
-                        ],
-                    }
-                ],
-            }
-        ],
-        "timing": {
-            "restart": {"lognormal": {"median": "2s", "sigma": 0.5}},
-            "healthy_after": {"lognormal": {"median": "3s", "sigma": 0.4}},
-        },
-        "keys": {"config/bench": "v1"},
-    }
+    return common.scenario(
+        allocations,
+        max(3, allocations // 10),
+        restart={"lognormal": {"median": "2s", "sigma": 0.5}},
+        healthy_after={"lognormal": {"median": "3s", "sigma": 0.4}},
+        seed=seed,
+    )
 
 
 @contextmanager
@@ -242,27 +216,6 @@ def recording() -> Iterator[_Recorder]:
             lg.setLevel(level)
 
 
-def list_schedule(durations: Sequence[float], slots: int) -> float:
-    """Makespan of greedy list scheduling of ``durations`` (in order) on ``slots`` machines."""
-    free = [0.0] * slots
-    for d in durations:
-        i = min(range(slots), key=free.__getitem__)
-        free[i] += d
-    return max(free) if durations else 0.0
-
-
-def batch_schedule(durations: Sequence[float], size: int) -> float:
-    """Makespan of batches of ``size`` in order, each waiting for the whole previous batch."""
-    return sum(max(durations[i : i + size]) for i in range(0, len(durations), size))
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
-
-
 def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
     """Counts by ``METHOD endpoint`` from either sim's counter format."""
 
@@ -323,23 +276,20 @@ def run_case(
         nomad.close()
         consul_counts = _delta(consul_before, http.get(f"{consul_addr}/_sim/requests").json())
         nomad_counts = _delta(nomad_before, http.get(f"{nomad_addr}/_sim/requests").json())
-        records = [r for r in http.get(f"{nomad_addr}/_sim/restarts").json() if r["job"] == JOB]
+        records = [
+            RestartRecord(**r) for r in http.get(f"{nomad_addr}/_sim/restarts").json() if r["job"] == JOB
+        ]
         http.close()
-    done = [r for r in records if r.get("healthy_at") is not None]
-    done.sort(key=lambda r: r["requested_at"])
-    durations = [r["healthy_at"] - r["requested_at"] + min_healthy_time for r in done]
-    makespan = (
-        max(r["healthy_at"] for r in done) + min_healthy_time - min(r["requested_at"] for r in done)
-        if done
-        else 0.0
-    )
-    ideal = list_schedule(durations, concurrency)
-    batch = batch_schedule(durations, concurrency)
+    # Each restart holds its slot from requested to healthy + min_healthy_time.
+    durations = [d + min_healthy_time for d in common.durations(records)]
+    makespan = common.makespan(records) + min_healthy_time if durations else 0.0
+    ideal = common.ideal_makespan(durations, concurrency)
+    batch = common.batch_makespan(durations, concurrency)
     restarts = max(1, len(result.restarted))
     handoffs = recorder.handoffs_ms()
     notes = []
-    if len(records) != len(done):
-        notes.append(f"{len(records) - len(done)} restart(s) never healthy")
+    if len(records) != len(durations):
+        notes.append(f"{len(records) - len(durations)} restart(s) never healthy")
     return CaseResult(
         allocations=allocations,
         concurrency=concurrency,
@@ -360,29 +310,14 @@ def run_case(
         batch=batch,
         makespan_ratio=makespan / ideal if ideal else math.nan,
         batch_ratio=batch / makespan if makespan else math.nan,
-        handoff_ms_p50=percentile(handoffs, 0.50),
-        handoff_ms_p99=percentile(handoffs, 0.99),
-        peak_concurrency=_peak(records),
+        handoff_ms_p50=common.percentile(handoffs, 50) if handoffs else None,
+        handoff_ms_p99=common.percentile(handoffs, 99) if handoffs else None,
+        peak_concurrency=peak_concurrency(records, math.inf),  # a restart never ended is still active
         sessions_lost=recorder.sessions_lost,
         pool_warnings=recorder.pool_warnings,
         load=load_text(),
         notes=notes,
     )
-
-
-def _peak(records: Sequence[dict[str, Any]]) -> int:
-    """Most restarts active at once in the sim's record (stopped -> ended)."""
-    edges = []
-    for r in records:
-        if r.get("stopped_at") is None:
-            continue
-        end = r.get("ended_at")
-        edges += [(r["stopped_at"], 1), (end if end is not None else math.inf, -1)]
-    peak = current = 0
-    for _, delta in sorted(edges):
-        current += delta
-        peak = max(peak, current)
-    return peak
 
 
 @contextmanager

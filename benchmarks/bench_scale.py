@@ -32,23 +32,10 @@ from rich.table import Table
 
 RESTART: dict[str, Any] = {"lognormal": {"median": "8s", "sigma": 0.6}}
 HEALTHY_AFTER = "2s"
+HEALTHY_DEADLINE = 600.0
 IDLE_ENDPOINTS = ("/v1/session/renew",)
 """Writes an idle agent may make; all else must be reads (GET), which idle are its blocking queries
 (the sim counts by endpoint and method, so a blocking read and a plain one look alike: their rate tells)."""
-
-
-def agent_config(concurrency: int) -> dict[str, Any]:
-    return {
-        "concurrency": concurrency,
-        "settle_time": 1.0,
-        "min_healthy_time": 0.0,
-        "healthy_deadline": 600.0,
-        "max_failures": 0,
-        # 3 real seconds at the default scale, as in the demo: a renewal starved on a busy machine
-        # must not lose a session (15 s would be 0.75 real seconds at scale 20).
-        "session_ttl": 60.0,
-        "log_level": "WARNING",
-    }
 
 
 def run_size(
@@ -73,7 +60,7 @@ def run_size(
         result["sim_start_real_s"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
         with common.AgentHosts(
-            sim, agent_config(concurrency), common.tasks_per_node(sim), processes
+            sim, common.agent_config(concurrency, HEALTHY_DEADLINE), common.tasks_per_node(sim), processes
         ) as hosts:
             result["agents_start_real_s"] = round(time.monotonic() - started, 1)
             time.sleep(min(5.0, idle))  # start-up work (first scans, registrations) out of the idle window

@@ -6,12 +6,16 @@ restart (:mod:`shepard_lib.rollout`) registers many allocations with :meth:`Coor
 and calls :meth:`Coordinator.drive` for each, so agents and rollouts cooperate through the same
 plan and the same slots instead of racing each other.
 
-The happy path of one member (:meth:`Coordinator._claim`): take a slot (its ModifyIndex is the
-fencing token of this acquisition), check that Nomad still runs the allocation, claim the member
-(CAS ``pending`` -> ``restarting`` with a fresh holder token; the claim is refused while
-``concurrent_lock_count`` members are down), check the allocation again, trigger (a txn fenced by
-``check-session`` and ``check-index`` on the slot), wait for health, finish (``done``/``failed``),
-release the slot.
+The happy path of one member (:meth:`Coordinator._claim`) is three Consul transactions and the
+health wait: take a slot (its ModifyIndex is the fencing token of this acquisition); check that
+Nomad still runs the allocation; claim the member and trigger its restart in **one** txn (CAS
+``pending`` -> ``restarting`` with a fresh holder token on the plan's ModifyIndex, ``check-session``
+and ``check-index`` on the slot, ``set`` of the trigger key: the claim is refused while
+``concurrent_lock_count`` members are down, and nothing is triggered without the slot); wait for
+health; finish (``done``/``failed``) and release the slot in one txn (plan CAS + slot ``unlock``).
+With method nomad_api the restart is Nomad's API call after the claim (Nomad cannot join a Consul
+transaction). The plan a step acts on is the last one this process saw (a stale one only costs a
+refused CAS and a read); what ends a drive (the member settled, the plan halted) is read first.
 
 ``drive`` loops until the member is no longer its business:
 
@@ -19,16 +23,17 @@ release the slot.
   drives (its holder's session is gone, or its claim token is held by no coordinator of its
   session), then run the happy path. A claim refused because the plan is full waits for a plan
   change (or for a failed member's task to become healthy again);
-- ``restarting`` and nobody drives it: take a slot and reclaim it; trigger again only if its
-  trigger key did not move since the claim and the task did not restart;
+- ``restarting`` and nobody drives it: take a slot and reclaim it; trigger again only with method
+  nomad_api and when the task did not restart since the claim (with consul_key the claim carried
+  its trigger);
 - ``restarting`` and driven by a live holder: wait (blocking query on the plan);
 - ``done``, ``failed``, ``skipped``, or the plan halted (failed/aborted): stop and report.
 
-What is recovery rather than the happy path (ambiguous trigger writes, allocations Nomad took
+What is recovery rather than the happy path (ambiguous Nomad restart calls, allocations Nomad took
 away, members nobody drives) is decided in :mod:`shepard_lib.recovery`.
 
-Losing the session stops the flow cleanly: a claimed member that was not triggered is given
-back; one that was triggered stays ``restarting`` under the dead session, for a reclaimer.
+Losing the session stops the flow cleanly: a claimed member that was not triggered (nomad_api) is
+given back; one that was triggered stays ``restarting`` under the dead session, for a reclaimer.
 Without a ``session_factory`` (an agent) the member is then reported skipped; with one (a
 rollout worker, which must take every member it was given to the end) the lost session is
 destroyed (so Consul frees its locks now, not at its TTL) and the flow goes on under a new
@@ -66,7 +71,7 @@ from shepard_lib.errors import (
 )
 from shepard_lib.health import HealthGate, restarted
 from shepard_lib.keyspace import Keyspace, TaskRef, TaskScope
-from shepard_lib.locks import RestartSlots, Slot
+from shepard_lib.locks import RestartSlots, Slot, SlotNotNeeded
 from shepard_lib.model import Allocation, Job, TaskState
 from shepard_lib.plan import (
     ConcurrencyFull,
@@ -96,7 +101,6 @@ from shepard_lib.recovery import (
     gone_reason,
     no_longer_down,
     reclaim_decision,
-    settle_with_new_token,
     stopped_reason,
     trigger_outcome,
 )
@@ -298,6 +302,12 @@ class Coordinator:
     to stop the coordinator without any cleanup (or block, to pause a live holder). Several
     coordinators may share one session (each claim carries its own holder token); one
     coordinator serves one thread.
+
+    ``drive(target, keep_slot=True)`` keeps the restart slot after the member is finished, for the
+    next member of the same task (a rollout worker's next target, an agent's lane): the next
+    drive goes on under the same slot, without giving it up and taking it again, and nobody
+    waiting for a slot is woken for nothing. The caller gives kept slots back with
+    :meth:`release_slots` when it has no more work.
     """
 
     def __init__(
@@ -331,6 +341,8 @@ class Coordinator:
         self._gates: dict[HealthSource, HealthGate] = {}
         self._deadline = 0.0
         self._triggered: set[str] = set()  # members this coordinator triggered (or reclaimed) in drive
+        self._keep_slot = False
+        self._kept: _Held | None = None  # the slot kept after a member, for the next (see drive)
 
     # --- planning ----------------------------------------------------------------------------
 
@@ -412,7 +424,9 @@ class Coordinator:
         """The ``seen_index`` of a change seen now: the plan's ModifyIndex, read consistently (0: no plan)."""
         return self.plans.read(self.plan_key(scope))[1]
 
-    def handle_change(self, alloc: Allocation, task: str, *, seen_index: int | None = None) -> MemberOutcome:
+    def handle_change(
+        self, alloc: Allocation, task: str, *, seen_index: int | None = None, keep_slot: bool = False
+    ) -> MemberOutcome:
         """The agent's flow for a change of ``task`` in ``alloc``: register, then :meth:`drive`.
 
         ``seen_index`` is :meth:`change_mark` taken when the change was seen (default: now).
@@ -421,13 +435,20 @@ class Coordinator:
         target = target_for(alloc, task, job)
         scope = self.keyspace.scope(target.ref)
         self.register(scope, [target], job, seen_index=seen_index)
-        return self.drive(target)
+        return self.drive(target, keep_slot=keep_slot)
 
     # --- the flow ----------------------------------------------------------------------------
 
-    def drive(self, target: Target) -> MemberOutcome:
-        """Bring ``target`` through the plan until it is done, failed or not ours to do (see module docs)."""
+    def drive(self, target: Target, *, keep_slot: bool = False) -> MemberOutcome:
+        """Bring ``target`` through the plan until it is done, failed or not ours to do (see module docs).
+
+        ``keep_slot``: keep the slot for the next member of the task (see the class docs).
+        """
         scope = self.keyspace.scope(target.ref)
+        self._keep_slot = keep_slot
+        kept_prefix = self._kept.slots.prefix.rstrip("/") if self._kept is not None else None
+        if kept_prefix not in (None, self.keyspace.slot_prefix(scope).rstrip("/")):
+            self.release_slots()  # a slot kept for another task
         rlog = self._log(target)
         errors = 0
         sessions = 1
@@ -465,6 +486,18 @@ class Coordinator:
             if result is not None:
                 return result
 
+    @property
+    def keeps_slot(self) -> bool:
+        """Whether a slot kept by ``drive(..., keep_slot=True)`` is held (for the next member)."""
+        kept = self._kept
+        return kept is not None and kept.holding is not None and not kept.slot.lost.is_set()
+
+    def release_slots(self) -> None:
+        """Give back the slot kept by ``drive(..., keep_slot=True)``, if any (one request)."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept.release()
+
     def _stopped(self, target: Target) -> bool:
         """Whether an operator's stop ends ``target`` here: not once this coordinator triggered it
         (a restart in flight is seen through, under a new session if need be)."""
@@ -486,6 +519,7 @@ class Coordinator:
         Destroying frees what the lost session still holds in Consul at once (after the
         lock-delay) instead of at its TTL, so a restart it left in flight can be reclaimed now.
         """
+        self.release_slots()
         self.session.destroy()
         session = factory()
         session.create()
@@ -495,7 +529,9 @@ class Coordinator:
     def _step(self, target: Target, scope: TaskScope, rlog: _RefLog) -> MemberOutcome | None:
         """Look at the plan and do what the member needs; None: look again."""
         key = self.plan_key(scope)
-        plan, index = self.plans.read(key)
+        plan, index = self.plans.known(key)
+        if _concludes(plan, target.alloc_id):
+            plan, index = self.plans.read(key)
         member = plan.members.get(target.alloc_id) if plan else None
         if plan is None or member is None:
             return self._skip(target, scope, "not in the plan (it was deleted or replaced)", rlog)
@@ -547,16 +583,20 @@ class Coordinator:
         self._emit(EventKind.WAITING, scope, target.alloc_id, ref=target.ref)
         rlog.debug("waiting for a restart slot of %s (%d slots)", plan.label, plan.concurrent_lock_count)
         remaining = max(0.0, self._deadline - self._clock.monotonic())
-        held = _Held(
-            slots,
-            # the slot wait checks the session itself; an operator's stop ends it, unless ours is in flight
-            slots.acquire(
-                self.session,
-                holder=holder_text,
-                timeout=remaining,
-                cancel=None if target.alloc_id in self._triggered else self._stop,
-            ),
-        )
+        try:
+            held = self._kept_for(slots) or _Held(
+                slots,
+                # the slot wait checks the session; an operator's stop ends it, unless ours is in flight
+                slots.acquire(
+                    self.session,
+                    holder=holder_text,
+                    timeout=remaining,
+                    cancel=None if target.alloc_id in self._triggered else self._stop,
+                    needed=lambda: self._needs_slot(self.plan_key(scope), target.alloc_id),
+                ),
+            )
+        except SlotNotNeeded:
+            return None  # someone else took it on while this waited: look at the plan again
         try:
             self._hook(Step.SLOT, target)
             result = self._with_slot(target, scope, held, rlog)
@@ -565,10 +605,39 @@ class Coordinator:
         except BaseException:
             held.release()
             raise
-        held.release()
+        if self._keep_slot and held.holding is not None and not held.slot.lost.is_set():
+            self._kept = held
+        else:
+            held.release()
         if result is _FULL:
             return self._when_full(target, scope, rlog)
         return result if isinstance(result, MemberOutcome) else None
+
+    def _needs_slot(self, key: str, alloc_id: str) -> bool:
+        """Whether ``alloc_id`` still needs a slot from this coordinator (a consistent plan read):
+        pending in a plan that goes on, or restarting with nobody driving it."""
+        plan, _ = self.plans.read(key)
+        member = plan.members.get(alloc_id) if plan is not None else None
+        if plan is None or member is None:
+            return False
+        if member.state == MemberState.PENDING:
+            return not plan.halted
+        return member.state == MemberState.RESTARTING and self._live_holder(member) is None
+
+    def _kept_for(self, slots: RestartSlots) -> _Held | None:
+        """The slot kept from the last member, if it is one of ``slots`` and still held."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        if (
+            kept.holding is None
+            or kept.slot.lost.is_set()
+            or kept.slots.prefix != slots.prefix
+            or kept.slot.number >= slots.size
+        ):
+            kept.release()
+            return None
+        return kept
 
     def _with_slot(self, target: Target, scope: TaskScope, held: _Held, rlog: _RefLog) -> object:
         """With a slot held: claim our pending member, or reclaim it if nobody drives it.
@@ -576,7 +645,7 @@ class Coordinator:
         Returns a MemberOutcome, None (look again) or ``_FULL`` (the claim was refused: the plan
         has ``concurrent_lock_count`` members down).
         """
-        plan, _ = self.plans.read(self.plan_key(scope))
+        plan, _ = self.plans.known(self.plan_key(scope))
         member = plan.members.get(target.alloc_id) if plan else None
         if plan is None or member is None:
             return None
@@ -587,14 +656,16 @@ class Coordinator:
         return self._claim(target, scope, held, plan, rlog)
 
     def _claim(self, target: Target, scope: TaskScope, held: _Held, plan: Plan, rlog: _RefLog) -> object:
-        """The happy path: live allocation, claim, then see the restart through."""
+        """The happy path: live allocation, claim (with consul_key: and trigger), then see it through."""
         key = self.plan_key(scope)
-        trigger_index = self._trigger_index(target, self._method(plan))
         alloc = self._allocation(target)
         gone = None if alloc is None else stopped_reason(alloc)
         if alloc is None or gone is not None:
             return self._settle_gone(target, scope, gone or GC_REASON, None, rlog)
         baseline = alloc.task_states.get(target.ref.task, TaskState(state="pending"))
+        method = self._method(plan)
+        with_trigger = method is RestartMethod.CONSUL_KEY
+        trigger_ops = self._trigger(method).ops(target.ref, held.slot) if with_trigger else []
         holder = uuid.uuid4().hex
         self.session.hold(holder)
         try:
@@ -610,8 +681,8 @@ class Coordinator:
                     started_before=baseline.started_at,
                     now=self._clock.time(),
                     index=index,
-                    trigger_index=trigger_index,
                 ),
+                ops=trigger_ops,
             )
         except ConcurrencyFull as exc:
             self.session.drop(holder)
@@ -624,9 +695,11 @@ class Coordinator:
         except BaseException:
             self.session.drop(holder)
             raise
+        if with_trigger:
+            rlog.info("claimed and triggered (fenced by %s)", held.slot.key)
         member = plan.members[target.alloc_id]
         return self._see_through(
-            target, scope, held, plan, member, before=baseline, must_trigger=True, rlog=rlog
+            target, scope, held, plan, member, before=baseline, must_trigger=not with_trigger, rlog=rlog
         )
 
     def _reclaim(self, target: Target, scope: TaskScope, held: _Held, dead: Member, rlog: _RefLog) -> object:
@@ -662,8 +735,8 @@ class Coordinator:
         except BaseException:
             self.session.drop(holder)
             raise
-        trigger_index = self._trigger_index(target, self._method(plan))
-        before, must_trigger = reclaim_decision(dead, baseline, trigger_index)
+        triggered = self._method(plan) is RestartMethod.CONSUL_KEY
+        before, must_trigger = reclaim_decision(dead, baseline, triggered=triggered)
         rlog.info(
             "reclaimed from %s; %s",
             dead.holder_name,
@@ -695,18 +768,18 @@ class Coordinator:
         rlog: _RefLog,
         reclaimed: bool = False,
     ) -> MemberOutcome | None:
-        """Claimed (holder token held): trigger if needed, wait for health, finish. Drops the token."""
+        """Claimed (holder token held): trigger if needed (nomad_api), wait for health, finish and
+        release the slot. Drops the token."""
         key = self.plan_key(scope)
         holder = member.holder or ""
         started = self._clock.monotonic()
         try:
             self._hook(Step.CLAIMED, target)
-            ambiguous = False
             if must_trigger:
                 gone = gone_reason(self.nomad, target.alloc_id)
                 if gone is not None:
                     return self._settle_gone(target, scope, gone, holder, rlog)
-                ambiguous = self._fire(target, key, held, plan, member, rlog)
+                self._fire(target, key, held, member, rlog)
             self._triggered.add(target.alloc_id)
             self._hook(Step.TRIGGERED, target)
             self._emit(
@@ -718,10 +791,6 @@ class Coordinator:
             )
             ok, error = self._wait_healthy(target, plan, before, rlog)
             self._hook(Step.HEALTHY, target)
-            if not ok and ambiguous and self._never_applied(target, held, plan, member, before):
-                self._triggered.discard(target.alloc_id)
-                self._give_back(key, target, holder, "its trigger never applied", rlog)
-                return None
             if not ok:
                 gone = gone_reason(self.nomad, target.alloc_id)
                 if gone is not None:
@@ -731,18 +800,7 @@ class Coordinator:
                     rlog.warning("restarted, then %s: counted as restarted", gone)
                     ok, error = True, None
             try:
-                plan = self.plans.update_at(
-                    key,
-                    lambda p, index: finish(
-                        require(p, key),
-                        target.alloc_id,
-                        holder=holder,
-                        ok=ok,
-                        now=self._clock.time(),
-                        index=index,
-                        error=error,
-                    ),
-                )
+                plan = self._finish(key, target, held, holder=holder, ok=ok, error=error)
             except MemberUnavailable as exc:
                 # Taken over (this claim looked abandoned to someone) or dropped from the plan.
                 rlog.warning(
@@ -774,47 +832,47 @@ class Coordinator:
             reclaimed=reclaimed,
         )
 
-    def _never_applied(
-        self, target: Target, held: _Held, plan: Plan, member: Member, before: TaskState
-    ) -> bool:
-        """After an ambiguous trigger and no restart by the deadline: did it provably never apply?
+    def _finish(
+        self, key: str, target: Target, held: _Held, *, holder: str, ok: bool, error: str | None
+    ) -> Plan:
+        """Write the member's outcome, releasing the slot in the same txn when it is still held
+        (and not kept for the next member)."""
 
-        Only with a new token (so it cannot land any more) and an unmoved trigger key.
-        """
-        method = self._method(plan)
-        if method is not RestartMethod.CONSUL_KEY or member.trigger_index is None:
-            return False
-        if self._restarted_since(target, before):
-            return False
-        outcome, slot = settle_with_new_token(
-            held.slots, held.slot, member.trigger_index, lambda: self._trigger_index(target, method)
-        )
-        held.replace(slot)
-        return outcome is TriggerOutcome.NOT_APPLIED
-
-    def _fire(self, target: Target, key: str, held: _Held, plan: Plan, member: Member, rlog: _RefLog) -> bool:
-        """Trigger the restart, fenced by the slot; an error is decided by :func:`trigger_outcome`.
-
-        Returns True when the trigger may or may not have applied (the health gate decides).
-        """
-        method = self._method(plan)
-        try:
-            self._trigger(method).fire(target.ref, target.alloc_id, held.slot)
-        except (LockLost, BackendError) as exc:
-            outcome, slot = trigger_outcome(
-                exc,
-                slots=held.slots,
-                slot=held.slot,
-                trigger_index=member.trigger_index if method is RestartMethod.CONSUL_KEY else None,
-                read_trigger_index=lambda: self._trigger_index(target, method),
+        def change(p: Plan | None, index: int) -> Plan:
+            return finish(
+                require(p, key),
+                target.alloc_id,
+                holder=holder,
+                ok=ok,
+                now=self._clock.time(),
+                index=index,
+                error=error,
             )
-            held.replace(slot)
-            if outcome is TriggerOutcome.NOT_APPLIED:
+
+        slot = held.holding
+        if slot is not None and not self._keep_slot:
+            try:
+                plan = self.plans.update_at(key, change, ops=[held.slots.unlock_op(slot)])
+            except LockLost:
+                pass  # the slot is no longer this acquisition's: the outcome is written alone
+            else:
+                held.released_by_write()
+                return plan
+        return self.plans.update_at(key, change)
+
+    def _fire(self, target: Target, key: str, held: _Held, member: Member, rlog: _RefLog) -> None:
+        """Restart through Nomad's API (method nomad_api), after checking the slot is still held.
+
+        A failure that proves nothing restarted gives the member back and propagates; any other
+        may have restarted the task, and the health gate decides.
+        """
+        try:
+            self._trigger(RestartMethod.NOMAD_API).fire(target.ref, target.alloc_id, held.slot)
+        except (LockLost, BackendError) as exc:
+            if trigger_outcome(exc) is TriggerOutcome.NOT_APPLIED:
                 self._give_back(key, target, member.holder or "", f"not triggered: {exc}", rlog)
                 raise
-            rlog.warning("trigger reported an error but may have been applied; checking health: %s", exc)
-            return True
-        return False
+            rlog.warning("restart call reported an error but may have been applied; checking health: %s", exc)
 
     def _when_full(self, target: Target, scope: TaskScope, rlog: _RefLog) -> MemberOutcome | None:
         """The claim was refused for the concurrency: recover failed members healthy again, or wait."""
@@ -895,13 +953,6 @@ class Coordinator:
         except MemberUnavailable:
             return None
         return self._skip(target, scope, reason, rlog, stopped=True)
-
-    def _trigger_index(self, target: Target, method: RestartMethod) -> int | None:
-        """The trigger key's ModifyIndex (0: absent) for method consul_key; None for nomad_api."""
-        if method is not RestartMethod.CONSUL_KEY:
-            return None
-        entry = self.consul.get(self.keyspace.trigger_key(target.ref), consistent=True)
-        return 0 if entry is None else entry.modify_index
 
     def _live_holder(self, member: Member) -> float | None:
         """How long to wait for the holder driving ``member``'s restart at most; None when nobody drives it.
@@ -1015,20 +1066,36 @@ _FULL = object()
 
 
 class _Held:
-    """The slot a coordinator holds for one attempt; a bump gives it a new token (or ends it)."""
+    """The slot a coordinator holds for one attempt, until it is released (alone or with the finish)."""
 
     def __init__(self, slots: RestartSlots, slot: Slot) -> None:
         self.slots = slots
         self.slot = slot
         self._held: Slot | None = slot
 
-    def replace(self, slot: Slot | None) -> None:
-        """Go on with ``slot`` (the same slot with a new token), or with none (it was lost)."""
-        self._held = slot
-        if slot is not None:
-            self.slot = slot
+    @property
+    def holding(self) -> Slot | None:
+        """The slot while this attempt still holds it."""
+        return self._held
+
+    def released_by_write(self) -> None:
+        """The slot was released by a txn carrying :meth:`RestartSlots.unlock_op`."""
+        if self._held is not None:
+            self.slots.released(self._held)
+            self._held = None
 
     def release(self) -> None:
         if self._held is not None:
             self.slots.release(self._held)
             self._held = None
+
+
+def _concludes(plan: Plan | None, alloc_id: str) -> bool:
+    """Whether what ``plan`` says of ``alloc_id`` ends its drive: then it must be read, not known."""
+    member = plan.members.get(alloc_id) if plan is not None else None
+    return (
+        plan is None
+        or member is None
+        or member.state not in (MemberState.PENDING, MemberState.RESTARTING)
+        or plan.halted
+    )

@@ -4,10 +4,14 @@ Per task, :func:`check_job` reports what would stop Shepard from managing it, or
 worse than it should:
 
 - ``local/shepard.tpl`` must exist with ``change_mode = "restart"`` and must read the task's own
-  trigger key. The template is *evaluated* (with :mod:`shepard_lib.gotemplate`, the same engine the
-  simulator renders with) for this job's names, so any spelling that reads the right key passes and
-  a template that reads another key (the seed's ``env "NOMAD_NODE_NAME"``, which Nomad does not
-  define, reads ``shepard/keys//...``) fails with the key it would read.
+  trigger key, the key the coordinator writes (keyed by the job's ID). The template is *evaluated*
+  (with :mod:`shepard_lib.gotemplate`, the same engine the simulator renders with) with the
+  variables Nomad gives this job's tasks (``NOMAD_JOB_ID`` and ``NOMAD_JOB_NAME`` as the job has
+  them), so any spelling that reads the right key passes and a template that reads another key
+  (the seed's ``env "NOMAD_NODE_NAME"``, which Nomad does not define, reads
+  ``shepard/keys//...``; ``NOMAD_JOB_NAME`` for a job whose name is not its ID) fails with the key
+  it would read. A template that reads the right key only while the job's name equals its ID, or
+  only while the job ID has no ``/`` (a periodic or dispatched child's has), is a warning.
 - Every other template must be ``noop`` or ``signal`` (or ``script``): a ``restart`` template makes
   Nomad restart the task by itself when its data changes, the herd Shepard exists to prevent.
 - With the ``consul`` (or ``both``) health source, a service with at least one check should cover
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shepard_lib.backends import NomadAPI
@@ -35,6 +39,7 @@ __all__ = ["Finding", "JobCheckReport", "Severity", "TaskReport", "check_job", "
 
 _SAMPLE_NODE = "node-1"
 _CHILD_SUFFIX = "/periodic-1700000000"
+_OTHER_NAME = "-renamed"  # a name that is not the ID, to see whether the template reads the name
 _QUIET_MODES = frozenset({"noop", "signal", "script"})
 
 
@@ -185,16 +190,6 @@ def _check_trigger(
                 "a splay only delays each one (and the health gate waits for it)",
             )
         )
-    if job.name != job.id:
-        findings.append(
-            Finding(
-                Severity.ERROR,
-                "job_name_differs",
-                f"the job's name {job.name!r} differs from its ID {job.id!r}: shepard.tpl reads "
-                "NOMAD_JOB_NAME, while Shepard writes trigger keys by job ID, so its restarts would never "
-                "reach this task (remove the job's `name` attribute)",
-            )
-        )
     if not trigger.embedded_tmpl:
         source = f"source {trigger.source_path}" if trigger.source_path else "no embedded data"
         findings.append(
@@ -205,12 +200,23 @@ def _check_trigger(
             )
         )
         return findings
-    wrong = _wrong_key(trigger.embedded_tmpl, job.name, group.name, task.name, keyspace)
+    text, names = trigger.embedded_tmpl, (group.name, task.name)
+    wrong = _wrong_key(text, _JobIdentity(job.id, job.name), *names, keyspace)
     if wrong:
         findings.append(Finding(Severity.ERROR, "trigger_key", f"{trigger.dest_path} {wrong}"))
         return findings
-    child = job.name + _CHILD_SUFFIX
-    if "/" not in job.name and _wrong_key(trigger.embedded_tmpl, child, group.name, task.name, keyspace):
+    if job.name == job.id and _wrong_key(text, _JobIdentity(job.id, job.id + _OTHER_NAME), *names, keyspace):
+        findings.append(
+            Finding(
+                Severity.WARNING,
+                "trigger_job_name",
+                f"{trigger.dest_path} reads the key by the job's name (NOMAD_JOB_NAME), Shepard writes it by "
+                "the job's ID: it works only while the job has no `name` different from its ID; "
+                'use env "NOMAD_JOB_ID" (the template `shepard template` prints)',
+            )
+        )
+    child = job.id + _CHILD_SUFFIX
+    if "/" not in job.id and _wrong_key(text, _JobIdentity(child, child, parent=job.id), *names, keyspace):
         findings.append(
             Finding(
                 Severity.WARNING,
@@ -223,18 +229,28 @@ def _check_trigger(
     return findings
 
 
-def _wrong_key(text: str, job: str, group: str, task: str, keyspace: Keyspace) -> str | None:
+@dataclass(frozen=True)
+class _JobIdentity:
+    """A job as its tasks see it: ``NOMAD_JOB_ID``, ``NOMAD_JOB_NAME`` and ``NOMAD_JOB_PARENT_ID``."""
+
+    id: str
+    name: str
+    parent: str = ""
+
+
+def _wrong_key(text: str, job: _JobIdentity, group: str, task: str, keyspace: Keyspace) -> str | None:
     """What is wrong with the key ``text`` reads for these names, or None when it reads the trigger key."""
     env: Mapping[str, str] = {
         "node.unique.name": _SAMPLE_NODE,
-        "NOMAD_JOB_NAME": job,
+        "NOMAD_JOB_ID": job.id,
+        "NOMAD_JOB_NAME": job.name,
+        "NOMAD_JOB_PARENT_ID": job.parent,
         "NOMAD_GROUP_NAME": group,
         "NOMAD_TASK_NAME": task,
         "NOMAD_ALLOC_INDEX": "0",
     }
-    expected = keyspace.trigger_key(
-        TaskRef(node=_SAMPLE_NODE, job=job, group=group, task=task, alloc_index=0)
-    )
+    ref = TaskRef(node=_SAMPLE_NODE, job=job.id, group=group, task=task, alloc_index=0)
+    expected = keyspace.trigger_key(ref)
     try:
         keys = render(text, env, lambda _key: None).keys_read
     except MissingKey as exc:  # `key` instead of `keyOrDefault`: blocks until the key exists
@@ -249,7 +265,13 @@ def _wrong_key(text: str, job: str, group: str, task: str, keyspace: Keyspace) -
     if keys == {expected}:
         return None
     read = ", ".join(sorted(keys)) or "no Consul key"
-    return f"reads {read} for allocation 0 on node {_SAMPLE_NODE}, not its trigger key {expected}"
+    wrong = f"reads {read} for allocation 0 on node {_SAMPLE_NODE}, not its trigger key {expected}"
+    if job.name != job.id and keys == {keyspace.trigger_key(replace(ref, job=job.name))}:
+        wrong += (
+            f" (it reads the job's name {job.name!r}, NOMAD_JOB_NAME; Shepard keys by the job's ID "
+            f'{job.id!r}: read env "NOMAD_JOB_ID", as the template `shepard template` prints)'
+        )
+    return wrong
 
 
 def _check_other_templates(task: Task, trigger: Template) -> list[Finding]:

@@ -10,6 +10,15 @@ Layout (``shepard`` is ``key_prefix``)::
 
 With ``lock_scope: node`` the lock paths carry the node first: ``shepard/locks/<node>/<job>/...``.
 
+Which job name
+--------------
+The ``<job>`` segment is the job's **ID** everywhere: the coordinator keys triggers, plans and
+slots by ``Allocation.JobID``, and the template reads ``env "NOMAD_JOB_ID"``. A job's ``name``
+may differ from its ID (``job "web-prod" { name = "web" }``, or a job registered through the API),
+and only the ID is unique in a namespace, so ``NOMAD_JOB_NAME`` would read a key Shepard never
+writes. ``NOMAD_JOB_ID`` is a runtime variable since Nomad 1.0. A periodic or dispatched child has
+its own ID (its name equals it), so each child is its own rollout with its own triggers and locks.
+
 Escaping
 --------
 Path segments are Nomad names, and the trigger key is also built *inside Nomad* by the
@@ -33,10 +42,10 @@ name.
 
 Why these rules and this escape character (verified against the sources):
 
-* Nomad forbids little: job IDs may not contain spaces (``Job.Validate``) but ``NOMAD_JOB_NAME``
-  is the job *name*, which only has to be non-empty; periodic and dispatched children are
-  named ``<parent>/periodic-<unix>`` and ``<parent>/dispatch-<unix>-<id>`` (``derived.Name =
-  derived.ID``), so ``/`` in job names is routine. Group names only need to be non-empty; task
+* Nomad forbids little: job IDs may not contain spaces (``Job.Validate``); periodic and
+  dispatched children get the IDs ``<parent>/periodic-<unix>`` and
+  ``<parent>/dispatch-<unix>-<id>`` (and ``derived.Name = derived.ID``), so ``/`` in job IDs is
+  routine. Group names only need to be non-empty; task
   names may not contain ``/`` or ``\\`` (``Task.Validate``: they are directories); node names
   default to the hostname and are not restricted. ``.``, ``..``, spaces and non-ASCII are all
   possible in principle, so nothing but ``/`` can be assumed absent.
@@ -92,7 +101,7 @@ RESTART_LOCK = "restart_lock"
 GC_LEADER = "gc/leader"
 
 TEMPLATE_DESTINATION = "local/shepard.tpl"
-_TEMPLATE_ENV = ("node.unique.name", "NOMAD_JOB_NAME", "NOMAD_GROUP_NAME", "NOMAD_TASK_NAME")
+_TEMPLATE_ENV = ("node.unique.name", "NOMAD_JOB_ID", "NOMAD_GROUP_NAME", "NOMAD_TASK_NAME")
 
 
 def escape_segment(name: str) -> str:
@@ -133,7 +142,10 @@ def check_prefix(prefix: str) -> None:
 
 @dataclass(frozen=True)
 class TaskRef:
-    """One allocation's task: the unit a restart trigger addresses."""
+    """One allocation's task: the unit a restart trigger addresses.
+
+    ``job`` is the job's ID (``Allocation.JobID``, the template's ``NOMAD_JOB_ID``), never its name.
+    """
 
     node: str
     job: str
@@ -144,7 +156,10 @@ class TaskRef:
 
 @dataclass(frozen=True)
 class TaskScope:
-    """What a rollout coordinates: a task of a job's group (and its node with lock_scope=node)."""
+    """What a rollout coordinates: a task of a job's group (and its node with lock_scope=node).
+
+    ``job`` is the job's ID, as in :class:`TaskRef`.
+    """
 
     job: str
     group: str

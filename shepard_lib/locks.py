@@ -31,7 +31,6 @@ import contextlib
 import json
 import logging
 import random
-import secrets
 import threading
 import weakref
 import zlib
@@ -175,6 +174,10 @@ def _acquire_loop(
         index, view = consul.watch(watch_key, index, max(wait, MIN_WAIT), recurse=recurse)
 
 
+class SlotNotNeeded(ShepardError):
+    """A slot wait ended because its caller no longer needs a slot (see :meth:`RestartSlots.acquire`)."""
+
+
 class Lock:
     """One KV key as a mutex held by ``session``; a context manager that acquires with ``timeout``.
 
@@ -277,7 +280,7 @@ class Slot:
 
     ``acquired_at`` is cluster Unix time. ``lost`` is the holding session's ``lost`` event: once it
     is set the slot may already belong to someone else. ``index`` is the fencing token of this
-    acquisition: the slot key's ModifyIndex right after it was acquired (or bumped). A write fenced
+    acquisition: the slot key's ModifyIndex right after it was acquired. A write fenced
     with ``check-index`` on it applies only while this acquisition holds the slot, so a write sent
     under it and applied late can never land under a later acquisition by the same session.
     """
@@ -329,6 +332,7 @@ class RestartSlots:
         holder: str,
         timeout: float | None = None,
         cancel: threading.Event | None = None,
+        needed: Callable[[], bool] | None = None,
     ) -> Slot:
         """Take a free slot, else wait for a release (see the module docs).
 
@@ -338,10 +342,14 @@ class RestartSlots:
 
         ``holder`` names the holder in the slot's value (e.g. ``"web-03 alloc 1f2e..."``). Raises
         LockTimeout after ``timeout`` cluster seconds (None: wait forever), LockLost when the
-        session is lost or ``cancel`` is set while waiting.
+        session is lost or ``cancel`` is set while waiting. ``needed`` is asked before a slot
+        that came free after a wait is taken: when it says no (someone else did the work meanwhile)
+        :class:`SlotNotNeeded` is raised instead, and nothing is taken.
         """
 
         def attempt(view: list[KVEntry] | None) -> Slot | None:
+            if view is not None and needed is not None and not needed():
+                raise SlotNotNeeded(f"restart slot under {self.prefix}: {holder} no longer needs one")
             for number in self._candidates(session, view):
                 slot = Slot(
                     self.key(number), number, session.id, self._clock.time(), session.lost, holder=holder
@@ -407,35 +415,14 @@ class RestartSlots:
         _CLAIMS.swap(slot.lost, slot.key, slot, tokened)
         return tokened
 
-    def bump(self, slot: Slot) -> Slot | None:
-        """Give ``slot`` a new fencing token, so nothing fenced by its old one can apply any more.
+    def unlock_op(self, slot: Slot) -> TxnOp:
+        """The txn op releasing ``slot`` with another write (a finish); then :meth:`released`."""
+        return TxnOp(TxnVerb.UNLOCK, slot.key, value=b"", session=slot.session_id)
 
-        Re-acquires the key under the same session (Consul lets a holder acquire again; the key's
-        ModifyIndex moves). Returns the slot with its new token, or None when the slot is no longer
-        held (its session was lost: Consul released it, which moved the index too). Raises
-        :class:`ConsulError` when it cannot tell whether the old token is dead.
-        """
-        # A fresh nonce: Consul skips a write that changes nothing, and keeps the ModifyIndex.
-        value = json.dumps(
-            {
-                "holder": slot.holder,
-                "session": slot.session_id,
-                "acquired_at": slot.acquired_at,
-                "token": secrets.token_hex(8),
-            }
-        )
-        try:
-            self._consul.acquire(slot.key, value, slot.session_id)
-        except ConsulError as exc:
-            log.warning("restart slot %s: bump failed, reading it: %s", slot.key, exc)
-        entry = self._consul.get(slot.key, consistent=True)
-        if entry is not None and entry.modify_index == slot.index:
-            raise ConsulError(f"bump {slot.key}", "the index did not move: the old token may still apply")
-        if entry is None or entry.session != slot.session_id:
-            return None
-        bumped = replace(slot, index=entry.modify_index)
-        _CLAIMS.swap(slot.lost, slot.key, slot, bumped)
-        return bumped
+    def released(self, slot: Slot) -> None:
+        """``slot`` was released by a transaction carrying :meth:`unlock_op`."""
+        if _CLAIMS.drop(slot.lost, slot.key, slot):
+            log.info("restart slot %s released", slot.key)
 
     def release(self, slot: Slot) -> None:
         """Release ``slot`` (idempotent). A failure is logged: the slot then ends with the session."""

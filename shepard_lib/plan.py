@@ -62,13 +62,13 @@ import logging
 import random
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shepard_lib.backends import ConsulAPI
 from shepard_lib.clock import REAL_CLOCK, Clock
-from shepard_lib.errors import ConfigError, ConsulError, PlanError
+from shepard_lib.errors import ConfigError, ConsulError, LockLost, PlanError
 from shepard_lib.model import Job, TxnOp, TxnVerb
 
 __all__ = [
@@ -184,8 +184,8 @@ class Member:
     member is held by exactly one claim), ``session`` that claimant's Consul session ID (a member
     whose session is gone can be reclaimed) and ``holder_name`` says who it is, for humans.
     ``restarts_before`` / ``started_before`` are the task's restart count and start time read
-    before the trigger, and ``trigger_index`` the trigger key's ModifyIndex then (method
-    consul_key), so a reclaimer can tell whether the trigger was written or already took effect.
+    before the trigger, so a reclaimer can tell whether the restart already took effect (with
+    method consul_key the claim and the trigger are one transaction: a claimed member was triggered).
     ``claim_index`` is the plan ModifyIndex the claim was applied at (see the module docs).
     ``recovered`` marks a failed member whose task is healthy again (it no longer counts as down).
     ``error`` is why it failed, or why it was skipped.
@@ -201,7 +201,6 @@ class Member:
     holder_name: str | None = None
     restarts_before: int | None = None
     started_before: float | None = None
-    trigger_index: int | None = None
     claim_index: int | None = None
     rerun: bool = False
     recovered: bool = False
@@ -219,7 +218,6 @@ class Member:
             "holder_name": self.holder_name,
             "restarts_before": self.restarts_before,
             "started_before": self.started_before,
-            "trigger_index": self.trigger_index,
             "claim_index": self.claim_index,
             "rerun": self.rerun,
             "recovered": self.recovered,
@@ -241,7 +239,6 @@ class Member:
             holder_name=_opt(data.get("holder_name"), _str),
             restarts_before=_opt(data.get("restarts_before"), _int),
             started_before=_opt(data.get("started_before"), _float),
-            trigger_index=_opt(data.get("trigger_index"), _int),
             claim_index=_opt(data.get("claim_index"), _int),
             rerun=bool(data.get("rerun", False)),
             recovered=bool(data.get("recovered", False)),
@@ -549,7 +546,6 @@ def claim(
     started_before: float | None,
     now: float,
     index: int = 0,
-    trigger_index: int | None = None,
 ) -> Plan:
     """``pending`` -> ``restarting`` by ``holder``, applied at plan ModifyIndex ``index``; idempotent.
 
@@ -579,7 +575,6 @@ def claim(
         holder_name=holder_name,
         restarts_before=restarts_before,
         started_before=started_before,
-        trigger_index=trigger_index,
         claim_index=index,
         rerun=False,
         recovered=False,
@@ -755,7 +750,6 @@ def _back_to_pending(m: Member, now: float) -> Member:
         holder_name=None,
         restarts_before=None,
         started_before=None,
-        trigger_index=None,
         claim_index=None,
         rerun=False,
         recovered=False,
@@ -948,6 +942,15 @@ class PlanStore:
             )
             return None
 
+    def known(self, key: str) -> tuple[Plan | None, int]:
+        """The plan at ``key`` as last seen in this process (a read when nothing is known).
+
+        It may be stale: act on it (every write is a CAS that a stale plan cannot pass), but
+        conclude from :meth:`read`.
+        """
+        known = self._known.get(key)
+        return known if known is not None else self.read(key)
+
     def load(self, key: str) -> Plan | None:
         """The plan at ``key``, or None."""
         return self.read(key)[0]
@@ -956,8 +959,16 @@ class PlanStore:
         """Apply ``change`` atomically (see the class docstring); returns the plan as written."""
         return self.update_at(key, lambda plan, _index: change(plan))
 
-    def update_at(self, key: str, change: Callable[[Plan | None, int], Plan]) -> Plan:
-        """:meth:`update` with ``change(plan, index)``: ``index`` is the ModifyIndex the write is based on."""
+    def update_at(
+        self, key: str, change: Callable[[Plan | None, int], Plan], *, ops: Sequence[TxnOp] = ()
+    ) -> Plan:
+        """:meth:`update` with ``change(plan, index)``: ``index`` is the ModifyIndex the write is based on.
+
+        ``ops`` go into the same transaction after the plan's ``cas``, so the plan is written only
+        with them and they apply only with it (a fence such as the slot's ``check-index``, a
+        trigger, a slot's ``unlock``). When one of them is refused nothing is written and
+        :class:`~shepard_lib.errors.LockLost` is raised with Consul's reasons.
+        """
         last_error: Exception | None = None
         unanswered: bytes | None = None  # what a write whose answer was lost tried to store
         for attempt in range(self._attempts):
@@ -994,7 +1005,9 @@ class PlanStore:
                 else:
                     encoded = updated.encode()
                     try:
-                        result = self._consul.txn([TxnOp(TxnVerb.CAS, key, value=encoded, index=index)])
+                        result = self._consul.txn(
+                            [TxnOp(TxnVerb.CAS, key, value=encoded, index=index), *ops]
+                        )
                     except ConsulError as exc:
                         if not _ambiguous(exc):
                             raise
@@ -1008,6 +1021,9 @@ class PlanStore:
                             else:
                                 self._known.forget(key)
                             return updated
+                        refused = [what for number, what in result.errors if number > 0]
+                        if refused:
+                            raise LockLost(f"plan {key} not written: {'; '.join(refused)}")
                         self._known.forget(key)
                         last_error = None
                         if not fresh:

@@ -455,6 +455,7 @@ class RollingRestart:
                     with lock:
                         outcomes.append(outcome)
             finally:
+                coordinator.release_slots()  # before the session ends: no lock-delay on the slot
                 coordinator.session.destroy()
 
         threads = [
@@ -720,9 +721,10 @@ class _Registration:
 
 
 def _drive(coordinator: Coordinator, target: Target, scope: TaskScope) -> MemberOutcome:
-    """``coordinator.drive(target)``; an error is reported as this allocation's outcome, not raised."""
+    """``coordinator.drive(target)``, keeping the slot for the worker's next member; an error is
+    reported as this allocation's outcome, not raised."""
     try:
-        return coordinator.drive(target)
+        return coordinator.drive(target, keep_slot=True)
     except ShepardError as exc:
         log.error("%s alloc %s: %s", scope_label(scope), target.alloc_id, exc)
         return MemberOutcome(target, Outcome.SKIPPED, f"error: {exc}")

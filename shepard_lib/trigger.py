@@ -64,23 +64,32 @@ class Trigger:
         else:
             self._restart_through_nomad(ref, alloc_id, slot)
 
+    def ops(self, ref: TaskRef, slot: Slot) -> list[TxnOp]:
+        """Method consul_key's restart as txn ops, fenced by ``slot``: ``check-session`` and
+        ``check-index`` on the slot key, then ``set`` of a fresh value on the trigger key.
+
+        The coordinator sends them in the claim's transaction, so a claimed member was triggered.
+        """
+        return [
+            TxnOp(TxnVerb.CHECK_SESSION, slot.key, session=slot.session_id),
+            TxnOp(TxnVerb.CHECK_INDEX, slot.key, index=slot.index),
+            TxnOp(TxnVerb.SET, self._keyspace.trigger_key(ref), value=secrets.token_hex(16).encode("ascii")),
+        ]
+
     def _write_trigger_key(self, ref: TaskRef, slot: Slot) -> None:
-        key = self._keyspace.trigger_key(ref)
-        value = secrets.token_hex(16)
-        result = self._consul.txn(
-            [
-                TxnOp(TxnVerb.CHECK_SESSION, slot.key, session=slot.session_id),
-                TxnOp(TxnVerb.CHECK_INDEX, slot.key, index=slot.index),
-                TxnOp(TxnVerb.SET, key, value=value.encode("ascii")),
-            ]
-        )
+        result = self._consul.txn(self.ops(ref, slot))
         if not result.ok:
             reasons = "; ".join(what for _, what in result.errors) or "transaction rolled back"
             raise LockLost(
                 f"restart of {describe(ref)} not triggered: {slot.key} is no longer held by this acquisition "
                 f"({reasons})"
             )
-        log.info("%s: restart triggered through %s (fenced by %s)", describe(ref), key, slot.key)
+        log.info(
+            "%s: restart triggered through %s (fenced by %s)",
+            describe(ref),
+            self._keyspace.trigger_key(ref),
+            slot.key,
+        )
 
     def _restart_through_nomad(self, ref: TaskRef, alloc_id: str, slot: Slot) -> None:
         entry = self._consul.get(slot.key, consistent=True)

@@ -6,14 +6,22 @@ busy with another restart), then queued on that task's worker, which hands each 
 :meth:`Coordinator.handle_change`, one at a time (one coordinator drives one member at a time,
 see :mod:`shepard_lib.coordinator`).
 
+**Lanes.** A worker keeps its restart slot after its member is through (``drive(...,
+keep_slot=True)``) and, while it holds it, drives the task's other pending members, whichever
+node they are on, one after the other: any slot holder may write any allocation's trigger key,
+and Nomad on that node renders it. So a rollout across many agents runs in at most ``c`` lanes
+that hand nothing over between restarts; the agents still waiting for a slot are not woken by
+every restart (their blocking query is on the slot prefix, which a lane leaves alone), and when a
+lane ends they find their members done (a slot wait first asks whether its member still needs a
+slot). A lane gives its slot back when the plan has no pending member left.
+
 **No rollout depends on every agent being alive.** Once its own members are through, a worker
 stays while the task's plan (every node's plan of the task with ``lock_scope: node``) still has
 members pending or restarting, and drives, through :meth:`Coordinator.drive`, each member that
 no live agent will: a ``pending`` member on a node whose heartbeat key
 ``<prefix>/nodes/<node>`` is not held by a session (its agent is dead or was never there), or a
-``restarting`` one on such a node whose holder's session is gone. Any slot holder may write any
-allocation's trigger key, and Nomad on that node renders it. The worker wakes when a heartbeat
-changes (the agent watches the ``nodes/`` prefix) and at least every session TTL.
+``restarting`` one on such a node whose holder's session is gone. The worker wakes when a
+heartbeat changes (the agent watches the ``nodes/`` prefix) and at least every session TTL.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import random
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -102,6 +111,7 @@ class _Worker:
         self._done = done
         self._skipped: set[tuple[str, int]] = set()  # (alloc, generation) that cannot be driven
         self._retry_at: dict[tuple[str, int], float] = {}  # whose drive failed, and when to try it again
+        self._lane: Coordinator | None = None  # the coordinator that keeps this worker's slot, if any
         self.thread = threading.Thread(
             target=self._run, name=f"shepard-rollout[{'/'.join(name)}]", daemon=True
         )
@@ -117,12 +127,25 @@ class _Worker:
                 if changes:
                     self._handle(changes)
                     continue
-                if not self._drive_orphan() and not self._idle():
+                if self._drive_orphan():
+                    continue
+                self._end_lane()
+                if not self._idle():
                     return
         except Exception:
             log.exception("rollout worker of %s failed", self.label)
         finally:
+            self._end_lane()
             self._done(self)
+
+    def _end_lane(self) -> None:
+        """Give the kept slot back: no member is left for this worker's lane."""
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            try:
+                lane.release_slots()
+            except ShepardError as exc:  # released when the session ends anyway
+                log.warning("%s: giving the restart slot back failed: %s", self.label, exc)
 
     def _take(self) -> list[Change]:
         with self.lock:
@@ -175,9 +198,20 @@ class _Worker:
         return outcome
 
     def _coordinator(self) -> Coordinator | None:
+        """The lane's coordinator while its session is the agent's current one, else a new one."""
         if not self.host.wait_for_session():
             return None
-        return self.host.coordinator()
+        current = self.host.coordinator()
+        lane = self._lane
+        if lane is not None and current is not None and lane.session is current.session:
+            return lane
+        self._end_lane()
+        self._lane = current
+        return current
+
+    def _in_lane(self) -> bool:
+        """Whether this worker keeps a restart slot (so it drives any pending member)."""
+        return self._lane is not None and self._lane.keeps_slot
 
     # --- members nobody else will drive --------------------------------------------------------------
 
@@ -214,16 +248,20 @@ class _Worker:
         return plans
 
     def _drive_orphan(self) -> bool:
-        """Drive one member that no live agent will; True if one was driven."""
+        """Drive one member that no live agent will (in a lane: any pending one); True if one was driven."""
         try:
             plans = self._plans()
             if not plans:
                 return False
-            alive = self._alive_nodes()
+            lane = self._in_lane()
+            alive = set() if lane else self._alive_nodes()
             me = self.host.coordinator()
             own_session = me.session.id if me is not None else None
             for plan, _ in plans:
-                for alloc_id, m in sorted(plan.members.items(), key=lambda kv: kv[1].alloc_index):
+                members = sorted(plan.members.items(), key=lambda kv: kv[1].alloc_index)
+                if lane:
+                    _RNG.shuffle(members)  # lanes spread over the pending members instead of colliding
+                for alloc_id, m in members:
                     if (alloc_id, m.generation) in self._skipped:
                         continue
                     if self._retry_at.get((alloc_id, m.generation), 0.0) > self.host.clock.monotonic():
@@ -272,7 +310,7 @@ class _Worker:
                 alloc_id,
                 node,
             )
-        outcome = self._with_session(lambda c: c.drive(target))
+        outcome = self._with_session(lambda c: c.drive(target, keep_slot=True))
         if outcome is None:  # an error, logged: look at the member again after recheck_interval, not never
             retry_at = self.host.clock.monotonic() + self.host.recheck_interval()
             self._retry_at[(alloc_id, generation)] = retry_at
@@ -304,13 +342,14 @@ class _Worker:
 
 
 _LIVE = (AllocClientStatus.RUNNING, AllocClientStatus.PENDING)
+_RNG = random.Random()
 
 
 def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:
     """Drive a registered change; register it first (``handle_change``) if the registrar could not."""
     if change.target is not None:
-        return coordinator.drive(change.target)
-    return coordinator.handle_change(change.alloc, change.task)
+        return coordinator.drive(change.target, keep_slot=True)
+    return coordinator.handle_change(change.alloc, change.task, keep_slot=True)
 
 
 def _open(plan: Plan) -> bool:

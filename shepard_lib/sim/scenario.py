@@ -6,6 +6,7 @@ A scenario is YAML (or the equivalent dict)::
     nodes: [n1, n2, n3]          # or a count: 3 (node-1..node-3)
     jobs:
       - name: web
+        # id: web-prod           # the job ID (`job "web-prod" { name = "web" }`); defaults to name
         meta: {shepard_concurrency: "2"}
         groups:
           - name: app
@@ -22,6 +23,10 @@ A scenario is YAML (or the equivalent dict)::
       healthy_after: 0.5s
       register_after: 100ms      # running in Nomad until the service is in Consul
     keys: {config/web: "v1"}
+
+A job with ``parameterized: {meta_required: [...], meta_optional: [...], payload: optional}`` is a
+parameterized batch job: it places no allocation, and each dispatch (``POST /v1/job/<id>/dispatch``)
+registers a child job ``<id>/dispatch-<unix>-<8 hex>`` whose name is its ID, as Nomad does.
 
 :func:`load_scenario` validates it and raises :class:`ScenarioError` with one message per problem,
 each naming the key path (``jobs[0].groups[0].count: ...``).
@@ -51,6 +56,7 @@ __all__ = [
     "JobSpec",
     "LogSpec",
     "NodeSpec",
+    "Parameterized",
     "RestartPolicy",
     "Scenario",
     "ScenarioError",
@@ -132,13 +138,39 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
+class Parameterized:
+    """A job's ``parameterized`` block: what a dispatch must and may pass."""
+
+    payload: str = "optional"  # "optional" | "required" | "forbidden"
+    meta_required: tuple[str, ...] = ()
+    meta_optional: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class JobSpec:
-    """A service job."""
+    """A job: a service job, or a parameterized batch job (``parameterized``) and its dispatched children.
+
+    ``id`` is the job ID (``job "<id>" { name = "<name>" }``); empty means the ID is ``name``, as
+    when a jobspec sets no ``name``. A dispatched child has ``parent_id`` set.
+    """
 
     name: str
     groups: tuple[GroupSpec, ...]
     namespace: str = "default"
     meta: Mapping[str, str] = field(default_factory=dict)
+    id: str = ""
+    parameterized: Parameterized | None = None
+    parent_id: str = ""
+
+    @property
+    def job_id(self) -> str:
+        """The job ID: ``id``, or ``name`` when no ID was given."""
+        return self.id or self.name
+
+    @property
+    def batch(self) -> bool:
+        """A batch job: parameterized jobs and their children are (Nomad allows nothing else)."""
+        return self.parameterized is not None or bool(self.parent_id)
 
 
 @dataclass(frozen=True)
@@ -256,9 +288,19 @@ _GROUP = vol.Schema(
         vol.Optional("meta", default=dict): _STR_MAP,
     }
 )
+_PAYLOADS = ("optional", "required", "forbidden")
+_PARAMETERIZED = vol.Schema(
+    {
+        vol.Optional("payload", default="optional"): vol.In(_PAYLOADS),
+        vol.Optional("meta_required", default=list): [str],
+        vol.Optional("meta_optional", default=list): [str],
+    }
+)
 _JOB = vol.Schema(
     {
         vol.Required("name"): _NAME,
+        vol.Optional("id"): _NAME,
+        vol.Optional("parameterized"): _PARAMETERIZED,
         vol.Optional("namespace", default="default"): _NAME,
         vol.Optional("meta", default=dict): _STR_MAP,
         vol.Required("groups"): vol.All([_GROUP], vol.Length(min=1)),
@@ -382,6 +424,8 @@ def _build(data: dict[str, Any]) -> Scenario:
     jobs = tuple(
         JobSpec(
             name=j["name"],
+            id=j.get("id", ""),
+            parameterized=_parameterized(j["parameterized"]) if "parameterized" in j else None,
             namespace=j["namespace"],
             meta=dict(j["meta"]),
             groups=tuple(
@@ -402,6 +446,10 @@ def _build(data: dict[str, Any]) -> Scenario:
         region=data["region"],
         key_prefix=data["key_prefix"],
     )
+
+
+def _parameterized(p: dict[str, Any]) -> Parameterized:
+    return Parameterized(p["payload"], tuple(p["meta_required"]), tuple(p["meta_optional"]))
 
 
 def _task(t: dict[str, Any]) -> TaskSpec:
@@ -430,8 +478,17 @@ def _task(t: dict[str, Any]) -> TaskSpec:
 def _semantic_problems(scenario: Scenario) -> list[str]:
     problems: list[str] = []
     _duplicates(problems, "nodes", [n.name for n in scenario.nodes])
-    _duplicates(problems, "jobs", [f"{j.namespace}/{j.name}" for j in scenario.jobs])
+    _duplicates(problems, "jobs", [f"{j.namespace}/{j.job_id}" for j in scenario.jobs])
     for ji, job in enumerate(scenario.jobs):
+        both = (
+            sorted(set(job.parameterized.meta_required) & set(job.parameterized.meta_optional))
+            if job.parameterized
+            else []
+        )
+        if both:
+            problems.append(
+                f"jobs[{ji}].parameterized: meta keys both required and optional: {', '.join(both)}"
+            )
         _duplicates(problems, f"jobs[{ji}].groups", [g.name for g in job.groups])
         for gi, group in enumerate(job.groups):
             where = f"jobs[{ji}].groups[{gi}]"
@@ -478,13 +535,14 @@ def web_scenario(
     concurrency: int | None = None,
     seed: int = 1,
     restart: str | dict[str, Any] = "1s",
-    healthy_after: str = "500ms",
+    healthy_after: str | dict[str, Any] = "500ms",
     unhealthy_if_broken: bool = True,
 ) -> dict[str, Any]:
     """The scenario dict most tests use: job ``web``, group ``app`` of ``count`` allocations over ``nodes``
     (a count, or names), task ``server`` managed by Shepard with service ``web`` and ``config/web`` rendered
     with ``change_mode = "noop"``; ``config/web: broken`` makes its check fail (``unhealthy_if_broken``).
-    ``concurrency`` sets the job meta ``shepard_concurrency``; ``restart`` is a duration or a distribution.
+    ``concurrency`` sets the job meta ``shepard_concurrency``; ``restart`` and ``healthy_after`` are durations
+    or distributions.
     """
     task: dict[str, Any] = {
         "name": "server",

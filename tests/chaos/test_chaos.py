@@ -36,16 +36,27 @@ import random
 import threading
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from chaos_support import (
+    KEYS,
+    KILL_STEPS,
+    LOCK_DELAY,
+    SCALE,
+    SCOPE,
+    TTL,
+    FencedWrites,
+    chaos_config,
+    check_every_trigger_fenced_and_written_once,
+    check_plan_complete,
+    scenario,
+)
+from fault_support import SkewedClock
 
-from shepard_lib.backends import ConsulAPI
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
-from shepard_lib.clock import Clock
-from shepard_lib.config import ConsulConfig, NomadConfig, default_config
 from shepard_lib.coordinator import (
     Coordinator,
     CoordinatorOptions,
@@ -56,77 +67,19 @@ from shepard_lib.coordinator import (
     Step,
     Target,
 )
-from shepard_lib.keyspace import Keyspace, TaskRef, TaskScope
-from shepard_lib.model import Allocation, TxnOp, TxnResult, TxnVerb
-from shepard_lib.plan import MemberState, PlanStore
+from shepard_lib.model import Allocation
+from shepard_lib.plan import PlanStore
 from shepard_lib.rollout import RollingRestart, RolloutOptions, RolloutResult
 from shepard_lib.session import Session
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
-from shepard_lib.sim.scenario import web_scenario
 
 SEEDS = range(int(os.environ.get("SHEPARD_CHAOS_SEEDS", "20")))
-SCALE = 10.0
 ALLOCS = 14
 CONCURRENCY = 3
-TTL = 20.0
-LOCK_DELAY = 3.0
-KEYS = Keyspace()
-SCOPE = TaskScope("web", "app", "server")
-KILL_STEPS = (Step.SLOT, Step.CLAIMED, Step.TRIGGERED, Step.HEALTHY)
+NODES = ["node-1", "node-2", "node-3", "node-4"]
 MAX_SKEW = 30.0
 CLIENT_TIMEOUT = 1.0
 """Real seconds a coordinator's Consul client waits for an answer; a late write or reply waits longer."""
-
-
-def scenario(seed: int) -> dict[str, Any]:
-    return web_scenario(
-        count=ALLOCS,
-        nodes=["node-1", "node-2", "node-3", "node-4"],
-        concurrency=CONCURRENCY,
-        seed=seed,
-        restart={"lognormal": {"median": "1s", "sigma": 0.4}},
-        unhealthy_if_broken=False,
-    )
-
-
-class FencedWrites:
-    """A ConsulAPI proxy recording every attempt to write a trigger key, and whether it was fenced."""
-
-    def __init__(self, inner: ConsulAPI, record: list[tuple[str, bool]], lock: threading.Lock) -> None:
-        self._inner = inner
-        self._record = record
-        self._lock = lock
-
-    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
-        verbs = {op.verb for op in ops}
-        fenced = {TxnVerb.CHECK_SESSION, TxnVerb.CHECK_INDEX} <= verbs
-        with self._lock:
-            self._record += [(op.key, fenced) for op in ops if op.key.startswith("shepard/keys/")]
-        return self._inner.txn(ops)
-
-    def put(self, key: str, value: bytes | str, **kwargs: Any) -> bool:
-        if key.startswith("shepard/keys/"):
-            with self._lock:
-                self._record.append((key, False))
-        return self._inner.put(key, value, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class SkewedClock(Clock):
-    """The cluster clock as read on a host whose wall clock is ``skew`` seconds off."""
-
-    def __init__(self, base: Clock, skew: float) -> None:
-        super().__init__(base.scale)
-        self._base = base
-        self._skew = skew
-
-    def time(self) -> float:
-        return self._base.time() + self._skew
-
-    def monotonic(self) -> float:
-        return self._base.monotonic()
 
 
 @dataclass
@@ -147,27 +100,19 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     sim_cluster_factory: SimClusterFactory, seed: int
 ) -> None:
     rng = random.Random(seed)
-    sim = sim_cluster_factory(scenario(seed), time_scale=SCALE)
-    clock = sim.clock
-    cfg = replace(
-        default_config(),
-        consul=ConsulConfig(address=sim.consul_addr),
-        nomad=NomadConfig(address=sim.nomad_addr),
-        session_ttl=TTL,
-        lock_delay=LOCK_DELAY,
-        min_healthy_time=1.0,
-        healthy_deadline=120.0,  # 12 real seconds: a loaded machine must not fail a healthy restart
+    sim = sim_cluster_factory(
+        scenario(seed, count=ALLOCS, nodes=NODES, concurrency=CONCURRENCY), time_scale=SCALE
     )
-    fenced: list[tuple[str, bool]] = []
-    fenced_lock = threading.Lock()
+    clock = sim.clock
+    cfg = chaos_config(sim)
     sessions_consul = ConsulBackend(cfg.consul, clock)  # renewals keep the default timeout
-    consul = FencedWrites(ConsulBackend(cfg.consul, clock, timeout=CLIENT_TIMEOUT), fenced, fenced_lock)
+    consul = FencedWrites(ConsulBackend(cfg.consul, clock, timeout=CLIENT_TIMEOUT))
     nomad = NomadBackend(cfg.nomad, clock)
     options = CoordinatorOptions.from_config(cfg)
     allocs: list[Allocation] = sorted(nomad.job_allocations("web"), key=lambda a: a.index)
     victims = dict(zip(rng.sample(range(ALLOCS), 3), (rng.choice(KILL_STEPS) for _ in range(3)), strict=True))
     partitioned = rng.choice([i for i in range(ALLOCS) if i not in victims])
-    drained = rng.choice(["node-1", "node-2", "node-3", "node-4"])
+    drained = rng.choice(NODES)
     drain_after = rng.randint(1, ALLOCS // 2)  # restarts seen by the rollout before the drain
     skews = [rng.uniform(-MAX_SKEW, MAX_SKEW) for _ in range(ALLOCS)]
     kills: list[Kill] = []
@@ -294,12 +239,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     replacements = {sim.nomad.state.allocs[a].next_allocation for a in stopped}
     assert not replacements & set(counts), f"{where}: a replacement restarted outside the plan"
     assert {r.cause for r in restarts} == {"template"}, where
-    # No trigger without a held slot: every trigger-key write was fenced by session and token,
-    # and none landed twice (a late write applied after its answer was lost would show here).
-    assert fenced and all(ok for _, ok in fenced), f"{where}: unfenced trigger writes {fenced}"
-    for key in {key for key, _ in fenced}:
-        entry = sim.consul_state.kv_get(key)
-        assert entry is None or entry.create_index == entry.modify_index, f"{where}: {key} written twice"
+    check_every_trigger_fenced_and_written_once(sim, consul, where)
     # A victim whose own session was lost first (renewals starved) stopped cleanly instead.
     assert kills, where
     survivors = {n: outcomes.get(n) for n in victims if n not in {k.number for k in kills}}
@@ -309,14 +249,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
         if kill.slot_key is not None:
             assert kill.freed_after is not None, f"{where}: {kill.slot_key} never freed"
             assert kill.freed_after <= 2 * TTL + LOCK_DELAY, f"{where}: {kill}"
-    plan = PlanStore(consul).load(KEYS.task_lock_key(SCOPE))
-    assert plan is not None, where
-    unfinished = {
-        m.alloc_index: (m.state.value, m.holder_name)
-        for a, m in plan.members.items()
-        if m.state != MemberState.DONE and not (a in stopped and m.state == MemberState.SKIPPED)
-    }
-    assert plan.status.value == "complete" and not unfinished, (where, unfinished)
+    check_plan_complete(consul, where, stopped)
     assert result["r"].ok, f"{where}; rollout not ok: {_not_ok(result['r'])}"
 
 
@@ -339,7 +272,3 @@ def _not_ok(result: RolloutResult) -> str:
         + (f" (by {o.by})" if o.by else "")
         for o in (*result.failed, *result.skipped)
     )
-
-
-def _ref(alloc: Allocation) -> TaskRef:
-    return TaskRef(alloc.node_name, alloc.job_id, alloc.task_group, "server", alloc.index)

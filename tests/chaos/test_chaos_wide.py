@@ -23,71 +23,35 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any
 
 import pytest
+from chaos_support import (
+    KEYS,
+    KILL_STEPS,
+    LOCK_DELAY,
+    SCALE,
+    SCOPE,
+    TTL,
+    FencedWrites,
+    chaos_config,
+    check_every_trigger_fenced_and_written_once,
+    check_plan_complete,
+    scenario,
+)
 
-from shepard_lib.backends import ConsulAPI
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
-from shepard_lib.config import ConsulConfig, NomadConfig, default_config
 from shepard_lib.coordinator import Coordinator, CoordinatorOptions, SimulatedCrash, Step, Target
-from shepard_lib.keyspace import Keyspace, TaskScope
-from shepard_lib.model import Allocation, TxnOp, TxnResult, TxnVerb
-from shepard_lib.plan import MemberState, PlanStore
+from shepard_lib.model import Allocation
+from shepard_lib.plan import PlanStore
 from shepard_lib.rollout import RollingRestart, RolloutOptions
 from shepard_lib.session import Session
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
-from shepard_lib.sim.scenario import web_scenario
 
 SEEDS = range(2)
-SCALE = 10.0
 ALLOCS = 100
 CONCURRENCY = 20
-TTL = 20.0
-LOCK_DELAY = 3.0
-KEYS = Keyspace()
-SCOPE = TaskScope("web", "app", "server")
-KILL_STEPS = (Step.SLOT, Step.CLAIMED, Step.TRIGGERED, Step.HEALTHY)
-FENCES = (TxnVerb.CHECK_SESSION, TxnVerb.CHECK_INDEX)
-
-
-def scenario(seed: int) -> dict[str, Any]:
-    return web_scenario(
-        count=ALLOCS,
-        nodes=10,
-        concurrency=CONCURRENCY,
-        seed=seed,
-        restart={"lognormal": {"median": "1s", "sigma": 0.4}},
-        unhealthy_if_broken=False,
-    )
-
-
-class FencedWrites:
-    """A ConsulAPI proxy recording every attempt to write a trigger key, and whether a slot fenced it."""
-
-    def __init__(self, inner: ConsulAPI) -> None:
-        self._inner = inner
-        self._lock = threading.Lock()
-        self.attempts: list[tuple[str, bool]] = []
-
-    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
-        slots = KEYS.slot_prefix(SCOPE)
-        fenced = {op.verb for op in ops if op.key.startswith(slots)} >= set(FENCES)
-        with self._lock:
-            self.attempts += [(op.key, fenced) for op in ops if op.key.startswith(KEYS.keys_prefix())]
-        return self._inner.txn(ops)
-
-    def put(self, key: str, value: bytes | str, **kwargs: Any) -> bool:
-        if key.startswith(KEYS.keys_prefix()):
-            with self._lock:
-                self.attempts.append((key, False))
-        return self._inner.put(key, value, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+NODES = 10
 
 
 pytestmark = pytest.mark.usefixtures("no_client_env")
@@ -98,17 +62,11 @@ def test_a_wide_rollout_keeps_the_invariants_under_kills_and_consul_errors(
     sim_cluster_factory: SimClusterFactory, seed: int
 ) -> None:
     rng = random.Random(seed)
-    sim = sim_cluster_factory(scenario(seed), time_scale=SCALE)
-    clock = sim.clock
-    cfg = replace(
-        default_config(),
-        consul=ConsulConfig(address=sim.consul_addr),
-        nomad=NomadConfig(address=sim.nomad_addr),
-        session_ttl=TTL,
-        lock_delay=LOCK_DELAY,
-        min_healthy_time=1.0,
-        healthy_deadline=120.0,  # 12 real seconds: a loaded machine must not fail a healthy restart
+    sim = sim_cluster_factory(
+        scenario(seed, count=ALLOCS, nodes=NODES, concurrency=CONCURRENCY), time_scale=SCALE
     )
+    clock = sim.clock
+    cfg = chaos_config(sim)
     consul = FencedWrites(ConsulBackend(cfg.consul, clock))
     nomad = NomadBackend(cfg.nomad, clock)
     options = CoordinatorOptions.from_config(cfg)
@@ -165,15 +123,6 @@ def test_a_wide_rollout_keeps_the_invariants_under_kills_and_consul_errors(
     assert sim.peak_concurrency("web", "app", "server") <= CONCURRENCY, where
     assert Counter(r.alloc_id for r in restarts) == {a.id: 1 for a in allocs}, where
     assert {r.cause for r in restarts} == {"template"}, where
-    # No trigger without a held slot: every attempt to write a trigger key was fenced by the slot's
-    # session and token, and none landed twice (a write applied late would show here).
-    unfenced = [key for key, fenced in consul.attempts if not fenced]
-    assert consul.attempts and not unfenced, f"{where}: unfenced trigger writes {unfenced}"
-    for key in {key for key, _ in consul.attempts}:
-        entry = sim.consul_state.kv_get(key)
-        assert entry is None or entry.create_index == entry.modify_index, f"{where}: {key} written twice"
-    plan = PlanStore(consul).load(KEYS.task_lock_key(SCOPE))
-    assert plan is not None, where
-    unfinished = {m.alloc_index: m.state.value for m in plan.members.values() if m.state != MemberState.DONE}
-    assert plan.status.value == "complete" and not unfinished, (where, unfinished)
+    check_every_trigger_fenced_and_written_once(sim, consul, where)
+    check_plan_complete(consul, where)
     assert not result.failed, (where, [o.to_dict() for o in result.failed])

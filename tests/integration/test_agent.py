@@ -56,9 +56,7 @@ def test_key_change_restarts_every_allocation_once_one_at_a_time_each_healthy_fi
     restarts = [r for r in sim.restarts() if r.job == "web"]
     assert Counter(r.alloc_id for r in restarts) == Counter({a: 1 for a in plan.members}), restarts
     assert len(plan.members) == 9
-    assert all(m.holder_name == m.node for m in plan.members.values()), (
-        "with every agent alive, each did its own"
-    )
+    assert {m.holder_name for m in plan.members.values()} <= set(running), "each driven by a live agent"
     assert sim.peak_concurrency("web", "app", "server") == 1
     ordered = sorted(restarts, key=lambda r: r.stopped_at or 0)
     for before, after in itertools.pairwise(ordered):
@@ -77,9 +75,7 @@ def test_at_concurrency_two_each_allocation_restarts_once_and_never_more_than_tw
         plan = wait_plan(sim, complete(9))
     counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
     assert counts == Counter({a: 1 for a in plan.members}) and len(counts) == 9
-    assert all(m.holder_name == m.node for m in plan.members.values()), (
-        "with every agent alive, each did its own"
-    )
+    assert {m.holder_name for m in plan.members.values()} <= {"n1", "n2", "n3"}, "each driven by an agent"
     assert 1 <= sim.peak_concurrency("web", "app", "server") <= 2
 
 
@@ -403,11 +399,11 @@ def test_a_member_whose_drive_fails_twice_is_tried_again_not_dropped(
     failures: Counter[str] = Counter()
     real_drive = Coordinator.drive
 
-    def flaky_drive(self: Coordinator, target: Any) -> Any:
+    def flaky_drive(self: Coordinator, target: Any, **kwargs: Any) -> Any:
         if not failures or (target.alloc_id in failures and failures[target.alloc_id] < 2):
             failures[target.alloc_id] += 1
             raise PlanError(f"plan update of {target.alloc_id} lost every race (injected)")
-        return real_drive(self, target)
+        return real_drive(self, target, **kwargs)
 
     monkeypatch.setattr(Coordinator, "drive", flaky_drive)
     with agents(sim, ["n1"]):

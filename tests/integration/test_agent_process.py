@@ -164,28 +164,39 @@ def test_an_agent_killed_mid_rollout_leaves_nothing_stuck(
 ) -> None:
     sim = sim_cluster_factory(scenario(count=6, concurrency=1, nodes=3), time_scale=SCALE)
     keys = Keyspace(lock_scope=lock_scope)  # type: ignore[arg-type]
-    victim_scope = TaskScope("web", "app", "server", node="n2" if lock_scope == "node" else None)
-    with agent_processes(sim, tmp_path, ["n1", "n2", "n3"], lock_scope=lock_scope) as running:
-        victim = heartbeat_session(sim, "n2", keys)
+    nodes = ["n1", "n2", "n3"]
+
+    def scope_of(node: str) -> TaskScope:
+        return TaskScope("web", "app", "server", node=node if lock_scope == "node" else None)
+
+    with agent_processes(sim, tmp_path, nodes, lock_scope=lock_scope) as running:
+        sessions = {node: heartbeat_session(sim, node, keys) for node in nodes}
         sim.set_key("config/web", "v2")
-        plan_scope = TaskScope("web", "app", "server", node="n2" if lock_scope == "node" else None)
+        busy: list[str] = []
 
         def victim_busy() -> bool:
-            held = slot_holder(sim, victim_scope, keys)
-            plan, _ = read_plan(sim, plan_scope, keys)
-            registered = sum(m.node == "n2" for m in plan.members.values()) if plan else 0
-            return held is not None and held[0] == victim and registered == 2
+            """An agent holds a slot (cluster-wide plan: the lane) once its node's two changes are in."""
+            for node in ["n2"] if lock_scope == "node" else nodes:
+                held = slot_holder(sim, scope_of(node), keys)
+                plan, _ = read_plan(sim, scope_of(node), keys)
+                registered = sum(m.node == node for m in plan.members.values()) if plan else 0
+                if held is not None and held[0] == sessions[node] and registered == 2:
+                    busy.append(node)
+                    return True
+            return False
 
         # Killed while it holds a slot, once it has registered both of its node's changes.
-        wait_until(sim, victim_busy, "the agent of n2 holds a restart slot with both its members registered")
-        running["n2"].proc.kill()
+        wait_until(sim, victim_busy, "an agent holds a restart slot with both its members registered")
+        victim_node = busy[0]
+        victim, victim_scope = sessions[victim_node], scope_of(victim_node)
+        running[victim_node].proc.kill()
         killed_at = sim.clock.monotonic()
         wait_until(
             sim, lambda: (slot_holder(sim, victim_scope, keys) or ("",))[0] != victim, "the slot is freed"
         )
         freed_after = sim.clock.monotonic() - killed_at
         plans = {}
-        for node in ["n1", "n2", "n3"] if lock_scope == "node" else [None]:
+        for node in nodes if lock_scope == "node" else [None]:
             scope = TaskScope("web", "app", "server", node=node)
             plans[node] = wait_plan(sim, complete(2 if node else 6), scope=scope, keys=keys)
     # Consul invalidates a session at most 2 x TTL after its last renew; TTL / 2 allows for this
@@ -196,7 +207,7 @@ def test_an_agent_killed_mid_rollout_leaves_nothing_stuck(
     assert set(counts) == members and len(members) == 6
     assert all(n == 1 for n in counts.values()), counts
     per_node = Counter(r.node for r in sim.restarts())
-    assert per_node["n2"] == 2, "the dead agent's members were driven by the others"
+    assert per_node[victim_node] == 2, "the dead agent's members were driven by the others"
     if lock_scope == "cluster":
         assert sim.peak_concurrency("web", "app", "server") == 1
     else:

@@ -7,120 +7,43 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import pytest
+from coordination_support import PLAN_KEY, SCALE, Cluster, restarts_by_alloc, sets_trigger
+from coordination_support import scenario as web_scenario
+from fault_support import ConsulProxy
 
 import shepard_lib.coordinator as coordinator_module
 from shepard_lib.backends import ConsulAPI
-from shepard_lib.backends.consul import ConsulBackend
-from shepard_lib.backends.nomad import NomadBackend
-from shepard_lib.config import ConsulConfig, NomadConfig, ShepardConfig, default_config
-from shepard_lib.coordinator import (
-    Coordinator,
-    CoordinatorOptions,
-    EventKind,
-    Outcome,
-    RolloutEvent,
-    SimulatedCrash,
-    Step,
-    Target,
-    target_for,
-)
+from shepard_lib.coordinator import EventKind, Outcome, RolloutEvent, SimulatedCrash, Step, Target, target_for
 from shepard_lib.errors import ConfigError, ConsulError
-from shepard_lib.keyspace import Keyspace, TaskScope
-from shepard_lib.model import Allocation, TxnOp, TxnResult, TxnVerb
-from shepard_lib.plan import MemberState, Plan, PlanStore, register
-from shepard_lib.rollout import RollingRestart, RolloutOptions
-from shepard_lib.session import Session
+from shepard_lib.model import Allocation, TxnOp, TxnResult
+from shepard_lib.plan import MemberState, Plan, register
+from shepard_lib.rollout import RolloutOptions
 from shepard_lib.sim.cluster import SimCluster
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
-SCALE = 25.0
-KEYS = Keyspace()
-SCOPE = TaskScope("web", "app", "server")
-PLAN_KEY = KEYS.task_lock_key(SCOPE)
-
 
 def scenario(
-    count: int, job_meta: dict[str, str] | None = None, group_meta: dict[str, str] | None = None
-) -> dict:
-    return {
-        "seed": 3,
-        "nodes": ["node-1", "node-2", "node-3"],
-        "jobs": [
-            {
-                "name": "web",
-                "meta": job_meta or {},
-                "groups": [
-                    {
-                        "name": "app",
-                        "count": count,
-                        "meta": group_meta or {},
-                        "tasks": [
-                            {
-                                "name": "server",
-                                "shepard": True,
-                                "templates": [
-                                    {
-                                        "key": "config/web",
-                                        "destination": "local/app.conf",
-                                        "change_mode": "noop",
-                                    }
-                                ],
-                                "service": "web",
-                            }
-                        ],
-                    }
-                ],
-            }
-        ],
-        "timing": {"restart": "1s", "healthy_after": "500ms"},
-        "keys": {"config/web": "v1"},
-    }
+    count: int, concurrency: int | None = None, group_meta: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Seed 3; the job meta ``shepard_concurrency`` only when ``concurrency`` is given; always healthy."""
+    return web_scenario(count, concurrency, seed=3, group_meta=group_meta, unhealthy_if_broken=False)
 
 
 pytestmark = pytest.mark.usefixtures("no_client_env")
 
 
-class Agents:
-    """Backends, config and helpers for coordinators acting as agents on the sim's nodes."""
+class Agents(Cluster):
+    """A :class:`Cluster` whose coordinators act as agents on the sim's nodes."""
 
-    def __init__(self, sim: SimCluster, token: str | None = None, **changes: Any) -> None:
-        fast: dict[str, Any] = {
-            "session_ttl": 30.0,  # 1.2 real seconds: a renew every 0.6 s survives a busy machine
-            "lock_delay": 2.0,
-            "min_healthy_time": 2.0,
-            "healthy_deadline": 60.0,  # 2.4 real seconds of slack on a busy machine
-        }
-        self.sim = sim
-        self.clock = sim.clock
-        self.cfg: ShepardConfig = replace(
-            default_config(),
-            consul=ConsulConfig(address=sim.consul_addr, token=token),
-            nomad=NomadConfig(address=sim.nomad_addr, token=token),
-            **{**fast, **changes},
-        )
-        self.consul = ConsulBackend(self.cfg.consul, self.clock)
-        self.nomad = NomadBackend(self.cfg.nomad, self.clock)
-        self.options = CoordinatorOptions.from_config(self.cfg)
-        self.plans = PlanStore(self.consul, clock=self.clock)
-
-    def allocs(self) -> list[Allocation]:
-        return sorted(self.nomad.job_allocations("web"), key=lambda a: a.index)
-
-    def session(self, name: str) -> Session:
-        return Session(
-            self.consul, name, ttl=self.cfg.session_ttl, lock_delay=self.cfg.lock_delay, clock=self.clock
-        )
-
-    def coordinator(self, session: Session, name: str, **kwargs: Any) -> Coordinator:
-        return Coordinator(
-            self.consul, self.nomad, KEYS, session, self.options, clock=self.clock, name=name, **kwargs
-        )
+    TIMING = {
+        **Cluster.TIMING,
+        "session_ttl": 30.0,  # 1.2 real seconds: a renew every 0.6 s survives a busy machine
+        "healthy_deadline": 60.0,  # 2.4 real seconds of slack on a busy machine
+    }
 
     def handle(self, alloc: Allocation, seen_index: int | None, results: list[Any]) -> None:
         with self.session(f"agent {alloc.node_name}") as session:
@@ -129,23 +52,11 @@ class Agents:
             )
             results.append(outcome)
 
-    def rollout(self, **kwargs: Any) -> RollingRestart:
-        return RollingRestart(self.consul, self.nomad, self.cfg, clock=self.clock, **kwargs)
-
-    def plan(self) -> Plan:
-        plan = self.plans.load(PLAN_KEY)
-        assert plan is not None
-        return plan
-
-
-def restarts_by_alloc(sim: SimCluster) -> Counter[str]:
-    return Counter(r.alloc_id for r in sim.restarts())
-
 
 def test_agents_and_a_rollout_of_the_same_change_restart_each_allocation_once_within_concurrency(
     sim_cluster_factory: SimClusterFactory,
 ) -> None:
-    sim = sim_cluster_factory(scenario(8, job_meta={"shepard_concurrency": "2"}), time_scale=SCALE)
+    sim = sim_cluster_factory(scenario(8, concurrency=2), time_scale=SCALE)
     # Nine sessions renew while the sim serves them from this same process: a 10 s TTL (0.4 real
     # seconds) starves on a busy machine, and nothing here waits for a TTL, so give it real margin.
     agents = Agents(sim, session_ttl=60.0)
@@ -261,18 +172,20 @@ def test_killed_holder_is_taken_over_and_its_allocation_restarts_exactly_once(
         assert took >= agents.cfg.session_ttl  # only after the dead holder's session expired
 
 
-class FirstTxnFails:
+class FirstTxnFails(ConsulProxy):
     """A ConsulAPI proxy whose first trigger txn (a trigger key write) meets the sim fault ``fault``."""
 
     def __init__(self, inner: ConsulAPI, sim: SimCluster, fault: str) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._sim = sim
         self._fault = fault
         self.failed = 0
+        self.trigger_txns = 0
 
     def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
-        sets_trigger = any(op.verb == TxnVerb.SET and op.key.startswith(KEYS.keys_prefix()) for op in ops)
-        if self.failed or not sets_trigger:
+        trigger = sets_trigger(ops)
+        self.trigger_txns += trigger
+        if self.failed or not trigger:
             return self._inner.txn(ops)
         self.failed += 1
         setattr(self._sim.consul_faults, self._fault, 1.0)
@@ -281,36 +194,31 @@ class FirstTxnFails:
         finally:
             setattr(self._sim.consul_faults, self._fault, 0.0)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
 
 @pytest.mark.parametrize(
-    ("fault", "log_line"),
+    ("fault", "trigger_txns"),
     [
-        ("error_rate", "gave the member back: not triggered"),
-        ("lost_reply_rate", "trigger reported an error but may have been applied"),
+        ("error_rate", 2),  # not applied: the claim and its trigger are sent once more
+        ("lost_reply_rate", 1),  # applied: the plan read shows the claim, so it is not sent again
     ],
 )
 def test_trigger_answered_500_restarts_the_task_exactly_once_whether_or_not_it_applied(
-    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture, fault: str, log_line: str
+    sim_cluster_factory: SimClusterFactory, fault: str, trigger_txns: int
 ) -> None:
-    """The trigger txn is not repeated on a 500 (it may have applied): an unapplied one is given back
-    and triggered again, an applied one is seen to have taken effect. Sim-only (fault controls)."""
+    """The claim-and-trigger txn answered 500: one that applied is seen in the plan (the claim is in
+    the same txn), one that did not is sent again under the same CAS index, so at most one of the two
+    can ever apply. Sim-only (fault controls)."""
     sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
     agents = Agents(sim)
     consul = FirstTxnFails(agents.consul, sim, fault)
     alloc = agents.allocs()[0]
-    with agents.session("agent") as session, caplog.at_level(logging.INFO, logger="shepard_lib.coordinator"):
-        coordinator = Coordinator(
-            consul, agents.nomad, KEYS, session, agents.options, clock=agents.clock, name="agent"
-        )
+    with agents.session("agent") as session:
+        coordinator = agents.coordinator(session, "agent", consul=consul)
         outcome = coordinator.handle_change(alloc, "server")
 
-    assert consul.failed == 1
+    assert (consul.failed, consul.trigger_txns) == (1, trigger_txns)
     assert (outcome.outcome, outcome.by) == (Outcome.RESTARTED, "agent"), outcome
     assert restarts_by_alloc(sim) == {alloc.id: 1}
-    assert log_line in caplog.text
     assert agents.plan().members[alloc.id].state == MemberState.DONE
 
 
@@ -374,16 +282,17 @@ def test_tokens_never_appear_in_logs(
     assert token not in str([v.to_dict() for v in views])
 
 
-class _TriggerAnswerLostAndCheckFails:
+class _TriggerAnswerLostAndCheckFails(ConsulProxy):
     """A Consul whose first trigger txn applies but loses its answer; the next trigger-key read fails."""
 
-    def __init__(self, inner: ConsulBackend, sim: SimCluster) -> None:
-        self._inner, self._sim = inner, sim
+    def __init__(self, inner: ConsulAPI, sim: SimCluster) -> None:
+        super().__init__(inner)
+        self._sim = sim
         self.txns = 0
         self._failed_read = False
 
     def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
-        if not any(op.verb == TxnVerb.SET and op.key.startswith(KEYS.keys_prefix()) for op in ops):
+        if not sets_trigger(ops):
             return self._inner.txn(ops)  # a plan write
         self.txns += 1
         if self.txns > 1:
@@ -400,9 +309,6 @@ class _TriggerAnswerLostAndCheckFails:
             raise ConsulError(f"kv.get {key}", "rpc error making call: EOF", status=500, transient=True)
         return self._inner.get(key, consistent=consistent)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
 
 def test_a_trigger_that_may_have_applied_is_never_handed_back_and_triggered_again(
     sim_cluster_factory: SimClusterFactory,
@@ -413,9 +319,7 @@ def test_a_trigger_that_may_have_applied_is_never_handed_back_and_triggered_agai
     consul = _TriggerAnswerLostAndCheckFails(agents.consul, sim)
     (alloc,) = agents.allocs()
     with agents.session("agent") as session:
-        coordinator = Coordinator(
-            consul, agents.nomad, KEYS, session, agents.options, clock=agents.clock, name="agent"
-        )
+        coordinator = agents.coordinator(session, "agent", consul=consul)
         outcome = coordinator.handle_change(alloc, "server")
     assert consul.txns == 1, f"the trigger was sent {consul.txns} times"
     assert restarts_by_alloc(sim) == {alloc.id: 1}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import threading
 import uuid
@@ -29,7 +28,6 @@ from shepard_lib.config import ConsulConfig, NomadConfig, ShepardConfig, default
 from shepard_lib.errors import ConsulError
 from shepard_lib.gc import GCReport, GCScope, Rule, SkipReason, collect_garbage
 from shepard_lib.keyspace import Keyspace, TaskRef, TaskScope
-from shepard_lib.logsetup import ShepardHandler
 from shepard_lib.model import KVEntry, TxnOp, TxnResult
 from shepard_lib.plan import MemberSpec, PlanSettings, claim, finish, new_plan, register
 from shepard_lib.session import Session
@@ -40,6 +38,7 @@ SCALE = 20.0
 REAL_SKIP = (
     "set CONSUL_HTTP_ADDR and NOMAD_ADDR (and CONSUL_HTTP_TOKEN / NOMAD_TOKEN) to run against a real cluster"
 )
+
 
 @dataclass
 class Cluster:
@@ -429,7 +428,9 @@ def test_one_pass_reads_each_source_once_and_deletes_64_keys_per_request(
 
 
 @pytest.fixture
-def config_file(sim: SimCluster, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def config_file(
+    sim: SimCluster, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> str:
     """A config for the sim; the logging handlers ``shepard`` installs are removed afterwards."""
     monkeypatch.delenv("SHEPARD_CONFIG_PATH", raising=False)
     path = tmp_path / "shepard.yaml"
@@ -438,10 +439,7 @@ def config_file(sim: SimCluster, tmp_path: Any, monkeypatch: pytest.MonkeyPatch)
         f"session_ttl: 10s\ntime_scale: {SCALE}\n",
         encoding="utf-8",
     )
-    yield str(path)
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, ShepardHandler)]:
-        root.removeHandler(handler)
+    return str(path)
 
 
 def test_cli_dry_run_then_run_print_by_rule_and_exit_0(

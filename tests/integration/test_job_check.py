@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from shepard_lib.keyspace import shepard_template
 from shepard_lib.sim.pytest_plugin import DEFAULT_TIME_SCALE, SimClusterFactory
@@ -85,6 +86,47 @@ SCENARIO: dict[str, Any] = {
                 }
             ],
         },
+        {
+            "name": "api",
+            "id": "api-prod",
+            "groups": [
+                {"name": "app", "count": 1, "tasks": [{"name": "server", "shepard": True, "service": "api"}]}
+            ],
+        },
+        {
+            "name": "api-old",
+            "id": "api-old-prod",
+            "groups": [
+                {
+                    "name": "app",
+                    "count": 1,
+                    "tasks": [
+                        {
+                            "name": "server",
+                            "service": "api",
+                            "templates": [
+                                {
+                                    "data": shepard_template().replace('"NOMAD_JOB_ID"', '"NOMAD_JOB_NAME"'),
+                                    "destination": "local/shepard.tpl",
+                                    "change_mode": "restart",
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ],
+        },
+        {
+            "name": "batch",
+            "parameterized": {},
+            "groups": [
+                {
+                    "name": "work",
+                    "count": 1,
+                    "tasks": [{"name": "worker", "shepard": True, "service": "worker"}],
+                }
+            ],
+        },
     ],
     "keys": {"config/web": "v1"},
 }
@@ -141,6 +183,33 @@ def test_an_unknown_job_is_a_usage_error(nomad_addr: str) -> None:
     done = run_check(sim_env(nomad_addr), "nosuchjob")
     assert done.returncode == 2
     assert "nosuchjob" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_job_whose_name_differs_from_its_id_is_ready(nomad_addr: str) -> None:
+    done = run_check(sim_env(nomad_addr), "api-prod", "--output", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert (report["job"], report["ready"]) == ("api-prod", True)
+    assert report["tasks"][0]["findings"] == []
+
+
+def test_a_template_reading_the_job_name_of_a_renamed_job_exits_1_with_the_fix(nomad_addr: str) -> None:
+    done = run_check(sim_env(nomad_addr), "api-old-prod", "--output", "json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    (finding,) = json.loads(done.stdout)["tasks"][0]["findings"]
+    assert finding["code"] == "trigger_key" and finding["severity"] == "error"
+    assert "shepard/keys/node-1/api-old-prod/app/server/0" in finding["message"]
+    assert 'env "NOMAD_JOB_ID"' in finding["message"]
+
+
+def test_a_dispatched_child_is_checked_by_its_id(nomad_addr: str) -> None:
+    resp = requests.post(f"{nomad_addr}/v1/job/batch/dispatch", json={}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    child = resp.json()["DispatchedJobID"]
+    done = run_check(sim_env(nomad_addr), child, "--output", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert (report["job"], report["ready"]) == (child, True)
 
 
 @pytest.mark.real_cluster

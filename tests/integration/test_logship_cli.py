@@ -8,17 +8,14 @@ client's readable ``data_dir``, on this machine) are set; skipped otherwise.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shepard_lib.cli import main
-from shepard_lib.logsetup import ShepardHandler
 from shepard_lib.sim.cluster import SimCluster
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
@@ -35,12 +32,8 @@ REAL_SKIP = (
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _isolated(monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> None:
     monkeypatch.delenv("SHEPARD_CONFIG_PATH", raising=False)
-    yield
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, ShepardHandler)]:
-        root.removeHandler(handler)
 
 
 def _config(tmp_path: Path, nomad: str, data_dir: Path, extra: str = "", scale: float = 1.0) -> str:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shepard_lib.cli import main
-from shepard_lib.logsetup import ShepardHandler
 from shepard_lib.sim.cluster import SimCluster
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
@@ -20,12 +17,8 @@ TOKEN = "cli-acl-token-5f0e9c2a7b"
 
 
 @pytest.fixture(autouse=True)
-def _isolated(no_client_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _isolated(no_client_env: None, restore_logging: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SHEPARD_CONFIG_PATH", raising=False)
-    yield
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, ShepardHandler)]:
-        root.removeHandler(handler)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
 
 import pytest
 from rich.console import Console
@@ -61,13 +60,10 @@ def test_progress_for_picks_plain_lines_when_not_a_terminal() -> None:
 
 
 @pytest.fixture
-def shepard_logging() -> Iterator[io.StringIO]:
+def shepard_logging(restore_logging: None) -> io.StringIO:
     stream = io.StringIO()
     setup_logging("INFO", "text", stream=stream)
-    yield stream
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, ShepardHandler)]:
-        root.removeHandler(handler)
+    return stream
 
 
 def test_log_lines_go_through_the_live_display_while_it_runs(shepard_logging: io.StringIO) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -12,6 +13,14 @@ from shepard_lib.sim import RestartRecord, SimCluster, makespan, peak_concurrenc
 
 SCALE = 50.0
 SLACK = 5.0  # cluster seconds (100 ms real) of scheduling delay tolerated on a busy machine
+
+
+def _wait_until(done: Callable[[], bool], what: str, timeout: float = 5.0, poll: float = 0.005) -> None:
+    """Poll ``done`` every ``poll`` real seconds; fail with ``what`` after ``timeout`` real seconds."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(poll)
 
 
 def _scenario(count: int = 4, **timing: Any) -> dict[str, Any]:
@@ -108,10 +117,9 @@ def test_a_restarted_task_runs_before_its_service_is_registered_again(sim_cluste
     alloc = sim.nomad.allocation("web", "app", 0)
     sim.nomad.restart(alloc.id, "server")
     restarted = sim.clock.monotonic()
-    deadline = time.monotonic() + 10
-    while alloc.task_states["server"].state != "running":
-        assert time.monotonic() < deadline, "the task did not run again"
-        time.sleep(0.002)
+    _wait_until(
+        lambda: alloc.task_states["server"].state == "running", "the task did not run again", 10, 0.002
+    )
     running = sim.clock.monotonic()
     assert _check(sim, alloc.id) is None, "the service is registered the moment the task runs"
     assert running - restarted < 2 + 30 - 5, "the check above came too late to mean anything"
@@ -149,10 +157,7 @@ def test_unhealthy_value_keeps_the_check_critical_and_the_restart_open(sim_clust
     alloc = sim.nomad.allocation("web", "app", 0)
     sim.set_key("config/web", "broken")
     sim.nomad.restart(alloc.id, "server")
-    deadline = time.monotonic() + 5
-    while sim.restarts()[0].running_at is None:
-        assert time.monotonic() < deadline, "the task should start again"
-        time.sleep(0.005)
+    _wait_until(lambda: sim.restarts()[0].running_at is not None, "the task should start again")
     time.sleep(3 / SCALE)  # well past healthy_after (1 s)
     [record] = sim.restarts()
     assert record.running_at is not None and record.healthy_at is None and record.ended_at is None
@@ -172,10 +177,9 @@ def test_crash_value_crash_loops_until_the_restart_policy_gives_up(sim_cluster_f
     alloc = sim.nomad.allocation("web", "app", 0)
     sim.set_key("config/web", "crash")
     sim.nomad.restart(alloc.id, "server")
-    deadline = time.monotonic() + 5
-    while alloc.task_states["server"].state != "dead":
-        assert time.monotonic() < deadline, "the task should fail after its restart attempts"
-        time.sleep(0.005)
+    _wait_until(
+        lambda: alloc.task_states["server"].state == "dead", "the task should fail after its restart attempts"
+    )
     state = alloc.task_states["server"]
     assert state.failed and state.restarts == 1 + 2
     assert alloc.client_status == "failed"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from shepard_lib.gotemplate import MissingKey, TemplateError, render
@@ -71,6 +71,7 @@ _NAMES = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"
 
 
 @given(node=_NAMES, job=_NAMES, group=_NAMES, task=_NAMES, index=st.integers(0, 500))
+@example(node="n1", job="batch/dispatch-1712345678-0a1b2c3d", group="app", task="server", index=0)
 def test_shepard_template_renders_exactly_the_trigger_key(
     node: str, job: str, group: str, task: str, index: int
 ) -> None:
@@ -78,7 +79,8 @@ def test_shepard_template_renders_exactly_the_trigger_key(
     key = Keyspace().trigger_key(ref)
     env = {
         "node.unique.name": node,
-        "NOMAD_JOB_NAME": job,
+        "NOMAD_JOB_ID": job,
+        "NOMAD_JOB_NAME": f"name-of-{job}",  # a job's name may differ from its ID: Shepard keys by ID
         "NOMAD_GROUP_NAME": group,
         "NOMAD_TASK_NAME": task,
         "NOMAD_ALLOC_INDEX": str(index),

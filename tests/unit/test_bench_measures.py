@@ -1,4 +1,4 @@
-"""The schedule measures the agent benchmarks compare Shepard with (``benchmarks/_common.py``)."""
+"""The schedule measures the benchmarks compare Shepard with (``benchmarks/_common.py``)."""
 
 from __future__ import annotations
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,24 +14,17 @@ from shepard_lib.cli import config_cmd
 from shepard_lib.config import default_config, file_form
 from shepard_lib.errors import PlanError
 from shepard_lib.keyspace import nomad_template_block, shepard_template
-from shepard_lib.logsetup import ShepardHandler
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = str(REPO / "examples" / "shepard.yaml")
 
 
 @pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def isolated(monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> None:
     """No Consul/Nomad/Shepard variables from the machine; logging restored afterwards."""
     for name in list(os.environ):
         if name.startswith(("CONSUL_", "NOMAD_", "SHEPARD_")):
             monkeypatch.delenv(name)
-    root = logging.getLogger()
-    level = root.level
-    yield
-    for handler in [h for h in root.handlers if isinstance(h, ShepardHandler)]:
-        root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -5,23 +5,15 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 
-from shepard_lib.logsetup import RedactingFilter, ShepardHandler, setup_logging
+from shepard_lib.logsetup import RedactingFilter, setup_logging
 
 TOKEN = "b3c1e5d2-0000-4f00-9e00-5ec7e7000000"
 
 
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    level = root.level
-    yield
-    for handler in [h for h in root.handlers if isinstance(h, ShepardHandler)]:
-        root.removeHandler(handler)
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def test_json_lines_have_the_standard_fields_and_extras() -> None:

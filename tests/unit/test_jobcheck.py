@@ -16,9 +16,11 @@ SEED_TEMPLATE = (
     '(env "NOMAD_GROUP_NAME")(env "NOMAD_TASK_NAME")(env "NOMAD_ALLOC_INDEX")) ""}}'
 )
 UNESCAPED_TEMPLATE = (
-    '{{ keyOrDefault (printf "shepard/keys/%s/%s/%s/%s/%s" (env "node.unique.name") (env "NOMAD_JOB_NAME") '
+    '{{ keyOrDefault (printf "shepard/keys/%s/%s/%s/%s/%s" (env "node.unique.name") (env "NOMAD_JOB_ID") '
     '(env "NOMAD_GROUP_NAME") (env "NOMAD_TASK_NAME") (env "NOMAD_ALLOC_INDEX")) "" }}'
 )
+# The template Shepard printed before it keyed by NOMAD_JOB_ID: right only while Name == ID.
+BY_NAME_TEMPLATE = shepard_template().replace('env "NOMAD_JOB_ID"', 'env "NOMAD_JOB_NAME"')
 CHECK = {"Name": "alive", "Type": "http"}
 
 
@@ -33,10 +35,14 @@ def trigger(**kw: Any) -> dict[str, Any]:
 
 
 def job(
-    tasks: list[dict[str, Any]], *, name: str = "web", group_services: list[dict[str, Any]] | None = None
+    tasks: list[dict[str, Any]],
+    *,
+    name: str = "web",
+    job_id: str | None = None,
+    group_services: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return {
-        "ID": name,
+        "ID": name if job_id is None else job_id,
         "Name": name,
         "Namespace": "default",
         "TaskGroups": [{"Name": "app", "Count": 3, "Tasks": tasks, "Services": group_services}],
@@ -178,8 +184,33 @@ def test_a_template_from_a_source_file_cannot_be_checked() -> None:
     assert "local/in.tpl" in report.tasks[0].findings[0].message
 
 
-def test_a_job_whose_name_differs_from_its_id_is_an_error() -> None:
-    data = job([task([trigger()])])
-    data["Name"] = "web-prod"
-    report = check(data)
-    assert codes(report) == {"job_name_differs": Severity.ERROR}
+def test_a_job_whose_name_differs_from_its_id_is_ready_with_the_printed_template() -> None:
+    report = check(job([task([trigger()])], name="web", job_id="web-prod"))
+    assert report.ok, report.to_dict()
+    assert codes(report) == {}
+    assert report.job == "web-prod"
+
+
+def test_a_template_reading_the_job_name_of_a_renamed_job_is_an_error_naming_the_fix() -> None:
+    report = check(job([task([trigger(data=BY_NAME_TEMPLATE)])], name="web", job_id="web-prod"))
+    assert not report.ok
+    (finding,) = report.tasks[0].findings
+    assert finding.code == "trigger_key" and finding.severity is Severity.ERROR
+    assert "reads shepard/keys/node-1/web/app/server/0" in finding.message, finding.message
+    assert "not its trigger key shepard/keys/node-1/web-prod/app/server/0" in finding.message
+    assert 'env "NOMAD_JOB_ID"' in finding.message
+
+
+def test_a_template_reading_the_job_name_works_while_name_is_id_but_warns() -> None:
+    report = check(job([task([trigger(data=BY_NAME_TEMPLATE)])]))
+    assert report.ok, report.to_dict()
+    assert codes(report) == {"trigger_job_name": Severity.WARNING}
+    assert "NOMAD_JOB_ID" in report.tasks[0].findings[0].message
+
+
+def test_the_printed_template_serves_a_dispatched_child() -> None:
+    child = "batch/dispatch-1712345678-0a1b2c3d"
+    assert codes(check(job([task([trigger()])], name=child))) == {}
+    unescaped = check(job([task([trigger(data=UNESCAPED_TEMPLATE)])], name=child))
+    assert codes(unescaped) == {"trigger_key": Severity.ERROR}
+    assert "batch,2Fdispatch-1712345678-0a1b2c3d" in unescaped.tasks[0].findings[0].message

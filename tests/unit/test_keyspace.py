@@ -325,10 +325,12 @@ def render(template: str, env: Mapping[str, str], kv: Mapping[str, str]) -> tupl
     return "".join(out), keys_read
 
 
-def nomad_env(ref: TaskRef) -> dict[str, str]:
+def nomad_env(ref: TaskRef, job_name: str | None = None) -> dict[str, str]:
+    """The variables Nomad gives ``ref``'s task; the job's name differs from its ID unless given."""
     return {
         "node.unique.name": ref.node,
-        "NOMAD_JOB_NAME": ref.job,
+        "NOMAD_JOB_ID": ref.job,
+        "NOMAD_JOB_NAME": f"name-of-{ref.job}" if job_name is None else job_name,
         "NOMAD_GROUP_NAME": ref.group,
         "NOMAD_TASK_NAME": ref.task,
         "NOMAD_ALLOC_INDEX": str(ref.alloc_index),
@@ -359,6 +361,41 @@ def test_template_renders_the_trigger_value() -> None:
 def test_template_reads_exactly_the_trigger_key(ref: TaskRef) -> None:
     _, keys = render(shepard_template("ops/shepard"), nomad_env(ref), {})
     assert keys == [Keyspace("ops/shepard").trigger_key(ref)]
+
+
+def test_template_reads_the_job_id_not_the_job_name() -> None:
+    """``job "web-prod" { name = "web" }``: Shepard writes by the ID, so the template must read it."""
+    ref = TaskRef("n1", "web-prod", "app", "server", 0)
+    _, keys = render(shepard_template(), nomad_env(ref, job_name="web"), {})
+    assert keys == ["shepard/keys/n1/web-prod/app/server/0"]
+    assert 'env "NOMAD_JOB_ID"' in shepard_template()
+    assert "NOMAD_JOB_NAME" not in shepard_template()
+
+
+@pytest.mark.parametrize(
+    ("child", "segment"),
+    [
+        ("batch/dispatch-1712345678-0a1b2c3d", "batch,2Fdispatch-1712345678-0a1b2c3d"),
+        ("batch/dispatch-1712345678-tenant-7-0a1b2c3d", "batch,2Fdispatch-1712345678-tenant-7-0a1b2c3d"),
+        ("backup/periodic-1700000000", "backup,2Fperiodic-1700000000"),
+    ],
+)
+def test_a_child_job_id_is_one_escaped_segment_in_every_key(child: str, segment: str) -> None:
+    """A dispatched or periodic child (Name = ID = ``<parent>/...``): one segment, valid Consul keys."""
+    ref = TaskRef("n1", child, "app", "server", 2)
+    _, keys = render(shepard_template(), nomad_env(ref, job_name=child), {})
+    assert keys == [f"shepard/keys/n1/{segment}/app/server/2"]
+    for ks in (Keyspace(), Keyspace(lock_scope=LockScope.NODE)):
+        scope = ks.scope(ref)
+        node = "n1/" if ks.lock_scope is LockScope.NODE else ""
+        assert ks.task_lock_key(scope) == f"shepard/locks/{node}{segment}/app/server/task_lock"
+        assert ks.slot_key(scope, 1) == f"shepard/locks/{node}{segment}/app/server/restart_lock/1"
+        assert ks.parse_lock_key(ks.slot_key(scope, 1)) == (scope, "restart_lock", 1)
+        for key in (ks.trigger_key(ref), ks.task_lock_key(scope), ks.slot_key(scope, 1)):
+            assert consul_rejects(key) is None, key
+            # Consul 1.21.5's strict key validation, the narrowest any release had
+            assert re.fullmatch(r"[a-zA-Z0-9,_./?&=-]+", key), key
+    assert Keyspace().parse_trigger_key(Keyspace().trigger_key(ref)) == ref
 
 
 def test_nomad_template_block_renders_shepard_tpl_with_restart() -> None:

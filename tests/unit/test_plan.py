@@ -88,7 +88,6 @@ def take(
         restarts_before=restarts,
         started_before=50.0,
         now=now,
-        trigger_index=77,
     )
 
 
@@ -230,7 +229,7 @@ def test_claim_takes_a_pending_member_and_records_the_baseline() -> None:
     plan = take(register(fresh(), [A], now=100.0), A, restarts=3)
     member = plan.members[A.alloc_id]
     assert (member.state, member.holder, member.session) == (MemberState.RESTARTING, "h1", "s1")
-    assert (member.restarts_before, member.started_before, member.trigger_index) == (3, 50.0, 77)
+    assert (member.restarts_before, member.started_before) == (3, 50.0)
 
 
 def test_a_member_can_be_claimed_by_one_holder_only() -> None:

@@ -90,6 +90,28 @@ def store(kv: MemoryKV, attempts: int = 30) -> PlanStore:
     return PlanStore(kv, clock=FAST, attempts=attempts)  # type: ignore[arg-type]
 
 
+def claiming(alloc_id: str) -> Callable[[Plan | None], Plan]:
+    """The update that claims ``alloc_id`` for holder ``h`` of session ``s`` at time 3."""
+
+    def update(p: Plan | None) -> Plan:
+        assert p is not None, "plan vanished"
+        return claim(
+            p,
+            alloc_id,
+            holder="h",
+            session="s",
+            holder_name="me",
+            restarts_before=0,
+            started_before=None,
+            now=3.0,
+        )
+
+    return update
+
+
+claim_a = claiming(A.alloc_id)
+
+
 def test_update_creates_the_plan_with_cas_zero() -> None:
     kv = MemoryKV()
     plan = store(kv).update(KEY, start)
@@ -107,23 +129,7 @@ def test_update_retries_on_a_cas_conflict_and_keeps_the_other_writers_change() -
         kv.write(KEY, register(current, [B], now=2.0).encode())
 
     kv.before_put = concurrent_writer
-    plan = plans.update(
-        KEY,
-        lambda p: (
-            claim(
-                p,
-                A.alloc_id,
-                holder="h",
-                session="s",
-                holder_name="me",
-                restarts_before=0,
-                started_before=None,
-                now=3.0,
-            )
-            if p
-            else pytest.fail("plan vanished")
-        ),
-    )
+    plan = plans.update(KEY, claim_a)
     assert set(plan.members) == {A.alloc_id, B.alloc_id}
     assert Plan.decode(kv.entries[KEY].value) == plan
 
@@ -143,19 +149,7 @@ def test_refused_transition_writes_nothing_and_propagates() -> None:
     plans.update(KEY, start)
     puts = kv.puts
     with pytest.raises(MemberUnavailable):
-        plans.update(
-            KEY,
-            lambda p: claim(
-                p,  # type: ignore[arg-type]
-                "alloc-unknown",
-                holder="h",
-                session="s",
-                holder_name="me",
-                restarts_before=0,
-                started_before=None,
-                now=3.0,
-            ),
-        )
+        plans.update(KEY, claiming("alloc-unknown"))
     assert kv.puts == puts
 
 
@@ -197,20 +191,6 @@ def test_endless_cas_conflicts_give_up_after_the_attempts() -> None:
         plans.update(KEY, always_conflict)
 
 
-def claim_a(p: Plan | None) -> Plan:
-    assert p is not None
-    return claim(
-        p,
-        A.alloc_id,
-        holder="h",
-        session="s",
-        holder_name="me",
-        restarts_before=0,
-        started_before=None,
-        now=3.0,
-    )
-
-
 def test_an_update_after_a_write_starts_from_the_written_plan_without_a_read() -> None:
     kv = MemoryKV()
     plans = store(kv)
@@ -236,19 +216,7 @@ def test_a_refusal_on_a_stale_known_plan_is_decided_again_on_a_fresh_read() -> N
     current = Plan.decode(kv.entries[KEY].value)
     kv.write(KEY, register(current, [B], now=2.0).encode())  # another writer; the known plan lacks B
     gets = kv.gets
-    plan = plans.update(
-        KEY,
-        lambda p: claim(
-            p,
-            B.alloc_id,
-            holder="h",
-            session="s",
-            holder_name="me",  # type: ignore[arg-type]
-            restarts_before=0,
-            started_before=None,
-            now=3.0,
-        ),
-    )
+    plan = plans.update(KEY, claiming(B.alloc_id))
     assert kv.gets == gets + 1
     assert plan.members[B.alloc_id].holder == "h"
 

@@ -1,8 +1,12 @@
 """Nomad's HTTP API over :class:`~shepard_lib.sim.nomad.sim.NomadSim`, on loopback.
 
 Endpoints (``/v1``): ``nodes``, ``node/<id>``, ``node/<id>/allocations``, ``jobs``, ``job/<id>``,
-``job/<id>/allocations``, ``allocations``, ``allocation/<id>``, ``allocation/<id>/stop``,
-``agent/self``, ``client/allocation/<id>/restart``. Reads support blocking queries
+``job/<id>/allocations``, ``job/<id>/dispatch``, ``allocations``, ``allocation/<id>``,
+``allocation/<id>/stop``, ``agent/self``, ``client/allocation/<id>/restart``. Paths are matched
+percent-decoded, as Go's ``URL.Path`` is, and a job ID is everything between ``/v1/job/`` and a
+known suffix (``JobSpecificRequest``), so ``/v1/job/batch%2Fdispatch-1-ab/allocations`` reads the
+allocations of the dispatched job ``batch/dispatch-1-ab``. A dispatch with a payload or an
+``IdPrefixTemplate`` is answered 400 (not simulated). Reads support blocking queries
 (``?index=&wait=``, answered with ``X-Nomad-Index``, ``X-Nomad-KnownLeader``,
 ``X-Nomad-LastContact``; waits follow ``nomad/rpc.go`` through
 :func:`~shepard_lib.sim.blocking.blocking_wait`: default and maximum 5 minutes, a stagger of up to
@@ -29,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from shepard_lib.clock import SIM_TIME_SCALE_HEADER
 from shepard_lib.sim.blocking import NOMAD_WAIT, blocking_wait
@@ -43,13 +47,15 @@ from shepard_lib.sim.httpbase import (
 )
 from shepard_lib.sim.nomad import wire
 from shepard_lib.sim.nomad.client import ClientError
-from shepard_lib.sim.nomad.sim import NomadSim
+from shepard_lib.sim.nomad.sim import DispatchError, NomadSim
 from shepard_lib.sim.nomad.state import SimAlloc
 
 __all__ = ["NomadFaults", "NomadServer"]
 
 log = logging.getLogger(__name__)
 
+# GET/POST /v1/job/<id>: any path under /v1/job/ that ends in no other endpoint's suffix
+_JOB_CRUD = re.compile(r"/v1/job/(.+)(?<!/allocations)(?<!/dispatch)")
 NO_LEADER = "No cluster leader"
 INJECTED_ERROR = "rpc error: EOF"
 
@@ -116,6 +122,7 @@ class _Answer:
     body: Any
     index: int | None = None
     status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 Route = tuple[str, re.Pattern[str], str, Callable[..., _Answer]]
@@ -158,13 +165,15 @@ class NomadServer:
                 self._node_allocs,
             ),
             ("GET", re.compile(r"/v1/jobs"), "/v1/jobs", self._jobs),
-            ("GET", re.compile(r"/v1/job/([^/]+)"), "/v1/job/:id", self._job),
-            ("GET", re.compile(r"/v1/job/([^/]+)/allocations"), "/v1/job/:id/allocations", self._job_allocs),
+            # a job ID may hold "/": the suffix decides, as in Nomad's JobSpecificRequest
+            ("GET", re.compile(r"/v1/job/(.+)/allocations"), "/v1/job/:id/allocations", self._job_allocs),
+            ("POST", re.compile(r"/v1/job/(.+)/dispatch"), "/v1/job/:id/dispatch", self._job_dispatch),
+            ("GET", _JOB_CRUD, "/v1/job/:id", self._job),
             ("GET", re.compile(r"/v1/allocations"), "/v1/allocations", self._allocs),
             ("GET", re.compile(r"/v1/allocation/([^/]+)"), "/v1/allocation/:id", self._alloc),
             ("POST", re.compile(r"/v1/allocation/([^/]+)/stop"), "/v1/allocation/:id/stop", self._alloc_stop),
             ("POST", re.compile(r"/v1/node/([^/]+)/drain"), "/v1/node/:id/drain", self._node_drain),
-            ("POST", re.compile(r"/v1/job/([^/]+)"), "/v1/job/:id", self._job_update),
+            ("POST", _JOB_CRUD, "/v1/job/:id", self._job_update),
             ("GET", re.compile(r"/v1/agent/self"), "/v1/agent/self", self._agent_self),
             (
                 "POST",
@@ -209,7 +218,7 @@ class NomadServer:
             return err.status, {"Content-Type": "text/plain; charset=utf-8"}, err.text.encode()
         except ClientError as err:
             return err.status, {"Content-Type": "text/plain; charset=utf-8"}, str(err).encode()
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **answer.headers}
         if answer.index is not None:
             headers.update({"X-Nomad-Index": str(max(1, answer.index)), "X-Nomad-LastContact": "0"})
             if self.faults.known_leader is not None:
@@ -296,7 +305,7 @@ class NomadServer:
         meta = req.flag("meta", False)
         with state.lock:
             body = [
-                wire.job_stub(j, state.allocs_of(job=j), meta)
+                wire.job_stub(j, state.allocs_of(job=j), meta, state.children_of(j))
                 for j in state.jobs.values()
                 if self._namespace_ok(req, j.namespace) and j.id.startswith(prefix)
             ]
@@ -310,6 +319,37 @@ class NomadServer:
             return wire.job_json(job, self.sim.state.region, scenario.logs, scenario.restart_policy)
 
         return self._one(req, "jobs", lambda: self.sim.state.jobs.get(key), "job not found", render)
+
+    def _job_dispatch(self, req: _Request, job_id: str) -> _Answer:
+        """``POST /v1/job/<id>/dispatch`` (``JobDispatchRequest``): a new child of a parameterized job.
+
+        Refusals are Nomad's RPC errors, which its HTTP layer answers with a 500 and the message.
+        """
+        body = _json_body(req)
+        if body.get("JobID") and body["JobID"] != job_id:
+            raise HTTPError(400, "Job ID does not match")
+        if body.get("Payload") or body.get("IdPrefixTemplate"):
+            raise HTTPError(400, "simulated Nomad: dispatch payloads and IdPrefixTemplate are not simulated")
+        meta = body.get("Meta") or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise HTTPError(400, "failed to decode request body: Meta must map strings to strings")
+        namespace = req.query.get("namespace") or "default"
+        try:
+            child, eval_id = self.sim.dispatch(
+                job_id, namespace, meta, str(body.get("IdempotencyToken") or "")
+            )
+        except DispatchError as exc:
+            raise HTTPError(500, str(exc)) from None
+        state = self.sim.state
+        index = state.index if eval_id else child.modify_index
+        answer = {
+            "DispatchedJobID": child.id,
+            "EvalID": eval_id,
+            "EvalCreateIndex": index if eval_id else 0,
+            "JobCreateIndex": child.create_index,
+            "Index": index,
+        }
+        return _Answer(answer, headers={"X-Nomad-Index": str(index)})
 
     def _job_allocs(self, req: _Request, job_id: str) -> _Answer:
         state = self.sim.state
@@ -477,13 +517,12 @@ def _handler_class(server: NomadServer) -> type[BaseHTTPRequestHandler]:
     class Handler(TrackedHandler):
         def _serve(self) -> None:
             split = urlsplit(self.path)
+            path = unquote(split.path)  # Go's URL.Path, which Nomad's handlers read
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             # Go's url.Values.Get: the first value of a repeated parameter
             query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-            req = _Request(
-                self.command, split.path, query, {k.lower(): v for k, v in self.headers.items()}, body
-            )
+            req = _Request(self.command, path, query, {k.lower(): v for k, v in self.headers.items()}, body)
             try:
                 status, headers, payload = server.handle(req)
             except Exception:

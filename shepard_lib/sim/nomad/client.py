@@ -178,6 +178,8 @@ class TaskRunner:
             "node.datacenter": node.spec.datacenter,
             "node.class": node.spec.node_class,
         }
+        if job.spec.parent_id:  # Nomad's taskenv sets it only for a job with a parent
+            env["NOMAD_JOB_PARENT_ID"] = job.spec.parent_id
         meta = {**job.spec.meta, **job.group(alloc.group).meta, **self.spec.meta}
         env.update({f"NOMAD_META_{k}": v for k, v in meta.items()})
         env.update({f"attr.{k}": v for k, v in node_attributes(node).items()})

@@ -8,8 +8,12 @@ stop, killed allocation) and keeps the restart record.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import json
 import threading
 import time
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from shepard_lib.clock import Clock
@@ -88,8 +92,13 @@ class NomadSim:
         return self.data_dir / node_name
 
     def register_job(self, spec: JobSpec) -> SimJob:
-        """Register a job and place its allocations round-robin over the ready nodes."""
+        """Register a job and place its allocations round-robin over the ready nodes.
+
+        A parameterized job places nothing: only the children :meth:`dispatch` registers run.
+        """
         job = self.state.add_job(spec, lambda t: task_templates(t, self.scenario.key_prefix))
+        if spec.parameterized is not None:
+            return job
         nodes = [n for n in self.state.nodes.values() if n.status == "ready"]
         if not nodes:
             raise ValueError("no ready node to place allocations on")
@@ -103,6 +112,51 @@ class NomadSim:
         for alloc in placed:
             self.clients[alloc.node.id].run_alloc(alloc)
         return job
+
+    def dispatch(
+        self, job_id: str, namespace: str = "default", meta: Mapping[str, str] | None = None, token: str = ""
+    ) -> tuple[SimJob, str]:
+        """``Job.Dispatch``: register and place a child of the parameterized job ``job_id``.
+
+        The child's ID is ``<job_id>/dispatch-<unix>-<first 8 of a UUID>`` (``structs.DispatchedID``),
+        its name equals its ID, its ``ParentID`` is ``job_id`` and its meta is the parent's merged with
+        ``meta``. With an idempotency ``token`` already used by a child that still exists, that child
+        is returned and nothing is dispatched. Returns the child and the evaluation ID ("" for such a
+        repeat). Raises :class:`DispatchError` with Nomad's message when the request is refused.
+        """
+        meta = dict(meta or {})
+        with self.state.lock:
+            parent = self.state.job(namespace, job_id)
+            if parent is None:
+                raise DispatchError("parameterized job not found")
+            params = parent.spec.parameterized
+            if params is None:
+                raise DispatchError(f"Specified job {_go_quote(job_id)} is not a parameterized job")
+            if parent.stop:
+                raise DispatchError(f"Specified job {_go_quote(job_id)} is stopped")
+            unpermitted = sorted(set(meta) - set(params.meta_required) - set(params.meta_optional))
+            if unpermitted:
+                raise DispatchError(
+                    f"Dispatch request included unpermitted metadata keys: [{' '.join(unpermitted)}]"
+                )
+            missing = sorted(set(params.meta_required) - set(meta))
+            if missing:
+                raise DispatchError(f"Dispatch did not provide required meta keys: [{' '.join(missing)}]")
+            same = [j for j in self.state.children_of(parent) if token and j.dispatch_token == token]
+            if same:
+                return same[0], ""
+            child_id = f"{parent.id}/dispatch-{int(self.clock.time())}-{uuid.uuid4().hex[:8]}"
+            spec = dataclasses.replace(
+                parent.spec,
+                id=child_id,
+                name=child_id,
+                parent_id=parent.id,
+                parameterized=None,
+                meta={**parent.spec.meta, **meta},
+            )
+            child = self.register_job(spec)
+            child.dispatch_token = token
+            return child, self.state.new_eval_id()
 
     def _port(self) -> int:
         with self.state.lock:
@@ -334,3 +388,12 @@ class NomadSim:
                     f"simulated tasks not healthy after {timeout:g}s: {', '.join(pending[:10])}"
                 )
             time.sleep(0.005)
+
+
+class DispatchError(ValueError):
+    """Nomad refused a dispatch; the message is Nomad's (its HTTP API answers it with a 500)."""
+
+
+def _go_quote(text: str) -> str:
+    """Go's ``%q`` of ``text``: JSON's quoting agrees with it for printable text (not control bytes)."""
+    return json.dumps(text, ensure_ascii=False)

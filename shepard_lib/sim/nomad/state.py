@@ -85,11 +85,12 @@ class SimJob:
     status: str = "running"
     stop: bool = False
     version: int = 0
+    dispatch_token: str = ""  # the idempotency token it was dispatched with
 
     @property
     def id(self) -> str:
-        """Job ID (equal to its name in the simulator)."""
-        return self.spec.name
+        """Job ID (the spec's ``id``, else its name)."""
+        return self.spec.job_id
 
     @property
     def namespace(self) -> str:
@@ -219,7 +220,7 @@ class NomadState:
             index = self._bump("jobs")
             effective = {(g.name, t.name): templates(t) for g in spec.groups for t in g.tasks}
             job = SimJob(spec, effective, index, index, self.clock.time())
-            self.jobs[(spec.namespace, spec.name)] = job
+            self.jobs[(spec.namespace, spec.job_id)] = job
             return job
 
     def set_job_stopped(self, job: SimJob) -> None:
@@ -273,6 +274,13 @@ class NomadState:
                 if node.name == name:
                     return node
         raise KeyError(f"no simulated node named {name!r}")
+
+    def children_of(self, job: SimJob) -> list[SimJob]:
+        """The jobs dispatched from ``job`` (``ParentID``), oldest first."""
+        with self.lock:
+            return [
+                j for j in self.jobs.values() if j.spec.parent_id == job.id and j.namespace == job.namespace
+            ]
 
     def job(self, namespace: str, job_id: str) -> SimJob | None:
         """The job, or None."""

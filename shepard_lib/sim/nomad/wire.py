@@ -9,12 +9,13 @@ restart delay) in nanoseconds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from shepard_lib.sim.nomad.state import SimAlloc, SimJob, SimNode, SimTaskState, TaskEvent
-from shepard_lib.sim.scenario import GroupSpec, LogSpec, RestartPolicy, TaskSpec, TemplateSpec
+from shepard_lib.sim.scenario import GroupSpec, LogSpec, Parameterized, RestartPolicy, TaskSpec, TemplateSpec
 
 __all__ = [
     "NOMAD_VERSION",
@@ -111,7 +112,7 @@ def alloc_stub(alloc: SimAlloc, task_states: bool = True) -> dict[str, Any]:
         "NodeID": alloc.node.id,
         "NodeName": alloc.node.name,
         "JobID": alloc.job.id,
-        "JobType": "service",
+        "JobType": job_type(alloc.job),
         "JobVersion": alloc.job_version,
         "TaskGroup": alloc.group,
         "AllocatedResources": None,
@@ -247,16 +248,21 @@ def _group_json(job: SimJob, group: GroupSpec, logs: LogSpec, policy: RestartPol
     }
 
 
+def job_type(job: SimJob) -> str:
+    """``service``, or ``batch`` for a parameterized job and its dispatched children."""
+    return "batch" if job.spec.batch else "service"
+
+
 def _job_common(job: SimJob, region: str) -> dict[str, Any]:
     return {
         "ID": job.id,
-        "ParentID": "",
+        "ParentID": job.spec.parent_id,
         "Name": job.spec.name,
         "Namespace": job.namespace,
         "Region": region,
         "Datacenters": ["*"],
         "NodePool": "default",
-        "Type": "service",
+        "Type": job_type(job),
         "Priority": 50,
         "Stop": job.stop,
         "Status": job.status,
@@ -280,7 +286,8 @@ def job_json(job: SimJob, region: str, logs: LogSpec, policy: RestartPolicy) -> 
             "TaskGroups": [_group_json(job, g, logs, policy) for g in job.spec.groups],
             "Update": {"Stagger": ns(30), "MaxParallel": 1},
             "Periodic": None,
-            "ParameterizedJob": None,
+            "ParameterizedJob": _parameterized_json(job.spec.parameterized),
+            "Dispatched": bool(job.spec.parent_id),
             "Payload": None,
             "Meta": dict(job.spec.meta) or None,
             "Stable": False,
@@ -290,8 +297,21 @@ def job_json(job: SimJob, region: str, logs: LogSpec, policy: RestartPolicy) -> 
     return out
 
 
-def job_stub(job: SimJob, allocs: list[SimAlloc], meta: bool = False) -> dict[str, Any]:
-    """``JobListStub`` with its ``JobSummary`` counted from ``allocs``; ``Meta`` only when asked."""
+def _parameterized_json(p: Parameterized | None) -> dict[str, Any] | None:
+    if p is None:
+        return None
+    return {
+        "Payload": p.payload,
+        "MetaRequired": list(p.meta_required) or None,
+        "MetaOptional": list(p.meta_optional) or None,
+    }
+
+
+def job_stub(
+    job: SimJob, allocs: list[SimAlloc], meta: bool = False, children: Sequence[SimJob] = ()
+) -> dict[str, Any]:
+    """``JobListStub`` with its ``JobSummary`` counted from ``allocs`` and its dispatched ``children``;
+    ``Meta`` only when asked."""
     summary: dict[str, dict[str, int]] = {}
     for g in job.spec.groups:
         counts = dict.fromkeys(("Queued", "Complete", "Failed", "Running", "Starting", "Lost", "Unknown"), 0)
@@ -311,12 +331,15 @@ def job_stub(job: SimJob, allocs: list[SimAlloc], meta: bool = False) -> dict[st
         {
             "Multiregion": None,
             "Periodic": False,
-            "ParameterizedJob": False,
+            "ParameterizedJob": job.spec.parameterized is not None,
             "JobSummary": {
                 "JobID": job.id,
                 "Namespace": job.namespace,
                 "Summary": summary,
-                "Children": {"Pending": 0, "Running": 0, "Dead": 0},
+                "Children": {
+                    status.capitalize(): sum(c.status == status for c in children)
+                    for status in ("pending", "running", "dead")
+                },
                 "CreateIndex": job.create_index,
                 "ModifyIndex": job.modify_index,
             },

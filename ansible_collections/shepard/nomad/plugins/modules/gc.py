@@ -24,6 +24,8 @@ description:
 author:
   - Shepard contributors (@shepard-nomad)
 extends_documentation_fragment:
+  - shepard.nomad.attributes
+  - shepard.nomad.attributes.action_group
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.actiongroups
   - shepard.nomad.connection
@@ -33,12 +35,6 @@ attributes:
     details: A dry run; returns what would be deleted and writes nothing (not even the GC leader lock).
   diff_mode:
     support: none
-  platform:
-    platforms: posix
-  action_group:
-    support: full
-    membership:
-      - shepard.nomad.shepard
 options:
   scope:
     description: V(cluster) collects every rule on every key; V(node) the trigger keys of one node.

@@ -20,21 +20,12 @@ description:
 author:
   - Shepard contributors (@shepard-nomad)
 extends_documentation_fragment:
+  - shepard.nomad.attributes.info_module
+  - shepard.nomad.attributes
+  - shepard.nomad.attributes.action_group
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.actiongroups
   - shepard.nomad.connection
-attributes:
-  check_mode:
-    support: full
-    details: Reads only; the same in check mode.
-  diff_mode:
-    support: none
-  platform:
-    platforms: posix
-  action_group:
-    support: full
-    membership:
-      - shepard.nomad.shepard
 options:
   job:
     description: The job ID. An unknown job fails the module.

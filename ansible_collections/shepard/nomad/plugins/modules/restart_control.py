@@ -23,6 +23,8 @@ description:
 author:
   - Shepard contributors (@shepard-nomad)
 extends_documentation_fragment:
+  - shepard.nomad.attributes
+  - shepard.nomad.attributes.action_group
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.actiongroups
   - shepard.nomad.connection
@@ -33,12 +35,6 @@ attributes:
   diff_mode:
     support: full
     details: The status, halt reason and orphaned flag of each plan before and after.
-  platform:
-    platforms: posix
-  action_group:
-    support: full
-    membership:
-      - shepard.nomad.shepard
 options:
   job:
     description: Job of the plan.

@@ -25,6 +25,8 @@ description:
 author:
   - Shepard contributors (@shepard-nomad)
 extends_documentation_fragment:
+  - shepard.nomad.attributes
+  - shepard.nomad.attributes.action_group
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.actiongroups
   - shepard.nomad.connection
@@ -34,12 +36,6 @@ attributes:
     details: Returns the allocations that would restart, in order, and the plans it would use; writes nothing.
   diff_mode:
     support: none
-  platform:
-    platforms: posix
-  action_group:
-    support: full
-    membership:
-      - shepard.nomad.shepard
 options:
   job:
     description: ID of the Nomad job.

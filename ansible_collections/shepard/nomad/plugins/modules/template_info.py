@@ -19,6 +19,7 @@ description:
 author:
   - Shepard contributors (@shepard-nomad)
 extends_documentation_fragment:
+  - shepard.nomad.attributes
   - ansible.builtin.action_common_attributes
 attributes:
   check_mode:
@@ -26,8 +27,6 @@ attributes:
     details: Computes text only; the same in check mode.
   diff_mode:
     support: none
-  platform:
-    platforms: posix
 options:
   prefix:
     description: Consul KV prefix of Shepard's keys (the configuration's C(key_prefix)).

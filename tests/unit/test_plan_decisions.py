@@ -680,6 +680,18 @@ def test_watching_a_plan_that_never_existed_answers_the_index() -> None:
     assert store(kv).watch(KEY, 3, 1.0) == 10
 
 
+def test_the_known_plan_costs_no_request_and_is_read_when_nothing_is_known() -> None:
+    kv = RecordingKV()
+    kv.write(KEY, register(fresh(), [A], now=100.0).encode())
+    plans = store(kv)
+    first = plans.known(KEY)
+    assert kv.gets == [True], "nothing known: one consistent read"
+    assert first == plans.read(KEY)
+    written = plans.update(KEY, adding(B))
+    assert plans.known(KEY) == (written, 12)
+    assert len(kv.gets) == 2, "the plan written is known: no read"
+
+
 def test_known_plans_keep_the_newest_answer_unless_a_read_replaces_it() -> None:
     known = _KnownPlans()
     old, new = fresh(), register(fresh(), [A], now=100.0)

@@ -26,6 +26,7 @@ import enum
 from collections.abc import Mapping, Sequence
 
 from shepard_lib.backends import ConsulAPI, NomadAPI
+from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.errors import BackendError, LockLost, NotFound
 from shepard_lib.health import HealthGate, restarted
 from shepard_lib.model import Allocation, AllocClientStatus, TaskState
@@ -119,11 +120,17 @@ class Holders:
     ``session`` is the caller's session: a member held under it is driven only while a
     coordinator of this process holds its claim token (:meth:`Session.holds`), since several
     coordinators may share one session. For any other session, a consistent session read decides.
+
+    A session a read found alive counts as alive for half its TTL without another read:
+    remembering "alive" can only delay a reclaim, never cause one, and it saves a session read per
+    restart in flight on every step of every other coordinator.
     """
 
-    def __init__(self, consul: ConsulAPI, session: Session) -> None:
+    def __init__(self, consul: ConsulAPI, session: Session, *, clock: Clock = REAL_CLOCK) -> None:
         self._consul = consul
+        self._clock = clock
         self.session = session
+        self._alive_until: dict[str, float] = {}
 
     def wait_bound(self, member: Member) -> float | None:
         """Cluster seconds to wait for ``member``'s holder at most (its TTL); None: nobody drives it."""
@@ -134,7 +141,13 @@ class Holders:
         local = live_here(self._consul, member.session)
         if local is not None:  # another worker of this process, alive: no read needed
             return local.ttl
+        now = self._clock.monotonic()
+        if self._alive_until.get(member.session, 0.0) > now:
+            return self.session.ttl
         info = self._consul.session_info(member.session)
         if info is None:
             return None
-        return info.ttl or self.session.ttl
+        ttl = info.ttl or self.session.ttl
+        self._alive_until = {k: v for k, v in self._alive_until.items() if v > now}
+        self._alive_until[member.session] = now + ttl / 2
+        return ttl

@@ -124,7 +124,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PLAN_WAIT = 15.0
-"""Cluster seconds one blocking query on the plan waits at most while another holder restarts."""
+"""Cluster seconds a waiter's blocking query (on the plan, on the slots) lasts at most, unless the
+session's TTL is longer (see :meth:`Coordinator._max_wait`)."""
 
 SESSION_ATTEMPTS = 3
 """Sessions :meth:`Coordinator.drive` may lose for one member (with a session factory) before it skips it."""
@@ -343,6 +344,7 @@ class Coordinator:
         self._deadline = 0.0
         self._triggered: set[str] = set()  # members this coordinator triggered (or reclaimed) in drive
         self._keep_slot = False
+        self._holders = Holders(consul, session, clock=clock)
         self._kept: _Held | None = None  # the slot kept after a member, for the next (see drive)
 
     # --- planning ----------------------------------------------------------------------------
@@ -574,7 +576,7 @@ class Coordinator:
             raise LockTimeout(f"still waiting for {what} after slot_timeout {self.options.slot_timeout:g}s")
         rlog.info("waiting for %s", what)
         try:
-            self.plans.watch(key, index, min([PLAN_WAIT, *bounds]), cancel=self.session.lost)
+            self.plans.watch(key, index, min([self._max_wait(), *bounds]), cancel=self.session.lost)
         except Cancelled:
             self.session.check()  # the session was lost while the query waited: LockLost
             raise
@@ -582,7 +584,11 @@ class Coordinator:
     def _attempt(self, target: Target, scope: TaskScope, plan: Plan, rlog: _RefLog) -> MemberOutcome | None:
         """One pass with a slot: claim or reclaim, trigger, health, finish. None: look at the plan again."""
         slots = RestartSlots(
-            self.consul, self.keyspace.slot_prefix(scope), plan.concurrent_lock_count, clock=self._clock
+            self.consul,
+            self.keyspace.slot_prefix(scope),
+            plan.concurrent_lock_count,
+            clock=self._clock,
+            max_wait=self._max_wait(),
         )
         holder_text = f"{self.name} alloc {target.alloc_id}"
         self._emit(EventKind.WAITING, scope, target.alloc_id, ref=target.ref)
@@ -628,6 +634,11 @@ class Coordinator:
         if member.state == MemberState.PENDING:
             return not plan.halted
         return member.state == MemberState.RESTARTING and self._live_holder(member) is None
+
+    def _max_wait(self) -> float:
+        """Cluster seconds one blocking query of a waiter lasts at most: PLAN_WAIT, or the session's
+        TTL when longer (a waiter looks again at least once per TTL, as the session renews)."""
+        return max(PLAN_WAIT, self.session.ttl)
 
     def _kept_for(self, slots: RestartSlots) -> _Held | None:
         """The slot kept from the last member, if it is one of ``slots`` and still held."""
@@ -959,6 +970,10 @@ class Coordinator:
             return None
         return self._skip(target, scope, reason, rlog, stopped=True)
 
+    def driven(self, member: Member) -> bool:
+        """Whether someone alive drives ``member``'s restart in flight (see :class:`Holders`)."""
+        return self._live_holder(member) is not None
+
     def _live_holder(self, member: Member) -> float | None:
         """How long to wait for the holder driving ``member``'s restart at most; None when nobody drives it.
 
@@ -967,7 +982,8 @@ class Coordinator:
         holds its claim token: several coordinators may share the session, and a claim whose
         coordinator stopped (a finish or give-back write Consul refused) would be waited for forever.
         """
-        return Holders(self.consul, self.session).wait_bound(member)
+        self._holders.session = self.session
+        return self._holders.wait_bound(member)
 
     def _give_back(self, key: str, target: Target, holder: str, why: str, rlog: _RefLog) -> None:
         try:

@@ -61,7 +61,6 @@ import json
 import logging
 import random
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -71,6 +70,7 @@ from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.errors import ConfigError, ConsulError, LockLost, PlanError
 from shepard_lib.model import Job, TxnOp, TxnVerb
+from shepard_lib.perbackend import PerBackend
 
 __all__ = [
     "CONCURRENCY_META",
@@ -863,16 +863,8 @@ class _KnownPlans:
             self._plans.pop(key, None)
 
 
-_KNOWN: weakref.WeakKeyDictionary[object, _KnownPlans] = weakref.WeakKeyDictionary()
-_KNOWN_LOCK = threading.Lock()
-
-
-def _known_for(consul: ConsulAPI) -> _KnownPlans:
-    with _KNOWN_LOCK:
-        try:
-            return _KNOWN.setdefault(consul, _KnownPlans())
-        except TypeError:  # not weakly referenceable: a cache of this store only
-            return _KnownPlans()
+_known_for = PerBackend(_KnownPlans)
+"""The plans last seen on a Consul backend (shared by its stores in the process)."""
 
 
 def _ambiguous(exc: ConsulError) -> bool:

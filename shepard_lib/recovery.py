@@ -23,12 +23,15 @@ never from elapsed time or clocks:
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Mapping, Sequence
 
 from shepard_lib.backends import ConsulAPI, NomadAPI
+from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.errors import BackendError, LockLost, NotFound
 from shepard_lib.health import HealthGate, restarted
 from shepard_lib.model import Allocation, AllocClientStatus, TaskState
+from shepard_lib.perbackend import PerBackend
 from shepard_lib.plan import Member, MemberState
 from shepard_lib.session import Session, live_here
 
@@ -119,11 +122,18 @@ class Holders:
     ``session`` is the caller's session: a member held under it is driven only while a
     coordinator of this process holds its claim token (:meth:`Session.holds`), since several
     coordinators may share one session. For any other session, a consistent session read decides.
+
+    A session a read found alive counts as alive for half its TTL without another read, for every
+    coordinator on the same Consul backend in the process: remembering "alive" can only delay a
+    reclaim, never cause one, and it saves a session read per restart in flight on every step of
+    every other coordinator.
     """
 
-    def __init__(self, consul: ConsulAPI, session: Session) -> None:
+    def __init__(self, consul: ConsulAPI, session: Session, *, clock: Clock = REAL_CLOCK) -> None:
         self._consul = consul
+        self._clock = clock
         self.session = session
+        self._alive = _seen_alive(consul)
 
     def wait_bound(self, member: Member) -> float | None:
         """Cluster seconds to wait for ``member``'s holder at most (its TTL); None: nobody drives it."""
@@ -134,7 +144,32 @@ class Holders:
         local = live_here(self._consul, member.session)
         if local is not None:  # another worker of this process, alive: no read needed
             return local.ttl
+        now = self._clock.monotonic()
+        if self._alive.until(member.session) > now:
+            return self.session.ttl
         info = self._consul.session_info(member.session)
         if info is None:
             return None
-        return info.ttl or self.session.ttl
+        ttl = info.ttl or self.session.ttl
+        self._alive.seen(member.session, now + ttl / 2, now)
+        return ttl
+
+
+class _SeenAlive:
+    """Sessions a consistent read found alive, and until when that is trusted (cluster monotonic time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._until: dict[str, float] = {}
+
+    def until(self, session_id: str) -> float:
+        with self._lock:
+            return self._until.get(session_id, 0.0)
+
+    def seen(self, session_id: str, until: float, now: float) -> None:
+        with self._lock:
+            self._until = {k: v for k, v in self._until.items() if v > now}
+            self._until[session_id] = until
+
+
+_seen_alive = PerBackend(_SeenAlive)

@@ -572,7 +572,7 @@ class RollingRestart:
         now = self._clock.time()
         plans = []
         for view in views:
-            plan = self._plans.update(
+            plan = self._plans.update_at(
                 view.key, functools.partial(_abort, key=view.key, reason=reason, now=now)
             )
             log.warning("plan %s aborted by %s: %s", plan.label, self.name, reason)
@@ -784,5 +784,6 @@ def _resume(plan: Plan | None, *, key: str, now: float) -> Plan:
     return resume(require(plan, key), now=now)
 
 
-def _abort(plan: Plan | None, *, key: str, reason: str, now: float) -> Plan:
-    return abort(require(plan, key), reason=reason, now=now)
+def _abort(plan: Plan | None, index: int, *, key: str, reason: str, now: float) -> Plan:
+    """Abort at the plan's ModifyIndex ``index``, so only a change seen after it re-opens the plan."""
+    return abort(require(plan, key), reason=reason, now=now, index=index)

@@ -216,8 +216,12 @@ class _Worker:
 
     # --- members nobody else will drive --------------------------------------------------------------
 
-    def _plans(self) -> list[tuple[Plan, int]]:
-        """The task's plans (one, or one per node with lock_scope node) that still have work."""
+    def _plans(self, *, known: bool = False) -> list[tuple[Plan, int]]:
+        """The task's plans (one, or one per node with lock_scope node) that still have work.
+
+        ``known``: as last seen in this process (a lane choosing its next member: a stale plan
+        costs a refused claim), else read consistently.
+        """
         consul, keys = self.host.consul, self.host.keyspace
         if keys.lock_scope is LockScope.NODE:
             plan_keys = []
@@ -240,7 +244,7 @@ class _Worker:
         plans = []
         for key in plan_keys:
             try:
-                plan, index = coordinator.plans.read(key)
+                plan, index = coordinator.plans.known(key) if known else coordinator.plans.read(key)
             except PlanError as exc:
                 log.warning("%s: unreadable plan at %s: %s", self.label, key, exc)
                 continue
@@ -251,17 +255,20 @@ class _Worker:
     def _drive_orphan(self) -> bool:
         """Drive one member that no live agent will (in a lane: any pending one); True if one was driven."""
         try:
-            plans = self._plans()
+            lane = self._in_lane()
+            plans = self._plans(known=lane)
+            if not plans and lane:
+                plans = self._plans()  # none left in what is known: make sure
             if not plans:
                 return False
-            lane = self._in_lane()
             alive = set() if lane else self._alive_nodes()
-            me = self.host.coordinator()
-            own_session = me.session.id if me is not None else None
+            me = self._lane or self.host.coordinator()
             for plan, _ in plans:
                 members = sorted(plan.members.items(), key=lambda kv: kv[1].alloc_index)
                 if lane:
                     _RNG.shuffle(members)  # lanes spread over the pending members instead of colliding
+                # pending members first: a restarting one needs its holder's session read
+                members.sort(key=lambda kv: kv[1].state != MemberState.PENDING)
                 for alloc_id, m in members:
                     if (alloc_id, m.generation) in self._skipped:
                         continue
@@ -270,10 +277,7 @@ class _Worker:
                     if m.node != self.host.node_name and m.node in alive:
                         continue
                     if m.state == MemberState.RESTARTING:
-                        holder_alive = m.session not in (None, own_session) and (
-                            self.host.consul.session_info(m.session or "") is not None
-                        )
-                        if holder_alive:
+                        if me is None or me.driven(m):
                             continue
                     elif m.state != MemberState.PENDING:
                         continue

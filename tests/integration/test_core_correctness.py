@@ -429,3 +429,27 @@ def test_a_session_whose_create_answer_was_lost_is_created_again(
     with Session(consul, "agent", ttl=10.0, lock_delay=2.0, clock=cluster.clock) as session:
         assert consul.creates == 2
         assert cluster.consul.session_info(session.id) is not None
+
+
+def test_an_operator_abort_is_not_undone_by_a_late_event_of_a_change_seen_before_it(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The abort records the plan index it was applied at (it used to record 0, so any late agent
+    event of an earlier change re-opened a plan an operator had aborted)."""
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b = cluster.allocs()
+    job = cluster.nomad.job("web")
+    with cluster.session("agent") as session:
+        coordinator = cluster.coordinator(session, "agent")
+        coordinator.register(SCOPE, [cluster.target(a)], job)
+        seen_before_abort = coordinator.change_mark(SCOPE)
+        cluster.rollout().abort("web", "app", "server")
+        aborted = cluster.plan()
+        assert aborted.status is PlanStatus.ABORTED and (aborted.halt_index or 0) >= seen_before_abort
+
+        coordinator.register(SCOPE, [cluster.target(b)], job, seen_index=seen_before_abort)
+        assert cluster.plan().status is PlanStatus.ABORTED, "a late event of an earlier change undid it"
+
+        coordinator.register(SCOPE, [cluster.target(b)], job, seen_index=coordinator.change_mark(SCOPE))
+        assert cluster.plan().status is PlanStatus.PLANNED, "a change seen after the abort re-opens the plan"

@@ -532,12 +532,15 @@ class NoResultsKV(MemoryKV):
 
 def test_a_write_answered_without_its_index_is_not_remembered() -> None:
     kv = NoResultsKV()
+    kv.write(KEY, start(None).encode())
     plans = store(kv)
-    plan = plans.update(KEY, start)
+    plans.read(KEY)
+    plan = plans.update(KEY, claim_a)
     assert Plan.decode(kv.entries[KEY].value) == plan
     gets, txns = kv.gets, len(kv.txns)
-    plans.update(KEY, claim_a)
+    plan = plans.update(KEY, lambda p: register(p, [B], now=4.0) if p else pytest.fail("no plan"))
     assert (kv.gets, len(kv.txns)) == (gets + 1, txns + 1), "one read, one accepted write"
+    assert plan.members[A.alloc_id].holder == "h"
 
 
 def test_a_writer_of_one_key_never_waits_for_a_writer_of_another() -> None:

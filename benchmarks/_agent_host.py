@@ -68,7 +68,7 @@ def main() -> int:
             stopper.join()
         for backend in backends:
             backend.close()
-        time.sleep(0.5)  # a thread told to stop gets a moment to return before it is counted
+        # Counted at once: Agent.stop returns when every thread of its agent has ended.
         left = [t for t in threading.enumerate() if t not in (threading.main_thread(), stdin_reader)]
         names = ",".join(sorted({t.name for t in left})) or "-"
         print(f"stopped {time.monotonic() - started:.2f} threads={len(left)} names={names}", flush=True)

@@ -230,11 +230,24 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _durations(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in ("fixed", "lognormal")]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"expected fixed and/or lognormal, comma-separated, got {text!r}")
+    return kinds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--sizes", type=_ints, default=[24, 100, 500], help="allocations per case")
     parser.add_argument("--concurrency", type=_ints, default=[1, 5, 20])
-    parser.add_argument("--durations", default="fixed,lognormal", help="fixed, lognormal or both")
+    parser.add_argument(
+        "--durations",
+        type=_durations,
+        default=["fixed", "lognormal"],
+        help="comma-separated: fixed, lognormal (default both)",
+    )
     parser.add_argument("--time-scale", type=float, default=20.0, help="cluster seconds per real second")
     parser.add_argument(
         "--max-restarts-in-series",
@@ -255,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         Case(n, c, d)
         for n in args.sizes
         for c in args.concurrency
-        for d in args.durations.split(",")
+        for d in args.durations
         if c <= n
     ]
     results: list[dict[str, Any]] = []

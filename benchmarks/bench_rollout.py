@@ -14,7 +14,8 @@ process, as a user's script would, and prints per case:
   -> healthy + ``min_healthy_time``, in the order they were requested);
 - batch / Shepard: ``nomad job restart -batch-size=c`` semantics on the same durations (a batch
   starts when the previous one is done) over Shepard's makespan: above 1 means Shepard is faster;
-- slot hand-off latency p50/p99: real milliseconds from a slot's release to the next trigger
+- slot hand-off latency p50/p99: real milliseconds from a restart's finish (its slot free for the next member:
+  a worker keeps its slot) to the next trigger
   (pairs in order, from Shepard's own log records);
 - peak concurrency (from the sim's record), sessions lost and "Connection pool is full" warnings.
 
@@ -161,7 +162,8 @@ def sim_process(spec: dict[str, Any], time_scale: float) -> Iterator[tuple[str, 
 
 
 class _Recorder(logging.Handler):
-    """Keeps the real times of slot releases and triggers, and counts lost sessions and pool warnings."""
+    """Keeps the real times of finishes (a slot free for the next member) and triggers, and counts lost
+    sessions and pool warnings."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -174,13 +176,9 @@ class _Recorder(logging.Handler):
         now = time.monotonic()
         msg = str(record.msg)
         with self.mu:
-            if (
-                record.name == "shepard_lib.locks"
-                and msg.startswith("restart slot")
-                and msg.endswith("released")
-            ):
+            if record.name == "shepard_lib.coordinator" and "restarted and healthy" in msg:
                 self.events.append((now, "release"))
-            elif record.name == "shepard_lib.trigger" and "triggered" in msg:
+            elif record.name in ("shepard_lib.coordinator", "shepard_lib.trigger") and "triggered" in msg:
                 self.events.append((now, "trigger"))
             elif record.name == "shepard_lib.session" and "lost" in msg:
                 self.sessions_lost += 1
@@ -188,7 +186,7 @@ class _Recorder(logging.Handler):
                 self.pool_warnings += 1
 
     def handoffs_ms(self) -> list[float]:
-        """Release -> next trigger, paired in order (the first c triggers follow no release)."""
+        """Finish -> next trigger, paired in order (the first c triggers follow no finish)."""
         pending: list[float] = []
         out = []
         for at, kind in sorted(self.events):
@@ -202,7 +200,12 @@ class _Recorder(logging.Handler):
 @contextmanager
 def recording() -> Iterator[_Recorder]:
     recorder = _Recorder()
-    names = ["shepard_lib.locks", "shepard_lib.trigger", "shepard_lib.session", "urllib3.connectionpool"]
+    names = [
+        "shepard_lib.coordinator",
+        "shepard_lib.trigger",
+        "shepard_lib.session",
+        "urllib3.connectionpool",
+    ]
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

@@ -61,6 +61,7 @@ from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.config import HealthSource, RestartMethod, ShepardConfig
 from shepard_lib.errors import (
     BackendError,
+    Cancelled,
     HealthTimeout,
     LockLost,
     LockTimeout,
@@ -574,7 +575,11 @@ class Coordinator:
         if self._clock.monotonic() >= self._deadline:
             raise LockTimeout(f"still waiting for {what} after slot_timeout {self.options.slot_timeout:g}s")
         rlog.info("waiting for %s", what)
-        self.plans.watch(key, index, min([self._max_wait(), *bounds]))
+        try:
+            self.plans.watch(key, index, min([self._max_wait(), *bounds]), cancel=self.session.lost)
+        except Cancelled:
+            self.session.check()  # the session was lost while the query waited: LockLost
+            raise
 
     def _attempt(self, target: Target, scope: TaskScope, plan: Plan, rlog: _RefLog) -> MemberOutcome | None:
         """One pass with a slot: claim or reclaim, trigger, health, finish. None: look at the plan again."""

@@ -56,6 +56,11 @@ class NotFound(BackendError):
     """The object asked for does not exist (HTTP 404 where 404 is not an ordinary answer)."""
 
 
+class Cancelled(ShepardError):
+    """A call was cancelled (its :class:`~shepard_lib.cancel.CancelEvent` was set, or its backend
+    closed) while it waited: the caller is stopping, this is not a failure."""
+
+
 class LockLost(ShepardError):
     """A lock or restart slot was lost (its session was invalidated) while it was needed."""
 

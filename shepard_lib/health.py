@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from shepard_lib.backends import ConsulAPI, NomadAPI
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.config import HealthSource
 from shepard_lib.errors import HealthTimeout, LockLost, NotFound, TaskFailed
@@ -55,7 +56,8 @@ from shepard_lib.watchhub import Subscriber, WatchHub
 log = logging.getLogger(__name__)
 
 MAX_WAIT = 15.0
-"""Cluster seconds one blocking query waits at most; also how long a watcher may outlive its gate."""
+"""Cluster seconds one blocking query waits at most; also how long a watcher may outlive its gate
+(unless its backends' owner closes the watches: :func:`close_watches`)."""
 CANCEL_CHECK = 1.0
 """Cluster seconds between looks at ``cancel`` while nothing else happens (no request is made)."""
 ERROR_BACKOFF = 2.0
@@ -414,6 +416,18 @@ _HUBS: weakref.WeakKeyDictionary[object, _ByNomad] = weakref.WeakKeyDictionary()
 _HUBS_LOCK = threading.Lock()
 
 
+def close_watches(consul: ConsulAPI, nomad: NomadAPI) -> None:
+    """End the health watches on these backends now (their blocking queries are cancelled) and
+    wait for their threads: for an owner of the backends that stops (the agent). A gate made later
+    starts new ones."""
+    with _HUBS_LOCK:
+        by_nomad = _HUBS.get(consul)
+        hubs = by_nomad.pop(nomad, None) if by_nomad is not None else None
+    if hubs is not None:
+        hubs.nomad.close()
+        hubs.checks.close()
+
+
 def _hubs_for(consul: ConsulAPI, nomad: NomadAPI, clock: Clock) -> _Hubs:
     """The hubs shared by every gate on these backends in this process (made on first use).
 
@@ -422,17 +436,21 @@ def _hubs_for(consul: ConsulAPI, nomad: NomadAPI, clock: Clock) -> _Hubs:
     """
     consul_ref, nomad_ref = weakref.ref(consul), weakref.ref(nomad)
 
-    def watch_allocation(alloc_id: str, index: int, wait: float) -> tuple[int, Allocation]:
+    def watch_allocation(
+        alloc_id: str, index: int, wait: float, cancel: CancelEvent
+    ) -> tuple[int, Allocation]:
         backend = nomad_ref()
         if backend is None:
             raise NotFound("nomad.watch_allocation", "the Nomad backend is gone")
-        return backend.watch_allocation(alloc_id, index, wait)
+        return backend.watch_allocation(alloc_id, index, wait, cancel=cancel)
 
-    def service_checks(service: str, index: int, wait: float) -> tuple[int, list[HealthCheck]]:
+    def service_checks(
+        service: str, index: int, wait: float, cancel: CancelEvent
+    ) -> tuple[int, list[HealthCheck]]:
         backend = consul_ref()
         if backend is None:
             raise LockLost("the Consul backend is gone")
-        return backend.service_checks(service, index, wait if index else None)
+        return backend.service_checks(service, index, wait if index else None, cancel=cancel)
 
     with _HUBS_LOCK:
         by_nomad = _HUBS.setdefault(consul, weakref.WeakKeyDictionary())

@@ -13,7 +13,8 @@ wait. It tries again only when it sees a free key. Each wait is bounded by
   ends, so the contender retries after that long (by then the delay is over if the invalidated
   holder used the same lock-delay; otherwise it waits once more);
 - ``max_wait`` (default 15 cluster seconds, as Consul's ``api/lock.go``): the longest it takes the
-  contender to notice that its session was lost or that ``cancel`` was set.
+  contender to notice that ``cancel`` was set. Losing the session ends the blocking query in
+  flight at once (it is cancelled on ``session.lost``).
 
 Losing the session while waiting raises :class:`~shepard_lib.errors.LockLost`; so does ``cancel``
 (the caller's event, usually a session's ``lost`` or a shutdown event), because the caller asked to
@@ -42,7 +43,7 @@ from typing import TypeVar
 
 from shepard_lib.backends import ConsulAPI
 from shepard_lib.clock import REAL_CLOCK, Clock
-from shepard_lib.errors import ConsulError, LockLost, LockTimeout, ShepardError
+from shepard_lib.errors import Cancelled, ConsulError, LockLost, LockTimeout, ShepardError
 from shepard_lib.model import KVEntry, TxnOp, TxnVerb
 from shepard_lib.session import Session
 
@@ -171,7 +172,13 @@ def _acquire_loop(
             if left <= 0:
                 raise LockTimeout(f"{what}: not acquired within {timeout:g}s")
             wait = min(wait, left)
-        index, view = consul.watch(watch_key, index, max(wait, MIN_WAIT), recurse=recurse)
+        try:
+            index, view = consul.watch(
+                watch_key, index, max(wait, MIN_WAIT), recurse=recurse, cancel=session.lost
+            )
+        except Cancelled:
+            session.check()  # the session was lost while the query waited: LockLost
+            raise
 
 
 class SlotNotNeeded(ShepardError):

@@ -66,6 +66,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shepard_lib.backends import ConsulAPI
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.errors import ConfigError, ConsulError, LockLost, PlanError
 from shepard_lib.model import Job, TxnOp, TxnVerb
@@ -1029,12 +1030,13 @@ class PlanStore:
             f"plan {key}: {self._attempts} concurrent updates in a row won the CAS race; giving up"
         )
 
-    def watch(self, key: str, index: int, wait: float) -> int:
+    def watch(self, key: str, index: int, wait: float, *, cancel: CancelEvent | None = None) -> int:
         """Block until the plan key changes past ``index`` (or ``wait`` cluster seconds); the new index.
 
-        The answer's value is remembered for the next update.
+        The answer's value is remembered for the next update. Setting ``cancel`` ends the wait with
+        :class:`~shepard_lib.errors.Cancelled`.
         """
-        new_index, entries = self._consul.watch(key, index, wait)
+        new_index, entries = self._consul.watch(key, index, wait, cancel=cancel)
         entry = next((e for e in entries if e.key == key), None)
         if entry is None:
             self._known.forget(key)

@@ -29,8 +29,9 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from shepard_lib.backends import ConsulAPI
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import REAL_CLOCK, Clock
-from shepard_lib.errors import ConsulError, LockLost, ShepardError
+from shepard_lib.errors import Cancelled, ConsulError, LockLost, ShepardError
 from shepard_lib.model import SessionBehavior
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ CREATE_ATTEMPTS = 3
 """Creates tried when Consul's answer is lost (the backend retries only answers proving nothing applied)."""
 RETRY_FRACTION = 5
 """After a failed renew, retry every ``ttl / RETRY_FRACTION`` until the session counts as lost."""
+THREAD_JOIN = 30.0
+"""Real seconds :meth:`Session.destroy` waits for its threads, which end at once when told (a
+renew in flight is cancelled); the bound only keeps a backend that cannot cancel from hanging it."""
 
 
 class Session:
@@ -71,15 +75,17 @@ class Session:
         self.node_checks = None if node_checks is None else tuple(node_checks)
         self.id = ""
         """The Consul session ID; empty until :meth:`create`."""
-        self.lost = threading.Event()
-        """Set once the session (and so every lock it holds) is lost. Never cleared."""
+        self.lost = CancelEvent()
+        """Set once the session (and so every lock it holds) is lost. Never cleared; a
+        :class:`~shepard_lib.cancel.CancelEvent`, so a blocking call given it as ``cancel`` ends then."""
         self.lost_reason: str | None = None
         """Why :attr:`lost` was set."""
         self._consul = consul
         self._clock = clock
         self._state = threading.Condition()
         self._last_renew = 0.0  # clock.monotonic() when the last successful renew was sent
-        self._stop_renewing = threading.Event()
+        self._stop_renewing = CancelEvent()  # also aborts a renew in flight
+        self._threads: list[threading.Thread] = []
         self._ended = False  # destroy() was called: the watchdog stops too
         self._abandoned = False
         self._claims: set[str] = set()  # holder tokens of the claims coordinators drive under this session
@@ -115,7 +121,9 @@ class Session:
         _register(self._consul, self)
         log.debug("session %r created (ttl %ss, lock-delay %ss)", self.name, self.ttl, self.lock_delay)
         for target, role in ((self._renew_loop, "renew"), (self._watchdog, "watchdog")):
-            threading.Thread(target=target, name=f"shepard-session-{role}[{self.name}]", daemon=True).start()
+            thread = threading.Thread(target=target, name=f"shepard-session-{role}[{self.name}]", daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return self.id
 
     def destroy(self) -> None:
@@ -124,7 +132,8 @@ class Session:
         Idempotent. A failure to reach Consul is logged, not raised: the session then ends by its
         TTL. After :meth:`abandon` nothing is sent to Consul. A clean destroy does not set :attr:`lost`.
         Consul puts locks still held at destroy under the lock-delay, as for any invalidation:
-        release them first to hand them over at once.
+        release them first to hand them over at once. The renewal and watchdog threads have ended
+        when it returns (a renew in flight is cancelled).
         """
         with self._state:
             if self._ended:
@@ -132,6 +141,11 @@ class Session:
             self._ended = True
             self._state.notify_all()
         self._stop_renewing.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(THREAD_JOIN)  # both wait only on what was just set: they return at once
+                if thread.is_alive():
+                    log.warning("session %r: %s did not end within %gs", self.name, thread.name, THREAD_JOIN)
         if not self.id or self._abandoned:
             return
         try:
@@ -226,7 +240,9 @@ class Session:
         while not self._clock.wait(self._stop_renewing, interval) and not self.lost.is_set():
             sent = self._clock.monotonic()
             try:
-                known = self._consul.session_renew(self.id)
+                known = self._consul.session_renew(self.id, cancel=self._stop_renewing)
+            except Cancelled:
+                return
             except Exception as exc:  # this thread must survive anything the backend raises
                 if self._stop_renewing.is_set():
                     return

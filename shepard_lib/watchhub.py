@@ -13,7 +13,9 @@ loop already delivered a newer one (answers are ordered by the server's index, n
 After that the subscriber sees every answer of the shared loop.
 
 A loop ends when its last subscriber leaves (after its current query returns: a blocking query
-waits at most ``max_wait`` cluster seconds). A failed query is reported to each subscriber
+waits at most ``max_wait`` cluster seconds), or at once when the hub is closed: :meth:`WatchHub.close`
+cancels the query in flight (the query gets the loop's :class:`~shepard_lib.cancel.CancelEvent`)
+and joins the threads. A failed query is reported to each subscriber
 (``on_retry``, so each can say which of its waits is affected) and retried after ``backoff``;
 an error that ``final`` accepts (say, Nomad no longer knows the allocation) is handed to every
 subscriber and ends the loop.
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
 
 __all__ = ["Subscriber", "WatchHub"]
@@ -35,8 +38,11 @@ log = logging.getLogger(__name__)
 
 V = TypeVar("V")
 
-Query = Callable[[str, int, float], "tuple[int, V]"]
-"""``query(key, index, wait)``: index 0 answers at once; otherwise block until past ``index`` or ``wait``."""
+Query = Callable[[str, int, float, CancelEvent], "tuple[int, V]"]
+"""``query(key, index, wait, cancel)``: index 0 answers at once; otherwise block until past ``index``
+or ``wait``; setting ``cancel`` (the hub closes) ends it at once (it raises)."""
+JOIN = 30.0
+"""Real seconds :meth:`WatchHub.close` waits for each loop thread (they end at once once cancelled)."""
 
 
 @dataclass(eq=False)
@@ -96,6 +102,8 @@ class _Loop(Generic[V]):
         self.index = index
         self.last: tuple[int, V] = (index, value)
         self.subscribers: list[Subscriber[V]] = []
+        self.closed = CancelEvent()
+        self.thread: threading.Thread | None = None
 
 
 class WatchHub(Generic[V]):
@@ -119,7 +127,6 @@ class WatchHub(Generic[V]):
         self._final = final
         self._lock = threading.Lock()
         self._loops: dict[str, _Loop[V]] = {}
-        self._stop = threading.Event()  # never set: backoff waits on the clock through it
 
     def subscribe(self, key: str, subscriber: Subscriber[V]) -> Callable[[], None]:
         """Watch ``key`` for ``subscriber``; returns the function that ends the subscription.
@@ -132,7 +139,7 @@ class WatchHub(Generic[V]):
             if loop is not None:
                 loop.subscribers.append(subscriber)
         try:
-            index, value = self._query(key, 0, self._max_wait)
+            index, value = self._query(key, 0, self._max_wait, CancelEvent())
         except Exception:
             self._leave(key, subscriber)
             raise
@@ -145,13 +152,31 @@ class WatchHub(Generic[V]):
                 loop.subscribers.append(subscriber)
                 newest = loop.last
             if start:
-                threading.Thread(
+                loop.thread = threading.Thread(
                     target=self._run, args=(key, loop), name=f"shepard-watch-{self.name}[{key}]", daemon=True
-                ).start()
+                )
+                loop.thread.start()
             else:
                 subscriber.deliver(*newest)  # the loop may have seen a newer answer than ours
         subscriber.start(index, value)
         return lambda: self._leave(key, subscriber)
+
+    def close(self) -> None:
+        """End every loop now: cancel the queries in flight and wait for the threads.
+
+        For the owner of the backends when it stops (an agent), once its waits are over: a
+        subscriber still subscribed gets no further answer (its own deadline or cancel ends its
+        wait; a shutdown is no verdict on a restart). The hub must not be used afterwards.
+        """
+        with self._lock:
+            loops, self._loops = list(self._loops.values()), {}
+        for loop in loops:
+            loop.closed.set()
+        for loop in loops:
+            if loop.thread is not None and loop.thread is not threading.current_thread():
+                loop.thread.join(JOIN)
+                if loop.thread.is_alive():
+                    log.warning("%s: %s did not end within %gs", self.name, loop.thread.name, JOIN)
 
     def _leave(self, key: str, subscriber: Subscriber[V]) -> None:
         with subscriber.lock:
@@ -162,7 +187,7 @@ class WatchHub(Generic[V]):
                 loop.subscribers.remove(subscriber)
 
     def _run(self, key: str, loop: _Loop[V]) -> None:
-        while True:
+        while not loop.closed.is_set():
             with self._lock:
                 if not loop.subscribers:
                     if self._loops.get(key) is loop:
@@ -170,8 +195,10 @@ class WatchHub(Generic[V]):
                     return
                 index = loop.index
             try:
-                index, value = self._query(key, index, self._max_wait)
+                index, value = self._query(key, index, self._max_wait, loop.closed)
             except Exception as exc:  # a loop thread must survive anything the backend raises
+                if loop.closed.is_set():
+                    return
                 if self._final(exc):
                     with self._lock:
                         subscribers, loop.subscribers = loop.subscribers, []
@@ -191,7 +218,7 @@ class WatchHub(Generic[V]):
                     s.on_retry(exc)  # type: ignore[misc]
                 if not told:
                     log.warning("%s watch of %s: query failed, retrying: %s", self.name, key, exc)
-                self.clock.wait(self._stop, self._backoff)
+                self.clock.wait(loop.closed, self._backoff)
                 continue
             with self._lock:
                 loop.index = index

@@ -36,6 +36,7 @@ from shepard_lib.agent.periodic import PeriodicJob, PeriodicRunner, default_jobs
 from shepard_lib.agent.rollouts import Change, Rollouts
 from shepard_lib.agent.watcher import ChangeEvent, FileWatcher, TaskKey
 from shepard_lib.backends import ConsulAPI, NomadAPI
+from shepard_lib.cancel import CancelEvent, wait_any
 from shepard_lib.clock import Clock
 from shepard_lib.config import ShepardConfig
 from shepard_lib.coordinator import (
@@ -46,7 +47,8 @@ from shepard_lib.coordinator import (
     Outcome,
     RolloutEvent,
 )
-from shepard_lib.errors import ConfigError, ShepardError
+from shepard_lib.errors import Cancelled, ConfigError, ShepardError
+from shepard_lib.health import close_watches
 from shepard_lib.keyspace import Keyspace
 from shepard_lib.model import Allocation
 from shepard_lib.session import Session
@@ -72,6 +74,10 @@ RESTART_ONLY = (
 
 SCAN_INTERVAL = 10.0
 """Cluster seconds between digest scans of a task that fell back from inotify."""
+THREAD_JOIN = 30.0
+"""Real seconds :meth:`Agent.stop` waits for each of its threads once they were told to end (they
+end at once: their waits and blocking queries end on ``stopping``); a thread still alive then is
+logged."""
 
 
 class Agent:
@@ -97,7 +103,8 @@ class Agent:
         self.consul: ConsulAPI = counted(consul, "consul", self.metrics)
         self.nomad: NomadAPI = counted(nomad, "nomad", self.metrics)
         self.keyspace = Keyspace(cfg.key_prefix, cfg.lock_scope)
-        self.stopping = threading.Event()
+        self.stopping = CancelEvent()
+        """Set by :meth:`stop`; it also cancels the agent's blocking queries in flight."""
         self.node_name = ""
         self.node_id = ""
         self.metrics_address: str | None = None
@@ -214,6 +221,8 @@ class Agent:
             session.destroy()
         if self._server is not None:
             self._server.stop()
+        self._join_threads()
+        close_watches(self.consul, self.nomad)  # the health watches its restarts left lingering
         log.info("agent of node %s stopped", self.node_name)
 
     def __enter__(self) -> Agent:
@@ -401,7 +410,7 @@ class Agent:
                 continue
             session = self._session
             if session is not None:
-                self.clock.wait(session.lost, session.ttl / 2)
+                wait_any(self.clock, (self.stopping, session.lost), session.ttl / 2)
 
     def _watch_heartbeats(self) -> None:
         """Wake the rollout workers whenever an agent's heartbeat changes (an agent may have died)."""
@@ -409,7 +418,11 @@ class Agent:
         index = 0
         while not self.stopping.is_set():
             try:
-                new_index, _ = self.consul.watch(prefix, index, self.recheck_interval(), recurse=True)
+                new_index, _ = self.consul.watch(
+                    prefix, index, self.recheck_interval(), recurse=True, cancel=self.stopping
+                )
+            except Cancelled:
+                return  # the agent stops
             except ShepardError as exc:
                 index = 0
                 self.clock.wait(self.stopping, self._consul_outage.failed("kv.watch nodes", exc))
@@ -418,6 +431,16 @@ class Agent:
             if index and new_index != index:
                 self._rollouts.poke()
             index = new_index
+
+    def _join_threads(self) -> None:
+        """Wait for every thread of the agent (each was told to end); log those still running."""
+        threads = [*self._threads, *self._periodic, *self._rollouts.threads()]
+        if self._discovery is not None and self._discovery.thread.ident is not None:
+            threads.append(self._discovery.thread)
+        for thread in threads:
+            thread.join(THREAD_JOIN)
+            if thread.is_alive():
+                log.warning("agent of node %s: thread %s still runs after stop", self.node_name, thread.name)
 
     def _join_workers(self, seconds: float) -> None:
         deadline = self.clock.monotonic() + max(seconds, 0.0)

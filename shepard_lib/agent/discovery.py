@@ -7,6 +7,8 @@ and keeps one it already follows while a task restarts (Nomad then reports it ``
 reports the difference to the previous answer: an allocation that appears (or is replaced by a
 reschedule, which gives it a new ID), starts running, stops, or whose directory is gone is picked
 up or dropped. Nomad unreachable: backoff, one log line per outage, then the query resumes.
+Setting ``stop`` (the agent's ``stopping``, a :class:`~shepard_lib.cancel.CancelEvent`) cancels
+the blocking query in flight: the thread ends at once, without a log line.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 
 from shepard_lib.agent.outage import Outage
 from shepard_lib.backends import NomadAPI
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
-from shepard_lib.errors import ShepardError
+from shepard_lib.errors import Cancelled, ShepardError
 from shepard_lib.keyspace import TEMPLATE_DESTINATION
 from shepard_lib.model import Allocation, AllocClientStatus
 
@@ -58,8 +61,8 @@ class Discovery:
     """Follows node ``node_id``'s allocations and calls ``on_update`` with the managed ones.
 
     ``on_update`` gets every managed allocation by ID each time the set (or an allocation's
-    ModifyIndex) changed; it runs on the discovery thread. ``stop`` ends the loop when the
-    blocking query under way returns; nothing it answers is reported after ``stop``.
+    ModifyIndex) changed; it runs on the discovery thread. Setting ``stop`` cancels the blocking
+    query under way and ends the thread; nothing is reported after ``stop``.
     """
 
     def __init__(
@@ -70,7 +73,7 @@ class Discovery:
         on_update: Callable[[Mapping[str, ManagedAlloc]], None],
         *,
         clock: Clock,
-        stop: threading.Event,
+        stop: CancelEvent,
     ) -> None:
         self.node_id = node_id
         self.data_dir = data_dir
@@ -87,7 +90,7 @@ class Discovery:
     def start(self) -> None:
         """Read the node's allocations once (ShepardError when Nomad does not answer), report them,
         then follow them on a thread."""
-        self._index, allocs = self._nomad.watch_node_allocations(self.node_id, 0, WAIT)
+        self._index, allocs = self._nomad.watch_node_allocations(self.node_id, 0, WAIT, cancel=self._stop)
         self.reachable.set()
         self._report(allocs)
         self.thread.start()
@@ -96,9 +99,13 @@ class Discovery:
         index = self._index
         while not self._stop.is_set():
             try:
-                index, allocs = self._nomad.watch_node_allocations(self.node_id, index, WAIT)
+                index, allocs = self._nomad.watch_node_allocations(
+                    self.node_id, index, WAIT, cancel=self._stop
+                )
+            except Cancelled:
+                return  # the agent stops
             except ShepardError as exc:
-                if self._stop.is_set():  # the agent stopped while the query waited: no outage to report
+                if self._stop.is_set():  # failed as the agent stopped: no outage to report
                     return
                 self.reachable.clear()
                 index = 0

@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from shepard_lib.errors import ShepardError
+from shepard_lib.errors import Cancelled, ShepardError
 from shepard_lib.gc import GCReport
 from shepard_lib.logship.metrics import ShipperMetrics
 
@@ -153,6 +153,8 @@ class _Counted:
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
                 result = attr(*args, **kwargs)
+            except Cancelled:
+                raise  # the agent stops: not a failed call
             except ShepardError:
                 self._metrics.request_errors.labels(self._backend, name).inc()
                 if name == "session_renew":

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shepard_lib.backends import ConsulAPI, NomadAPI
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
 from shepard_lib.config import LockScope
 from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, Target, target_for
@@ -73,7 +74,7 @@ class RolloutHost(Protocol):
     keyspace: Keyspace
     node_name: str
     clock: Clock
-    stopping: threading.Event
+    stopping: CancelEvent
 
     def coordinator(self) -> Coordinator | None:
         """A coordinator under the agent's current live session; None while it has none."""
@@ -385,8 +386,8 @@ class Rollouts:
     def _register_loop(self) -> None:
         while True:
             with self._lock:
-                if not self._to_register:
-                    self._registered.wait(1.0)
+                if not self._to_register and not self._host.stopping.is_set():
+                    self._registered.wait(1.0)  # poke() notifies, and the agent pokes when it stops
                 if self._host.stopping.is_set():
                     return
                 changes, self._to_register = self._to_register, []
@@ -454,6 +455,12 @@ class Rollouts:
         """The running workers' threads, by task."""
         with self._lock:
             return {name: w.thread for name, w in self._workers.items()}
+
+    def threads(self) -> list[threading.Thread]:
+        """Every thread the rollouts started that may still run: the registrar and the workers."""
+        with self._lock:
+            registrar = [self._registrar] if self._registrar is not None else []
+            return registrar + [w.thread for w in self._workers.values()]
 
     def _finished(self, worker: _Worker) -> None:
         with self._lock:

@@ -6,7 +6,9 @@ fork py-consul) and python-nomad; tests may pass any other implementation.
 
 All durations are cluster seconds (see :mod:`shepard_lib.clock`). Every method raises
 :class:`shepard_lib.errors.ConsulError` / :class:`~shepard_lib.errors.NomadError` (after retrying
-transient failures) with a message that names the call, never a token.
+transient failures) with a message that names the call, never a token. A call that takes
+``cancel`` (a :class:`~shepard_lib.cancel.CancelEvent`) raises :class:`~shepard_lib.errors.Cancelled`
+at once when it is set, even while its request waits for the answer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.model import (
     AgentInfo,
     Allocation,
@@ -45,10 +48,19 @@ class ConsulAPI(Protocol):
         """Key names under ``prefix`` (``?keys``), folded at ``separator`` when given."""
         ...
 
-    def watch(self, key: str, index: int, wait: float, *, recurse: bool = False) -> tuple[int, list[KVEntry]]:
+    def watch(
+        self,
+        key: str,
+        index: int,
+        wait: float,
+        *,
+        recurse: bool = False,
+        cancel: CancelEvent | None = None,
+    ) -> tuple[int, list[KVEntry]]:
         """Blocking query: return once the key (or prefix) changes past ``index``, or after ``wait``.
 
         Returns the new ``X-Consul-Index`` and the entries (an empty list for a missing key).
+        Setting ``cancel`` ends it at once: it raises :class:`~shepard_lib.errors.Cancelled`.
         """
         ...
 
@@ -85,8 +97,8 @@ class ConsulAPI(Protocol):
         """Create a session and return its ID."""
         ...
 
-    def session_renew(self, session: str) -> bool:
-        """Renew a session; False when Consul no longer knows it (404)."""
+    def session_renew(self, session: str, *, cancel: CancelEvent | None = None) -> bool:
+        """Renew a session; False when Consul no longer knows it (404); ``cancel`` as for ``watch``."""
         ...
 
     def session_destroy(self, session: str) -> None:
@@ -98,11 +110,11 @@ class ConsulAPI(Protocol):
         ...
 
     def service_checks(
-        self, service: str, index: int = 0, wait: float | None = None
+        self, service: str, index: int = 0, wait: float | None = None, *, cancel: CancelEvent | None = None
     ) -> tuple[int, list[HealthCheck]]:
         """Checks of every instance of ``service`` (``/v1/health/checks/<service>``).
 
-        Blocks like ``watch`` when ``index`` is non-zero.
+        Blocks like ``watch`` when ``index`` is non-zero; ``cancel`` as for ``watch``.
         """
         ...
 
@@ -122,16 +134,26 @@ class NomadAPI(Protocol):
         """One allocation; raises NotFound when Nomad does not know it."""
         ...
 
-    def watch_allocation(self, alloc_id: str, index: int, wait: float) -> tuple[int, Allocation]:
-        """Blocking query on one allocation: returns after it changes past ``index`` or after ``wait``."""
+    def watch_allocation(
+        self, alloc_id: str, index: int, wait: float, *, cancel: CancelEvent | None = None
+    ) -> tuple[int, Allocation]:
+        """Blocking query on one allocation: returns after it changes past ``index`` or after ``wait``.
+
+        Setting ``cancel`` ends it at once: it raises :class:`~shepard_lib.errors.Cancelled`.
+        """
         ...
 
     def node_allocations(self, node_id: str) -> list[Allocation]:
         """The allocations placed on a node."""
         ...
 
-    def watch_node_allocations(self, node_id: str, index: int, wait: float) -> tuple[int, list[Allocation]]:
-        """Blocking query on a node's allocations: returns after one changes past ``index`` or ``wait``."""
+    def watch_node_allocations(
+        self, node_id: str, index: int, wait: float, *, cancel: CancelEvent | None = None
+    ) -> tuple[int, list[Allocation]]:
+        """Blocking query on a node's allocations: returns after one changes past ``index`` or ``wait``.
+
+        Setting ``cancel`` ends it at once: it raises :class:`~shepard_lib.errors.Cancelled`.
+        """
         ...
 
     def job_allocations(self, job_id: str) -> list[Allocation]:

@@ -26,6 +26,7 @@ renewal) reuses its own connection instead of opening one and discarding it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -33,14 +34,15 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import requests
-import requests.adapters
 import tenacity
 import urllib3.exceptions
 
+from shepard_lib.cancel import CancelEvent, wait_any
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.durations import format_go_duration
-from shepard_lib.errors import BackendError
+from shepard_lib.errors import BackendError, Cancelled
 
+from ._inflight import CancellableAdapter, cancellable
 from ._outage import OUTAGES, unreachable
 
 log = logging.getLogger("shepard_lib.backends")
@@ -146,8 +148,12 @@ def call_with_retry(
     policy: RetryPolicy,
     clock: Clock = REAL_CLOCK,
     server: str | None = None,
+    cancel: tuple[CancelEvent, ...] = (),
 ) -> T:
     """Run ``fn``; on a transient :class:`BackendError` retry it as ``policy`` says, then re-raise.
+
+    The waits between retries end when one of ``cancel`` is set (``fn`` then raises
+    :class:`~shepard_lib.errors.Cancelled`: see :func:`send_cancellable`).
 
     The first attempt runs directly (most calls succeed at once, and building the retry machinery
     costs about a tenth of a request's CPU); after a transient failure the retries go on exactly as
@@ -182,7 +188,7 @@ def call_with_retry(
         )
         + tenacity.wait_random(0, policy.jitter),
         retry=tenacity.retry_if_exception(lambda e: isinstance(e, BackendError) and e.transient),
-        sleep=clock.sleep,
+        sleep=functools.partial(_sleep, clock, cancel),
         before_sleep=lambda state: _log_retry(call, policy, state, server),
         reraise=True,
     )
@@ -190,6 +196,14 @@ def call_with_retry(
     if server is not None:
         OUTAGES.answered(server)
     return result
+
+
+def _sleep(clock: Clock, cancel: tuple[CancelEvent, ...], seconds: float) -> None:
+    """Sleep ``seconds`` cluster seconds, or until one of ``cancel`` is set."""
+    if cancel:
+        wait_any(clock, cancel, seconds)
+    else:
+        clock.sleep(seconds)
 
 
 def _log_retry(call: str, policy: RetryPolicy, state: tenacity.RetryCallState, server: str | None) -> None:
@@ -206,6 +220,27 @@ def _log_retry(call: str, policy: RetryPolicy, state: tenacity.RetryCallState, s
         delay,
         error,
     )
+
+
+def send_cancellable(
+    send: Callable[[], T], call: str, cancel: tuple[CancelEvent | None, ...]
+) -> T:
+    """``send()`` (one attempt of a request), aborted at once when one of ``cancel`` is set.
+
+    Raises :class:`~shepard_lib.errors.Cancelled` instead of sending when one is set already, and
+    instead of the transport error the abort causes (a request that answered before it was
+    cancelled returns its answer). The socket of the request in flight is shut down (see
+    :mod:`~shepard_lib.backends._inflight`).
+    """
+    if any(event is not None and event.is_set() for event in cancel):
+        raise Cancelled(f"{call}: cancelled")
+    with cancellable(*cancel) as in_flight:
+        try:
+            return send()
+        except (requests.RequestException, BackendError):
+            if in_flight.cancelled:
+                raise Cancelled(f"{call}: cancelled while waiting for the answer") from None
+            raise
 
 
 def go_duration(seconds: float) -> str:
@@ -250,7 +285,7 @@ def pinned_session(
     settings = session.merge_environment_settings(url, {}, None, verify, None)
     session.trust_env = False
     session.proxies.update(settings["proxies"])
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+    adapter = CancellableAdapter(pool_connections=4, pool_maxsize=pool_size)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     resolved: bool | str | None = settings["verify"]

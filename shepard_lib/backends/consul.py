@@ -17,6 +17,12 @@ installs the same ``consul`` package) share; their high-level methods differ whe
 
 The token travels only in the ``X-Consul-Token`` header (never ``?token=``), and every error
 message is redacted before it is raised or logged.
+
+:meth:`ConsulBackend.watch` and :meth:`ConsulBackend.session_renew` take ``cancel`` (a
+:class:`~shepard_lib.cancel.CancelEvent`): setting it shuts down the socket of the request in
+flight, so a stopping agent's blocking query ends at once with
+:class:`~shepard_lib.errors.Cancelled`, as in the Nomad backend; :meth:`ConsulBackend.close`
+aborts every request in flight.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any, Protocol
 import requests
 from consul import std as consul_std
 
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.config import ConsulConfig
 from shepard_lib.durations import parse_go_duration
@@ -54,6 +61,7 @@ from ._http import (
     go_duration,
     pinned_session,
     redact,
+    send_cancellable,
     tls_settings,
     transient_status,
     transport_error,
@@ -78,8 +86,9 @@ class _TimedSession(requests.Session):
     """A requests session that times each request out by what it is.
 
     A blocking query (``index`` and ``wait`` in the URL) gets ``clock.real(wait + wait/16) + margin``
-    real seconds, any other request ``margin``: Consul answers a blocking query only when its
-    ``wait`` (plus jitter) has passed, so a shorter timeout would fail every idle watch.
+    real seconds to answer, any other request ``margin``: Consul answers a blocking query only when
+    its ``wait`` (plus jitter) has passed, so a shorter timeout would fail every idle watch.
+    Connecting gets ``margin`` for every request.
     """
 
     def __init__(self, clock: Clock, margin: float) -> None:
@@ -88,7 +97,8 @@ class _TimedSession(requests.Session):
         self._margin = margin
 
     def request(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> requests.Response:
-        kwargs["timeout"] = self._timeout_for(str(url))
+        # connecting never waits longer than a plain request: a connect cannot be cancelled
+        kwargs["timeout"] = (self._margin, self._timeout_for(str(url)))
         return super().request(method, url, *args, **kwargs)
 
     def _timeout_for(self, url: str) -> float:
@@ -201,9 +211,15 @@ class ConsulBackend:
         self._http.base_uri = f"{scheme}://{netloc}{url.path.rstrip('/')}"
         self._http.session = _TimedSession(clock, timeout)
         self._http.verify = pinned_session(self._http.session, self._http.base_uri, verify, pool_size)
+        self._closed = CancelEvent()
 
     def close(self) -> None:
-        """Close the HTTP connections (the backend must not be used afterwards)."""
+        """Close the HTTP connections (the backend must not be used afterwards).
+
+        A request in flight in another thread (a blocking query) is aborted: it raises
+        :class:`~shepard_lib.errors.Cancelled`.
+        """
+        self._closed.set()
         self._http.session.close()
 
     # --- transport ------------------------------------------------------------------------------
@@ -219,10 +235,13 @@ class ConsulBackend:
         allow: Sequence[int] = (),
         dc: bool = True,
         repeatable: bool = True,
+        cancel: CancelEvent | None = None,
     ) -> _Response:
         """Send one request (retrying transient failures); 2xx and ``allow`` statuses are returned.
 
         ``repeatable=False`` marks a write that must not be applied twice (see ``transient_status``).
+        Setting ``cancel`` (or closing the backend) aborts it, in flight or between retries, with
+        :class:`~shepard_lib.errors.Cancelled`.
         """
         query = list(params)
         if dc and self._dc:
@@ -251,12 +270,14 @@ class ConsulBackend:
                 transient=transient_status(response.code, body, repeatable=repeatable),
             )
 
+        events = (self._closed,) if cancel is None else (cancel, self._closed)
         return call_with_retry(
-            attempt,
+            lambda: send_cancellable(attempt, call, events),
             call=call,
             policy=self._retry,
             clock=self._clock,
             server=f"Consul at {self._http.base_uri}",
+            cancel=events,
         )
 
     def _json(self, call: str, response: _Response) -> Any:
@@ -319,18 +340,27 @@ class ConsulBackend:
         self._kv_answer(call, response)
         return [] if response.code == 404 else [str(k) for k in self._json(call, response) or []]
 
-    def watch(self, key: str, index: int, wait: float, *, recurse: bool = False) -> tuple[int, list[KVEntry]]:
+    def watch(
+        self,
+        key: str,
+        index: int,
+        wait: float,
+        *,
+        recurse: bool = False,
+        cancel: CancelEvent | None = None,
+    ) -> tuple[int, list[KVEntry]]:
         """Blocking query: return once the key (or prefix) changes past ``index``, or after ``wait``.
 
         Returns the new ``X-Consul-Index`` and the entries (an empty list for a missing key). As
         Consul's blocking-query rules ask, an index that went backwards comes back as 0 (the next
-        query then answers at once) and a zero index as 1. ``index`` 0 does not block.
+        query then answers at once) and a zero index as 1. ``index`` 0 does not block. Setting
+        ``cancel`` ends the query at once with :class:`~shepard_lib.errors.Cancelled`.
         """
         call = f"kv.watch {key}"
         params: list[tuple[str, Any]] = [("index", index), ("wait", go_duration(wait))] if index > 0 else []
         if recurse:
             params.append(("recurse", "1"))
-        response = self._request("GET", call, f"/v1/kv/{key}", params=params, allow=[404])
+        response = self._request("GET", call, f"/v1/kv/{key}", params=params, allow=[404], cancel=cancel)
         return _next_index(index, self._index(response)), self._entries(call, response)
 
     def put(self, key: str, value: bytes | str, *, cas: int | None = None, flags: int | None = None) -> bool:
@@ -425,10 +455,15 @@ class ConsulBackend:
             raise ConsulError(call, "the response carries no session ID")
         return str(data["ID"])
 
-    def session_renew(self, session: str) -> bool:
-        """Renew a session; False when Consul no longer knows it (404)."""
+    def session_renew(self, session: str, *, cancel: CancelEvent | None = None) -> bool:
+        """Renew a session; False when Consul no longer knows it (404).
+
+        Setting ``cancel`` (the session is being destroyed) ends a renew in flight with
+        :class:`~shepard_lib.errors.Cancelled`.
+        """
         call = f"session.renew {session}"
-        return self._request("PUT", call, f"/v1/session/renew/{session}", allow=[404]).code != 404
+        response = self._request("PUT", call, f"/v1/session/renew/{session}", allow=[404], cancel=cancel)
+        return response.code != 404
 
     def session_destroy(self, session: str) -> None:
         """Destroy a session (idempotent)."""
@@ -454,14 +489,17 @@ class ConsulBackend:
     # --- health ---------------------------------------------------------------------------------
 
     def service_checks(
-        self, service: str, index: int = 0, wait: float | None = None
+        self, service: str, index: int = 0, wait: float | None = None, *, cancel: CancelEvent | None = None
     ) -> tuple[int, list[HealthCheck]]:
-        """Checks of all instances of ``service`` (``/v1/health/checks/<service>``), blocking on ``index``."""
+        """Checks of all instances of ``service`` (``/v1/health/checks/<service>``), blocking on ``index``.
+
+        Setting ``cancel`` ends the blocking query at once with :class:`~shepard_lib.errors.Cancelled`.
+        """
         call = f"health.checks {service}"
         params: list[tuple[str, Any]] = []
         if index > 0:
             params = [("index", index), ("wait", go_duration(wait if wait is not None else 300.0))]
-        response = self._request("GET", call, f"/v1/health/checks/{service}", params=params)
+        response = self._request("GET", call, f"/v1/health/checks/{service}", params=params, cancel=cancel)
         return _next_index(index, self._index(response)), self._checks(call, response)
 
     def node_checks(self, node: str) -> list[HealthCheck]:

@@ -11,6 +11,11 @@ allocation), so :meth:`NomadBackend.restart_task` posts ``{"TaskName": ...}`` it
 The JSON is parsed into :mod:`shepard_lib.model` values: RFC 3339 times become Unix seconds
 (Nomad's zero time ``0001-01-01T00:00:00Z`` becomes None), and the allocation index comes from
 the allocation name ``<job>.<group>[<index>]``.
+
+The blocking queries take ``cancel`` (a :class:`~shepard_lib.cancel.CancelEvent`): setting it
+shuts down the socket of the query in flight (python-nomad sends through the backend's
+``requests`` session, whose adapter tracks it), so a stopping agent's watch ends at once with
+:class:`~shepard_lib.errors.Cancelled`; :meth:`NomadBackend.close` aborts every request in flight.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import nomad.api.exceptions
 import requests
 from nomad.api.base import Requester
 
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.config import NomadConfig
 from shepard_lib.errors import NomadError, NotFound
@@ -54,6 +60,7 @@ from ._http import (
     go_duration,
     pinned_session,
     redact,
+    send_cancellable,
     tls_settings,
     transient_status,
     transport_error,
@@ -274,8 +281,9 @@ class NomadBackend:
     """:class:`~shepard_lib.backends.NomadAPI` over HTTP, talking to exactly ``config``'s agent.
 
     ``retry`` decides how transient failures are retried (delays in cluster seconds of ``clock``);
-    ``timeout`` is the real-seconds timeout of a non-blocking request; ``pool_size`` the keep-alive
-    connections kept (at least the number of threads using the backend at once).
+    ``timeout`` is the real-seconds timeout of a non-blocking request (and of connecting, for every
+    request); ``pool_size`` the keep-alive connections kept (at least the number of threads using
+    the backend at once).
     """
 
     def __init__(
@@ -292,6 +300,7 @@ class NomadBackend:
         self._timeout = timeout
         self._token = config.token
         self._session = requests.Session()
+        self._closed = CancelEvent()
         verify, cert = tls_settings(config.verify, config.ca_file, config.cert_file, config.key_file)
         address = config.address if "//" in config.address else f"http://{config.address}"
         verify = pinned_session(self._session, address, verify, pool_size)
@@ -318,7 +327,12 @@ class NomadBackend:
         }
 
     def close(self) -> None:
-        """Close the HTTP connections (the backend must not be used afterwards)."""
+        """Close the HTTP connections (the backend must not be used afterwards).
+
+        A request in flight in another thread (a blocking query) is aborted: it raises
+        :class:`~shepard_lib.errors.Cancelled`.
+        """
+        self._closed.set()
         self._session.close()
 
     def _request(
@@ -330,8 +344,13 @@ class NomadBackend:
         params: dict[str, Any] | None = None,
         json: Any = None,
         timeout: float | None = None,
+        cancel: CancelEvent | None = None,
     ) -> requests.Response:
-        """Send one request through python-nomad (retrying transient failures); return the 2xx response."""
+        """Send one request through python-nomad (retrying transient failures); return the 2xx response.
+
+        Setting ``cancel`` (or closing the backend) aborts it, in flight or between retries, with
+        :class:`~shepard_lib.errors.Cancelled`.
+        """
         requester = self._endpoints[endpoint]
 
         def attempt() -> requests.Response:
@@ -341,7 +360,8 @@ class NomadBackend:
                     method=method,
                     params=dict(params or {}),
                     json=json,
-                    timeout=timeout or self._timeout,
+                    # connecting never waits longer than a plain request: a connect cannot be cancelled
+                    timeout=(self._timeout, timeout or self._timeout),
                 )
             except nomad.api.exceptions.BaseNomadException as exc:
                 if isinstance(exc.nomad_resp, requests.Response):
@@ -352,8 +372,14 @@ class NomadBackend:
             check_time_scale("Nomad", self._address, response.headers, self._clock)
             return response
 
+        events = (self._closed,) if cancel is None else (cancel, self._closed)
         return call_with_retry(
-            attempt, call=call, policy=self._retry, clock=self._clock, server=f"Nomad at {self._address}"
+            lambda: send_cancellable(attempt, call, events),
+            call=call,
+            policy=self._retry,
+            clock=self._clock,
+            server=f"Nomad at {self._address}",
+            cancel=events,
         )
 
     def _error(self, call: str, cause: Any, *, idempotent: bool) -> NomadError:
@@ -393,11 +419,14 @@ class NomadBackend:
         data = self._json(call, self._request(call, "allocation", _seg(alloc_id)))
         return self._parse(call, parse_allocation, data)
 
-    def watch_allocation(self, alloc_id: str, index: int, wait: float) -> tuple[int, Allocation]:
+    def watch_allocation(
+        self, alloc_id: str, index: int, wait: float, *, cancel: CancelEvent | None = None
+    ) -> tuple[int, Allocation]:
         """Blocking query on one allocation: returns after it changes past ``index`` or after ``wait``.
 
         Returns the new ``X-Nomad-Index`` (0 when it went backwards, so the next query answers at
-        once) and the allocation. ``index`` 0 does not block.
+        once) and the allocation. ``index`` 0 does not block. Setting ``cancel`` ends the query at
+        once with :class:`~shepard_lib.errors.Cancelled`.
         """
         call = f"allocation.watch {alloc_id}"
         params: dict[str, Any] = {}
@@ -405,7 +434,9 @@ class NomadBackend:
         if index > 0:
             params = {"index": index, "wait": go_duration(wait)}
             timeout = blocking_timeout(wait, self._clock, self._timeout)
-        response = self._request(call, "allocation", _seg(alloc_id), params=params, timeout=timeout)
+        response = self._request(
+            call, "allocation", _seg(alloc_id), params=params, timeout=timeout, cancel=cancel
+        )
         alloc: Allocation = self._parse(call, parse_allocation, self._json(call, response))
         try:
             new_index = int(response.headers.get("X-Nomad-Index", 0))
@@ -419,12 +450,15 @@ class NomadBackend:
         data = self._json(call, self._request(call, "node", _seg(node_id), "allocations"))
         return [self._parse(call, parse_allocation, a) for a in data or []]
 
-    def watch_node_allocations(self, node_id: str, index: int, wait: float) -> tuple[int, list[Allocation]]:
+    def watch_node_allocations(
+        self, node_id: str, index: int, wait: float, *, cancel: CancelEvent | None = None
+    ) -> tuple[int, list[Allocation]]:
         """Blocking query on a node's allocations (``GET /v1/node/<id>/allocations?index=&wait=``).
 
         Returns after an allocation of the node changes past ``index`` or after ``wait``, with the
         new ``X-Nomad-Index`` (0 when it went backwards, so the next query answers at once) and the
-        allocations. ``index`` 0 does not block.
+        allocations. ``index`` 0 does not block. Setting ``cancel`` ends the query at once with
+        :class:`~shepard_lib.errors.Cancelled`.
         """
         call = f"node.allocations.watch {node_id}"
         params: dict[str, Any] = {}
@@ -432,7 +466,9 @@ class NomadBackend:
         if index > 0:
             params = {"index": index, "wait": go_duration(wait)}
             timeout = blocking_timeout(wait, self._clock, self._timeout)
-        response = self._request(call, "node", _seg(node_id), "allocations", params=params, timeout=timeout)
+        response = self._request(
+            call, "node", _seg(node_id), "allocations", params=params, timeout=timeout, cancel=cancel
+        )
         data = self._json(call, response)
         allocs = [self._parse(call, parse_allocation, a) for a in data or []]
         try:

@@ -47,6 +47,7 @@ class Reply:
     delay: float = 0.0  # real seconds before answering
     path: str | None = None  # only answer requests for this path (without query)
     drop: bool = False  # close the connection without answering
+    hold: threading.Event | None = None  # answer only once this is set (or the server stops)
 
 
 @dataclass(frozen=True)
@@ -139,12 +140,21 @@ class ScriptedServer:
 
     def __init__(self, sock: socket.socket | None = None, tls: TLSFiles | None = None) -> None:
         self.requests: list[Request] = []
+        self.connections = 0
+        """Connections accepted so far."""
         self._replies: list[Reply] = []
         self._lock = threading.Lock()
+        self._received = threading.Condition(self._lock)
+        self._stopping = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server.connections += 1
 
             def _handle(self) -> None:
                 url = urllib.parse.urlsplit(self.path)
@@ -159,6 +169,8 @@ class ScriptedServer:
                 reply = server._record(request)
                 if reply.delay:
                     time.sleep(reply.delay)
+                if reply.hold is not None:
+                    server._hold(reply.hold)
                 if reply.drop:
                     self.close_connection = True
                     return
@@ -206,21 +218,35 @@ class ScriptedServer:
         with self._lock:
             self._replies.extend(replies)
 
+    def wait_for_requests(self, count: int, timeout: float = 30.0) -> None:
+        """Block until the server has received ``count`` requests (AssertionError after ``timeout``)."""
+        with self._received:
+            if not self._received.wait_for(lambda: len(self.requests) >= count, timeout):
+                got = len(self.requests)
+                raise AssertionError(f"expected {count} request(s) within {timeout}s, got {got}")
+
+    def _hold(self, release: threading.Event) -> None:
+        while not release.wait(0.05) and not self._stopping.is_set():
+            pass
+
     def _record(self, request: Request) -> Reply:
         with self._lock:
             self.requests.append(request)
+            self._received.notify_all()
             for i, reply in enumerate(self._replies):
                 if reply.path is None or reply.path == request.path:
                     return self._replies.pop(i)
         return Reply(418, f"unscripted request {request.method} {request.path}")
 
     def stop(self) -> None:
+        self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
 
 
 class HookClock(Clock):
-    """A fast clock that calls ``on_sleep`` before each sleep (e.g. to bring a server up between retries)."""
+    """A fast clock that calls ``on_sleep`` before each sleep or timed wait (e.g. to bring a server up
+    between retries: a backend waits between retries on its cancel events, with ``wait``)."""
 
     def __init__(self, on_sleep: Callable[[float], None], scale: float = 100.0) -> None:
         super().__init__(scale=scale)
@@ -231,6 +257,12 @@ class HookClock(Clock):
         self.sleeps.append(seconds)
         self.on_sleep(seconds)
         super().sleep(seconds)
+
+    def wait(self, event: threading.Event, seconds: float | None) -> bool:
+        if seconds is not None:
+            self.sleeps.append(seconds)
+            self.on_sleep(seconds)
+        return super().wait(event, seconds)
 
 
 def refusing_socket() -> socket.socket:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from shepard_lib.backends.consul import ConsulBackend, RetryPolicy
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
 from shepard_lib.config import ConsulConfig
 from shepard_lib.errors import ConsulError, LockLost, LockTimeout
@@ -223,10 +224,10 @@ class LateReplies:
             self._clock.sleep(self.delay)
         return session_id
 
-    def session_renew(self, session: str) -> bool:
+    def session_renew(self, session: str, *, cancel: CancelEvent | None = None) -> bool:
         if self.fail_renewals:
             raise ConsulError("Consul unreachable (test)")
-        known = self._consul.session_renew(session)
+        known = self._consul.session_renew(session, cancel=cancel)
         if self.late_renewals:
             self.late_renewals -= 1
             self.fail_renewals = True  # the late renew is the last one that reaches Consul

@@ -98,7 +98,9 @@ class Answers:
                 raise NotFound(f"allocation {alloc_id}", "unknown allocation", 404)
             return self._alloc
 
-    def watch_allocation(self, alloc_id: str, index: int, wait: float) -> tuple[int, Allocation]:
+    def watch_allocation(
+        self, alloc_id: str, index: int, wait: float, *, cancel: object = None
+    ) -> tuple[int, Allocation]:
         with self._cond:
             if self.nomad_errors:
                 self.nomad_errors -= 1
@@ -109,7 +111,7 @@ class Answers:
             return self._index, self._alloc
 
     def service_checks(
-        self, service: str, index: int = 0, wait: float | None = None
+        self, service: str, index: int = 0, wait: float | None = None, *, cancel: object = None
     ) -> tuple[int, list[HealthCheck]]:
         with self._cond:
             if self.consul_silent:

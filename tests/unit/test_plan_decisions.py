@@ -730,7 +730,9 @@ class RecordingKV:
         self.write(op.key, op.value)
         return TxnResult(ok=True, results=(KVEntry(op.key, None, self.index, self.index),))
 
-    def watch(self, key: str, index: int, wait: float, *, recurse: bool = False) -> tuple[int, list[KVEntry]]:
+    def watch(
+        self, key: str, index: int, wait: float, *, recurse: bool = False, cancel: object = None
+    ) -> tuple[int, list[KVEntry]]:
         self.watches.append((key, index, wait))
         entry = self.entries.get(key)
         return self.index, [entry] if entry else []

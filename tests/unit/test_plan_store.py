@@ -103,7 +103,9 @@ class MemoryKV:
             return f'failed to unlock key "{op.key}", lock isn\'t held, or is held by another session'
         return None
 
-    def watch(self, key: str, index: int, wait: float, *, recurse: bool = False) -> tuple[int, list[KVEntry]]:
+    def watch(
+        self, key: str, index: int, wait: float, *, recurse: bool = False, cancel: object = None
+    ) -> tuple[int, list[KVEntry]]:
         entry = self.entries.get(key)
         return self.index, [entry] if entry else []
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
 from shepard_lib.errors import ConsulError, LockLost
 from shepard_lib.model import SessionBehavior
@@ -63,7 +64,7 @@ class ScriptedConsul:
         }
         return "5e55-1011"
 
-    def session_renew(self, session: str) -> bool:
+    def session_renew(self, session: str, *, cancel: CancelEvent | None = None) -> bool:
         self._record("renew")
         if self.down:
             raise ConsulError("session.renew", "connection refused")

@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
-from shepard_lib.errors import NotFound
+from shepard_lib.errors import Cancelled, NotFound
 from shepard_lib.watchhub import Subscriber, WatchHub
 
 CLOCK = Clock(scale=1000)
@@ -35,13 +36,25 @@ class Source:
             self.error = exc
             self.cond.notify_all()
 
-    def query(self, key: str, index: int, wait: float) -> tuple[int, str]:
+    def query(self, key: str, index: int, wait: float, cancel: CancelEvent) -> tuple[int, str]:
+        forget = cancel.on_set(self._wake)
+        try:
+            with self.cond:
+                self.queries.append((key, index))
+                self.cond.wait_for(
+                    lambda: cancel.is_set() or self.error is not None or self.index > index, CLOCK.real(wait)
+                )
+                if cancel.is_set():
+                    raise Cancelled(f"query {key}: cancelled")
+                if self.error is not None:
+                    raise self.error
+                return self.index, self.value
+        finally:
+            forget()
+
+    def _wake(self) -> None:
         with self.cond:
-            self.queries.append((key, index))
-            self.cond.wait_for(lambda: self.error is not None or self.index > index, CLOCK.real(wait))
-            if self.error is not None:
-                raise self.error
-            return self.index, self.value
+            self.cond.notify_all()
 
 
 class Collector:
@@ -171,3 +184,21 @@ def test_a_failed_query_is_reported_to_each_subscriber_and_retried() -> None:
     collector.wait(lambda: collector.values[-1] == "v2")
     assert collector.errors == [], "a retried error is not final"
     leave()
+
+
+def test_close_cancels_the_queries_in_flight_and_ends_every_loop_thread() -> None:
+    source = Source()
+    # Queries of 600 real seconds: a loop still in one after close() could only have been cancelled.
+    watch = WatchHub("test", source.query, CLOCK, max_wait=600_000.0, backoff=0.1)
+    collectors = [Collector(), Collector()]
+    keys = ("closed-a", "closed-b")
+    for key, collector in zip(keys, collectors, strict=True):
+        watch.subscribe(key, collector.subscriber())
+        collector.wait(lambda c=collector: c.values == ["v1"])  # type: ignore[misc]
+    with source.cond:
+        assert source.cond.wait_for(lambda: len(source.queries) >= 4, 10), source.queries  # 2 reads, 2 waits
+    watch.close()
+    names = {f"shepard-watch-test[{key}]" for key in keys}
+    left = [t.name for t in threading.enumerate() if t.name in names]
+    assert left == [], f"loop threads still running after close: {left}"
+    assert all(c.errors == [] for c in collectors), "a closed hub is no verdict: nothing is failed"

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
-from shepard_lib.errors import ConsulError, PlanError
+from shepard_lib.errors import Cancelled, ConsulError, PlanError
 from shepard_lib.model import Job, KVEntry, TaskGroup, TxnOp, TxnResult, TxnVerb
 from shepard_lib.plan import (
     ConcurrencyFull,
@@ -731,8 +732,11 @@ class RecordingKV:
         return TxnResult(ok=True, results=(KVEntry(op.key, None, self.index, self.index),))
 
     def watch(
-        self, key: str, index: int, wait: float, *, recurse: bool = False, cancel: object = None
+        self, key: str, index: int, wait: float, *, recurse: bool = False, cancel: CancelEvent | None = None
     ) -> tuple[int, list[KVEntry]]:
+        """Answers at once, unless ``cancel`` is set: then the query ends with Cancelled, as Consul's does."""
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"watch of {key} cancelled")
         self.watches.append((key, index, wait))
         entry = self.entries.get(key)
         return self.index, [entry] if entry else []
@@ -809,6 +813,15 @@ def test_a_watch_that_finds_the_plan_deleted_makes_the_next_update_read_first() 
 def test_watching_a_plan_that_never_existed_answers_the_index() -> None:
     kv = RecordingKV()
     assert store(kv).watch(KEY, 3, 1.0) == 10
+
+
+def test_a_plan_watch_ends_when_its_cancel_is_set() -> None:
+    kv = RecordingKV()
+    stopping = CancelEvent()
+    stopping.set()
+    with pytest.raises(Cancelled):
+        store(kv).watch(KEY, 10, 300.0, cancel=stopping)
+    assert kv.watches == []
 
 
 def test_the_known_plan_costs_no_request_and_is_read_when_nothing_is_known() -> None:

@@ -1,9 +1,10 @@
 """The decisions of shepard_lib.plan, one rule per test, each with the values it must produce.
 
 Written against the survivors of ``scripts/mutation plan`` (docs/testing.md, "Mutation testing"):
-every test here fails when one line that decides a registration, a finish, a skip, a give-back, a
-recovery, a resume, an abort, the plan's status or what a corrupt value is, is changed. Claims,
-reclaims and the store's write loop are pinned by tests/unit/test_plan.py and test_plan_store.py.
+every test here fails when one line that decides a registration, a claim, a reclaim, a finish, a
+skip, a give-back, a recovery, a resume, an abort, the plan's status or what a corrupt value is, is
+changed. The store's write loop (its retries, lost answers and the ops sent with the plan) is
+pinned by tests/unit/test_plan_store.py.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 
 import pytest
 
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
-from shepard_lib.errors import ConsulError, PlanError
+from shepard_lib.errors import Cancelled, ConsulError, PlanError
 from shepard_lib.model import Job, KVEntry, TaskGroup, TxnOp, TxnResult, TxnVerb
 from shepard_lib.plan import (
+    ConcurrencyFull,
     Member,
     MemberSpec,
     MemberState,
@@ -34,6 +37,7 @@ from shepard_lib.plan import (
     claim,
     finish,
     new_plan,
+    reclaim,
     recover,
     register,
     require,
@@ -247,6 +251,132 @@ def test_a_registration_applied_at_an_unknown_index_halts_at_index_zero() -> Non
     plan = register(fresh(max_failures=1), [A, B], now=100.0, index=1)
     plan = restarted(restarted(plan, A, ok=False, index=2), B, index=4)
     assert register(plan, [C], now=110.0, settings=PlanSettings(2, 0)).halt_index == 0
+
+
+# --- claim and reclaim ------------------------------------------------------------------------
+
+
+def test_a_claim_records_its_holder_baseline_and_index_and_starts_a_clean_restart() -> None:
+    """Whatever a pending member carried (an error from a give-back; ``rerun`` or ``recovered`` in a
+    value written by hand or by an older Shepard), the claim starts a plain restart."""
+    plan = claimed(register(fresh(), [A, B], now=100.0, index=1), A, index=2)
+    plan = unclaim(plan, A.alloc_id, holder="h1", now=102.0, index=3, error="slot lost before the trigger")
+    carried = replace(plan.members[A.alloc_id], rerun=True, recovered=True)
+    plan = replace(plan, members={**plan.members, A.alloc_id: carried})
+    taken = claimed(plan, A, index=7, holder="h2")
+    assert taken.members[A.alloc_id] == Member(
+        MemberState.RESTARTING,
+        A.node,
+        A.alloc_index,
+        1,
+        updated_at=101.0,
+        holder="h2",
+        session="session-h2",
+        holder_name="worker h2",
+        restarts_before=2,
+        started_before=50.0,
+        claim_index=7,
+    )
+    assert taken.updated_at == 101.0
+    assert taken.members[B.alloc_id] == plan.members[B.alloc_id]
+
+
+def test_a_claim_applied_at_an_unknown_index_records_index_zero() -> None:
+    """``PlanStore.update`` passes no index: a claim at 0 covers no change seen (it is restarted again)."""
+    plan = register(fresh(), [A], now=100.0, index=1)
+    taken = claim(
+        plan,
+        A.alloc_id,
+        holder="h1",
+        session="session-h1",
+        holder_name="worker h1",
+        restarts_before=0,
+        started_before=None,
+        now=101.0,
+    )
+    assert taken.members[A.alloc_id].claim_index == 0
+
+
+def test_a_claim_on_a_halted_plan_is_refused_naming_the_plan_and_why() -> None:
+    plan = abort(register(fresh(), [A, B], now=100.0, index=1), reason="operator", now=101.0, index=2)
+    assert refusal(lambda: claimed(plan, A, index=3)) == (
+        A.alloc_id,
+        "plan web/app/server is aborted: operator",
+    )
+
+
+def test_a_claim_retried_by_its_own_holder_after_the_plan_halted_changes_nothing() -> None:
+    plan = claimed(register(fresh(), [A, B], now=100.0, index=1), A, index=2)
+    plan = abort(plan, reason="operator", now=103.0, index=3)
+    assert claimed(plan, A, index=4) is plan
+
+
+def test_a_claim_of_a_member_not_pending_is_refused_saying_where_it_stands() -> None:
+    plan = restarted(register(fresh(concurrency=3), [A, B, C], now=100.0, index=1), A, index=2)
+    assert refusal(lambda: claimed(plan, A, index=4, holder="h2")) == (A.alloc_id, "done in generation 1")
+    plan = claimed(plan, B, index=5, holder="h2")
+    assert refusal(lambda: claimed(plan, B, index=6, holder="h3")) == (
+        B.alloc_id,
+        "restarting, held by worker h2",
+    )
+
+
+def test_a_claim_is_refused_while_the_concurrency_is_down_and_allowed_one_below() -> None:
+    plan = register(fresh(concurrency=2, max_failures=1), [A, B, C], now=100.0, index=1)
+    plan = restarted(plan, A, ok=False, index=2)  # failed, its task still down: it counts
+    plan = claimed(plan, B, index=4, holder="h2")
+    with pytest.raises(ConcurrencyFull) as full:
+        claimed(plan, C, index=5, holder="h3")
+    assert (full.value.alloc_id, full.value.reason) == (
+        C.alloc_id,
+        "2 member(s) restarting or failed, the concurrency of plan web/app/server",
+    )
+    plan = recover(plan, A.alloc_id, now=106.0)
+    assert claimed(plan, C, index=6, holder="h3").members[C.alloc_id].holder == "h3"
+
+
+def taking_over(plan: Plan, spec: MemberSpec, *, dead_holder: str | None, holder: str = "h2") -> Plan:
+    """``holder`` reclaims ``spec`` from ``dead_holder`` at time 120."""
+    return reclaim(
+        plan,
+        spec.alloc_id,
+        dead_holder=dead_holder,
+        holder=holder,
+        session=f"session-{holder}",
+        holder_name=f"worker {holder}",
+        now=120.0,
+    )
+
+
+def test_a_reclaim_takes_over_the_claim_and_keeps_its_baseline_and_index() -> None:
+    plan = claimed(register(fresh(), [A, B], now=100.0, index=1), A, index=2)
+    taken = taking_over(plan, A, dead_holder="h1")
+    assert taken.members[A.alloc_id] == replace(
+        plan.members[A.alloc_id],
+        holder="h2",
+        session="session-h2",
+        holder_name="worker h2",
+        updated_at=120.0,
+    )
+    assert taken.updated_at == 120.0
+    assert taken.members[B.alloc_id] == plan.members[B.alloc_id]
+
+
+def test_a_reclaim_retried_after_it_applied_changes_nothing() -> None:
+    """The retry of a reclaim whose answer was lost finds its own claim: idempotent."""
+    plan = taking_over(claimed(register(fresh(), [A], now=100.0, index=1), A, index=2), A, dead_holder="h1")
+    assert taking_over(plan, A, dead_holder="h1") is plan
+
+
+def test_a_reclaim_applies_only_while_the_member_is_still_the_dead_claim() -> None:
+    plan = claimed(register(fresh(), [A, B], now=100.0, index=1), A, index=2)
+    assert refusal(lambda: taking_over(plan, A, dead_holder="h0")) == (
+        A.alloc_id,
+        "restarting, held by worker h1",
+    )
+    assert refusal(lambda: taking_over(plan, B, dead_holder=None)) == (B.alloc_id, "pending in generation 1")
+    finished = finish(taking_over(plan, A, dead_holder="h1"), A.alloc_id, holder="h2", ok=True, now=121.0)
+    assert refusal(lambda: taking_over(finished, A, dead_holder="h1")) == (A.alloc_id, "done in generation 1")
 
 
 # --- finish -----------------------------------------------------------------------------------
@@ -602,8 +732,11 @@ class RecordingKV:
         return TxnResult(ok=True, results=(KVEntry(op.key, None, self.index, self.index),))
 
     def watch(
-        self, key: str, index: int, wait: float, *, recurse: bool = False, cancel: object = None
+        self, key: str, index: int, wait: float, *, recurse: bool = False, cancel: CancelEvent | None = None
     ) -> tuple[int, list[KVEntry]]:
+        """Answers at once, unless ``cancel`` is set: then the query ends with Cancelled, as Consul's does."""
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"watch of {key} cancelled")
         self.watches.append((key, index, wait))
         entry = self.entries.get(key)
         return self.index, [entry] if entry else []
@@ -682,6 +815,15 @@ def test_watching_a_plan_that_never_existed_answers_the_index() -> None:
     assert store(kv).watch(KEY, 3, 1.0) == 10
 
 
+def test_a_plan_watch_ends_when_its_cancel_is_set() -> None:
+    kv = RecordingKV()
+    stopping = CancelEvent()
+    stopping.set()
+    with pytest.raises(Cancelled):
+        store(kv).watch(KEY, 10, 300.0, cancel=stopping)
+    assert kv.watches == []
+
+
 def test_the_known_plan_costs_no_request_and_is_read_when_nothing_is_known() -> None:
     kv = RecordingKV()
     kv.write(KEY, register(fresh(), [A], now=100.0).encode())
@@ -742,3 +884,53 @@ def test_a_store_tries_30_times_waiting_at_most_50_ms_doubled_each_attempt_up_to
     assert kv.txns == 30
     assert clock.sleeps, "no wait between the attempts"
     assert all(wait <= 0.05 * 2 ** min(n, 6) for n, wait in enumerate(clock.sleeps)), clock.sleeps
+
+
+class TopOfRange(random.Random):
+    """Jitter that always draws the longest wait allowed, recording each range asked for."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.ranges: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.ranges.append((a, b))
+        return b
+
+
+def test_the_longest_wait_before_attempt_n_is_50_ms_doubled_n_times_up_to_3_2_s() -> None:
+    kv, clock, rng = DownKV(), SleepLog(), TopOfRange()
+    plans = PlanStore(kv, clock=clock, attempts=9, rng=rng)  # type: ignore[arg-type]
+    with pytest.raises(PlanError, match="giving up after 9 attempts"):
+        plans.update(KEY, adding(A))
+    longest = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 3.2, 3.2]
+    assert clock.sleeps == pytest.approx(longest)
+    assert [low for low, _ in rng.ranges] == [0] * 9
+
+
+def test_a_refused_write_on_a_stale_known_plan_is_read_and_tried_again_at_once() -> None:
+    kv, clock = RecordingKV(), SleepLog()
+    plans = PlanStore(kv, clock=clock)  # type: ignore[arg-type]
+    plans.update(KEY, adding(A))
+    kv.write(KEY, register(Plan.decode(kv.entries[KEY].value), [B], now=101.0).encode())  # another writer
+    plan = plans.update(KEY, adding(C))
+    assert set(plan.members) == {A.alloc_id, B.alloc_id, C.alloc_id}
+    assert (kv.txns, len(kv.gets), clock.sleeps) == (3, 2, []), "refused, read, written: no wait"
+
+
+def test_a_write_refused_after_a_fresh_read_waits_before_trying_again() -> None:
+    kv, clock = RecordingKV(), SleepLog()
+    kv.write(KEY, register(fresh(), [A], now=100.0).encode())  # nothing known in this process
+    plans = PlanStore(kv, clock=clock)  # type: ignore[arg-type]
+    raced: list[int] = []
+
+    def add_b_racing_once(plan: Plan | None) -> Plan:
+        assert plan is not None
+        if not raced:  # another writer gets in between our read and our write, once
+            raced.append(kv.index)
+            kv.write(KEY, register(plan, [C], now=101.0).encode())
+        return register(plan, [B], now=102.0)
+
+    plan = plans.update(KEY, add_b_racing_once)
+    assert set(plan.members) == {A.alloc_id, B.alloc_id, C.alloc_id}
+    assert (kv.txns, len(kv.gets), len(clock.sleeps)) == (2, 2, 1)

@@ -320,8 +320,15 @@ class Plan:
         }
 
     def encode(self) -> bytes:
-        """The bytes written to ``task_lock``."""
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+        """The bytes written to ``task_lock``: :meth:`to_json`, members without their unset fields
+        (None, False), which :meth:`Member.from_json` restores. Consul refuses a value over 512 KiB:
+        a pending member costs about 130 bytes, a settled one about 250."""
+        data = self.to_json()
+        data["members"] = {
+            alloc_id: {k: v for k, v in member.items() if v is not None and v is not False}
+            for alloc_id, member in data["members"].items()
+        }
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
     @classmethod
     def decode(cls, raw: bytes | None) -> Plan:

@@ -45,6 +45,9 @@ class TrackingHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = socket.SOMAXCONN
+    """The listen backlog, as Go's servers (Consul, Nomad) have it; socketserver's default of 5 drops
+    connections when hundreds of agents connect at once."""
     clock: Clock | None = None
     """The cluster's clock, when set: the ``Date`` header of every answer follows it, as a real
     agent's follows its host clock (so a sped-up sim's dates agree with the times in its answers)."""

@@ -934,3 +934,16 @@ def test_a_write_refused_after_a_fresh_read_waits_before_trying_again() -> None:
     plan = plans.update(KEY, add_b_racing_once)
     assert set(plan.members) == {A.alloc_id, B.alloc_id, C.alloc_id}
     assert (kv.txns, len(kv.gets), len(clock.sleeps)) == (2, 2, 1)
+
+
+def test_the_stored_members_leave_out_unset_fields_and_decode_to_the_same_plan() -> None:
+    """Consul's 512 KiB value limit: a 2,000-member plan of the scale benchmark was refused (HTTP 413)
+    when every member carried its nulls and falses."""
+    specs = [MemberSpec(f"alloc-{n:04d}-{'x' * 27}", f"node-{n % 200}", n) for n in range(2000)]
+    plan = register(fresh(concurrency=50), specs, now=2.0, index=1)
+    raw = plan.encode()
+    stored = json.loads(raw)["members"][specs[0].alloc_id]
+    unset_left_out = {"alloc_index": 0, "generation": 1, "node": "node-0", "state": "pending", "updated_at": 2.0}
+    assert stored == unset_left_out
+    assert Plan.decode(raw) == plan
+    assert len(raw) < 300 * 1024, f"{len(raw)} bytes for 2,000 pending members"

@@ -943,7 +943,12 @@ def test_the_stored_members_leave_out_unset_fields_and_decode_to_the_same_plan()
     plan = register(fresh(concurrency=50), specs, now=2.0, index=1)
     raw = plan.encode()
     stored = json.loads(raw)["members"][specs[0].alloc_id]
-    unset_left_out = {"alloc_index": 0, "generation": 1, "node": "node-0", "state": "pending", "updated_at": 2.0}
-    assert stored == unset_left_out
+    assert stored == {
+        "alloc_index": 0,
+        "generation": 1,
+        "node": "node-0",
+        "state": "pending",
+        "updated_at": 2.0,
+    }
     assert Plan.decode(raw) == plan
     assert len(raw) < 300 * 1024, f"{len(raw)} bytes for 2,000 pending members"

@@ -481,8 +481,16 @@ class Coordinator:
             except LockLost as exc:
                 if self._stopped(target):
                     continue  # the slot wait was cancelled by the stop: the top of the loop skips
-                if self._session_factory is not None and self._session_gone():
+                gone = self._session_gone()
+                if gone and self._session_factory is not None:
                     continue  # the top of the loop goes on with a new session
+                if not gone:
+                    # The session lives, the slot acquisition does not (a lock of this session applied
+                    # late moved its token): nothing was written; the slot was given back, take another.
+                    errors += 1
+                    if errors < self.options.error_attempts:
+                        rlog.warning("the slot is no longer this acquisition's, trying again: %s", exc)
+                        continue
                 return self._skip(target, scope, str(exc), rlog)
             except LockTimeout as exc:
                 return self._skip(target, scope, str(exc), rlog)

@@ -31,7 +31,7 @@ from shepard_lib.coordinator import (
     Target,
 )
 from shepard_lib.errors import ConsulError
-from shepard_lib.model import KVEntry, TxnOp, TxnResult
+from shepard_lib.model import KVEntry, TxnOp, TxnResult, TxnVerb
 from shepard_lib.plan import MemberState, PlanStatus
 from shepard_lib.rollout import RolloutOptions
 from shepard_lib.session import Session
@@ -453,3 +453,39 @@ def test_an_operator_abort_is_not_undone_by_a_late_event_of_a_change_seen_before
 
         coordinator.register(SCOPE, [cluster.target(b)], job, seen_index=coordinator.change_mark(SCOPE))
         assert cluster.plan().status is PlanStatus.PLANNED, "a change seen after the abort re-opens the plan"
+
+
+class LateSlotLock(ConsulProxy):
+    """The first slot lock times out unsent; Consul applies it right after the same session took the
+    slot again, which moves the slot's token under the coordinator (found by the chaos test under load)."""
+
+    def __init__(self, inner: ConsulBackend) -> None:
+        super().__init__(inner)
+        self.held: list[TxnOp] | None = None
+        self.late: TxnResult | None = None
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        locks = any(op.verb == TxnVerb.LOCK and "/restart_lock/" in op.key for op in ops)
+        if locks and self.held is None and self.late is None:
+            self.held = list(ops)
+            raise ConsulError("txn (1 ops)", "ReadTimeout: read timed out")
+        result = self._inner.txn(ops)
+        if locks and result.ok and self.held is not None:
+            self.late, self.held = self._inner.txn(self.held), None
+        return result
+
+
+def test_a_slot_lock_applied_late_under_the_same_session_costs_a_retry_not_the_member(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The fence refuses the claim (the token moved; nothing is written), and the member is tried again
+    with a new acquisition instead of being reported not restarted."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    consul = LateSlotLock(cluster.consul)
+    (alloc,) = cluster.allocs()
+    with cluster.session("agent") as session:
+        outcome = cluster.coordinator(session, "agent", consul=consul).handle_change(alloc, "server")
+    assert consul.late is not None and consul.late.ok, "the late lock never applied: the case did not happen"
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert restarts_by_alloc(sim) == {alloc.id: 1}

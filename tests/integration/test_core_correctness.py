@@ -15,7 +15,16 @@ from typing import Any
 
 import pytest
 import requests
-from coordination_support import KEYS, SCALE, SCOPE, Cluster, restarts_by_alloc, scenario
+from coordination_support import (
+    KEYS,
+    PLAN_KEY,
+    SCALE,
+    SCOPE,
+    Cluster,
+    restarts_by_alloc,
+    scenario,
+    sets_trigger,
+)
 from fault_support import ConsulProxy, SkewedClock
 
 from shepard_lib.backends.consul import ConsulBackend
@@ -32,7 +41,7 @@ from shepard_lib.coordinator import (
 )
 from shepard_lib.errors import ConsulError
 from shepard_lib.model import KVEntry, TxnOp, TxnResult, TxnVerb
-from shepard_lib.plan import MemberState, PlanStatus
+from shepard_lib.plan import MemberState, Plan, PlanStatus
 from shepard_lib.rollout import RolloutOptions
 from shepard_lib.session import Session
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
@@ -174,22 +183,27 @@ def test_scaled_clocks_made_apart_share_one_cluster_time_origin() -> None:
 
 
 class NoLeaderThenReadFails(ConsulProxy):
-    """Consul refuses the first trigger txn with "No cluster leader"; the next trigger-key read fails."""
+    """Consul refuses the first claim-and-trigger txn with "No cluster leader"; the read that follows
+    it (the plan, to decide whether the txn applied) fails too."""
 
     def __init__(self, inner: ConsulBackend) -> None:
         super().__init__(inner)
-        self.txns = 0
-        self._read_failed = False
+        self.refused: list[TxnOp] | None = None
+        self.failed_read: str | None = None
+        self.states_then: dict[str, MemberState] = {}  # the plan's members when the read failed
 
     def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
-        self.txns += 1
-        if self.txns == 1:
-            raise ConsulError("txn (3 ops)", "No cluster leader", status=500, transient=True)
+        if self.refused is None and sets_trigger(ops):
+            self.refused = list(ops)
+            raise ConsulError("txn (4 ops)", "No cluster leader", status=500, transient=True)
         return self._inner.txn(ops)
 
     def get(self, key: str, *, consistent: bool = False) -> KVEntry | None:
-        if self.txns == 1 and not self._read_failed and key.startswith("shepard/keys/"):
-            self._read_failed = True
+        if self.refused is not None and self.failed_read is None:
+            self.failed_read = key
+            entry = self._inner.get(key, consistent=True)
+            plan = Plan.decode(entry.value if entry is not None else None)
+            self.states_then = {a: m.state for a, m in plan.members.items()}
             raise ConsulError(f"kv.get {key}", "No cluster leader", status=500, transient=True)
         return self._inner.get(key, consistent=consistent)
 
@@ -204,6 +218,9 @@ def test_a_trigger_refused_without_a_leader_goes_back_to_pending_even_if_the_che
     (alloc,) = cluster.allocs()
     with cluster.session("agent") as session:
         outcome = cluster.coordinator(session, "agent", consul=consul).handle_change(alloc, "server")
+    assert consul.refused is not None, "no claim-and-trigger txn was refused: the fault never fired"
+    assert consul.failed_read == PLAN_KEY, f"the read after the refused txn was {consul.failed_read}"
+    assert consul.states_then == {alloc.id: MemberState.PENDING}, "the refused claim left a trace"
     assert outcome.outcome == Outcome.RESTARTED, outcome
     assert restarts_by_alloc(sim) == {alloc.id: 1}
     assert cluster.plan().status == PlanStatus.COMPLETE

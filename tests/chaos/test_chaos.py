@@ -11,8 +11,10 @@ change. Meanwhile, chosen by the seed:
 - Consul answers a fraction of requests with HTTP 500 before applying them, loses the answer of
   a fraction after applying them, applies a fraction of writes only after the client gave up on
   them (late writes), and answers a fraction of applied writes after the client gave up (late
-  replies);
-- one node is drained mid-rollout: Nomad stops its allocations and places replacements elsewhere.
+  replies); besides these random draws, two late writes, two late replies and one lost reply are
+  injected into transactions chosen by the seed, so every seed has them;
+- one node is taken away mid-rollout, drained or down (by the seed): Nomad stops its allocations
+  (drained: complete; down: lost) and places replacements on the other nodes.
 
 Invariants checked on every seed:
 
@@ -23,7 +25,9 @@ Invariants checked on every seed:
   by ``check-session`` and ``check-index`` on a slot, and each trigger key was written at most
   once (CreateIndex == ModifyIndex), so no late write landed a second time;
 - a killed holder's slot is free again within 2 x TTL + lock-delay of the kill;
-- the plan completes, and the rollout is ok (members of stopped allocations skipped as stopped).
+- the plan completes, and the rollout is ok (members of stopped allocations skipped as stopped);
+- the faults happened: late writes, late replies and lost replies hit transactions (the sim's
+  counts), and a client gave up on at least one late transaction.
 
 Seeds: 20 by default (CI); ``SHEPARD_CHAOS_SEEDS=200`` runs 200 (the scheduled run). The time
 scale keeps the session TTL at 2 real seconds, well above scheduling noise on a loaded machine.
@@ -47,9 +51,11 @@ from chaos_support import (
     SCALE,
     SCOPE,
     TTL,
+    TXN,
     FencedWrites,
     chaos_config,
     check_every_trigger_fenced_and_written_once,
+    check_faults_hit_transactions,
     check_plan_complete,
     scenario,
 )
@@ -71,6 +77,7 @@ from shepard_lib.model import Allocation
 from shepard_lib.plan import PlanStore
 from shepard_lib.rollout import RollingRestart, RolloutOptions, RolloutResult
 from shepard_lib.session import Session
+from shepard_lib.sim.consul import Fault
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
 SEEDS = range(int(os.environ.get("SHEPARD_CHAOS_SEEDS", "20")))
@@ -80,6 +87,10 @@ NODES = ["node-1", "node-2", "node-3", "node-4"]
 MAX_SKEW = 30.0
 CLIENT_TIMEOUT = 1.0
 """Real seconds a coordinator's Consul client waits for an answer; a late write or reply waits longer."""
+INJECTED = (Fault.LATE_WRITE, Fault.LATE_WRITE, Fault.LATE_REPLY, Fault.LATE_REPLY, Fault.LOST_REPLY)
+"""Faults injected into transactions of every seed, besides the random ones."""
+INJECT_WITHIN = 30
+"""They hit transactions among the first this many of the run, which every run makes."""
 
 
 @dataclass
@@ -112,9 +123,12 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     allocs: list[Allocation] = sorted(nomad.job_allocations("web"), key=lambda a: a.index)
     victims = dict(zip(rng.sample(range(ALLOCS), 3), (rng.choice(KILL_STEPS) for _ in range(3)), strict=True))
     partitioned = rng.choice([i for i in range(ALLOCS) if i not in victims])
-    drained = rng.choice(NODES)
-    drain_after = rng.randint(1, ALLOCS // 2)  # restarts seen by the rollout before the drain
+    taken = rng.choice(NODES)
+    take_after = rng.randint(1, ALLOCS // 2)  # restarts seen by the rollout before the node is taken away
     skews = [rng.uniform(-MAX_SKEW, MAX_SKEW) for _ in range(ALLOCS)]
+    how = rng.choice(("drained", "down"))
+    # The first ~45 transactions are there in every run (registrations, slots, claims, finishes).
+    planned = zip(rng.sample(range(INJECT_WITHIN), len(INJECTED)), INJECTED, strict=True)
     kills: list[Kill] = []
     outcomes: dict[int, Any] = {}
     errors: list[BaseException] = []
@@ -171,6 +185,8 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     faults.late_write_rate = 0.01
     faults.late_reply_rate = 0.01
     faults.late_delay = clock.cluster(CLIENT_TIMEOUT * 1.5)
+    for after, fault in planned:
+        faults.inject(fault, TXN, after=after)
     stop = threading.Event()
     watcher = threading.Thread(target=watch_slots, args=(stop,), daemon=True)
     threads = [
@@ -181,17 +197,19 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
 
     restarted_seen: list[str] = []
 
-    def drain_midway(event: RolloutEvent) -> None:
+    def take_node_midway(event: RolloutEvent) -> None:
         if event.kind == EventKind.RESTARTED:
             restarted_seen.append(event.alloc_id)
-            if len(restarted_seen) == drain_after:
-                node = sim.nomad.node(drained)
-                sim.nomad.drain_node(node.id, deadline=3600.0)
+            if len(restarted_seen) == take_after:
+                if how == "drained":
+                    sim.nomad.drain_node(sim.nomad.node(taken).id, deadline=3600.0)
+                else:
+                    sim.nomad.set_node_down(taken)
 
     def roll() -> None:
         try:
             roller = RollingRestart(
-                consul, nomad, cfg, clock=clock, name="chaos rollout", observer=drain_midway
+                consul, nomad, cfg, clock=clock, name="chaos rollout", observer=take_node_midway
             )
             result["r"] = roller.run("web", RolloutOptions(seen_index=seen_index))
         except BaseException as exc:
@@ -223,7 +241,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
 
     where = (
         f"seed {seed}: kills {_describe_kills(kills)}, partitioned #{partitioned}, "
-        f"{drained} drained after {drain_after} restart(s)"
+        f"{taken} {how} after {take_after} restart(s)"
     )
     assert not errors, (where, errors)
     hung = [t.name for t in threads if t.is_alive()]
@@ -232,7 +250,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     assert sim.peak_concurrency("web", "app", "server") <= CONCURRENCY, where
     counts = Counter(r.alloc_id for r in restarts)
     stopped = {a.id for a in allocs if sim.nomad.state.allocs[a.id].desired_status != "run"}
-    assert stopped, f"{where}: the drain stopped nothing"
+    assert stopped, f"{where}: taking the node away stopped nothing"
     kept = {a.id for a in allocs} - stopped
     assert {a: counts[a] for a in kept} == dict.fromkeys(kept, 1), where
     assert all(counts[a] <= 1 for a in stopped), (where, {a: counts[a] for a in stopped})
@@ -240,6 +258,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     assert not replacements & set(counts), f"{where}: a replacement restarted outside the plan"
     assert {r.cause for r in restarts} == {"template"}, where
     check_every_trigger_fenced_and_written_once(sim, consul, where)
+    check_faults_hit_transactions(sim, consul, where)
     # A victim whose own session was lost first (renewals starved) stopped cleanly instead.
     assert kills, where
     survivors = {n: outcomes.get(n) for n in victims if n not in {k.number for k in kills}}

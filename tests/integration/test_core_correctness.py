@@ -44,6 +44,7 @@ from shepard_lib.model import KVEntry, TxnOp, TxnResult, TxnVerb
 from shepard_lib.plan import MemberState, Plan, PlanStatus
 from shepard_lib.rollout import RolloutOptions
 from shepard_lib.session import Session
+from shepard_lib.sim.consul import Fault
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
 pytestmark = pytest.mark.usefixtures("no_client_env")
@@ -386,6 +387,23 @@ def test_the_sim_applies_a_write_whose_client_gave_up_waiting(
     while sim.get_key("late/key") is None:
         index, _ = watcher.watch("late/key", index, 30.0)
     assert sim.get_key("late/key") == "v"
+
+
+def test_the_sim_injects_a_planned_fault_into_the_chosen_write_and_counts_what_it_injected(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """``Faults.inject``: the second txn from now is applied and its answer lost; reads are not counted."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    consul = ConsulBackend(ConsulConfig(address=sim.consul_addr), sim.clock)
+    sim.consul_faults.inject(Fault.LOST_REPLY, "/v1/txn", after=1)
+    put = [TxnOp(TxnVerb.SET, "planned/first", value=b"1")]
+    assert consul.txn(put).ok
+    assert consul.get("planned/first") is not None  # a read is no write: it does not count
+    with pytest.raises(ConsulError):
+        consul.txn([TxnOp(TxnVerb.SET, "planned/second", value=b"2")])
+    assert sim.get_key("planned/second") == "2", "a lost reply comes after the write was applied"
+    assert consul.txn([TxnOp(TxnVerb.SET, "planned/third", value=b"3")]).ok
+    assert sim.consul_faults.injected() == {(Fault.LOST_REPLY, "/v1/txn"): 1}
 
 
 # --- issue 11: a second rollout joins the plan in progress unless asked --again ----------------------

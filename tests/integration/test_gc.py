@@ -28,7 +28,7 @@ from shepard_lib.config import ConsulConfig, NomadConfig, ShepardConfig, default
 from shepard_lib.errors import ConsulError
 from shepard_lib.gc import GCReport, GCScope, Rule, SkipReason, collect_garbage
 from shepard_lib.keyspace import Keyspace, TaskRef, TaskScope
-from shepard_lib.model import KVEntry, TxnOp, TxnResult
+from shepard_lib.model import KVEntry, TxnOp, TxnResult, TxnVerb
 from shepard_lib.plan import MemberSpec, PlanSettings, claim, finish, new_plan, register
 from shepard_lib.session import Session
 from shepard_lib.sim.cluster import SimCluster
@@ -215,6 +215,45 @@ def test_a_key_rewritten_between_scan_and_delete_survives_and_the_rest_go(cluste
     entry = cluster.consul.get(doomed[2])
     assert entry is not None and entry.value == b"written after the scan"
     assert set(cluster.present()) & set(doomed) == {doomed[2]}
+
+
+class DestroySessionBeforeTxn:
+    """A Consul that destroys ``session`` (the GC leader lock's) just before sending txn number ``at``."""
+
+    def __init__(self, consul: ConsulBackend, session: Session, at: int) -> None:
+        self._consul = consul
+        self._session = session
+        self._at = at
+        self.txns: list[list[TxnOp]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consul, name)
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        self.txns.append(list(ops))
+        if len(self.txns) == self._at:
+            self._consul.session_destroy(
+                self._session.id
+            )  # Consul frees the lock; our side does not know yet
+        return self._consul.txn(ops)
+
+
+def test_a_pass_whose_leader_lock_is_lost_midway_deletes_nothing_after(cluster: Cluster) -> None:
+    ghost = f"ghost-{uuid.uuid4().hex[:6]}"
+    stale = _stale_triggers(cluster, 130, node=ghost)  # 63 + 63 + 4 deletes: three txns
+    with Session(cluster.consul, "gc test leader", ttl=60, clock=cluster.clock) as session:
+        consul = DestroySessionBeforeTxn(cluster.consul, session, at=2)
+        report = cluster.gc(consul, session=session)  # type: ignore[arg-type]
+    assert len(consul.txns) == 2, "nothing is sent after the refused txn"
+    assert all(
+        t[0].verb is TxnVerb.CHECK_SESSION and t[0].key == cluster.keys.gc_leader_key() for t in consul.txns
+    )
+    assert [len(t) for t in consul.txns] == [64, 64]
+    first = {op.key for op in consul.txns[0][1:]}
+    assert set(by_rule(report)) == first
+    assert set(by_reason(report)) == set(stale) - first
+    assert set(by_reason(report).values()) == {SkipReason.LOCK_LOST}
+    assert set(stale) & set(cluster.present()) == set(stale) - first, "only the first txn's keys went"
 
 
 def test_dry_run_reports_what_would_go_and_changes_nothing(cluster: Cluster) -> None:
@@ -407,7 +446,7 @@ def test_two_gc_runs_at_once_do_the_work_once_without_errors(simc: Cluster) -> N
     assert third.ok and third.deleted == [] and third.skipped == []
 
 
-def test_one_pass_reads_each_source_once_and_deletes_64_keys_per_request(
+def test_one_pass_reads_each_source_once_and_deletes_63_keys_per_request(
     simc: Cluster, sim: SimCluster
 ) -> None:
     _stale_triggers(simc, 300)
@@ -416,7 +455,7 @@ def test_one_pass_reads_each_source_once_and_deletes_64_keys_per_request(
     report = simc.gc()
     assert report.deleted_by_rule() == {"node_gone": 300}
     consul = sim.consul_server.requests.snapshot()
-    assert consul["/v1/txn"] == {"PUT": 5}  # ceil(300 / 64)
+    assert consul["/v1/txn"] == {"PUT": 5}  # ceil(300 / 63): each txn is 63 deletes and the leader fence
     kv = consul["/v1/kv"]
     assert kv.get("GET") == 1, kv  # the one ?recurse scan
     assert kv.get("PUT") == 2, kv  # the leader lock: acquire and release

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -351,30 +351,43 @@ def test_node_pass_deletes_only_this_nodes_dead_triggers_and_only_when_it_is_rea
 # --- the executor --------------------------------------------------------------------------------------
 
 
-class ScriptedConsul:
-    """A Consul whose txn applies delete-cas to a dict, with scripted failures."""
+LEADER = KS.gc_leader_key()
+FENCE = TxnOp(TxnVerb.CHECK_SESSION, LEADER, session="gc-session")
 
-    def __init__(self, store: dict[str, int]) -> None:
+
+class ScriptedConsul:
+    """A Consul whose txn applies delete-cas to a dict (and check-session on ``holders``), with scripted
+    failures; as in Consul, every op runs and every refusal is named, and any refusal applies nothing."""
+
+    def __init__(self, store: dict[str, int], holders: dict[str, str] | None = None) -> None:
         self.store = store
+        self.holders = holders if holders is not None else {LEADER: "gc-session"}
         self.txns: list[list[TxnOp]] = []
         self.errors: list[ConsulError] = []  # raised by the next txns, in order
+        self.after_txn: list[Callable[[], None]] = []  # run after the next txns, in order
 
     def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
         assert len(ops) <= MAX_TXN_OPS
-        assert all(op.verb is TxnVerb.DELETE_CAS for op in ops)
+        assert all(op.verb in (TxnVerb.DELETE_CAS, TxnVerb.CHECK_SESSION) for op in ops)
         self.txns.append(list(ops))
         if self.errors:
             raise self.errors.pop(0)
-        stale = [
-            (i, f'failed to delete key "{op.key}", index is stale')
-            for i, op in enumerate(ops)
-            if op.key in self.store and self.store[op.key] != op.index
-        ]
-        if stale:
-            return TxnResult(ok=False, errors=tuple(stale))
-        for op in ops:
-            self.store.pop(op.key, None)
-        return TxnResult(ok=True)
+        refused = [(i, why) for i, op in enumerate(ops) if (why := self._refusal(op))]
+        if not refused:
+            for op in ops:
+                if op.verb is TxnVerb.DELETE_CAS:
+                    self.store.pop(op.key, None)
+        if self.after_txn:
+            self.after_txn.pop(0)()
+        return TxnResult(ok=not refused, errors=tuple(refused))
+
+    def _refusal(self, op: TxnOp) -> str:
+        if op.verb is TxnVerb.CHECK_SESSION:
+            held = self.holders.get(op.key, "")
+            return "" if held == op.session else f'failed session check for key "{op.key}"'
+        if op.key in self.store and self.store[op.key] != op.index:
+            return f'failed to delete key "{op.key}", index is stale'
+        return ""
 
 
 class NoSleep:
@@ -452,3 +465,56 @@ def test_a_lost_leader_lock_stops_before_the_next_transaction() -> None:
     out = delete_all(consul, doomed, stop=lambda: next(calls), clock=NoSleep())  # type: ignore[arg-type]
     assert len(out.deleted) == 64
     assert len(out.skipped) == 66 and {s.reason for s in out.skipped} == {SkipReason.LOCK_LOST}
+
+
+# --- the leader fence --------------------------------------------------------------------------------
+
+
+def test_a_fenced_txn_opens_with_the_check_session_and_carries_at_most_63_deletes() -> None:
+    doomed = deletions(200)
+    consul = ScriptedConsul({d.key: 5 for d in doomed})
+    out = delete_all(consul, doomed, fence=FENCE, clock=NoSleep())  # type: ignore[arg-type]
+    assert [len(t) for t in consul.txns] == [64, 64, 64, 12]  # 63 + 63 + 63 + 11 deletes, each + the fence
+    assert all(t[0] == FENCE and FENCE not in t[1:] for t in consul.txns)
+    assert len(out.deleted) == 200 and not out.failed and not out.skipped
+    with pytest.raises(ValueError, match=r"1\.\.63"):
+        delete_all(consul, doomed, fence=FENCE, batch=64)  # type: ignore[arg-type]
+
+
+def test_a_refused_fence_stops_the_pass_and_deletes_nothing_more() -> None:
+    doomed = deletions(200)
+    consul = ScriptedConsul({d.key: 5 for d in doomed})
+    consul.after_txn = [lambda: consul.holders.pop(LEADER)]  # the session is destroyed after txn 1
+    out = delete_all(consul, doomed, fence=FENCE, clock=NoSleep())  # type: ignore[arg-type]
+    assert len(consul.txns) == 2, "the refused txn is not sent again, and no other follows"
+    assert out.deleted == doomed[:63]
+    assert [s.key for s in out.skipped] == [d.key for d in doomed[63:]]
+    assert {s.reason for s in out.skipped} == {SkipReason.LOCK_LOST}
+    assert "failed session check" in out.skipped[0].why
+    assert set(consul.store) == {d.key for d in doomed[63:]}
+    assert not out.failed
+
+
+def test_a_refused_fence_wins_over_stale_deletes_in_the_same_txn() -> None:
+    doomed = deletions(10)
+    store = {d.key: 5 for d in doomed}
+    store[doomed[4].key] = 6  # refused too, in the same txn as the fence
+    consul = ScriptedConsul(store, holders={LEADER: "another session"})
+    out = delete_all(consul, doomed, fence=FENCE, clock=NoSleep())  # type: ignore[arg-type]
+    assert len(consul.txns) == 1 and not out.deleted and not out.failed
+    assert [(s.key, s.reason) for s in out.skipped] == [(d.key, SkipReason.LOCK_LOST) for d in doomed]
+    assert len(store) == 10
+
+
+def test_a_fenced_txn_refused_in_part_retries_the_unchanged_keys_then_stops_when_the_lock_goes() -> None:
+    doomed = deletions(10)
+    store = {d.key: 5 for d in doomed}
+    store[doomed[3].key] = 6  # op index 4: the fence is op 0
+    consul = ScriptedConsul(store)
+    consul.after_txn = [lambda: consul.holders.pop(LEADER)]  # lost before the retry
+    out = delete_all(consul, doomed, fence=FENCE, clock=NoSleep())  # type: ignore[arg-type]
+    assert [len(t) for t in consul.txns] == [11, 10]
+    assert [(s.key, s.reason) for s in out.skipped] == [(doomed[3].key, SkipReason.CHANGED)] + [
+        (d.key, SkipReason.LOCK_LOST) for d in doomed if d is not doomed[3]
+    ]
+    assert not out.deleted and len(store) == 10

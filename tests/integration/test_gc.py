@@ -185,6 +185,7 @@ def test_stale_keys_go_by_rule_while_held_restarting_and_unknown_keys_stay(clust
         ks.node_key(f"{ghost}-2"),
     } <= set(left)
     assert report.deleted_by_rule() == {"node_gone": 2, "job_gone": 3}
+    assert report.skipped_by_reason() == {"unknown_key": 1, "plan_restarting": 2, "held": 1}
 
 
 class RewriteAfterScan:
@@ -281,6 +282,7 @@ def _stale_triggers(c: Cluster, n: int, node: str = "ghost") -> list[str]:
     return keys
 
 
+@pytest.mark.parametrize("scope", [GCScope.CLUSTER, GCScope.NODE])
 @pytest.mark.parametrize(
     ("fault", "error"),
     [
@@ -289,13 +291,21 @@ def _stale_triggers(c: Cluster, n: int, node: str = "ghost") -> list[str]:
         ("known_leader_missing", "X-Nomad-KnownLeader is missing"),
         ("known_leader_false", "X-Nomad-KnownLeader is 'false'"),
         ("timeout", "no answer before the timeout"),
+        ("unreachable", "cannot reach Nomad at http://127.0.0.1:9: connection refused"),
     ],
 )
 def test_nomad_that_cannot_be_asked_means_nothing_is_deleted(
-    simc: Cluster, sim: SimCluster, fault: str, error: str
+    simc: Cluster, sim: SimCluster, fault: str, error: str, scope: GCScope
 ) -> None:
-    keys = _stale_triggers(simc, 3)
-    nomad = NomadBackend(simc.cfg.nomad, simc.clock, retry=NO_RETRY, timeout=1.0)
+    node = "ghost" if scope is GCScope.CLUSTER else "node-1"
+    keys = [k for k in _stale_triggers(simc, 3, node=node) if k not in _live_triggers(simc, sim)]
+    assert keys, "some of the keys are stale"
+    address = (
+        "http://127.0.0.1:9" if fault == "unreachable" else simc.cfg.nomad.address
+    )  # nothing listens on 9
+    nomad = NomadBackend(
+        dataclasses.replace(simc.cfg.nomad, address=address), simc.clock, retry=NO_RETRY, timeout=1.0
+    )
     faults = sim.nomad_faults
     if fault == "error_500":
         faults.error_rate = 1.0
@@ -305,18 +315,27 @@ def test_nomad_that_cannot_be_asked_means_nothing_is_deleted(
         faults.known_leader = None
     elif fault == "known_leader_false":
         faults.known_leader = "false"
-    else:
+    elif fault == "timeout":
         faults.latency = sim.clock.cluster(5.0)  # five real seconds: past the 1 s timeout
     try:
         before = simc.present()
-        report = collect_garbage(simc.consul, nomad, simc.cfg, clock=simc.clock)
+        where = node if scope is GCScope.NODE else None
+        report = collect_garbage(simc.consul, nomad, simc.cfg, scope=scope, node=where, clock=simc.clock)
     finally:
         faults.reset()
         nomad.close()
     assert not report.ok and report.error and error in report.error, report.to_dict()
     assert report.deleted == [] and report.planned == []
     assert simc.present() == before and set(keys) <= set(before)
-    assert simc.gc().deleted_by_rule() == {"node_gone": 3}, "once Nomad answers, the keys go"
+    again = simc.gc(scope=scope, node=where)
+    assert set(by_rule(again)) == set(keys), "once Nomad answers, the keys go"
+
+
+def _live_triggers(c: Cluster, sim: SimCluster) -> set[str]:
+    return {
+        c.keys.trigger_key(TaskRef(a.node.name, "web", "app", "server", a.index))
+        for a in sim.nomad.allocations("web")
+    }
 
 
 def test_node_down_less_than_the_timeout_keeps_its_keys_and_longer_loses_them(

@@ -35,6 +35,7 @@ from .planner import (
     NomadView,
     ScannedKey,
     classify,
+    holder_sessions_to_check,
     plan_cluster_pass,
     plan_node_pass,
 )
@@ -157,7 +158,10 @@ def _cluster_pass(
     records = _with_status_times(nomad, nodes.items, _named_nodes(keys))
     view = NomadView.build(nodes.server_time or clock.time(), records, jobs.items, allocations.items)
     settings = GCSettings(config.node_cleanup_timeout, config.gc_plan_retention)
-    deletions, skips = plan_cluster_pass(keys, view, settings)
+    gone = frozenset(
+        s for s in sorted(holder_sessions_to_check(keys, view)) if consul.session_info(s) is None
+    )
+    deletions, skips = plan_cluster_pass(keys, view, settings, gone)
     _apply(consul, report, deletions, skips, clock, fence, stop)
 
 

@@ -116,8 +116,11 @@ def cluster(request: pytest.FixtureRequest, sim_cluster_factory: SimClusterFacto
         made.nomad.close()
 
 
-def plan_value(job: str, *, restarting: bool = False, complete_at: float | None = None) -> bytes:
-    """An encoded plan of ``job``/app/server: a member restarting, or complete at ``complete_at``."""
+def plan_value(
+    job: str, *, restarting: bool = False, complete_at: float | None = None, holder: str = "s"
+) -> bytes:
+    """An encoded plan of ``job``/app/server: a member restarting (held by session ``holder``), or
+    complete at ``complete_at``."""
     now = complete_at or 1.0
     plan = new_plan(job, "app", "server", None, instance_count=1, settings=PlanSettings(), now=now)
     plan = register(plan, [MemberSpec("a1", "node-1", 0)], now=now)
@@ -126,7 +129,7 @@ def plan_value(job: str, *, restarting: bool = False, complete_at: float | None 
             plan,
             "a1",
             holder="h",
-            session="s",
+            session=holder,
             holder_name="t",
             restarts_before=0,
             started_before=None,
@@ -152,19 +155,30 @@ def test_stale_keys_go_by_rule_while_held_restarting_and_unknown_keys_stay(clust
     ks, ghost, gone_job = cluster.keys, f"ghost-{uuid.uuid4().hex[:6]}", f"gone-{uuid.uuid4().hex[:6]}"
     ready = cluster.ready_node()
     gone_scope, held_scope = TaskScope(gone_job, "app", "server"), TaskScope(f"{gone_job}-b", "app", "server")
+    orphan_scope = TaskScope(f"{gone_job}-c", "app", "server")  # a member restarting, its holder dead
     stale = {
         ks.trigger_key(TaskRef(ghost, "web", "app", "server", 0)): Rule.NODE_GONE,
         ks.node_key(ghost): Rule.NODE_GONE,
         ks.trigger_key(TaskRef(ready, gone_job, "app", "server", 0)): Rule.JOB_GONE,
         ks.task_lock_key(gone_scope): Rule.JOB_GONE,
         ks.slot_key(gone_scope, 0): Rule.JOB_GONE,
+        ks.task_lock_key(orphan_scope): Rule.JOB_GONE,
+        ks.slot_key(orphan_scope, 0): Rule.JOB_GONE,
     }
+    with Session(cluster.consul, "gc test dead holder", ttl=60, clock=cluster.clock) as dead:
+        assert cluster.consul.acquire(ks.slot_key(orphan_scope, 0), "dead holder", dead.id)
+        dead_holder = dead.id
     for key in stale:
-        cluster.consul.put(key, plan_value(gone_job) if key.endswith("task_lock") else b"x")
+        if key == ks.task_lock_key(orphan_scope):
+            cluster.consul.put(key, plan_value(orphan_scope.job, restarting=True, holder=dead_holder))
+        elif key != ks.slot_key(orphan_scope, 0):
+            cluster.consul.put(key, plan_value(gone_job) if key.endswith("task_lock") else b"x")
     unknown = f"{cluster.cfg.key_prefix}/operator-notes"
     cluster.consul.put(unknown, "keep me")
-    cluster.consul.put(ks.task_lock_key(held_scope), plan_value(held_scope.job, restarting=True))
     with Session(cluster.consul, "gc test holder", ttl=60, clock=cluster.clock) as holder:
+        cluster.consul.put(
+            ks.task_lock_key(held_scope), plan_value(held_scope.job, restarting=True, holder=holder.id)
+        )
         assert cluster.consul.acquire(ks.slot_key(held_scope, 0), "holder", holder.id)
         assert cluster.consul.acquire(ks.node_key(f"{ghost}-2"), "agent", holder.id)
         report = cluster.gc()
@@ -184,7 +198,7 @@ def test_stale_keys_go_by_rule_while_held_restarting_and_unknown_keys_stay(clust
         ks.slot_key(held_scope, 0),
         ks.node_key(f"{ghost}-2"),
     } <= set(left)
-    assert report.deleted_by_rule() == {"node_gone": 2, "job_gone": 3}
+    assert report.deleted_by_rule() == {"node_gone": 2, "job_gone": 5}
     assert report.skipped_by_reason() == {"unknown_key": 1, "plan_restarting": 2, "held": 1}
 
 

@@ -18,6 +18,7 @@ from shepard_lib.gc.planner import (
     PlanFacts,
     ScannedKey,
     classify,
+    holder_sessions_to_check,
     plan_cluster_pass,
     plan_node_pass,
 )
@@ -94,8 +95,10 @@ def trigger(node: str = "node-1", job: str = "web", index: int = 0, task: str = 
     return KS.trigger_key(TaskRef(node, job, "app", task, index))
 
 
-def decide(keys: Sequence[ScannedKey], v: NomadView) -> tuple[dict[str, Rule], dict[str, SkipReason]]:
-    deletions, skips = plan_cluster_pass(keys, v, SETTINGS)
+def decide(
+    keys: Sequence[ScannedKey], v: NomadView, gone_sessions: frozenset[str] = frozenset()
+) -> tuple[dict[str, Rule], dict[str, SkipReason]]:
+    deletions, skips = plan_cluster_pass(keys, v, SETTINGS, gone_sessions)
     return {d.key: d.rule for d in deletions}, {s.key: s.reason for s in skips}
 
 
@@ -129,7 +132,9 @@ def test_classify_reverses_escaped_names_with_the_keyspace() -> None:
 
 def test_classify_keeps_the_plan_facts_not_the_value() -> None:
     restarting = scanned(KS.task_lock_key(SCOPE), plan_value("restarting"))
-    assert restarting.plan == PlanFacts(PlanStatus.PLANNED, restarting=1, updated_at=NOW)
+    assert restarting.plan == PlanFacts(
+        PlanStatus.PLANNED, restarting=1, updated_at=NOW, holders=frozenset({"s"})
+    )
     assert scanned(KS.task_lock_key(SCOPE), b"{not json").plan == PlanFacts(status=None)
 
 
@@ -304,6 +309,36 @@ def test_plan_and_slots_of_a_gone_job_go_unless_a_member_is_restarting() -> None
         KS.task_lock_key(gone): SkipReason.PLAN_RESTARTING,
         KS.slot_key(gone, 0): SkipReason.PLAN_RESTARTING,
     }
+
+
+def test_a_gone_jobs_plan_whose_restarting_holders_are_all_gone_goes_with_its_slots() -> None:
+    gone = TaskScope("old", "app", "server")
+    keys = [
+        scanned(KS.task_lock_key(gone), plan_value("restarting", job="old")),  # member a1 held by session "s"
+        scanned(KS.slot_key(gone, 0)),
+        scanned(KS.slot_key(gone, 1), session="someone else"),
+    ]
+    assert holder_sessions_to_check(keys, view()) == {"s"}
+    deleted, skipped = decide(keys, view(), gone_sessions=frozenset({"s", "other"}))
+    assert deleted == {KS.task_lock_key(gone): Rule.JOB_GONE, KS.slot_key(gone, 0): Rule.JOB_GONE}
+    assert skipped == {KS.slot_key(gone, 1): SkipReason.HELD}
+
+    deleted, skipped = decide(keys, view(), gone_sessions=frozenset({"other"}))  # "s" still lives
+    assert deleted == {}
+    assert skipped == {k.key: SkipReason.PLAN_RESTARTING for k in keys}
+
+
+def test_a_live_jobs_plan_with_a_restarting_member_stays_whatever_its_holder() -> None:
+    keys = [scanned(KS.task_lock_key(SCOPE), plan_value("restarting")), scanned(KS.slot_key(SCOPE, 0))]
+    assert holder_sessions_to_check(keys, view()) == set(), "a live job's holders are not even looked up"
+    assert decide(keys, view(), gone_sessions=frozenset({"s"})) == ({}, {})
+    ks = Keyspace(lock_scope=LockScope.NODE)
+    on_gone_node = TaskScope("web", "app", "server", "absent")
+    keys = [classify(entry(ks.task_lock_key(on_gone_node), plan_value("restarting")), ks)]
+    deleted, skipped = decide(keys, view(), gone_sessions=frozenset({"s"}))
+    assert (deleted, skipped) == ({}, {ks.task_lock_key(on_gone_node): SkipReason.PLAN_RESTARTING}), (
+        "only a gone job's plan goes with its dead holders"
+    )
 
 
 def test_an_unreadable_plan_is_reported_and_kept() -> None:

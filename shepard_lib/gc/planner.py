@@ -21,8 +21,8 @@ The rules (docs/design.md section 6):
   restarting members' holder sessions are all gone: nobody can resume them, and there is nothing
   left to restart), never when it cannot be read;
 - a slot (``restart_lock/<i>``) goes with its job or node, with its plan (``plan_expired``), or
-  when its task has no plan at all (``plan_gone``); never while held, never while its plan has a
-  member restarting (and stays);
+  when its task has no plan at all (``plan_gone``); never while held, never while its plan (kept) has a
+  member restarting;
 - any key that Shepard does not write is reported (``unknown_key``), never deleted.
 
 A job matches by ID or by name (keys are written with the job ID, the template reads the job

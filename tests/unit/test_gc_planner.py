@@ -706,6 +706,7 @@ def test_node_state_of_other_statuses_and_status_times_below_one_second() -> Non
         )
 
     assert fold(("initializing", 0.0)) == NodeState("initializing")
+    assert fold(("alpha", 0.0), ("initializing", 0.0)) == NodeState("initializing")
     assert fold(("down", 5.0), ("zeta", 0.0), ("alpha", 0.0)) == NodeState("alpha")
     assert fold(("down", 0.5)) == NodeState("down", 0.5)
 
@@ -734,6 +735,7 @@ def test_node_scoped_plans_and_slots_by_their_node_and_job() -> None:
         classify(
             entry(ks.task_lock_key(on["node-1"]), plan_value("complete", updated_at=NOW - 25 * HOUR)), ks
         ),
+        classify(entry(ks.task_lock_key(on["recent"]), plan_value("planned")), ks),
         classify(entry(ks.slot_key(on["recent"], 0)), ks),
         classify(entry(ks.slot_key(TaskScope("web", "app", "other", "node-1"), 0)), ks),
     ]
@@ -749,6 +751,11 @@ def test_node_scoped_plans_and_slots_by_their_node_and_job() -> None:
         ),
     ]
     assert [(s.key, s.reason, s.why) for s in skips] == [
+        (
+            ks.task_lock_key(on["recent"]),
+            SkipReason.NODE_DOWN_RECENTLY,
+            "node recent down for 1h, less than node_cleanup_timeout 24h",
+        ),
         (
             ks.slot_key(on["recent"], 0),
             SkipReason.NODE_DOWN_RECENTLY,
@@ -801,14 +808,17 @@ def test_a_rollback_that_names_none_of_the_deletes_fails_them_all_with_consuls_w
             self.txns.append(list(ops))
             return TxnResult(ok=False, errors=self.rollback)
 
-    doomed = deletions(3)
+    doomed = deletions(70)  # two batches: the failures of both are reported
     for errors, what in (
-        (((3, "op 3 is not ours"), (7, "nor 7")), "op 3 is not ours; nor 7"),  # 3 = just past the last op
+        (
+            ((64, "op 64 is not ours"), (99, "nor 99")),
+            "op 64 is not ours; nor 99",
+        ),  # 64: just past the last op
         ((), "transaction rolled back"),
     ):
         consul = RollingBack(errors)
         out = delete_all(consul, doomed, clock=NoSleep())  # type: ignore[arg-type]
-        assert len(consul.txns) == 1 and not out.deleted and not out.skipped
+        assert len(consul.txns) == 2 and not out.deleted and not out.skipped
         assert [(f.key, f.error) for f in out.failed] == [(d.key, what) for d in doomed]
 
 

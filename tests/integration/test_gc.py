@@ -246,10 +246,8 @@ class DestroySessionBeforeTxn:
 
     def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
         self.txns.append(list(ops))
-        if len(self.txns) == self._at:
-            self._consul.session_destroy(
-                self._session.id
-            )  # Consul frees the lock; our side does not know yet
+        if len(self.txns) == self._at:  # Consul frees the lock; the pass has not noticed
+            self._consul.session_destroy(self._session.id)
         return self._consul.txn(ops)
 
 

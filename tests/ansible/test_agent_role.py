@@ -2,11 +2,13 @@
 
 Its happy path (virtualenv, config mode and content, unit verified, idempotence) is the Molecule scenario
 ``extensions/molecule/agent``; here: a bad configuration is refused with Shepard's message before it is
-written, bad role variables are refused by the argument spec, and the tokens never appear in the output.
+written, bad role variables (and a missing ``shepard_agent_package``) are refused by the argument spec,
+check mode on a host without Shepard yet writes nothing, and the tokens never appear in the output.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,11 +42,21 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("host")
 
 
-def _role(root: Path, wheel: str, tmp_path: Path, expect_failure: bool = False, **variables: object) -> str:
+def _role(
+    root: Path,
+    wheel: str | None,
+    tmp_path: Path,
+    expect_failure: bool = False,
+    check: bool = False,
+    **variables: object,
+) -> str:
+    """The role on ``root`` with Shepard from ``wheel`` (None: without ``shepard_agent_package``)."""
     (root / "systemd").mkdir(exist_ok=True)
-    extra = {"root": str(root), "wheel": wheel, **variables}
+    package = {"shepard_agent_package": wheel} if wheel is not None else {}
+    extra = {"root": str(root), **package, **variables}
     try:
-        return run_playbook(PLAYBOOKS / "agent.yml", tmp_path, extra, tokens=[TOKEN, NOMAD_TOKEN])
+        tokens = [TOKEN, NOMAD_TOKEN]
+        return run_playbook(PLAYBOOKS / "agent.yml", tmp_path, extra, tokens=tokens, check=check)
     except AssertionError as exc:
         if not expect_failure:
             raise
@@ -71,6 +83,33 @@ def test_a_bad_configuration_is_refused_with_shepards_message_and_not_written(
 def test_bad_role_variables_are_refused_by_the_argument_spec(root: Path, wheel: str, tmp_path: Path) -> None:
     output = _role(root, wheel, tmp_path, expect_failure=True, shepard_agent_service_manager="upstart")
     assert "value of shepard_agent_service_manager must be one of: systemd, none, got: upstart" in output
+
+
+def test_the_package_is_required_because_shepard_on_pypi_is_another_project(
+    root: Path, tmp_path: Path
+) -> None:
+    output = _role(root, None, tmp_path, expect_failure=True)
+    assert "ansible-playbook exited 2" in output
+    assert "missing required arguments: shepard_agent_package" in output
+    assert "Install Shepard into its virtualenv" not in output, "the role stops before installing anything"
+
+
+def test_check_mode_on_a_host_without_shepard_yet_writes_nothing(
+    wheel: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    fresh = tmp_path_factory.mktemp("fresh-host")
+    output = _role(
+        fresh,
+        wheel,
+        tmp_path,
+        check=True,
+        shepard_agent_config={"nomad_data_dir": str(fresh)},
+        shepard_agent_consul_token=TOKEN,
+    )
+    assert "TASK [shepard.nomad.agent : Print the systemd unit of the installed Shepard]" in output
+    assert re.search(r"localhost +: ok=\d+ +changed=[1-9]", output), "check mode reports what would change"
+    assert sorted(p.name for p in fresh.iterdir()) == ["systemd"], "check mode created something"
+    assert list((fresh / "systemd").iterdir()) == []
 
 
 def test_the_tokens_reach_the_config_file_and_never_the_output(

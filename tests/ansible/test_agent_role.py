@@ -4,10 +4,13 @@ Its happy path (virtualenv, config mode and content, unit verified, idempotence)
 ``extensions/molecule/agent``; here: a bad configuration is refused with Shepard's message before it is
 written, bad role variables (and a missing ``shepard_agent_package``) are refused by the argument spec,
 check mode on a host without Shepard yet writes nothing, and the tokens never appear in the output.
+The example ``docs/examples/agent.yml`` runs here in check mode, on this machine as its one Nomad client.
 """
 
 from __future__ import annotations
 
+import grp
+import pwd
 import re
 import subprocess
 import sys
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_collection import ANSIBLE_PLAYBOOK, PLAYBOOKS, REPO, run_playbook
+from test_collection import ANSIBLE_PLAYBOOK, EXAMPLES, PLAYBOOKS, REPO, run_playbook
 
 TOKEN = "role-consul-token-8e21c4"
 NOMAD_TOKEN = "role-nomad-token-57ab0d"
@@ -130,3 +133,35 @@ def test_the_tokens_reach_the_config_file_and_never_the_output(
     unit = (root / "systemd" / "shepard-agent.service").read_text(encoding="utf-8")
     assert f"ExecStart={root}/venv/bin/shepard agent --config {config}" in unit
     assert f"ReadOnlyPaths={root}" in unit
+
+
+def test_the_agent_example_runs_in_check_mode_and_writes_nothing(wheel: str, tmp_path: Path) -> None:
+    """The example as written (its variables pass the role's argument spec), on localhost as the one
+    ``nomad_clients`` host, with Shepard from this checkout's wheel (the example's path is a placeholder),
+    no systemd (not PID 1 here) and no become (these tests run as the user who owns the paths)."""
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text("[nomad_clients]\nlocalhost\n", encoding="utf-8")
+    paths = [Path("/opt/shepard"), Path("/etc/shepard"), Path("/etc/systemd/system/shepard-agent.service")]
+    before = {path: path.exists() for path in paths}
+    account_before = _accounts("shepard")
+    extra = {
+        "shepard_agent_package": wheel,
+        "shepard_agent_service_manager": "none",
+        "ansible_become": False,
+        "vault_shepard_consul_token": TOKEN,
+        "vault_shepard_nomad_token": NOMAD_TOKEN,
+    }
+    tokens = [TOKEN, NOMAD_TOKEN]
+    output = run_playbook(
+        EXAMPLES / "agent.yml", tmp_path, extra, tokens=tokens, check=True, inventory=str(inventory)
+    )
+    assert "Validating arguments against arg spec 'main'" in output
+    recap = re.search(r"localhost +: ok=\d+ +changed=[1-9]\d* +unreachable=0 +failed=0", output)
+    assert recap, output[-3000:]
+    assert {path: path.exists() for path in paths} == before, "check mode wrote to the host"
+    assert _accounts("shepard") == account_before, "check mode created the service user or group"
+
+
+def _accounts(name: str) -> tuple[bool, bool]:
+    """Whether the user and the group ``name`` exist."""
+    return name in {u.pw_name for u in pwd.getpwall()}, name in {g.gr_name for g in grp.getgrall()}

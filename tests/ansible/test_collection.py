@@ -77,8 +77,8 @@ class Target:
     sim: SimCluster | None = None
     consul_tls: dict[str, Any] = field(default_factory=dict)
     """The TLS settings of Consul's ConsulConfig (ca_file, cert_file, key_file, verify), if any."""
-    nomad_tls: dict[str, Any] = field(default_factory=dict)
-    """The same for Nomad."""
+    nomad_settings: dict[str, Any] = field(default_factory=dict)
+    """The same for Nomad, with its namespace and region if not the defaults."""
 
     def connection(self) -> dict[str, Any]:
         """The module_defaults of group/shepard.nomad.shepard."""
@@ -102,13 +102,14 @@ class Target:
 
 
 def _requests_tls(tls: dict[str, Any]) -> dict[str, Any]:
-    """``requests`` arguments for the TLS settings of a ConsulConfig or NomadConfig."""
+    """``requests`` arguments for the TLS settings (``_tls``) of a ConsulConfig or NomadConfig."""
     verify = False if tls.get("verify") is False else tls.get("ca_file") or True
     cert = (tls["cert_file"], tls["key_file"]) if tls.get("cert_file") else None
     return {"verify": verify, "cert": cert}
 
 
 def _tls(config: ConsulConfig | NomadConfig) -> dict[str, Any]:
+    """The TLS settings of ``config`` that are not the defaults."""
     settings = {"ca_file": config.ca_file, "cert_file": config.cert_file, "key_file": config.key_file}
     return {**{k: v for k, v in settings.items() if v}, **({} if config.verify else {"verify": False})}
 
@@ -152,12 +153,15 @@ def any_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Targe
         pytest.skip(REAL_SKIP)
     cfg = load_config(env=env)  # as the CLIs read them: CONSUL_HTTP_ADDR's host:port form means http
     prefix = env["SHEPARD_TEST_PREFIX"]
-    consul_tls, nomad_tls = _tls(cfg.consul), _tls(cfg.nomad)
+    consul_tls = _tls(cfg.consul)
+    scope = {"namespace": cfg.nomad.namespace if cfg.nomad.namespace != "default" else None}
+    scope["region"] = cfg.nomad.region
+    nomad_settings = {**_tls(cfg.nomad), **{k: v for k, v in scope.items() if v}}
     # The job's templates read its trigger keys under SHEPARD_TEST_PREFIX: Shepard must write there.
-    # Addresses and tokens are the modules' options; TLS files (Nomad's client certificate has no
-    # module option) come with the configuration file.
+    # Addresses and tokens are the modules' options; the rest of the CLIs' variables (TLS files,
+    # Nomad's namespace and region) come with the configuration file.
     settings = {"key_prefix": prefix, "min_healthy_time": "2s", "healthy_deadline": "300s"}
-    settings.update({k: v for k, v in (("consul", consul_tls), ("nomad", nomad_tls)) if v})
+    settings.update({k: v for k, v in (("consul", consul_tls), ("nomad", nomad_settings)) if v})
     config = tmp_path / "shepard.yaml"
     config.write_text(yaml.safe_dump(settings), encoding="utf-8")
     tokens = [cfg.consul.token, cfg.nomad.token]
@@ -168,7 +172,7 @@ def any_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Targe
         str(config),
         tokens,
         consul_tls=consul_tls,
-        nomad_tls=nomad_tls,
+        nomad_settings=nomad_settings,
     )
     _delete_all_but_trigger_keys(cfg.consul, prefix)
 
@@ -476,7 +480,8 @@ def _nomad(target: Target) -> Iterator[NomadBackend]:
     """Shepard's Nomad client for ``target``, to read allocations before and after a playbook."""
     token = target.tokens[1]
     clock = target.sim.clock if target.sim is not None else Clock()  # the sim says its scale: it must agree
-    backend = NomadBackend(NomadConfig(address=target.nomad_addr, token=token, **target.nomad_tls), clock)
+    config = NomadConfig(address=target.nomad_addr, token=token, **target.nomad_settings)
+    backend = NomadBackend(config, clock)
     try:
         yield backend
     finally:
@@ -487,7 +492,9 @@ def _restart_intervals(target: Target, alloc_id: str, task: str, since_ns: int) 
     """[restart signalled, started again] intervals of a task after ``since_ns``, from Nomad's task events."""
     headers = {"X-Nomad-Token": target.tokens[1]} if target.tokens[1] else {}
     url = f"{target.nomad_addr}/v1/allocation/{alloc_id}"
-    body = requests.get(url, headers=headers, timeout=30, **_requests_tls(target.nomad_tls)).json()
+    params = {k: v for k, v in target.nomad_settings.items() if k in ("namespace", "region")}
+    tls = _requests_tls(target.nomad_settings)
+    body = requests.get(url, params=params, headers=headers, timeout=30, **tls).json()
     intervals, began = [], None
     for event in body["TaskStates"][task]["Events"]:
         if event["Time"] <= since_ns:

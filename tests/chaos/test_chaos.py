@@ -131,6 +131,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     planned = zip(rng.sample(range(INJECT_WITHIN), len(INJECTED)), INJECTED, strict=True)
     kills: list[Kill] = []
     outcomes: dict[int, Any] = {}
+    lost_first: dict[int, bool] = {}  # by agent: its session was lost before it was through
     errors: list[BaseException] = []
 
     def slot_held_by(session_id: str) -> str | None:
@@ -162,6 +163,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
         )
         try:
             outcomes[number] = coordinator.handle_change(alloc, "server", seen_index=seen_index)
+            lost_first[number] = session.lost.is_set()
         except SimulatedCrash:
             return
         except BaseException as exc:
@@ -259,8 +261,10 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     assert {r.cause for r in restarts} == {"template"}, where
     check_every_trigger_fenced_and_written_once(sim, consul, where)
     check_faults_hit_transactions(sim, consul, where)
-    # A victim whose own session was lost first (renewals starved) stopped cleanly instead.
-    assert kills, where
+    # A victim whose own session was lost first (renewals starved) stopped cleanly instead: at least
+    # one victim was killed, unless every one of them lost its session before its kill step (seed 30 of
+    # a 200-seed run at load 15 starved every renew thread of the process for a whole TTL).
+    assert kills or all(lost_first.get(n) for n in victims), (where, {n: outcomes.get(n) for n in victims})
     survivors = {n: outcomes.get(n) for n in victims if n not in {k.number for k in kills}}
     assert all(o is not None and o.outcome != Outcome.FAILED for o in survivors.values()), (where, survivors)
     # Killed holders' slots come free within 2 x TTL + lock-delay.

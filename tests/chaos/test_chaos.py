@@ -24,7 +24,9 @@ Invariants checked on every seed:
 - no trigger without a held slot: every write of a trigger key went through a transaction fenced
   by ``check-session`` and ``check-index`` on a slot, and each trigger key was written at most
   once (CreateIndex == ModifyIndex), so no late write landed a second time;
-- a killed holder's slot is free again within 2 x TTL + lock-delay of the kill;
+- a killed holder's slot is free again within 2 x TTL + lock-delay of the kill (its session's end
+  taken from when Consul's TTL timer fires, as the sim records it, not from when a possibly starved
+  watcher thread looked);
 - the plan completes, and the rollout is ok (members of stopped allocations skipped as stopped);
 - the faults happened: late writes, late replies and lost replies hit transactions (the sim's
   counts), and a client gave up on at least one late transaction.
@@ -170,13 +172,18 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
             errors.append(exc)
         session.destroy()
 
+    def look_at_slots() -> None:
+        for kill in list(kills):
+            if kill.slot_key and kill.freed_after is None:
+                entry = sim.consul_state.kv_get(kill.slot_key)
+                if entry is None or entry.session != kill.session.id:
+                    # When Consul's TTL timer fired, not when this (possibly starved) thread saw it.
+                    expired = sim.consul_state.session_expired_at(kill.session.id or "")
+                    kill.freed_after = (clock.monotonic() if expired is None else expired) - kill.killed_at
+
     def watch_slots(stop: threading.Event) -> None:
         while not stop.is_set():
-            for kill in list(kills):
-                if kill.slot_key and kill.freed_after is None:
-                    entry = sim.consul_state.kv_get(kill.slot_key)
-                    if entry is None or entry.session != kill.session.id:
-                        kill.freed_after = clock.monotonic() - kill.killed_at
+            look_at_slots()
             clock.sleep(0.1)
 
     seen_index = PlanStore(consul).read(KEYS.task_lock_key(SCOPE))[1]  # before the change: 0, no plan
@@ -239,6 +246,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
         clock.sleep(0.1)
     stop.set()
     watcher.join(5)
+    look_at_slots()
     faults.reset()
 
     where = (

@@ -536,6 +536,33 @@ def test_a_reclaimed_member_is_held_by_the_reclaimers_claim_under_its_session(
     assert restarts_by_alloc(sim) == {a.id: 1}
 
 
+def test_a_nomad_api_claim_whose_allocation_nomad_forgot_is_reclaimed_and_settled_skipped(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, _ = cluster.allocs()
+    dead = cluster.session("dead")
+    dead.create()
+    first = coordinator(
+        cluster, dead, "dead", method=RestartMethod.NOMAD_API, fault_hook=crash_after(Step.CLAIMED, dead)
+    )
+    with pytest.raises(SimulatedCrash):
+        first.handle_change(a, "server")
+    cluster.consul.session_destroy(dead.id)
+    sim.nomad.stop_allocation(a.id)
+    with sim.nomad.state.lock:  # the servers' GC forgets the stopped allocation
+        del sim.nomad.state.allocs[a.id]
+    target = cluster.target(a)
+    with cluster.session("reclaimer") as session:
+        outcome = coordinator(cluster, session, "reclaimer").drive(target)
+    assert "garbage-collected" in outcome.reason, outcome
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason, stopped=True)
+    member = cluster.plan().members[a.id]
+    assert (member.state, member.error) == (MemberState.SKIPPED, outcome.reason)
+    assert restarts_by_alloc(sim) == {}
+
+
 # --- _fire: a nomad_api restart call that failed --------------------------------------------------------
 
 
@@ -704,6 +731,55 @@ def test_an_allocation_stopped_after_its_claim_is_skipped_by_its_holder_as_stopp
     assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, outcome.reason)
     member = cluster.plan().members[a.id]
     assert (member.state, member.error) == (MemberState.SKIPPED, outcome.reason)
+    assert restarts_by_alloc(sim) == {}
+
+
+class StopInsteadOfRestart(NomadProxy):
+    """Nomad accepts the restart call, but the allocation is stopped at that moment: nothing restarts."""
+
+    def __init__(self, inner: NomadAPI, stop: Callable[[str], Any]) -> None:
+        super().__init__(inner)
+        self._stop = stop
+
+    def restart_task(self, alloc_id: str, task: str) -> None:
+        self._stop(alloc_id)
+
+
+def test_an_allocation_stopped_during_the_health_wait_after_its_restart_counts_as_restarted(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim, min_healthy_time=30.0)  # the stop lands during the health wait
+    a, _ = cluster.allocs()
+
+    def stop_once_restarted(step: Step, target: Target) -> None:
+        if step == Step.TRIGGERED:
+            wait_restarted(cluster, a)
+            sim.nomad.stop_allocation(a.id)
+
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", fault_hook=stop_once_restarted)
+        outcome = agent.handle_change(a, "server")
+    assert (outcome.outcome, outcome.reason, outcome.stopped) == (Outcome.RESTARTED, "", False), outcome
+    assert cluster.plan().members[a.id].state == MemberState.DONE
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+def test_an_allocation_stopped_instead_of_restarted_is_settled_skipped_by_its_holder(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, _ = cluster.allocs()
+    nomad = StopInsteadOfRestart(cluster.nomad, sim.nomad.stop_allocation)
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", nomad=nomad, method=RestartMethod.NOMAD_API)
+        outcome = agent.handle_change(a, "server")
+    member = cluster.plan().members[a.id]
+    assert member.state == MemberState.SKIPPED and member.error and member.error.startswith("replaced: ")
+    # this coordinator sent the restart: it never reports the member as skipped
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert outcome.reason.startswith(f"restarted, but {member.error}"), outcome
     assert restarts_by_alloc(sim) == {}
 
 

@@ -563,6 +563,37 @@ def test_a_nomad_api_claim_whose_allocation_nomad_forgot_is_reclaimed_and_settle
     assert restarts_by_alloc(sim) == {}
 
 
+def test_an_orphan_taken_over_is_reported_under_its_own_task_and_judged_by_its_services(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """c = 2: a's holder dies during a restart into a config whose check stays critical (Nomad says
+    running); b's agent takes a over first, judges it by a's service checks: failed, not healthy."""
+    sim = sim_cluster_factory(scenario(2, concurrency=2), time_scale=SCALE)
+    cluster = Cluster(sim, healthy_deadline=6.0)
+    a, b = cluster.allocs()
+    sim.set_key("config/web", "broken")
+    dead = cluster.session("dead")
+    dead.create()
+    hook = crash_after(Step.TRIGGERED, dead, before=lambda: cluster.consul.session_destroy(dead.id))
+    with pytest.raises(SimulatedCrash):
+        coordinator(cluster, dead, "dead", fault_hook=hook, max_failures=0).handle_change(a, "server")
+    register(cluster, [b])
+    events = Events()
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent", observer=events).drive(cluster.target(b))
+    orphan = cluster.target(a)
+    assert events.of(a.id)[:2] == [
+        (EventKind.WAITING, SCOPE, orphan.ref, ""),
+        (EventKind.RESTARTING, SCOPE, orphan.ref, "reclaimed"),
+    ]
+    assert events.of(a.id)[-1][:3] == (EventKind.FAILED, SCOPE, orphan.ref)
+    plan = cluster.plan()
+    assert plan.members[a.id].state == MemberState.FAILED, plan.members[a.id]
+    assert plan.status == PlanStatus.FAILED
+    assert outcome.outcome == Outcome.SKIPPED, outcome
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
 # --- _fire: a nomad_api restart call that failed --------------------------------------------------------
 
 

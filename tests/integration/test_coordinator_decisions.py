@@ -414,6 +414,21 @@ def crash_after(step_wanted: Step, session: Session, before: Callable[[], None] 
     return hook
 
 
+class StaleFirstRead(NomadProxy):
+    """Answers the first read of ``alloc_id`` with ``stale`` (a server not yet told of the restart)."""
+
+    def __init__(self, inner: NomadAPI, alloc_id: str, stale: Allocation) -> None:
+        super().__init__(inner)
+        self._alloc_id = alloc_id
+        self._stale: Allocation | None = stale
+
+    def allocation(self, alloc_id: str) -> Allocation:
+        if alloc_id == self._alloc_id and self._stale is not None:
+            stale, self._stale = self._stale, None
+            return stale
+        return self._inner.allocation(alloc_id)
+
+
 def test_a_nomad_api_restart_its_dead_holder_already_fired_is_reclaimed_and_not_fired_again(
     sim_cluster_factory: SimClusterFactory,
 ) -> None:
@@ -458,25 +473,13 @@ def test_a_nomad_api_claim_whose_holder_died_unfired_is_fired_by_the_reclaimer_j
     cluster.consul.session_destroy(dead.id)
     assert restarts_by_alloc(sim) == {}
     target = replace(cluster.target(a), services=(NO_SUCH_SERVICE,))
+    # the reclaimer's first read shows no state for the task yet: it cannot have restarted
+    nomad = StaleFirstRead(cluster.nomad, a.id, replace(a, task_states={}))
     with cluster.session("reclaimer") as session:
-        outcome = coordinator(cluster, session, "reclaimer", health_source=HealthSource.CONSUL).drive(target)
+        reclaimer = coordinator(cluster, session, "reclaimer", nomad=nomad, health_source=HealthSource.CONSUL)
+        outcome = reclaimer.drive(target)
     assert restarts_by_alloc(sim) == {a.id: 1}
     assert (outcome.outcome, outcome.by, outcome.reclaimed) == (Outcome.RESTARTED, "reclaimer", True), outcome
-
-
-class StaleFirstRead(NomadProxy):
-    """Answers the first read of ``alloc_id`` with ``stale`` (a server not yet told of the restart)."""
-
-    def __init__(self, inner: NomadAPI, alloc_id: str, stale: Allocation) -> None:
-        super().__init__(inner)
-        self._alloc_id = alloc_id
-        self._stale: Allocation | None = stale
-
-    def allocation(self, alloc_id: str) -> Allocation:
-        if alloc_id == self._alloc_id and self._stale is not None:
-            stale, self._stale = self._stale, None
-            return stale
-        return self._inner.allocation(alloc_id)
 
 
 def test_a_consul_key_claim_is_never_fired_again_by_a_reclaimer_that_has_not_seen_its_restart_yet(
@@ -591,6 +594,55 @@ def test_an_orphan_taken_over_is_reported_under_its_own_task_and_judged_by_its_s
     assert plan.members[a.id].state == MemberState.FAILED, plan.members[a.id]
     assert plan.status == PlanStatus.FAILED
     assert outcome.outcome == Outcome.SKIPPED, outcome
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+class AppliedThenUnreadable(ConsulProxy):
+    """The first plan write applies but its answer is lost, and the read that follows is refused (403):
+    the write raises although it applied."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.state = "armed"
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        if self.state == "armed" and any(op.key == PLAN_KEY and op.verb == TxnVerb.CAS for op in ops):
+            self.state = "applied"
+            assert self._inner.txn(ops).ok
+            raise ConsulError("txn", "ReadTimeout: read timed out", transient=False)
+        return self._inner.txn(ops)  # type: ignore[no-any-return]
+
+    def get(self, key: str, *, consistent: bool = False) -> KVEntry | None:
+        if self.state == "applied" and key == PLAN_KEY:
+            self.state = "refused"
+            raise ConsulError(f"kv.get {key}", "Permission denied", status=403)
+        return self._inner.get(key, consistent=consistent)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("write", ["claim", "reclaim"])
+def test_a_claim_whose_write_raised_but_applied_is_not_taken_as_driven_by_its_own_session(
+    sim_cluster_factory: SimClusterFactory, write: str
+) -> None:
+    """The claim token of a write that raised is dropped: the member it may hold is reclaimed by the
+    same drive, not waited for as if a coordinator of this session still drove it."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim, slot_timeout=60.0)
+    (a,) = cluster.allocs()
+    if write == "reclaim":
+        dead = cluster.session("dead")
+        dead.create()
+        with pytest.raises(SimulatedCrash):
+            coordinator(cluster, dead, "dead", fault_hook=crash_after(Step.CLAIMED, dead)).handle_change(
+                a, "server"
+            )
+        cluster.consul.session_destroy(dead.id)
+    else:
+        register(cluster, [a])
+    consul = AppliedThenUnreadable(cluster.consul)
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent", consul=consul).drive(cluster.target(a))
+    assert consul.state == "refused"
+    assert (outcome.outcome, outcome.by, outcome.reclaimed) == (Outcome.RESTARTED, "agent", True), outcome
     assert restarts_by_alloc(sim) == {a.id: 1}
 
 

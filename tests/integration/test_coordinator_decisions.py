@@ -1092,6 +1092,66 @@ def test_a_drive_waiting_for_a_slot_is_skipped_as_interrupted_when_stopped(
     assert restarts_by_alloc(sim) == {}
 
 
+def release_slots_of(cluster: Cluster, agent: list[Coordinator], times: int) -> Any:
+    """After the coordinator took a slot, release it behind its back (its session lives), ``times`` times."""
+    done = []
+
+    def hook(step: Step, target: Target) -> None:
+        if step == Step.SLOT and len(done) < times:
+            done.append(1)
+            session_id = agent[0].session.id
+            for entry in cluster.consul.get_tree(KEYS.slot_prefix(SCOPE), consistent=True):
+                if entry.session == session_id:
+                    cluster.consul.release(entry.key, session_id)
+
+    hook.done = done  # type: ignore[attr-defined]
+    return hook
+
+
+def test_a_slot_lost_under_a_live_session_is_retried_as_an_error_until_giving_up(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """Also with a session factory: a new session is for a lost session, not for a lost slot."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    factory = Factory(cluster)
+    holder: list[Coordinator] = []
+    hook = release_slots_of(cluster, holder, 10)
+    target = cluster.target(a)
+    with cluster.session("worker") as session:
+        worker = coordinator(
+            cluster, session, "worker", session_factory=factory, fault_hook=hook, error_attempts=2
+        )
+        holder.append(worker)
+        outcome = worker.drive(target)
+    assert len(hook.done) == 2
+    assert factory.made == []
+    assert outcome.reason.startswith(f"plan {PLAN_KEY} not written: failed session check"), outcome
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason)
+    assert cluster.plan().members[a.id].state == MemberState.PENDING
+    assert restarts_by_alloc(sim) == {}
+
+
+def test_a_member_restarted_in_an_earlier_drive_is_not_in_flight_in_the_next(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """A stop ends the next drive of the same allocation (a new change) before its restart starts."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    stop = threading.Event()
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", stop=stop)
+        assert agent.handle_change(a, "server").outcome == Outcome.RESTARTED
+        register(cluster, [a])  # a new change
+        stop.set()
+        outcome = agent.drive(cluster.target(a))
+    assert outcome == MemberOutcome(cluster.target(a), Outcome.SKIPPED, INTERRUPTED)
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
 # --- handle_change: the change's mark and the slot --------------------------------------------------------
 
 
@@ -1128,3 +1188,6 @@ def test_an_agent_keeps_its_slot_after_a_change_only_when_asked(
         assert agent.keeps_slot
         agent.release_slots()
         assert not agent.keeps_slot
+        register(cluster, [a])  # a new change
+        assert agent.drive(cluster.target(a)).outcome == Outcome.RESTARTED
+        assert not agent.keeps_slot, "a drive kept its slot without being asked to"

@@ -1120,9 +1120,16 @@ def test_a_slot_lost_under_a_live_session_is_retried_as_an_error_until_giving_up
     holder: list[Coordinator] = []
     hook = release_slots_of(cluster, holder, 10)
     target = cluster.target(a)
+    events = Events()
     with cluster.session("worker") as session:
         worker = coordinator(
-            cluster, session, "worker", session_factory=factory, fault_hook=hook, error_attempts=2
+            cluster,
+            session,
+            "worker",
+            session_factory=factory,
+            fault_hook=hook,
+            observer=events,
+            error_attempts=2,
         )
         holder.append(worker)
         outcome = worker.drive(target)
@@ -1130,6 +1137,7 @@ def test_a_slot_lost_under_a_live_session_is_retried_as_an_error_until_giving_up
     assert factory.made == []
     assert outcome.reason.startswith(f"plan {PLAN_KEY} not written: failed session check"), outcome
     assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason)
+    assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, outcome.reason)
     assert cluster.plan().members[a.id].state == MemberState.PENDING
     assert restarts_by_alloc(sim) == {}
 

@@ -838,13 +838,39 @@ def test_an_allocation_stopped_during_the_health_wait_after_its_restart_counts_a
     def stop_once_restarted(step: Step, target: Target) -> None:
         if step == Step.TRIGGERED:
             wait_restarted(cluster, a)
-            sim.nomad.stop_allocation(a.id)
+            sim.nomad.stop_allocation(target.alloc_id)
 
     with cluster.session("agent") as session:
         agent = coordinator(cluster, session, "agent", fault_hook=stop_once_restarted)
         outcome = agent.handle_change(a, "server")
     assert (outcome.outcome, outcome.reason, outcome.stopped) == (Outcome.RESTARTED, "", False), outcome
     assert cluster.plan().members[a.id].state == MemberState.DONE
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+def test_an_allocation_nomad_forgot_during_the_health_wait_is_settled_skipped_and_reported_restarted(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """Nothing tells any more whether it restarted: the holder settles it as skipped, and reports it
+    restarted (it sent the restart), never skipped."""
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim, min_healthy_time=30.0)
+    a, _ = cluster.allocs()
+
+    def forget_once_restarted(step: Step, target: Target) -> None:
+        if step == Step.TRIGGERED:
+            wait_restarted(cluster, a)
+            sim.nomad.stop_allocation(target.alloc_id)
+            with sim.nomad.state.lock:  # the servers' GC forgets the stopped allocation
+                del sim.nomad.state.allocs[target.alloc_id]
+
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", fault_hook=forget_once_restarted)
+        outcome = agent.handle_change(a, "server")
+    member = cluster.plan().members[a.id]
+    assert member.state == MemberState.SKIPPED and member.error and "garbage-collected" in member.error
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert outcome.reason.startswith(f"restarted, but {member.error}"), outcome
     assert restarts_by_alloc(sim) == {a.id: 1}
 
 

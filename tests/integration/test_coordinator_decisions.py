@@ -730,6 +730,36 @@ def test_a_restart_call_that_may_have_applied_is_judged_by_health_and_never_give
     assert cluster.plan().members[a.id].state == MemberState.DONE
 
 
+def test_a_restart_passes_each_step_to_the_fault_hook_and_reports_its_events_and_duration(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    steps: list[tuple[Step, str]] = []
+    events = Events()
+    with cluster.session("agent") as session:
+        agent = coordinator(
+            cluster,
+            session,
+            "agent",
+            observer=events,
+            fault_hook=lambda step, target: steps.append((step, target.alloc_id)),
+        )
+        started = cluster.clock.monotonic()
+        outcome = agent.handle_change(a, "server")
+        elapsed = cluster.clock.monotonic() - started
+    target = cluster.target(a)
+    assert steps == [(step, a.id) for step in Step]
+    assert events.of(a.id) == [
+        (EventKind.WAITING, SCOPE, target.ref, ""),
+        (EventKind.RESTARTING, SCOPE, target.ref, ""),
+        (EventKind.RESTARTED, SCOPE, target.ref, ""),
+    ]
+    assert outcome.duration is not None and 0 < outcome.duration <= elapsed, (outcome.duration, elapsed)
+    assert outcome == MemberOutcome(target, Outcome.RESTARTED, "", 1, by="agent", duration=outcome.duration)
+
+
 # --- _finish: the outcome and the slot's release in one txn ---------------------------------------------
 
 
@@ -881,9 +911,14 @@ def test_an_allocation_stopped_instead_of_restarted_is_settled_skipped_by_its_ho
     cluster = Cluster(sim)
     a, _ = cluster.allocs()
     nomad = StopInsteadOfRestart(cluster.nomad, sim.nomad.stop_allocation)
+    consul = RecordingConsul(cluster.consul)
     with cluster.session("agent") as session:
-        agent = coordinator(cluster, session, "agent", nomad=nomad, method=RestartMethod.NOMAD_API)
+        agent = coordinator(
+            cluster, session, "agent", consul=consul, nomad=nomad, method=RestartMethod.NOMAD_API
+        )
         outcome = agent.handle_change(a, "server")
+    plan_writes = [ops for ops in consul.txns if ops[0].verb == TxnVerb.CAS and ops[0].key == PLAN_KEY]
+    assert len(plan_writes) == 3, "the holder did not settle its own claim (register, claim, skip)"
     member = cluster.plan().members[a.id]
     assert member.state == MemberState.SKIPPED and member.error and member.error.startswith("replaced: ")
     # this coordinator sent the restart: it never reports the member as skipped

@@ -1221,6 +1221,29 @@ def test_a_member_restarted_in_an_earlier_drive_is_not_in_flight_in_the_next(
     assert restarts_by_alloc(sim) == {a.id: 1}
 
 
+def test_a_drive_that_waited_slot_timeout_for_a_slot_is_skipped_naming_the_timeout(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim, slot_timeout=5.0)
+    (a,) = cluster.allocs()
+    plan = register(cluster, [a])
+    events = Events()
+    target = cluster.target(a)
+    with cluster.session("other") as other, cluster.session("worker") as session:
+        slots = RestartSlots(
+            cluster.consul, KEYS.slot_prefix(SCOPE), plan.concurrent_lock_count, clock=cluster.clock
+        )
+        taken = slots.acquire(other, holder="other", timeout=30)  # the only slot
+        outcome = coordinator(cluster, session, "worker", observer=events).drive(target)
+        slots.release(taken)
+    assert "not acquired within" in outcome.reason, outcome
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason)
+    assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, outcome.reason)
+    assert cluster.plan().members[a.id].state == MemberState.PENDING
+    assert restarts_by_alloc(sim) == {}
+
+
 # --- handle_change: the change's mark and the slot --------------------------------------------------------
 
 

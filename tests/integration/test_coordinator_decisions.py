@@ -760,6 +760,37 @@ def test_a_restart_passes_each_step_to_the_fault_hook_and_reports_its_events_and
     assert outcome == MemberOutcome(target, Outcome.RESTARTED, "", 1, by="agent", duration=outcome.duration)
 
 
+@pytest.mark.parametrize("change", ["plan deleted", "member dropped"])
+def test_a_member_gone_from_the_plan_while_its_drive_took_a_slot_is_skipped_not_claimed(
+    sim_cluster_factory: SimClusterFactory, change: str
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b = cluster.allocs()
+    register(cluster, [a, b])
+
+    def drop(p: Plan | None, _index: int) -> Plan:
+        plan = require(p, PLAN_KEY)
+        return replace(plan, members={k: m for k, m in plan.members.items() if k != a.id})
+
+    def remove(step: Step, target: Target) -> None:
+        if step == Step.SLOT:
+            if change == "plan deleted":
+                cluster.consul.delete(PLAN_KEY)
+                assert cluster.plans.read(PLAN_KEY) == (None, 0)  # this process knows it now
+            else:
+                cluster.plans.update_at(PLAN_KEY, drop)
+
+    events = Events()
+    target = cluster.target(a)
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent", observer=events, fault_hook=remove).drive(target)
+    reason = "not in the plan (it was deleted or replaced)"
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, reason)
+    assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, reason)
+    assert restarts_by_alloc(sim) == {}
+
+
 # --- _finish: the outcome and the slot's release in one txn ---------------------------------------------
 
 

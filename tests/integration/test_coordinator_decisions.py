@@ -791,6 +791,31 @@ def test_a_member_gone_from_the_plan_while_its_drive_took_a_slot_is_skipped_not_
     assert restarts_by_alloc(sim) == {}
 
 
+def test_a_claim_records_the_tasks_baseline_and_restarts_by_the_plans_method(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The plan was made with consul_key: a coordinator configured for nomad_api claims and triggers
+    in one txn all the same (the sim records a template restart, not an API one)."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    seen: dict[str, Member] = {}
+
+    def look(step: Step, target: Target) -> None:
+        if step == Step.CLAIMED:
+            seen["member"] = cluster.plan().members[target.alloc_id]
+
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", fault_hook=look, method=RestartMethod.NOMAD_API)
+        outcome = agent.drive(cluster.target(a))
+    baseline = a.task_states["server"]
+    member = seen["member"]
+    assert (member.restarts_before, member.started_before) == (baseline.restarts, baseline.started_at)
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert [r.cause for r in sim.restarts()] == ["template"]
+
+
 # --- _finish: the outcome and the slot's release in one txn ---------------------------------------------
 
 
@@ -836,11 +861,12 @@ def test_a_failed_restart_records_its_error_and_halts_the_plan_at_the_index_it_w
     a, _ = cluster.allocs()
     sim.set_key("config/web", "broken")
     consul = RecordingConsul(cluster.consul)
+    events = Events()
     with cluster.session("agent") as session:
-        outcome = coordinator(cluster, session, "agent", consul=consul, max_failures=0).handle_change(
-            a, "server"
-        )
+        agent = coordinator(cluster, session, "agent", consul=consul, observer=events, max_failures=0)
+        outcome = agent.handle_change(a, "server")
     assert outcome.outcome == Outcome.FAILED and outcome.reason, outcome
+    assert events.of(a.id)[-1] == (EventKind.FAILED, SCOPE, cluster.target(a).ref, outcome.reason)
     plan = cluster.plan()
     assert plan.status == PlanStatus.FAILED
     assert (plan.members[a.id].state, plan.members[a.id].error) == (MemberState.FAILED, outcome.reason)

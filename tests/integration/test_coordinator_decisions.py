@@ -816,6 +816,29 @@ def test_a_claim_records_the_tasks_baseline_and_restarts_by_the_plans_method(
     assert [r.cause for r in sim.restarts()] == ["template"]
 
 
+def test_a_claim_of_an_allocation_whose_task_has_no_state_yet_counts_from_no_restart(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    seen: dict[str, Member] = {}
+
+    def look(step: Step, target: Target) -> None:
+        if step == Step.CLAIMED:
+            seen["member"] = cluster.plan().members[target.alloc_id]
+
+    nomad = StaleFirstRead(cluster.nomad, a.id, replace(a, task_states={}))
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent", nomad=nomad, fault_hook=look).drive(
+            cluster.target(a)
+        )
+    assert (seen["member"].restarts_before, seen["member"].started_before) == (0, None)
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
 # --- _finish: the outcome and the slot's release in one txn ---------------------------------------------
 
 

@@ -39,6 +39,7 @@ from shepard_lib.coordinator import Coordinator
 from shepard_lib.errors import PlanError
 from shepard_lib.keyspace import TaskRef, TaskScope
 from shepard_lib.plan import MemberState
+from shepard_lib.sim import SimCluster
 from shepard_lib.sim.consul import ConsulServer
 from shepard_lib.sim.nomad.restarts import RestartRecord
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
@@ -120,13 +121,36 @@ def test_logs_trigger_file_and_identical_renders_restart_nothing(
         assert list(plan.members) == [key.alloc_id]
 
 
+def rendered(sim: SimCluster, value: str) -> bool:
+    """Every web allocation's ``local/app.conf`` holds ``value`` (Nomad rendered it)."""
+    files = [
+        sim.node_data_dir(a.node.name) / "alloc" / a.id / "server" / "local" / "app.conf"
+        for a in sim.nomad.allocations("web")
+    ]
+    return bool(files) and all(f.is_file() and f.read_text() == value for f in files)
+
+
 def test_two_changes_within_settle_time_are_one_rollout(sim_cluster_factory: SimClusterFactory) -> None:
     sim = sim_cluster_factory(scenario(count=6, concurrency=2), time_scale=SCALE)
-    with agents(sim, ["n1", "n2", "n3"], settle_time=20.0):
+    # A wide settle_time (3 s real) holds the second render inside the first one's window even on
+    # a busy machine; both renders reach every file, so without coalescing each agent would see two
+    # changes (and register a second generation, restarting every allocation twice).
+    with agents(sim, ["n1", "n2", "n3"], settle_time=60.0) as running:
         sim.set_key("config/web", "v2")
+        wait_until(sim, lambda: rendered(sim, "v2"), "every allocation rendered v2")
         sim.set_key("config/web", "v3")
+        wait_until(sim, lambda: rendered(sim, "v3"), "every allocation rendered v3")
         plan = wait_plan(sim, complete(6))
-    assert plan.generation == 1
+        sim.clock.sleep(2 * 60.0)  # a change the agents saw late would register by now
+        plan, _ = read_plan(sim)
+        changes = sum(
+            s.value
+            for agent in running.values()
+            for s in agent.metrics.change_events.collect()[0].samples
+            if s.name.endswith("_total")
+        )
+    assert plan is not None and plan.generation == 1, plan and plan.to_json()
+    assert changes == 6, "one change event per allocation"
     counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
     assert counts == Counter({a: 1 for a in plan.members}) and len(counts) == 6
 

@@ -21,8 +21,9 @@ KEYS = Keyspace()
 SCOPE = TaskScope("web", "app", "server")
 
 
-def scenario(count: int = 9, concurrency: int = 1, nodes: int = 3) -> dict[str, Any]:
-    """``count`` web allocations over ``nodes`` nodes; config/web rendered with change_mode noop."""
+def scenario(count: int = 9, concurrency: int | None = 1, nodes: int = 3) -> dict[str, Any]:
+    """``count`` web allocations over ``nodes`` nodes; config/web rendered with change_mode noop;
+    ``concurrency`` is the job's ``shepard_concurrency`` meta (None: the agents' ``concurrency``)."""
     return web_scenario(
         count=count, nodes=[f"n{i}" for i in range(1, nodes + 1)], concurrency=concurrency, seed=5
     )

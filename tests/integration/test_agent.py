@@ -436,3 +436,38 @@ def test_a_member_whose_drive_fails_twice_is_tried_again_not_dropped(
     assert list(failures.values()) == [2], failures
     restarted = Counter(r.alloc_id for r in sim.restarts())
     assert sorted(restarted.values()) == [1, 1, 1], restarted
+
+
+def test_reload_keeps_the_restart_only_settings_and_applies_the_others(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    sim = sim_cluster_factory(scenario(count=1, concurrency=None, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
+    with agents(sim, ["n1"], concurrency=1) as running:
+        agent = running["n1"]
+        old = agent.config
+        shipping = dataclasses.replace(old.log_shipping, enabled=True, path=str(tmp_path / "tasks.jsonl"))
+        settle = 60.0
+        kept = agent.reload(
+            dataclasses.replace(
+                old, settle_time=settle, concurrency=3, session_ttl=99.0, log_shipping=shipping
+            )
+        )
+        assert kept == ["session_ttl", "log_shipping"]
+        assert agent.config.session_ttl == old.session_ttl and agent.config.log_shipping == old.log_shipping
+        assert agent.session is not None and agent.session.ttl == old.session_ttl
+        assert (agent.config.settle_time, agent.config.concurrency) == (settle, 3)
+        (key,) = agent.watched()
+        flags = sim.node_data_dir("n1") / "alloc" / key.alloc_id / "alloc" / "data" / "flags"
+        written = sim.clock.monotonic()
+        flags.write_bytes(b"on")
+        plan = wait_plan(sim, complete(1))
+        seen = sim.clock.monotonic()
+    # The watcher settled with the new settle_time (it cannot report the write sooner), and the
+    # plan it opened has the new concurrency.
+    assert seen - written >= settle, f"the change was reported {seen - written:.1f}s after the write"
+    assert plan.concurrent_lock_count == 3
+    warnings = [
+        r.getMessage() for r in caplog.records if "change only when the agent restarts" in r.getMessage()
+    ]
+    assert warnings == ["config reloaded, but session_ttl, log_shipping change only when the agent restarts"]

@@ -139,23 +139,28 @@ def test_sigterm_while_holding_a_slot_releases_it_destroys_the_session_and_exits
 def test_sighup_with_a_bad_config_keeps_the_old_one_and_with_a_good_one_applies_it(
     sim_cluster_factory: SimClusterFactory, tmp_path: Path
 ) -> None:
-    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
-    with agent_processes(sim, tmp_path, ["n1"]) as running:
+    # No shepard_concurrency in the job: a new plan takes the agent's concurrency.
+    sim = sim_cluster_factory(scenario(count=3, concurrency=None, nodes=1), time_scale=SCALE)
+    with agent_processes(sim, tmp_path, ["n1"], concurrency=1) as running:
         agent = running["n1"]
         config = tmp_path / "n1.yaml"
         good = config.read_text(encoding="utf-8")
-        config.write_text(good + "concurrency: many\n", encoding="utf-8")
+        assert "concurrency: 1\n" in good
+        config.write_text(good.replace("concurrency: 1\n", "concurrency: many\n"), encoding="utf-8")
         agent.proc.send_signal(signal.SIGHUP)
         wait_until(sim, lambda: "config reload failed" in agent.text(), "the bad reload is logged")
         assert "concurrency: expected an integer >= 1" in agent.text()
         assert agent.proc.poll() is None, "a bad config does not stop the agent"
-        config.write_text(good.replace("settle_time: 2s", "settle_time: 3s"), encoding="utf-8")
+        config.write_text(good.replace("concurrency: 1\n", "concurrency: 2\n"), encoding="utf-8")
         agent.proc.send_signal(signal.SIGHUP)
         wait_until(sim, lambda: "config reloaded" in agent.text(), "the good reload is logged")
         sim.set_key("config/web", "v2")
         plan = wait_plan(sim, complete(3))
         assert agent.proc.poll() is None
+        log = agent.text()
     assert len(plan.members) == 3, "the agent still works after both reloads"
+    assert plan.concurrent_lock_count == 2, "the reloaded concurrency is in effect"
+    assert "change only when the agent restarts" not in log, log
 
 
 @pytest.mark.parametrize("lock_scope", ["cluster", "node"])

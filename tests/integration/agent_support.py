@@ -7,6 +7,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
 from shepard_lib.agent import Agent
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
@@ -110,3 +113,22 @@ def wait_until(sim: SimCluster, condition: Any, what: str, timeout: float = 300.
             return
         assert sim.clock.monotonic() < deadline, f"timed out waiting until {what}"
         sim.consul_state.wait_for_change(index, sim.clock.real(0.5))
+
+
+def scrape(agent: Agent) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The agent's ``/metrics`` over HTTP, parsed: ``{(sample name, sorted labels): value}``."""
+    text = requests.get(f"http://{agent.metrics_address}/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(
+        value
+        for (sample, have), value in samples.items()
+        if sample == name and set(labels.items()) <= set(have)
+    )

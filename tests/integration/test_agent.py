@@ -26,6 +26,8 @@ from agent_support import (
     make_agent,
     read_plan,
     scenario,
+    scrape,
+    total,
     wait_plan,
     wait_until,
 )
@@ -302,7 +304,7 @@ def test_consul_down_longer_than_the_ttl_then_back_gets_a_new_session_and_works(
 ) -> None:
     sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
     caplog.set_level(logging.INFO)
-    with agents(sim, ["n1"]) as running:
+    with agents(sim, ["n1"], metrics_address="127.0.0.1:0") as running:
         agent = running["n1"]
         first = agent.session_id
         port = sim.consul_server.port
@@ -322,7 +324,10 @@ def test_consul_down_longer_than_the_ttl_then_back_gets_a_new_session_and_works(
         )
         sim.set_key("config/web", "v2")
         plan = wait_plan(sim, complete(3))
+        samples = scrape(agent)
     assert holder is not None and len(plan.members) == 3
+    assert samples[("shepard_sessions_lost_total", ())] >= 1, samples
+    assert samples[("shepard_session_renew_failures_total", ())] >= 1, samples
     outage_lines = [r for r in caplog.records if r.getMessage().startswith("Consul unreachable")]
     assert len(outage_lines) == 1, [r.getMessage() for r in outage_lines]
     assert sum(r.getMessage().startswith("Consul reachable again") for r in caplog.records) == 1
@@ -332,9 +337,19 @@ def test_the_agent_collects_garbage_every_gc_interval(sim_cluster_factory: SimCl
     sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
     stale = KEYS.trigger_key(TaskRef("n1", "web", "app", "server", 7))  # no allocation has index 7
     sim.set_key(stale, "old trigger")
-    with agents(sim, ["n1"], gc_interval=5.0):
+    sim.set_key("shepard/notes", "an operator's key under the prefix")
+    with agents(sim, ["n1"], gc_interval=5.0, metrics_address="127.0.0.1:0") as running:
+        agent = running["n1"]
         wait_until(sim, lambda: sim.get_key(stale) is None, "the stale trigger key is collected")
         assert sim.get_key(KEYS.node_key("n1")) is not None, "the live heartbeat is kept"
+        wait_until(
+            sim,
+            lambda: total(scrape(agent), "shepard_gc_skipped_total", reason="unknown_key") >= 1,
+            "the unknown key is counted as spared",
+        )
+        samples = scrape(agent)
+        assert sim.get_key("shepard/notes") is not None, "a key Shepard does not write is never deleted"
+    assert samples[("shepard_gc_deleted_total", (("rule", "alloc_gone"),))] >= 1, samples
 
 
 def test_different_tasks_roll_out_concurrently(sim_cluster_factory: SimClusterFactory) -> None:
@@ -361,13 +376,21 @@ def test_nomad_failing_for_a_while_is_one_log_line_then_the_agent_resumes(
 ) -> None:
     sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
     caplog.set_level(logging.INFO)
-    with agents(sim, ["n1"]) as running:
+    with agents(sim, ["n1"], metrics_address="127.0.0.1:0") as running:
         agent = running["n1"]
+        base = f"http://{agent.metrics_address}"
+        assert total(scrape(agent), "shepard_request_errors_total", backend="nomad") == 0
         sim.nomad_faults.error_rate = 1.0
         wait_until(sim, lambda: not agent.ready(), "the agent is not ready while Nomad fails")
+        assert requests.get(f"{base}/ready", timeout=10).status_code == 503
+        assert requests.get(f"{base}/health", timeout=10).status_code == 200, "alive all the same"
+        failed = scrape(agent)
+        assert total(failed, "shepard_request_errors_total", backend="nomad") > 0, failed
+        assert total(failed, "shepard_request_errors_total", backend="consul") == 0, failed
         sim.clock.sleep(60.0)  # several backoff rounds
         sim.nomad_faults.error_rate = 0.0
         wait_until(sim, agent.ready, "the agent is ready again")
+        assert requests.get(f"{base}/ready", timeout=10).status_code == 200
         sim.set_key("config/web", "v2")
         plan = wait_plan(sim, complete(2))
     assert len(plan.members) == 2
@@ -471,3 +494,21 @@ def test_reload_keeps_the_restart_only_settings_and_applies_the_others(
         r.getMessage() for r in caplog.records if "change only when the agent restarts" in r.getMessage()
     ]
     assert warnings == ["config reloaded, but session_ttl, log_shipping change only when the agent restarts"]
+
+
+def test_a_broken_config_fails_one_restart_halts_the_plan_and_counts_it(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    with agents(sim, ["n1"], max_failures=0, metrics_address="127.0.0.1:0") as running:
+        agent = running["n1"]
+        sim.set_key("config/web", "broken")  # the task's check fails with this config
+        plan = wait_plan(sim, lambda p: p.halted)
+        failed = agent.metrics.restarts_failed.labels("web", "app", "server")
+        wait_until(sim, lambda: failed._value.get() >= 1, "the failed restart is counted")
+        samples = scrape(agent)
+    task = (("group", "app"), ("job", "web"), ("task", "server"))
+    assert plan.status.value == "failed" and len(plan.in_state(MemberState.FAILED)) == 1, plan.to_json()
+    assert samples[("shepard_restarts_failed_total", task)] == 1, samples
+    assert samples[("shepard_restarts_started_total", task)] == 1, samples
+    assert total(samples, "shepard_restarts_succeeded_total") == 0, samples

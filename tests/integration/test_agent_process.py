@@ -57,11 +57,13 @@ def write_config(sim: SimCluster, node: str, path: Path, **changes: Any) -> Path
 class AgentProcess:
     """A running ``shepard agent``; its stderr goes to a file the test can read."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, *args: str) -> None:
         self.log = log
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(
-            [SHEPARD, "agent", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=self._log_file
+            [SHEPARD, "agent", "--config", str(config), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log_file,
         )
 
     def text(self) -> str:
@@ -76,14 +78,14 @@ class AgentProcess:
 
 @contextmanager
 def agent_processes(
-    sim: SimCluster, tmp_path: Path, nodes: list[str], **changes: Any
+    sim: SimCluster, tmp_path: Path, nodes: list[str], *args: str, **changes: Any
 ) -> Iterator[dict[str, AgentProcess]]:
-    """One ``shepard agent`` per node, each started once its heartbeat is held."""
+    """One ``shepard agent [args]`` per node, each started once its heartbeat is held."""
     with ExitStack() as stack:
         running = {}
         for node in nodes:
             config = write_config(sim, node, tmp_path / f"{node}.yaml", **changes)
-            process = AgentProcess(config, tmp_path / f"{node}.log")
+            process = AgentProcess(config, tmp_path / f"{node}.log", *args)
             stack.callback(process.stop)
             running[node] = process
         for node, process in running.items():
@@ -297,3 +299,37 @@ def test_an_agent_restarted_after_a_crash_works_and_takes_its_heartbeat_when_the
         finally:
             restarted.stop()
     assert all(m.holder_name == "n1" for m in plan.members.values())
+
+
+def test_each_decision_is_one_json_line_naming_its_task_and_allocation(
+    sim_cluster_factory: SimClusterFactory, tmp_path: Path
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    with agent_processes(sim, tmp_path, ["n1"], "--log-format", "json") as running:
+        agent = running["n1"]
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(3))
+        wait_until(sim, lambda: agent.text().count('"event": "healthy"') == 3, "every outcome is logged")
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=120) == 0
+        lines = [json.loads(line) for line in agent.text().splitlines()]  # every line is JSON
+    refs = {a.id: f"n1/web/app/server[{a.index}]" for a in sim.nomad.allocations("web")}
+    decisions = [line for line in lines if "event" in line]
+    for line in decisions:
+        alloc_id = line["alloc_id"]
+        assert line["ref"] == refs[alloc_id], line
+        assert line["message"].startswith(f"{refs[alloc_id]} alloc {alloc_id}: "), line
+    by_alloc: dict[str, list[str]] = {}
+    for line in decisions:
+        by_alloc.setdefault(line["alloc_id"], []).append(line["event"])
+    assert set(by_alloc) == set(plan.members)
+    for alloc_id, events in by_alloc.items():
+        # One agent keeps its slot from member to member (a lane), and gives it back once at the end.
+        taken = [e for e in events if e in ("slot_acquired", "slot_kept")]
+        assert len(taken) == 1, (alloc_id, events)
+        released = [e for e in events if e == "slot_released"]
+        assert events == ["change", "registered", *taken, "triggered", "healthy", *released], (
+            alloc_id,
+            events,
+        )
+    assert Counter(e for events in by_alloc.values() for e in events)["slot_released"] == 1, by_alloc

@@ -21,6 +21,7 @@ import yaml
 from agent_support import KEYS, SCALE, complete, read_plan, scenario, wait_plan, wait_until
 
 from shepard_lib.keyspace import Keyspace, TaskScope
+from shepard_lib.plan import MemberState
 from shepard_lib.sim import SimCluster
 from shepard_lib.sim.consul import ConsulServer
 from shepard_lib.sim.nomad.restarts import peak_concurrency
@@ -120,14 +121,20 @@ def test_sigterm_while_holding_a_slot_releases_it_destroys_the_session_and_exits
 ) -> None:
     sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
     scope = TaskScope("web", "app", "server")
+
+    def in_flight() -> list[str]:
+        plan, _ = read_plan(sim)
+        return [a for a, m in plan.members.items() if m.state is MemberState.RESTARTING] if plan else []
+
     # A long min_healthy_time keeps the slot held; shutdown_timeout lets the restart not finish.
     with agent_processes(sim, tmp_path, ["n1"], min_healthy_time="5m", healthy_deadline="10m") as running:
         agent = running["n1"]
         session = heartbeat_session(sim, "n1")
         assert session is not None
         sim.set_key("config/web", "v2")
-        wait_until(sim, lambda: slot_holder(sim, scope) is not None, "the agent holds a restart slot")
+        wait_until(sim, lambda: len(in_flight()) == 1, "the agent restarts a member")
         assert slot_holder(sim, scope) == (session, slot_holder(sim, scope)[1])  # type: ignore[index]
+        (member,) = in_flight()
         agent.proc.send_signal(signal.SIGTERM)
         code = agent.proc.wait(timeout=sim.clock.real(10.0) + 30)
         log = agent.text()
@@ -136,6 +143,21 @@ def test_sigterm_while_holding_a_slot_releases_it_destroys_the_session_and_exits
     assert heartbeat_session(sim, "n1") is None, "the heartbeat was released"
     assert not session_exists(sim, session), "the session was destroyed"
     assert "Traceback" not in log, log
+    plan, _ = read_plan(sim)
+    assert plan is not None and in_flight() == [member], "the restart in flight stays restarting"
+    assert plan.members[member].session == session, "held by the destroyed session: reclaimable"
+
+    # Another participant (an operator's `shepard restart`, joining the rollout) reclaims it.
+    config = write_config(sim, "n1", tmp_path / "operator.yaml", min_healthy_time="1s")
+    result = subprocess.run(
+        [SHEPARD, "restart", "web", "--config", str(config)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"alloc {member}: reclaimed from n1" in result.stderr, result.stderr
+    plan = wait_plan(sim, complete(2))
+    assert plan.members[member].session not in (None, session)
+    counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
+    assert counts == Counter({a: 1 for a in plan.members}), "the reclaimed restart was not done twice"
 
 
 def test_sighup_with_a_bad_config_keeps_the_old_one_and_with_a_good_one_applies_it(

@@ -312,8 +312,11 @@ def test_consul_down_longer_than_the_ttl_then_back_gets_a_new_session_and_works(
         sim.consul_server.stop()
         sim.clock.sleep(3 * agent.config.session_ttl)
         assert not agent.ready()
+        ready = f"http://{agent.metrics_address}/ready"
+        assert requests.get(ready, timeout=10).status_code == 503, "no live session: not ready"
         sim.consul_server = ConsulServer(sim.consul_state, port=port).start()
         wait_until(sim, lambda: agent.ready() and agent.session_id != first, "the agent has a new session")
+        assert requests.get(ready, timeout=10).status_code == 200
         holder = sim.consul_state.kv_get(KEYS.node_key("n1"))
         wait_until(
             sim,

@@ -775,6 +775,7 @@ class Coordinator:
             "reclaimed from %s; %s",
             dead.holder_name,
             "triggering again" if must_trigger else "it already restarted, checking its health",
+            extra={"event": "reclaimed"},
         )
         member = plan.members[target.alloc_id]
         return self._see_through(

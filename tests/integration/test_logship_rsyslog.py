@@ -78,22 +78,17 @@ def rsyslog(tmp_path: Path) -> Iterator[Rsyslog]:
     conf = work / "rsyslog.conf"
     conf.write_text(
         CONFIG.format(
-            work=work,
-            tcp_log=server.tcp_log,
-            udp_log=server.udp_log,
-            tcp_port=server.tcp_port,
-            udp_port=server.udp_port,
+            work=work, tcp_log=server.tcp_log, udp_log=server.udp_log,
+            tcp_port=server.tcp_port, udp_port=server.udp_port,
         )
     )
     check = subprocess.run([RSYSLOGD, "-N1", "-f", str(conf)], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, f"rsyslogd -N1 rejects the config: {check.stderr}"
     process = subprocess.Popen(
         [RSYSLOGD, "-n", "-f", str(conf), "-i", str(work / "rsyslogd.pid")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
-
         def tcp_up() -> bool:
             if process.poll() is not None:
                 output = process.stdout.read() if process.stdout else b""

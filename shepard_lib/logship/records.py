@@ -28,11 +28,13 @@ class SinkRejected(ShepardError):
 
 @dataclass
 class Batch:
-    """Lines read for one sink, from one or more streams; ``time`` is when reading began."""
+    """Lines read for one sink, from one or more streams; ``time`` is when reading began;
+    ``lost_files``: files found deleted while reading them (counted once the batch is shipped)."""
 
     time: float = field(default_factory=time.time)
     lines: list[Line] = field(default_factory=list)
     size: int = 0
+    lost_files: int = 0
 
 
 def rfc3339(seconds: float) -> str:

@@ -158,7 +158,7 @@ def test_metrics_samples_are_named_for_prometheus() -> None:
     assert samples[("shepard_logship_lines_shipped_total", "file")].kind == "counter"
     assert samples[("shepard_logship_lag_bytes", "syslog")].kind == "gauge"
     assert samples[("shepard_logship_lag_bytes", "syslog")].value == 42
-    assert len(samples) == 2 * 7
+    assert len(samples) == 2 * 8
 
 
 def _load(tmp_path: Path, text: str) -> object:

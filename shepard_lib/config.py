@@ -37,6 +37,9 @@ CONFIG_PATH_ENV = "SHEPARD_CONFIG_PATH"
 TIME_SCALE_ENV = "SHEPARD_TIME_SCALE"
 """Sets ``time_scale`` where the file does not: what ``shepard sim serve`` tells Shepard to export."""
 REDACTED = "<redacted>"
+SYSLOG_UDP_MAX_LINE = 56 * 1024
+"""The largest ``log_shipping.max_line_bytes`` with syslog over UDP: a datagram holds 65507 bytes,
+and about 8 KiB are left for the RFC 5424 header with its tags."""
 
 
 class LockScope(enum.StrEnum):
@@ -826,6 +829,14 @@ def _cross_checks(data: Mapping[str, Any]) -> Iterator[str]:
     shipping = data.get("log_shipping", {})
     if LogSink.HTTP in shipping.get("sink", ()) and "http_url" not in shipping:
         yield "log_shipping.http_url: required when log_shipping.sink includes http"
+    max_line = shipping.get("max_line_bytes", LogShippingConfig.max_line_bytes)
+    udp = shipping.get("syslog_protocol", LogShippingConfig.syslog_protocol) is SyslogProtocol.UDP
+    if LogSink.SYSLOG in shipping.get("sink", ()) and udp and max_line > SYSLOG_UDP_MAX_LINE:
+        yield (
+            f"log_shipping.max_line_bytes: at most {SYSLOG_UDP_MAX_LINE} with the syslog sink over udp"
+            f" (a message is one datagram of at most 65507 bytes, header included), got {max_line};"
+            " or set log_shipping.syslog_protocol: tcp"
+        )
 
 
 def _both_tokens(path: str | None, file_layer: Mapping[str, Any]) -> Iterator[str]:

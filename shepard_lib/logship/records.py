@@ -23,7 +23,12 @@ class SinkError(ShepardError):
 
 
 class SinkRejected(ShepardError):
-    """A sink refused a batch for good (HTTP 400/422): it is counted as rejected and skipped."""
+    """A sink refused a batch for good (HTTP 400/422), or only the lines ``refused`` of it (it
+    delivered the others): they are counted as rejected and skipped."""
+
+    def __init__(self, message: str, refused: list[Line] | None = None) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass

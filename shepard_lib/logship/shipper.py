@@ -248,8 +248,11 @@ class LogShipper:
     def _delivered(self, sink: Sink, batch: Batch, outcome: BaseException | None, report: SinkReport) -> bool:
         """Account for a sent batch; False when the sink stayed down (its checkpoints stay)."""
         if isinstance(outcome, SinkRejected):
-            log.error("log shipping: %s; %d lines skipped", outcome, len(batch.lines))
-            self.metrics.add("rejected_lines", sink.name, len(batch.lines))
+            refused = batch.lines if outcome.refused is None else outcome.refused
+            log.error("log shipping: %s; %d lines skipped", outcome, len(refused))
+            self.metrics.add("rejected_lines", sink.name, len(refused))
+            refused_size = sum(len(line.data) for line in refused)
+            self._shipped(sink, report, len(batch.lines) - len(refused), batch.size - refused_size)
         elif isinstance(outcome, SinkError):
             log.warning("log shipping: %s; %s waits at its checkpoint for the next round", outcome, sink.name)
             report.error = str(outcome)
@@ -257,11 +260,14 @@ class LogShipper:
         elif outcome is not None:
             raise outcome
         else:
-            report.lines += len(batch.lines)
-            report.bytes += batch.size
-            self.metrics.add("lines_shipped", sink.name, len(batch.lines))
-            self.metrics.add("bytes_shipped", sink.name, batch.size)
+            self._shipped(sink, report, len(batch.lines), batch.size)
         return True
+
+    def _shipped(self, sink: Sink, report: SinkReport, lines: int, size: int) -> None:
+        report.lines += lines
+        report.bytes += size
+        self.metrics.add("lines_shipped", sink.name, lines)
+        self.metrics.add("bytes_shipped", sink.name, size)
 
     def _commit(self, sink: Sink, batch: Batch, ends: dict[tuple[str, str, str], Position]) -> None:
         """Move ``sink``'s checkpoints to ``ends`` (past ``batch``) and persist them."""

@@ -190,6 +190,14 @@ def test_several_sinks_at_once_and_static_tags(tmp_path: Path) -> None:
         ("log_shipping: {max_line_bytes: 10}", "log_shipping.max_line_bytes: expected an integer >= 256"),
         ("log_shipping: {buffer_limit: -1}", "log_shipping.buffer_limit: expected an integer >= 0"),
         (
+            "log_shipping: {sink: syslog, max_line_bytes: 65536}",
+            "log_shipping.max_line_bytes: at most 57344 with the syslog sink over udp",
+        ),
+        (
+            "log_shipping: {sink: [file, syslog], syslog_protocol: udp, max_line_bytes: 100000}",
+            "log_shipping.max_line_bytes: at most 57344 with the syslog sink over udp",
+        ),
+        (
             "log_shipping: {sink: [file, http]}",
             "log_shipping.http_url: required when log_shipping.sink includes http",
         ),
@@ -199,3 +207,12 @@ def test_bad_log_shipping_settings_are_named(tmp_path: Path, text: str, problem:
     with pytest.raises(ConfigError) as error:
         _load(tmp_path, text + "\n")
     assert any(p.startswith(problem) for p in error.value.problems), error.value.problems
+
+
+def test_long_lines_are_fine_with_syslog_over_tcp_or_without_syslog(tmp_path: Path) -> None:
+    tcp = _load(tmp_path, "log_shipping: {sink: syslog, syslog_protocol: tcp, max_line_bytes: 1048576}\n")
+    assert tcp.max_line_bytes == 1048576  # type: ignore[attr-defined]
+    udp = _load(tmp_path, "log_shipping: {sink: syslog, max_line_bytes: 57344}\n")
+    assert udp.max_line_bytes == 57344  # type: ignore[attr-defined]
+    no_syslog = _load(tmp_path, "log_shipping: {sink: file, max_line_bytes: 1048576}\n")
+    assert no_syslog.max_line_bytes == 1048576  # type: ignore[attr-defined]

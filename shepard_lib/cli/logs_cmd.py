@@ -41,10 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _print(report: ShipReport, output: str) -> None:
     if output == "json":
         rows = [vars(s) for s in report.sinks]
-        print(json.dumps({"ok": report.ok, "source_error": report.source_error, "sinks": rows}), flush=True)
+        out = {"ok": report.ok, "source_error": report.source_error, "stream_errors": report.stream_errors}
+        print(json.dumps({**out, "sinks": rows}), flush=True)
         return
     if report.source_error:
         print(f"allocations not listed (only known ones shipped): {report.source_error}")
+    for problem in report.stream_errors:
+        print(f"stream skipped this round: {problem}")
     for s in report.sinks:
         state = "ok" if s.error is None else f"paused: {s.error}"
         print(f"{s.name}: {s.lines} lines, {s.bytes} bytes shipped, {s.lag_bytes} bytes behind, {state}")

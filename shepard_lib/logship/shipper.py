@@ -331,12 +331,12 @@ class LogShipper:
                 return Position(current.index, 0, current.inode)
         later = [f for f in stream.files if f.index > position.index]
         if current is not None:
-            what, resume = "was replaced", current
+            what, resume = "was truncated or replaced", current
         elif later:
             what, resume = "was deleted by Nomad's log rotation", later[0]
         else:
             what, resume = "is gone", stream.files[0]
-        lost = resume.index - position.index if resume.index > position.index else 1  # files
+        lost = max(1, resume.index - position.index)  # files: the checkpoint's, and any before resume
         log.warning(
             "log shipping fell behind: %s%d %s before sink %s shipped it from offset %d; going on with %s",
             stream.prefix, position.index, what, sink, position.offset, resume.path,

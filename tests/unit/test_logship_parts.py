@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,45 @@ def test_checkpoints_survive_a_failed_save_and_a_damaged_file_says_what_to_do(
     path.write_text("{not json")
     with pytest.raises(CheckpointError, match=r"damaged .* move it away"):
         Checkpoints(path)
+
+
+def test_a_saved_checkpoint_is_durable_the_rename_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is fsynced before the rename and its directory after it: a power loss right after
+    ``save()`` cannot bring the previous checkpoint back (which would re-ship more than one batch)."""
+    synced: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        synced.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    checkpoints = Checkpoints(tmp_path / "ck.json")
+    checkpoints.remember(ALLOC)
+    checkpoints.save()
+    assert synced == ["file", "rename", "directory"]
+
+
+def test_checkpoints_keep_each_streams_listed_end_to_tell_what_was_not_shipped(tmp_path: Path) -> None:
+    key = ("a-1", "server", "stdout")
+    checkpoints = Checkpoints(tmp_path / "ck.json")
+    checkpoints.remember(ALLOC)
+    checkpoints.set("file", key, Position(2, 10, 99))
+    checkpoints.set("http", key, Position(4, 50, 101))
+    checkpoints.listed(key, 4, 50)
+    checkpoints.save()
+    again = Checkpoints(tmp_path / "ck.json")
+    assert again.unshipped("a-1", "file") == 3, "files 2, 3 and 4"
+    assert again.unshipped("a-1", "http") == 0
+    again.forget("a-1")
+    assert again.unshipped("a-1", "file") == 0 and again.allocations() == []
 
 
 def test_metrics_samples_are_named_for_prometheus() -> None:

@@ -180,11 +180,17 @@ class LogShippingConfig:
         default=16384,
         metadata=_docs(
             "Longer lines are cut into pieces of at most this size (between UTF-8 characters),"
-            " each marked `log.cut`."
+            " each marked `log.cut`; at most 57344 with the `syslog` sink over `udp` (one datagram)."
         ),
     )
     batch_size: int = field(default=500, metadata=_docs("Most records sent in one write or request."))
-    batch_bytes: int = field(default=1048576, metadata=_docs("Most line bytes sent in one write or request."))
+    batch_bytes: int = field(
+        default=1048576,
+        metadata=_docs(
+            "Line bytes after which a batch is sent (the line that reaches them is the batch's last,"
+            " so a batch may pass them by less than one line)."
+        ),
+    )
     buffer_limit: int = field(
         default=0,
         metadata=_docs(

@@ -2,13 +2,14 @@
 
 :meth:`LogShipper.ship_once` is the whole job; the agent calls it every ``ship_log_interval`` and
 ``shepard logs ship --once`` calls it once. Per sink and stream it reads from that sink's
-checkpoint, fills a batch (``batch_size`` lines or ``batch_bytes`` bytes, whichever comes first),
-sends it (retrying with exponential backoff), and only then moves the sink's checkpoints and
-persists them. A sink that stays down is left at its checkpoint until the next round: its reading
-pauses, memory stays at two batches (one in flight), and the other sinks go on. A stream that cannot
-be read (an unreadable file, a damaged checkpoint) is reported and skipped for the round; the other
-streams go on. Nothing is dropped but what ``buffer_limit`` forces (counted as ``dropped_lines``), what
-a sink refuses for good (counted as ``rejected_lines``), and what Nomad deletes before it was shipped
+checkpoint, fills a batch (``batch_size`` lines, or up to the line that reaches ``batch_bytes``
+bytes, whichever comes first: a batch may pass ``batch_bytes`` by less than one line), sends it
+(retrying with exponential backoff), and only then moves the sink's checkpoints and persists them.
+A sink that stays down is left at its checkpoint until the next round: its reading pauses, memory
+stays at two batches (one in flight), and the other sinks go on. A stream that cannot be read (an
+unreadable file, a damaged checkpoint) is reported and skipped for the round; the other streams go
+on. Nothing is dropped but what ``buffer_limit`` forces (counted as ``dropped_lines``), what a sink
+refuses for good (counted as ``rejected_lines``), and what Nomad deletes before it was shipped
 (counted, in files, as ``fell_behind``).
 """
 

@@ -183,7 +183,12 @@ class LogShippingConfig:
             " each marked `log.cut`; at most 57344 with the `syslog` sink over `udp` (one datagram)."
         ),
     )
-    batch_size: int = field(default=500, metadata=_docs("Most records sent in one write or request."))
+    batch_size: int = field(
+        default=5000,
+        metadata=_docs(
+            "Most records sent in one write or request (at most one batch is shipped twice after a crash)."
+        ),
+    )
     batch_bytes: int = field(
         default=1048576,
         metadata=_docs(

@@ -195,16 +195,15 @@ class LogShipper:
         batch, ends = Batch(), dict[tuple[str, str, str], Position]()
         with _Outbox(self, sink, report) as outbox:
             for n, stream in enumerate(streams):
-                reader: StreamReader | None = None
                 try:
                     start = self._start(sink.name, stream)
                     reader = StreamReader(stream, start, self._shipping.max_line_bytes)
+                except OSError as exc:
+                    self._unreadable(sink, stream, exc)
+                    continue
+                try:
                     while True:
-                        room = size - len(batch.lines), max_bytes - batch.size
-                        lost = reader.lost_files
-                        taken, taken_bytes = reader.take(*room, batch.lines)
-                        batch.size += taken_bytes
-                        batch.lost_files += reader.lost_files - lost
+                        taken = self._read(sink, reader, batch)
                         if reader.position != start:
                             ends[stream.key] = reader.position
                         if len(batch.lines) >= size or batch.size >= max_bytes:
@@ -214,19 +213,27 @@ class LogShipper:
                                         self._start(sink.name, waiting)
                                 return self._finish(sink, streams, report)
                             batch, ends = Batch(), {}
-                        elif not taken:
+                        if not taken:  # nothing more, or an error (a batch always has room before a read)
                             break
-                except OSError as exc:
-                    self._unreadable(sink, stream, exc)
-                    if reader is not None and reader.position != start:  # lines taken before the error
-                        ends[stream.key] = reader.position
-                        batch.size = sum(len(line.data) for line in batch.lines)
                 finally:
-                    if reader is not None:
-                        reader.close()
+                    reader.close()
             if outbox.put(batch, ends):
                 outbox.put(Batch(), {})  # waits for the last batch
         return self._finish(sink, streams, report)
+
+    def _read(self, sink: Sink, reader: StreamReader, batch: Batch) -> int:
+        """Lines ``reader`` adds to ``batch``, as far as the batch has room; 0 when the stream cannot
+        be read (reported; the lines taken before the error stay, ``reader.position`` after them)."""
+        room = self._shipping.batch_size - len(batch.lines), self._shipping.batch_bytes - batch.size
+        lost, before = reader.lost_files, len(batch.lines)
+        try:
+            taken, taken_bytes = reader.take(*room, batch.lines)
+        except OSError as exc:
+            self._unreadable(sink, reader.stream, exc)
+            taken, taken_bytes = 0, sum(len(line.data) for line in batch.lines[before:])
+        batch.size += taken_bytes
+        batch.lost_files += reader.lost_files - lost
+        return taken
 
     def _unreadable(self, sink: Sink, stream: Stream, exc: OSError) -> None:
         """Report a stream that cannot be read this round (the others go on)."""

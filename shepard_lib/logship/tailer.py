@@ -168,7 +168,11 @@ class StreamReader:
         self._file = file
         self._handle = _open(file.path)
         if self._handle is not None:
-            self._handle.seek(position.offset)
+            try:
+                self._handle.seek(position.offset)
+            except OSError:
+                self.close()
+                raise
         # The untaken bytes: _buf[0] is at self.position; _buf[_carry:] is the current file from
         # offset _base; _buf[:_carry] is the unterminated tail of finished earlier file(s), which
         # holds no newline, so no line starts inside it but at 0, or where a cut piece ended.
@@ -294,6 +298,7 @@ class StreamReader:
             self._flush = True
         self._file = nxt
         self._base = 0
+        self._eof = True  # until it is open: an error opening it leaves nothing to read
         self._handle = _open(nxt.path)
         self._eof = self._handle is None
 

@@ -657,6 +657,32 @@ def test_an_invalid_checkpoint_or_an_unreadable_stream_holds_up_no_other(
     assert sink.lines(unreadable) == [f"{unreadable.id[:8]} one", f"{unreadable.id[:8]} two"]
 
 
+def test_lines_read_before_a_file_that_cannot_be_opened_ship_and_the_rest_follows_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = Node(tmp_path, max_file_size=40)
+    alloc = node.add(allocation(0))
+    lines = [f"line-{n:03d}" for n in range(10)]  # 90 bytes: files 0, 1 and 2, line-004 split by the first
+    node.write(alloc, text(lines))
+    second = str(node.logs_dir(alloc) / "server.stdout.1")
+
+    def guarded_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file) == second:
+            raise PermissionError(13, "Permission denied", str(file))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(tailer, "open", guarded_open, raising=False)
+    sink = MemorySink()
+    shipper = LogShipper(config(tmp_path, node, batch_size=3), node, sinks=[sink], retry=NO_WAIT)
+    report = shipper.ship_once()
+    assert [second in problem for problem in report.stream_errors] == [True]
+    assert sink.lines(alloc) == lines[:4], "the complete lines of file 0"
+    monkeypatch.undo()
+    assert shipper.ship_once().ok
+    assert sink.lines(alloc) == lines and not sink.duplicates()
+    assert shipper.metrics.value("fell_behind", "memory") == 0
+
+
 def test_start_at_end_waits_for_a_round_that_can_list_the_allocations(tmp_path: Path) -> None:
     """Regression: a first round that could not list the allocations still wrote the checkpoint file,
     so the next round was no longer the first and shipped the old lines."""

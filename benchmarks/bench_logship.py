@@ -4,7 +4,8 @@ Writes N lines (default 1,000,000) across 50 Nomad task log files (``alloc/<id>/
 server.stdout.0`` under a fresh data dir), then, in the same run:
 
 * Shepard: ``LogShipper(cfg, source).ship_once()`` with the ``file`` sink, once per
-  ``--batch-sizes`` value (the default ``batch_bytes``), in a child process (so its peak RSS is its own), records as JSON lines with every tag;
+  ``--batch-sizes`` value (the default ``batch_bytes``), in a child process (so its peak RSS is
+  its own), records as JSON lines with every tag;
 * rsyslog: ``rsyslogd -n`` with ``module(load="imfile" mode="inotify")`` reading the same 50 files
   (a wildcard input, ``addMetadata``) and ``omfile`` writing the same JSON records (the tags as
   constants, file name and offset from imfile's metadata), and with ``--rsyslog-sync`` also with

@@ -75,7 +75,8 @@ class ShipReport:
     source_error: str | None = None
     """Why this node's allocations could not be listed (only the known ones were shipped), else None."""
     stream_errors: list[str] = field(default_factory=list)
-    """Streams skipped this round because they could not be read (``<sink>: <file>: <why>``)."""
+    """Streams (or allocations' log directories) skipped this round because they could not be read,
+    or whose checkpoint was invalid (``<sink>: <path>: <why>``)."""
 
     @property
     def ok(self) -> bool:
@@ -165,11 +166,18 @@ class LogShipper:
             error = str(exc)  # and forget nothing on a partial list
         streams: list[Stream] = []
         for alloc in self._checkpoints.allocations():
-            if not alloc.logs_dir.is_dir():
+            try:
+                present = alloc.logs_dir.is_dir()
+                found = list_streams(alloc.alloc_id, alloc.logs_dir) if present else []
+            except OSError as exc:  # e.g. no permission: this allocation waits, the others go on
+                for sink in self._sinks:
+                    self._unreadable(sink, str(alloc.logs_dir), exc)
+                continue
+            if not present:
                 if error is None and alloc.alloc_id not in listed:
                     self._forget(alloc.alloc_id)
                 continue
-            for stream in list_streams(alloc.alloc_id, alloc.logs_dir):
+            for stream in found:
                 stream.tags = alloc.tags(stream.task, stream.name) | self._shipping.tags
                 newest = stream.files[-1]
                 self._checkpoints.listed(stream.key, newest.index, newest.size)
@@ -199,7 +207,7 @@ class LogShipper:
                     start = self._start(sink.name, stream)
                     reader = StreamReader(stream, start, self._shipping.max_line_bytes)
                 except OSError as exc:
-                    self._unreadable(sink, stream, exc)
+                    self._unreadable(sink, stream.prefix.rstrip("."), exc)
                     continue
                 try:
                     while True:
@@ -229,16 +237,15 @@ class LogShipper:
         try:
             taken, taken_bytes = reader.take(*room, batch.lines)
         except OSError as exc:
-            self._unreadable(sink, reader.stream, exc)
+            self._unreadable(sink, reader.stream.prefix.rstrip("."), exc)
             taken, taken_bytes = 0, sum(len(line.data) for line in batch.lines[before:])
         batch.size += taken_bytes
         batch.lost_files += reader.lost_files - lost
         return taken
 
-    def _unreadable(self, sink: Sink, stream: Stream, exc: OSError) -> None:
-        """Report a stream that cannot be read this round (the others go on)."""
-        where = exc.filename or stream.prefix.rstrip(".")
-        problem = f"{sink.name}: {where}: {exc.strerror or exc}"
+    def _unreadable(self, sink: Sink, what: str, exc: OSError) -> None:
+        """Report a stream (or a log directory) that cannot be read this round (the others go on)."""
+        problem = f"{sink.name}: {exc.filename or what}: {exc.strerror or exc}"
         log.error("log shipping: cannot read %s; skipping it this round", problem)
         self._stream_errors.append(problem)
         self.metrics.add("stream_errors", sink.name)

@@ -620,8 +620,8 @@ def test_an_invalid_checkpoint_or_an_unreadable_stream_holds_up_no_other(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = Node(tmp_path)
-    damaged, unreadable, fine = (node.add(allocation(n)) for n in range(3))
-    for alloc in (damaged, unreadable, fine):
+    damaged, unreadable, unlisted, fine = (node.add(allocation(n)) for n in range(4))
+    for alloc in (damaged, unreadable, unlisted, fine):
         node.write(alloc, f"{alloc.id[:8]} one\n")
     sink = MemorySink()
     cfg = config(tmp_path, node)
@@ -631,30 +631,40 @@ def test_an_invalid_checkpoint_or_an_unreadable_stream_holds_up_no_other(
     saved = json.loads(path.read_text())
     saved["allocations"][damaged.id]["positions"]["server"]["stdout"]["memory"][1] = -1
     path.write_text(json.dumps(saved))
-    locked = str(node.logs_dir(unreadable))
+    locked, closed = str(node.logs_dir(unreadable)), str(node.logs_dir(unlisted))
+    scandir = os.scandir
 
     def guarded_open(file: Any, *args: Any, **kwargs: Any) -> Any:  # as for an agent without read access
         if str(file).startswith(locked):
             raise PermissionError(13, "Permission denied", str(file))
         return open(file, *args, **kwargs)
 
+    def guarded_scandir(path: Any) -> Any:
+        if str(path) == closed:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
     monkeypatch.setattr(tailer, "open", guarded_open, raising=False)
-    for alloc in (damaged, unreadable, fine):
+    monkeypatch.setattr(os, "scandir", guarded_scandir)
+    for alloc in (damaged, unreadable, unlisted, fine):
         node.write(alloc, f"{alloc.id[:8]} two\n")
     report = shipper.ship_once()
-    assert not report.ok and len(report.stream_errors) == 2, report.stream_errors
-    assert "invalid checkpoint offset -1" in report.stream_errors[0]
-    assert "Permission denied" in report.stream_errors[1] and locked in report.stream_errors[1]
+    monkeypatch.undo()
+    assert not report.ok and len(report.stream_errors) == 3, report.stream_errors
+    assert any("invalid checkpoint offset -1" in problem for problem in report.stream_errors)
+    assert any(f"{locked}/server.stdout.0: Permission denied" in problem for problem in report.stream_errors)
+    assert any(f"{closed}: Permission denied" in problem for problem in report.stream_errors)
     assert report.sinks[0].error is None
     assert sink.lines(fine) == [f"{fine.id[:8]} one", f"{fine.id[:8]} two"]
     assert sink.lines(damaged)[1:] == [f"{damaged.id[:8]} one", f"{damaged.id[:8]} two"], (
         "the damaged stream starts over at its file's start (at-least-once)"
     )
-    assert sink.lines(unreadable) == [f"{unreadable.id[:8]} one"]
-    assert shipper.metrics.value("stream_errors", "memory") == 2
-    monkeypatch.undo()
+    for alloc in (unreadable, unlisted):
+        assert sink.lines(alloc) == [f"{alloc.id[:8]} one"], "it waits for the next round"
+    assert shipper.metrics.value("stream_errors", "memory") == 3
     assert shipper.ship_once().ok
-    assert sink.lines(unreadable) == [f"{unreadable.id[:8]} one", f"{unreadable.id[:8]} two"]
+    for alloc in (unreadable, unlisted):
+        assert sink.lines(alloc) == [f"{alloc.id[:8]} one", f"{alloc.id[:8]} two"]
 
 
 def test_lines_read_before_a_file_that_cannot_be_opened_ship_and_the_rest_follows_later(

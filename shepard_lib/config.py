@@ -180,7 +180,8 @@ class LogShippingConfig:
         default=16384,
         metadata=_docs(
             "Longer lines are cut into pieces of at most this size (between UTF-8 characters),"
-            " each marked `log.cut`; at most 57344 with the `syslog` sink over `udp` (one datagram)."
+            f" each marked `log.cut`; at most {SYSLOG_UDP_MAX_LINE} with the `syslog` sink over `udp`"
+            " (one datagram)."
         ),
     )
     batch_size: int = field(

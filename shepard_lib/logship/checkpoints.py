@@ -109,7 +109,9 @@ class Checkpoints:
         """How many files of ``alloc_id``, as last listed, ``sink`` has not shipped to their end."""
         files = 0
         for key, (index, size) in self._listed.items():
-            position = self._positions.get(key, {}).get(sink) if key[0] == alloc_id else None
+            if key[0] != alloc_id:
+                continue
+            position = self.position(sink, key)
             if position is not None and (position.index, position.offset) < (index, size):
                 files += index - position.index + 1
         return files

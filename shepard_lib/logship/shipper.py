@@ -135,7 +135,8 @@ class LogShipper:
         starts from the checkpoints as the file has them.
 
         Raises CheckpointError when checkpoints cannot be written (shipping further would only
-        repeat lines); a sink that fails is reported in the :class:`ShipReport`, not raised.
+        repeat lines); a sink that fails, and a stream that cannot be read, are reported in the
+        :class:`ShipReport`, not raised.
         """
         with self._checkpoints.locked():
             # The first run lasts until a round could list the allocations (``start_at`` applies to

@@ -345,7 +345,8 @@ def test_a_member_whose_task_restarted_is_not_reported_skipped_when_the_session_
     sim_cluster_factory: SimClusterFactory,
 ) -> None:
     sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
-    cluster = Cluster(sim, min_healthy_time=15.0)  # longer than a renew interval: the loss is seen first
+    # min_healthy_time longer than a renew interval (TTL / 2): the loss is seen first
+    cluster = Cluster(sim, min_healthy_time=40.0, healthy_deadline=120.0)
     (alloc,) = cluster.allocs()
     with cluster.session("agent") as session:
 

@@ -13,6 +13,7 @@ proxies and the fault hook.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -26,6 +27,7 @@ from shepard_lib.backends import NomadAPI
 from shepard_lib.config import HealthSource, RestartMethod
 from shepard_lib.coordinator import (
     INTERRUPTED,
+    PLAN_WAIT,
     SESSION_ATTEMPTS,
     Coordinator,
     EventKind,
@@ -785,7 +787,10 @@ def test_a_member_gone_from_the_plan_while_its_drive_took_a_slot_is_skipped_not_
     events = Events()
     target = cluster.target(a)
     with cluster.session("agent") as session:
-        outcome = coordinator(cluster, session, "agent", observer=events, fault_hook=remove).drive(target)
+        agent = coordinator(cluster, session, "agent", observer=events, fault_hook=remove)
+        outcome = agent.drive(target)
+        held = [e.key for e in cluster.consul.get_tree(KEYS.slot_prefix(SCOPE), consistent=True) if e.session]
+        assert (held, agent.keeps_slot) == ([], False), "the slot it took for nothing was kept"
     reason = "not in the plan (it was deleted or replaced)"
     assert outcome == MemberOutcome(target, Outcome.SKIPPED, reason)
     assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, reason)
@@ -815,6 +820,42 @@ def test_a_claim_records_the_tasks_baseline_and_restarts_by_the_plans_method(
     assert (member.restarts_before, member.started_before) == (baseline.restarts, baseline.started_at)
     assert outcome.outcome == Outcome.RESTARTED, outcome
     assert [r.cause for r in sim.restarts()] == ["template"]
+
+
+def test_a_plan_that_recorded_no_method_or_health_source_is_restarted_and_judged_by_the_coordinators(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """A plan written without them (a library caller's ``plan.register``, an older Shepard) falls back
+    to the coordinator's own: nomad_api, and Nomad's view of health (its service has no check)."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    cluster.plans.update_at(
+        PLAN_KEY, lambda p, _i: replace(require(p, PLAN_KEY), method=None, health_source=None)
+    )
+    target = replace(cluster.target(a), services=(NO_SUCH_SERVICE,))
+    with cluster.session("agent") as session:
+        outcome = coordinator(
+            cluster, session, "agent", method=RestartMethod.NOMAD_API, health_source=HealthSource.NOMAD
+        ).drive(target)
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert [r.cause for r in sim.restarts()] == ["api"]
+    assert cluster.plan().members[a.id].state == MemberState.DONE
+
+
+@pytest.mark.timeout(60)
+def test_the_health_wait_counts_min_healthy_time_in_the_coordinators_clock(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """125 cluster seconds are 5 real ones at SCALE; on real time the wait would pass the timeout."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim, min_healthy_time=125.0, healthy_deadline=300.0)
+    (a,) = cluster.allocs()
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent").handle_change(a, "server")
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert outcome.duration is not None and outcome.duration >= 125.0, outcome
 
 
 def test_a_claim_of_an_allocation_whose_task_has_no_state_yet_counts_from_no_restart(
@@ -1355,3 +1396,159 @@ def test_an_agent_keeps_its_slot_after_a_change_only_when_asked(
         register(cluster, [a])  # a new change
         assert agent.drive(cluster.target(a)).outcome == Outcome.RESTARTED
         assert not agent.keeps_slot, "a drive kept its slot without being asked to"
+
+
+# --- _attempt and _kept_for: the slot an attempt takes, keeps or gives back --------------------------------
+
+
+class SlotRecorder(ConsulProxy):
+    """Records the slots taken (applied txn ``lock`` ops) and the blocking waits on the slots."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.locks: list[str] = []
+        self.waits: list[float] = []
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        result: TxnResult = self._inner.txn(ops)
+        prefix = KEYS.slot_prefix(SCOPE)
+        if result.ok:
+            self.locks += [op.key for op in ops if op.verb == TxnVerb.LOCK and op.key.startswith(prefix)]
+        return result
+
+    def watch(self, key: str, index: int, wait: float, **kwargs: Any) -> tuple[int, list[KVEntry]]:
+        if key.startswith(KEYS.slot_prefix(SCOPE)):
+            self.waits.append(wait)
+        return self._inner.watch(key, index, wait, **kwargs)  # type: ignore[no-any-return]
+
+
+def slot_holders(cluster: Cluster) -> dict[str, str]:
+    """Slot number -> the session holding it."""
+    prefix = KEYS.slot_prefix(SCOPE).rstrip("/") + "/"
+    entries = cluster.consul.get_tree(prefix, consistent=True)
+    return {e.key[len(prefix) :]: e.session for e in entries if e.session}
+
+
+def test_a_kept_slot_goes_on_to_the_next_member_of_the_task_without_being_taken_again(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b = cluster.allocs()
+    consul = SlotRecorder(cluster.consul)
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", consul=consul)
+        assert agent.handle_change(a, "server", keep_slot=True).outcome == Outcome.RESTARTED
+        (slot,) = consul.locks
+        value = json.loads(require(cluster.consul.get(slot, consistent=True), slot).value)
+        # acquired_at is cluster time (the coordinator's clock), not this host's real time
+        assert abs(value["acquired_at"] - cluster.clock.time()) < 600, value
+        assert agent.handle_change(b, "server", keep_slot=True).outcome == Outcome.RESTARTED
+        assert consul.locks == [slot], "the kept slot was given up and a slot taken again"
+        assert slot_holders(cluster) == {slot.rsplit("/", 1)[1]: session.id}
+        agent.release_slots()
+        assert slot_holders(cluster) == {}
+    assert restarts_by_alloc(sim) == {a.id: 1, b.id: 1}
+
+
+def test_a_kept_slot_numbered_past_a_lowered_concurrency_is_given_back_for_one_within_it(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """Slot 1 kept from a change at concurrency 2; the next change runs at concurrency 1."""
+    sim = sim_cluster_factory(scenario(2, concurrency=None), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b = cluster.allocs()
+    register(cluster, [a], concurrency=2)
+    slot_0 = KEYS.slot_prefix(SCOPE).rstrip("/") + "/0"
+    with cluster.session("other") as other, cluster.session("agent") as session:
+        assert cluster.consul.acquire(slot_0, "other", other.id)
+        agent = coordinator(cluster, session, "agent")
+        assert agent.drive(cluster.target(a), keep_slot=True).outcome == Outcome.RESTARTED
+        assert slot_holders(cluster) == {"0": other.id, "1": session.id}
+        assert cluster.consul.release(slot_0, other.id)
+        register(cluster, [b], concurrency=1)
+        assert cluster.plan().concurrent_lock_count == 1
+        assert agent.drive(cluster.target(b), keep_slot=True).outcome == Outcome.RESTARTED
+        assert slot_holders(cluster) == {"0": session.id}, "a slot past the plan's concurrency was kept"
+        agent.release_slots()
+    assert restarts_by_alloc(sim) == {a.id: 1, b.id: 1}
+
+
+def test_a_waiter_whose_member_another_finished_while_it_waited_takes_no_slot(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The only slot is held elsewhere; while b waits for it, another participant restarts b. When the
+    slot frees, b's drive asks the plan first, takes nothing, and reports b restarted by the other."""
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim, slot_timeout=600.0)
+    _, b = cluster.allocs()
+    plan = register(cluster, [b])
+    waiting = threading.Event()
+
+    def observe(event: RolloutEvent) -> None:
+        if event.kind == EventKind.WAITING:
+            waiting.set()
+
+    consul = SlotRecorder(cluster.consul)
+    result: dict[str, MemberOutcome] = {}
+    with cluster.session("other") as other, cluster.session("waiter") as session:
+        slots = RestartSlots(
+            cluster.consul, KEYS.slot_prefix(SCOPE), plan.concurrent_lock_count, clock=cluster.clock
+        )
+        taken = slots.acquire(other, holder="other", timeout=30)
+        waiter = coordinator(cluster, session, "waiter", consul=consul, observer=observe)
+        thread = threading.Thread(
+            target=lambda: result.setdefault("b", waiter.drive(cluster.target(b))), daemon=True
+        )
+        thread.start()
+        assert waiting.wait(30)
+        rewrite(cluster, b.id, state=MemberState.DONE, holder_name="other", generation=plan.generation)
+        slots.release(taken)
+        thread.join(60)
+        assert not thread.is_alive()
+        assert consul.locks == [], "the waiter took a slot for a member already restarted"
+        assert consul.waits and set(consul.waits) == {max(PLAN_WAIT, cluster.cfg.session_ttl)}, consul.waits
+    target = cluster.target(b)
+    assert result == {
+        "b": MemberOutcome(target, Outcome.RESTARTED, "restarted by other", plan.generation, by="other")
+    }
+    assert restarts_by_alloc(sim) == {}
+
+
+def test_a_restart_this_coordinator_triggered_is_seen_through_under_a_new_session_after_a_stop(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The operator stops the rollout and the session is lost after the trigger: the new session waits
+    out the old slot's lock-delay (the stop does not cancel that wait) and sees the restart to its end."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    # min_healthy_time longer than a renew interval (TTL / 2): the loss is seen during the health wait
+    cluster = Cluster(sim, min_healthy_time=40.0, healthy_deadline=120.0)
+    (a,) = cluster.allocs()
+    stop = threading.Event()
+    factory = Factory(cluster)
+    first = cluster.session("worker")
+    first.create()
+
+    def stop_and_lose(step: Step, target: Target) -> None:
+        if step == Step.TRIGGERED:
+            stop.set()
+            cluster.consul.session_destroy(first.id)
+
+    worker = coordinator(
+        cluster,
+        first,
+        "worker",
+        session_factory=factory,
+        stop=stop,
+        fault_hook=stop_and_lose,
+        error_attempts=1,
+    )
+    try:
+        outcome = worker.handle_change(a, "server")
+    finally:
+        for session in factory.made:
+            session.destroy()
+    assert len(factory.made) == 1
+    assert outcome.outcome == Outcome.RESTARTED and outcome.reclaimed, outcome
+    assert cluster.plan().members[a.id].state == MemberState.DONE
+    assert restarts_by_alloc(sim) == {a.id: 1}

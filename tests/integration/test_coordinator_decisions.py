@@ -14,6 +14,7 @@ proxies and the fault hook.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -46,6 +47,7 @@ from shepard_lib.model import Allocation, KVEntry, TxnOp, TxnResult, TxnVerb
 from shepard_lib.plan import Member, MemberState, Plan, PlanStatus, abort, require
 from shepard_lib.session import Session
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
+from shepard_lib.trigger import describe
 
 pytestmark = pytest.mark.usefixtures("no_client_env")
 
@@ -1552,3 +1554,27 @@ def test_a_restart_this_coordinator_triggered_is_seen_through_under_a_new_sessio
     assert outcome.outcome == Outcome.RESTARTED and outcome.reclaimed, outcome
     assert cluster.plan().members[a.id].state == MemberState.DONE
     assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+# --- _log: what a member's log lines carry ------------------------------------------------------------------
+
+
+def test_a_members_lines_name_its_task_and_allocation_and_its_decision_lines_carry_them_as_fields(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    ref = describe(cluster.target(a).ref)
+    with (
+        caplog.at_level(logging.DEBUG, logger="shepard_lib.coordinator"),
+        cluster.session("agent") as session,
+    ):
+        assert coordinator(cluster, session, "agent").handle_change(a, "server").outcome == Outcome.RESTARTED
+    lines = [r for r in caplog.records if r.name == "shepard_lib.coordinator"]
+    assert lines and all(r.getMessage().startswith(f"{ref} alloc {a.id}: ") for r in lines), lines
+    decisions = {r.event: r for r in lines if hasattr(r, "event")}
+    healthy = decisions["healthy"]
+    assert (healthy.ref, healthy.alloc_id) == (ref, a.id)
+    assert healthy.getMessage().startswith(f"{ref} alloc {a.id}: restarted and healthy in ")
+    assert not any(hasattr(r, "ref") for r in lines if not hasattr(r, "event")), "a plain line got fields"

@@ -377,7 +377,9 @@ class Coordinator:
     ) -> Plan:
         """Register ``targets`` (all of ``scope``) as needing a restart, in one CAS update.
 
-        ``seen_index`` is the plan's ModifyIndex read after the change was seen (default: now),
+        ``seen_index`` is the plan's ModifyIndex read after the change was seen (default: the
+        index of a consistent read made now, kept when a write whose answer was lost is tried
+        again, so that a member restarted meanwhile counts as covered, not as a new change),
         ``live`` every live allocation of the job (settled members of the others are dropped),
         ``join`` joins a planned plan without a new generation; see :func:`shepard_lib.plan.register`.
         ``settings`` (default: :meth:`settings_for`) apply only if this creates or reopens the plan,
@@ -388,8 +390,11 @@ class Coordinator:
         count = group.count if group is not None else len(targets)
         now = self._clock.time()
         method, source = self.options.method.value, self.options.health_source.value
+        seen: list[int] = [] if seen_index is None else [seen_index]
 
         def change(plan: Plan | None, index: int) -> Plan:
+            if not seen:
+                seen.append(index)
             base = plan or new_plan(
                 scope.job,
                 scope.group,
@@ -406,7 +411,7 @@ class Coordinator:
                 [t.spec() for t in targets],
                 now=now,
                 index=index,
-                seen_index=seen_index,
+                seen_index=seen[0],
                 settings=settings,
                 instance_count=count,
                 method=method,
@@ -415,7 +420,7 @@ class Coordinator:
                 join=join,
             )
 
-        plan = self.plans.update_at(self.plan_key(scope), change)
+        plan = self.plans.update_at(self.plan_key(scope), change, read_first=seen_index is None)
         for target in targets:
             self._log(target).info(
                 "registered in plan %s (generation %d, %s, concurrency %d)",

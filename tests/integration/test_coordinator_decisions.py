@@ -1578,3 +1578,86 @@ def test_a_members_lines_name_its_task_and_allocation_and_its_decision_lines_car
     assert (healthy.ref, healthy.alloc_id) == (ref, a.id)
     assert healthy.getMessage().startswith(f"{ref} alloc {a.id}: restarted and healthy in ")
     assert not any(hasattr(r, "ref") for r in lines if not hasattr(r, "event")), "a plain line got fields"
+
+
+# --- register: the index a change was seen at ---------------------------------------------------------------
+
+
+class AnswerLostAfter(ConsulProxy):
+    """Applies the first plan write, lets ``meanwhile`` run, then loses the write's answer (no reply)."""
+
+    def __init__(self, inner: Any, meanwhile: Callable[[], None]) -> None:
+        super().__init__(inner)
+        self._meanwhile: Callable[[], None] | None = meanwhile
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        result: TxnResult = self._inner.txn(ops)
+        if self._meanwhile is not None and ops[0].verb == TxnVerb.CAS and ops[0].key == PLAN_KEY:
+            meanwhile, self._meanwhile = self._meanwhile, None
+            assert result.ok
+            meanwhile()
+            raise ConsulError("txn", "ReadTimeout: read timed out")
+        return result
+
+
+def test_a_registration_whose_answer_was_lost_keeps_the_index_it_saw_the_change_at(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The write applied; before its retry reads the plan, another participant restarts the member for
+    this change. The retry counts that restart as covering the change: one restart, not two."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    with cluster.session("other") as other_session, cluster.session("agent") as session:
+        other = coordinator(cluster, other_session, "other")
+        restarted: list[MemberOutcome] = []
+        consul = AnswerLostAfter(cluster.consul, lambda: restarted.append(other.drive(cluster.target(a))))
+        outcome = coordinator(cluster, session, "agent", consul=consul).handle_change(a, "server")
+    assert [o.outcome for o in restarted] == [Outcome.RESTARTED]
+    assert (outcome.outcome, outcome.by) == (Outcome.RESTARTED, "other"), outcome
+    assert restarts_by_alloc(sim) == {a.id: 1}
+    assert cluster.plan().members[a.id].state == MemberState.DONE
+
+
+def test_a_change_seen_after_a_claim_that_this_process_has_not_read_yet_restarts_the_member_again(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """This process knows the plan from before another process claimed a; the change comes after that
+    claim, so a's restart in flight may render the old config: the registration reads the plan first
+    (the index it saw the change at is Consul's now, not the one known here) and a restarts again."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster, elsewhere = Cluster(sim), Cluster(sim)  # two processes: each knows the plans it saw
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    claimed, go_on, registered = threading.Event(), threading.Event(), threading.Event()
+
+    def pause(step: Step, target: Target) -> None:
+        if step == Step.CLAIMED:
+            claimed.set()
+            assert go_on.wait(60), "the test never let the paused holder go on"
+
+    def seen(step: Step, target: Target) -> None:
+        if step == Step.REGISTERED:
+            registered.set()
+
+    results: dict[str, MemberOutcome] = {}
+    with elsewhere.session("other") as other_session, cluster.session("agent") as session:
+        other = coordinator(elsewhere, other_session, "other", fault_hook=pause)
+        holder = threading.Thread(
+            target=lambda: results.setdefault("other", other.drive(elsewhere.target(a)))
+        )
+        holder.start()
+        assert claimed.wait(30)
+        agent = coordinator(cluster, session, "agent", fault_hook=seen)
+        thread = threading.Thread(
+            target=lambda: results.setdefault("agent", agent.handle_change(a, "server"))
+        )
+        thread.start()
+        assert registered.wait(30)
+        go_on.set()
+        holder.join(60)
+        thread.join(60)
+    assert not holder.is_alive() and not thread.is_alive()
+    assert [results[n].outcome for n in ("other", "agent")] == [Outcome.RESTARTED] * 2, results
+    assert results["agent"].generation == results["other"].generation == 2, results
+    assert restarts_by_alloc(sim) == {a.id: 2}

@@ -558,7 +558,7 @@ class Coordinator:
         if plan is None or member is None:
             return self._skip(target, scope, "not in the plan (it was deleted or replaced)", rlog)
         if member.state in (MemberState.DONE, MemberState.FAILED):
-            return self._finished_by_other(target, scope, plan, member)
+            return self._finished_by_other(target, scope, member)
         if member.state == MemberState.SKIPPED:
             return self._skip(target, scope, member.error or "skipped", rlog, stopped=True)
         if member.state == MemberState.RESTARTING:
@@ -1056,9 +1056,7 @@ class Coordinator:
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def _finished_by_other(
-        self, target: Target, scope: TaskScope, plan: Plan, member: Member
-    ) -> MemberOutcome:
+    def _finished_by_other(self, target: Target, scope: TaskScope, member: Member) -> MemberOutcome:
         by = member.holder_name or ""
         if member.state == MemberState.DONE:
             self._emit(EventKind.RESTARTED, scope, target.alloc_id, ref=target.ref, detail=f"by {by}")

@@ -93,6 +93,34 @@ class RecordingConsul(ConsulProxy):
         return bool(self._inner.release(key, session_id))
 
 
+class SlotRecorder(ConsulProxy):
+    """Records the slots taken (applied txn ``lock`` ops) and the blocking waits on the slots."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.locks: list[str] = []
+        self.waits: list[float] = []
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        result: TxnResult = self._inner.txn(ops)
+        prefix = KEYS.slot_prefix(SCOPE)
+        if result.ok:
+            self.locks += [op.key for op in ops if op.verb == TxnVerb.LOCK and op.key.startswith(prefix)]
+        return result
+
+    def watch(self, key: str, index: int, wait: float, **kwargs: Any) -> tuple[int, list[KVEntry]]:
+        if key.startswith(KEYS.slot_prefix(SCOPE)):
+            self.waits.append(wait)
+        return self._inner.watch(key, index, wait, **kwargs)  # type: ignore[no-any-return]
+
+
+def slot_holders(cluster: Cluster) -> dict[str, str]:
+    """Slot number -> the session holding it."""
+    prefix = KEYS.slot_prefix(SCOPE).rstrip("/") + "/"
+    entries = cluster.consul.get_tree(prefix, consistent=True)
+    return {e.key[len(prefix) :]: e.session for e in entries if e.session}
+
+
 def coordinator(
     cluster: Cluster,
     session: Session,
@@ -261,20 +289,39 @@ def test_a_member_another_participant_settled_is_reported_as_it_settled_it(
     assert restarts_by_alloc(sim) == {}
 
 
+@pytest.mark.parametrize(("error", "reason"), [("replaced: by b", "replaced: by b"), (None, "skipped")])
 def test_a_member_skipped_in_the_plan_is_reported_skipped_and_stopped_with_its_reason(
-    sim_cluster_factory: SimClusterFactory,
+    sim_cluster_factory: SimClusterFactory, error: str | None, reason: str
 ) -> None:
     sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
     cluster = Cluster(sim)
     (a,) = cluster.allocs()
     register(cluster, [a])
-    rewrite(cluster, a.id, state=MemberState.SKIPPED, error="replaced: by b")
+    rewrite(cluster, a.id, state=MemberState.SKIPPED, error=error)
     events = Events()
     target = cluster.target(a)
     with cluster.session("agent") as session:
         outcome = coordinator(cluster, session, "agent", observer=events).drive(target)
-    assert outcome == MemberOutcome(target, Outcome.SKIPPED, "replaced: by b", stopped=True)
-    assert events.of(a.id) == [(EventKind.SKIPPED, SCOPE, target.ref, "replaced: by b")]
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, reason, stopped=True)
+    assert events.of(a.id) == [(EventKind.SKIPPED, SCOPE, target.ref, reason)]
+
+
+def test_a_member_this_process_last_saw_done_is_read_again_and_restarted_for_a_new_change(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """What this process knows (a done) is not what ends a drive: another process registered a new
+    change, so a is pending in generation 2, and the drive restarts it."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster, elsewhere = Cluster(sim), Cluster(sim)  # two processes: each knows the plans it saw
+    (a,) = cluster.allocs()
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent")
+        assert agent.handle_change(a, "server").outcome == Outcome.RESTARTED
+        assert cluster.plans.known(PLAN_KEY)[0].members[a.id].state == MemberState.DONE  # type: ignore[union-attr]
+        register(elsewhere, [a])
+        outcome = agent.drive(cluster.target(a))
+    assert (outcome.outcome, outcome.generation, outcome.by) == (Outcome.RESTARTED, 2, "agent"), outcome
+    assert restarts_by_alloc(sim) == {a.id: 2}
 
 
 def test_a_member_of_a_halted_plan_is_skipped_with_the_plans_reason_and_not_as_stopped(
@@ -404,6 +451,80 @@ def test_a_waiter_at_full_concurrency_waits_on_the_plan_for_a_live_holder_then_c
     assert results["a"].outcome == Outcome.RESTARTED
     assert results["b"].outcome == Outcome.FAILED, results["b"]  # its own service has no check
     assert restarts_by_alloc(sim) == {a.id: 1, b.id: 1}
+
+
+class PlanWatchAndSlots(SlotRecorder):
+    """A SlotRecorder that also sets ``watched`` when a blocking query on the plan key is made."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.watched = threading.Event()
+
+    def watch(self, key: str, index: int, wait: float, **kwargs: Any) -> tuple[int, list[KVEntry]]:
+        if key == PLAN_KEY:
+            self.watched.set()
+        return super().watch(key, index, wait, **kwargs)
+
+
+def paused_holder(cluster: Cluster, alloc: Allocation, session: Session) -> tuple[threading.Thread, Any]:
+    """``first`` claims ``alloc`` and pauses after its claim until ``go_on`` is set; returns its
+    thread (started, the claim made) and ``go_on``."""
+    claimed, go_on = threading.Event(), threading.Event()
+
+    def pause(step: Step, target: Target) -> None:
+        if step == Step.CLAIMED:
+            claimed.set()
+            assert go_on.wait(60), "the test never let the paused holder go on"
+
+    first = coordinator(cluster, session, "first", fault_hook=pause)
+    holder = threading.Thread(target=lambda: first.drive(cluster.target(alloc)), daemon=True)
+    holder.start()
+    assert claimed.wait(30)
+    return holder, go_on
+
+
+def test_a_member_its_live_holder_restarts_is_waited_for_on_the_plan_without_taking_a_slot(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """c = 2, so a slot is free: the second driver of a still waits for a's live holder on the plan."""
+    sim = sim_cluster_factory(scenario(2, concurrency=2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b = cluster.allocs()
+    register(cluster, [a, b])
+    consul = PlanWatchAndSlots(cluster.consul)
+    result: dict[str, MemberOutcome] = {}
+    with cluster.session("first") as first_session, cluster.session("second") as second_session:
+        holder, go_on = paused_holder(cluster, a, first_session)
+        second = coordinator(cluster, second_session, "second", consul=consul)
+        waiter = threading.Thread(target=lambda: result.setdefault("a", second.drive(cluster.target(a))))
+        waiter.start()
+        watched = consul.watched.wait(30)
+        go_on.set()
+        holder.join(60)
+        waiter.join(60)
+    assert watched, "the second driver never waited on the plan"
+    assert consul.locks == [], "the second driver took a slot for a member a live holder drives"
+    assert (result["a"].outcome, result["a"].by) == (Outcome.RESTARTED, "first"), result
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+def test_a_member_whose_live_holder_outlasts_slot_timeout_is_skipped_naming_the_holder(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim, slot_timeout=20.0)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    with cluster.session("first") as first_session, cluster.session("second") as second_session:
+        holder, go_on = paused_holder(cluster, a, first_session)
+        try:
+            outcome = coordinator(cluster, second_session, "second").drive(cluster.target(a))
+        finally:
+            go_on.set()
+            holder.join(60)
+    reason = "still waiting for its restart by first after slot_timeout 20s"
+    assert outcome == MemberOutcome(cluster.target(a), Outcome.SKIPPED, reason)
+    assert restarts_by_alloc(sim) == {a.id: 1}
 
 
 # --- _reclaim: taking over a restart nobody drives ------------------------------------------------------
@@ -1401,34 +1522,6 @@ def test_an_agent_keeps_its_slot_after_a_change_only_when_asked(
 
 
 # --- _attempt and _kept_for: the slot an attempt takes, keeps or gives back --------------------------------
-
-
-class SlotRecorder(ConsulProxy):
-    """Records the slots taken (applied txn ``lock`` ops) and the blocking waits on the slots."""
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__(inner)
-        self.locks: list[str] = []
-        self.waits: list[float] = []
-
-    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
-        result: TxnResult = self._inner.txn(ops)
-        prefix = KEYS.slot_prefix(SCOPE)
-        if result.ok:
-            self.locks += [op.key for op in ops if op.verb == TxnVerb.LOCK and op.key.startswith(prefix)]
-        return result
-
-    def watch(self, key: str, index: int, wait: float, **kwargs: Any) -> tuple[int, list[KVEntry]]:
-        if key.startswith(KEYS.slot_prefix(SCOPE)):
-            self.waits.append(wait)
-        return self._inner.watch(key, index, wait, **kwargs)  # type: ignore[no-any-return]
-
-
-def slot_holders(cluster: Cluster) -> dict[str, str]:
-    """Slot number -> the session holding it."""
-    prefix = KEYS.slot_prefix(SCOPE).rstrip("/") + "/"
-    entries = cluster.consul.get_tree(prefix, consistent=True)
-    return {e.key[len(prefix) :]: e.session for e in entries if e.session}
 
 
 def test_a_kept_slot_goes_on_to_the_next_member_of_the_task_without_being_taken_again(

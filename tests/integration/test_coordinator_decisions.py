@@ -38,6 +38,7 @@ from shepard_lib.coordinator import (
     SimulatedCrash,
     Step,
     Target,
+    target_for,
 )
 from shepard_lib.errors import ConsulError, LockLost, NomadError
 from shepard_lib.health import HealthGate
@@ -884,10 +885,11 @@ def test_a_restart_passes_each_step_to_the_fault_hook_and_reports_its_events_and
         (EventKind.RESTARTED, SCOPE, target.ref, ""),
     ]
     # the registration's event counts the members registered; the members' events count none
-    assert [(e.kind, e.alloc_id, e.count) for e in events] == [
-        (EventKind.PLANNED, "", 1),
-        *((kind, a.id, 0) for kind in (EventKind.WAITING, EventKind.RESTARTING, EventKind.RESTARTED)),
+    assert [(e.kind, e.scope, e.alloc_id, e.count) for e in events] == [
+        (EventKind.PLANNED, SCOPE, "", 1),
+        *((kind, SCOPE, a.id, 0) for kind in (EventKind.WAITING, EventKind.RESTARTING, EventKind.RESTARTED)),
     ]
+    assert events[0].detail == PlanStatus.PLANNED.value
     assert all(since <= e.at <= until for e in events), [e.at for e in events]  # cluster time
     assert outcome.duration is not None and 0 < outcome.duration <= elapsed, (outcome.duration, elapsed)
     assert outcome == MemberOutcome(target, Outcome.RESTARTED, "", 1, by="agent", duration=outcome.duration)
@@ -1843,3 +1845,24 @@ def test_an_agents_change_of_a_member_restarted_earlier_in_a_planned_plan_opens_
         plan = agent.register(SCOPE, [cluster.target(a)], cluster.nomad.job("web"))
     assert plan.generation == 2
     assert (plan.members[a.id].state, plan.members[a.id].generation) == (MemberState.PENDING, 2)
+
+
+# --- target_for: what a member is judged by --------------------------------------------------------------
+
+
+def test_a_target_takes_its_tasks_and_groups_services_and_only_the_groups_when_the_job_lost_the_task(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    job = cluster.nomad.job("web")
+    (group,) = job.groups
+    (task,) = group.tasks
+    both = replace(
+        job, groups=(replace(group, services=("web-group",), tasks=(replace(task, services=("web",)),)),)
+    )
+    assert target_for(a, task.name, both).services == ("web", "web-group")
+    assert target_for(a, "renamed", both).services == ("web-group",)  # a newer job version renamed it
+    assert target_for(a, task.name, replace(job, groups=())).services == ()  # nor the group
+    assert target_for(a, task.name, both).ref == cluster.target(a).ref

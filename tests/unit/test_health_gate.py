@@ -18,7 +18,7 @@ import pytest
 from shepard_lib.clock import Clock
 from shepard_lib.config import HealthSource
 from shepard_lib.errors import ConsulError, HealthTimeout, LockLost, NomadError, NotFound, TaskFailed
-from shepard_lib.health import HealthGate, HealthReport
+from shepard_lib.health import HealthGate, HealthReport, close_watches
 from shepard_lib.model import Allocation, CheckStatus, HealthCheck, TaskState
 
 SCALE = 50.0  # cluster seconds per real second
@@ -65,6 +65,7 @@ class Answers:
         self._served = 0  # the index of the last checks answer handed out
         self.consul_silent = False  # Consul never answers (its queries block until the gate ends)
         self.nomad_errors = 0  # how many allocation reads fail before Nomad answers again
+        self.blocking = 0  # how many blocking allocation queries are waiting now
 
     def set(self, *, alloc: Allocation | None = None, checks: list[HealthCheck] | None = None) -> int:
         """Change the answers; returns their new index."""
@@ -74,6 +75,11 @@ class Answers:
             self._index += 1
             self._cond.notify_all()
             return self._index
+
+    def wait_blocking(self) -> None:
+        """Block until a blocking allocation query (a watch loop's, not a first read) is waiting."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.blocking > 0, 10), "no watch loop queried Nomad"
 
     def wait_served(self, index: int) -> None:
         """Block until the gate was handed the checks of ``index`` (or later)."""
@@ -105,7 +111,12 @@ class Answers:
             if self.nomad_errors:
                 self.nomad_errors -= 1
                 raise NomadError(f"allocation.watch {alloc_id}", "HTTP 500: rpc error", 500, transient=True)
-            self._block(index, wait)
+            self.blocking += bool(index)
+            self._cond.notify_all()
+            try:
+                self._block(index, wait)
+            finally:
+                self.blocking -= bool(index)
             if self._alloc is None:
                 raise NotFound(f"allocation {alloc_id}", "unknown allocation", 404)
             return self._index, self._alloc
@@ -254,7 +265,7 @@ def test_an_allocation_nomad_forgot_fails_the_wait(clock: Clock) -> None:
     gate = _gate(clock, answers, HealthSource.CONSUL)
     threading.Timer(clock.real(1), answers.forget_allocation).start()
     start = clock.monotonic()
-    with pytest.raises(TaskFailed, match="Nomad no longer knows the allocation"):
+    with pytest.raises(TaskFailed, match=r"failed after the restart: Nomad no longer knows the allocation$"):
         gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
     assert clock.monotonic() - start < PASSES / 2, "the failure was noticed only at the deadline"
 
@@ -387,3 +398,160 @@ def test_cancel_while_waiting_ends_the_wait_with_lock_lost(clock: Clock) -> None
             ALLOC, "server", before=BEFORE, services=["web"], cancel=cancel
         )
     assert clock.monotonic() - start < PASSES / 2, "cancel was noticed only at the deadline"
+
+
+# --- healthy_now: is a task healthy right now (a failed member's task came back), no restart needed ---
+
+
+def _now(
+    clock: Clock,
+    source: HealthSource,
+    alloc: Allocation,
+    checks: list[HealthCheck],
+    services: tuple[str, ...] = ("web",),
+) -> bool:
+    return _gate(clock, Answers(clock, alloc, checks), source).healthy_now(ALLOC, "server", services)
+
+
+@pytest.mark.parametrize("source", ALL_SOURCES)
+def test_healthy_now_a_running_task_with_passing_checks(clock: Clock, source: HealthSource) -> None:
+    # The old run counts: healthy_now does not ask for a restart.
+    assert _now(clock, source, _alloc(BEFORE), [_check(), _check(OTHER, CheckStatus.CRITICAL)])
+
+
+@pytest.mark.parametrize("source", ALL_SOURCES)
+def test_healthy_now_an_allocation_nomad_forgot_is_not_healthy(clock: Clock, source: HealthSource) -> None:
+    answers = Answers(clock, _alloc(), [_check()])
+    answers.forget_allocation()
+    assert not _gate(clock, answers, source).healthy_now(ALLOC, "server", ["web"])
+
+
+@pytest.mark.parametrize("source", ALL_SOURCES)
+@pytest.mark.parametrize(
+    "alloc",
+    [
+        dataclasses.replace(_alloc(), task_states={}),
+        _alloc(dataclasses.replace(RESTARTED, state="pending")),
+        _alloc(dataclasses.replace(RESTARTED, state="dead")),
+        _alloc(client_status="pending"),
+        _alloc(desired="stop"),
+    ],
+    ids=["no task state", "task pending", "task dead", "allocation pending", "allocation to stop"],
+)
+def test_healthy_now_needs_the_task_and_the_allocation_running(
+    clock: Clock, source: HealthSource, alloc: Allocation
+) -> None:
+    assert not _now(clock, source, alloc, [_check()])
+
+
+@pytest.mark.parametrize(
+    ("source", "services", "healthy"),
+    [
+        (HealthSource.NOMAD, ("web",), False),
+        (HealthSource.CONSUL, (), False),
+        (HealthSource.BOTH, ("web",), False),
+        (HealthSource.BOTH, (), False),
+        (HealthSource.CONSUL, ("web",), True),  # the checks decide, not the flag
+    ],
+    ids=["nomad", "consul without services", "both", "both without services", "consul with services"],
+)
+def test_healthy_now_reads_nomads_failed_flag_as_wait_healthy_does(
+    clock: Clock, source: HealthSource, services: tuple[str, ...], healthy: bool
+) -> None:
+    failed = dataclasses.replace(RESTARTED, failed=True)
+    assert _now(clock, source, _alloc(failed), [_check()], services) is healthy
+
+
+@pytest.mark.parametrize(
+    ("source", "services", "healthy"),
+    [
+        (HealthSource.NOMAD, ("web",), True),
+        (HealthSource.CONSUL, (), True),
+        (HealthSource.BOTH, (), True),
+        (HealthSource.CONSUL, ("web",), False),
+        (HealthSource.BOTH, ("web",), False),
+    ],
+    ids=["nomad", "consul without services", "both without services", "consul", "both"],
+)
+def test_healthy_now_reads_the_checks_only_for_a_check_source_with_services(
+    clock: Clock, source: HealthSource, services: tuple[str, ...], healthy: bool
+) -> None:
+    assert _now(clock, source, _alloc(), [_check(status=CheckStatus.CRITICAL)], services) is healthy
+
+
+@pytest.mark.parametrize("source", CHECK_SOURCES)
+@pytest.mark.parametrize(
+    ("checks", "services"),
+    [
+        ([], ("web",)),
+        ([_check(OTHER)], ("web",)),
+        ([_check(), _check(status=CheckStatus.WARNING)], ("web",)),
+        (
+            [_check(), dataclasses.replace(_check(status=CheckStatus.CRITICAL), service_name="api")],
+            ("web", "api"),
+        ),
+        ([_check()], ("web", "api")),
+    ],
+    ids=[
+        "no checks",
+        "another allocation's check",
+        "one check warning",
+        "another service critical",
+        "another service without checks",
+    ],
+)
+def test_healthy_now_needs_a_passing_check_of_this_allocation_on_every_service(
+    clock: Clock, source: HealthSource, checks: list[HealthCheck], services: tuple[str, ...]
+) -> None:
+    assert not _now(clock, source, _alloc(), checks, services)
+
+
+# --- close_watches: the owner of the backends ends the gates' watches (an agent that stops) ---
+
+
+def _watch_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    """The allocation watch loops started since ``before`` (earlier tests' loops may still be ending)."""
+    name = f"shepard-watch-nomad-allocation[{ALLOC}]"
+    return [t for t in threading.enumerate() if t.name == name and t not in before]
+
+
+def test_close_watches_ends_the_watch_of_a_wait_in_flight_and_a_later_gate_watches_again(
+    clock: Clock,
+) -> None:
+    before = set(threading.enumerate())
+    answers = Answers(clock, _alloc(BEFORE), [_check()])
+    cancel = threading.Event()
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            _gate(clock, answers, HealthSource.NOMAD, deadline=10 * PASSES).wait_healthy(
+                ALLOC, "server", before=BEFORE, cancel=cancel
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    try:
+        answers.wait_blocking()  # the gate's watch loop follows the allocation
+        assert _watch_threads(before), "the gate does not watch the allocation"
+        close_watches(answers, answers)  # type: ignore[arg-type]
+        assert not _watch_threads(before), "the watch loop outlived close_watches"
+    finally:
+        cancel.set()
+        waiter.join(30)
+    assert [type(exc) for exc in outcome] == [LockLost]
+    answers.set(alloc=_alloc())
+    report = _gate(clock, answers, HealthSource.NOMAD).wait_healthy(ALLOC, "server", before=BEFORE)
+    assert report.alloc_id == ALLOC
+
+
+def test_close_watches_of_backends_without_watches_does_nothing(clock: Clock) -> None:
+    answers = Answers(clock, _alloc(), [])
+    unknown = Answers(clock, _alloc(), [])
+    close_watches(unknown, unknown)  # type: ignore[arg-type]  # no gate ever used them
+    _gate(clock, answers, HealthSource.NOMAD)
+    close_watches(answers, unknown)  # type: ignore[arg-type]  # gates used this Consul, not this Nomad
+    close_watches(answers, answers)  # type: ignore[arg-type]
+    close_watches(answers, answers)  # type: ignore[arg-type]  # closed already

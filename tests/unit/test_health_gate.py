@@ -204,7 +204,7 @@ def test_a_running_task_nomad_marks_failed_is_not_healthy(
     clock: Clock, source: HealthSource, services: tuple[str, ...]
 ) -> None:
     failed = dataclasses.replace(RESTARTED, failed=True)
-    with pytest.raises(HealthTimeout, match="Nomad marks the task failed"):
+    with pytest.raises(HealthTimeout, match=r"s: Nomad marks the task failed$"):
         _wait(clock, source, _alloc(failed), [_check()], services, deadline=TIMES_OUT)
 
 
@@ -308,7 +308,7 @@ def test_a_restarted_task_not_yet_running_is_not_healthy(clock: Clock, source: H
 
 def test_a_task_nomad_has_no_state_for_is_not_healthy(clock: Clock) -> None:
     alloc = dataclasses.replace(_alloc(), task_states={})
-    with pytest.raises(HealthTimeout, match="no state for the task"):
+    with pytest.raises(HealthTimeout, match=r"s: Nomad reports no state for the task yet$"):
         _wait(clock, HealthSource.NOMAD, alloc, [], deadline=TIMES_OUT)
 
 
@@ -318,6 +318,24 @@ def test_a_check_not_passing_is_not_healthy(clock: Clock, source: HealthSource, 
     checks = [_check(), dataclasses.replace(_check(status=status), check_id="second")]
     with pytest.raises(HealthTimeout, match=f"is {status}"):
         _wait(clock, source, _alloc(), checks, deadline=TIMES_OUT)
+
+
+def test_the_timeout_names_every_check_not_passing_by_name_or_id(clock: Clock) -> None:
+    named = dataclasses.replace(_check(status=CheckStatus.CRITICAL), check_id="web-http", name="HTTP probe")
+    unnamed = dataclasses.replace(_check(status=CheckStatus.WARNING), check_id="web-tcp", name="")
+    with pytest.raises(
+        HealthTimeout,
+        match=r"s: service web: check HTTP probe is critical; service web: check web-tcp is warning$",
+    ):
+        _wait(clock, HealthSource.CONSUL, _alloc(), [_check(), named, unnamed], deadline=TIMES_OUT)
+
+
+def test_no_answer_from_nomad_is_not_healthy(clock: Clock) -> None:
+    answers = Answers(clock, _alloc(), [_check()])
+    answers.nomad_errors = 1_000_000  # every read of the allocation fails
+    gate = _gate(clock, answers, HealthSource.NOMAD, deadline=TIMES_OUT)
+    with pytest.raises(HealthTimeout, match=r"within 10s: no answer from Nomad yet$"):
+        gate.wait_healthy(ALLOC, "server", before=BEFORE)
 
 
 def test_source_nomad_ignores_the_checks(clock: Clock) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
 from shepard_lib.config import HealthSource
 from shepard_lib.errors import ConsulError, HealthTimeout, LockLost, NomadError, NotFound, TaskFailed
@@ -66,6 +67,7 @@ class Answers:
         self.consul_silent = False  # Consul never answers (its queries block until the gate ends)
         self.nomad_errors = 0  # how many allocation reads fail before Nomad answers again
         self.blocking = 0  # how many blocking allocation queries are waiting now
+        self.nomad_holds = False  # Nomad's blocking queries return only on a change or cancel, never on wait
 
     def set(self, *, alloc: Allocation | None = None, checks: list[HealthCheck] | None = None) -> int:
         """Change the answers; returns their new index."""
@@ -92,6 +94,19 @@ class Answers:
             self._index += 1
             self._cond.notify_all()
 
+    def _hold(self, index: int, cancel: CancelEvent) -> None:
+        forget = cancel.on_set(self._wake)
+        try:
+            self._cond.wait_for(lambda: self._index > index or cancel.is_set())
+        finally:
+            forget()
+        if cancel.is_set():
+            raise NomadError("allocation.watch", "cancelled")
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
     def _block(self, index: int, wait: float | None) -> None:
         if index:
             self._clock.wait_for(self._cond, lambda: self._index > index, wait)
@@ -114,7 +129,10 @@ class Answers:
             self.blocking += bool(index)
             self._cond.notify_all()
             try:
-                self._block(index, wait)
+                if index and self.nomad_holds and isinstance(cancel, CancelEvent):
+                    self._hold(index, cancel)
+                else:
+                    self._block(index, wait)
             finally:
                 self.blocking -= bool(index)
             if self._alloc is None:
@@ -404,6 +422,69 @@ def test_the_gate_keeps_watching_after_nomad_fails(clock: Clock) -> None:
     answers.nomad_errors = 2
     report = _gate(clock, answers, HealthSource.NOMAD).wait_healthy(ALLOC, "server", before=BEFORE)
     assert report.alloc_id == ALLOC and answers.nomad_errors == 0
+
+
+def test_cancel_is_noticed_while_no_answer_comes(clock: Clock) -> None:
+    # Nomad's query holds (nothing changes): only the gate's own look at cancel can end the wait early.
+    answers = Answers(clock, _alloc(BEFORE), [])
+    answers.nomad_holds = True
+    cancel = threading.Event()
+    gate = _gate(clock, answers, HealthSource.NOMAD, deadline=10 * PASSES)
+    threading.Timer(clock.real(2), cancel.set).start()
+    start = clock.monotonic()
+    try:
+        with pytest.raises(LockLost, match="cancelled"):
+            gate.wait_healthy(ALLOC, "server", before=BEFORE, cancel=cancel)
+        assert clock.monotonic() - start < 5 * PASSES, "cancel was noticed only at the deadline"
+    finally:
+        close_watches(answers, answers)  # type: ignore[arg-type]  # ends the held query
+
+
+def test_a_failure_after_the_first_answer_ends_the_wait_at_once(clock: Clock) -> None:
+    # One answer judged (not restarted yet), then the next says the task is dead: the gate must wake
+    # for it, not find it at the deadline.
+    answers = Answers(clock, _alloc(BEFORE), [])
+    answers.nomad_holds = True
+    gate = _gate(clock, answers, HealthSource.NOMAD, deadline=10 * PASSES)
+    dead = dataclasses.replace(RESTARTED, state="dead")
+    threading.Timer(clock.real(2), lambda: answers.set(alloc=_alloc(dead))).start()
+    start = clock.monotonic()
+    try:
+        with pytest.raises(TaskFailed, match="the task is dead"):
+            gate.wait_healthy(ALLOC, "server", before=BEFORE)
+        assert clock.monotonic() - start < 5 * PASSES, "the failure was noticed only at the deadline"
+    finally:
+        close_watches(answers, answers)  # type: ignore[arg-type]
+
+
+class CountingClock(Clock):
+    """A clock that counts the waits made on it: how often the gate woke to look again."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(scale=scale)
+        self.waits = 0
+
+    def wait_for(self, condition: threading.Condition, predicate: object, seconds: float | None) -> bool:
+        self.waits += 1
+        return super().wait_for(condition, predicate, seconds)
+
+
+@pytest.mark.parametrize("with_cancel", [False, True], ids=["without cancel", "with cancel"])
+def test_the_gate_sleeps_between_looks_while_the_stable_timer_runs(clock: Clock, with_cancel: bool) -> None:
+    # 30 cluster seconds of stable time: a look per CANCEL_CHECK (1 s) and per answer, not a spin.
+    counting = CountingClock(SCALE)
+    answers = Answers(clock, _alloc(), [])
+    gate = HealthGate(
+        answers,  # type: ignore[arg-type]
+        answers,  # type: ignore[arg-type]
+        source=HealthSource.NOMAD,
+        min_healthy_time=30,
+        healthy_deadline=PASSES,
+        clock=counting,
+    )
+    cancel = threading.Event() if with_cancel else None
+    gate.wait_healthy(ALLOC, "server", before=BEFORE, cancel=cancel)
+    assert counting.waits < 200, f"the gate looked {counting.waits} times in 30 cluster seconds"
 
 
 def test_cancel_while_waiting_ends_the_wait_with_lock_lost(clock: Clock) -> None:

@@ -67,6 +67,7 @@ class Answers:
         self.consul_silent = False  # Consul never answers (its queries block until the gate ends)
         self.nomad_errors = 0  # how many allocation reads fail before Nomad answers again
         self.blocking = 0  # how many blocking allocation queries are waiting now
+        self.consul_errors = 0  # how many checks reads fail before Consul answers again
         self.nomad_holds = False  # Nomad's blocking queries return only on a change or cancel, never on wait
 
     def set(self, *, alloc: Allocation | None = None, checks: list[HealthCheck] | None = None) -> int:
@@ -143,6 +144,9 @@ class Answers:
         self, service: str, index: int = 0, wait: float | None = None, *, cancel: object = None
     ) -> tuple[int, list[HealthCheck]]:
         with self._cond:
+            if self.consul_errors:
+                self.consul_errors -= 1
+                raise ConsulError(f"health.checks {service}", "HTTP 500: rpc error", 500)
             if self.consul_silent:
                 self._clock.wait_for(self._cond, lambda: False, wait if wait is not None else 1.0)
                 raise ConsulError(f"health.checks {service}", "timed out")
@@ -458,33 +462,76 @@ def test_a_failure_after_the_first_answer_ends_the_wait_at_once(clock: Clock) ->
 
 
 class CountingClock(Clock):
-    """A clock that counts the waits made on it: how often the gate woke to look again."""
+    """A clock that counts how often the gate read it and waited on it: how often it looked again."""
 
     def __init__(self, scale: float) -> None:
         super().__init__(scale=scale)
         self.waits = 0
+        self.reads = 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        return super().monotonic()
 
     def wait_for(self, condition: threading.Condition, predicate: object, seconds: float | None) -> bool:
         self.waits += 1
         return super().wait_for(condition, predicate, seconds)
 
 
-@pytest.mark.parametrize("with_cancel", [False, True], ids=["without cancel", "with cancel"])
-def test_the_gate_sleeps_between_looks_while_the_stable_timer_runs(clock: Clock, with_cancel: bool) -> None:
-    # 30 cluster seconds of stable time: a look per CANCEL_CHECK (1 s) and per answer, not a spin.
+@pytest.mark.parametrize(
+    ("source", "task", "services", "with_cancel"),
+    [
+        (HealthSource.NOMAD, RESTARTED, (), False),
+        (HealthSource.NOMAD, RESTARTED, (), True),
+        (HealthSource.CONSUL, RESTARTED, ("web",), False),
+        (HealthSource.NOMAD, BEFORE, (), False),
+        (HealthSource.CONSUL, BEFORE, ("web",), False),
+    ],
+    ids=[
+        "stable",
+        "stable, with cancel",
+        "stable, with checks",
+        "not restarted",
+        "not restarted, with checks",
+    ],
+)
+def test_the_gate_sleeps_between_looks(
+    clock: Clock, source: HealthSource, task: TaskState, services: tuple[str, ...], with_cancel: bool
+) -> None:
+    # 30 cluster seconds of stable time, or of waiting for a restart that does not come: a look per
+    # CANCEL_CHECK (1 s) and per answer, not a spin.
     counting = CountingClock(SCALE)
-    answers = Answers(clock, _alloc(), [])
+    answers = Answers(clock, _alloc(task), [_check()])
     gate = HealthGate(
         answers,  # type: ignore[arg-type]
         answers,  # type: ignore[arg-type]
-        source=HealthSource.NOMAD,
+        source=source,
         min_healthy_time=30,
-        healthy_deadline=PASSES,
+        healthy_deadline=PASSES if task is RESTARTED else 30,
         clock=counting,
     )
     cancel = threading.Event() if with_cancel else None
-    gate.wait_healthy(ALLOC, "server", before=BEFORE, cancel=cancel)
-    assert counting.waits < 200, f"the gate looked {counting.waits} times in 30 cluster seconds"
+    if task is RESTARTED:
+        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=services, cancel=cancel)
+    else:
+        with pytest.raises(HealthTimeout, match="has not restarted yet"):
+            gate.wait_healthy(ALLOC, "server", before=BEFORE, services=services, cancel=cancel)
+    assert counting.waits < 200, f"the gate waited {counting.waits} times in 30 cluster seconds"
+    assert counting.reads < 1000, f"the gate read the clock {counting.reads} times in 30 cluster seconds"
+
+
+def test_a_failed_consul_subscription_is_tried_again_after_the_backoff(clock: Clock) -> None:
+    # The first read of the checks fails and no other answer comes (Nomad's query holds): the gate
+    # must wake to try again after ERROR_BACKOFF, not at the deadline.
+    answers = Answers(clock, _alloc(), [_check()])
+    answers.nomad_holds = True
+    answers.consul_errors = 1
+    gate = _gate(clock, answers, HealthSource.CONSUL, deadline=PASSES)
+    try:
+        report = gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+    finally:
+        close_watches(answers, answers)  # type: ignore[arg-type]
+    assert report.alloc_id == ALLOC and answers.consul_errors == 0
 
 
 def test_cancel_while_waiting_ends_the_wait_with_lock_lost(clock: Clock) -> None:

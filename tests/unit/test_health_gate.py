@@ -10,6 +10,7 @@ the sim-backed end-to-end tests are in ``tests/integration/test_health.py``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -68,6 +69,7 @@ class Answers:
         self.nomad_errors = 0  # how many allocation reads fail before Nomad answers again
         self.blocking = 0  # how many blocking allocation queries are waiting now
         self.consul_errors = 0  # how many checks reads fail before Consul answers again
+        self.consul_reads = 0  # how many times the checks were asked for
         self.nomad_holds = False  # Nomad's blocking queries return only on a change or cancel, never on wait
 
     def set(self, *, alloc: Allocation | None = None, checks: list[HealthCheck] | None = None) -> int:
@@ -83,6 +85,18 @@ class Answers:
         """Block until a blocking allocation query (a watch loop's, not a first read) is waiting."""
         with self._cond:
             assert self._cond.wait_for(lambda: self.blocking > 0, 10), "no watch loop queried Nomad"
+
+    def fail_next_watch(self) -> None:
+        """Once a watch loop holds a query: end it, fail the loop's next query, and return once the
+        loop queries again (after its backoff)."""
+        self.wait_blocking()
+        with self._cond:
+            self.nomad_errors = 1
+            self._index += 1
+            self._cond.notify_all()
+            assert self._cond.wait_for(lambda: not self.nomad_errors and self.blocking > 0, 10), (
+                "the watch loop did not query Nomad again after its failed query"
+            )
 
     def wait_served(self, index: int) -> None:
         """Block until the gate was handed the checks of ``index`` (or later)."""
@@ -144,6 +158,7 @@ class Answers:
         self, service: str, index: int = 0, wait: float | None = None, *, cancel: object = None
     ) -> tuple[int, list[HealthCheck]]:
         with self._cond:
+            self.consul_reads += 1
             if self.consul_errors:
                 self.consul_errors -= 1
                 raise ConsulError(f"health.checks {service}", "HTTP 500: rpc error", 500)
@@ -532,6 +547,64 @@ def test_a_failed_consul_subscription_is_tried_again_after_the_backoff(clock: Cl
     finally:
         close_watches(answers, answers)  # type: ignore[arg-type]
     assert report.alloc_id == ALLOC and answers.consul_errors == 0
+
+
+def test_the_gate_keeps_watching_after_a_query_of_its_watch_fails(clock: Clock) -> None:
+    answers = Answers(clock, _alloc(BEFORE), [])
+    gate = _gate(clock, answers, HealthSource.NOMAD)
+
+    def restart_after_a_failed_query() -> None:
+        answers.fail_next_watch()
+        answers.set(alloc=_alloc())
+
+    restarter = threading.Thread(target=restart_after_a_failed_query)
+    restarter.start()
+    try:
+        report = gate.wait_healthy(ALLOC, "server", before=BEFORE)
+    finally:
+        restarter.join(30)
+    assert report.running_at == RESTARTED.started_at
+
+
+@pytest.mark.parametrize(
+    "task",
+    [BEFORE, dataclasses.replace(RESTARTED, state="pending")],
+    ids=["not restarted", "restarted, not running yet"],
+)
+def test_consul_is_not_asked_before_the_restarted_task_runs(clock: Clock, task: TaskState) -> None:
+    answers = Answers(clock, _alloc(task), [_check()])
+    with pytest.raises(HealthTimeout):
+        _gate(clock, answers, HealthSource.CONSUL, deadline=TIMES_OUT).wait_healthy(
+            ALLOC, "server", before=BEFORE, services=["web"]
+        )
+    assert answers.consul_reads == 0
+
+
+@pytest.mark.parametrize(
+    ("source", "services", "logged"),
+    [
+        (HealthSource.CONSUL, (), True),
+        (HealthSource.BOTH, (), True),
+        (HealthSource.CONSUL, ("web",), False),
+        (HealthSource.BOTH, ("web",), False),
+        (HealthSource.NOMAD, (), False),
+    ],
+    ids=["consul without services", "both without services", "consul", "both", "nomad"],
+)
+def test_a_check_source_without_services_says_once_that_nomad_judges(
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+    source: HealthSource,
+    services: tuple[str, ...],
+    logged: bool,
+) -> None:
+    gate = _gate(clock, Answers(clock, _alloc(), [_check()]), source, min_healthy_time=0)
+    with caplog.at_level(logging.INFO, logger="shepard_lib.health"):
+        for _ in range(2):
+            assert gate.wait_healthy(ALLOC, "server", before=BEFORE, services=services).alloc_id == ALLOC
+    said = [r.getMessage() for r in caplog.records if "no Consul services" in r.getMessage()]
+    expected = "web/app/server has no Consul services: its health is judged by its Nomad task state only"
+    assert said == ([expected] if logged else [])
 
 
 def test_cancel_while_waiting_ends_the_wait_with_lock_lost(clock: Clock) -> None:

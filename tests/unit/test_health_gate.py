@@ -109,7 +109,11 @@ class Answers:
             self._index += 1
             self._cond.notify_all()
 
-    def _hold(self, index: int, cancel: CancelEvent) -> None:
+    def _hold(self, index: int, cancel: CancelEvent | None) -> None:
+        """Nomad holding a blocking query: until the allocation changes or ``cancel`` (if any) is set."""
+        if cancel is None:
+            self._cond.wait_for(lambda: self._index > index)
+            return
         forget = cancel.on_set(self._wake)
         try:
             self._cond.wait_for(lambda: self._index > index or cancel.is_set())
@@ -138,14 +142,16 @@ class Answers:
         self, alloc_id: str, index: int, wait: float, *, cancel: object = None
     ) -> tuple[int, Allocation]:
         with self._cond:
+            if alloc_id != ALLOC:
+                raise NotFound(f"allocation {alloc_id}", "unknown allocation", 404)
             if self.nomad_errors:
                 self.nomad_errors -= 1
                 raise NomadError(f"allocation.watch {alloc_id}", "HTTP 500: rpc error", 500, transient=True)
             self.blocking += bool(index)
             self._cond.notify_all()
             try:
-                if index and self.nomad_holds and isinstance(cancel, CancelEvent):
-                    self._hold(index, cancel)
+                if index and self.nomad_holds:
+                    self._hold(index, cancel if isinstance(cancel, CancelEvent) else None)
                 else:
                     self._block(index, wait)
             finally:
@@ -739,6 +745,7 @@ def test_close_watches_ends_the_watch_of_a_wait_in_flight_and_a_later_gate_watch
 ) -> None:
     before = set(threading.enumerate())
     answers = Answers(clock, _alloc(BEFORE), [_check()])
+    answers.nomad_holds = True  # the loop's query ends only when close_watches cancels it
     cancel = threading.Event()
     outcome: list[BaseException] = []
 
@@ -762,7 +769,10 @@ def test_close_watches_ends_the_watch_of_a_wait_in_flight_and_a_later_gate_watch
         waiter.join(30)
     assert [type(exc) for exc in outcome] == [LockLost]
     answers.set(alloc=_alloc())
-    report = _gate(clock, answers, HealthSource.NOMAD).wait_healthy(ALLOC, "server", before=BEFORE)
+    try:
+        report = _gate(clock, answers, HealthSource.NOMAD).wait_healthy(ALLOC, "server", before=BEFORE)
+    finally:
+        close_watches(answers, answers)  # type: ignore[arg-type]
     assert report.alloc_id == ALLOC
 
 

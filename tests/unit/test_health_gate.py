@@ -20,7 +20,7 @@ from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
 from shepard_lib.config import HealthSource
 from shepard_lib.errors import ConsulError, HealthTimeout, LockLost, NomadError, NotFound, TaskFailed
-from shepard_lib.health import HealthGate, HealthReport, close_watches
+from shepard_lib.health import MAX_WAIT, HealthGate, HealthReport, close_watches
 from shepard_lib.model import Allocation, CheckStatus, HealthCheck, TaskState
 
 SCALE = 50.0  # cluster seconds per real second
@@ -70,6 +70,7 @@ class Answers:
         self.blocking = 0  # how many blocking allocation queries are waiting now
         self.consul_errors = 0  # how many checks reads fail before Consul answers again
         self.consul_reads = 0  # how many times the checks were asked for
+        self.queries: list[tuple[str, int, float | None]] = []  # ("nomad" or "consul", index, wait)
         self.nomad_holds = False  # Nomad's blocking queries return only on a change or cancel, never on wait
 
     def set(self, *, alloc: Allocation | None = None, checks: list[HealthCheck] | None = None) -> int:
@@ -142,6 +143,7 @@ class Answers:
         self, alloc_id: str, index: int, wait: float, *, cancel: object = None
     ) -> tuple[int, Allocation]:
         with self._cond:
+            self.queries.append(("nomad", index, wait))
             if alloc_id != ALLOC:
                 raise NotFound(f"allocation {alloc_id}", "unknown allocation", 404)
             if self.nomad_errors:
@@ -165,6 +167,7 @@ class Answers:
     ) -> tuple[int, list[HealthCheck]]:
         with self._cond:
             self.consul_reads += 1
+            self.queries.append(("consul", index, wait))
             if self.consul_errors:
                 self.consul_errors -= 1
                 raise ConsulError(f"health.checks {service}", "HTTP 500: rpc error", 500)
@@ -570,6 +573,16 @@ def test_the_gate_keeps_watching_after_a_query_of_its_watch_fails(clock: Clock) 
     finally:
         restarter.join(30)
     assert report.running_at == RESTARTED.started_at
+
+
+def test_the_watches_ask_first_at_once_then_in_blocking_queries_of_max_wait(clock: Clock) -> None:
+    answers = Answers(clock, _alloc(), [_check()])
+    gate = _gate(clock, answers, HealthSource.CONSUL, min_healthy_time=2 * MAX_WAIT + 5)
+    gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+    for backend, first_wait in [("nomad", MAX_WAIT), ("consul", None)]:
+        first, *then = [(index, wait) for b, index, wait in answers.queries if b == backend]
+        assert first == (0, first_wait), backend
+        assert len(then) >= 2 and all(index > 0 and wait == MAX_WAIT for index, wait in then), (backend, then)
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,7 @@ class Answers:
         self.consul_reads = 0  # how many times the checks were asked for
         self.queries: list[tuple[str, int, float | None]] = []  # ("nomad" or "consul", index, wait)
         self.nomad_holds = False  # Nomad's blocking queries return only on a change or cancel, never on wait
+        self.consul_holds = False  # the same for Consul's
 
     def set(self, *, alloc: Allocation | None = None, checks: list[HealthCheck] | None = None) -> int:
         """Change the answers; returns their new index."""
@@ -86,6 +87,12 @@ class Answers:
         """Block until a blocking allocation query (a watch loop's, not a first read) is waiting."""
         with self._cond:
             assert self._cond.wait_for(lambda: self.blocking > 0, 10), "no watch loop queried Nomad"
+
+    def wait_query(self, backend: str) -> None:
+        """Block until a blocking query (with an index) was made to ``backend`` ("nomad" or "consul")."""
+        with self._cond:
+            made = self._cond.wait_for(lambda: any(b == backend and i for b, i, _ in self.queries), 10)
+            assert made, f"no blocking query to {backend}"
 
     def fail_next_watch(self) -> None:
         """Once a watch loop holds a query: end it, fail the loop's next query, and return once the
@@ -111,7 +118,7 @@ class Answers:
             self._cond.notify_all()
 
     def _hold(self, index: int, cancel: CancelEvent | None) -> None:
-        """Nomad holding a blocking query: until the allocation changes or ``cancel`` (if any) is set."""
+        """A held blocking query: until the answers change or ``cancel`` (if any) is set."""
         if cancel is None:
             self._cond.wait_for(lambda: self._index > index)
             return
@@ -168,13 +175,17 @@ class Answers:
         with self._cond:
             self.consul_reads += 1
             self.queries.append(("consul", index, wait))
+            self._cond.notify_all()
             if self.consul_errors:
                 self.consul_errors -= 1
                 raise ConsulError(f"health.checks {service}", "HTTP 500: rpc error", 500)
             if self.consul_silent:
                 self._clock.wait_for(self._cond, lambda: False, wait if wait is not None else 1.0)
                 raise ConsulError(f"health.checks {service}", "timed out")
-            self._block(index, wait)
+            if index and self.consul_holds:
+                self._hold(index, cancel if isinstance(cancel, CancelEvent) else None)
+            else:
+                self._block(index, wait)
             self._served = self._index
             self._cond.notify_all()
             return self._index, [c for c in self._checks if c.service_name == service]
@@ -787,6 +798,35 @@ def test_close_watches_ends_the_watch_of_a_wait_in_flight_and_a_later_gate_watch
     finally:
         close_watches(answers, answers)  # type: ignore[arg-type]
     assert report.alloc_id == ALLOC
+
+
+def test_close_watches_cancels_the_checks_query_in_flight(clock: Clock) -> None:
+    before = set(threading.enumerate())
+    answers = Answers(clock, _alloc(), [_check()])
+    answers.nomad_holds = answers.consul_holds = True
+    cancel = threading.Event()
+    gate = _gate(clock, answers, HealthSource.CONSUL, min_healthy_time=10 * PASSES, deadline=20 * PASSES)
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"], cancel=cancel)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    try:
+        answers.wait_query("consul")
+        close_watches(answers, answers)  # type: ignore[arg-type]
+        left = [
+            t.name for t in threading.enumerate() if t.name.startswith("shepard-watch-") and t not in before
+        ]
+        assert left == [], "watch loops outlived close_watches"
+    finally:
+        cancel.set()
+        waiter.join(30)
+    assert [type(exc) for exc in outcome] == [LockLost]
 
 
 def test_close_watches_of_backends_without_watches_does_nothing(clock: Clock) -> None:

@@ -393,6 +393,8 @@ def test_no_answer_from_nomad_is_not_healthy(clock: Clock) -> None:
     gate = _gate(clock, answers, HealthSource.NOMAD, deadline=TIMES_OUT)
     with pytest.raises(HealthTimeout, match=r"within 10s: no answer from Nomad yet$"):
         gate.wait_healthy(ALLOC, "server", before=BEFORE)
+    tries = 1_000_000 - answers.nomad_errors
+    assert 2 <= tries <= 10, f"{tries} reads in 10 cluster seconds: not one per ERROR_BACKOFF (2 s)"
 
 
 def test_source_nomad_ignores_the_checks(clock: Clock) -> None:
@@ -826,6 +828,36 @@ def test_close_watches_cancels_the_checks_query_in_flight(clock: Clock) -> None:
     finally:
         cancel.set()
         waiter.join(30)
+    assert [type(exc) for exc in outcome] == [LockLost]
+
+
+def test_gates_on_the_same_backends_share_one_watch_of_an_allocation(clock: Clock) -> None:
+    before = set(threading.enumerate())
+    answers = Answers(clock, _alloc(BEFORE), [])
+    answers.nomad_holds = True
+    cancel = threading.Event()
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            _gate(clock, answers, HealthSource.NOMAD).wait_healthy(
+                ALLOC, "server", before=BEFORE, cancel=cancel
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    first = threading.Thread(target=wait)
+    first.start()
+    try:
+        answers.wait_blocking()  # the first gate's watch holds its query
+        second = _gate(clock, answers, HealthSource.NOMAD, deadline=TIMES_OUT)
+        with pytest.raises(HealthTimeout):
+            second.wait_healthy(ALLOC, "server", before=BEFORE)
+        assert len(_watch_threads(before)) == 1, "the second gate started its own watch of the allocation"
+    finally:
+        cancel.set()
+        first.join(30)
+        close_watches(answers, answers)  # type: ignore[arg-type]
     assert [type(exc) for exc in outcome] == [LockLost]
 
 

@@ -106,6 +106,23 @@ class Answers:
                 "the watch loop did not query Nomad again after its failed query"
             )
 
+    def fail_next_checks_watch(self) -> None:
+        """Once the checks watch queries with an index: end that query, fail the loop's next one, and
+        return once the loop queries again (after its backoff)."""
+        self.wait_query("consul")
+        with self._cond:
+            made = len(self.queries)
+            self.consul_errors = 1
+            self._index += 1
+            self._cond.notify_all()
+            again = self._cond.wait_for(
+                lambda: (
+                    not self.consul_errors and any(b == "consul" and i for b, i, _ in self.queries[made:])
+                ),
+                10,
+            )
+            assert again, "the checks watch did not query Consul again after its failed query"
+
     def wait_served(self, index: int) -> None:
         """Block until the gate was handed the checks of ``index`` (or later)."""
         with self._cond:
@@ -596,6 +613,23 @@ def test_the_watches_ask_first_at_once_then_in_blocking_queries_of_max_wait(cloc
         first, *then = [(index, wait) for b, index, wait in answers.queries if b == backend]
         assert first == (0, first_wait), backend
         assert len(then) >= 2 and all(index > 0 and wait == MAX_WAIT for index, wait in then), (backend, then)
+
+
+def test_the_gate_keeps_watching_after_a_query_of_its_checks_watch_fails(clock: Clock) -> None:
+    answers = Answers(clock, _alloc(), [_check(status=CheckStatus.CRITICAL)])
+    gate = _gate(clock, answers, HealthSource.CONSUL)
+
+    def pass_after_a_failed_query() -> None:
+        answers.fail_next_checks_watch()
+        answers.set(checks=[_check()])
+
+    passer = threading.Thread(target=pass_after_a_failed_query)
+    passer.start()
+    try:
+        report = gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+    finally:
+        passer.join(30)
+    assert report.alloc_id == ALLOC
 
 
 @pytest.mark.parametrize(

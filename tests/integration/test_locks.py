@@ -463,6 +463,15 @@ def test_restart_slots_need_a_size_of_at_least_one(sim: Sim) -> None:
         RestartSlots(sim.consul, "t/none/restart_lock/", 0, clock=sim.clock)
 
 
+def test_holders_shows_a_slot_value_that_is_not_shepards_json_as_it_is(sim: Sim) -> None:
+    prefix = "t/foreign/restart_lock/"
+    slots = RestartSlots(sim.consul, prefix, 3, clock=sim.clock)
+    with sim.session("other") as other:
+        for number, value in enumerate(['{"owner": "ops"}', "42", "held by hand"]):
+            assert sim.consul.acquire(f"{prefix}{number}", value, other.id)
+        assert slots.holders() == {0: '{"owner": "ops"}', 1: "42", 2: "held by hand"}
+
+
 # --- a slot's fencing token, hints, `needed`, the finish's unlock op, the log -----------------------
 
 

@@ -286,6 +286,23 @@ def test_waiter_raises_lock_lost_when_its_own_session_is_lost(sim: Sim) -> None:
         assert sim.clock.monotonic() - destroyed <= LONG_TTL / 2 + 5 + 4
 
 
+def test_losing_the_session_ends_a_slot_waiters_blocking_query_at_once(sim: Sim) -> None:
+    slots = RestartSlots(sim.consul, "t/lost-now/restart_lock/", 1, clock=sim.clock, max_wait=10_000)
+    with sim.session("holder") as holder, sim.session("waiter") as waiter:
+        slots.acquire(holder, holder="holder")
+        sim.reset_requests()
+        call = Background(lambda: slots.acquire(waiter, holder="waiter"))
+        sim.until("the waiter to block", lambda: sim.kv_requests() == {"GET": 2})
+        sim.consul.session_destroy(waiter.id)
+        with pytest.raises(LockLost):
+            waiter.verify()  # the session is lost now (the renew thread would tell within TTL/2)
+        lost_at = sim.clock.monotonic()
+        call.join()
+        assert isinstance(call.error, LockLost) and "waiter" in str(call.error)
+        assert sim.clock.monotonic() - lost_at <= 5, "the query waited on instead of ending with the session"
+        assert slots.holders() == {0: "holder"}
+
+
 def test_slot_of_an_abandoned_holder_is_taken_only_after_ttl_and_lock_delay(sim: Sim) -> None:
     lock_delay = 15.0
     slots = RestartSlots(sim.consul, "t/delay/restart_lock/", 1, clock=sim.clock, max_wait=100)

@@ -340,7 +340,9 @@ def test_live_here_knows_nothing_of_a_backend_that_cannot_be_weakly_referenced(
         assert live_here(backend, session.id) is None  # type: ignore[arg-type]
 
 
-def test_holds_only_the_claim_tokens_a_coordinator_holds_under_it(consul: ScriptedConsul, clock: Clock) -> None:
+def test_holds_only_the_claim_tokens_a_coordinator_holds_under_it(
+    consul: ScriptedConsul, clock: Clock
+) -> None:
     # A wrong False lets another coordinator of this process reclaim a member this one drives.
     session, other = _session(consul, clock), _session(consul, clock)
     assert not session.holds("claim 1") and not session.holds(None)

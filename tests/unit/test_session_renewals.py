@@ -27,8 +27,9 @@ TTL = 10.0
 class ScriptedConsul:
     """The session calls of ConsulAPI, recorded as ``(call, cluster time)``; renewals fail while ``down``.
 
-    ``create_failures`` are raised by the next creates, in order; while ``hang`` a renew waits until its
-    ``cancel`` is set (as a request to an unresponsive Consul does), then raises Cancelled.
+    ``create_failures`` are raised by the next creates, in order; a create answers ``create_delay``
+    after it applied; while ``hang`` a renew waits until its ``cancel`` is set (as a request to an
+    unresponsive Consul does), then raises Cancelled.
     """
 
     def __init__(self, clock: Clock) -> None:
@@ -39,6 +40,7 @@ class ScriptedConsul:
         self.known = True  # renewals answer True (False: Consul answered 404)
         self.create_failures: list[ConsulError] = []
         self.hang = False
+        self.create_delay = 0.0  # cluster seconds between a create applying and its answer
         self.renewing = threading.Event()  # a renew is in flight
         self._sessions = 0
         self._lock = threading.Lock()
@@ -72,6 +74,7 @@ class ScriptedConsul:
             "node": node,
             "node_checks": node_checks,
         }
+        self.clock.sleep(self.create_delay)
         self._sessions += 1
         return f"5e55-{1010 + self._sessions}"
 
@@ -380,3 +383,23 @@ def test_lost_is_set_a_ttl_after_the_create_while_the_first_renew_hangs(
         assert TTL - 0.01 <= lost_after <= 2 * TTL, f"lost {lost_after:.2f}s after the create"
         assert session.lost_reason == "no successful renew for 10s (Consul unreachable?)"
         assert [c for c, _ in consul.calls] == ["create", "renew"], "a renew was cancelled or answered"
+
+
+def test_a_session_created_late_is_lost_a_ttl_after_the_create_was_sent_not_sooner(
+    consul: ScriptedConsul, clock: Clock
+) -> None:
+    # The answer comes half a second before the TTL counted from the request runs out, and no renew
+    # ever succeeds: lost is due exactly a TTL after the create was sent, neither at the answer nor later.
+    consul.create_delay = TTL - 0.5
+    consul.down = True
+    session = _session(consul, clock, ttl=TTL)
+    session.create()
+    answered = clock.monotonic()
+    try:
+        assert clock.wait(session.lost, 2 * TTL), "lost not set although no renew succeeds"
+        lost_at = clock.monotonic()
+        sent = consul.times("create")[0]
+        assert lost_at - sent >= TTL - 0.01, f"lost {lost_at - sent:.2f}s after the create was sent"
+        assert lost_at - answered < TTL / 2, f"lost {lost_at - answered:.2f}s after the late answer"
+    finally:
+        session.destroy()

@@ -105,7 +105,7 @@ from shepard_lib.recovery import (
     stopped_reason,
     trigger_outcome,
 )
-from shepard_lib.session import Session
+from shepard_lib.session import Session, live_here
 from shepard_lib.trigger import Trigger, describe
 
 __all__ = [
@@ -369,12 +369,15 @@ class Coordinator:
         seen_index: int | None = None,
         live: Sequence[str] | None = None,
         join: bool = False,
+        read_first: bool = False,
     ) -> Plan:
         """Register ``targets`` (all of ``scope``) as needing a restart, in one CAS update.
 
         ``seen_index`` is the plan's ModifyIndex read after the change was seen (default: now),
         ``live`` every live allocation of the job (settled members of the others are dropped),
         ``join`` joins a planned plan without a new generation; see :func:`shepard_lib.plan.register`.
+        ``read_first``: read the plan before writing, not try the one last seen here (an agent,
+        whose plan other agents write meanwhile; see :meth:`PlanStore.update_at`).
         ``settings`` (default: :meth:`settings_for`) apply only if this creates or reopens the plan,
         which then records this coordinator's restart method and health source.
         """
@@ -410,7 +413,7 @@ class Coordinator:
                 join=join,
             )
 
-        plan = self.plans.update_at(self.plan_key(scope), change)
+        plan = self.plans.update_at(self.plan_key(scope), change, read_first=read_first)
         for target in targets:
             self._log(target).info(
                 "registered in plan %s (generation %d, %s, concurrency %d)",
@@ -874,15 +877,32 @@ class Coordinator:
             )
 
         slot = held.holding
+        read_first = self._written_elsewhere(key, target.alloc_id)
         if slot is not None and not self._keep_slot:
             try:
-                plan = self.plans.update_at(key, change, ops=[held.slots.unlock_op(slot)])
+                plan = self.plans.update_at(
+                    key, change, ops=[held.slots.unlock_op(slot)], read_first=read_first
+                )
             except LockLost:
                 pass  # the slot is no longer this acquisition's: the outcome is written alone
             else:
                 held.released_by_write()
                 return plan
-        return self.plans.update_at(key, change)
+        return self.plans.update_at(key, change, read_first=read_first)
+
+    def _written_elsewhere(self, key: str, alloc_id: str) -> bool:
+        """Whether the plan was most likely written by another process while ``alloc_id``'s restart ran:
+        the plan last seen here has another member restarting under a session this process does
+        not hold (its holder finishes it meanwhile). Then a finish reads the plan first instead of
+        having its write on the stale one refused (see :meth:`PlanStore.update_at`)."""
+        plan, _ = self.plans.known(key)
+        return plan is not None and any(
+            other != alloc_id
+            and m.state == MemberState.RESTARTING
+            and m.session is not None
+            and live_here(self.consul, m.session) is None
+            for other, m in plan.members.items()
+        )
 
     def _fire(self, target: Target, key: str, held: _Held, member: Member, rlog: _RefLog) -> None:
         """Restart through Nomad's API (method nomad_api), after checking the slot is still held.

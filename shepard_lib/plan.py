@@ -960,14 +960,22 @@ class PlanStore:
         return self.update_at(key, lambda plan, _index: change(plan))
 
     def update_at(
-        self, key: str, change: Callable[[Plan | None, int], Plan], *, ops: Sequence[TxnOp] = ()
+        self,
+        key: str,
+        change: Callable[[Plan | None, int], Plan],
+        *,
+        ops: Sequence[TxnOp] = (),
+        read_first: bool = False,
     ) -> Plan:
         """:meth:`update` with ``change(plan, index)``: ``index`` is the ModifyIndex the write is based on.
 
         ``ops`` go into the same transaction after the plan's ``cas``, so the plan is written only
         with them and they apply only with it (a fence such as the slot's ``check-index``, a
         trigger, a slot's ``unlock``). When one of them is refused nothing is written and
-        :class:`~shepard_lib.errors.LockLost` is raised with Consul's reasons.
+        :class:`~shepard_lib.errors.LockLost` is raised with Consul's reasons. ``read_first``: the
+        caller expects another process to have written the plan since it was last seen here, so
+        the first attempt reads it instead of trying what is known (a read and a write, not a
+        refused write, a read and a write).
         """
         last_error: Exception | None = None
         unanswered: bytes | None = None  # what a write whose answer was lost tried to store
@@ -975,7 +983,7 @@ class PlanStore:
             backoff = self._rng.uniform(0, self._backoff * 2 ** min(attempt, 6))
             # Writers of one key in this process take turns, so they never refuse each other's CAS.
             with self._known.writing(key):
-                known = self._known.get(key)
+                known = None if read_first and attempt == 0 else self._known.get(key)
                 fresh = known is None
                 try:
                     if known is None:

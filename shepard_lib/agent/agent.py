@@ -51,6 +51,7 @@ from shepard_lib.errors import Cancelled, ConfigError, ShepardError
 from shepard_lib.health import close_watches
 from shepard_lib.keyspace import Keyspace
 from shepard_lib.model import Allocation
+from shepard_lib.recovery import heartbeats_seen
 from shepard_lib.session import Session
 
 __all__ = ["RESTART_ONLY", "Agent"]
@@ -74,6 +75,9 @@ RESTART_ONLY = (
 
 SCAN_INTERVAL = 10.0
 """Cluster seconds between digest scans of a task that fell back from inotify."""
+REGISTRATION_SPREAD = 2.0
+"""Cluster seconds the registrar waits at most before writing the changes it has (see
+:meth:`Agent.registration_spread` and :mod:`shepard_lib.agent.rollouts`)."""
 THREAD_JOIN = 30.0
 """Real seconds :meth:`Agent.stop` waits for each of its threads once they were told to end (they
 end at once: their waits and blocking queries end on ``stopping``); a thread still alive then is
@@ -305,6 +309,11 @@ class Agent:
         """Cluster seconds an idle rollout worker waits at most before looking at its plan again."""
         return self.config.session_ttl
 
+    def registration_spread(self) -> float:
+        """Cluster seconds the registrar waits at most (a random part of it) before writing changes:
+        ``settle_time``, at most :data:`REGISTRATION_SPREAD`."""
+        return min(self.config.settle_time, REGISTRATION_SPREAD)
+
     def record(self, outcome: MemberOutcome) -> None:
         """Count an outcome of this agent's own restart."""
         if outcome.by != self.node_name or outcome.duration is None:
@@ -417,9 +426,10 @@ class Agent:
         prefix = self.keyspace.nodes_prefix()
         index = 0
         while not self.stopping.is_set():
+            wait = self.recheck_interval()
             try:
-                new_index, _ = self.consul.watch(
-                    prefix, index, self.recheck_interval(), recurse=True, cancel=self.stopping
+                new_index, entries = self.consul.watch(
+                    prefix, index, wait, recurse=True, cancel=self.stopping
                 )
             except Cancelled:
                 return  # the agent stops
@@ -428,6 +438,10 @@ class Agent:
                 self.clock.wait(self.stopping, self._consul_outage.failed("kv.watch nodes", exc))
                 continue
             self._consul_outage.recovered()
+            # The agents holding a heartbeat are alive (at this answer, and until the next one, which
+            # comes as soon as a heartbeat is released): the holders of their restarts need no read.
+            trusted = self.clock.monotonic() + wait + self.config.session_ttl / 2
+            heartbeats_seen(self.consul, (e.session for e in entries if e.session), trusted)
             if index and new_index != index:
                 self._rollouts.poke()
             index = new_index

@@ -88,6 +88,10 @@ class RolloutHost(Protocol):
         """Cluster seconds an idle worker waits at most before looking at its plan again."""
         ...
 
+    def registration_spread(self) -> float:
+        """Cluster seconds the registrar waits at most (a random part of it) before writing changes."""
+        ...
+
     def record(self, outcome: MemberOutcome) -> None:
         """Count an outcome in the metrics."""
         ...
@@ -390,6 +394,14 @@ class Rollouts:
                     self._registered.wait(1.0)  # poke() notifies, and the agent pokes when it stops
                 if self._host.stopping.is_set():
                     return
+                if not self._to_register:
+                    continue
+            # Gather and spread: the node's other changes of the same burst join this one write, and
+            # agents that saw one change at the same moment do not all write the plan at once.
+            spread = _RNG.uniform(0.0, self._host.registration_spread())
+            if self._host.clock.wait(self._host.stopping, spread):
+                return
+            with self._lock:
                 changes, self._to_register = self._to_register, []
             by_task: dict[tuple[str, str, str], list[Change]] = {}
             for change in changes:
@@ -423,7 +435,8 @@ class Rollouts:
             for i, target in enumerate(targets):
                 scopes.setdefault(self._host.keyspace.scope(target.ref), []).append(i)
             for scope, indexes in scopes.items():
-                coordinator.register(scope, [targets[i] for i in indexes], job)
+                # Other agents and lanes write the plan all the time: read it, not try a stale one.
+                coordinator.register(scope, [targets[i] for i in indexes], job, read_first=True)
         except ShepardError as exc:
             log.error("%s: could not register %d change(s) yet: %s", "/".join(name), len(changes), exc)
             return changes

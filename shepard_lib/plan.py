@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import json
 import logging
 import random
@@ -847,6 +848,7 @@ class _KnownPlans:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._plans: dict[str, tuple[Plan | None, int]] = {}
+        self._reads: dict[str, int] = {}  # the read mark of a known plan that a consistent read gave
         self._writers: dict[str, threading.Lock] = {}
 
     def writing(self, key: str) -> threading.Lock:
@@ -859,15 +861,30 @@ class _KnownPlans:
             return self._plans.get(key)
 
     def put(self, key: str, plan: Plan | None, index: int, *, read: bool = False) -> None:
-        """Remember ``plan`` at ``index`` unless something newer is known (``read``: always)."""
+        """Remember ``plan`` at ``index`` unless something newer is known (``read``: always, a
+        consistent read, which gets the next read mark)."""
         with self._lock:
             known = self._plans.get(key)
             if read or known is None or index >= known[1]:
                 self._plans[key] = (plan, index)
+                if read:
+                    self._reads[key] = next(_READ_MARKS)
+                else:
+                    self._reads.pop(key, None)
+
+    def read_since(self, key: str, mark: int) -> bool:
+        """Whether the plan known for ``key`` is what a consistent read made after ``mark`` gave."""
+        with self._lock:
+            return self._reads.get(key, 0) > mark
 
     def forget(self, key: str) -> None:
         with self._lock:
             self._plans.pop(key, None)
+            self._reads.pop(key, None)
+
+
+_READ_MARKS = itertools.count(1)
+"""Consistent plan reads in the process, numbered in the order they were made (see :meth:`PlanStore.mark`)."""
 
 
 _known_for = PerBackend(_KnownPlans)
@@ -950,6 +967,17 @@ class PlanStore:
         """
         known = self._known.get(key)
         return known if known is not None else self.read(key)
+
+    @staticmethod
+    def mark() -> int:
+        """A point in this process's sequence of consistent plan reads: :meth:`read_since` tells
+        whether the plan known for a key was read consistently after it."""
+        return next(_READ_MARKS)
+
+    def read_since(self, key: str, mark: int) -> bool:
+        """Whether the plan :meth:`known` returns for ``key`` came from a consistent read made after
+        ``mark`` (and nothing newer replaced it): what such a read showed settled may be concluded on."""
+        return self._known.read_since(key, mark)
 
     def load(self, key: str) -> Plan | None:
         """The plan at ``key``, or None."""

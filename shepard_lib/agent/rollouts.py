@@ -43,7 +43,7 @@ from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, Target,
 from shepard_lib.errors import NotFound, PlanError, ShepardError
 from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskRef, TaskScope
 from shepard_lib.model import Allocation, AllocClientStatus
-from shepard_lib.plan import MemberState, Plan
+from shepard_lib.plan import MemberState, Plan, PlanStore
 from shepard_lib.trigger import describe
 
 __all__ = ["Change", "RolloutHost", "Rollouts"]
@@ -117,6 +117,7 @@ class _Worker:
         self._skipped: set[tuple[str, int]] = set()  # (alloc, generation) that cannot be driven
         self._retry_at: dict[tuple[str, int], float] = {}  # whose drive failed, and when to try it again
         self._lane: Coordinator | None = None  # the coordinator that keeps this worker's slot, if any
+        self._just_read: list[tuple[Plan, int]] | None = None  # plans _drive_orphan read, for _idle
         self.thread = threading.Thread(
             target=self._run, name=f"shepard-rollout[{'/'.join(name)}]", daemon=True
         )
@@ -165,10 +166,12 @@ class _Worker:
         A change whose step failed (Consul or Nomad refused, a plan update lost every race) is not
         dropped: it is handed back after ``recheck_interval``, as many times as it takes.
         """
+        since = PlanStore.mark()  # after every change here was registered (or is registered in the drive)
         for number, change in enumerate(changes):
             if self.host.stopping.is_set():
                 return
-            if self._with_session(functools.partial(_handle_change, change=change)) is None:
+            step = functools.partial(_handle_change, change=change, since=since)
+            if self._with_session(step) is None:
                 self._retry_later(changes[number:])
                 return
 
@@ -258,11 +261,14 @@ class _Worker:
 
     def _drive_orphan(self) -> bool:
         """Drive one member that no live agent will (in a lane: any pending one); True if one was driven."""
+        self._just_read = None
         try:
             lane = self._in_lane()
             plans = self._plans(known=lane)
             if not plans and lane:
                 plans = self._plans()  # none left in what is known: make sure
+            if not lane or not plans:
+                self._just_read = plans  # read consistently: _idle decides on it if nothing is driven here
             if not plans:
                 return False
             alive = set() if lane else self._alive_nodes()
@@ -285,6 +291,7 @@ class _Worker:
                             continue
                     elif m.state != MemberState.PENDING:
                         continue
+                    self._just_read = None
                     self._drive(alloc_id, m.generation, m.node)
                     return True
         except ShepardError as exc:
@@ -319,7 +326,9 @@ class _Worker:
                 alloc_id,
                 node,
             )
-        outcome = self._with_session(lambda c: c.drive(target, keep_slot=True))
+        outcome = self._with_session(
+            lambda c: c.drive(target, keep_slot=True, wait_for_holders=False, defer_finish=True)
+        )
         if outcome is None:  # an error, logged: look at the member again after recheck_interval, not never
             retry_at = self.host.clock.monotonic() + self.host.recheck_interval()
             self._retry_at[(alloc_id, generation)] = retry_at
@@ -340,8 +349,9 @@ class _Worker:
 
     def _idle(self) -> bool:
         """Wait for new changes or a heartbeat change while the plan has work; False when it has none."""
+        plans, self._just_read = self._just_read, None
         try:
-            if not self._plans():
+            if not (self._plans() if plans is None else plans):
                 with self.lock:
                     return bool(self.pending)
         except ShepardError as exc:
@@ -354,11 +364,18 @@ _LIVE = (AllocClientStatus.RUNNING, AllocClientStatus.PENDING)
 _RNG = random.Random()
 
 
-def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:
-    """Drive a registered change; register it first (``handle_change``) if the registrar could not."""
+def _handle_change(coordinator: Coordinator, change: Change, since: int) -> MemberOutcome:
+    """Drive a registered change; register it first (``handle_change``) if the registrar could not.
+
+    ``since``: a plan read mark taken after the change was registered (see :meth:`Coordinator.drive`).
+    A member restarting under another live holder is left to it (its idle worker takes it over if
+    the holder dies).
+    """
     if change.target is not None:
-        return coordinator.drive(change.target, keep_slot=True)
-    return coordinator.handle_change(change.alloc, change.task, keep_slot=True)
+        return coordinator.drive(
+            change.target, keep_slot=True, since=since, wait_for_holders=False, defer_finish=True
+        )
+    return coordinator.handle_change(change.alloc, change.task, keep_slot=True, wait_for_holders=False)
 
 
 def _open(plan: Plan) -> bool:
@@ -398,7 +415,7 @@ class Rollouts:
                     continue
             # Gather and spread: the node's other changes of the same burst join this one write, and
             # agents that saw one change at the same moment do not all write the plan at once.
-            spread = _RNG.uniform(0.0, self._host.registration_spread())
+            spread = self._host.registration_spread() * _RNG.uniform(0.5, 1.0)
             if self._host.clock.wait(self._host.stopping, spread):
                 return
             with self._lock:

@@ -442,16 +442,20 @@ class Coordinator:
         seen_index: int | None = None,
         keep_slot: bool = False,
         wait_for_holders: bool = True,
+        defer_finish: bool = False,
     ) -> MemberOutcome:
         """The agent's flow for a change of ``task`` in ``alloc``: register, then :meth:`drive`.
 
-        ``seen_index`` is :meth:`change_mark` taken when the change was seen (default: now).
+        ``seen_index`` is :meth:`change_mark` taken when the change was seen (default: now); the
+        other options are :meth:`drive`'s.
         """
         job = self.nomad.job(alloc.job_id)
         target = target_for(alloc, task, job)
         scope = self.keyspace.scope(target.ref)
         self.register(scope, [target], job, seen_index=seen_index)
-        return self.drive(target, keep_slot=keep_slot, wait_for_holders=wait_for_holders)
+        return self.drive(
+            target, keep_slot=keep_slot, wait_for_holders=wait_for_holders, defer_finish=defer_finish
+        )
 
     # --- the flow ----------------------------------------------------------------------------
 

@@ -375,7 +375,9 @@ def _handle_change(coordinator: Coordinator, change: Change, since: int) -> Memb
         return coordinator.drive(
             change.target, keep_slot=True, since=since, wait_for_holders=False, defer_finish=True
         )
-    return coordinator.handle_change(change.alloc, change.task, keep_slot=True, wait_for_holders=False)
+    return coordinator.handle_change(
+        change.alloc, change.task, keep_slot=True, wait_for_holders=False, defer_finish=True
+    )
 
 
 def _open(plan: Plan) -> bool:

@@ -12,7 +12,10 @@ change. Meanwhile, chosen by the seed:
   a fraction after applying them, applies a fraction of writes only after the client gave up on
   them (late writes), and answers a fraction of applied writes after the client gave up (late
   replies);
-- one node is drained mid-rollout: Nomad stops its allocations and places replacements elsewhere.
+- one node is drained mid-rollout: Nomad stops its allocations and places replacements elsewhere;
+- half of the coordinators act as an agent's lane: they keep their slot after their own member and
+  drive other pending members under it, each finish written with the next claim's txn (or with the
+  slot's release), leaving members restarting under another live holder to it.
 
 Invariants checked on every seed:
 
@@ -66,9 +69,11 @@ from shepard_lib.coordinator import (
     SimulatedCrash,
     Step,
     Target,
+    target_for,
 )
+from shepard_lib.errors import NotFound
 from shepard_lib.model import Allocation
-from shepard_lib.plan import PlanStore
+from shepard_lib.plan import MemberState, PlanStore
 from shepard_lib.rollout import RollingRestart, RolloutOptions, RolloutResult
 from shepard_lib.session import Session
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
@@ -115,6 +120,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     drained = rng.choice(NODES)
     drain_after = rng.randint(1, ALLOCS // 2)  # restarts seen by the rollout before the drain
     skews = [rng.uniform(-MAX_SKEW, MAX_SKEW) for _ in range(ALLOCS)]
+    lanes = set(rng.sample(range(ALLOCS), ALLOCS // 2))
     kills: list[Kill] = []
     outcomes: dict[int, Any] = {}
     errors: list[BaseException] = []
@@ -146,13 +152,47 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
         coordinator = Coordinator(
             consul, nomad, KEYS, session, options, clock=host_clock, name=f"agent #{number}", fault_hook=fault
         )
+        lane = number in lanes
         try:
-            outcomes[number] = coordinator.handle_change(alloc, "server", seen_index=seen_index)
+            outcomes[number] = coordinator.handle_change(
+                alloc,
+                "server",
+                seen_index=seen_index,
+                keep_slot=lane,
+                wait_for_holders=not lane,
+                defer_finish=lane,
+            )
+            if lane:
+                drive_lane(coordinator, random.Random(seed * 1000 + number))
         except SimulatedCrash:
             return
         except BaseException as exc:
             errors.append(exc)
         session.destroy()
+
+    def drive_lane(coordinator: Coordinator, lane_rng: random.Random) -> None:
+        """What an agent's lane does (shepard_lib.agent.rollouts): while the slot is kept, drive any
+        pending member; then give the slot back (with the deferred finish)."""
+        key = KEYS.task_lock_key(SCOPE)
+        tried: set[str] = set()
+        job = nomad.job("web")
+        while coordinator.keeps_slot:
+            plan, _ = coordinator.plans.known(key)
+            pending = sorted(
+                a for a, m in (plan.members.items() if plan else ()) if m.state == MemberState.PENDING
+            )
+            pending = [a for a in pending if a not in tried]
+            if not pending:
+                break
+            alloc_id = lane_rng.choice(pending)
+            tried.add(alloc_id)
+            try:
+                member_alloc = nomad.allocation(alloc_id)
+            except NotFound:
+                continue
+            target = target_for(member_alloc, "server", job)
+            coordinator.drive(target, keep_slot=True, wait_for_holders=False, defer_finish=True)
+        coordinator.release_slots()
 
     def watch_slots(stop: threading.Event) -> None:
         while not stop.is_set():

@@ -411,6 +411,23 @@ def purpose(shape: str) -> str:
     return f"{method} {endpoint}{outcome}"
 
 
+WAITING = (
+    "PUT /v1/session/renew",
+    "kv heartbeats watch",
+    "kv slot prefix watch",
+    "kv gc leader",
+    "(GC scan)",
+)
+"""Purposes that cost per agent per minute, not per restart: session renewals, the heartbeat watch,
+a waiting agent's blocking query on the slots (once per ``session_ttl`` until a slot frees), and
+periodic garbage collection (its leader lock and scans)."""
+
+
+def waiting_cost(by_purpose: dict[str, int]) -> int:
+    """The requests of ``by_purpose`` (:func:`purposes`) that are :data:`WAITING` costs."""
+    return sum(n for what, n in by_purpose.items() if any(w in what for w in WAITING))
+
+
 def purposes(shapes: dict[str, int]) -> dict[str, int]:
     """Requests by :func:`purpose`, most first."""
     out: Counter[str] = Counter()

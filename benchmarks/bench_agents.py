@@ -20,8 +20,11 @@ changes the config key once and reads the sim's restart record and request count
   and slot reads and watches, health, session reads and renewals);
 - the agents' idle cost: Consul requests per agent per cluster minute over ``--idle`` real seconds
   before the change (session renewals and blocking queries only), and the part of the rollout's
-  requests it accounts for (idle rate x agents x makespan): a cost of waiting agents over time,
-  which grows with the number of agents and the rollout's length, not with the restarts;
+  requests it accounts for (idle rate x agents x makespan); and, measured, the rollout's requests
+  that cost per agent per minute (``_common.WAITING``: renewals, heartbeat watches, waiting agents'
+  blocking queries on the slots, garbage collection) apart from the rest (*protocol*): a cost of
+  waiting agents over time, which grows with the number of agents and the rollout's length, not
+  with the restarts;
 - slot hand-off p50/p99: a restart healthy (its slot free) -> the next restart requested;
 - peak concurrency (must be <= c) and restarts per allocation (must be exactly 1);
 - CPU seconds of the agents' process and of the sim's, over the rollout.
@@ -109,6 +112,8 @@ def run_case(case: Case, time_scale: float, processes: int = 1, idle: float = 0.
     renewals = sum(consul.get("/v1/session/renew", {}).values())
     per_alloc = common.restarts_per_alloc(records)
     idle_share = idle_rate * case.nodes * made / 60.0
+    by_purpose = common.purposes(shapes)
+    waiting = common.waiting_cost(by_purpose)
     return {
         **asdict(case),
         "nodes": case.nodes,
@@ -128,7 +133,9 @@ def run_case(case: Case, time_scale: float, processes: int = 1, idle: float = 0.
         "consul_requests_per_restart": round(total / n, 2),
         "consul_requests_per_restart_without_renewals": round((total - renewals) / n, 2),
         "consul_requests_by_endpoint": consul,
-        "consul_requests_by_purpose": common.purposes(shapes),
+        "consul_requests_by_purpose": by_purpose,
+        "consul_requests_per_restart_waiting": round(waiting / n, 2),
+        "consul_requests_per_restart_protocol": round((total - waiting) / n, 2),
         "consul_requests_by_shape": shapes,
         "idle_consul_requests_per_agent_per_minute": round(idle_rate, 2),
         "idle_consul_requests_by_purpose": common.purposes(idle_shapes),
@@ -175,6 +182,8 @@ def print_breakdown(console: Console, result: dict[str, Any]) -> None:
     for what, count in result["consul_requests_by_purpose"].items():
         table.add_row(what, f"{count / n:.2f}")
     table.add_row("all", f"{result['consul_requests_per_restart']:.2f}")
+    table.add_row("  of which per agent per minute", f"{result['consul_requests_per_restart_waiting']:.2f}")
+    table.add_row("  the protocol's", f"{result['consul_requests_per_restart_protocol']:.2f}")
     console.print(table)
     if result["idle_consul_requests_per_agent_per_minute"]:
         console.print(
@@ -213,6 +222,7 @@ def print_table(console: Console, results: list[dict[str, Any]]) -> None:
         "batch/shep",
         "req",
         "(w/o renew)",
+        "protocol",
         "hand-off p50",
         "p99 ms",
         "peak",
@@ -232,6 +242,7 @@ def print_table(console: Console, results: list[dict[str, Any]]) -> None:
             f"{r['batch_over_shepard']:.2f}",
             f"{r['consul_requests_per_restart']:.1f}",
             f"{r['consul_requests_per_restart_without_renewals']:.1f}",
+            f"{r['consul_requests_per_restart_protocol']:.1f}",
             f"{r['handoff_p50_real_ms']:.0f}",
             f"{r['handoff_p99_real_ms']:.0f}",
             f"{r['peak_concurrent_restarts']}/{r['concurrency']}",
@@ -268,7 +279,10 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
     lines.append(
         f"<= {TARGET_REQUESTS:g} Consul requests per restart (without session renewals): "
         f"{met} of {len(results)} cases; with renewals: "
-        f"{sum(r['consul_requests_per_restart'] <= TARGET_REQUESTS for r in results)} of {len(results)}"
+        f"{sum(r['consul_requests_per_restart'] <= TARGET_REQUESTS for r in results)} of {len(results)}; "
+        "the protocol's (without the costs per agent per minute): "
+        f"{sum(r['consul_requests_per_restart_protocol'] <= TARGET_REQUESTS for r in results)} "
+        f"of {len(results)}"
     )
     return lines
 

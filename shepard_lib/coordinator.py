@@ -545,30 +545,43 @@ class Coordinator:
         kept = self._kept
         return kept is not None and kept.holding is not None and not kept.slot.lost.is_set()
 
-    def release_slots(self) -> None:
+    def release_slots(self) -> list[Target]:
         """Write a deferred finish and give back the slot kept by ``drive(..., keep_slot=True)``, if
-        any (one txn for both when there are both)."""
+        any (one txn for both when there are both). Returns the deferred member when its finish sent
+        it back to ``pending`` (a change arrived during its restart: it needs one more)."""
         kept, self._kept = self._kept, None
-        self._flush_finish(kept)
+        again = self._flush_finish(kept)
         if kept is not None:
             kept.release()
+        return again
 
-    def _flush_finish(self, release: _Held | None = None) -> None:
+    def _flush_finish(self, release: _Held | None = None) -> list[Target]:
         """Write the deferred finish alone (and release ``release``'s slot in the same txn); errors are
         logged: the member then stays ``restarting`` under this session's claim until a reclaimer,
-        seeing the claim unheld or the session gone, finds its task healthy and finishes it."""
+        seeing the claim unheld or the session gone, finds its task healthy and finishes it.
+        Returns the member when the finish sent it back to ``pending``."""
         deferred, self._deferred = self._deferred, None
         if deferred is None:
-            return
+            return []
         rlog = self._log(deferred.target)
+        alloc_id = deferred.target.alloc_id
         try:
-            self._finish(deferred.key, deferred.target, release, holder=deferred.holder, ok=True, error=None)
+            plan = self._finish(
+                deferred.key, deferred.target, release, holder=deferred.holder, ok=True, error=None
+            )
         except MemberUnavailable as exc:
             rlog.warning("restart seen through, but the member is no longer ours to finish: %s", exc.reason)
+            return []
         except ShepardError as exc:
             rlog.warning("could not write its finish (%s); it stays restarting for a reclaimer", exc)
+            return []
         finally:
             self.session.drop(deferred.holder)
+        member = plan.members.get(alloc_id)
+        if member is not None and member.state == MemberState.PENDING:
+            rlog.info("restarted, but a new change arrived meanwhile: it is restarted once more")
+            return [deferred.target]
+        return []
 
     def _with_deferred(
         self, key: str, change: Callable[[Plan | None, int], Plan]

@@ -118,6 +118,7 @@ class _Worker:
         self._retry_at: dict[tuple[str, int], float] = {}  # whose drive failed, and when to try it again
         self._lane: Coordinator | None = None  # the coordinator that keeps this worker's slot, if any
         self._just_read: list[tuple[Plan, int]] | None = None  # plans _drive_orphan read, for _idle
+        self._again: list[Target] = []  # members whose finish sent them back to pending (see _end_lane)
         self.thread = threading.Thread(
             target=self._run, name=f"shepard-rollout[{'/'.join(name)}]", daemon=True
         )
@@ -136,6 +137,9 @@ class _Worker:
                 if self._drive_orphan():
                     continue
                 self._end_lane()
+                if self._again:
+                    self._drive_again()
+                    continue
                 if not self._idle():
                     return
         except Exception:
@@ -145,13 +149,20 @@ class _Worker:
             self._done(self)
 
     def _end_lane(self) -> None:
-        """Give the kept slot back: no member is left for this worker's lane."""
+        """Give the kept slot back (with the last member's finish): no member is left for this
+        worker's lane. A member that finish sent back to ``pending`` is driven again (``_again``)."""
         lane, self._lane = self._lane, None
         if lane is not None:
             try:
-                lane.release_slots()
+                self._again += lane.release_slots()
             except ShepardError as exc:  # released when the session ends anyway
                 log.warning("%s: giving the restart slot back failed: %s", self.label, exc)
+
+    def _drive_again(self) -> None:
+        """Drive the members this worker restarted that a change arrived for meanwhile."""
+        again, self._again = self._again, []
+        for target in again:
+            self._with_session(functools.partial(_drive_lane_member, target=target))
 
     def _take(self) -> list[Change]:
         with self.lock:
@@ -326,9 +337,7 @@ class _Worker:
                 alloc_id,
                 node,
             )
-        outcome = self._with_session(
-            lambda c: c.drive(target, keep_slot=True, wait_for_holders=False, defer_finish=True)
-        )
+        outcome = self._with_session(functools.partial(_drive_lane_member, target=target))
         if outcome is None:  # an error, logged: look at the member again after recheck_interval, not never
             retry_at = self.host.clock.monotonic() + self.host.recheck_interval()
             self._retry_at[(alloc_id, generation)] = retry_at
@@ -362,6 +371,11 @@ class _Worker:
 
 _LIVE = (AllocClientStatus.RUNNING, AllocClientStatus.PENDING)
 _RNG = random.Random()
+
+
+def _drive_lane_member(coordinator: Coordinator, target: Target) -> MemberOutcome:
+    """Drive a member in a lane: keep the slot, finish with the next claim, leave others' restarts to them."""
+    return coordinator.drive(target, keep_slot=True, wait_for_holders=False, defer_finish=True)
 
 
 def _handle_change(coordinator: Coordinator, change: Change, since: int) -> MemberOutcome:

@@ -76,8 +76,9 @@ RESTART_ONLY = (
 SCAN_INTERVAL = 10.0
 """Cluster seconds between digest scans of a task that fell back from inotify."""
 REGISTRATION_SPREAD = 2.0
-"""Cluster seconds the registrar waits at most before writing the changes it has (see
-:meth:`Agent.registration_spread` and :mod:`shepard_lib.agent.rollouts`)."""
+"""Cluster seconds the registrar waits at most (between half of it and all of it, at random) before
+writing the changes it has: a node's changes of one burst go into one write, and agents that saw
+one Consul key change at the same moment spread their writes (see :mod:`shepard_lib.agent.rollouts`)."""
 THREAD_JOIN = 30.0
 """Real seconds :meth:`Agent.stop` waits for each of its threads once they were told to end (they
 end at once: their waits and blocking queries end on ``stopping``); a thread still alive then is
@@ -310,9 +311,8 @@ class Agent:
         return self.config.session_ttl
 
     def registration_spread(self) -> float:
-        """Cluster seconds the registrar waits at most (a random part of it) before writing changes:
-        ``settle_time``, at most :data:`REGISTRATION_SPREAD`."""
-        return min(self.config.settle_time, REGISTRATION_SPREAD)
+        """Cluster seconds the registrar waits at most (a random part of it) before writing changes."""
+        return REGISTRATION_SPREAD
 
     def record(self, outcome: MemberOutcome) -> None:
         """Count an outcome of this agent's own restart."""

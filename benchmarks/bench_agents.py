@@ -135,7 +135,8 @@ def run_case(case: Case, time_scale: float, processes: int = 1, idle: float = 0.
         "consul_requests_by_endpoint": consul,
         "consul_requests_by_purpose": by_purpose,
         "consul_requests_per_restart_waiting": round(waiting / n, 2),
-        "consul_requests_per_restart_protocol": round((total - waiting) / n, 2),
+        # the shapes' own total (read just after the endpoint counts), less the operator's write
+        "consul_requests_per_restart_protocol": round((sum(shapes.values()) - 1 - waiting) / n, 2),
         "consul_requests_by_shape": shapes,
         "idle_consul_requests_per_agent_per_minute": round(idle_rate, 2),
         "idle_consul_requests_by_purpose": common.purposes(idle_shapes),

@@ -279,7 +279,11 @@ class ShepardConfig:
     )
     gc_interval: float = field(default=300.0, metadata=_docs("How often stale keys are garbage-collected."))
     node_cleanup_timeout: float = field(
-        default=86400.0, metadata=_docs("Delete the keys of a node that is gone or down for this long.")
+        default=86400.0,
+        metadata=_docs(
+            "Delete the keys of a node down (or disconnected) for this long;"
+            " a node gone from Nomad loses its keys at once."
+        ),
     )
     gc_plan_retention: float = field(
         default=86400.0, metadata=_docs("Keep a `complete` restart plan this long before it is collected.")

@@ -7,7 +7,9 @@ ends the pass before anything is deleted: "could not ask" is never "gone".
 
 The cluster pass runs under the GC leader lock (``<prefix>/gc/leader``) held with a session, so
 only one agent runs it at a time; an agent that finds the lock held skips the pass
-(``not_leader``). A dry run takes no lock, creates no session and writes nothing.
+(``not_leader``). The lock fences the deletes: each delete transaction opens with a
+``check-session`` on it, so Consul applies none once the session no longer holds it (``lock_lost``).
+A dry run takes no lock, creates no session and writes nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from shepard_lib.config import ShepardConfig
 from shepard_lib.errors import LockTimeout, ShepardError
 from shepard_lib.keyspace import Keyspace
 from shepard_lib.locks import Lock
-from shepard_lib.model import Allocation, NodeInfo
+from shepard_lib.model import Allocation, NodeInfo, TxnOp, TxnVerb
 from shepard_lib.session import Session
 
 from .executor import delete_all
@@ -33,6 +35,7 @@ from .planner import (
     NomadView,
     ScannedKey,
     classify,
+    holder_sessions_to_check,
     plan_cluster_pass,
     plan_node_pass,
 )
@@ -70,7 +73,7 @@ def collect_garbage(
             report.node = node or config.node_name or nomad.agent_self().node_name
             _node_pass(consul, nomad, keyspace, report.node, report, clock)
         elif dry_run:
-            _cluster_pass(consul, nomad, keyspace, config, report, clock, lambda: None)
+            _cluster_pass(consul, nomad, keyspace, config, report, clock, None, lambda: None)
         else:
             with ExitStack() as stack:
                 if session is None:
@@ -94,7 +97,8 @@ def collect_garbage(
                         return f"the GC leader lock was lost: {held_by.lost_reason}"
                     return None
 
-                _cluster_pass(consul, nomad, keyspace, config, report, clock, lost)
+                fence = TxnOp(TxnVerb.CHECK_SESSION, keyspace.gc_leader_key(), session=held_by.id)
+                _cluster_pass(consul, nomad, keyspace, config, report, clock, fence, lost)
     except ShepardError as exc:
         report.error = str(exc)
         log.warning("gc %s pass stopped, nothing more deleted: %s", scope.value, exc)
@@ -131,7 +135,7 @@ def _node_pass(
         allocations += nomad.list_allocations(record.id).items
     view = NomadView.build(jobs.server_time or clock.time(), records, jobs.items, allocations)
     deletions, skips = plan_node_pass(keys, view, node)
-    _apply(consul, report, deletions, skips, clock, lambda: None)
+    _apply(consul, report, deletions, skips, clock, None, lambda: None)
 
 
 def _cluster_pass(
@@ -141,6 +145,7 @@ def _cluster_pass(
     config: ShepardConfig,
     report: GCReport,
     clock: Clock,
+    fence: TxnOp | None,
     stop: Callable[[], str | None],
 ) -> None:
     keys = _scan(consul, keyspace, f"{keyspace.prefix}/")
@@ -153,8 +158,11 @@ def _cluster_pass(
     records = _with_status_times(nomad, nodes.items, _named_nodes(keys))
     view = NomadView.build(nodes.server_time or clock.time(), records, jobs.items, allocations.items)
     settings = GCSettings(config.node_cleanup_timeout, config.gc_plan_retention)
-    deletions, skips = plan_cluster_pass(keys, view, settings)
-    _apply(consul, report, deletions, skips, clock, stop)
+    gone = frozenset(
+        s for s in sorted(holder_sessions_to_check(keys, view)) if consul.session_info(s) is None
+    )
+    deletions, skips = plan_cluster_pass(keys, view, settings, gone)
+    _apply(consul, report, deletions, skips, clock, fence, stop)
 
 
 def _named_nodes(keys: list[ScannedKey]) -> set[str]:
@@ -185,13 +193,14 @@ def _apply(
     deletions: list[Deletion],
     skips: list[Skip],
     clock: Clock,
+    fence: TxnOp | None,
     stop: Callable[[], str | None],
 ) -> None:
     report.planned = deletions
     report.skipped += skips
     if report.dry_run or not deletions:
         return
-    outcome = delete_all(consul, deletions, stop=stop, clock=clock)
+    outcome = delete_all(consul, deletions, fence=fence, stop=stop, clock=clock)
     report.deleted += outcome.deleted
     report.skipped += outcome.skipped
     report.failed += outcome.failed

@@ -17,9 +17,11 @@ The rules (docs/design.md section 6):
 - ``nodes/<node>`` goes with its node (``node_gone``, ``node_down``);
 - a plan (``task_lock``) goes when its job is gone (``job_gone``), its node is gone or down long
   enough (``lock_scope: node``), or it is ``complete`` and older than ``gc_plan_retention``
-  (``plan_expired``); never while a member is ``restarting``, never when it cannot be read;
+  (``plan_expired``); never while a member is ``restarting`` (but a plan of a gone job whose
+  restarting members' holder sessions are all gone: nobody can resume them, and there is nothing
+  left to restart), never when it cannot be read;
 - a slot (``restart_lock/<i>``) goes with its job or node, with its plan (``plan_expired``), or
-  when its task has no plan at all (``plan_gone``); never while held, never while its plan has a
+  when its task has no plan at all (``plan_gone``); never while held, never while its plan (kept) has a
   member restarting;
 - any key that Shepard does not write is reported (``unknown_key``), never deleted.
 
@@ -49,6 +51,7 @@ __all__ = [
     "PlanFacts",
     "ScannedKey",
     "classify",
+    "holder_sessions_to_check",
     "plan_cluster_pass",
     "plan_node_pass",
 ]
@@ -76,11 +79,15 @@ class KeyKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class PlanFacts:
-    """What the rules need of a plan; ``status`` None when the value is not a readable plan."""
+    """What the rules need of a plan; ``status`` None when the value is not a readable plan.
+
+    ``holders`` are the sessions of the ``restarting`` members (``""`` for a member without one).
+    """
 
     status: PlanStatus | None
     restarting: int = 0
     updated_at: float = 0.0
+    holders: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -214,8 +221,13 @@ def _plan_facts(entry: KVEntry) -> PlanFacts:
         plan = Plan.decode(entry.value)
     except PlanError:
         return PlanFacts(status=None)
-    restarting = sum(1 for m in plan.members.values() if m.state == MemberState.RESTARTING)
-    return PlanFacts(status=plan.status, restarting=restarting, updated_at=plan.updated_at)
+    restarting = [m for m in plan.members.values() if m.state == MemberState.RESTARTING]
+    return PlanFacts(
+        status=plan.status,
+        restarting=len(restarting),
+        updated_at=plan.updated_at,
+        holders=frozenset(m.session or "" for m in restarting),
+    )
 
 
 # --- the passes ---------------------------------------------------------------------------------
@@ -258,10 +270,30 @@ def plan_node_pass(
     return out.deletions, out.skips
 
 
+def holder_sessions_to_check(keys: Iterable[ScannedKey], view: NomadView) -> set[str]:
+    """The holder sessions of the restarting members of plans whose job is gone.
+
+    The pass asks Consul which of them still exist (read after the scan: a session named in a
+    scanned plan existed before it, and a destroyed session never comes back) and passes the gone
+    ones to :func:`plan_cluster_pass`.
+    """
+    return {
+        holder
+        for k in keys
+        if k.kind is KeyKind.PLAN and k.plan is not None and k.scope is not None and k.plan.restarting
+        if k.scope.job not in view.active_jobs
+        for holder in k.plan.holders
+        if holder
+    }
+
+
 def plan_cluster_pass(
-    keys: Iterable[ScannedKey], view: NomadView, settings: GCSettings
+    keys: Iterable[ScannedKey],
+    view: NomadView,
+    settings: GCSettings,
+    gone_sessions: frozenset[str] = frozenset(),
 ) -> tuple[list[Deletion], list[Skip]]:
-    """Every rule over a scan of the whole prefix."""
+    """Every rule over a scan of the whole prefix; ``gone_sessions``: holder sessions known gone."""
     out = _Decisions()
     keys = list(keys)
     plans: dict[TaskScope, ScannedKey] = {}
@@ -269,7 +301,7 @@ def plan_cluster_pass(
     for key in keys:
         if key.kind is KeyKind.PLAN and key.scope is not None:
             plans[key.scope] = key
-            verdict = _plan_verdict(key, view, settings, out)
+            verdict = _plan_verdict(key, view, settings, gone_sessions, out)
             if verdict is not None:
                 doomed_plans[key.scope] = verdict
     for key in keys:
@@ -303,7 +335,7 @@ def _trigger(key: ScannedKey, ref: TaskRef, view: NomadView, settings: GCSetting
 
 
 def _plan_verdict(
-    key: ScannedKey, view: NomadView, settings: GCSettings, out: _Decisions
+    key: ScannedKey, view: NomadView, settings: GCSettings, gone_sessions: frozenset[str], out: _Decisions
 ) -> tuple[Rule, str] | None:
     """Decide a plan key; return the rule when the plan goes (its free slots go with it)."""
     assert key.scope is not None and key.plan is not None
@@ -327,10 +359,15 @@ def _plan_verdict(
         )
         return None
     if facts.restarting:
-        out.skip(
-            key, SkipReason.PLAN_RESTARTING, f"{verdict[1]}, but {facts.restarting} member(s) restarting"
+        if verdict[0] is not Rule.JOB_GONE or not facts.holders <= gone_sessions:
+            out.skip(
+                key, SkipReason.PLAN_RESTARTING, f"{verdict[1]}, but {facts.restarting} member(s) restarting"
+            )
+            return None
+        verdict = (
+            verdict[0],
+            f"{verdict[1]}; the holders of its {facts.restarting} restarting member(s) are gone",
         )
-        return None
     out.delete(key, *verdict)
     return verdict if not key.session else None
 
@@ -355,7 +392,7 @@ def _slot(
             verdict = (doomed[0], f"its plan goes: {doomed[1]}")
         else:
             return
-    if plan is not None and plan.plan is not None and plan.plan.restarting:
+    if plan is not None and plan.plan is not None and plan.plan.restarting and doomed is None:
         out.skip(key, SkipReason.PLAN_RESTARTING, f"{verdict[1]}, but its plan has a member restarting")
         return
     out.delete(key, *verdict)

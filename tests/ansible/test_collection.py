@@ -5,12 +5,16 @@ configuration file running Shepard's clock as fast as the sim's) and runs a play
 ``playbooks/`` with ``-vvv``, the way an operator would, on localhost with this interpreter (which
 has Shepard). Every run's output is searched for the ACL tokens, which must never appear.
 
-The rolling restart, check mode and status tests also run against a real Consul and Nomad when
-``CONSUL_HTTP_ADDR``, ``NOMAD_ADDR`` (with ``CONSUL_HTTP_TOKEN`` / ``NOMAD_TOKEN``) and
-``SHEPARD_TEST_JOB`` (a job whose tasks render ``local/shepard.tpl`` and may be restarted) are set;
-there restarts are counted from Nomad's task states and events. The others are sim-only: they break
-the job's configuration or change its Consul key through the simulator (a halted rollout, resume
-and abort, the restart example), or follow a rollout by the simulator's record (``wait: false``).
+The rolling restart, check mode and status tests also run against a real Consul and Nomad (their
+``real`` variant, marked ``real_cluster``) when ``CONSUL_HTTP_ADDR``, ``NOMAD_ADDR`` (with
+``CONSUL_HTTP_TOKEN`` / ``NOMAD_TOKEN``, and the CLIs' TLS variables), ``SHEPARD_TEST_JOB`` (a job
+whose tasks render ``local/shepard.tpl`` and may be restarted) and ``SHEPARD_TEST_PREFIX`` (the key
+prefix its templates read, used by nothing else) are set; there restarts are counted from Nomad's
+task states and events, and afterwards every key the playbooks wrote under the prefix is deleted,
+except the job's trigger keys (deleting one would restart its task once more). The agent example
+runs in ``test_agent_role.py``. The others are sim-only: they break the job's configuration or
+change its Consul key through the simulator (a halted rollout, resume and abort, the restart
+example), or follow a rollout by the simulator's record (``wait: false``).
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 
+from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.clock import Clock
-from shepard_lib.config import NomadConfig
+from shepard_lib.config import ConsulConfig, NomadConfig, load_config
 from shepard_lib.keyspace import Keyspace, TaskScope, nomad_template_block, shepard_template
 from shepard_lib.sim.cluster import SimCluster
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
@@ -47,8 +53,9 @@ SCENARIO = REPO / "examples" / "scenarios" / "web-9.yaml"
 SCALE = 25.0
 TOKEN = "ansible-acl-token-4b1d7e90c3"
 REAL_SKIP = (
-    "set CONSUL_HTTP_ADDR, NOMAD_ADDR (and CONSUL_HTTP_TOKEN / NOMAD_TOKEN) and SHEPARD_TEST_JOB "
-    "(a job whose tasks render local/shepard.tpl) to run against a real cluster"
+    "set CONSUL_HTTP_ADDR, NOMAD_ADDR (and CONSUL_HTTP_TOKEN / NOMAD_TOKEN), SHEPARD_TEST_JOB "
+    "(a job whose tasks render local/shepard.tpl) and SHEPARD_TEST_PREFIX (the key prefix they read) "
+    "to run against a real cluster"
 )
 
 pytestmark = pytest.mark.skipif(
@@ -68,6 +75,10 @@ class Target:
     tokens: list[str | None] = field(default_factory=lambda: [None, None])
     """The Consul and the Nomad ACL token."""
     sim: SimCluster | None = None
+    consul_tls: dict[str, Any] = field(default_factory=dict)
+    """The TLS settings of Consul's ConsulConfig (ca_file, cert_file, key_file, verify), if any."""
+    nomad_settings: dict[str, Any] = field(default_factory=dict)
+    """The same for Nomad, with its namespace and region if not the defaults."""
 
     def connection(self) -> dict[str, Any]:
         """The module_defaults of group/shepard.nomad.shepard."""
@@ -84,13 +95,27 @@ class Target:
     def kv_index(self) -> int:
         """Consul's X-Consul-Index of the whole KV store: it moves with any KV write."""
         headers = {"X-Consul-Token": self.tokens[0]} if self.tokens[0] else {}
-        reply = requests.get(f"{self.consul_addr}/v1/kv/?recurse", headers=headers, timeout=30)
+        tls = _requests_tls(self.consul_tls)
+        reply = requests.get(f"{self.consul_addr}/v1/kv/?recurse", headers=headers, timeout=30, **tls)
         assert reply.status_code in (200, 404), reply.text
         return int(reply.headers["X-Consul-Index"])
 
 
+def _requests_tls(tls: dict[str, Any]) -> dict[str, Any]:
+    """``requests`` arguments for the TLS settings (``_tls``) of a ConsulConfig or NomadConfig."""
+    verify = False if tls.get("verify") is False else tls.get("ca_file") or True
+    cert = (tls["cert_file"], tls["key_file"]) if tls.get("cert_file") else None
+    return {"verify": verify, "cert": cert}
+
+
+def _tls(config: ConsulConfig | NomadConfig) -> dict[str, Any]:
+    """The TLS settings of ``config`` that are not the defaults."""
+    settings = {"ca_file": config.ca_file, "cert_file": config.cert_file, "key_file": config.key_file}
+    return {**{k: v for k, v in settings.items() if v}, **({} if config.verify else {"verify": False})}
+
+
 @pytest.fixture(autouse=True)
-def _isolated(no_client_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SHEPARD_CONFIG_PATH", raising=False)
 
 
@@ -111,23 +136,58 @@ def sim(sim_cluster_factory: SimClusterFactory) -> SimCluster:
 
 
 @pytest.fixture
-def target(sim: SimCluster, tmp_path: Path) -> Target:
+def target(sim: SimCluster, tmp_path: Path, no_client_env: None) -> Target:
     config = _config(tmp_path / "shepard.yaml")
     return Target(sim.consul_addr, sim.nomad_addr, "web", config, [TOKEN, TOKEN], sim)
 
 
-@pytest.fixture(params=["sim", "real"])
+@pytest.fixture(params=["sim", pytest.param("real", marks=pytest.mark.real_cluster)])
 def any_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    """The simulator, or the real cluster the CLIs' environment variables name."""
     if request.param == "sim":
-        yield request.getfixturevalue("target")
+        yield request.getfixturevalue("target")  # it clears those variables: nothing may reach a cluster
         return
     env = os.environ
-    if not (env.get("CONSUL_HTTP_ADDR") and env.get("NOMAD_ADDR") and env.get("SHEPARD_TEST_JOB")):
+    names = ("CONSUL_HTTP_ADDR", "NOMAD_ADDR", "SHEPARD_TEST_JOB", "SHEPARD_TEST_PREFIX")
+    if not all(env.get(name) for name in names):
         pytest.skip(REAL_SKIP)
-    tokens = [env.get("CONSUL_HTTP_TOKEN") or None, env.get("NOMAD_TOKEN") or None]
+    cfg = load_config(env=env)  # as the CLIs read them: CONSUL_HTTP_ADDR's host:port form means http
+    prefix = env["SHEPARD_TEST_PREFIX"]
+    consul_tls = _tls(cfg.consul)
+    scope = {"namespace": cfg.nomad.namespace if cfg.nomad.namespace != "default" else None}
+    scope["region"] = cfg.nomad.region
+    nomad_settings = {**_tls(cfg.nomad), **{k: v for k, v in scope.items() if v}}
+    # The job's templates read its trigger keys under SHEPARD_TEST_PREFIX: Shepard must write there.
+    # Addresses and tokens are the modules' options; the rest of the CLIs' variables (TLS files,
+    # Nomad's namespace and region) come with the configuration file.
+    settings = {"key_prefix": prefix, "min_healthy_time": "2s", "healthy_deadline": "300s"}
+    settings.update({k: v for k, v in (("consul", consul_tls), ("nomad", nomad_settings)) if v})
     config = tmp_path / "shepard.yaml"
-    config.write_text("{}\n", encoding="utf-8")
-    yield Target(env["CONSUL_HTTP_ADDR"], env["NOMAD_ADDR"], env["SHEPARD_TEST_JOB"], str(config), tokens)
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    tokens = [cfg.consul.token, cfg.nomad.token]
+    yield Target(
+        cfg.consul.address,
+        cfg.nomad.address,
+        env["SHEPARD_TEST_JOB"],
+        str(config),
+        tokens,
+        consul_tls=consul_tls,
+        nomad_settings=nomad_settings,
+    )
+    _delete_all_but_trigger_keys(cfg.consul, prefix)
+
+
+def _delete_all_but_trigger_keys(config: ConsulConfig, prefix: str) -> None:
+    """Delete what the playbooks wrote under ``prefix`` (plans, slots), keeping the trigger keys
+    (``<prefix>/keys/``): the job's templates read them, and deleting one restarts its task once more."""
+    consul = ConsulBackend(config, Clock())
+    try:
+        keep = Keyspace(prefix).keys_prefix()
+        for key in consul.keys(prefix + "/"):
+            if not key.startswith(keep):
+                consul.delete(key)
+    finally:
+        consul.close()
 
 
 def run_playbook(
@@ -366,6 +426,7 @@ def _wait_for_plan_status(target: Target, key: str, status: str, timeout: float)
             params={"index": index, "wait": "30s"},
             headers=headers,
             timeout=60,
+            **_requests_tls(target.consul_tls),
         )
         index = int(reply.headers["X-Consul-Index"])
         if reply.status_code == 200:
@@ -409,19 +470,6 @@ def test_example_jobspec_renders_the_exact_template_block(tmp_path: Path) -> Non
     assert _unquote(templates["local/app.conf"]["change_mode"]) == "noop"
 
 
-def test_example_agent_playbook_is_valid(tmp_path: Path) -> None:
-    argv = [
-        str(ANSIBLE_PLAYBOOK),
-        "--syntax-check",
-        "-i",
-        str(EXAMPLES / "inventory.ini"),
-        str(EXAMPLES / "agent.yml"),
-    ]
-    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(REPO), ANSIBLE_HOME=str(tmp_path / "ansible-home"))
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 def _unquote(value: str) -> str:
     """python-hcl2 (7+) keeps the quotes of string attributes and labels, and a heredoc's markers."""
     return value[1:-1] if value.startswith('"') and value.endswith('"') else value
@@ -432,7 +480,8 @@ def _nomad(target: Target) -> Iterator[NomadBackend]:
     """Shepard's Nomad client for ``target``, to read allocations before and after a playbook."""
     token = target.tokens[1]
     clock = target.sim.clock if target.sim is not None else Clock()  # the sim says its scale: it must agree
-    backend = NomadBackend(NomadConfig(address=target.nomad_addr, token=token), clock)
+    config = NomadConfig(address=target.nomad_addr, token=token, **target.nomad_settings)
+    backend = NomadBackend(config, clock)
     try:
         yield backend
     finally:
@@ -442,7 +491,10 @@ def _nomad(target: Target) -> Iterator[NomadBackend]:
 def _restart_intervals(target: Target, alloc_id: str, task: str, since_ns: int) -> list[tuple[int, int]]:
     """[restart signalled, started again] intervals of a task after ``since_ns``, from Nomad's task events."""
     headers = {"X-Nomad-Token": target.tokens[1]} if target.tokens[1] else {}
-    body = requests.get(f"{target.nomad_addr}/v1/allocation/{alloc_id}", headers=headers, timeout=30).json()
+    url = f"{target.nomad_addr}/v1/allocation/{alloc_id}"
+    params = {k: v for k, v in target.nomad_settings.items() if k in ("namespace", "region")}
+    tls = _requests_tls(target.nomad_settings)
+    body = requests.get(url, params=params, headers=headers, timeout=30, **tls).json()
     intervals, began = [], None
     for event in body["TaskStates"][task]["Events"]:
         if event["Time"] <= since_ns:

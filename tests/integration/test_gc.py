@@ -28,7 +28,7 @@ from shepard_lib.config import ConsulConfig, NomadConfig, ShepardConfig, default
 from shepard_lib.errors import ConsulError
 from shepard_lib.gc import GCReport, GCScope, Rule, SkipReason, collect_garbage
 from shepard_lib.keyspace import Keyspace, TaskRef, TaskScope
-from shepard_lib.model import KVEntry, TxnOp, TxnResult
+from shepard_lib.model import KVEntry, TxnOp, TxnResult, TxnVerb
 from shepard_lib.plan import MemberSpec, PlanSettings, claim, finish, new_plan, register
 from shepard_lib.session import Session
 from shepard_lib.sim.cluster import SimCluster
@@ -116,8 +116,11 @@ def cluster(request: pytest.FixtureRequest, sim_cluster_factory: SimClusterFacto
         made.nomad.close()
 
 
-def plan_value(job: str, *, restarting: bool = False, complete_at: float | None = None) -> bytes:
-    """An encoded plan of ``job``/app/server: a member restarting, or complete at ``complete_at``."""
+def plan_value(
+    job: str, *, restarting: bool = False, complete_at: float | None = None, holder: str = "s"
+) -> bytes:
+    """An encoded plan of ``job``/app/server: a member restarting (held by session ``holder``), or
+    complete at ``complete_at``."""
     now = complete_at or 1.0
     plan = new_plan(job, "app", "server", None, instance_count=1, settings=PlanSettings(), now=now)
     plan = register(plan, [MemberSpec("a1", "node-1", 0)], now=now)
@@ -126,7 +129,7 @@ def plan_value(job: str, *, restarting: bool = False, complete_at: float | None 
             plan,
             "a1",
             holder="h",
-            session="s",
+            session=holder,
             holder_name="t",
             restarts_before=0,
             started_before=None,
@@ -152,19 +155,30 @@ def test_stale_keys_go_by_rule_while_held_restarting_and_unknown_keys_stay(clust
     ks, ghost, gone_job = cluster.keys, f"ghost-{uuid.uuid4().hex[:6]}", f"gone-{uuid.uuid4().hex[:6]}"
     ready = cluster.ready_node()
     gone_scope, held_scope = TaskScope(gone_job, "app", "server"), TaskScope(f"{gone_job}-b", "app", "server")
+    orphan_scope = TaskScope(f"{gone_job}-c", "app", "server")  # a member restarting, its holder dead
     stale = {
         ks.trigger_key(TaskRef(ghost, "web", "app", "server", 0)): Rule.NODE_GONE,
         ks.node_key(ghost): Rule.NODE_GONE,
         ks.trigger_key(TaskRef(ready, gone_job, "app", "server", 0)): Rule.JOB_GONE,
         ks.task_lock_key(gone_scope): Rule.JOB_GONE,
         ks.slot_key(gone_scope, 0): Rule.JOB_GONE,
+        ks.task_lock_key(orphan_scope): Rule.JOB_GONE,
+        ks.slot_key(orphan_scope, 0): Rule.JOB_GONE,
     }
+    with Session(cluster.consul, "gc test dead holder", ttl=60, clock=cluster.clock) as dead:
+        assert cluster.consul.acquire(ks.slot_key(orphan_scope, 0), "dead holder", dead.id)
+        dead_holder = dead.id
     for key in stale:
-        cluster.consul.put(key, plan_value(gone_job) if key.endswith("task_lock") else b"x")
+        if key == ks.task_lock_key(orphan_scope):
+            cluster.consul.put(key, plan_value(orphan_scope.job, restarting=True, holder=dead_holder))
+        elif key != ks.slot_key(orphan_scope, 0):
+            cluster.consul.put(key, plan_value(gone_job) if key.endswith("task_lock") else b"x")
     unknown = f"{cluster.cfg.key_prefix}/operator-notes"
     cluster.consul.put(unknown, "keep me")
-    cluster.consul.put(ks.task_lock_key(held_scope), plan_value(held_scope.job, restarting=True))
     with Session(cluster.consul, "gc test holder", ttl=60, clock=cluster.clock) as holder:
+        cluster.consul.put(
+            ks.task_lock_key(held_scope), plan_value(held_scope.job, restarting=True, holder=holder.id)
+        )
         assert cluster.consul.acquire(ks.slot_key(held_scope, 0), "holder", holder.id)
         assert cluster.consul.acquire(ks.node_key(f"{ghost}-2"), "agent", holder.id)
         report = cluster.gc()
@@ -184,7 +198,8 @@ def test_stale_keys_go_by_rule_while_held_restarting_and_unknown_keys_stay(clust
         ks.slot_key(held_scope, 0),
         ks.node_key(f"{ghost}-2"),
     } <= set(left)
-    assert report.deleted_by_rule() == {"node_gone": 2, "job_gone": 3}
+    assert report.deleted_by_rule() == {"node_gone": 2, "job_gone": 5}
+    assert report.skipped_by_reason() == {"unknown_key": 1, "plan_restarting": 2, "held": 1}
 
 
 class RewriteAfterScan:
@@ -217,6 +232,43 @@ def test_a_key_rewritten_between_scan_and_delete_survives_and_the_rest_go(cluste
     assert set(cluster.present()) & set(doomed) == {doomed[2]}
 
 
+class DestroySessionBeforeTxn:
+    """A Consul that destroys ``session`` (the GC leader lock's) just before sending txn number ``at``."""
+
+    def __init__(self, consul: ConsulBackend, session: Session, at: int) -> None:
+        self._consul = consul
+        self._session = session
+        self._at = at
+        self.txns: list[list[TxnOp]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consul, name)
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        self.txns.append(list(ops))
+        if len(self.txns) == self._at:  # Consul frees the lock; the pass has not noticed
+            self._consul.session_destroy(self._session.id)
+        return self._consul.txn(ops)
+
+
+def test_a_pass_whose_leader_lock_is_lost_midway_deletes_nothing_after(cluster: Cluster) -> None:
+    ghost = f"ghost-{uuid.uuid4().hex[:6]}"
+    stale = _stale_triggers(cluster, 130, node=ghost)  # 63 + 63 + 4 deletes: three txns
+    with Session(cluster.consul, "gc test leader", ttl=60, clock=cluster.clock) as session:
+        consul = DestroySessionBeforeTxn(cluster.consul, session, at=2)
+        report = cluster.gc(consul, session=session)  # type: ignore[arg-type]
+    assert len(consul.txns) == 2, "nothing is sent after the refused txn"
+    assert all(
+        t[0].verb is TxnVerb.CHECK_SESSION and t[0].key == cluster.keys.gc_leader_key() for t in consul.txns
+    )
+    assert [len(t) for t in consul.txns] == [64, 64]
+    first = {op.key for op in consul.txns[0][1:]}
+    assert set(by_rule(report)) == first
+    assert set(by_reason(report)) == set(stale) - first
+    assert set(by_reason(report).values()) == {SkipReason.LOCK_LOST}
+    assert set(stale) & set(cluster.present()) == set(stale) - first, "only the first txn's keys went"
+
+
 def test_dry_run_reports_what_would_go_and_changes_nothing(cluster: Cluster) -> None:
     ks, ghost = cluster.keys, f"ghost-{uuid.uuid4().hex[:6]}"
     for i in range(3):
@@ -242,6 +294,7 @@ def _stale_triggers(c: Cluster, n: int, node: str = "ghost") -> list[str]:
     return keys
 
 
+@pytest.mark.parametrize("scope", [GCScope.CLUSTER, GCScope.NODE])
 @pytest.mark.parametrize(
     ("fault", "error"),
     [
@@ -250,13 +303,21 @@ def _stale_triggers(c: Cluster, n: int, node: str = "ghost") -> list[str]:
         ("known_leader_missing", "X-Nomad-KnownLeader is missing"),
         ("known_leader_false", "X-Nomad-KnownLeader is 'false'"),
         ("timeout", "no answer before the timeout"),
+        ("unreachable", "cannot reach Nomad at http://127.0.0.1:9: connection refused"),
     ],
 )
 def test_nomad_that_cannot_be_asked_means_nothing_is_deleted(
-    simc: Cluster, sim: SimCluster, fault: str, error: str
+    simc: Cluster, sim: SimCluster, fault: str, error: str, scope: GCScope
 ) -> None:
-    keys = _stale_triggers(simc, 3)
-    nomad = NomadBackend(simc.cfg.nomad, simc.clock, retry=NO_RETRY, timeout=1.0)
+    node = "ghost" if scope is GCScope.CLUSTER else "node-1"
+    keys = [k for k in _stale_triggers(simc, 3, node=node) if k not in _live_triggers(simc, sim)]
+    assert keys, "some of the keys are stale"
+    address = (
+        "http://127.0.0.1:9" if fault == "unreachable" else simc.cfg.nomad.address
+    )  # nothing listens on 9
+    nomad = NomadBackend(
+        dataclasses.replace(simc.cfg.nomad, address=address), simc.clock, retry=NO_RETRY, timeout=1.0
+    )
     faults = sim.nomad_faults
     if fault == "error_500":
         faults.error_rate = 1.0
@@ -266,18 +327,27 @@ def test_nomad_that_cannot_be_asked_means_nothing_is_deleted(
         faults.known_leader = None
     elif fault == "known_leader_false":
         faults.known_leader = "false"
-    else:
+    elif fault == "timeout":
         faults.latency = sim.clock.cluster(5.0)  # five real seconds: past the 1 s timeout
     try:
         before = simc.present()
-        report = collect_garbage(simc.consul, nomad, simc.cfg, clock=simc.clock)
+        where = node if scope is GCScope.NODE else None
+        report = collect_garbage(simc.consul, nomad, simc.cfg, scope=scope, node=where, clock=simc.clock)
     finally:
         faults.reset()
         nomad.close()
     assert not report.ok and report.error and error in report.error, report.to_dict()
     assert report.deleted == [] and report.planned == []
     assert simc.present() == before and set(keys) <= set(before)
-    assert simc.gc().deleted_by_rule() == {"node_gone": 3}, "once Nomad answers, the keys go"
+    again = simc.gc(scope=scope, node=where)
+    assert set(by_rule(again)) == set(keys), "once Nomad answers, the keys go"
+
+
+def _live_triggers(c: Cluster, sim: SimCluster) -> set[str]:
+    return {
+        c.keys.trigger_key(TaskRef(a.node.name, "web", "app", "server", a.index))
+        for a in sim.nomad.allocations("web")
+    }
 
 
 def test_node_down_less_than_the_timeout_keeps_its_keys_and_longer_loses_them(
@@ -407,7 +477,7 @@ def test_two_gc_runs_at_once_do_the_work_once_without_errors(simc: Cluster) -> N
     assert third.ok and third.deleted == [] and third.skipped == []
 
 
-def test_one_pass_reads_each_source_once_and_deletes_64_keys_per_request(
+def test_one_pass_reads_each_source_once_and_deletes_63_keys_per_request(
     simc: Cluster, sim: SimCluster
 ) -> None:
     _stale_triggers(simc, 300)
@@ -416,7 +486,7 @@ def test_one_pass_reads_each_source_once_and_deletes_64_keys_per_request(
     report = simc.gc()
     assert report.deleted_by_rule() == {"node_gone": 300}
     consul = sim.consul_server.requests.snapshot()
-    assert consul["/v1/txn"] == {"PUT": 5}  # ceil(300 / 64)
+    assert consul["/v1/txn"] == {"PUT": 5}  # ceil(300 / 63): each txn is 63 deletes and the leader fence
     kv = consul["/v1/kv"]
     assert kv.get("GET") == 1, kv  # the one ?recurse scan
     assert kv.get("PUT") == 2, kv  # the leader lock: acquire and release

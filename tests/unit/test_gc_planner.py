@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -18,6 +19,7 @@ from shepard_lib.gc.planner import (
     PlanFacts,
     ScannedKey,
     classify,
+    holder_sessions_to_check,
     plan_cluster_pass,
     plan_node_pass,
 )
@@ -32,7 +34,7 @@ SETTINGS = GCSettings(node_cleanup_timeout=24 * HOUR, plan_retention=24 * HOUR)
 SCOPE = TaskScope("web", "app", "server")
 
 
-def plan_value(status: str, *, updated_at: float = NOW, job: str = "web") -> bytes:
+def plan_value(status: str, *, updated_at: float = NOW, job: str = "web", holder: str = "s") -> bytes:
     """An encoded plan: ``planned`` (a member pending), ``restarting`` (one restarting) or ``complete``."""
     plan = new_plan(job, "app", "server", None, instance_count=1, settings=PlanSettings(), now=updated_at)
     plan = register(plan, [MemberSpec("a1", "node-1", 0)], now=updated_at)
@@ -41,7 +43,7 @@ def plan_value(status: str, *, updated_at: float = NOW, job: str = "web") -> byt
             plan,
             "a1",
             holder="h",
-            session="s",
+            session=holder,
             holder_name="agent",
             restarts_before=0,
             started_before=None,
@@ -94,8 +96,10 @@ def trigger(node: str = "node-1", job: str = "web", index: int = 0, task: str = 
     return KS.trigger_key(TaskRef(node, job, "app", task, index))
 
 
-def decide(keys: Sequence[ScannedKey], v: NomadView) -> tuple[dict[str, Rule], dict[str, SkipReason]]:
-    deletions, skips = plan_cluster_pass(keys, v, SETTINGS)
+def decide(
+    keys: Sequence[ScannedKey], v: NomadView, gone_sessions: frozenset[str] = frozenset()
+) -> tuple[dict[str, Rule], dict[str, SkipReason]]:
+    deletions, skips = plan_cluster_pass(keys, v, SETTINGS, gone_sessions)
     return {d.key: d.rule for d in deletions}, {s.key: s.reason for s in skips}
 
 
@@ -129,7 +133,9 @@ def test_classify_reverses_escaped_names_with_the_keyspace() -> None:
 
 def test_classify_keeps_the_plan_facts_not_the_value() -> None:
     restarting = scanned(KS.task_lock_key(SCOPE), plan_value("restarting"))
-    assert restarting.plan == PlanFacts(PlanStatus.PLANNED, restarting=1, updated_at=NOW)
+    assert restarting.plan == PlanFacts(
+        PlanStatus.PLANNED, restarting=1, updated_at=NOW, holders=frozenset({"s"})
+    )
     assert scanned(KS.task_lock_key(SCOPE), b"{not json").plan == PlanFacts(status=None)
 
 
@@ -306,6 +312,37 @@ def test_plan_and_slots_of_a_gone_job_go_unless_a_member_is_restarting() -> None
     }
 
 
+def test_a_gone_jobs_plan_whose_restarting_holders_are_all_gone_goes_with_its_slots() -> None:
+    gone = TaskScope("old", "app", "server")
+    keys = [
+        scanned(KS.task_lock_key(gone), plan_value("restarting", job="old")),  # member a1 held by session "s"
+        scanned(KS.slot_key(gone, 0)),
+        scanned(KS.slot_key(gone, 1), session="someone else"),
+    ]
+    assert holder_sessions_to_check(keys, view()) == {"s"}
+    for gone_sessions in ({"s"}, {"s", "other"}):
+        deleted, skipped = decide(keys, view(), gone_sessions=frozenset(gone_sessions))
+        assert deleted == {KS.task_lock_key(gone): Rule.JOB_GONE, KS.slot_key(gone, 0): Rule.JOB_GONE}
+        assert skipped == {KS.slot_key(gone, 1): SkipReason.HELD}
+
+    deleted, skipped = decide(keys, view(), gone_sessions=frozenset({"other"}))  # "s" still lives
+    assert deleted == {}
+    assert skipped == {k.key: SkipReason.PLAN_RESTARTING for k in keys}
+
+
+def test_a_live_jobs_plan_with_a_restarting_member_stays_whatever_its_holder() -> None:
+    keys = [scanned(KS.task_lock_key(SCOPE), plan_value("restarting")), scanned(KS.slot_key(SCOPE, 0))]
+    assert holder_sessions_to_check(keys, view()) == set(), "a live job's holders are not even looked up"
+    assert decide(keys, view(), gone_sessions=frozenset({"s"})) == ({}, {})
+    ks = Keyspace(lock_scope=LockScope.NODE)
+    on_gone_node = TaskScope("web", "app", "server", "absent")
+    keys = [classify(entry(ks.task_lock_key(on_gone_node), plan_value("restarting")), ks)]
+    deleted, skipped = decide(keys, view(), gone_sessions=frozenset({"s"}))
+    assert (deleted, skipped) == ({}, {ks.task_lock_key(on_gone_node): SkipReason.PLAN_RESTARTING}), (
+        "only a gone job's plan goes with its dead holders"
+    )
+
+
 def test_an_unreadable_plan_is_reported_and_kept() -> None:
     gone = TaskScope("old", "app", "server")
     deleted, skipped = decide([scanned(KS.task_lock_key(gone), b"written by something else")], view())
@@ -351,30 +388,43 @@ def test_node_pass_deletes_only_this_nodes_dead_triggers_and_only_when_it_is_rea
 # --- the executor --------------------------------------------------------------------------------------
 
 
-class ScriptedConsul:
-    """A Consul whose txn applies delete-cas to a dict, with scripted failures."""
+LEADER = KS.gc_leader_key()
+FENCE = TxnOp(TxnVerb.CHECK_SESSION, LEADER, session="gc-session")
 
-    def __init__(self, store: dict[str, int]) -> None:
+
+class ScriptedConsul:
+    """A Consul whose txn applies delete-cas to a dict (and check-session on ``holders``), with scripted
+    failures; as in Consul, every op runs and every refusal is named, and any refusal applies nothing."""
+
+    def __init__(self, store: dict[str, int], holders: dict[str, str] | None = None) -> None:
         self.store = store
+        self.holders = holders if holders is not None else {LEADER: "gc-session"}
         self.txns: list[list[TxnOp]] = []
         self.errors: list[ConsulError] = []  # raised by the next txns, in order
+        self.after_txn: list[Callable[[], None]] = []  # run after the next txns, in order
 
     def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
         assert len(ops) <= MAX_TXN_OPS
-        assert all(op.verb is TxnVerb.DELETE_CAS for op in ops)
+        assert all(op.verb in (TxnVerb.DELETE_CAS, TxnVerb.CHECK_SESSION) for op in ops)
         self.txns.append(list(ops))
         if self.errors:
             raise self.errors.pop(0)
-        stale = [
-            (i, f'failed to delete key "{op.key}", index is stale')
-            for i, op in enumerate(ops)
-            if op.key in self.store and self.store[op.key] != op.index
-        ]
-        if stale:
-            return TxnResult(ok=False, errors=tuple(stale))
-        for op in ops:
-            self.store.pop(op.key, None)
-        return TxnResult(ok=True)
+        refused = [(i, why) for i, op in enumerate(ops) if (why := self._refusal(op))]
+        if not refused:
+            for op in ops:
+                if op.verb is TxnVerb.DELETE_CAS:
+                    self.store.pop(op.key, None)
+        if self.after_txn:
+            self.after_txn.pop(0)()
+        return TxnResult(ok=not refused, errors=tuple(refused))
+
+    def _refusal(self, op: TxnOp) -> str:
+        if op.verb is TxnVerb.CHECK_SESSION:
+            held = self.holders.get(op.key, "")
+            return "" if held == op.session else f'failed session check for key "{op.key}"'
+        if op.key in self.store and self.store[op.key] != op.index:
+            return f'failed to delete key "{op.key}", index is stale'
+        return ""
 
 
 class NoSleep:
@@ -452,3 +502,364 @@ def test_a_lost_leader_lock_stops_before_the_next_transaction() -> None:
     out = delete_all(consul, doomed, stop=lambda: next(calls), clock=NoSleep())  # type: ignore[arg-type]
     assert len(out.deleted) == 64
     assert len(out.skipped) == 66 and {s.reason for s in out.skipped} == {SkipReason.LOCK_LOST}
+
+
+# --- the leader fence --------------------------------------------------------------------------------
+
+
+def test_a_fenced_txn_opens_with_the_check_session_and_carries_at_most_63_deletes() -> None:
+    doomed = deletions(200)
+    consul = ScriptedConsul({d.key: 5 for d in doomed})
+    out = delete_all(consul, doomed, fence=FENCE, clock=NoSleep())  # type: ignore[arg-type]
+    assert [len(t) for t in consul.txns] == [64, 64, 64, 12]  # 63 + 63 + 63 + 11 deletes, each + the fence
+    assert all(t[0] == FENCE and FENCE not in t[1:] for t in consul.txns)
+    assert len(out.deleted) == 200 and not out.failed and not out.skipped
+    with pytest.raises(ValueError, match=r"1\.\.63"):
+        delete_all(consul, doomed, fence=FENCE, batch=64)  # type: ignore[arg-type]
+
+
+def test_a_refused_fence_stops_the_pass_and_deletes_nothing_more() -> None:
+    doomed = deletions(200)
+    consul = ScriptedConsul({d.key: 5 for d in doomed})
+    consul.after_txn = [lambda: consul.holders.pop(LEADER)]  # the session is destroyed after txn 1
+    out = delete_all(consul, doomed, fence=FENCE, clock=NoSleep())  # type: ignore[arg-type]
+    assert len(consul.txns) == 2, "the refused txn is not sent again, and no other follows"
+    assert out.deleted == doomed[:63]
+    assert [s.key for s in out.skipped] == [d.key for d in doomed[63:]]
+    assert {s.reason for s in out.skipped} == {SkipReason.LOCK_LOST}
+    assert "failed session check" in out.skipped[0].why
+    assert set(consul.store) == {d.key for d in doomed[63:]}
+    assert not out.failed
+
+
+def test_a_refused_fence_wins_over_stale_deletes_in_the_same_txn() -> None:
+    doomed = deletions(10)
+    store = {d.key: 5 for d in doomed}
+    store[doomed[4].key] = 6  # refused too, in the same txn as the fence
+    consul = ScriptedConsul(store, holders={LEADER: "another session"})
+    out = delete_all(consul, doomed, fence=FENCE, clock=NoSleep())  # type: ignore[arg-type]
+    assert len(consul.txns) == 1 and not out.deleted and not out.failed
+    assert [(s.key, s.reason) for s in out.skipped] == [(d.key, SkipReason.LOCK_LOST) for d in doomed]
+    assert len(store) == 10
+
+
+def test_a_fenced_txn_refused_in_part_retries_the_unchanged_keys_then_stops_when_the_lock_goes() -> None:
+    doomed = deletions(10)
+    store = {d.key: 5 for d in doomed}
+    store[doomed[3].key] = 6  # op index 4: the fence is op 0
+    consul = ScriptedConsul(store)
+    consul.after_txn = [lambda: consul.holders.pop(LEADER)]  # lost before the retry
+    out = delete_all(consul, doomed, fence=FENCE, clock=NoSleep())  # type: ignore[arg-type]
+    assert [len(t) for t in consul.txns] == [11, 10]
+    assert [(s.key, s.reason) for s in out.skipped] == [(doomed[3].key, SkipReason.CHANGED)] + [
+        (d.key, SkipReason.LOCK_LOST) for d in doomed if d is not doomed[3]
+    ]
+    assert not out.deleted and len(store) == 10
+
+
+# --- what each decision carries: the scanned index and the words the report prints ------------------
+
+
+def test_every_decision_carries_the_scanned_index_and_says_why() -> None:
+    old, restarting, dead, done = (
+        TaskScope(job, "app", task)
+        for job, task in (("old", "server"), ("old2", "server"), ("old3", "server"), ("web", "done"))
+    )
+    keys = [
+        scanned(trigger(node="ghost"), index=11),
+        scanned(trigger(job="old"), index=12),
+        scanned(trigger(index=3), index=13),
+        scanned(trigger(node="down1"), index=14),
+        scanned(KS.node_key("down2"), index=15),
+        scanned(trigger(node="init1"), index=16),
+        scanned(KS.node_key("ghost2"), index=17, session="sess-9"),
+        scanned("shepard/notes", index=18),
+        scanned(KS.task_lock_key(old), b"not a plan", index=19),
+        scanned(KS.task_lock_key(restarting), plan_value("restarting", job="old2"), index=20),
+        scanned(KS.slot_key(restarting, 0), index=21),
+        scanned(KS.task_lock_key(dead), plan_value("restarting", job="old3", holder="dead"), index=22),
+        scanned(KS.slot_key(dead, 0), index=23),
+        scanned(KS.slot_key(SCOPE, 0), index=24),
+        scanned(KS.task_lock_key(done), plan_value("complete", updated_at=NOW - 25 * HOUR), index=25),
+        scanned(KS.slot_key(done, 0), index=26),
+        scanned(KS.node_key("down3"), index=27),
+    ]
+    nodes = {
+        "node-1": ("ready", NOW - HOUR),
+        "down1": ("down", NOW - HOUR),
+        "down2": ("down", NOW - 25 * HOUR),
+        "init1": ("initializing", NOW),
+        "down3": ("disconnected", NOW + 5),  # Nomad's clock behind the node's update: "for 0s"
+    }
+    v = view(nodes=nodes)
+    assert holder_sessions_to_check(keys, v) == {"s", "dead"}
+    deletions, skips = plan_cluster_pass(keys, v, SETTINGS, frozenset({"dead"}))
+    assert sorted((d.key, d.modify_index, d.rule, d.why) for d in deletions) == sorted(
+        [
+            (
+                KS.task_lock_key(dead),
+                22,
+                Rule.JOB_GONE,
+                "job old3 no longer exists or is stopped; the holders of its 1 restarting member(s) are gone",
+            ),
+            (KS.task_lock_key(done), 25, Rule.PLAN_EXPIRED, "complete for 25h (gc_plan_retention 24h)"),
+            (trigger(node="ghost"), 11, Rule.NODE_GONE, "node ghost is not in Nomad"),
+            (trigger(job="old"), 12, Rule.JOB_GONE, "job old no longer exists or is stopped"),
+            (
+                trigger(index=3),
+                13,
+                Rule.ALLOC_GONE,
+                "no live allocation web.app[3] with task server on node node-1",
+            ),
+            (KS.node_key("down2"), 15, Rule.NODE_DOWN, "node down2 down for 25h (node_cleanup_timeout 24h)"),
+            (KS.slot_key(dead, 0), 23, Rule.JOB_GONE, "job old3 no longer exists or is stopped"),
+            (KS.slot_key(SCOPE, 0), 24, Rule.PLAN_GONE, "task web/app/server has no plan"),
+            (
+                KS.slot_key(done, 0),
+                26,
+                Rule.PLAN_EXPIRED,
+                "its plan goes: complete for 25h (gc_plan_retention 24h)",
+            ),
+        ]
+    )
+    assert sorted((s.key, s.reason, s.why) for s in skips) == sorted(
+        [
+            (
+                KS.task_lock_key(old),
+                SkipReason.PLAN_UNREADABLE,
+                "job old no longer exists or is stopped, but the value is not a plan this code reads",
+            ),
+            (
+                KS.task_lock_key(restarting),
+                SkipReason.PLAN_RESTARTING,
+                "job old2 no longer exists or is stopped, but 1 member(s) restarting",
+            ),
+            (
+                trigger(node="down1"),
+                SkipReason.NODE_DOWN_RECENTLY,
+                "node down1 down for 1h, less than node_cleanup_timeout 24h",
+            ),
+            (trigger(node="init1"), SkipReason.NODE_NOT_READY, "node init1 is initializing"),
+            (
+                KS.node_key("ghost2"),
+                SkipReason.HELD,
+                "node ghost2 is not in Nomad, but held by session sess-9",
+            ),
+            ("shepard/notes", SkipReason.UNKNOWN_KEY, "not a key Shepard writes under its prefix"),
+            (
+                KS.slot_key(restarting, 0),
+                SkipReason.PLAN_RESTARTING,
+                "job old2 no longer exists or is stopped, but its plan has a member restarting",
+            ),
+            (
+                KS.node_key("down3"),
+                SkipReason.NODE_DOWN_RECENTLY,
+                "node down3 disconnected for 0s, less than node_cleanup_timeout 24h",
+            ),
+        ]
+    )
+
+
+def test_the_node_pass_says_why_and_reports_keys_it_does_not_own() -> None:
+    keys = [
+        scanned("shepard/keys/node-1/web/app", index=3),  # not a trigger key: reported, and the pass goes on
+        scanned(trigger(node="node-2"), index=4),  # another node's key (a scan of node-1 never holds one)
+        scanned(trigger(index=1), index=5),
+        scanned(trigger(job="gone"), index=6),
+    ]
+    deletions, skips = plan_node_pass(keys, view(), "node-1")
+    assert [(d.key, d.modify_index, d.rule, d.why) for d in deletions] == [
+        (
+            trigger(index=1),
+            5,
+            Rule.ALLOC_GONE,
+            "no live allocation web.app[1] with task server on node node-1",
+        ),
+        (trigger(job="gone"), 6, Rule.JOB_GONE, "job gone no longer exists or is stopped"),
+    ]
+    assert [(s.key, s.reason, s.why) for s in skips] == [
+        ("shepard/keys/node-1/web/app", SkipReason.UNKNOWN_KEY, "not a trigger key of this node"),
+        (trigger(node="node-2"), SkipReason.UNKNOWN_KEY, "not a trigger key of this node"),
+    ]
+    for nodes, shown in (({}, "not in Nomad"), ({"node-1": ("down", NOW)}, "down")):
+        _, skips = plan_node_pass(keys[2:], view(nodes=nodes), "node-1")
+        assert [(s.key, s.reason, s.why) for s in skips] == [
+            (k.key, SkipReason.NODE_NOT_READY, f"node node-1 is {shown}: left to the cluster pass")
+            for k in keys[2:]
+        ]
+
+
+def test_ages_at_exactly_the_limit_go() -> None:
+    keys = [
+        scanned(KS.node_key("down"), index=3),
+        scanned(KS.task_lock_key(SCOPE), plan_value("complete", updated_at=NOW - 24 * HOUR), index=4),
+    ]
+    deleted, skipped = decide(keys, view(nodes={"node-1": ("ready", NOW), "down": ("down", NOW - 24 * HOUR)}))
+    assert deleted == {KS.node_key("down"): Rule.NODE_DOWN, KS.task_lock_key(SCOPE): Rule.PLAN_EXPIRED}
+    assert skipped == {}
+
+
+def test_node_state_of_other_statuses_and_status_times_below_one_second() -> None:
+    def fold(*records: tuple[str, float]) -> NodeState:
+        return NodeState.of(
+            NodeInfo(f"id{i}", "n", s, status_updated_at=t) for i, (s, t) in enumerate(records)
+        )
+
+    assert fold(("initializing", 0.0)) == NodeState("initializing")
+    assert fold(("alpha", 0.0), ("initializing", 0.0)) == NodeState("initializing")
+    assert fold(("down", 5.0), ("zeta", 0.0), ("alpha", 0.0)) == NodeState("alpha")
+    assert fold(("down", 0.5)) == NodeState("down", 0.5)
+
+
+def test_the_view_keeps_every_live_allocation_and_merges_the_tasks_of_one_slot() -> None:
+    allocs = [
+        alloc("node-1", "web", 0, status="complete"),
+        alloc("node-1", "web", 1),
+        alloc("node-1", "web", 2, tasks=("a",)),
+        alloc("node-1", "web", 2, tasks=("b",)),
+        alloc("node-1", "unlisted", 0),  # its job is not in the job list: live under its ID
+    ]
+    v = view(allocs=allocs)
+    ref = TaskRef("node-1", "web", "app", "server", 1)
+    assert v.is_live(ref)
+    assert not v.is_live(dataclasses.replace(ref, alloc_index=0))
+    assert v.is_live(dataclasses.replace(ref, alloc_index=2, task="a"))
+    assert v.is_live(dataclasses.replace(ref, alloc_index=2, task="b"))
+    assert v.is_live(TaskRef("node-1", "unlisted", "app", "server", 0))
+
+
+def test_node_scoped_plans_and_slots_by_their_node_and_job() -> None:
+    ks = Keyspace(lock_scope=LockScope.NODE)
+    on = {n: TaskScope("web", "app", "server", n) for n in ("node-1", "recent")}
+    keys = [
+        classify(
+            entry(ks.task_lock_key(on["node-1"]), plan_value("complete", updated_at=NOW - 25 * HOUR)), ks
+        ),
+        classify(entry(ks.task_lock_key(on["recent"]), plan_value("planned")), ks),
+        classify(entry(ks.slot_key(on["recent"], 0)), ks),
+        classify(entry(ks.slot_key(TaskScope("web", "app", "other", "node-1"), 0)), ks),
+    ]
+    deletions, skips = plan_cluster_pass(
+        keys, view(nodes={"node-1": ("ready", NOW), "recent": ("down", NOW - HOUR)}), SETTINGS
+    )
+    assert [(d.key, d.rule, d.why) for d in deletions] == [
+        (ks.task_lock_key(on["node-1"]), Rule.PLAN_EXPIRED, "complete for 25h (gc_plan_retention 24h)"),
+        (
+            ks.slot_key(TaskScope("web", "app", "other", "node-1"), 0),
+            Rule.PLAN_GONE,
+            "task web/app/other@node-1 has no plan",
+        ),
+    ]
+    assert [(s.key, s.reason, s.why) for s in skips] == [
+        (
+            ks.task_lock_key(on["recent"]),
+            SkipReason.NODE_DOWN_RECENTLY,
+            "node recent down for 1h, less than node_cleanup_timeout 24h",
+        ),
+        (
+            ks.slot_key(on["recent"], 0),
+            SkipReason.NODE_DOWN_RECENTLY,
+            "node recent down for 1h, less than node_cleanup_timeout 24h",
+        ),
+    ]
+
+
+def test_a_held_plan_stays_and_keeps_its_free_slots() -> None:
+    keys = [
+        scanned(KS.task_lock_key(SCOPE), plan_value("complete", updated_at=NOW - 25 * HOUR), session="x"),
+        scanned(KS.slot_key(SCOPE, 0)),
+    ]
+    deleted, skipped = decide(keys, view())
+    assert (deleted, skipped) == ({}, {KS.task_lock_key(SCOPE): SkipReason.HELD})
+
+
+def test_a_restarting_member_without_a_session_keeps_its_plan() -> None:
+    gone = TaskScope("old", "app", "server")
+    keys = [scanned(KS.task_lock_key(gone), plan_value("restarting", job="old", holder=""))]
+    assert holder_sessions_to_check(keys, view()) == set()
+    deleted, skipped = decide(keys, view(), gone_sessions=frozenset({"s"}))
+    assert (deleted, skipped) == ({}, {KS.task_lock_key(gone): SkipReason.PLAN_RESTARTING})
+
+
+# --- the executor's refusals, failures and retries, exactly -------------------------------------------
+
+
+@pytest.mark.parametrize("fence", [None, FENCE])
+@pytest.mark.parametrize("changed", [0, 9])
+def test_a_refusal_of_the_first_or_last_delete_skips_that_key_only(fence: TxnOp | None, changed: int) -> None:
+    doomed = deletions(10)
+    store = {d.key: 5 for d in doomed}
+    store[doomed[changed].key] = 6
+    consul = ScriptedConsul(store)
+    out = delete_all(consul, doomed, fence=fence, clock=NoSleep())  # type: ignore[arg-type]
+    assert [(s.key, s.reason, s.why) for s in out.skipped] == [
+        (doomed[changed].key, SkipReason.CHANGED, "written since the scan (test)")
+    ]
+    assert out.deleted == [d for d in doomed if d is not doomed[changed]] and not out.failed
+
+
+def test_a_rollback_that_names_none_of_the_deletes_fails_them_all_with_consuls_words() -> None:
+    class RollingBack(ScriptedConsul):
+        def __init__(self, errors: tuple[tuple[int, str], ...]) -> None:
+            super().__init__({})
+            self.rollback = errors
+
+        def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+            self.txns.append(list(ops))
+            return TxnResult(ok=False, errors=self.rollback)
+
+    doomed = deletions(70)  # two batches: the failures of both are reported
+    for errors, what in (
+        (
+            ((64, "op 64 is not ours"), (99, "nor 99")),
+            "op 64 is not ours; nor 99",
+        ),  # 64: just past the last op
+        ((), "transaction rolled back"),
+    ):
+        consul = RollingBack(errors)
+        out = delete_all(consul, doomed, clock=NoSleep())  # type: ignore[arg-type]
+        assert len(consul.txns) == 2 and not out.deleted and not out.skipped
+        assert [(f.key, f.error) for f in out.failed] == [(d.key, what) for d in doomed]
+
+
+def test_failures_name_each_key_with_the_error_and_add_up_across_batches() -> None:
+    doomed = deletions(70)
+    consul = ScriptedConsul({d.key: 5 for d in doomed})
+    consul.errors = [ConsulError("txn", "Permission denied", status=403)] * 2
+    out = delete_all(consul, doomed, clock=NoSleep())  # type: ignore[arg-type]
+    assert [len(t) for t in consul.txns] == [64, 6]
+    error = str(ConsulError("txn", "Permission denied", status=403))
+    assert [(f.key, f.error) for f in out.failed] == [(d.key, error) for d in doomed]
+
+
+class RecordingSleep:
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+def test_a_5xx_is_retried_after_1s_then_2s_and_a_4xx_not_at_all() -> None:
+    doomed = deletions(2)
+    clock = RecordingSleep()
+    consul = ScriptedConsul({d.key: 5 for d in doomed})
+    consul.errors = [ConsulError("txn", "boom", status=500)] * 3
+    out = delete_all(consul, doomed, clock=clock)  # type: ignore[arg-type]
+    assert clock.slept == [1.0, 2.0] and len(consul.txns) == 3 and len(out.failed) == 2
+
+    for status in (400, 499):
+        clock = RecordingSleep()
+        consul = ScriptedConsul({d.key: 5 for d in doomed})
+        consul.errors = [ConsulError("txn", "bad request", status=status)]
+        out = delete_all(consul, doomed, clock=clock)  # type: ignore[arg-type]
+        assert clock.slept == [] and len(consul.txns) == 1 and len(out.failed) == 2
+
+
+def test_a_batch_of_one_is_allowed_and_of_none_refused() -> None:
+    doomed = deletions(3)
+    consul = ScriptedConsul({d.key: 5 for d in doomed})
+    out = delete_all(consul, doomed, batch=1, clock=NoSleep())  # type: ignore[arg-type]
+    assert [len(t) for t in consul.txns] == [1, 1, 1] and len(out.deleted) == 3
+    with pytest.raises(ValueError, match=r"1\.\.64, got 0"):
+        delete_all(consul, doomed, batch=0)  # type: ignore[arg-type]

@@ -143,7 +143,7 @@ def test_sim_request_counts_by_shape(sim_consul: ConsulTarget) -> None:
     key = sim_consul.key("a")
     c = sim_consul.client()
     c.kv.put(key, "1")
-    _, entry = c.kv.get(key, consistent=True)
+    _, entry = c.kv.get(key, consistency="consistent")
     c.kv.get(key, index=entry["ModifyIndex"], wait="10ms")
     c.kv.get(sim_consul.key("missing"))
     txn = [{"KV": {"Verb": "cas", "Key": key, "Value": "", "Index": 1}}]

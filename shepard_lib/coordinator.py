@@ -843,7 +843,11 @@ class Coordinator:
         txn writes nothing (refused, an error) the deferred finish is written alone."""
         deferred = self._deferred
         # After a restart's health wait, other processes' lanes have most likely written the plan.
-        read_first = deferred is not None and self._written_elsewhere(key, deferred.target.alloc_id)
+        read_first = (
+            deferred is not None
+            and self.written_elsewhere(key, deferred.target.alloc_id)
+            and not self.plans.read_since(key, self._since)  # read for this drive already (a lane's choice)
+        )
         try:
             plan = self.plans.update_at(key, self._with_deferred(key, change), ops=ops, read_first=read_first)
         except BaseException:
@@ -1012,7 +1016,7 @@ class Coordinator:
             )
 
         slot = release.holding if release is not None else None
-        read_first = self._written_elsewhere(key, target.alloc_id)
+        read_first = self.written_elsewhere(key, target.alloc_id)
         if release is not None and slot is not None:
             try:
                 plan = self.plans.update_at(
@@ -1034,11 +1038,12 @@ class Coordinator:
         member = plan.members.get(alloc_id) if plan is not None else None
         return member is not None and member.state == MemberState.RESTARTING and not member.rerun
 
-    def _written_elsewhere(self, key: str, alloc_id: str) -> bool:
-        """Whether the plan was most likely written by another process while ``alloc_id``'s restart ran:
-        the plan last seen here has another member restarting under a session this process does
-        not hold (its holder finishes it meanwhile). Then a finish reads the plan first instead of
-        having its write on the stale one refused (see :meth:`PlanStore.update_at`)."""
+    def written_elsewhere(self, key: str, alloc_id: str = "") -> bool:
+        """Whether the plan at ``key`` was most likely written by another process since it was last seen
+        here (while ``alloc_id``'s restart ran): it has another member restarting under a session this
+        process does not hold (its holder finishes it meanwhile). Then a write after a health wait
+        reads the plan first instead of having its write on the stale one refused (see
+        :meth:`PlanStore.update_at`), and a lane chooses its next member from a fresh read."""
         plan, _ = self.plans.known(key)
         return plan is not None and any(
             other != alloc_id

@@ -117,7 +117,7 @@ class _Worker:
         self._skipped: set[tuple[str, int]] = set()  # (alloc, generation) that cannot be driven
         self._retry_at: dict[tuple[str, int], float] = {}  # whose drive failed, and when to try it again
         self._lane: Coordinator | None = None  # the coordinator that keeps this worker's slot, if any
-        self._just_read: list[tuple[Plan, int]] | None = None  # plans _drive_orphan read, for _idle
+        self._just_read: list[tuple[Plan, int, str]] | None = None  # plans _drive_orphan read, for _idle
         self._again: list[Target] = []  # members whose finish sent them back to pending (see _end_lane)
         self.thread = threading.Thread(
             target=self._run, name=f"shepard-rollout[{'/'.join(name)}]", daemon=True
@@ -234,7 +234,7 @@ class _Worker:
 
     # --- members nobody else will drive --------------------------------------------------------------
 
-    def _plans(self, *, known: bool = False) -> list[tuple[Plan, int]]:
+    def _plans(self, *, known: bool = False) -> list[tuple[Plan, int, str]]:
         """The task's plans (one, or one per node with lock_scope node) that still have work.
 
         ``known``: as last seen in this process (a lane choosing its next member: a stale plan
@@ -267,7 +267,7 @@ class _Worker:
                 log.warning("%s: unreadable plan at %s: %s", self.label, key, exc)
                 continue
             if plan is not None and not plan.halted and _open(plan):
-                plans.append((plan, index))
+                plans.append((plan, index, key))
         return plans
 
     def _drive_orphan(self) -> bool:
@@ -275,8 +275,12 @@ class _Worker:
         self._just_read = None
         try:
             lane = self._in_lane()
+            since = PlanStore.mark()
             plans = self._plans(known=lane)
-            if not plans and lane:
+            keeper = self._lane if lane else None
+            if keeper is not None and any(keeper.written_elsewhere(key) for _, _, key in plans):
+                plans = self._plans()  # other agents' lanes wrote since: choose from what is there now
+            elif not plans and lane:
                 plans = self._plans()  # none left in what is known: make sure
             if not lane or not plans:
                 self._just_read = plans  # read consistently: _idle decides on it if nothing is driven here
@@ -284,7 +288,7 @@ class _Worker:
                 return False
             alive = set() if lane else self._alive_nodes()
             me = self._lane or self.host.coordinator()
-            for plan, _ in plans:
+            for plan, _, _ in plans:
                 members = sorted(plan.members.items(), key=lambda kv: kv[1].alloc_index)
                 if lane:
                     _RNG.shuffle(members)  # lanes spread over the pending members instead of colliding
@@ -303,13 +307,14 @@ class _Worker:
                     elif m.state != MemberState.PENDING:
                         continue
                     self._just_read = None
-                    self._drive(alloc_id, m.generation, m.node)
+                    self._drive(alloc_id, m.generation, m.node, since)
                     return True
         except ShepardError as exc:
             log.warning("%s: looking for members nobody drives failed: %s", self.label, exc)
         return False
 
-    def _drive(self, alloc_id: str, generation: int, node: str) -> None:
+    def _drive(self, alloc_id: str, generation: int, node: str, since: int) -> None:
+        """Drive one member (``since``: a read mark taken before the plan it was chosen from was read)."""
         try:
             alloc = self.host.nomad.allocation(alloc_id)
             job = self.host.nomad.job(self.job)
@@ -337,7 +342,7 @@ class _Worker:
                 alloc_id,
                 node,
             )
-        outcome = self._with_session(functools.partial(_drive_lane_member, target=target))
+        outcome = self._with_session(functools.partial(_drive_lane_member, target=target, since=since))
         if outcome is None:  # an error, logged: look at the member again after recheck_interval, not never
             retry_at = self.host.clock.monotonic() + self.host.recheck_interval()
             self._retry_at[(alloc_id, generation)] = retry_at
@@ -373,9 +378,9 @@ _LIVE = (AllocClientStatus.RUNNING, AllocClientStatus.PENDING)
 _RNG = random.Random()
 
 
-def _drive_lane_member(coordinator: Coordinator, target: Target) -> MemberOutcome:
+def _drive_lane_member(coordinator: Coordinator, target: Target, since: int | None = None) -> MemberOutcome:
     """Drive a member in a lane: keep the slot, finish with the next claim, leave others' restarts to them."""
-    return coordinator.drive(target, keep_slot=True, wait_for_holders=False, defer_finish=True)
+    return coordinator.drive(target, keep_slot=True, since=since, wait_for_holders=False, defer_finish=True)
 
 
 def _handle_change(coordinator: Coordinator, change: Change, since: int) -> MemberOutcome:

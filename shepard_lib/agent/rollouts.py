@@ -13,7 +13,11 @@ and Nomad on that node renders it. So a rollout across many agents runs in at mo
 that hand nothing over between restarts; the agents still waiting for a slot are not woken by
 every restart (their blocking query is on the slot prefix, which a lane leaves alone), and when a
 lane ends they find their members done (a slot wait first asks whether its member still needs a
-slot). A lane gives its slot back when the plan has no pending member left.
+slot). A lane gives its slot back when the plan has no pending member left. A lane's member found
+healthy is finished in the txn of its next claim (``drive(..., defer_finish=True)``), its last with
+the slot's release; an agent whose member another lane restarts leaves it to that lane
+(``wait_for_holders=False``) and, if that lane dies, takes it over when it next looks. The registrar
+gathers a node's changes into one plan write, 1 to 2 s after they settle (``registration_spread``).
 
 **No rollout depends on every agent being alive.** Once its own members are through, a worker
 stays while the task's plan (every node's plan of the task with ``lock_scope: node``) still has

@@ -275,10 +275,15 @@ class CoordinatorOptions:
 
 
 class _RefLog(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes every line with the task ref and the allocation."""
+    """Prefixes every line with the task ref and the allocation; a decision line (one logged with an
+    ``event`` extra) also gets them as the fields ``ref`` and ``alloc_id`` (``--log-format json``)."""
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        return f"{self.extra['prefix'] if self.extra else ''}: {msg}", kwargs
+        context = self.extra or {}
+        fields = kwargs.get("extra")
+        if fields and "event" in fields:
+            kwargs["extra"] = {"ref": context.get("ref"), "alloc_id": context.get("alloc_id"), **fields}
+        return f"{context.get('prefix', '')}: {msg}", kwargs
 
 
 def target_for(alloc: Allocation, task: str, job: Job) -> Target:
@@ -425,6 +430,7 @@ class Coordinator:
                 plan.generation,
                 plan.status.value,
                 plan.concurrent_lock_count,
+                extra={"event": "registered"},
             )
             self._hook(Step.REGISTERED, target)
         self._emit(EventKind.PLANNED, scope, "", detail=plan.status.value, count=len(targets))
@@ -702,13 +708,14 @@ class Coordinator:
             plan.concurrent_lock_count,
             clock=self._clock,
             max_wait=self._max_wait(),
+            logger=rlog,
         )
         holder_text = f"{self.name} alloc {target.alloc_id}"
         self._emit(EventKind.WAITING, scope, target.alloc_id, ref=target.ref)
         rlog.debug("waiting for a restart slot of %s (%d slots)", plan.label, plan.concurrent_lock_count)
         remaining = max(0.0, self._deadline - self._clock.monotonic())
         try:
-            held = self._kept_for(slots)
+            held = self._kept_for(slots, rlog)
             if held is None:
                 self._flush_finish()  # a deferred finish waits for no slot
             held = held or _Held(
@@ -756,8 +763,9 @@ class Coordinator:
         TTL when longer (a waiter looks again at least once per TTL, as the session renews)."""
         return max(PLAN_WAIT, self.session.ttl)
 
-    def _kept_for(self, slots: RestartSlots) -> _Held | None:
-        """The slot kept from the last member, if it is one of ``slots`` and still held."""
+    def _kept_for(self, slots: RestartSlots, rlog: _RefLog) -> _Held | None:
+        """The slot kept from the last member, if it is one of ``slots`` and still held (then
+        ``slots``, which log for this member, release it)."""
         kept, self._kept = self._kept, None
         if kept is None:
             return None
@@ -769,6 +777,8 @@ class Coordinator:
         ):
             kept.release()
             return None
+        kept.slots = slots
+        rlog.info("restart slot %s kept from the last member", kept.slot.key, extra={"event": "slot_kept"})
         return kept
 
     def _with_slot(self, target: Target, scope: TaskScope, held: _Held, rlog: _RefLog) -> object:
@@ -830,7 +840,7 @@ class Coordinator:
             self.session.drop(holder)
             raise
         if with_trigger:
-            rlog.info("claimed and triggered (fenced by %s)", held.slot.key)
+            rlog.info("claimed and triggered (fenced by %s)", held.slot.key, extra={"event": "triggered"})
         member = plan.members[target.alloc_id]
         return self._see_through(
             target, scope, held, plan, member, before=baseline, must_trigger=not with_trigger, rlog=rlog
@@ -898,6 +908,7 @@ class Coordinator:
             "reclaimed from %s; %s",
             dead.holder_name,
             "triggering again" if must_trigger else "it already restarted, checking its health",
+            extra={"event": "reclaimed"},
         )
         member = plan.members[target.alloc_id]
         return self._see_through(
@@ -984,7 +995,7 @@ class Coordinator:
         if plan.halted and not ok:
             rlog.error("plan %s is %s: %s", plan.label, plan.status.value, plan.halt_reason)
         if ok:
-            rlog.info("restarted and healthy in %.1fs", duration)
+            rlog.info("restarted and healthy in %.1fs", duration, extra={"event": "healthy"})
             self._emit(EventKind.RESTARTED, scope, target.alloc_id, ref=target.ref)
         else:
             self._emit(EventKind.FAILED, scope, target.alloc_id, ref=target.ref, detail=error or "")
@@ -1110,7 +1121,7 @@ class Coordinator:
                 cancel=self.session.lost,
             )
         except (TaskFailed, HealthTimeout) as exc:
-            rlog.error("restart failed: %s", exc)
+            rlog.error("restart failed: %s", exc, extra={"event": "failed"})
             return False, str(exc)
         return True, None
 
@@ -1234,7 +1245,10 @@ class Coordinator:
         return MemberOutcome(target, Outcome.SKIPPED, reason, stopped=stopped)
 
     def _log(self, target: Target) -> _RefLog:
-        return _RefLog(log, {"prefix": f"{describe(target.ref)} alloc {target.alloc_id}"})
+        ref = describe(target.ref)
+        return _RefLog(
+            log, {"prefix": f"{ref} alloc {target.alloc_id}", "ref": ref, "alloc_id": target.alloc_id}
+        )
 
     def _hook(self, step: Step, target: Target) -> None:
         if self._fault_hook is not None:

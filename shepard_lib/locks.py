@@ -306,6 +306,8 @@ class RestartSlots:
 
     Every holder is visible by key, and Consul frees a dead holder's slot when its session is
     invalidated. A slot's value is ``{"holder": ..., "session": ..., "acquired_at": ...}`` (JSON).
+    ``logger`` takes the "acquired" and "released" lines (events ``slot_acquired`` and
+    ``slot_released``): the coordinator passes one that names the member the slot is for.
     """
 
     def __init__(
@@ -316,6 +318,7 @@ class RestartSlots:
         *,
         clock: Clock = REAL_CLOCK,
         max_wait: float = DEFAULT_MAX_WAIT,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"restart slots: size must be >= 1, got {size!r}")
@@ -324,6 +327,7 @@ class RestartSlots:
         self._consul = consul
         self._clock = clock
         self._max_wait = max_wait
+        self._log = logger if logger is not None else log
 
     def __repr__(self) -> str:
         return f"RestartSlots(prefix={self.prefix!r}, size={self.size})"
@@ -364,7 +368,9 @@ class RestartSlots:
                 value = json.dumps({"holder": holder, "session": session.id, "acquired_at": slot.acquired_at})
                 index = _acquire_claimed(self._consul, slot.key, value, session, slot, token=True)
                 if index is not None:
-                    log.info("restart slot %s acquired by %s", slot.key, holder)
+                    self._log.info(
+                        "restart slot %s acquired by %s", slot.key, holder, extra={"event": "slot_acquired"}
+                    )
                     _HINTS.remember(session.lost, self.prefix, number)
                     return self._tokened(slot, session, index)
             return None
@@ -429,7 +435,7 @@ class RestartSlots:
     def released(self, slot: Slot) -> None:
         """``slot`` was released by a transaction carrying :meth:`unlock_op`."""
         if _CLAIMS.drop(slot.lost, slot.key, slot):
-            log.info("restart slot %s released", slot.key)
+            self._log.info("restart slot %s released", slot.key, extra={"event": "slot_released"})
 
     def release(self, slot: Slot) -> None:
         """Release ``slot`` (idempotent). A failure is logged: the slot then ends with the session."""
@@ -438,11 +444,11 @@ class RestartSlots:
         try:
             self._consul.release(slot.key, slot.session_id)
         except ShepardError as exc:
-            log.warning(
+            self._log.warning(
                 "restart slot %s: release failed, it is freed when its session ends: %s", slot.key, exc
             )
         else:
-            log.info("restart slot %s released", slot.key)
+            self._log.info("restart slot %s released", slot.key, extra={"event": "slot_released"})
 
     @contextmanager
     def hold(

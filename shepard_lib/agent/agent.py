@@ -70,8 +70,11 @@ RESTART_ONLY = (
     "watch_secrets",
     "metrics_address",
     "time_scale",
+    "log_shipping",
 )
-"""Settings a reload (SIGHUP) cannot change: the agent keeps the old values until it restarts."""
+"""Settings a reload (SIGHUP) cannot change: the agent keeps the old values until it restarts.
+(``log_shipping``: the shipping job, its sinks and their metrics are set up once, at start;
+``ship_log_interval`` is read at every round and reloads.)"""
 
 SCAN_INTERVAL = 10.0
 """Cluster seconds between digest scans of a task that fell back from inotify."""

@@ -2,7 +2,8 @@
 
 SIGTERM and SIGINT stop it: no new work, a restart in flight may finish for ``shutdown_timeout``,
 then the slots and the heartbeat are released and the session destroyed, and the process exits 0.
-SIGHUP reloads the configuration file: a bad new configuration is logged and the old one kept.
+SIGHUP reloads the configuration file: a bad new configuration is logged and the old one kept;
+the tokens of both the running and the new configuration are redacted from the logs from then on.
 While Consul or Nomad is unreachable the process logs one line per outage (the per-retry lines of
 the backends move to DEBUG, see :func:`~shepard_lib.agent.outage.quiet_retries`).
 Startup with a bad configuration raises ConfigError (exit 2), with Consul or Nomad unreachable
@@ -23,8 +24,9 @@ from shepard_lib.agent.outage import quiet_retries
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
 from shepard_lib.clock import Clock
-from shepard_lib.config import ShepardConfig
+from shepard_lib.config import ShepardConfig, secret_values
 from shepard_lib.errors import ConfigError
+from shepard_lib.logsetup import setup_logging
 
 __all__ = ["run"]
 
@@ -70,9 +72,13 @@ def _reload(
     agent: Agent, args: argparse.Namespace, load: Callable[[argparse.Namespace], ShepardConfig]
 ) -> None:
     log.info("SIGHUP: reloading the configuration")
+    running = agent.config
     try:
         cfg = load(args)
     except ConfigError as exc:
         log.error("config reload failed, keeping the running config: %s", "; ".join(exc.problems))
         return
     agent.reload(cfg)
+    # ``load`` set logging up to redact the new file's tokens; the running connections keep the
+    # old ones until a restart (RESTART_ONLY), so those stay redacted too.
+    setup_logging(cfg.log_level, cfg.log_format, secrets=[*secret_values(running), *secret_values(cfg)])

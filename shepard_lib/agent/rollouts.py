@@ -465,7 +465,12 @@ class Rollouts:
                 describe(ref),
                 alloc.id,
                 ", ".join(change.files),
-                extra={"event": "change", "alloc_id": alloc.id, "files": list(change.files)},
+                extra={
+                    "event": "change",
+                    "ref": describe(ref),
+                    "alloc_id": alloc.id,
+                    "files": list(change.files),
+                },
             )
         coordinator = self._host.coordinator()
         if coordinator is None:

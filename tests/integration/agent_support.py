@@ -7,6 +7,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
 from shepard_lib.agent import Agent
 from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.backends.nomad import NomadBackend
@@ -21,8 +24,9 @@ KEYS = Keyspace()
 SCOPE = TaskScope("web", "app", "server")
 
 
-def scenario(count: int = 9, concurrency: int = 1, nodes: int = 3) -> dict[str, Any]:
-    """``count`` web allocations over ``nodes`` nodes; config/web rendered with change_mode noop."""
+def scenario(count: int = 9, concurrency: int | None = 1, nodes: int = 3) -> dict[str, Any]:
+    """``count`` web allocations over ``nodes`` nodes; config/web rendered with change_mode noop;
+    ``concurrency`` is the job's ``shepard_concurrency`` meta (None: the agents' ``concurrency``)."""
     return web_scenario(
         count=count, nodes=[f"n{i}" for i in range(1, nodes + 1)], concurrency=concurrency, seed=5
     )
@@ -109,3 +113,22 @@ def wait_until(sim: SimCluster, condition: Any, what: str, timeout: float = 300.
             return
         assert sim.clock.monotonic() < deadline, f"timed out waiting until {what}"
         sim.consul_state.wait_for_change(index, sim.clock.real(0.5))
+
+
+def scrape(agent: Agent) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The agent's ``/metrics`` over HTTP, parsed: ``{(sample name, sorted labels): value}``."""
+    text = requests.get(f"http://{agent.metrics_address}/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(
+        value
+        for (sample, have), value in samples.items()
+        if sample == name and set(labels.items()) <= set(have)
+    )

@@ -26,6 +26,8 @@ from agent_support import (
     make_agent,
     read_plan,
     scenario,
+    scrape,
+    total,
     wait_plan,
     wait_until,
 )
@@ -39,6 +41,7 @@ from shepard_lib.coordinator import Coordinator
 from shepard_lib.errors import PlanError
 from shepard_lib.keyspace import TaskRef, TaskScope
 from shepard_lib.plan import MemberState
+from shepard_lib.sim import SimCluster
 from shepard_lib.sim.consul import ConsulServer
 from shepard_lib.sim.nomad.restarts import RestartRecord
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
@@ -120,13 +123,37 @@ def test_logs_trigger_file_and_identical_renders_restart_nothing(
         assert list(plan.members) == [key.alloc_id]
 
 
+def rendered(sim: SimCluster, value: str) -> bool:
+    """Every web allocation's ``local/app.conf`` holds ``value`` (Nomad rendered it)."""
+    files = [
+        sim.node_data_dir(a.node.name) / "alloc" / a.id / "server" / "local" / "app.conf"
+        for a in sim.nomad.allocations("web")
+    ]
+    return bool(files) and all(f.is_file() and f.read_text() == value for f in files)
+
+
 def test_two_changes_within_settle_time_are_one_rollout(sim_cluster_factory: SimClusterFactory) -> None:
     sim = sim_cluster_factory(scenario(count=6, concurrency=2), time_scale=SCALE)
-    with agents(sim, ["n1", "n2", "n3"], settle_time=20.0):
+    # A wide settle_time (5 s real) holds the second render inside the first one's window even on
+    # a busy machine; both renders reach every file, so without coalescing each agent would see two
+    # changes (and register a second generation, restarting every allocation twice).
+    settle = 100.0
+    with agents(sim, ["n1", "n2", "n3"], settle_time=settle) as running:
         sim.set_key("config/web", "v2")
+        wait_until(sim, lambda: rendered(sim, "v2"), "every allocation rendered v2")
         sim.set_key("config/web", "v3")
+        wait_until(sim, lambda: rendered(sim, "v3"), "every allocation rendered v3")
         plan = wait_plan(sim, complete(6))
-    assert plan.generation == 1
+        sim.clock.sleep(settle)  # a second change event, had there been one, would be registered by now
+        plan, _ = read_plan(sim)
+        changes = sum(
+            s.value
+            for agent in running.values()
+            for s in agent.metrics.change_events.collect()[0].samples
+            if s.name.endswith("_total")
+        )
+    assert plan is not None and plan.generation == 1, plan and plan.to_json()
+    assert changes == 6, "one change event per allocation"
     counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
     assert counts == Counter({a: 1 for a in plan.members}) and len(counts) == 6
 
@@ -278,15 +305,18 @@ def test_consul_down_longer_than_the_ttl_then_back_gets_a_new_session_and_works(
 ) -> None:
     sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
     caplog.set_level(logging.INFO)
-    with agents(sim, ["n1"]) as running:
+    with agents(sim, ["n1"], metrics_address="127.0.0.1:0") as running:
         agent = running["n1"]
         first = agent.session_id
         port = sim.consul_server.port
         sim.consul_server.stop()
         sim.clock.sleep(3 * agent.config.session_ttl)
         assert not agent.ready()
+        ready = f"http://{agent.metrics_address}/ready"
+        assert requests.get(ready, timeout=10).status_code == 503, "no live session: not ready"
         sim.consul_server = ConsulServer(sim.consul_state, port=port).start()
         wait_until(sim, lambda: agent.ready() and agent.session_id != first, "the agent has a new session")
+        assert requests.get(ready, timeout=10).status_code == 200
         holder = sim.consul_state.kv_get(KEYS.node_key("n1"))
         wait_until(
             sim,
@@ -298,7 +328,10 @@ def test_consul_down_longer_than_the_ttl_then_back_gets_a_new_session_and_works(
         )
         sim.set_key("config/web", "v2")
         plan = wait_plan(sim, complete(3))
+        samples = scrape(agent)
     assert holder is not None and len(plan.members) == 3
+    assert samples[("shepard_sessions_lost_total", ())] >= 1, samples
+    assert samples[("shepard_session_renew_failures_total", ())] >= 1, samples
     outage_lines = [r for r in caplog.records if r.getMessage().startswith("Consul unreachable")]
     assert len(outage_lines) == 1, [r.getMessage() for r in outage_lines]
     assert sum(r.getMessage().startswith("Consul reachable again") for r in caplog.records) == 1
@@ -308,9 +341,19 @@ def test_the_agent_collects_garbage_every_gc_interval(sim_cluster_factory: SimCl
     sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
     stale = KEYS.trigger_key(TaskRef("n1", "web", "app", "server", 7))  # no allocation has index 7
     sim.set_key(stale, "old trigger")
-    with agents(sim, ["n1"], gc_interval=5.0):
+    sim.set_key("shepard/notes", "an operator's key under the prefix")
+    with agents(sim, ["n1"], gc_interval=5.0, metrics_address="127.0.0.1:0") as running:
+        agent = running["n1"]
         wait_until(sim, lambda: sim.get_key(stale) is None, "the stale trigger key is collected")
         assert sim.get_key(KEYS.node_key("n1")) is not None, "the live heartbeat is kept"
+        wait_until(
+            sim,
+            lambda: total(scrape(agent), "shepard_gc_skipped_total", reason="unknown_key") >= 1,
+            "the unknown key is counted as spared",
+        )
+        samples = scrape(agent)
+        assert sim.get_key("shepard/notes") is not None, "a key Shepard does not write is never deleted"
+    assert samples[("shepard_gc_deleted_total", (("rule", "alloc_gone"),))] >= 1, samples
 
 
 def test_different_tasks_roll_out_concurrently(sim_cluster_factory: SimClusterFactory) -> None:
@@ -337,13 +380,21 @@ def test_nomad_failing_for_a_while_is_one_log_line_then_the_agent_resumes(
 ) -> None:
     sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
     caplog.set_level(logging.INFO)
-    with agents(sim, ["n1"]) as running:
+    with agents(sim, ["n1"], metrics_address="127.0.0.1:0") as running:
         agent = running["n1"]
+        base = f"http://{agent.metrics_address}"
+        assert total(scrape(agent), "shepard_request_errors_total", backend="nomad") == 0
         sim.nomad_faults.error_rate = 1.0
         wait_until(sim, lambda: not agent.ready(), "the agent is not ready while Nomad fails")
+        assert requests.get(f"{base}/ready", timeout=10).status_code == 503
+        assert requests.get(f"{base}/health", timeout=10).status_code == 200, "alive all the same"
+        failed = scrape(agent)
+        assert total(failed, "shepard_request_errors_total", backend="nomad") > 0, failed
+        assert total(failed, "shepard_request_errors_total", backend="consul") == 0, failed
         sim.clock.sleep(60.0)  # several backoff rounds
         sim.nomad_faults.error_rate = 0.0
         wait_until(sim, agent.ready, "the agent is ready again")
+        assert requests.get(f"{base}/ready", timeout=10).status_code == 200
         sim.set_key("config/web", "v2")
         plan = wait_plan(sim, complete(2))
     assert len(plan.members) == 2
@@ -412,3 +463,56 @@ def test_a_member_whose_drive_fails_twice_is_tried_again_not_dropped(
     assert list(failures.values()) == [2], failures
     restarted = Counter(r.alloc_id for r in sim.restarts())
     assert sorted(restarted.values()) == [1, 1, 1], restarted
+
+
+def test_reload_keeps_the_restart_only_settings_and_applies_the_others(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    sim = sim_cluster_factory(scenario(count=1, concurrency=None, nodes=1), time_scale=SCALE)
+    caplog.set_level(logging.INFO)
+    with agents(sim, ["n1"], concurrency=1) as running:
+        agent = running["n1"]
+        old = agent.config
+        shipping = dataclasses.replace(old.log_shipping, enabled=True, path=str(tmp_path / "tasks.jsonl"))
+        settle = 60.0
+        kept = agent.reload(
+            dataclasses.replace(
+                old, settle_time=settle, concurrency=3, session_ttl=99.0, log_shipping=shipping
+            )
+        )
+        assert kept == ["session_ttl", "log_shipping"]
+        assert agent.config.session_ttl == old.session_ttl and agent.config.log_shipping == old.log_shipping
+        assert agent.session is not None and agent.session.ttl == old.session_ttl
+        assert (agent.config.settle_time, agent.config.concurrency) == (settle, 3)
+        (key,) = agent.watched()
+        flags = sim.node_data_dir("n1") / "alloc" / key.alloc_id / "alloc" / "data" / "flags"
+        written = sim.clock.monotonic()
+        flags.write_bytes(b"on")
+        plan = wait_plan(sim, complete(1))
+        seen = sim.clock.monotonic()
+    # The watcher settled with the new settle_time (it cannot report the write sooner), and the
+    # plan it opened has the new concurrency.
+    assert seen - written >= settle, f"the change was reported {seen - written:.1f}s after the write"
+    assert plan.concurrent_lock_count == 3
+    warnings = [
+        r.getMessage() for r in caplog.records if "change only when the agent restarts" in r.getMessage()
+    ]
+    assert warnings == ["config reloaded, but session_ttl, log_shipping change only when the agent restarts"]
+
+
+def test_a_broken_config_fails_one_restart_halts_the_plan_and_counts_it(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    with agents(sim, ["n1"], max_failures=0, metrics_address="127.0.0.1:0") as running:
+        agent = running["n1"]
+        sim.set_key("config/web", "broken")  # the task's check fails with this config
+        plan = wait_plan(sim, lambda p: p.halted)
+        failed = agent.metrics.restarts_failed.labels("web", "app", "server")
+        wait_until(sim, lambda: failed._value.get() >= 1, "the failed restart is counted")
+        samples = scrape(agent)
+    task = (("group", "app"), ("job", "web"), ("task", "server"))
+    assert plan.status.value == "failed" and len(plan.in_state(MemberState.FAILED)) == 1, plan.to_json()
+    assert samples[("shepard_restarts_failed_total", task)] == 1, samples
+    assert samples[("shepard_restarts_started_total", task)] == 1, samples
+    assert total(samples, "shepard_restarts_succeeded_total") == 0, samples

@@ -21,6 +21,7 @@ import yaml
 from agent_support import KEYS, SCALE, complete, read_plan, scenario, wait_plan, wait_until
 
 from shepard_lib.keyspace import Keyspace, TaskScope
+from shepard_lib.plan import MemberState
 from shepard_lib.sim import SimCluster
 from shepard_lib.sim.consul import ConsulServer
 from shepard_lib.sim.nomad.restarts import peak_concurrency
@@ -57,11 +58,13 @@ def write_config(sim: SimCluster, node: str, path: Path, **changes: Any) -> Path
 class AgentProcess:
     """A running ``shepard agent``; its stderr goes to a file the test can read."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, *args: str) -> None:
         self.log = log
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(
-            [SHEPARD, "agent", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=self._log_file
+            [SHEPARD, "agent", "--config", str(config), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log_file,
         )
 
     def text(self) -> str:
@@ -76,14 +79,14 @@ class AgentProcess:
 
 @contextmanager
 def agent_processes(
-    sim: SimCluster, tmp_path: Path, nodes: list[str], **changes: Any
+    sim: SimCluster, tmp_path: Path, nodes: list[str], *args: str, **changes: Any
 ) -> Iterator[dict[str, AgentProcess]]:
-    """One ``shepard agent`` per node, each started once its heartbeat is held."""
+    """One ``shepard agent [args]`` per node, each started once its heartbeat is held."""
     with ExitStack() as stack:
         running = {}
         for node in nodes:
             config = write_config(sim, node, tmp_path / f"{node}.yaml", **changes)
-            process = AgentProcess(config, tmp_path / f"{node}.log")
+            process = AgentProcess(config, tmp_path / f"{node}.log", *args)
             stack.callback(process.stop)
             running[node] = process
         for node, process in running.items():
@@ -118,14 +121,20 @@ def test_sigterm_while_holding_a_slot_releases_it_destroys_the_session_and_exits
 ) -> None:
     sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
     scope = TaskScope("web", "app", "server")
+
+    def in_flight() -> list[str]:
+        plan, _ = read_plan(sim)
+        return [a for a, m in plan.members.items() if m.state is MemberState.RESTARTING] if plan else []
+
     # A long min_healthy_time keeps the slot held; shutdown_timeout lets the restart not finish.
     with agent_processes(sim, tmp_path, ["n1"], min_healthy_time="5m", healthy_deadline="10m") as running:
         agent = running["n1"]
         session = heartbeat_session(sim, "n1")
         assert session is not None
         sim.set_key("config/web", "v2")
-        wait_until(sim, lambda: slot_holder(sim, scope) is not None, "the agent holds a restart slot")
+        wait_until(sim, lambda: len(in_flight()) == 1, "the agent restarts a member")
         assert slot_holder(sim, scope) == (session, slot_holder(sim, scope)[1])  # type: ignore[index]
+        (member,) = in_flight()
         agent.proc.send_signal(signal.SIGTERM)
         code = agent.proc.wait(timeout=sim.clock.real(10.0) + 30)
         log = agent.text()
@@ -134,28 +143,49 @@ def test_sigterm_while_holding_a_slot_releases_it_destroys_the_session_and_exits
     assert heartbeat_session(sim, "n1") is None, "the heartbeat was released"
     assert not session_exists(sim, session), "the session was destroyed"
     assert "Traceback" not in log, log
+    plan, _ = read_plan(sim)
+    assert plan is not None and in_flight() == [member], "the restart in flight stays restarting"
+    assert plan.members[member].session == session, "held by the destroyed session: reclaimable"
+
+    # Another participant (an operator's `shepard restart`, joining the rollout) reclaims it.
+    config = write_config(sim, "n1", tmp_path / "operator.yaml", min_healthy_time="1s")
+    result = subprocess.run(
+        [SHEPARD, "restart", "web", "--config", str(config)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"alloc {member}: reclaimed from n1" in result.stderr, result.stderr
+    assert "event=reclaimed" in result.stderr, result.stderr
+    plan = wait_plan(sim, complete(2))
+    assert plan.members[member].session not in (None, session)
+    counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
+    assert counts == Counter({a: 1 for a in plan.members}), "the reclaimed restart was not done twice"
 
 
 def test_sighup_with_a_bad_config_keeps_the_old_one_and_with_a_good_one_applies_it(
     sim_cluster_factory: SimClusterFactory, tmp_path: Path
 ) -> None:
-    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
-    with agent_processes(sim, tmp_path, ["n1"]) as running:
+    # No shepard_concurrency in the job: a new plan takes the agent's concurrency.
+    sim = sim_cluster_factory(scenario(count=3, concurrency=None, nodes=1), time_scale=SCALE)
+    with agent_processes(sim, tmp_path, ["n1"], concurrency=1) as running:
         agent = running["n1"]
         config = tmp_path / "n1.yaml"
         good = config.read_text(encoding="utf-8")
-        config.write_text(good + "concurrency: many\n", encoding="utf-8")
+        assert "concurrency: 1\n" in good
+        config.write_text(good.replace("concurrency: 1\n", "concurrency: many\n"), encoding="utf-8")
         agent.proc.send_signal(signal.SIGHUP)
         wait_until(sim, lambda: "config reload failed" in agent.text(), "the bad reload is logged")
         assert "concurrency: expected an integer >= 1" in agent.text()
         assert agent.proc.poll() is None, "a bad config does not stop the agent"
-        config.write_text(good.replace("settle_time: 2s", "settle_time: 3s"), encoding="utf-8")
+        config.write_text(good.replace("concurrency: 1\n", "concurrency: 2\n"), encoding="utf-8")
         agent.proc.send_signal(signal.SIGHUP)
         wait_until(sim, lambda: "config reloaded" in agent.text(), "the good reload is logged")
         sim.set_key("config/web", "v2")
         plan = wait_plan(sim, complete(3))
         assert agent.proc.poll() is None
+        log = agent.text()
     assert len(plan.members) == 3, "the agent still works after both reloads"
+    assert plan.concurrent_lock_count == 2, "the reloaded concurrency is in effect"
+    assert "change only when the agent restarts" not in log, log
 
 
 @pytest.mark.parametrize("lock_scope", ["cluster", "node"])
@@ -292,3 +322,37 @@ def test_an_agent_restarted_after_a_crash_works_and_takes_its_heartbeat_when_the
         finally:
             restarted.stop()
     assert all(m.holder_name == "n1" for m in plan.members.values())
+
+
+def test_each_decision_is_one_json_line_naming_its_task_and_allocation(
+    sim_cluster_factory: SimClusterFactory, tmp_path: Path
+) -> None:
+    sim = sim_cluster_factory(scenario(count=3, concurrency=1, nodes=1), time_scale=SCALE)
+    with agent_processes(sim, tmp_path, ["n1"], "--log-format", "json") as running:
+        agent = running["n1"]
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(3))
+        wait_until(sim, lambda: agent.text().count('"event": "healthy"') == 3, "every outcome is logged")
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=120) == 0
+        lines = [json.loads(line) for line in agent.text().splitlines()]  # every line is JSON
+    refs = {a.id: f"n1/web/app/server[{a.index}]" for a in sim.nomad.allocations("web")}
+    decisions = [line for line in lines if "event" in line]
+    for line in decisions:
+        alloc_id = line["alloc_id"]
+        assert line["ref"] == refs[alloc_id], line
+        assert line["message"].startswith(f"{refs[alloc_id]} alloc {alloc_id}: "), line
+    by_alloc: dict[str, list[str]] = {}
+    for line in decisions:
+        by_alloc.setdefault(line["alloc_id"], []).append(line["event"])
+    assert set(by_alloc) == set(plan.members)
+    for alloc_id, events in by_alloc.items():
+        # One agent keeps its slot from member to member (a lane), and gives it back once at the end.
+        taken = [e for e in events if e in ("slot_acquired", "slot_kept")]
+        assert len(taken) == 1, (alloc_id, events)
+        released = [e for e in events if e == "slot_released"]
+        assert events == ["change", "registered", *taken, "triggered", "healthy", *released], (
+            alloc_id,
+            events,
+        )
+    assert Counter(e for events in by_alloc.values() for e in events)["slot_released"] == 1, by_alloc

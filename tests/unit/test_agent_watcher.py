@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shepard_lib.agent.inotify import PyInotifyWatcher
+from shepard_lib.agent.inotify import PyInotifyWatcher, WatchError, WatchLimitReached
 from shepard_lib.agent.watcher import ChangeEvent, FileWatcher, TaskKey, is_ignored
 from shepard_lib.clock import Clock
 
@@ -52,16 +53,23 @@ def next_event(got: queue.Queue[ChangeEvent]) -> ChangeEvent:
     return got.get(timeout=CLOCK.real(20 * SETTLE) + 5)
 
 
-def test_a_burst_of_writes_is_one_event_naming_the_changed_files(
-    layout: Path, events: queue.Queue[ChangeEvent]
-) -> None:
-    replace(task_dir(layout) / "local" / "app.conf", "v2")
-    (task_dir(layout).parent / "alloc" / "data" / "flags").write_text("on")
-    replace(task_dir(layout) / "local" / "app.conf", "v3")
-    event = next_event(events)
-    assert event.key == KEY
-    assert event.files == ("alloc/data/flags", "server/local/app.conf")
-    assert events.empty()
+def test_a_burst_of_writes_is_one_event_naming_the_changed_files(layout: Path) -> None:
+    # A wide settle_time (3 s real): the three writes fall in one window even on a busy machine.
+    got: queue.Queue[ChangeEvent] = queue.Queue()
+    settle = 60.0
+    watcher = FileWatcher(layout, got.put, PyInotifyWatcher, clock=CLOCK, settle_time=settle)
+    try:
+        watcher.watch(KEY)
+        replace(task_dir(layout) / "local" / "app.conf", "v2")
+        (task_dir(layout).parent / "alloc" / "data" / "flags").write_text("on")
+        replace(task_dir(layout) / "local" / "app.conf", "v3")
+        event = got.get(timeout=CLOCK.real(20 * settle) + 5)
+        assert event.key == KEY
+        assert event.files == ("alloc/data/flags", "server/local/app.conf")
+        CLOCK.sleep(2 * settle)  # a write reported on its own would have come by now
+        assert got.empty(), got.get()
+    finally:
+        watcher.close()
 
 
 def test_identical_rewrites_logs_trigger_and_temp_files_are_no_change(
@@ -130,3 +138,38 @@ def test_a_task_whose_directory_is_removed_is_dropped_without_an_event(layout: P
         assert got.empty(), "a removed task is not restarted"
     finally:
         watcher.close()
+
+
+def test_a_half_written_file_is_no_event_until_it_is_closed(
+    layout: Path, events: queue.Queue[ChangeEvent]
+) -> None:
+    app = task_dir(layout) / "local" / "app.conf"
+    with app.open("wb") as half:  # truncated, then written in two parts, as a slow writer would
+        half.write(b"first half, ")
+        half.flush()
+        # A change of another file settles and is reported meanwhile: it alone.
+        (task_dir(layout) / "local" / "other.conf").write_text("x")
+        assert next_event(events).files == ("server/local/other.conf",)
+        half.write(b"second half")
+    event = next_event(events)
+    assert event.files == ("server/local/app.conf",)
+    assert app.read_bytes() == b"first half, second half"
+
+
+@pytest.mark.parametrize(("code", "error"), [(errno.ENOSPC, WatchLimitReached), (errno.EACCES, WatchError)])
+def test_the_kernels_enospc_is_the_watch_limit_and_other_errors_are_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, error: type[WatchError]
+) -> None:
+    dirs = PyInotifyWatcher(lambda event: None)
+    try:
+        # What inotify_add_watch(2) does when the kernel refuses: returns -1 and sets errno.
+        wrapper = dirs._wm._inotify_wrapper
+        monkeypatch.setattr(wrapper, "_inotify_add_watch", lambda fd, path, mask: -1)
+        monkeypatch.setattr(wrapper, "_get_errno", lambda: code)
+        with pytest.raises(error) as raised:
+            dirs.add(tmp_path)
+        assert (type(raised.value) is WatchLimitReached) is (code == errno.ENOSPC)
+        assert str(tmp_path) in str(raised.value)
+        assert dirs.count() == 0
+    finally:
+        dirs.close()

@@ -1,0 +1,1365 @@
+"""The coordinator's decisions, one rule per test, each with the values it must produce.
+
+Written against the survivors of ``scripts/mutation coordinator`` (docs/testing.md, "Mutation
+testing"): every test here fails when one line of ``shepard_lib/coordinator.py`` that decides
+whether a waiter needs a slot, a reclaim and whether it fires again, a give-back, a skip, the
+concurrency wait, a finish and its slot release, or when a drive gives up, is changed. Each states
+the outcome it expects in full (``MemberOutcome`` equality, the events emitted, the plan written),
+so that what a result reports is pinned as well as what is decided.
+
+Sim-only: these tests read the sim's restart record and disturb its Consul and Nomad through
+proxies and the fault hook.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from coordination_support import KEYS, PLAN_KEY, SCALE, SCOPE, Cluster, restarts_by_alloc, scenario
+from fault_support import ConsulProxy
+
+from shepard_lib.backends import NomadAPI
+from shepard_lib.config import HealthSource, RestartMethod
+from shepard_lib.coordinator import (
+    INTERRUPTED,
+    SESSION_ATTEMPTS,
+    Coordinator,
+    EventKind,
+    MemberOutcome,
+    Outcome,
+    RolloutEvent,
+    SimulatedCrash,
+    Step,
+    Target,
+)
+from shepard_lib.errors import ConsulError, LockLost, NomadError
+from shepard_lib.health import HealthGate
+from shepard_lib.keyspace import TaskRef
+from shepard_lib.locks import RestartSlots
+from shepard_lib.model import Allocation, KVEntry, TxnOp, TxnResult, TxnVerb
+from shepard_lib.plan import Member, MemberState, Plan, PlanStatus, abort, require
+from shepard_lib.session import Session
+from shepard_lib.sim.pytest_plugin import SimClusterFactory
+
+pytestmark = pytest.mark.usefixtures("no_client_env")
+
+NO_SUCH_SERVICE = "no-such-service"
+"""A service Consul has no check for: healthy by source ``nomad``, never by source ``consul``."""
+
+
+class Events(list[RolloutEvent]):
+    """An observer that keeps every event."""
+
+    def __call__(self, event: RolloutEvent) -> None:
+        self.append(event)
+
+    def of(self, alloc_id: str) -> list[tuple[Any, ...]]:
+        """(kind, scope, ref, detail) of each event about ``alloc_id``, in order."""
+        return [(e.kind, e.scope, e.ref, e.detail) for e in self if e.alloc_id == alloc_id]
+
+
+class NomadProxy:
+    """A NomadAPI that passes every call to ``inner``; a test's subclass overrides the calls it disturbs."""
+
+    def __init__(self, inner: NomadAPI) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class RecordingConsul(ConsulProxy):
+    """Records the txns sent and the lock releases asked for."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.txns: list[list[TxnOp]] = []
+        self.releases: list[str] = []
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        self.txns.append(list(ops))
+        return self._inner.txn(ops)
+
+    def release(self, key: str, session_id: str) -> bool:
+        self.releases.append(key)
+        return bool(self._inner.release(key, session_id))
+
+
+def coordinator(
+    cluster: Cluster,
+    session: Session,
+    name: str,
+    *,
+    consul: Any = None,
+    nomad: Any = None,
+    **options: Any,
+) -> Coordinator:
+    """A coordinator on ``session`` whose options are the cluster's with ``options`` changed; the
+    keyword arguments Coordinator takes (observer, fault_hook, session_factory, stop) pass through."""
+    keywords = ("observer", "fault_hook", "session_factory", "stop")
+    passed = {k: options.pop(k) for k in keywords if k in options}
+    return Coordinator(
+        consul or cluster.consul,
+        nomad or cluster.nomad,
+        KEYS,
+        session,
+        replace(cluster.options, **options),
+        clock=cluster.clock,
+        name=name,
+        **passed,
+    )
+
+
+def register(cluster: Cluster, allocs: Sequence[Allocation], **options: Any) -> Plan:
+    """Register ``allocs`` in a new plan, by a coordinator with the cluster's options and ``options``."""
+    with cluster.session("planner") as session:
+        return coordinator(cluster, session, "planner", **options).register(
+            SCOPE, [cluster.target(a) for a in allocs], cluster.nomad.job("web")
+        )
+
+
+def rewrite(cluster: Cluster, alloc_id: str, **fields: Any) -> Plan:
+    """Write ``fields`` into one member of the plan (a state another participant left)."""
+
+    def change(p: Plan | None, _index: int) -> Plan:
+        plan = require(p, PLAN_KEY)
+        return replace(plan, members={**plan.members, alloc_id: replace(plan.members[alloc_id], **fields)})
+
+    return cluster.plans.update_at(PLAN_KEY, change)
+
+
+def lost_session(cluster: Cluster, name: str) -> Session:
+    """A session Consul no longer knows, and that knows it is lost."""
+    session = cluster.session(name)
+    session.create()
+    cluster.consul.session_destroy(session.id)
+    with pytest.raises(LockLost):
+        session.verify()
+    assert session.lost.is_set()
+    return session
+
+
+def wait_restarted(cluster: Cluster, alloc: Allocation) -> None:
+    """Wait (blocking queries, no sleep) until Nomad shows ``alloc``'s task running again after a restart."""
+    gate = HealthGate(
+        cluster.consul,
+        cluster.nomad,
+        source=HealthSource.NOMAD,
+        min_healthy_time=0.0,
+        healthy_deadline=60.0,
+        clock=cluster.clock,
+    )
+    gate.wait_healthy(alloc.id, "server", before=alloc.task_states["server"])
+
+
+# --- MemberOutcome.to_dict: what a result reports -----------------------------------------------------
+
+
+def test_an_outcome_reports_every_field_under_its_own_name() -> None:
+    ref = TaskRef("node-2", "web", "app", "server", 4)
+    outcome = MemberOutcome(
+        Target(ref, "alloc-1", ("web",)),
+        Outcome.FAILED,
+        "unhealthy",
+        7,
+        by="agent node-2",
+        duration=12.5,
+        reclaimed=True,
+        stopped=True,
+    )
+    assert outcome.to_dict() == {
+        "alloc_id": "alloc-1",
+        "node": "node-2",
+        "job": "web",
+        "group": "app",
+        "task": "server",
+        "alloc_index": 4,
+        "outcome": "failed",
+        "reason": "unhealthy",
+        "generation": 7,
+        "by": "agent node-2",
+        "duration": 12.5,
+        "reclaimed": True,
+        "stopped": True,
+    }
+
+
+# --- _needs_slot and driven: whether a waiter still needs a slot ----------------------------------------
+
+
+def test_a_waiter_needs_a_slot_only_for_its_pending_member_of_a_plan_that_goes_on_or_one_nobody_drives(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(3), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b, c = cluster.allocs()
+    register(cluster, [a, b, c])
+    with cluster.session("waiter") as session, cluster.session("holder") as holder:
+        waiter = coordinator(cluster, session, "waiter")
+        dead = lost_session(cluster, "dead")
+        rewrite(
+            cluster, b.id, state=MemberState.RESTARTING, holder="h", session=holder.id, holder_name="holder"
+        )
+        rewrite(cluster, c.id, state=MemberState.RESTARTING, holder="d", session=dead.id, holder_name="dead")
+        plan = cluster.plan()
+        assert waiter._needs_slot(PLAN_KEY, a.id), "a pending member of a planned plan needs its slot"
+        assert not waiter._needs_slot(PLAN_KEY, b.id), "a live holder drives it: no slot needed"
+        assert waiter.driven(plan.members[b.id])
+        assert waiter._needs_slot(PLAN_KEY, c.id), "nobody drives it: a slot to reclaim it"
+        assert not waiter.driven(plan.members[c.id])
+        assert not waiter._needs_slot(PLAN_KEY, "no-such-alloc"), "not in the plan"
+        assert not waiter._needs_slot(KEYS.task_lock_key(replace(SCOPE, task="other")), a.id), "no plan"
+        rewrite(cluster, c.id, state=MemberState.DONE, holder=None, session=None)
+        assert not waiter._needs_slot(PLAN_KEY, c.id), "a settled member needs nothing"
+        cluster.plans.update_at(
+            PLAN_KEY, lambda p, i: abort(require(p, PLAN_KEY), reason="operator", now=0.0, index=i)
+        )
+        assert not waiter._needs_slot(PLAN_KEY, a.id), "a halted plan starts no restart"
+
+
+# --- _finished_by_other and _skip: what a drive reports for a member settled by others -------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "holder_name", "expected"),
+    [
+        (MemberState.DONE, None, "other", (Outcome.RESTARTED, "restarted by other", "by other", "other")),
+        (MemberState.DONE, None, None, (Outcome.RESTARTED, "restarted by ", "by ", "")),
+        (MemberState.FAILED, "unhealthy", "other", (Outcome.FAILED, "unhealthy", "unhealthy", "other")),
+        (MemberState.FAILED, None, None, (Outcome.FAILED, "failed", "", "")),
+    ],
+    ids=["done", "done by nobody named", "failed", "failed without an error"],
+)
+def test_a_member_another_participant_settled_is_reported_as_it_settled_it(
+    sim_cluster_factory: SimClusterFactory,
+    state: MemberState,
+    error: str | None,
+    holder_name: str | None,
+    expected: tuple[Outcome, str, str, str],
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    rewrite(cluster, a.id, state=state, generation=3, holder_name=holder_name, error=error)
+    events = Events()
+    target = cluster.target(a)
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent", observer=events).drive(target)
+    kind, reason, detail, by = expected
+    assert outcome == MemberOutcome(target, kind, reason, 3, by=by)
+    event = EventKind.RESTARTED if kind is Outcome.RESTARTED else EventKind.FAILED
+    assert events.of(a.id) == [(event, SCOPE, target.ref, detail)]
+    assert restarts_by_alloc(sim) == {}
+
+
+def test_a_member_skipped_in_the_plan_is_reported_skipped_and_stopped_with_its_reason(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    rewrite(cluster, a.id, state=MemberState.SKIPPED, error="replaced: by b")
+    events = Events()
+    target = cluster.target(a)
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent", observer=events).drive(target)
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, "replaced: by b", stopped=True)
+    assert events.of(a.id) == [(EventKind.SKIPPED, SCOPE, target.ref, "replaced: by b")]
+
+
+def test_a_member_of_a_halted_plan_is_skipped_with_the_plans_reason_and_not_as_stopped(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    cluster.plans.update_at(
+        PLAN_KEY, lambda p, i: abort(require(p, PLAN_KEY), reason="operator", now=0.0, index=i)
+    )
+    events = Events()
+    target = cluster.target(a)
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent", observer=events).drive(target)
+    reason = "plan web/app/server is aborted: operator"
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, reason)
+    assert events.of(a.id) == [(EventKind.SKIPPED, SCOPE, target.ref, reason)]
+    assert cluster.plan().members[a.id].state == MemberState.PENDING
+    assert restarts_by_alloc(sim) == {}
+
+
+def test_a_member_whose_restart_this_coordinator_triggered_is_reported_restarted_when_its_session_is_lost(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim, min_healthy_time=15.0)  # longer than a renew interval: the loss is seen first
+    (a,) = cluster.allocs()
+    events = Events()
+    with cluster.session("agent") as session:
+
+        def lose_session(step: Step, target: Target) -> None:
+            if step == Step.TRIGGERED:
+                cluster.consul.session_destroy(session.id)
+
+        agent = coordinator(cluster, session, "agent", observer=events, fault_hook=lose_session)
+        outcome = agent.handle_change(a, "server")
+    target = cluster.target(a)
+    assert outcome.reason.startswith("restarted, but "), outcome
+    why = outcome.reason
+    assert why.endswith(": its health is judged by whoever takes it over")
+    assert outcome == MemberOutcome(target, Outcome.RESTARTED, why, by="agent")
+    assert events.of(a.id)[-1] == (EventKind.RESTARTED, SCOPE, target.ref, why)
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+# --- _when_full: the concurrency is taken by failed or restarting members --------------------------------
+
+
+def test_a_failed_member_healthy_again_by_the_plans_health_source_gives_back_its_share(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """c = 1, a failed (its task runs healthy again), b pending: b's drive marks a recovered and restarts b.
+
+    The plan judges health by Nomad; the driving coordinator's own source (Consul, with a service
+    that has no check) would never find a healthy: the plan's source decides.
+    """
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim, slot_timeout=30.0)
+    a, b = cluster.allocs()
+    register(cluster, [a, b], health_source=HealthSource.NOMAD, max_failures=2)
+    rewrite(cluster, a.id, state=MemberState.FAILED, error="unhealthy")
+    target = replace(cluster.target(b), services=(NO_SUCH_SERVICE,))
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", health_source=HealthSource.CONSUL)
+        started = cluster.clock.time()
+        outcome = agent.drive(target)
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    plan = cluster.plan()
+    recovered = plan.members[a.id]
+    assert (recovered.state, recovered.recovered, recovered.error) == (MemberState.FAILED, True, "unhealthy")
+    assert started <= recovered.updated_at <= cluster.clock.time()
+    assert plan.members[b.id].state == MemberState.DONE
+    assert restarts_by_alloc(sim) == {b.id: 1}
+
+
+class WatchSeen(ConsulProxy):
+    """Sets ``watched`` when a blocking query on the plan key is made (a waiter waits for the plan)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.watched = threading.Event()
+
+    def watch(self, key: str, index: int, wait: float, **kwargs: Any) -> tuple[int, list[KVEntry]]:
+        if key == PLAN_KEY:
+            self.watched.set()
+        return self._inner.watch(key, index, wait, **kwargs)  # type: ignore[no-any-return]
+
+
+def test_a_waiter_at_full_concurrency_waits_on_the_plan_for_a_live_holder_then_claims(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """c = 2: a held by a live paused holder, c failed and still down: b waits on the plan, not in a loop,
+    and claims once a finished."""
+    sim = sim_cluster_factory(scenario(3, concurrency=2), time_scale=SCALE)
+    cluster = Cluster(sim, slot_timeout=120.0, healthy_deadline=4.0)
+    a, b, c = cluster.allocs()
+    register(cluster, [a, b, c], max_failures=5)
+    rewrite(cluster, c.id, state=MemberState.FAILED, error="unhealthy")
+    claimed, go_on = threading.Event(), threading.Event()
+
+    def pause(step: Step, target: Target) -> None:
+        if step == Step.CLAIMED:
+            claimed.set()
+            assert go_on.wait(60), "the test never let the paused holder go on"
+
+    results: dict[str, MemberOutcome] = {}
+    consul = WatchSeen(cluster.consul)
+    with cluster.session("first") as first_session, cluster.session("second") as second_session:
+        first = coordinator(cluster, first_session, "first", fault_hook=pause)
+        holder = threading.Thread(target=lambda: results.setdefault("a", first.handle_change(a, "server")))
+        holder.start()
+        assert claimed.wait(30)
+        # c counts as down while its task is not healthy by the waiter's services (none has a check)
+        second = coordinator(cluster, second_session, "second", consul=consul)
+        target = replace(cluster.target(b), services=(NO_SUCH_SERVICE,))
+        waiter = threading.Thread(target=lambda: results.setdefault("b", second.drive(target)), daemon=True)
+        waiter.start()
+        watched = consul.watched.wait(20)
+        go_on.set()
+        holder.join(30)
+        waiter.join(60)
+    assert watched, "the waiter never waited on the plan"
+    assert not waiter.is_alive()
+    assert results["a"].outcome == Outcome.RESTARTED
+    assert results["b"].outcome == Outcome.FAILED, results["b"]  # its own service has no check
+    assert restarts_by_alloc(sim) == {a.id: 1, b.id: 1}
+
+
+# --- _reclaim: taking over a restart nobody drives ------------------------------------------------------
+
+
+def crash_after(step_wanted: Step, session: Session, before: Callable[[], None] = lambda: None) -> Any:
+    def hook(step: Step, target: Target) -> None:
+        if step == step_wanted:
+            before()
+            session.abandon()
+            raise SimulatedCrash(step)
+
+    return hook
+
+
+class StaleFirstRead(NomadProxy):
+    """Answers the first read of ``alloc_id`` with ``stale`` (a server not yet told of the restart)."""
+
+    def __init__(self, inner: NomadAPI, alloc_id: str, stale: Allocation) -> None:
+        super().__init__(inner)
+        self._alloc_id = alloc_id
+        self._stale: Allocation | None = stale
+
+    def allocation(self, alloc_id: str) -> Allocation:
+        if alloc_id == self._alloc_id and self._stale is not None:
+            stale, self._stale = self._stale, None
+            return stale
+        return self._inner.allocation(alloc_id)
+
+
+def test_a_nomad_api_restart_its_dead_holder_already_fired_is_reclaimed_and_not_fired_again(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    dead = cluster.session("dead")
+    dead.create()
+    hook = crash_after(Step.TRIGGERED, dead, before=lambda: wait_restarted(cluster, a))
+    first = coordinator(cluster, dead, "dead", method=RestartMethod.NOMAD_API, fault_hook=hook)
+    with pytest.raises(SimulatedCrash):
+        first.handle_change(a, "server")
+    cluster.consul.session_destroy(dead.id)
+    target = cluster.target(a)
+    with cluster.session("reclaimer") as session:
+        outcome = coordinator(cluster, session, "reclaimer", method=RestartMethod.NOMAD_API).drive(target)
+    assert restarts_by_alloc(sim) == {a.id: 1}, "the reclaimer fired a restart that had already happened"
+    assert (outcome.outcome, outcome.by, outcome.reclaimed) == (Outcome.RESTARTED, "reclaimer", True)
+    member = cluster.plan().members[a.id]
+    assert (member.state, member.holder_name) == (MemberState.DONE, "reclaimer")
+
+
+def test_a_nomad_api_claim_whose_holder_died_unfired_is_fired_by_the_reclaimer_judged_by_the_plans_source(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The plan judges health by Nomad; the reclaimer's own source (no check for its service) would not."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim, healthy_deadline=6.0)
+    (a,) = cluster.allocs()
+    dead = cluster.session("dead")
+    dead.create()
+    first = coordinator(
+        cluster,
+        dead,
+        "dead",
+        method=RestartMethod.NOMAD_API,
+        health_source=HealthSource.NOMAD,
+        fault_hook=crash_after(Step.CLAIMED, dead),
+    )
+    with pytest.raises(SimulatedCrash):
+        first.handle_change(a, "server")
+    cluster.consul.session_destroy(dead.id)
+    assert restarts_by_alloc(sim) == {}
+    target = replace(cluster.target(a), services=(NO_SUCH_SERVICE,))
+    # the reclaimer's first read shows no state for the task yet: it cannot have restarted
+    nomad = StaleFirstRead(cluster.nomad, a.id, replace(a, task_states={}))
+    with cluster.session("reclaimer") as session:
+        reclaimer = coordinator(cluster, session, "reclaimer", nomad=nomad, health_source=HealthSource.CONSUL)
+        outcome = reclaimer.drive(target)
+    assert restarts_by_alloc(sim) == {a.id: 1}
+    assert (outcome.outcome, outcome.by, outcome.reclaimed) == (Outcome.RESTARTED, "reclaimer", True), outcome
+
+
+def test_a_consul_key_claim_is_never_fired_again_by_a_reclaimer_that_has_not_seen_its_restart_yet(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """With consul_key the claim carried its trigger: the plan's method, not the reclaimer's, decides."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    dead = cluster.session("dead")
+    dead.create()
+    first = coordinator(cluster, dead, "dead", fault_hook=crash_after(Step.CLAIMED, dead))
+    with pytest.raises(SimulatedCrash):
+        first.handle_change(a, "server")
+    cluster.consul.session_destroy(dead.id)
+    nomad = StaleFirstRead(cluster.nomad, a.id, a)  # the allocation as read before the claim
+    with cluster.session("reclaimer") as session:
+        reclaimer = coordinator(cluster, session, "reclaimer", nomad=nomad, method=RestartMethod.NOMAD_API)
+        outcome = reclaimer.drive(cluster.target(a))
+    assert restarts_by_alloc(sim) == {a.id: 1}, "the reclaimer fired a consul_key claim again"
+    assert (outcome.outcome, outcome.reclaimed) == (Outcome.RESTARTED, True), outcome
+
+
+def test_a_reclaimed_member_is_held_by_the_reclaimers_claim_under_its_session(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    dead = cluster.session("dead")
+    dead.create()
+    with pytest.raises(SimulatedCrash):
+        coordinator(cluster, dead, "dead", fault_hook=crash_after(Step.CLAIMED, dead)).handle_change(
+            a, "server"
+        )
+    cluster.consul.session_destroy(dead.id)
+    seen: dict[str, Any] = {}
+    with cluster.session("reclaimer") as session:
+
+        def look(step: Step, target: Target) -> None:
+            if step == Step.CLAIMED:
+                member = cluster.plan().members[a.id]
+                sibling = coordinator(cluster, session, "sibling")  # shares the session
+                seen.update(member=member, driven=sibling.driven(member), at=cluster.clock.time())
+
+        before = cluster.clock.time()
+        outcome = coordinator(cluster, session, "reclaimer", fault_hook=look).drive(cluster.target(a))
+    member: Member = seen["member"]
+    assert (member.state, member.session, member.holder_name) == (
+        MemberState.RESTARTING,
+        session.id,
+        "reclaimer",
+    )
+    assert before <= member.updated_at <= seen["at"]
+    assert seen["driven"], "a coordinator sharing the session took the reclaimer's claim as abandoned"
+    assert (outcome.outcome, outcome.reclaimed) == (Outcome.RESTARTED, True)
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+def test_a_nomad_api_claim_whose_allocation_nomad_forgot_is_reclaimed_and_settled_skipped(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, _ = cluster.allocs()
+    dead = cluster.session("dead")
+    dead.create()
+    first = coordinator(
+        cluster, dead, "dead", method=RestartMethod.NOMAD_API, fault_hook=crash_after(Step.CLAIMED, dead)
+    )
+    with pytest.raises(SimulatedCrash):
+        first.handle_change(a, "server")
+    cluster.consul.session_destroy(dead.id)
+    sim.nomad.stop_allocation(a.id)
+    with sim.nomad.state.lock:  # the servers' GC forgets the stopped allocation
+        del sim.nomad.state.allocs[a.id]
+    target = cluster.target(a)
+    with cluster.session("reclaimer") as session:
+        outcome = coordinator(cluster, session, "reclaimer").drive(target)
+    assert "garbage-collected" in outcome.reason, outcome
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason, stopped=True)
+    member = cluster.plan().members[a.id]
+    assert (member.state, member.error) == (MemberState.SKIPPED, outcome.reason)
+    assert restarts_by_alloc(sim) == {}
+
+
+def test_an_orphan_taken_over_is_reported_under_its_own_task_and_judged_by_its_services(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """c = 2: a's holder dies during a restart into a config whose check stays critical (Nomad says
+    running); b's agent takes a over first, judges it by a's service checks: failed, not healthy."""
+    sim = sim_cluster_factory(scenario(2, concurrency=2), time_scale=SCALE)
+    cluster = Cluster(sim, healthy_deadline=6.0)
+    a, b = cluster.allocs()
+    sim.set_key("config/web", "broken")
+    dead = cluster.session("dead")
+    dead.create()
+    hook = crash_after(Step.TRIGGERED, dead, before=lambda: cluster.consul.session_destroy(dead.id))
+    with pytest.raises(SimulatedCrash):
+        coordinator(cluster, dead, "dead", fault_hook=hook, max_failures=0).handle_change(a, "server")
+    register(cluster, [b])
+    events = Events()
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent", observer=events).drive(cluster.target(b))
+    orphan = cluster.target(a)
+    assert events.of(a.id)[:2] == [
+        (EventKind.WAITING, SCOPE, orphan.ref, ""),
+        (EventKind.RESTARTING, SCOPE, orphan.ref, "reclaimed"),
+    ]
+    assert events.of(a.id)[-1][:3] == (EventKind.FAILED, SCOPE, orphan.ref)
+    plan = cluster.plan()
+    assert plan.members[a.id].state == MemberState.FAILED, plan.members[a.id]
+    assert plan.status == PlanStatus.FAILED
+    assert outcome.outcome == Outcome.SKIPPED, outcome
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+class AppliedThenUnreadable(ConsulProxy):
+    """The first plan write applies but its answer is lost, and the read that follows is refused (403):
+    the write raises although it applied."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.state = "armed"
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        if self.state == "armed" and any(op.key == PLAN_KEY and op.verb == TxnVerb.CAS for op in ops):
+            self.state = "applied"
+            assert self._inner.txn(ops).ok
+            raise ConsulError("txn", "ReadTimeout: read timed out", transient=False)
+        return self._inner.txn(ops)  # type: ignore[no-any-return]
+
+    def get(self, key: str, *, consistent: bool = False) -> KVEntry | None:
+        if self.state == "applied" and key == PLAN_KEY:
+            self.state = "refused"
+            raise ConsulError(f"kv.get {key}", "Permission denied", status=403)
+        return self._inner.get(key, consistent=consistent)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("write", ["claim", "reclaim"])
+def test_a_claim_whose_write_raised_but_applied_is_not_taken_as_driven_by_its_own_session(
+    sim_cluster_factory: SimClusterFactory, write: str
+) -> None:
+    """The claim token of a write that raised is dropped: the member it may hold is reclaimed by the
+    same drive, not waited for as if a coordinator of this session still drove it."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim, slot_timeout=60.0)
+    (a,) = cluster.allocs()
+    if write == "reclaim":
+        dead = cluster.session("dead")
+        dead.create()
+        with pytest.raises(SimulatedCrash):
+            coordinator(cluster, dead, "dead", fault_hook=crash_after(Step.CLAIMED, dead)).handle_change(
+                a, "server"
+            )
+        cluster.consul.session_destroy(dead.id)
+    else:
+        register(cluster, [a])
+    consul = AppliedThenUnreadable(cluster.consul)
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent", consul=consul).drive(cluster.target(a))
+    assert consul.state == "refused"
+    assert (outcome.outcome, outcome.by, outcome.reclaimed) == (Outcome.RESTARTED, "agent", True), outcome
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+# --- _fire: a nomad_api restart call that failed --------------------------------------------------------
+
+
+class RestartRefused(NomadProxy):
+    """Nomad refuses every restart call with an answer proving nothing applied (transient)."""
+
+    def __init__(self, inner: NomadAPI) -> None:
+        super().__init__(inner)
+        self.calls = 0
+        self.error = NomadError("restart alloc", "No cluster leader", status=500, transient=True)
+
+    def restart_task(self, alloc_id: str, task: str) -> None:
+        self.calls += 1
+        if self.calls > 5:
+            raise SimulatedCrash("the drive never gave up")
+        raise self.error
+
+
+def test_a_restart_call_proven_not_applied_gives_the_member_back_and_counts_as_an_error_until_giving_up(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    nomad = RestartRefused(cluster.nomad)
+    events = Events()
+    with cluster.session("agent") as session:
+        agent = coordinator(
+            cluster,
+            session,
+            "agent",
+            nomad=nomad,
+            observer=events,
+            method=RestartMethod.NOMAD_API,
+            error_attempts=2,
+        )
+        before = cluster.clock.time()
+        outcome = agent.handle_change(a, "server")
+    target = cluster.target(a)
+    reason = f"giving up after 2 errors: {nomad.error}"
+    assert nomad.calls == 2
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, reason)
+    assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, reason)
+    member = cluster.plan().members[a.id]
+    assert (member.state, member.holder, member.session, member.error) == (
+        MemberState.PENDING,
+        None,
+        None,
+        f"not triggered: {nomad.error}",
+    )
+    assert before <= member.updated_at <= cluster.clock.time()
+    assert restarts_by_alloc(sim) == {}
+
+
+class RestartAnswerLost(NomadProxy):
+    """Nomad restarts the task, and the answer is lost (an error that proves nothing)."""
+
+    def __init__(self, inner: NomadAPI) -> None:
+        super().__init__(inner)
+        self.calls = 0
+
+    def restart_task(self, alloc_id: str, task: str) -> None:
+        self.calls += 1
+        self._inner.restart_task(alloc_id, task)
+        raise NomadError("restart alloc", "ReadTimeout: read timed out", transient=False)
+
+
+def test_a_restart_call_that_may_have_applied_is_judged_by_health_and_never_given_back(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    nomad = RestartAnswerLost(cluster.nomad)
+    with cluster.session("agent") as session:
+        outcome = coordinator(
+            cluster, session, "agent", nomad=nomad, method=RestartMethod.NOMAD_API
+        ).handle_change(a, "server")
+    assert nomad.calls == 1
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert restarts_by_alloc(sim) == {a.id: 1}
+    assert cluster.plan().members[a.id].state == MemberState.DONE
+
+
+def test_a_restart_passes_each_step_to_the_fault_hook_and_reports_its_events_and_duration(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    steps: list[tuple[Step, str]] = []
+    events = Events()
+    with cluster.session("agent") as session:
+        agent = coordinator(
+            cluster,
+            session,
+            "agent",
+            observer=events,
+            fault_hook=lambda step, target: steps.append((step, target.alloc_id)),
+        )
+        started = cluster.clock.monotonic()
+        outcome = agent.handle_change(a, "server")
+        elapsed = cluster.clock.monotonic() - started
+    target = cluster.target(a)
+    assert steps == [(step, a.id) for step in Step]
+    assert events.of(a.id) == [
+        (EventKind.WAITING, SCOPE, target.ref, ""),
+        (EventKind.RESTARTING, SCOPE, target.ref, ""),
+        (EventKind.RESTARTED, SCOPE, target.ref, ""),
+    ]
+    assert outcome.duration is not None and 0 < outcome.duration <= elapsed, (outcome.duration, elapsed)
+    assert outcome == MemberOutcome(target, Outcome.RESTARTED, "", 1, by="agent", duration=outcome.duration)
+
+
+@pytest.mark.parametrize("change", ["plan deleted", "member dropped"])
+def test_a_member_gone_from_the_plan_while_its_drive_took_a_slot_is_skipped_not_claimed(
+    sim_cluster_factory: SimClusterFactory, change: str
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b = cluster.allocs()
+    register(cluster, [a, b])
+
+    def drop(p: Plan | None, _index: int) -> Plan:
+        plan = require(p, PLAN_KEY)
+        return replace(plan, members={k: m for k, m in plan.members.items() if k != a.id})
+
+    def remove(step: Step, target: Target) -> None:
+        if step == Step.SLOT:
+            if change == "plan deleted":
+                cluster.consul.delete(PLAN_KEY)
+                assert cluster.plans.read(PLAN_KEY) == (None, 0)  # this process knows it now
+            else:
+                cluster.plans.update_at(PLAN_KEY, drop)
+
+    events = Events()
+    target = cluster.target(a)
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent", observer=events, fault_hook=remove).drive(target)
+    reason = "not in the plan (it was deleted or replaced)"
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, reason)
+    assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, reason)
+    assert restarts_by_alloc(sim) == {}
+
+
+def test_a_claim_records_the_tasks_baseline_and_restarts_by_the_plans_method(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The plan was made with consul_key: a coordinator configured for nomad_api claims and triggers
+    in one txn all the same (the sim records a template restart, not an API one)."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    seen: dict[str, Member] = {}
+
+    def look(step: Step, target: Target) -> None:
+        if step == Step.CLAIMED:
+            seen["member"] = cluster.plan().members[target.alloc_id]
+
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", fault_hook=look, method=RestartMethod.NOMAD_API)
+        outcome = agent.drive(cluster.target(a))
+    baseline = a.task_states["server"]
+    member = seen["member"]
+    assert (member.restarts_before, member.started_before) == (baseline.restarts, baseline.started_at)
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert [r.cause for r in sim.restarts()] == ["template"]
+
+
+def test_a_claim_of_an_allocation_whose_task_has_no_state_yet_counts_from_no_restart(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    seen: dict[str, Member] = {}
+
+    def look(step: Step, target: Target) -> None:
+        if step == Step.CLAIMED:
+            seen["member"] = cluster.plan().members[target.alloc_id]
+
+    nomad = StaleFirstRead(cluster.nomad, a.id, replace(a, task_states={}))
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent", nomad=nomad, fault_hook=look).drive(
+            cluster.target(a)
+        )
+    assert (seen["member"].restarts_before, seen["member"].started_before) == (0, None)
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+# --- _finish: the outcome and the slot's release in one txn ---------------------------------------------
+
+
+def slot_unlocks(ops: Sequence[TxnOp]) -> list[str]:
+    return [op.key for op in ops if op.verb == TxnVerb.UNLOCK and op.key.startswith(KEYS.slot_prefix(SCOPE))]
+
+
+def test_the_outcome_is_written_with_the_slot_release_in_one_txn_unless_the_slot_is_kept(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(3), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b, c = cluster.allocs()
+    consul = RecordingConsul(cluster.consul)
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", consul=consul)
+        assert agent.handle_change(a, "server").outcome == Outcome.RESTARTED
+        finish = consul.txns[-1]
+        assert finish[0].verb == TxnVerb.CAS and finish[0].key == PLAN_KEY
+        assert len(slot_unlocks(finish)) == 1, finish
+        assert consul.releases == [], "the slot was released apart from the finish"
+        assert not agent.keeps_slot
+
+        assert agent.handle_change(b, "server", keep_slot=True).outcome == Outcome.RESTARTED
+        assert slot_unlocks(consul.txns[-1]) == [], "a kept slot was released by the finish"
+        assert agent.keeps_slot
+        txns = len(consul.txns)
+        assert agent.drive(cluster.target(c), keep_slot=True).outcome == Outcome.SKIPPED  # not registered
+        assert agent.keeps_slot, "a drive of the same task gave the kept slot up"
+        assert len(consul.txns) == txns
+        other = Target(TaskRef(c.node_name, "web", "app", "other", c.index), c.id)
+        assert agent.drive(other).outcome == Outcome.SKIPPED  # another task: the kept slot goes back
+        assert not agent.keeps_slot
+        assert len(consul.releases) == 1
+    assert restarts_by_alloc(sim) == {a.id: 1, b.id: 1}
+
+
+def test_a_failed_restart_records_its_error_and_halts_the_plan_at_the_index_it_was_written_on(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim, healthy_deadline=6.0)
+    a, _ = cluster.allocs()
+    sim.set_key("config/web", "broken")
+    consul = RecordingConsul(cluster.consul)
+    events = Events()
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", consul=consul, observer=events, max_failures=0)
+        outcome = agent.handle_change(a, "server")
+    assert outcome.outcome == Outcome.FAILED and outcome.reason, outcome
+    assert events.of(a.id)[-1] == (EventKind.FAILED, SCOPE, cluster.target(a).ref, outcome.reason)
+    plan = cluster.plan()
+    assert plan.status == PlanStatus.FAILED
+    assert (plan.members[a.id].state, plan.members[a.id].error) == (MemberState.FAILED, outcome.reason)
+    finish = consul.txns[-1]
+    assert finish[0].verb == TxnVerb.CAS and finish[0].key == PLAN_KEY
+    assert plan.halt_index == finish[0].index
+
+
+# --- _settle_gone: Nomad took the allocation away after the claim --------------------------------------
+
+
+def test_an_allocation_stopped_after_its_claim_is_skipped_by_its_holder_as_stopped(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim, slot_timeout=30.0)
+    a, _ = cluster.allocs()
+
+    def stop(step: Step, target: Target) -> None:
+        if step == Step.CLAIMED:
+            sim.nomad.stop_allocation(target.alloc_id)
+
+    events = Events()
+    with cluster.session("agent") as session:
+        agent = coordinator(
+            cluster, session, "agent", observer=events, fault_hook=stop, method=RestartMethod.NOMAD_API
+        )
+        outcome = agent.handle_change(a, "server")
+    target = cluster.target(a)
+    assert outcome.reason.startswith("replaced: "), outcome
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason, stopped=True)
+    assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, outcome.reason)
+    member = cluster.plan().members[a.id]
+    assert (member.state, member.error) == (MemberState.SKIPPED, outcome.reason)
+    assert restarts_by_alloc(sim) == {}
+
+
+class StopInsteadOfRestart(NomadProxy):
+    """Nomad accepts the restart call, but the allocation is stopped at that moment: nothing restarts."""
+
+    def __init__(self, inner: NomadAPI, stop: Callable[[str], Any]) -> None:
+        super().__init__(inner)
+        self._stop = stop
+
+    def restart_task(self, alloc_id: str, task: str) -> None:
+        self._stop(alloc_id)
+
+
+def test_an_allocation_stopped_during_the_health_wait_after_its_restart_counts_as_restarted(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim, min_healthy_time=30.0)  # the stop lands during the health wait
+    a, _ = cluster.allocs()
+
+    def stop_once_restarted(step: Step, target: Target) -> None:
+        if step == Step.TRIGGERED:
+            wait_restarted(cluster, a)
+            sim.nomad.stop_allocation(target.alloc_id)
+
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", fault_hook=stop_once_restarted)
+        outcome = agent.handle_change(a, "server")
+    assert (outcome.outcome, outcome.reason, outcome.stopped) == (Outcome.RESTARTED, "", False), outcome
+    assert cluster.plan().members[a.id].state == MemberState.DONE
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+def test_an_allocation_nomad_forgot_during_the_health_wait_is_settled_skipped_and_reported_restarted(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """Nothing tells any more whether it restarted: the holder settles it as skipped, and reports it
+    restarted (it sent the restart), never skipped."""
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim, min_healthy_time=30.0)
+    a, _ = cluster.allocs()
+
+    def forget_once_restarted(step: Step, target: Target) -> None:
+        if step == Step.TRIGGERED:
+            wait_restarted(cluster, a)
+            sim.nomad.stop_allocation(target.alloc_id)
+            with sim.nomad.state.lock:  # the servers' GC forgets the stopped allocation
+                del sim.nomad.state.allocs[target.alloc_id]
+
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", fault_hook=forget_once_restarted)
+        outcome = agent.handle_change(a, "server")
+    member = cluster.plan().members[a.id]
+    assert member.state == MemberState.SKIPPED and member.error and "garbage-collected" in member.error
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert outcome.reason.startswith(f"restarted, but {member.error}"), outcome
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+def test_an_allocation_stopped_instead_of_restarted_is_settled_skipped_by_its_holder(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, _ = cluster.allocs()
+    nomad = StopInsteadOfRestart(cluster.nomad, sim.nomad.stop_allocation)
+    consul = RecordingConsul(cluster.consul)
+    with cluster.session("agent") as session:
+        agent = coordinator(
+            cluster, session, "agent", consul=consul, nomad=nomad, method=RestartMethod.NOMAD_API
+        )
+        outcome = agent.handle_change(a, "server")
+    plan_writes = [ops for ops in consul.txns if ops[0].verb == TxnVerb.CAS and ops[0].key == PLAN_KEY]
+    assert len(plan_writes) == 3, "the holder did not settle its own claim (register, claim, skip)"
+    member = cluster.plan().members[a.id]
+    assert member.state == MemberState.SKIPPED and member.error and member.error.startswith("replaced: ")
+    # this coordinator sent the restart: it never reports the member as skipped
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert outcome.reason.startswith(f"restarted, but {member.error}"), outcome
+    assert restarts_by_alloc(sim) == {}
+
+
+# --- drive: sessions lost, errors, interruptions ---------------------------------------------------------
+
+
+class Factory:
+    """A session factory that counts the sessions it made; beyond ``limit`` the drive never ends."""
+
+    def __init__(self, cluster: Cluster, limit: int = 5) -> None:
+        self._cluster = cluster
+        self._limit = limit
+        self.made: list[Session] = []
+
+    def __call__(self) -> Session:
+        if len(self.made) >= self._limit:
+            raise SimulatedCrash("the drive kept replacing its session")
+        self.made.append(self._cluster.session(f"worker {len(self.made) + 1}"))
+        return self.made[-1]
+
+
+def destroy_at_slot(cluster: Cluster, agent: list[Coordinator], times: int) -> Any:
+    """Destroy the coordinator's session after it took a slot, ``times`` times."""
+    done = []
+
+    def hook(step: Step, target: Target) -> None:
+        if step == Step.SLOT and len(done) < times:
+            done.append(1)
+            cluster.consul.session_destroy(agent[0].session.id)
+
+    return hook
+
+
+def test_a_worker_that_loses_its_session_goes_on_under_a_new_one_without_counting_an_error(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    factory = Factory(cluster)
+    holder: list[Coordinator] = []
+    first = cluster.session("worker")
+    first.create()
+    worker = coordinator(
+        cluster,
+        first,
+        "worker",
+        session_factory=factory,
+        fault_hook=destroy_at_slot(cluster, holder, 1),
+        error_attempts=1,
+    )
+    holder.append(worker)
+    try:
+        outcome = worker.handle_change(a, "server")
+    finally:
+        for session in factory.made:
+            session.destroy()
+    assert len(factory.made) == 1
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+def test_a_worker_gives_its_member_up_when_it_lost_as_many_sessions_as_allowed(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    factory = Factory(cluster)
+    holder: list[Coordinator] = []
+    events = Events()
+    worker = coordinator(
+        cluster,
+        lost_session(cluster, "worker"),
+        "worker",
+        session_factory=factory,
+        observer=events,
+        fault_hook=destroy_at_slot(cluster, holder, 10),
+    )
+    holder.append(worker)
+    target = cluster.target(a)
+    try:
+        outcome = worker.drive(target)
+    finally:
+        for session in factory.made:
+            session.destroy()
+    assert len(factory.made) == SESSION_ATTEMPTS - 1
+    assert outcome.reason.startswith("session lost (") and outcome.reason.endswith(")"), outcome
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason)
+    assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, outcome.reason)
+    assert cluster.plan().members[a.id].state == MemberState.PENDING
+    assert restarts_by_alloc(sim) == {}
+
+
+def test_an_agent_without_a_session_factory_skips_its_member_once_its_session_is_lost(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    session = lost_session(cluster, "agent")
+    target = cluster.target(a)
+    outcome = coordinator(cluster, session, "agent").drive(target)
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, f"session lost ({session.lost_reason})")
+    assert restarts_by_alloc(sim) == {}
+
+
+class NoSessions(ConsulProxy):
+    """Consul refuses to create sessions."""
+
+    error = ConsulError("session.create", "Permission denied", status=403)
+
+    def session_create(self, *args: Any, **kwargs: Any) -> str:
+        raise self.error
+
+
+def test_a_worker_that_cannot_make_a_new_session_skips_its_member_saying_why(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    session = lost_session(cluster, "worker")
+    refusing = NoSessions(cluster.consul)
+
+    def factory() -> Session:
+        return Session(refusing, "worker 2", ttl=cluster.cfg.session_ttl, lock_delay=1.0, clock=cluster.clock)
+
+    target = cluster.target(a)
+    events = Events()
+    outcome = coordinator(cluster, session, "worker", session_factory=factory, observer=events).drive(target)
+    reason = f"session lost ({session.lost_reason}), and no new session: {NoSessions.error}"
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, reason)
+    assert events.of(a.id) == [(EventKind.SKIPPED, SCOPE, target.ref, reason)]
+
+
+class PlanReadsFail(ConsulProxy):
+    """Every consistent read of the plan fails with an error that is not retried; bounded."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.failures = 0
+        self.error = ConsulError(f"kv.get {PLAN_KEY}", "Permission denied", status=403)
+
+    def get(self, key: str, *, consistent: bool = False) -> KVEntry | None:
+        if key == PLAN_KEY and consistent:
+            self.failures += 1
+            if self.failures > 10:
+                raise SimulatedCrash("the drive never gave up")
+            raise self.error
+        return self._inner.get(key, consistent=consistent)  # type: ignore[no-any-return]
+
+
+def test_a_drive_gives_up_after_error_attempts_consecutive_errors_naming_the_last(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    rewrite(cluster, a.id, state=MemberState.DONE)  # a settled member is read, not taken as known
+    consul = PlanReadsFail(cluster.consul)
+    target = cluster.target(a)
+    events = Events()
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", consul=consul, observer=events, error_attempts=3)
+        outcome = agent.drive(target)
+    reason = f"giving up after 3 errors: {consul.error}"
+    assert consul.failures == 3
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, reason)
+    assert events.of(a.id) == [(EventKind.SKIPPED, SCOPE, target.ref, reason)]
+
+
+def test_an_interrupted_drive_skips_a_member_it_has_not_claimed(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    stop = threading.Event()
+    stop.set()
+    target = cluster.target(a)
+    events = Events()
+    with cluster.session("worker") as session:
+        outcome = coordinator(cluster, session, "worker", stop=stop, observer=events).drive(target)
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, INTERRUPTED)
+    assert events.of(a.id) == [(EventKind.SKIPPED, SCOPE, target.ref, INTERRUPTED)]
+    assert cluster.plan().members[a.id].state == MemberState.PENDING
+    assert restarts_by_alloc(sim) == {}
+
+
+def test_a_drive_waiting_for_a_slot_is_skipped_as_interrupted_when_stopped(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim, slot_timeout=600.0)
+    (a,) = cluster.allocs()
+    plan = register(cluster, [a])
+    stop = threading.Event()
+    waiting = threading.Event()
+
+    def observe(event: RolloutEvent) -> None:
+        if event.kind == EventKind.WAITING:
+            waiting.set()
+
+    result: dict[str, MemberOutcome] = {}
+    with cluster.session("other") as other, cluster.session("worker") as session:
+        slots = RestartSlots(
+            cluster.consul, KEYS.slot_prefix(SCOPE), plan.concurrent_lock_count, clock=cluster.clock
+        )
+        taken = slots.acquire(other, holder="other", timeout=30)  # the only slot
+        worker = coordinator(cluster, session, "worker", stop=stop, observer=observe)
+        thread = threading.Thread(
+            target=lambda: result.setdefault("a", worker.drive(cluster.target(a))), daemon=True
+        )
+        thread.start()
+        assert waiting.wait(30)
+        stop.set()
+        thread.join(30)
+        slots.release(taken)
+    assert not thread.is_alive()
+    assert result == {"a": MemberOutcome(cluster.target(a), Outcome.SKIPPED, INTERRUPTED)}
+    assert restarts_by_alloc(sim) == {}
+
+
+def release_slots_of(cluster: Cluster, agent: list[Coordinator], times: int) -> Any:
+    """After the coordinator took a slot, release it behind its back (its session lives), ``times`` times."""
+    done = []
+
+    def hook(step: Step, target: Target) -> None:
+        if step == Step.SLOT and len(done) < times:
+            done.append(1)
+            session_id = agent[0].session.id
+            for entry in cluster.consul.get_tree(KEYS.slot_prefix(SCOPE), consistent=True):
+                if entry.session == session_id:
+                    cluster.consul.release(entry.key, session_id)
+
+    hook.done = done  # type: ignore[attr-defined]
+    return hook
+
+
+def test_a_slot_lost_under_a_live_session_is_retried_as_an_error_until_giving_up(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """Also with a session factory: a new session is for a lost session, not for a lost slot."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    factory = Factory(cluster)
+    holder: list[Coordinator] = []
+    hook = release_slots_of(cluster, holder, 10)
+    target = cluster.target(a)
+    events = Events()
+    with cluster.session("worker") as session:
+        worker = coordinator(
+            cluster,
+            session,
+            "worker",
+            session_factory=factory,
+            fault_hook=hook,
+            observer=events,
+            error_attempts=2,
+        )
+        holder.append(worker)
+        outcome = worker.drive(target)
+    assert len(hook.done) == 2
+    assert factory.made == []
+    assert outcome.reason.startswith(f"plan {PLAN_KEY} not written: failed session check"), outcome
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason)
+    assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, outcome.reason)
+    assert cluster.plan().members[a.id].state == MemberState.PENDING
+    assert restarts_by_alloc(sim) == {}
+
+
+def test_a_member_restarted_in_an_earlier_drive_is_not_in_flight_in_the_next(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """A stop ends the next drive of the same allocation (a new change) before its restart starts."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    stop = threading.Event()
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", stop=stop)
+        assert agent.handle_change(a, "server").outcome == Outcome.RESTARTED
+        register(cluster, [a])  # a new change
+        stop.set()
+        outcome = agent.drive(cluster.target(a))
+    assert outcome == MemberOutcome(cluster.target(a), Outcome.SKIPPED, INTERRUPTED)
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+def test_a_drive_that_waited_slot_timeout_for_a_slot_is_skipped_naming_the_timeout(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim, slot_timeout=5.0)
+    (a,) = cluster.allocs()
+    plan = register(cluster, [a])
+    events = Events()
+    target = cluster.target(a)
+    with cluster.session("other") as other, cluster.session("worker") as session:
+        slots = RestartSlots(
+            cluster.consul, KEYS.slot_prefix(SCOPE), plan.concurrent_lock_count, clock=cluster.clock
+        )
+        taken = slots.acquire(other, holder="other", timeout=30)  # the only slot
+        outcome = coordinator(cluster, session, "worker", observer=events).drive(target)
+        slots.release(taken)
+    assert "not acquired within" in outcome.reason, outcome
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason)
+    assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, outcome.reason)
+    assert cluster.plan().members[a.id].state == MemberState.PENDING
+    assert restarts_by_alloc(sim) == {}
+
+
+# --- handle_change: the change's mark and the slot --------------------------------------------------------
+
+
+def test_an_agents_change_seen_before_an_operators_abort_does_not_reopen_the_plan(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent")
+        mark = agent.change_mark(SCOPE)
+        cluster.plans.update_at(
+            PLAN_KEY, lambda p, i: abort(require(p, PLAN_KEY), reason="operator", now=0.0, index=i)
+        )
+        outcome = agent.handle_change(a, "server", seen_index=mark)
+    assert outcome.outcome == Outcome.SKIPPED, outcome
+    assert cluster.plan().status == PlanStatus.ABORTED
+    assert restarts_by_alloc(sim) == {}
+
+
+def test_an_agent_keeps_its_slot_after_a_change_only_when_asked(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b = cluster.allocs()
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent")
+        assert agent.handle_change(a, "server").outcome == Outcome.RESTARTED
+        assert not agent.keeps_slot
+        assert agent.handle_change(b, "server", keep_slot=True).outcome == Outcome.RESTARTED
+        assert agent.keeps_slot
+        agent.release_slots()
+        assert not agent.keeps_slot
+        register(cluster, [a])  # a new change
+        assert agent.drive(cluster.target(a)).outcome == Outcome.RESTARTED
+        assert not agent.keeps_slot, "a drive kept its slot without being asked to"

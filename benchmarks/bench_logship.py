@@ -3,8 +3,9 @@
 Writes N lines (default 1,000,000) across 50 Nomad task log files (``alloc/<id>/alloc/logs/
 server.stdout.0`` under a fresh data dir), then, in the same run:
 
-* Shepard: ``LogShipper(cfg, source).ship_once()`` with the ``file`` sink and the default batch
-  settings, in a child process (so its peak RSS is its own), records as JSON lines with every tag;
+* Shepard: ``LogShipper(cfg, source).ship_once()`` with the ``file`` sink, once per
+  ``--batch-sizes`` value (the default ``batch_bytes``), in a child process (so its peak RSS is
+  its own), records as JSON lines with every tag;
 * rsyslog: ``rsyslogd -n`` with ``module(load="imfile" mode="inotify")`` reading the same 50 files
   (a wildcard input, ``addMetadata``) and ``omfile`` writing the same JSON records (the tags as
   constants, file name and offset from imfile's metadata), and with ``--rsyslog-sync`` also with
@@ -16,6 +17,7 @@ least as fast as imfile and under 100 MB RSS. Shepard fsyncs the output and its 
 every batch. Asserts nothing about timing.
 
     python benchmarks/bench_logship.py [-n 1000000] [--files 50] [--repeat 3] [--rsyslog-sync]
+                                       [--batch-sizes 500,2000,5000]
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import time
 from pathlib import Path
 
 TARGET_RSS_MB = 100
-BATCH_SIZES = (500, 5000)
-"""``log_shipping.batch_size``: the default, and larger batches (fewer fsyncs) for bulk shipping."""
+BATCH_SIZES = "500,2000,5000"
+"""``log_shipping.batch_size`` values timed by default (``--batch-sizes``)."""
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
 
 
@@ -174,6 +176,9 @@ def main() -> None:
     parser.add_argument(
         "--rsyslog-sync", action="store_true", help="also time omfile with sync=on (slow: use -n 100000)"
     )
+    parser.add_argument(
+        "--batch-sizes", default=BATCH_SIZES, help=f"log_shipping.batch_size values to time ({BATCH_SIZES})"
+    )
     args = parser.parse_args()
     have_rsyslog = Path(RSYSLOGD).exists()
     if not have_rsyslog:
@@ -190,7 +195,7 @@ def main() -> None:
                 name = f"rsyslog imfile -> omfile sync={'on' if sync else 'off'}"
                 result = run_rsyslog(data_dir, root / f"rsyslog-{sync}-{r}", args.n, sync)
                 runs.setdefault(name, []).append(result)
-            for batch_size in BATCH_SIZES:
+            for batch_size in (int(size) for size in args.batch_sizes.split(",")):
                 shepard = run_shepard(data_dir, root / f"shepard-{batch_size}-{r}", ids, batch_size)
                 assert shepard["lines"] == args.n, shepard
                 runs.setdefault(f"shepard file sink batch_size={batch_size}", []).append(shepard)

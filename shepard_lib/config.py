@@ -37,6 +37,9 @@ CONFIG_PATH_ENV = "SHEPARD_CONFIG_PATH"
 TIME_SCALE_ENV = "SHEPARD_TIME_SCALE"
 """Sets ``time_scale`` where the file does not: what ``shepard sim serve`` tells Shepard to export."""
 REDACTED = "<redacted>"
+SYSLOG_UDP_MAX_LINE = 56 * 1024
+"""The largest ``log_shipping.max_line_bytes`` with syslog over UDP: a datagram holds 65507 bytes,
+and about 8 KiB are left for the RFC 5424 header with its tags."""
 
 
 class LockScope(enum.StrEnum):
@@ -177,11 +180,23 @@ class LogShippingConfig:
         default=16384,
         metadata=_docs(
             "Longer lines are cut into pieces of at most this size (between UTF-8 characters),"
-            " each marked `log.cut`."
+            f" each marked `log.cut`; at most {SYSLOG_UDP_MAX_LINE} with the `syslog` sink over `udp`"
+            " (one datagram)."
         ),
     )
-    batch_size: int = field(default=500, metadata=_docs("Most records sent in one write or request."))
-    batch_bytes: int = field(default=1048576, metadata=_docs("Most line bytes sent in one write or request."))
+    batch_size: int = field(
+        default=5000,
+        metadata=_docs(
+            "Most records sent in one write or request (at most one batch is shipped twice after a crash)."
+        ),
+    )
+    batch_bytes: int = field(
+        default=1048576,
+        metadata=_docs(
+            "Line bytes after which a batch is sent (the line that reaches them is the batch's last,"
+            " so a batch may pass them by less than one line)."
+        ),
+    )
     buffer_limit: int = field(
         default=0,
         metadata=_docs(
@@ -830,6 +845,14 @@ def _cross_checks(data: Mapping[str, Any]) -> Iterator[str]:
     shipping = data.get("log_shipping", {})
     if LogSink.HTTP in shipping.get("sink", ()) and "http_url" not in shipping:
         yield "log_shipping.http_url: required when log_shipping.sink includes http"
+    max_line = shipping.get("max_line_bytes", LogShippingConfig.max_line_bytes)
+    udp = shipping.get("syslog_protocol", LogShippingConfig.syslog_protocol) is SyslogProtocol.UDP
+    if LogSink.SYSLOG in shipping.get("sink", ()) and udp and max_line > SYSLOG_UDP_MAX_LINE:
+        yield (
+            f"log_shipping.max_line_bytes: at most {SYSLOG_UDP_MAX_LINE} with the syslog sink over udp"
+            f" (a message is one datagram of at most 65507 bytes, header included), got {max_line};"
+            " or set log_shipping.syslog_protocol: tcp"
+        )
 
 
 def _both_tokens(path: str | None, file_layer: Mapping[str, Any]) -> Iterator[str]:

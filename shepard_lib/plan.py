@@ -46,8 +46,12 @@ resumes: a failed restart leaves its task down, and the limit counts what is rea
 failures exceed it (0: at the first).
 
 Members whose allocation Nomad stopped, replaced or garbage-collected are ``skipped`` (settled,
-never a failure), and a registration that knows the job's ``live`` allocations drops settled
-members of the others, so the plan stays bounded however many deployments the job sees.
+never a failure). A registration drops settled members of allocations Nomad replaced: those of
+an earlier allocation with the same index as one it registers (a replacement keeps its
+allocation's name and index; a failed member of the current generation and one the registration
+leaves alone are kept), and, when the caller knows the job's ``live`` allocations (a rollout),
+those of every other allocation. So the plan stays bounded however many deployments the job sees:
+about one settled member per allocation index, without a Nomad read.
 
 Wire format: JSON with ``"schema": 1``. A value that is not such JSON (corrupt, or written by
 something else) is logged with its key and replaced by a fresh plan on the next update.
@@ -471,21 +475,20 @@ def register(
     plan without opening a generation. See the module docstring for the generation rules.
     ``settings``, ``instance_count``, ``method`` and ``health_source`` are applied only when the
     plan is not active (complete, or a new change with nothing restarting): an active plan keeps
-    the concurrency it was created with, so every participant uses the same slots. ``live``
+    the concurrency it was created with, so every participant uses the same slots. Settled
+    members of allocations replaced by one of ``specs`` (the same index) are dropped; ``live``
     (every live allocation of the job, when the caller knows them) drops the settled members of
-    the others.
+    the others too.
     """
     seen = index if seen_index is None else seen_index
     specs = list(specs)
-    members = dict(plan.members)
-    if live is not None:
-        alive = set(live)
-        members = {a: m for a, m in members.items() if a in alive or m.state not in SETTLED}
 
     def covered(m: Member) -> bool:
         if join and plan.status == PlanStatus.PLANNED and m.generation == plan.generation:
             return True
         return m.claim_index is not None and m.claim_index >= seen
+
+    members = _pruned(plan, specs, live, covered)
 
     reopened = plan.halted and (plan.halt_index is None or seen > plan.halt_index)
     new_change = reopened or (
@@ -542,6 +545,33 @@ def register(
     if updated == plan:
         return plan
     return _settle(replace(updated, updated_at=now), index)
+
+
+def _pruned(
+    plan: Plan, specs: Sequence[MemberSpec], live: Iterable[str] | None, covered: Callable[[Member], bool]
+) -> dict[str, Member]:
+    """``plan``'s members without the settled ones a registration of ``specs`` may drop (module docs).
+
+    Dropped: settled members of allocations not in ``live`` (when known), and settled members of
+    an earlier allocation with the same index as a spec (Nomad's replacement of an allocation keeps
+    its name and index). Kept: pending and restarting members, a failed member of the current
+    generation (it counts against max_failures, and against the concurrency while its task is
+    down), and one the registration leaves alone (``covered``).
+    """
+    alive = set(live) if live is not None else None
+    ids = {s.alloc_id for s in specs}
+    indexes = {s.alloc_index for s in specs}
+
+    def dropped(alloc_id: str, m: Member) -> bool:
+        if m.state not in SETTLED:
+            return False
+        if alive is not None and alloc_id not in alive:
+            return True
+        if alloc_id in ids or m.alloc_index not in indexes or covered(m):
+            return False
+        return not (m.state == MemberState.FAILED and m.generation == plan.generation)
+
+    return {a: m for a, m in plan.members.items() if not dropped(a, m)}
 
 
 def claim(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shepard_lib.backends import ConsulAPI
+from shepard_lib.backends import ConsulAPI, NomadAPI
 from shepard_lib.clock import Clock
 
 
@@ -16,6 +16,16 @@ class ConsulProxy:
     """A ConsulAPI that passes every call to ``inner``; a test's subclass overrides the calls it disturbs."""
 
     def __init__(self, inner: ConsulAPI) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class NomadProxy:
+    """A NomadAPI that passes every call to ``inner``; a test's subclass overrides the calls it disturbs."""
+
+    def __init__(self, inner: NomadAPI) -> None:
         self._inner = inner
 
     def __getattr__(self, name: str) -> Any:

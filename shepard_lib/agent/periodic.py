@@ -87,10 +87,11 @@ class ShipLogsJob:
             agent.metrics.add_log_shipping(self._shipper.metrics)
         report = self._shipper.ship_once()
         if not report.ok:
-            failed = [f"{s.name}: {s.error}" for s in report.sinks if s.error is not None]
+            problems = [f"{s.name}: {s.error}" for s in report.sinks if s.error is not None]
+            problems += [report.source_error] if report.source_error else []
+            problems += report.stream_errors
             log.warning(
-                "log shipping round incomplete (%s); the rest ships at the next round",
-                "; ".join(failed) or report.source_error,
+                "log shipping round incomplete (%s); the rest ships at the next round", "; ".join(problems)
             )
 
 

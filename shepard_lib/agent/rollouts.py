@@ -24,8 +24,11 @@ stays while the task's plan (every node's plan of the task with ``lock_scope: no
 members pending or restarting, and drives, through :meth:`Coordinator.drive`, each member that
 no live agent will: a ``pending`` member on a node whose heartbeat key
 ``<prefix>/nodes/<node>`` is not held by a session (its agent is dead or was never there), or a
-``restarting`` one on such a node whose holder's session is gone. The worker wakes when a
-heartbeat changes (the agent watches the ``nodes/`` prefix) and at least every session TTL.
+``restarting`` one on such a node whose holder's session is gone. A member whose allocation Nomad
+stopped, replaced (a lost node's are) or garbage-collected is settled ``skipped`` in the plan by
+that drive, so the plan completes; one that is not gone but not running (its node disconnected) is
+looked at again later. The worker wakes when a heartbeat changes (the agent watches the ``nodes/``
+prefix) and at least every session TTL.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, Target,
 from shepard_lib.errors import NotFound, PlanError, ShepardError
 from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskRef, TaskScope
 from shepard_lib.model import Allocation, AllocClientStatus
-from shepard_lib.plan import MemberState, Plan, PlanStore
+from shepard_lib.plan import Member, MemberState, Plan, PlanStore
+from shepard_lib.recovery import stopped_reason
 from shepard_lib.trigger import describe
 
 __all__ = ["Change", "RolloutHost", "Rollouts"]
@@ -118,7 +122,7 @@ class _Worker:
         self.wake = threading.Event()
         self.busy = False  # driving a member now
         self._done = done
-        self._skipped: set[tuple[str, int]] = set()  # (alloc, generation) that cannot be driven
+        self._skipped: set[tuple[str, int]] = set()  # (alloc, generation) whose drive ended skipped
         self._retry_at: dict[tuple[str, int], float] = {}  # whose drive failed, and when to try it again
         self._lane: Coordinator | None = None  # the coordinator that keeps this worker's slot, if any
         self._just_read: list[tuple[Plan, int, str]] | None = None  # plans _drive_orphan read, for _idle
@@ -311,34 +315,37 @@ class _Worker:
                     elif m.state != MemberState.PENDING:
                         continue
                     self._just_read = None
-                    self._drive(alloc_id, m.generation, m.node, since)
+                    self._drive(alloc_id, m, since)
                     return True
         except ShepardError as exc:
             log.warning("%s: looking for members nobody drives failed: %s", self.label, exc)
         return False
 
-    def _drive(self, alloc_id: str, generation: int, node: str, since: int) -> None:
-        """Drive one member (``since``: a read mark taken before the plan it was chosen from was read)."""
+    def _drive(self, alloc_id: str, member: Member, since: int) -> None:
+        """Drive one member through :meth:`Coordinator.drive`, which settles it ``skipped`` when Nomad
+        stopped, replaced or forgot its allocation (a member left ``restarting`` is reclaimed first).
+        ``since``: a read mark taken before the plan it was chosen from was read."""
+        node, key = member.node, (alloc_id, member.generation)
+        ref = TaskRef(node, self.job, self.group, self.task, member.alloc_index)
+        target = Target(ref, alloc_id)  # gone: no restart, so no health gate and no services
         try:
             alloc = self.host.nomad.allocation(alloc_id)
-            job = self.host.nomad.job(self.job)
-        except NotFound as exc:
-            log.warning("%s: member alloc %s on %s cannot be driven: %s", self.label, alloc_id, node, exc)
-            self._skipped.add((alloc_id, generation))
-            return
-        if not (alloc.desired_status == "run" and alloc.client_status in _LIVE):
-            # Triggering it would restart nothing and fail the member at healthy_deadline, halting the plan.
-            log.warning(
-                "%s: member alloc %s on %s is %s/%s, not restarting it",
-                self.label,
-                alloc_id,
-                node,
-                alloc.desired_status,
-                alloc.client_status,
-            )
-            self._skipped.add((alloc_id, generation))
-            return
-        target = target_for(alloc, self.task, job)
+        except NotFound:
+            alloc = None
+        if alloc is not None and stopped_reason(alloc) is None:
+            if alloc.client_status not in _LIVE:
+                # Not gone, but its node does not run it now (disconnected): triggering it would fail
+                # the member at healthy_deadline and halt the plan. Nomad decides it: look again later.
+                log.warning(
+                    "%s: member alloc %s on %s is %s, not restarting it now",
+                    self.label,
+                    alloc_id,
+                    node,
+                    alloc.client_status,
+                )
+                self._retry_at[key] = self.host.clock.monotonic() + self.host.recheck_interval()
+                return
+            target = target_for(alloc, self.task, self.host.nomad.job(self.job))
         if node != self.host.node_name:
             log.info(
                 "%s: driving alloc %s of node %s, whose agent is not alive (no heartbeat)",
@@ -348,10 +355,9 @@ class _Worker:
             )
         outcome = self._with_session(functools.partial(_drive_lane_member, target=target, since=since))
         if outcome is None:  # an error, logged: look at the member again after recheck_interval, not never
-            retry_at = self.host.clock.monotonic() + self.host.recheck_interval()
-            self._retry_at[(alloc_id, generation)] = retry_at
+            self._retry_at[key] = self.host.clock.monotonic() + self.host.recheck_interval()
         elif outcome.outcome is Outcome.SKIPPED:
-            self._skipped.add((alloc_id, generation))
+            self._skipped.add(key)
 
     def _alive_nodes(self) -> set[str]:
         """Nodes whose heartbeat key is held by a session (their agent is alive)."""

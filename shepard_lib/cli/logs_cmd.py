@@ -26,10 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Ship the new complete lines of this node's task logs (alloc/<id>/alloc/logs under "
         "nomad_data_dir) to the sinks of log_shipping, every ship_log_interval, or once with --once "
         "(for cron or testing), whether or not log_shipping.enabled (which switches the agent's shipping) is "
-        "set. Exit 0 when every sink took everything, 1 when a sink stayed down or Nomad could not list "
-        "this node's allocations.",
-        epilog="Exit codes: 0 every sink took everything; 1 a sink stayed down or Nomad could not list "
-        "this node's allocations; 2 usage or configuration error.",
+        "set. Exit 0 when every sink took everything, 1 when a sink stayed down, a stream could not be "
+        "read, or Nomad could not list this node's allocations.",
+        epilog="Exit codes: 0 every sink took everything; 1 a sink stayed down, a stream could not be "
+        "read (skipped this round) or Nomad could not list this node's allocations; 2 usage or "
+        "configuration error.",
     )
     ship.add_argument("--once", action="store_true", help="ship one round and exit")
     ship.add_argument(
@@ -41,10 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _print(report: ShipReport, output: str) -> None:
     if output == "json":
         rows = [vars(s) for s in report.sinks]
-        print(json.dumps({"ok": report.ok, "source_error": report.source_error, "sinks": rows}), flush=True)
+        out = {"ok": report.ok, "source_error": report.source_error, "stream_errors": report.stream_errors}
+        print(json.dumps({**out, "sinks": rows}), flush=True)
         return
     if report.source_error:
         print(f"allocations not listed (only known ones shipped): {report.source_error}")
+    for problem in report.stream_errors:
+        print(f"stream skipped this round: {problem}")
     for s in report.sinks:
         state = "ok" if s.error is None else f"paused: {s.error}"
         print(f"{s.name}: {s.lines} lines, {s.bytes} bytes shipped, {s.lag_bytes} bytes behind, {state}")

@@ -1,17 +1,19 @@
 """Shipping checkpoints: per sink and stream, the position of the first line not yet shipped.
 
-One JSON file, rewritten atomically (write a temporary file, fsync it, rename it over the old one)
-after each shipment a sink acknowledged. A crash therefore loses nothing and re-ships at most the
-batch in flight (at-least-once). The directory is not fsynced after the rename: a power loss can
-then only bring back the previous checkpoint, which means one batch shipped twice, never a loss,
-and it saves a third fsync per batch. Each allocation's tags are kept beside its
-positions, so the last lines of an allocation Nomad has already forgotten still ship with its tags.
+One JSON file, rewritten atomically (write a temporary file, fsync it, rename it over the old one,
+fsync the directory) after each shipment a sink acknowledged. A crash or a power loss therefore
+loses nothing and re-ships at most the batch in flight (at-least-once): once :meth:`Checkpoints.save`
+returns, the new positions are on disk. Each allocation's tags are kept beside its positions, so the
+last lines of an allocation Nomad has already forgotten still ship with its tags, and so is the end
+of each stream as last listed, so that forgetting an allocation whose files went away before every
+line was shipped is known (and counted as falling behind).
 
-Format (``version`` 1)::
+Format (``version`` 1; ``listed`` may be absent)::
 
     {"version": 1,
      "allocations": {"<alloc id>": {"alloc": {...AllocationLogs...},
-                                    "positions": {"<task>": {"stdout": {"<sink>": [N, offset, inode]}}}}}}
+                                    "positions": {"<task>": {"stdout": {"<sink>": [N, offset, inode]}}},
+                                    "listed": {"<task>": {"stdout": [N, size]}}}}}
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Checkpoints:
         self.path = Path(path)
         self._allocs: dict[str, AllocationLogs] = {}
         self._positions: dict[tuple[str, str, str], dict[str, Position]] = {}
+        self._listed: dict[tuple[str, str, str], tuple[int, int]] = {}
         self.reload()
 
     @contextlib.contextmanager
@@ -69,6 +72,7 @@ class Checkpoints:
             return
         self._allocs.clear()
         self._positions.clear()
+        self._listed.clear()
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             if data.get("version") != VERSION:
@@ -81,6 +85,9 @@ class Checkpoints:
                             sink: Position(int(n), int(offset), int(inode))
                             for sink, (n, offset, inode) in sinks.items()
                         }
+                for task, streams in entry.get("listed", {}).items():
+                    for stream, (n, size) in streams.items():
+                        self._listed[(alloc_id, task, stream)] = (int(n), int(size))
         except OSError as exc:
             raise CheckpointError(f"cannot read the checkpoint file {self.path}: {exc.strerror}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -98,6 +105,17 @@ class Checkpoints:
         """Where ``sink`` is in the stream ``key`` = (alloc id, task, stream), or None."""
         return self._positions.get(key, {}).get(sink)
 
+    def unshipped(self, alloc_id: str, sink: str) -> int:
+        """How many files of ``alloc_id``, as last listed, ``sink`` has not shipped to their end."""
+        files = 0
+        for key, (index, size) in self._listed.items():
+            if key[0] != alloc_id:
+                continue
+            position = self.position(sink, key)
+            if position is not None and (position.index, position.offset) < (index, size):
+                files += index - position.index + 1
+        return files
+
     def known(self, key: tuple[str, str, str]) -> bool:
         """Whether any sink has a position in the stream ``key``."""
         return bool(self._positions.get(key))
@@ -112,22 +130,31 @@ class Checkpoints:
         """``sink`` has shipped the stream ``key`` up to ``position``."""
         self._positions.setdefault(key, {})[sink] = position
 
+    def listed(self, key: tuple[str, str, str], index: int, size: int) -> None:
+        """The stream ``key`` was listed with its newest file ``index`` of ``size`` bytes."""
+        self._listed[key] = (index, size)
+
     def forget(self, alloc_id: str) -> None:
-        """Drop an allocation and all its positions."""
+        """Drop an allocation, its positions and its listed ends."""
         self._allocs.pop(alloc_id, None)
-        for key in [k for k in self._positions if k[0] == alloc_id]:
-            del self._positions[key]
+        for table in (self._positions, self._listed):
+            for key in [k for k in table if k[0] == alloc_id]:
+                del table[key]
 
     def save(self) -> None:
-        """Persist atomically: temporary file, fsync, rename."""
+        """Persist atomically and durably: temporary file, fsync, rename, fsync of the directory."""
         allocations: dict[str, Any] = {
-            alloc_id: {"alloc": alloc.to_json(), "positions": {}} for alloc_id, alloc in self._allocs.items()
+            alloc_id: {"alloc": alloc.to_json(), "positions": {}, "listed": {}}
+            for alloc_id, alloc in self._allocs.items()
         }
         for (alloc_id, task, stream), sinks in self._positions.items():
             if alloc_id in allocations:
                 allocations[alloc_id]["positions"].setdefault(task, {})[stream] = {
                     sink: [p.index, p.offset, p.inode] for sink, p in sinks.items()
                 }
+        for (alloc_id, task, stream), (index, size) in self._listed.items():
+            if alloc_id in allocations:
+                allocations[alloc_id]["listed"].setdefault(task, {})[stream] = [index, size]
         text = json.dumps({"version": VERSION, "allocations": allocations}, sort_keys=True)
         directory = self.path.parent
         try:
@@ -142,5 +169,15 @@ class Checkpoints:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+            _fsync_directory(directory)
         except OSError as exc:
             raise CheckpointError(f"cannot write the checkpoint file {self.path}: {exc.strerror}") from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (without it a power loss may bring the old file back)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

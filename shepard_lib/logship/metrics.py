@@ -34,7 +34,14 @@ COUNTERS = {
     "errors": "Failed attempts to send a batch to a sink (each retry counts).",
     "rejected_lines": "Lines a sink refused for good (HTTP 400/422); they are not retried.",
     "dropped_lines": "Lines skipped because a stream's backlog exceeded log_shipping.buffer_limit.",
-    "fell_behind": "Log files deleted or replaced by Nomad before a sink had shipped them.",
+    "fell_behind": (
+        "Log files lost before a sink had shipped them to their end: deleted or replaced by Nomad's"
+        " log rotation, or gone with their allocation's directory."
+    ),
+    "stream_errors": (
+        "Times a stream was skipped for a round because it could not be read (or its checkpoint was"
+        " invalid and reset to its file's start)."
+    ),
 }
 """Counter names (without prefix and ``_total``) and their help, each labelled by ``sink``."""
 

@@ -23,16 +23,23 @@ class SinkError(ShepardError):
 
 
 class SinkRejected(ShepardError):
-    """A sink refused a batch for good (HTTP 400/422): it is counted as rejected and skipped."""
+    """A sink refused a batch for good (HTTP 400/422), or only the lines ``refused`` of it (it
+    delivered the others): they are counted as rejected and skipped."""
+
+    def __init__(self, message: str, refused: list[Line] | None = None) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass
 class Batch:
-    """Lines read for one sink, from one or more streams; ``time`` is when reading began."""
+    """Lines read for one sink, from one or more streams; ``time`` is when reading began;
+    ``lost_files``: files found deleted while reading them (counted once the batch is shipped)."""
 
     time: float = field(default_factory=time.time)
     lines: list[Line] = field(default_factory=list)
     size: int = 0
+    lost_files: int = 0
 
 
 def rfc3339(seconds: float) -> str:

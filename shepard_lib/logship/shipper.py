@@ -2,16 +2,20 @@
 
 :meth:`LogShipper.ship_once` is the whole job; the agent calls it every ``ship_log_interval`` and
 ``shepard logs ship --once`` calls it once. Per sink and stream it reads from that sink's
-checkpoint, fills a batch (``batch_size`` lines or ``batch_bytes`` bytes, whichever comes first),
-sends it (retrying with exponential backoff), and only then moves the sink's checkpoints and
-persists them. A sink that stays down is left at its checkpoint until the next round: its reading
-pauses, memory stays at two batches (one in flight), and the other sinks go on. Nothing is dropped but what
-``buffer_limit`` forces (counted as ``dropped_lines``), what a sink refuses for good (counted as
-``rejected_lines``), and what Nomad deletes before it was shipped (counted as ``fell_behind``).
+checkpoint, fills a batch (``batch_size`` lines, or up to the line that reaches ``batch_bytes``
+bytes, whichever comes first: a batch may pass ``batch_bytes`` by less than one line), sends it
+(retrying with exponential backoff), and only then moves the sink's checkpoints and persists them.
+A sink that stays down is left at its checkpoint until the next round: its reading pauses, memory
+stays at two batches (one in flight), and the other sinks go on. A stream that cannot be read (an
+unreadable file, a damaged checkpoint) is reported and skipped for the round; the other streams go
+on. Nothing is dropped but what ``buffer_limit`` forces (counted as ``dropped_lines``), what a sink
+refuses for good (counted as ``rejected_lines``), and what Nomad deletes before it was shipped
+(counted, in files, as ``fell_behind``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,11 +74,15 @@ class ShipReport:
     sinks: list[SinkReport] = field(default_factory=list)
     source_error: str | None = None
     """Why this node's allocations could not be listed (only the known ones were shipped), else None."""
+    stream_errors: list[str] = field(default_factory=list)
+    """Streams (or allocations' log directories) skipped this round because they could not be read,
+    or whose checkpoint was invalid (``<sink>: <path>: <why>``)."""
 
     @property
     def ok(self) -> bool:
-        """The allocations were listed and every sink took everything it was given."""
-        return self.source_error is None and all(s.error is None for s in self.sinks)
+        """The allocations were listed, every stream was read, and every sink took everything it was given."""
+        listed_and_read = self.source_error is None and not self.stream_errors
+        return listed_and_read and all(s.error is None for s in self.sinks)
 
 
 class LogShipper:
@@ -102,6 +110,7 @@ class LogShipper:
         self._retry = retry or RetryPolicy()
         self._checkpoints = Checkpoints(self._shipping.checkpoint_path)
         self._first_round = False
+        self._stream_errors: list[str] = []
         self.metrics = ShipperMetrics([s.name for s in self._sinks])
         """Counters and gauges per sink (see :mod:`shepard_lib.logship.metrics`)."""
 
@@ -126,14 +135,20 @@ class LogShipper:
         starts from the checkpoints as the file has them.
 
         Raises CheckpointError when checkpoints cannot be written (shipping further would only
-        repeat lines); a sink that fails is reported in the :class:`ShipReport`, not raised.
+        repeat lines); a sink that fails, and a stream that cannot be read, are reported in the
+        :class:`ShipReport`, not raised.
         """
         with self._checkpoints.locked():
-            self._first_round = not self._checkpoints.path.exists()  # no round ever finished
+            # The first run lasts until a round could list the allocations (``start_at`` applies to
+            # what was there then): a round that could not writes no checkpoint file.
+            self._first_round = not self._checkpoints.path.exists()
             self._checkpoints.reload()
+            self._stream_errors = []
             streams, source_error = self._streams()
-            report = ShipReport([self._ship_sink(sink, streams) for sink in self._sinks], source_error)
-            self._checkpoints.save()
+            sinks = [self._ship_sink(sink, streams) for sink in self._sinks]
+            report = ShipReport(sinks, source_error, self._stream_errors)
+            if not (self._first_round and source_error):
+                self._checkpoints.save()
         return report
 
     def _streams(self) -> tuple[list[Stream], str | None]:
@@ -152,15 +167,36 @@ class LogShipper:
             error = str(exc)  # and forget nothing on a partial list
         streams: list[Stream] = []
         for alloc in self._checkpoints.allocations():
-            if not alloc.logs_dir.is_dir():
-                if error is None and alloc.alloc_id not in listed:
-                    log.info("log shipping: allocation %s is gone; forgetting it", alloc.alloc_id)
-                    self._checkpoints.forget(alloc.alloc_id)
+            try:
+                present = alloc.logs_dir.is_dir()
+                found = list_streams(alloc.alloc_id, alloc.logs_dir) if present else []
+            except OSError as exc:  # e.g. no permission: this allocation waits, the others go on
+                for sink in self._sinks:
+                    self._unreadable(sink, str(alloc.logs_dir), exc)
                 continue
-            for stream in list_streams(alloc.alloc_id, alloc.logs_dir):
+            if not present:
+                if error is None and alloc.alloc_id not in listed:
+                    self._forget(alloc.alloc_id)
+                continue
+            for stream in found:
                 stream.tags = alloc.tags(stream.task, stream.name) | self._shipping.tags
+                newest = stream.files[-1]
+                self._checkpoints.listed(stream.key, newest.index, newest.size)
                 streams.append(stream)
         return streams, error
+
+    def _forget(self, alloc_id: str) -> None:
+        """Forget an allocation whose files are gone, counting what a sink had not shipped of them."""
+        log.info("log shipping: allocation %s is gone; forgetting it", alloc_id)
+        for sink in self._sinks:
+            files = self._checkpoints.unshipped(alloc_id, sink.name)
+            if files:
+                log.warning(
+                    "log shipping fell behind: the files of allocation %s were deleted before sink %s"
+                    " shipped them; %d files were not shipped to their end", alloc_id, sink.name, files,
+                )
+                self.metrics.add("fell_behind", sink.name, files)
+        self._checkpoints.forget(alloc_id)
 
     def _ship_sink(self, sink: Sink, streams: list[Stream]) -> SinkReport:
         report = SinkReport(sink.name)
@@ -168,28 +204,52 @@ class LogShipper:
         batch, ends = Batch(), dict[tuple[str, str, str], Position]()
         with _Outbox(self, sink, report) as outbox:
             for n, stream in enumerate(streams):
-                start = self._start(sink.name, stream)
-                reader = StreamReader(stream, start, self._shipping.max_line_bytes)
+                try:
+                    start = self._start(sink.name, stream)
+                    reader = StreamReader(stream, start, self._shipping.max_line_bytes)
+                except OSError as exc:
+                    self._unreadable(sink, stream.prefix.rstrip("."), exc)
+                    continue
                 try:
                     while True:
-                        room = size - len(batch.lines), max_bytes - batch.size
-                        taken, taken_bytes = reader.take(*room, batch.lines)
-                        batch.size += taken_bytes
+                        taken = self._read(sink, reader, batch)
                         if reader.position != start:
                             ends[stream.key] = reader.position
                         if len(batch.lines) >= size or batch.size >= max_bytes:
                             if not outbox.put(batch, ends):
                                 for waiting in streams[n + 1 :]:  # where each would start, for the lag
-                                    self._start(sink.name, waiting)
+                                    with contextlib.suppress(OSError):  # reported when it is read
+                                        self._start(sink.name, waiting)
                                 return self._finish(sink, streams, report)
                             batch, ends = Batch(), {}
-                        elif not taken:
+                        if not taken:  # nothing more, or an error (a batch always has room before a read)
                             break
                 finally:
                     reader.close()
             if outbox.put(batch, ends):
                 outbox.put(Batch(), {})  # waits for the last batch
         return self._finish(sink, streams, report)
+
+    def _read(self, sink: Sink, reader: StreamReader, batch: Batch) -> int:
+        """Lines ``reader`` adds to ``batch``, as far as the batch has room; 0 when the stream cannot
+        be read (reported; the lines taken before the error stay, ``reader.position`` after them)."""
+        room = self._shipping.batch_size - len(batch.lines), self._shipping.batch_bytes - batch.size
+        lost, before = reader.lost_files, len(batch.lines)
+        try:
+            taken, taken_bytes = reader.take(*room, batch.lines)
+        except OSError as exc:
+            self._unreadable(sink, reader.stream.prefix.rstrip("."), exc)
+            taken, taken_bytes = 0, sum(len(line.data) for line in batch.lines[before:])
+        batch.size += taken_bytes
+        batch.lost_files += reader.lost_files - lost
+        return taken
+
+    def _unreadable(self, sink: Sink, what: str, exc: OSError) -> None:
+        """Report a stream (or a log directory) that cannot be read this round (the others go on)."""
+        problem = f"{sink.name}: {exc.filename or what}: {exc.strerror or exc}"
+        log.error("log shipping: cannot read %s; skipping it this round", problem)
+        self._stream_errors.append(problem)
+        self.metrics.add("stream_errors", sink.name)
 
     def _finish(self, sink: Sink, streams: list[Stream], report: SinkReport) -> SinkReport:
         lag = 0
@@ -204,8 +264,11 @@ class LogShipper:
     def _delivered(self, sink: Sink, batch: Batch, outcome: BaseException | None, report: SinkReport) -> bool:
         """Account for a sent batch; False when the sink stayed down (its checkpoints stay)."""
         if isinstance(outcome, SinkRejected):
-            log.error("log shipping: %s; %d lines skipped", outcome, len(batch.lines))
-            self.metrics.add("rejected_lines", sink.name, len(batch.lines))
+            refused = batch.lines if outcome.refused is None else outcome.refused
+            log.error("log shipping: %s; %d lines skipped", outcome, len(refused))
+            self.metrics.add("rejected_lines", sink.name, len(refused))
+            refused_size = sum(len(line.data) for line in refused)
+            self._shipped(sink, report, len(batch.lines) - len(refused), batch.size - refused_size)
         elif isinstance(outcome, SinkError):
             log.warning("log shipping: %s; %s waits at its checkpoint for the next round", outcome, sink.name)
             report.error = str(outcome)
@@ -213,14 +276,19 @@ class LogShipper:
         elif outcome is not None:
             raise outcome
         else:
-            report.lines += len(batch.lines)
-            report.bytes += batch.size
-            self.metrics.add("lines_shipped", sink.name, len(batch.lines))
-            self.metrics.add("bytes_shipped", sink.name, batch.size)
+            self._shipped(sink, report, len(batch.lines), batch.size)
         return True
 
-    def _commit(self, sink: Sink, ends: dict[tuple[str, str, str], Position]) -> None:
-        """Move ``sink``'s checkpoints to ``ends`` and persist them."""
+    def _shipped(self, sink: Sink, report: SinkReport, lines: int, size: int) -> None:
+        report.lines += lines
+        report.bytes += size
+        self.metrics.add("lines_shipped", sink.name, lines)
+        self.metrics.add("bytes_shipped", sink.name, size)
+
+    def _commit(self, sink: Sink, batch: Batch, ends: dict[tuple[str, str, str], Position]) -> None:
+        """Move ``sink``'s checkpoints to ``ends`` (past ``batch``) and persist them."""
+        if batch.lost_files:
+            self.metrics.add("fell_behind", sink.name, batch.lost_files)
         if ends:
             for key, position in ends.items():
                 self._checkpoints.set(sink.name, key, position)
@@ -265,22 +333,31 @@ class LogShipper:
         return position
 
     def _checked(self, sink: str, stream: Stream, position: Position) -> Position:
-        """``position``, or where to go on when its file was deleted or replaced (reported)."""
+        """``position``, or where to go on when its file was deleted or replaced (reported), or when
+        the checkpoint itself is invalid (a negative offset: that file ships again from its start)."""
         current = stream.file(position.index)
-        if current is not None and current.inode == position.inode and current.size >= position.offset:
-            return position
+        if current is not None and current.inode == position.inode:
+            if 0 <= position.offset <= current.size:
+                return position
+            if position.offset < 0:
+                problem = f"{sink}: {current.path}: invalid checkpoint offset {position.offset}"
+                log.error("log shipping: %s; shipping that file again from its start", problem)
+                self._stream_errors.append(problem)
+                self.metrics.add("stream_errors", sink)
+                return Position(current.index, 0, current.inode)
         later = [f for f in stream.files if f.index > position.index]
         if current is not None:
-            what, resume = "was replaced", current
+            what, resume = "was truncated or replaced", current
         elif later:
             what, resume = "was deleted by Nomad's log rotation", later[0]
         else:
             what, resume = "is gone", stream.files[0]
+        lost = max(1, resume.index - position.index)  # files: the checkpoint's, and any before resume
         log.warning(
             "log shipping fell behind: %s%d %s before sink %s shipped it from offset %d; going on with %s",
             stream.prefix, position.index, what, sink, position.offset, resume.path,
         )
-        self.metrics.add("fell_behind", sink)
+        self.metrics.add("fell_behind", sink, lost)
         return Position(resume.index, 0, resume.inode)
 
     def _limit(self, sink: str, stream: Stream, position: Position) -> Position:
@@ -373,7 +450,7 @@ class _Outbox:
         if batch.lines:
             self._in_flight = (self._pool.submit(self._shipper._send, self._sink, batch), batch, ends)
         if previous is not None:
-            self._shipper._commit(self._sink, sent_ends)
+            self._shipper._commit(self._sink, sent, sent_ends)
         if not batch.lines:
-            self._shipper._commit(self._sink, ends)
+            self._shipper._commit(self._sink, batch, ends)
         return True

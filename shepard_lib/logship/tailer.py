@@ -12,7 +12,10 @@ finished (logmon flushed and closed it before creating the next), so a line it e
 newline continues in the next file; the newest file's unterminated last line waits for the next
 round (logmon flushes its 64 KiB buffer every 100 ms, so a partial line is normal). A line longer
 than ``max_line`` bytes is cut into pieces of at most ``max_line`` bytes (never inside a UTF-8
-character), each marked ``cut``.
+character), each marked ``cut``; every piece keeps the file and offset of its first byte, also when
+it starts in the tail of an earlier file. When files are lost between two (logmon deleted them
+before they were read), a tail is never joined to a file that does not continue it: it ships as a
+cut line of its own.
 """
 
 from __future__ import annotations
@@ -147,27 +150,39 @@ _new = tuple.__new__  # builds a Line without the Python-level __new__ of NamedT
 
 
 class StreamReader:
-    """Complete lines of ``stream`` from ``position`` on, as far as the listed files go.
+    """Complete lines of ``stream`` from ``position`` (a listed file) on, as far as the listed files go.
 
     :attr:`position` is always the first byte not yet taken. Holds at most one read of
-    :data:`READ_SIZE` plus one partial line of at most ``max_line`` bytes.
+    :data:`READ_SIZE` plus one partial line of at most ``max_line`` bytes. :attr:`lost_files` counts
+    the files it had to skip: deleted by logmon since the listing, or missing between two listed ones.
     """
 
     def __init__(self, stream: Stream, position: Position, max_line: int) -> None:
+        file = stream.file(position.index)
+        if file is None:
+            raise ValueError(f"{stream.prefix}{position.index} is not a listed file")
         self.stream = stream
         self.position = position
         self.max_line = max_line
-        self._file = stream.file(position.index)
-        self._handle = _open(self._file.path) if self._file is not None else None
+        self.lost_files = 0
+        self._file = file
+        self._handle = _open(file.path)
         if self._handle is not None:
-            self._handle.seek(position.offset)
+            try:
+                self._handle.seek(position.offset)
+            except OSError:
+                self.close()
+                raise
         # The untaken bytes: _buf[0] is at self.position; _buf[_carry:] is the current file from
         # offset _base; _buf[:_carry] is the unterminated tail of finished earlier file(s), which
-        # holds no newline, so no line starts inside it but at 0.
+        # holds no newline, so no line starts inside it but at 0, or where a cut piece ended.
+        # _carried says where each carried part came from: (its start in _buf, its position).
         self._buf = b""
         self._carry = 0
+        self._carried: list[tuple[int, Position]] = []
         self._base = position.offset
         self._eof = self._handle is None
+        self._flush = False  # the carried tail is a record of its own: what followed it is lost
 
     def close(self) -> None:
         """Close the open file (the reader must not be used afterwards)."""
@@ -183,9 +198,7 @@ class StreamReader:
         lines = size = 0
         max_line, stream = self.max_line, self.stream
         while lines < max_lines and size < max_bytes and self._fill():
-            assert self._file is not None
             buf, carry, base, current = self._buf, self._carry, self._base, self._file.index
-            index, offset = self.position.index, self.position.offset
             start = 0
             if not carry:  # fast path: split the complete lines at once (offsets are base + i)
                 last = buf.rfind(b"\n")
@@ -197,30 +210,53 @@ class StreamReader:
                     lines += 1
                     size += length
                     start += length + 1
-                offset = base + start
-            # one line at a time: a line carried over from the previous file, cut lines, the rest
+            # one line at a time: a line carried over from earlier files, cut lines, the rest
             while lines < max_lines and size < max_bytes:
-                end = buf.find(b"\n", start, start + max_line + 1)
-                if end >= 0:
-                    out.append(_new(Line, (stream, index, offset, buf[start:end], False)))
-                    nxt = end + 1
-                elif len(buf) - start > max_line:
-                    end = nxt = _utf8_cut(buf, start + max_line)
-                    out.append(_new(Line, (stream, index, offset, buf[start:end], True)))
+                if start < carry:
+                    at = self._carried_at(start)
+                    index, offset = at.index, at.offset
                 else:
-                    break
+                    index, offset = current, base + start - carry
+                if self._flush and start < carry:
+                    end = nxt = carry
+                    cut = True
+                else:
+                    end = buf.find(b"\n", start, start + max_line + 1)
+                    if end >= 0:
+                        nxt, cut = end + 1, False
+                    elif len(buf) - start > max_line:
+                        end = nxt = _utf8_cut(buf, start + max_line)
+                        cut = True
+                    else:
+                        break
+                out.append(_new(Line, (stream, index, offset, buf[start:end], cut)))
                 lines += 1
                 size += end - start
                 start = nxt
-                index, offset = current, base + start - carry
-            self._buf = buf[start:]
-            self._base = base + start - carry
-            self._carry = 0
-            self.position = Position(current, self._base, self._file.inode)
+            self._drop(start)
         return lines, size
 
+    def _carried_at(self, at: int) -> Position:
+        """The position of ``_buf[at]``, inside the carried tail (``at < _carry``)."""
+        begin, position = next((b, p) for b, p in reversed(self._carried) if b <= at)
+        return Position(position.index, position.offset + at - begin, position.inode)
+
+    def _drop(self, taken: int) -> None:
+        """Forget the first ``taken`` bytes of the buffer (they were taken) and move :attr:`position`."""
+        if taken < self._carry:  # a cut piece ended inside the carried tail
+            self.position = self._carried_at(taken)
+            self._carried = [(0, self.position)] + [(b - taken, p) for b, p in self._carried if b > taken]
+            self._carry -= taken
+        else:
+            self._base += taken - self._carry
+            self._carry = 0
+            self._carried = []
+            self._flush = False
+            self.position = Position(self._file.index, self._base, self._file.inode)
+        self._buf = self._buf[taken:]
+
     def _ready(self) -> bool:
-        return b"\n" in self._buf or len(self._buf) > self.max_line
+        return self._flush or b"\n" in self._buf or len(self._buf) > self.max_line
 
     def _fill(self) -> bool:
         """Read until the buffer starts with a line to take; False when the listed files hold none."""
@@ -240,22 +276,29 @@ class StreamReader:
 
     def _next_file(self) -> LogFile | None:
         """The listed file after the current one (whose existence means the current one is finished)."""
-        current = self._file.index if self._file is not None else self.position.index
-        return next((f for f in self.stream.files if f.index > current), None)
+        return next((f for f in self.stream.files if f.index > self._file.index), None)
 
     def _advance(self, nxt: LogFile) -> None:
-        """Go on with ``nxt``, carrying the finished file's unterminated tail over."""
-        if self._file is not None and nxt.index != self._file.index + 1:
+        """Go on with ``nxt``, carrying the finished file's unterminated tail over, unless files
+        between them are lost (deleted before they were read): then that tail is a cut line."""
+        lost = nxt.index - self._file.index - 1 + int(self._handle is None)
+        if nxt.index != self._file.index + 1:
             log.warning(
                 "log files %s%d to %d are missing: their lines are lost",
                 self.stream.prefix, self._file.index + 1, nxt.index - 1,
             )
+        self.lost_files += lost
         self.close()
-        self._carry = len(self._buf)
+        if len(self._buf) > self._carry:
+            self._carried.append((self._carry, Position(self._file.index, self._base, self._file.inode)))
+            self._carry = len(self._buf)
         if not self._buf:
             self.position = Position(nxt.index, 0, nxt.inode)
+        elif lost:
+            self._flush = True
         self._file = nxt
         self._base = 0
+        self._eof = True  # until it is open: an error opening it leaves nothing to read
         self._handle = _open(nxt.path)
         self._eof = self._handle is None
 

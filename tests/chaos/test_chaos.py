@@ -11,8 +11,10 @@ change. Meanwhile, chosen by the seed:
 - Consul answers a fraction of requests with HTTP 500 before applying them, loses the answer of
   a fraction after applying them, applies a fraction of writes only after the client gave up on
   them (late writes), and answers a fraction of applied writes after the client gave up (late
-  replies);
-- one node is drained mid-rollout: Nomad stops its allocations and places replacements elsewhere;
+  replies); besides these random draws, two late writes, two late replies and one lost reply are
+  injected into transactions chosen by the seed, so every seed has them;
+- one node is taken away mid-rollout, drained or down (by the seed): Nomad stops its allocations
+  (drained: complete; down: lost) and places replacements on the other nodes;
 - half of the coordinators act as an agent's lane: they keep their slot after their own member and
   drive other pending members under it, each finish written with the next claim's txn (or with the
   slot's release), leaving members restarting under another live holder to it.
@@ -25,8 +27,12 @@ Invariants checked on every seed:
 - no trigger without a held slot: every write of a trigger key went through a transaction fenced
   by ``check-session`` and ``check-index`` on a slot, and each trigger key was written at most
   once (CreateIndex == ModifyIndex), so no late write landed a second time;
-- a killed holder's slot is free again within 2 x TTL + lock-delay of the kill;
-- the plan completes, and the rollout is ok (members of stopped allocations skipped as stopped).
+- a killed holder's slot is free again within 2 x TTL + lock-delay of the kill (its session's end
+  taken from when Consul's TTL timer fires, as the sim records it, not from when a possibly starved
+  watcher thread looked);
+- the plan completes, and the rollout is ok (members of stopped allocations skipped as stopped);
+- the faults happened: late writes, late replies and lost replies hit transactions (the sim's
+  counts), and a client gave up on at least one late transaction.
 
 Seeds: 20 by default (CI); ``SHEPARD_CHAOS_SEEDS=200`` runs 200 (the scheduled run). The time
 scale keeps the session TTL at 2 real seconds, well above scheduling noise on a loaded machine.
@@ -50,9 +56,11 @@ from chaos_support import (
     SCALE,
     SCOPE,
     TTL,
+    TXN,
     FencedWrites,
     chaos_config,
     check_every_trigger_fenced_and_written_once,
+    check_faults_hit_transactions,
     check_plan_complete,
     scenario,
 )
@@ -76,6 +84,7 @@ from shepard_lib.model import Allocation
 from shepard_lib.plan import MemberState, PlanStore
 from shepard_lib.rollout import RollingRestart, RolloutOptions, RolloutResult
 from shepard_lib.session import Session
+from shepard_lib.sim.consul import Fault
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
 SEEDS = range(int(os.environ.get("SHEPARD_CHAOS_SEEDS", "20")))
@@ -85,6 +94,10 @@ NODES = ["node-1", "node-2", "node-3", "node-4"]
 MAX_SKEW = 30.0
 CLIENT_TIMEOUT = 1.0
 """Real seconds a coordinator's Consul client waits for an answer; a late write or reply waits longer."""
+INJECTED = (Fault.LATE_WRITE, Fault.LATE_WRITE, Fault.LATE_REPLY, Fault.LATE_REPLY, Fault.LOST_REPLY)
+"""Faults injected into transactions of every seed, besides the random ones."""
+INJECT_WITHIN = 30
+"""They hit transactions among the first this many of the run, which every run makes."""
 
 
 @dataclass
@@ -117,12 +130,16 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     allocs: list[Allocation] = sorted(nomad.job_allocations("web"), key=lambda a: a.index)
     victims = dict(zip(rng.sample(range(ALLOCS), 3), (rng.choice(KILL_STEPS) for _ in range(3)), strict=True))
     partitioned = rng.choice([i for i in range(ALLOCS) if i not in victims])
-    drained = rng.choice(NODES)
-    drain_after = rng.randint(1, ALLOCS // 2)  # restarts seen by the rollout before the drain
+    taken = rng.choice(NODES)
+    take_after = rng.randint(1, ALLOCS // 2)  # restarts seen by the rollout before the node is taken away
     skews = [rng.uniform(-MAX_SKEW, MAX_SKEW) for _ in range(ALLOCS)]
+    how = rng.choice(("drained", "down"))
+    # The first ~45 transactions are there in every run (registrations, slots, claims, finishes).
+    planned = zip(rng.sample(range(INJECT_WITHIN), len(INJECTED)), INJECTED, strict=True)
     lanes = set(rng.sample(range(ALLOCS), ALLOCS // 2))
     kills: list[Kill] = []
     outcomes: dict[int, Any] = {}
+    lost_first: dict[int, bool] = {}  # by agent: its session was lost before it was through
     errors: list[BaseException] = []
 
     def slot_held_by(session_id: str) -> str | None:
@@ -164,6 +181,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
             )
             if lane:
                 drive_lane(coordinator, random.Random(seed * 1000 + number))
+            lost_first[number] = session.lost.is_set()
         except SimulatedCrash:
             return
         except BaseException as exc:
@@ -194,13 +212,18 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
             coordinator.drive(target, keep_slot=True, wait_for_holders=False, defer_finish=True)
         coordinator.release_slots()
 
+    def look_at_slots() -> None:
+        for kill in list(kills):
+            if kill.slot_key and kill.freed_after is None:
+                entry = sim.consul_state.kv_get(kill.slot_key)
+                if entry is None or entry.session != kill.session.id:
+                    # When Consul's TTL timer fired, not when this (possibly starved) thread saw it.
+                    expired = sim.consul_state.session_expired_at(kill.session.id or "")
+                    kill.freed_after = (clock.monotonic() if expired is None else expired) - kill.killed_at
+
     def watch_slots(stop: threading.Event) -> None:
         while not stop.is_set():
-            for kill in list(kills):
-                if kill.slot_key and kill.freed_after is None:
-                    entry = sim.consul_state.kv_get(kill.slot_key)
-                    if entry is None or entry.session != kill.session.id:
-                        kill.freed_after = clock.monotonic() - kill.killed_at
+            look_at_slots()
             clock.sleep(0.1)
 
     seen_index = PlanStore(consul).read(KEYS.task_lock_key(SCOPE))[1]  # before the change: 0, no plan
@@ -211,6 +234,8 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     faults.late_write_rate = 0.01
     faults.late_reply_rate = 0.01
     faults.late_delay = clock.cluster(CLIENT_TIMEOUT * 1.5)
+    for after, fault in planned:
+        faults.inject(fault, TXN, after=after)
     stop = threading.Event()
     watcher = threading.Thread(target=watch_slots, args=(stop,), daemon=True)
     threads = [
@@ -221,17 +246,19 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
 
     restarted_seen: list[str] = []
 
-    def drain_midway(event: RolloutEvent) -> None:
+    def take_node_midway(event: RolloutEvent) -> None:
         if event.kind == EventKind.RESTARTED:
             restarted_seen.append(event.alloc_id)
-            if len(restarted_seen) == drain_after:
-                node = sim.nomad.node(drained)
-                sim.nomad.drain_node(node.id, deadline=3600.0)
+            if len(restarted_seen) == take_after:
+                if how == "drained":
+                    sim.nomad.drain_node(sim.nomad.node(taken).id, deadline=3600.0)
+                else:
+                    sim.nomad.set_node_down(taken)
 
     def roll() -> None:
         try:
             roller = RollingRestart(
-                consul, nomad, cfg, clock=clock, name="chaos rollout", observer=drain_midway
+                consul, nomad, cfg, clock=clock, name="chaos rollout", observer=take_node_midway
             )
             result["r"] = roller.run("web", RolloutOptions(seen_index=seen_index))
         except BaseException as exc:
@@ -259,11 +286,12 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
         clock.sleep(0.1)
     stop.set()
     watcher.join(5)
+    look_at_slots()
     faults.reset()
 
     where = (
         f"seed {seed}: kills {_describe_kills(kills)}, partitioned #{partitioned}, "
-        f"{drained} drained after {drain_after} restart(s)"
+        f"{taken} {how} after {take_after} restart(s)"
     )
     assert not errors, (where, errors)
     hung = [t.name for t in threads if t.is_alive()]
@@ -272,7 +300,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     assert sim.peak_concurrency("web", "app", "server") <= CONCURRENCY, where
     counts = Counter(r.alloc_id for r in restarts)
     stopped = {a.id for a in allocs if sim.nomad.state.allocs[a.id].desired_status != "run"}
-    assert stopped, f"{where}: the drain stopped nothing"
+    assert stopped, f"{where}: taking the node away stopped nothing"
     kept = {a.id for a in allocs} - stopped
     assert {a: counts[a] for a in kept} == dict.fromkeys(kept, 1), where
     assert all(counts[a] <= 1 for a in stopped), (where, {a: counts[a] for a in stopped})
@@ -280,8 +308,11 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     assert not replacements & set(counts), f"{where}: a replacement restarted outside the plan"
     assert {r.cause for r in restarts} == {"template"}, where
     check_every_trigger_fenced_and_written_once(sim, consul, where)
-    # A victim whose own session was lost first (renewals starved) stopped cleanly instead.
-    assert kills, where
+    check_faults_hit_transactions(sim, consul, where)
+    # A victim whose own session was lost first (renewals starved) stopped cleanly instead: at least
+    # one victim was killed, unless every one of them lost its session before its kill step (seed 30 of
+    # a 200-seed run at load 15 starved every renew thread of the process for a whole TTL).
+    assert kills or all(lost_first.get(n) for n in victims), (where, {n: outcomes.get(n) for n in victims})
     survivors = {n: outcomes.get(n) for n in victims if n not in {k.number for k in kills}}
     assert all(o is not None and o.outcome != Outcome.FAILED for o in survivors.values()), (where, survivors)
     # Killed holders' slots come free within 2 x TTL + lock-delay.

@@ -67,7 +67,7 @@ class Cluster:
     """Backends, config and helpers on the sim's clock (or a skewed one), for job ``web``."""
 
     TIMING: ClassVar[Mapping[str, float]] = {
-        "session_ttl": 10.0,
+        "session_ttl": 50.0,  # 2 s real at SCALE: no sub-second real TTL on a busy machine
         "lock_delay": 2.0,
         "min_healthy_time": 2.0,
         "healthy_deadline": 20.0,

@@ -37,10 +37,11 @@ from shepard_lib.agent import Agent
 from shepard_lib.agent.inotify import PyInotifyWatcher, WatchLimitReached
 from shepard_lib.agent.watcher import TaskKey
 from shepard_lib.config import default_config
-from shepard_lib.coordinator import Coordinator
+from shepard_lib.coordinator import Coordinator, CoordinatorOptions, target_for
 from shepard_lib.errors import PlanError
 from shepard_lib.keyspace import TaskRef, TaskScope
-from shepard_lib.plan import MemberState
+from shepard_lib.plan import MemberState, PlanStatus
+from shepard_lib.session import Session
 from shepard_lib.sim import SimCluster
 from shepard_lib.sim.consul import ConsulServer
 from shepard_lib.sim.nomad.restarts import RestartRecord
@@ -463,6 +464,39 @@ def test_a_member_whose_drive_fails_twice_is_tried_again_not_dropped(
     assert list(failures.values()) == [2], failures
     restarted = Counter(r.alloc_id for r in sim.restarts())
     assert sorted(restarted.values()) == [1, 1, 1], restarted
+
+
+def test_members_whose_allocations_are_gone_are_settled_skipped_by_the_other_agents(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """Found by the issue-8 audit: the agents drove a dead node's members but only noted locally
+    those whose allocations Nomad lost or forgot; they stayed ``pending`` and the plan never completed."""
+    sim = sim_cluster_factory(scenario(count=6, concurrency=1), time_scale=SCALE)
+    with agents(sim, ["n1", "n2"]):
+        n3 = make_agent(sim, "n3")  # never started: its backends and options, as n3's agent had them
+        job = n3.nomad.job("web")
+        on_n3 = [a for a in n3.nomad.job_allocations("web") if a.node_name == "n3"]
+        assert len(on_n3) == 2
+        with Session(n3.consul, "n3", ttl=30.0, clock=sim.clock) as session:
+            options = CoordinatorOptions.from_config(n3.config)
+            registrar = Coordinator(n3.consul, n3.nomad, KEYS, session, options, clock=sim.clock, name="n3")
+            registrar.register(SCOPE, [target_for(a, "server", job) for a in on_n3], job)
+        # n3's agent registered its node's change, then died with its node: Nomad marks the node's
+        # allocations lost and replaces them on n1 and n2, and its GC forgets one of the lost ones.
+        sim.nomad.set_node_down("n3")
+        with sim.nomad.state.lock:
+            del sim.nomad.state.allocs[on_n3[0].id]
+        live = {a.id for a in sim.nomad.allocations("web") if a.desired_status == "run"}
+        assert len(live) == 6 and not live & {a.id for a in on_n3}
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, lambda p: p.status is PlanStatus.COMPLETE and live <= set(p.members))
+    skipped = {a: m.error for a, m in plan.members.items() if m.state is MemberState.SKIPPED}
+    assert set(skipped) == {a.id for a in on_n3}, plan.to_json()
+    assert "garbage-collected" in (skipped[on_n3[0].id] or ""), skipped
+    assert (skipped[on_n3[1].id] or "").startswith("replaced"), skipped
+    restarts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
+    assert restarts == Counter({a: 1 for a in live}), restarts
+    assert sim.peak_concurrency("web", "app", "server") == 1
 
 
 def test_reload_keeps_the_restart_only_settings_and_applies_the_others(

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from coordination_support import KEYS, PLAN_KEY, SCALE, SCOPE, Cluster, restarts_by_alloc, scenario
-from fault_support import ConsulProxy
+from fault_support import ConsulProxy, NomadProxy
 
 from shepard_lib.backends import NomadAPI
 from shepard_lib.config import HealthSource, RestartMethod
@@ -62,14 +62,14 @@ class Events(list[RolloutEvent]):
         return [(e.kind, e.scope, e.ref, e.detail) for e in self if e.alloc_id == alloc_id]
 
 
-class NomadProxy:
-    """A NomadAPI that passes every call to ``inner``; a test's subclass overrides the calls it disturbs."""
-
-    def __init__(self, inner: NomadAPI) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+def assert_skipped_and_left_pending(
+    sim: Any, cluster: Cluster, events: Events, target: Target, outcome: MemberOutcome
+) -> None:
+    """The drive reported ``target`` skipped (with an event), left it pending and restarted nothing."""
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason)
+    assert events.of(target.alloc_id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, outcome.reason)
+    assert cluster.plan().members[target.alloc_id].state == MemberState.PENDING
+    assert restarts_by_alloc(sim) == {}
 
 
 class RecordingConsul(ConsulProxy):
@@ -298,7 +298,8 @@ def test_a_member_whose_restart_this_coordinator_triggered_is_reported_restarted
     sim_cluster_factory: SimClusterFactory,
 ) -> None:
     sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
-    cluster = Cluster(sim, min_healthy_time=15.0)  # longer than a renew interval: the loss is seen first
+    # min_healthy_time longer than a renew interval (TTL / 2): the loss is seen first
+    cluster = Cluster(sim, min_healthy_time=40.0, healthy_deadline=120.0)
     (a,) = cluster.allocs()
     events = Events()
     with cluster.session("agent") as session:
@@ -1093,10 +1094,7 @@ def test_a_worker_gives_its_member_up_when_it_lost_as_many_sessions_as_allowed(
             session.destroy()
     assert len(factory.made) == SESSION_ATTEMPTS - 1
     assert outcome.reason.startswith("session lost (") and outcome.reason.endswith(")"), outcome
-    assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason)
-    assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, outcome.reason)
-    assert cluster.plan().members[a.id].state == MemberState.PENDING
-    assert restarts_by_alloc(sim) == {}
+    assert_skipped_and_left_pending(sim, cluster, events, target, outcome)
 
 
 def test_an_agent_without_a_session_factory_skips_its_member_once_its_session_is_lost(
@@ -1277,10 +1275,7 @@ def test_a_slot_lost_under_a_live_session_is_retried_as_an_error_until_giving_up
     assert len(hook.done) == 2
     assert factory.made == []
     assert outcome.reason.startswith(f"plan {PLAN_KEY} not written: failed session check"), outcome
-    assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason)
-    assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, outcome.reason)
-    assert cluster.plan().members[a.id].state == MemberState.PENDING
-    assert restarts_by_alloc(sim) == {}
+    assert_skipped_and_left_pending(sim, cluster, events, target, outcome)
 
 
 def test_a_member_restarted_in_an_earlier_drive_is_not_in_flight_in_the_next(
@@ -1318,10 +1313,7 @@ def test_a_drive_that_waited_slot_timeout_for_a_slot_is_skipped_naming_the_timeo
         outcome = coordinator(cluster, session, "worker", observer=events).drive(target)
         slots.release(taken)
     assert "not acquired within" in outcome.reason, outcome
-    assert outcome == MemberOutcome(target, Outcome.SKIPPED, outcome.reason)
-    assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, outcome.reason)
-    assert cluster.plan().members[a.id].state == MemberState.PENDING
-    assert restarts_by_alloc(sim) == {}
+    assert_skipped_and_left_pending(sim, cluster, events, target, outcome)
 
 
 # --- handle_change: the change's mark and the slot --------------------------------------------------------

@@ -15,7 +15,16 @@ from typing import Any
 
 import pytest
 import requests
-from coordination_support import KEYS, SCALE, SCOPE, Cluster, restarts_by_alloc, scenario
+from coordination_support import (
+    KEYS,
+    PLAN_KEY,
+    SCALE,
+    SCOPE,
+    Cluster,
+    restarts_by_alloc,
+    scenario,
+    sets_trigger,
+)
 from fault_support import ConsulProxy, SkewedClock
 
 from shepard_lib.backends.consul import ConsulBackend
@@ -32,9 +41,10 @@ from shepard_lib.coordinator import (
 )
 from shepard_lib.errors import ConsulError
 from shepard_lib.model import KVEntry, TxnOp, TxnResult, TxnVerb
-from shepard_lib.plan import MemberState, PlanStatus
+from shepard_lib.plan import MemberState, Plan, PlanStatus
 from shepard_lib.rollout import RolloutOptions
 from shepard_lib.session import Session
+from shepard_lib.sim.consul import Fault
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
 pytestmark = pytest.mark.usefixtures("no_client_env")
@@ -174,22 +184,27 @@ def test_scaled_clocks_made_apart_share_one_cluster_time_origin() -> None:
 
 
 class NoLeaderThenReadFails(ConsulProxy):
-    """Consul refuses the first trigger txn with "No cluster leader"; the next trigger-key read fails."""
+    """Consul refuses the first claim-and-trigger txn with "No cluster leader"; the read that follows
+    it (the plan, to decide whether the txn applied) fails too."""
 
     def __init__(self, inner: ConsulBackend) -> None:
         super().__init__(inner)
-        self.txns = 0
-        self._read_failed = False
+        self.refused: list[TxnOp] | None = None
+        self.failed_read: str | None = None
+        self.states_then: dict[str, MemberState] = {}  # the plan's members when the read failed
 
     def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
-        self.txns += 1
-        if self.txns == 1:
-            raise ConsulError("txn (3 ops)", "No cluster leader", status=500, transient=True)
+        if self.refused is None and sets_trigger(ops):
+            self.refused = list(ops)
+            raise ConsulError("txn (4 ops)", "No cluster leader", status=500, transient=True)
         return self._inner.txn(ops)
 
     def get(self, key: str, *, consistent: bool = False) -> KVEntry | None:
-        if self.txns == 1 and not self._read_failed and key.startswith("shepard/keys/"):
-            self._read_failed = True
+        if self.refused is not None and self.failed_read is None:
+            self.failed_read = key
+            entry = self._inner.get(key, consistent=True)
+            plan = Plan.decode(entry.value if entry is not None else None)
+            self.states_then = {a: m.state for a, m in plan.members.items()}
             raise ConsulError(f"kv.get {key}", "No cluster leader", status=500, transient=True)
         return self._inner.get(key, consistent=consistent)
 
@@ -204,6 +219,9 @@ def test_a_trigger_refused_without_a_leader_goes_back_to_pending_even_if_the_che
     (alloc,) = cluster.allocs()
     with cluster.session("agent") as session:
         outcome = cluster.coordinator(session, "agent", consul=consul).handle_change(alloc, "server")
+    assert consul.refused is not None, "no claim-and-trigger txn was refused: the fault never fired"
+    assert consul.failed_read == PLAN_KEY, f"the read after the refused txn was {consul.failed_read}"
+    assert consul.states_then == {alloc.id: MemberState.PENDING}, "the refused claim left a trace"
     assert outcome.outcome == Outcome.RESTARTED, outcome
     assert restarts_by_alloc(sim) == {alloc.id: 1}
     assert cluster.plan().status == PlanStatus.COMPLETE
@@ -327,7 +345,8 @@ def test_a_member_whose_task_restarted_is_not_reported_skipped_when_the_session_
     sim_cluster_factory: SimClusterFactory,
 ) -> None:
     sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
-    cluster = Cluster(sim, min_healthy_time=15.0)  # longer than a renew interval: the loss is seen first
+    # min_healthy_time longer than a renew interval (TTL / 2): the loss is seen first
+    cluster = Cluster(sim, min_healthy_time=40.0, healthy_deadline=120.0)
     (alloc,) = cluster.allocs()
     with cluster.session("agent") as session:
 
@@ -369,6 +388,23 @@ def test_the_sim_applies_a_write_whose_client_gave_up_waiting(
     while sim.get_key("late/key") is None:
         index, _ = watcher.watch("late/key", index, 30.0)
     assert sim.get_key("late/key") == "v"
+
+
+def test_the_sim_injects_a_planned_fault_into_the_chosen_write_and_counts_what_it_injected(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """``Faults.inject``: the second txn from now is applied and its answer lost; reads are not counted."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    consul = ConsulBackend(ConsulConfig(address=sim.consul_addr), sim.clock)
+    sim.consul_faults.inject(Fault.LOST_REPLY, "/v1/txn", after=1)
+    put = [TxnOp(TxnVerb.SET, "planned/first", value=b"1")]
+    assert consul.txn(put).ok
+    assert consul.get("planned/first") is not None  # a read is no write: it does not count
+    with pytest.raises(ConsulError):
+        consul.txn([TxnOp(TxnVerb.SET, "planned/second", value=b"2")])
+    assert sim.get_key("planned/second") == "2", "a lost reply comes after the write was applied"
+    assert consul.txn([TxnOp(TxnVerb.SET, "planned/third", value=b"3")]).ok
+    assert sim.consul_faults.injected() == {(Fault.LOST_REPLY, "/v1/txn"): 1}
 
 
 # --- issue 11: a second rollout joins the plan in progress unless asked --again ----------------------

@@ -24,10 +24,11 @@ from support import Background
 
 from shepard_lib.config import HttpFormat, LogSink, StartAt, SyslogProtocol
 from shepard_lib.errors import NomadError
-from shepard_lib.logship import LogShipper, RetryPolicy
+from shepard_lib.logship import LogShipper, RetryPolicy, tailer
 from shepard_lib.logship.sinks import build_sinks
 from shepard_lib.logship.sinks.http import HttpSink
 from shepard_lib.logship.sinks.syslog import SyslogSink
+from shepard_lib.logship.tailer import list_streams
 from shepard_lib.model import Allocation
 
 with warnings.catch_warnings():  # pyinotify imports asyncore, deprecated since Python 3.10
@@ -85,7 +86,7 @@ def test_files_deleted_before_shipping_are_reported_and_the_rest_is_shipped(tmp_
     later = [f"line-{n:04d}" for n in range(100)]  # 1000 bytes: 10 files, logmon keeps the last 3
     node.write(alloc, text(later))
     assert shipper.ship_once().ok
-    assert shipper.metrics.value("fell_behind", "memory") == 1
+    assert shipper.metrics.value("fell_behind", "memory") == 8, "files 0 to 7 were lost (counted in files)"
     logs = [p for p in node.logs_dir(alloc).iterdir() if p.is_file()]
     files = sorted(logs, key=lambda p: int(p.name.rsplit(".")[-1]))
     kept = b"".join(p.read_bytes() for p in files)
@@ -574,3 +575,345 @@ def test_two_shippers_on_the_same_checkpoints_take_turns_and_ship_each_line_once
     second.ship_once()  # waits for the lock, then finds everything shipped
     run.join(timeout=60)
     assert sink.lines(alloc) == written + more and not sink.duplicates()
+
+
+def _points_at_first_byte(logs: Path, pieces: list[tuple[int, int, bytes, bool]]) -> None:
+    """Each record's file and offset point at its first byte (the start of its data)."""
+    for index, offset, data, _ in pieces:
+        assert offset >= 0, (index, offset, data)
+        with (logs / f"server.stdout.{index}").open("rb") as f:
+            f.seek(offset)
+            head = f.read(len(data))
+        assert data.startswith(head) and (head or not data), (index, offset, data)
+
+
+def test_a_crash_after_a_piece_cut_in_a_carried_tail_leaves_valid_checkpoints(tmp_path: Path) -> None:
+    """Regression: a long tail of a finished file, then a character logmon split across the two files,
+    cut a piece inside the carried tail: its end was recorded as offset -1 of the next file, and
+    after a crash every later round failed (EINVAL) for every stream."""
+    node = Node(tmp_path, max_file_size=256, max_files=100)
+    alloc = node.add(allocation(0))
+    node.write(alloc, "a" * 255 + "é" + "b" * 300)
+    logs = node.logs_dir(alloc)
+    assert (logs / "server.stdout.0").read_bytes() == b"a" * 255 + b"\xc3", "é split across files 0 and 1"
+    cfg = config(tmp_path, node, max_line_bytes=256, batch_size=1)
+    pieces: list[tuple[int, int, bytes, bool]] = []
+
+    class Recording(CrashingSink):
+        def send(self, batch: Any) -> None:
+            pieces.extend((line.file, line.offset, line.data, line.cut) for line in batch.lines)
+            super().send(batch)
+
+    with pytest.raises(Crash):
+        LogShipper(cfg, node, sinks=[Recording(crash_after=2)], retry=NO_WAIT).ship_once()
+    saved = json.loads(Path(cfg.log_shipping.checkpoint_path).read_text())
+    index, offset, _ = saved["allocations"][alloc.id]["positions"]["server"]["stdout"]["memory"]
+    assert (index, offset) == (0, 255), "the checkpoint is inside the carried tail, where the piece starts"
+    node.write(alloc, "c\n")
+    assert LogShipper(cfg, node, sinks=[Recording(crash_after=0)], retry=NO_WAIT).ship_once().ok
+    second = (0, 255, "é".encode() + b"b" * 254, True)
+    assert pieces == [(0, 0, b"a" * 255, True), second, second, (1, 255, b"b" * 46 + b"c", False)]
+    _points_at_first_byte(logs, pieces)
+
+
+def test_an_invalid_checkpoint_or_an_unreadable_stream_holds_up_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = Node(tmp_path)
+    damaged, unreadable, unlisted, fine = (node.add(allocation(n)) for n in range(4))
+    for alloc in (damaged, unreadable, unlisted, fine):
+        node.write(alloc, f"{alloc.id[:8]} one\n")
+    sink = MemorySink()
+    cfg = config(tmp_path, node)
+    shipper = LogShipper(cfg, node, sinks=[sink], retry=NO_WAIT)
+    assert shipper.ship_once().ok
+    path = Path(cfg.log_shipping.checkpoint_path)
+    saved = json.loads(path.read_text())
+    saved["allocations"][damaged.id]["positions"]["server"]["stdout"]["memory"][1] = -1
+    path.write_text(json.dumps(saved))
+    locked, closed = str(node.logs_dir(unreadable)), str(node.logs_dir(unlisted))
+    scandir = os.scandir
+
+    def guarded_open(file: Any, *args: Any, **kwargs: Any) -> Any:  # as for an agent without read access
+        if str(file).startswith(locked):
+            raise PermissionError(13, "Permission denied", str(file))
+        return open(file, *args, **kwargs)
+
+    def guarded_scandir(path: Any) -> Any:
+        if str(path) == closed:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(tailer, "open", guarded_open, raising=False)
+    monkeypatch.setattr(os, "scandir", guarded_scandir)
+    for alloc in (damaged, unreadable, unlisted, fine):
+        node.write(alloc, f"{alloc.id[:8]} two\n")
+    report = shipper.ship_once()
+    monkeypatch.undo()
+    assert not report.ok and len(report.stream_errors) == 3, report.stream_errors
+    assert any("invalid checkpoint offset -1" in problem for problem in report.stream_errors)
+    assert any(f"{locked}/server.stdout.0: Permission denied" in problem for problem in report.stream_errors)
+    assert any(f"{closed}: Permission denied" in problem for problem in report.stream_errors)
+    assert report.sinks[0].error is None
+    assert sink.lines(fine) == [f"{fine.id[:8]} one", f"{fine.id[:8]} two"]
+    assert sink.lines(damaged)[1:] == [f"{damaged.id[:8]} one", f"{damaged.id[:8]} two"], (
+        "the damaged stream starts over at its file's start (at-least-once)"
+    )
+    for alloc in (unreadable, unlisted):
+        assert sink.lines(alloc) == [f"{alloc.id[:8]} one"], "it waits for the next round"
+    assert shipper.metrics.value("stream_errors", "memory") == 3
+    assert shipper.ship_once().ok
+    for alloc in (unreadable, unlisted):
+        assert sink.lines(alloc) == [f"{alloc.id[:8]} one", f"{alloc.id[:8]} two"]
+
+
+def test_lines_read_before_a_file_that_cannot_be_opened_ship_and_the_rest_follows_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = Node(tmp_path, max_file_size=40)
+    alloc = node.add(allocation(0))
+    lines = [f"line-{n:03d}" for n in range(10)]  # 90 bytes: files 0, 1 and 2, line-004 split by the first
+    node.write(alloc, text(lines))
+    second = str(node.logs_dir(alloc) / "server.stdout.1")
+
+    def guarded_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file) == second:
+            raise PermissionError(13, "Permission denied", str(file))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(tailer, "open", guarded_open, raising=False)
+    sink = MemorySink()
+    shipper = LogShipper(config(tmp_path, node, batch_size=3), node, sinks=[sink], retry=NO_WAIT)
+    report = shipper.ship_once()
+    assert [second in problem for problem in report.stream_errors] == [True]
+    assert sink.lines(alloc) == lines[:4], "the complete lines of file 0"
+    monkeypatch.undo()
+    assert shipper.ship_once().ok
+    assert sink.lines(alloc) == lines and not sink.duplicates()
+    assert shipper.metrics.value("fell_behind", "memory") == 0
+
+
+def test_start_at_end_waits_for_a_round_that_can_list_the_allocations(tmp_path: Path) -> None:
+    """Regression: a first round that could not list the allocations still wrote the checkpoint file,
+    so the next round was no longer the first and shipped the old lines."""
+    node = Node(tmp_path)
+    alloc = node.add(allocation(0))
+    node.write(alloc, "old 1\nold 2\n")
+    nomad_up = False
+
+    def source() -> list[Allocation]:
+        if not nomad_up:
+            raise NomadError("node allocations", "connection refused", transient=True)
+        return node()
+
+    sink = MemorySink()
+    cfg = config(tmp_path, node, start_at=StartAt.END)
+    shipper = LogShipper(cfg, source, sinks=[sink], retry=NO_WAIT)
+    assert "connection refused" in str(shipper.ship_once().source_error)
+    assert not Path(cfg.log_shipping.checkpoint_path).exists()
+    nomad_up = True
+    node.write(alloc, "new\n")
+    assert shipper.ship_once().ok
+    assert sink.records == [], "the first round that lists the allocations starts at their end"
+    node.write(alloc, "newer\n")
+    shipper.ship_once()
+    assert sink.lines(alloc) == ["newer"]
+
+
+def test_logmon_rotating_and_deleting_during_a_round_is_counted_and_never_splices_lines(
+    tmp_path: Path,
+) -> None:
+    """Regression: files logmon deleted while a round read them were not counted in ``fell_behind``, and
+    the unterminated tail of one file was joined to the start of a later, non-adjacent one."""
+    max_file_size = 200
+    node = Node(tmp_path, max_file_size=max_file_size, max_files=3)
+    alloc = node.add(allocation(0))
+    written = [f"line-{n:05d}" for n in range(30)]  # 330 bytes: files 0 and 1, none deleted yet
+    node.write(alloc, text(written))
+    pieces: list[tuple[int, int, bytes, bool]] = []
+
+    class Writer(MemorySink):
+        """Each batch it takes makes the task log 15 more lines: logmon rotates and deletes meanwhile."""
+
+        def send(self, batch: Any) -> None:
+            super().send(batch)
+            pieces.extend((line.file, line.offset, line.data, line.cut) for line in batch.lines)
+            more = [f"line-{n:05d}" for n in range(len(written), len(written) + 15)]
+            written.extend(more)
+            node.write(alloc, text(more))
+
+    sink = Writer()
+    cfg = config(tmp_path, node, batch_size=5)
+    shipper = LogShipper(cfg, node, sinks=[sink], retry=NO_WAIT)
+    for _ in range(3):
+        shipper.ship_once()
+    fragments = {line[i:j] for line in written for i in range(len(line)) for j in range(i + 1, len(line) + 1)}
+    spliced = [r[3] for r in sink.records if r[3].decode() not in fragments]
+    assert not spliced, f"records that were never written: {spliced}"
+    # Which bytes of the files before the checkpoint's reached the sink (a record may go on into the
+    # next files): a file with a byte that did not was lost.
+    saved = json.loads(Path(cfg.log_shipping.checkpoint_path).read_text())
+    checkpoint = saved["allocations"][alloc.id]["positions"]["server"]["stdout"]["memory"][0]
+    shipped = [bytearray(max_file_size) for _ in range(checkpoint)]
+    for index, offset, data, cut in pieces:
+        length = len(data) + (not cut)
+        while length and index < checkpoint:
+            span = min(length, max_file_size - offset)
+            shipped[index][offset : offset + span] = b"\1" * span
+            length -= span
+            index, offset = index + 1, 0
+    lost = [n for n, marks in enumerate(shipped) if not all(marks)]
+    assert len(lost) > 3, "the sink should have fallen behind, several times"
+    assert shipper.metrics.value("fell_behind", "memory") == len(lost), lost
+    assert any(cut for _, _, _, cut in pieces), (
+        "the test should include a tail shipped on its own because the next file was lost"
+    )
+
+
+def test_deleted_files_a_round_could_not_read_are_lost_files_and_the_tail_before_them_is_a_cut_line(
+    tmp_path: Path,
+) -> None:
+    node = Node(tmp_path, max_file_size=10, max_files=100)
+    alloc = node.add(allocation(0))
+    node.write(alloc, "x\nabcdefgh" + "0123456789" + "def\n")  # files 0 and 1 without newline at their end
+    logs = node.logs_dir(alloc)
+    stream = list_streams(alloc.id, logs)[0]
+    reader = tailer.StreamReader(stream, tailer.Position(0, 0, stream.files[0].inode), 300)
+    (logs / "server.stdout.1").unlink()  # deleted by logmon after the listing, before it was read
+    out: list[tailer.Line] = []
+    try:
+        reader.take(100, 10_000, out)
+    finally:
+        reader.close()
+    assert [(line.file, line.offset, line.data, line.cut) for line in out] == [
+        (0, 0, b"x", False),
+        (0, 2, b"abcdefgh", True),
+        (2, 0, b"def", False),
+    ]
+    assert reader.lost_files == 1
+
+
+def test_an_allocation_deleted_before_its_lines_were_shipped_counts_as_falling_behind(tmp_path: Path) -> None:
+    node = Node(tmp_path, max_file_size=100)
+    alloc, other = node.add(allocation(0)), node.add(allocation(1))
+    node.write(alloc, "one\n")
+    node.write(other, "kept\n")
+    sink = MemorySink()
+    shipper = LogShipper(config(tmp_path, node), node, sinks=[sink], retry=NO_WAIT)
+    assert shipper.ship_once().ok
+    node.write(alloc, text(numbered("unshipped", 20)))  # several files
+    node.write(other, "done\n")
+    sink.down = True
+    shipper.ship_once()
+    sink.down = False
+    files = len(list(node.logs_dir(alloc).glob("server.stdout.*")))
+    node.remove(alloc)  # Nomad forgets it and the client deletes its directory
+    assert shipper.ship_once().ok
+    assert shipper.metrics.value("fell_behind", "memory") == files > 1
+    assert sink.lines(other) == ["kept", "done"]
+    assert alloc.id not in json.loads(Path(shipper._shipping.checkpoint_path).read_text())["allocations"]
+
+
+def test_a_udp_syslog_message_longer_than_a_datagram_is_rejected_and_the_rest_delivered(
+    tmp_path: Path,
+) -> None:
+    """Over UDP a message is one datagram: a longer one (EMSGSIZE) is counted as rejected instead of
+    failing the sink at the same line round after round."""
+    node = Node(tmp_path)
+    alloc = node.add(allocation(0))
+    node.write(alloc, "before\n" + "x" * 70000 + "\nafter\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(60)
+        sink = SyslogSink(f"127.0.0.1:{receiver.getsockname()[1]}", SyslogProtocol.UDP, "shepard")
+        cfg = config(tmp_path, node, max_line_bytes=100_000)  # the config refuses this with syslog over udp
+        shipper = LogShipper(cfg, node, sinks=[sink], retry=NO_WAIT)
+        try:
+            report = shipper.ship_once()
+            received = [receiver.recv(65536) for _ in range(2)]
+        finally:
+            shipper.close()
+    assert report.ok and report.sinks[0].lines == 2 and report.sinks[0].lag_bytes == 0
+    assert [m.rsplit(b"] ", 1)[1] for m in received] == [b"before", b"after"]
+    assert shipper.metrics.value("rejected_lines", "syslog") == 1
+    assert shipper.metrics.value("lines_shipped", "syslog") == 2
+    assert shipper.metrics.value("errors", "syslog") == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chunks=st.lists(
+        st.tuples(
+            st.text(alphabet="ab\né✓", max_size=80),
+            st.sampled_from(["write", "write and ship", "write during a send"]),
+        ),
+        max_size=30,
+    ),
+    max_file_size=st.integers(min_value=10, max_value=60),
+    max_files=st.integers(min_value=1, max_value=4),
+    max_line=st.integers(min_value=4, max_value=40),
+    batch_size=st.integers(min_value=1, max_value=5),
+)
+def test_whatever_logmon_writes_and_deletes_records_are_exact_and_lost_files_are_counted(
+    chunks: list[tuple[str, str]], max_file_size: int, max_files: int, max_line: int, batch_size: int
+) -> None:
+    """With logmon deleting files between and during rounds: each record is bytes of the written stream
+    at its file and offset (ending at a newline unless cut), in order, resuming only at a file's start
+    after a gap; and ``fell_behind`` counts exactly the files with bytes that never shipped (give or
+    take a file that filled up at a newline right as its last line shipped: the shipper cannot tell it
+    from one that grew after it was read)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        node = Node(root, max_file_size=max_file_size, max_files=max_files)
+        alloc = node.add(allocation(0))
+        written = bytearray()
+        pending: list[str] = []
+        pieces: list[tuple[int, int, bytes, bool]] = []
+
+        def write(data: str) -> None:
+            node.write(alloc, data)
+            written.extend(data.encode("utf-8"))
+
+        class Recording(MemorySink):
+            def send(self, batch: Any) -> None:
+                pieces.extend((line.file, line.offset, line.data, line.cut) for line in batch.lines)
+                if pending:
+                    write(pending.pop(0))
+
+        cfg = config(root, node, max_line_bytes=max_line, batch_size=batch_size)  # below the config's minimum
+        shipper = LogShipper(cfg, node, sinks=[Recording()], retry=NO_WAIT)
+        write("start\n")
+        shipper.ship_once()  # file 0 is listed before logmon deletes anything
+        for data, what in chunks:
+            if what == "write during a send":
+                pending.append(data)
+                continue
+            write(data)
+            if what == "write and ship":
+                shipper.ship_once()
+        while pending:
+            write(pending.pop(0))
+        shipper.ship_once()
+        shipper.ship_once()
+        saved = json.loads(Path(cfg.log_shipping.checkpoint_path).read_text())
+        checkpoint = saved["allocations"][alloc.id]["positions"]["server"]["stdout"]["memory"][0]
+        fell_behind = shipper.metrics.value("fell_behind", "memory")
+
+    covered = bytearray(len(written))
+    previous_end = 0
+    for index, offset, data, cut in pieces:
+        at = index * max_file_size + offset
+        assert 0 <= offset < max_file_size and b"\n" not in data, (index, offset, data)
+        assert bytes(written[at : at + len(data)]) == data, (index, offset, data)
+        end = at + len(data) + (not cut)
+        assert cut or written[end - 1 : end] == b"\n", (index, offset, data)
+        assert at == previous_end or (at > previous_end and offset == 0), "in order, resuming at a file start"
+        covered[at:end] = b"\1" * (end - at)
+        previous_end = end
+    files = [range(n * max_file_size, (n + 1) * max_file_size) for n in range(checkpoint)]
+    shipped = [all(covered[i] for i in span) for span in files]
+    lost = shipped.count(False)
+    filled_at_a_newline = sum(
+        1 for span, whole in zip(files, shipped, strict=True) if whole and written[span[-1]] == ord("\n")
+    )
+    assert lost <= fell_behind <= lost + filled_at_a_newline, (lost, fell_behind, filled_at_a_newline)

@@ -131,6 +131,33 @@ def test_logs_ship_exits_1_when_a_sink_stays_down(
     assert "paused: file sink: cannot write" in capsys.readouterr().out
 
 
+def test_logs_ship_exits_1_and_names_a_stream_it_had_to_skip(
+    sim_cluster_factory: SimClusterFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_client_env: None,
+) -> None:
+    sim = sim_cluster_factory(SCENARIO, time_scale=50)
+    cfg = _config(tmp_path, sim.nomad_agent_addr("n1"), sim.node_data_dir("n1"), scale=50)
+    assert main(["--config", cfg, "logs", "ship", "--once"]) == 0
+    checkpoints = tmp_path / "checkpoints.json"
+    saved = json.loads(checkpoints.read_text())
+    alloc_id, entry = sorted(saved["allocations"].items())[0]
+    entry["positions"]["server"]["stdout"]["file"][1] = -1  # a damaged checkpoint
+    capsys.readouterr()
+    checkpoints.write_text(json.dumps(saved))
+    assert main(["--config", cfg, "logs", "ship", "--once"]) == 1
+    out = capsys.readouterr().out
+    assert "stream skipped this round: file: " in out and "invalid checkpoint offset -1" in out
+    assert main(["--config", cfg, "logs", "ship", "--once"]) == 0, "the stream was reset and read again"
+    checkpoints.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(["--config", cfg, "logs", "ship", "--once", "--output", "json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["stream_errors"]) == 1 and alloc_id in report["stream_errors"][0]
+    assert "invalid checkpoint offset -1" in report["stream_errors"][0] and not report["ok"]
+
+
 @pytest.mark.real_cluster
 def test_logs_ship_once_against_a_real_nomad_client(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from logship_support import Node, allocation, config
 
-from shepard_lib.config import SyslogProtocol
+from shepard_lib.config import SYSLOG_UDP_MAX_LINE, SyslogProtocol
 from shepard_lib.logship import LogShipper, RetryPolicy
 from shepard_lib.logship.sinks.syslog import SD_ID, SyslogSink
 
@@ -199,3 +199,25 @@ def test_rsyslog_receives_every_line_with_its_tags(
             f.seek(int(record["log.offset"]))
             head = f.read(len(line.encode()))
         assert line.encode().startswith(head) and head, (record, line)
+
+
+def test_the_longest_line_allowed_over_udp_reaches_rsyslog_whole_with_its_tags(
+    tmp_path: Path, rsyslog: Rsyslog
+) -> None:
+    """``max_line_bytes`` is at most SYSLOG_UDP_MAX_LINE with syslog over UDP: such a line and its header
+    fit one datagram (rsyslog here takes messages up to its ``maxMessageSize`` of 64k)."""
+    node = Node(tmp_path, max_file_size=1 << 20)
+    alloc = node.add(allocation(1))
+    longest = "x" * (SYSLOG_UDP_MAX_LINE - 4) + "end."
+    node.write(alloc, longest + "\nshort\n")
+    cfg = config(tmp_path, node, max_line_bytes=SYSLOG_UDP_MAX_LINE, tags={"env": "prod"})
+    sink = SyslogSink(f"127.0.0.1:{rsyslog.udp_port}", SyslogProtocol.UDP, "shepard-test")
+    shipper = LogShipper(cfg, node, sinks=[sink], retry=RetryPolicy(attempts=2, initial=0))
+    try:
+        assert shipper.ship_once().ok
+    finally:
+        shipper.close()
+    first, second = _records(rsyslog.udp_log, 2)
+    assert first["msg"] == longest and second["msg"] == "short"
+    assert first["nomad.allocation.id"] == alloc.id and first["env"] == "prod" and "log.cut" not in first
+    assert shipper.metrics.value("rejected_lines", "syslog") == 0

@@ -111,7 +111,7 @@ def test_connection_and_log_shipping_defaults() -> None:
         SyslogProtocol.UDP,
         "shepard",
     )
-    assert (shipping.http_url, shipping.http_format, shipping.batch_size) == (None, HttpFormat.LOKI, 500)
+    assert (shipping.http_url, shipping.http_format, shipping.batch_size) == (None, HttpFormat.LOKI, 5000)
 
 
 def test_every_key_is_tested_for_its_default() -> None:

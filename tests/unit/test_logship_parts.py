@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,45 @@ def test_checkpoints_survive_a_failed_save_and_a_damaged_file_says_what_to_do(
         Checkpoints(path)
 
 
+def test_a_saved_checkpoint_is_durable_the_rename_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is fsynced before the rename and its directory after it: a power loss right after
+    ``save()`` cannot bring the previous checkpoint back (which would re-ship more than one batch)."""
+    synced: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        synced.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    checkpoints = Checkpoints(tmp_path / "ck.json")
+    checkpoints.remember(ALLOC)
+    checkpoints.save()
+    assert synced == ["file", "rename", "directory"]
+
+
+def test_checkpoints_keep_each_streams_listed_end_to_tell_what_was_not_shipped(tmp_path: Path) -> None:
+    key = ("a-1", "server", "stdout")
+    checkpoints = Checkpoints(tmp_path / "ck.json")
+    checkpoints.remember(ALLOC)
+    checkpoints.set("file", key, Position(2, 10, 99))
+    checkpoints.set("http", key, Position(4, 50, 101))
+    checkpoints.listed(key, 4, 50)
+    checkpoints.save()
+    again = Checkpoints(tmp_path / "ck.json")
+    assert again.unshipped("a-1", "file") == 3, "files 2, 3 and 4"
+    assert again.unshipped("a-1", "http") == 0
+    again.forget("a-1")
+    assert again.unshipped("a-1", "file") == 0 and again.allocations() == []
+
+
 def test_metrics_samples_are_named_for_prometheus() -> None:
     metrics = ShipperMetrics(["file", "syslog"])
     metrics.add("lines_shipped", "file", 5)
@@ -158,7 +198,7 @@ def test_metrics_samples_are_named_for_prometheus() -> None:
     assert samples[("shepard_logship_lines_shipped_total", "file")].kind == "counter"
     assert samples[("shepard_logship_lag_bytes", "syslog")].kind == "gauge"
     assert samples[("shepard_logship_lag_bytes", "syslog")].value == 42
-    assert len(samples) == 2 * 7
+    assert len(samples) == 2 * 8
 
 
 def _load(tmp_path: Path, text: str) -> object:
@@ -190,6 +230,14 @@ def test_several_sinks_at_once_and_static_tags(tmp_path: Path) -> None:
         ("log_shipping: {max_line_bytes: 10}", "log_shipping.max_line_bytes: expected an integer >= 256"),
         ("log_shipping: {buffer_limit: -1}", "log_shipping.buffer_limit: expected an integer >= 0"),
         (
+            "log_shipping: {sink: syslog, max_line_bytes: 65536}",
+            "log_shipping.max_line_bytes: at most 57344 with the syslog sink over udp",
+        ),
+        (
+            "log_shipping: {sink: [file, syslog], syslog_protocol: udp, max_line_bytes: 100000}",
+            "log_shipping.max_line_bytes: at most 57344 with the syslog sink over udp",
+        ),
+        (
             "log_shipping: {sink: [file, http]}",
             "log_shipping.http_url: required when log_shipping.sink includes http",
         ),
@@ -199,3 +247,12 @@ def test_bad_log_shipping_settings_are_named(tmp_path: Path, text: str, problem:
     with pytest.raises(ConfigError) as error:
         _load(tmp_path, text + "\n")
     assert any(p.startswith(problem) for p in error.value.problems), error.value.problems
+
+
+def test_long_lines_are_fine_with_syslog_over_tcp_or_without_syslog(tmp_path: Path) -> None:
+    tcp = _load(tmp_path, "log_shipping: {sink: syslog, syslog_protocol: tcp, max_line_bytes: 1048576}\n")
+    assert tcp.max_line_bytes == 1048576  # type: ignore[attr-defined]
+    udp = _load(tmp_path, "log_shipping: {sink: syslog, max_line_bytes: 57344}\n")
+    assert udp.max_line_bytes == 57344  # type: ignore[attr-defined]
+    no_syslog = _load(tmp_path, "log_shipping: {sink: file, max_line_bytes: 1048576}\n")
+    assert no_syslog.max_line_bytes == 1048576  # type: ignore[attr-defined]

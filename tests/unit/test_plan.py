@@ -599,3 +599,45 @@ def test_plan_of_100_deployments_of_a_50_allocation_job_stays_under_64_kib() -> 
         assert plan.status == PlanStatus.COMPLETE
     assert len(plan.members) == 50
     assert len(plan.encode()) < 64 * 1024, len(plan.encode())
+
+
+def test_agent_registrations_of_100_deployments_of_a_50_allocation_job_stay_under_64_kib() -> None:
+    """The agents register one allocation at a time and do not know the job's live allocations
+    (no ``live``): a replacement (same index, new ID) drops the settled member of its index."""
+    plan = fresh(concurrency=5, count=50)
+    for deployment in range(100):
+        specs = [MemberSpec(f"alloc-{deployment}-{i}", f"node-{(i + deployment) % 7}", i) for i in range(50)]
+        for spec in specs:
+            plan = register(plan, [spec], now=float(deployment))
+        for spec in specs:
+            holder = f"h{deployment}-{spec.alloc_index}"
+            if spec.alloc_index == deployment % 50:  # Nomad stopped this one mid-rollout
+                plan = skip(plan, spec.alloc_id, reason="stopped", now=float(deployment))
+            else:
+                plan = restart(plan, spec, holder=holder)
+        assert plan.status == PlanStatus.COMPLETE
+    assert set(plan.members) == {f"alloc-99-{i}" for i in range(50)}
+    assert len(plan.encode()) < 64 * 1024, len(plan.encode())
+
+
+def test_a_replacement_drops_the_settled_member_of_its_index_but_never_one_that_counts() -> None:
+    """Dropped: done or skipped, or failed in an earlier generation. Kept: pending, restarting, failed
+    in the current generation (it counts against max_failures and the concurrency), and a member the
+    registration leaves alone (claimed after the change was seen)."""
+    plan = register(fresh(concurrency=4, max_failures=3, count=6), [A, B, C, D], now=100.0)
+    plan = restart(plan, A, holder="ha")
+    plan = take(plan, B, holder="hb")
+    plan = restart(plan, C, ok=False, holder="hc")
+    seen = mark()
+    plan = restart(plan, D, holder="hd")  # claimed after ``seen``
+    replacements = [MemberSpec(f"{s.alloc_id}-new", s.node, s.alloc_index) for s in (A, B, C, D)]
+    after = register(plan, replacements, now=110.0, seen_index=seen)
+    assert set(after.members) == {B.alloc_id, C.alloc_id, D.alloc_id} | {s.alloc_id for s in replacements}
+    assert after.members[C.alloc_id] == plan.members[C.alloc_id] and after.failures() == 1
+    assert set(down(after)) == {B.alloc_id, C.alloc_id}
+
+    # Once C's generation is over (a new change), its failed member no longer counts and is dropped.
+    later = register(after, [D], now=120.0)
+    later = register(later, [MemberSpec("alloc-c-newer", C.node, C.alloc_index)], now=121.0)
+    assert later.generation > plan.generation and C.alloc_id not in later.members
+    assert "alloc-c-new" in later.members, "a pending member is never dropped"

@@ -10,6 +10,9 @@ node; MSGID the stream; the tags (file and offset included) are the structured d
 the line's bytes as they are. Over TCP a message is ``<length> <message>``. UDP has no
 acknowledgement, and a TCP connection that breaks may lose what the kernel had accepted: the
 syslog transports are at-most-once past the socket (rsyslog's RELP would close that gap).
+A UDP message is one datagram, at most :data:`UDP_MAX_MESSAGE` bytes: the configuration keeps
+``max_line_bytes`` well below it, and a message that is still longer (huge tags) is not sent but
+rejected (counted), so that it never holds the sink up.
 """
 
 from __future__ import annotations
@@ -17,16 +20,18 @@ from __future__ import annotations
 import socket
 
 from shepard_lib.config import SyslogProtocol
-from shepard_lib.logship.records import Batch, SinkError, rfc3339
+from shepard_lib.logship.records import Batch, SinkError, SinkRejected, rfc3339
 from shepard_lib.logship.tags import CUT, FILE_PATH, NODE, OFFSET, STREAM
 from shepard_lib.logship.tailer import Stream
 
-__all__ = ["SD_ID", "SyslogSink", "format_message"]
+__all__ = ["SD_ID", "UDP_MAX_MESSAGE", "SyslogSink", "format_message"]
 
 SD_ID = "nomad@32473"
 _USER = 1
 _SEVERITY = {"stdout": 6, "stderr": 3}
 _TIMEOUT = 10.0
+UDP_MAX_MESSAGE = 65507
+"""The largest UDP payload over IPv4 (65535 minus the IP and UDP headers); IPv6 allows 20 more."""
 
 
 def _escape(value: str) -> str:
@@ -95,18 +100,28 @@ class SyslogSink:
     def send(self, batch: Batch) -> None:
         """Send every line; SinkError (the connection is dropped) when the socket fails."""
         messages = self.messages(batch)
+        refused = []
         try:
             sock = self._connect()
             if self.protocol is SyslogProtocol.TCP:
                 sock.sendall(b"".join(b"%d %s" % (len(m), m) for m in messages))
             else:
-                for message in messages:
-                    sock.send(message)
+                for line, message in zip(batch.lines, messages, strict=True):
+                    if len(message) > UDP_MAX_MESSAGE:
+                        refused.append(line)
+                    else:
+                        sock.send(message)
         except OSError as exc:
             self.close()
             raise SinkError(
                 f"syslog sink: cannot send to {self.host}:{self.port} over {self.protocol}: {exc}"
             ) from None
+        if refused:
+            raise SinkRejected(
+                f"syslog sink: {len(refused)} messages longer than a UDP datagram ({UDP_MAX_MESSAGE} bytes)"
+                " were not sent; lower log_shipping.max_line_bytes or use syslog_protocol: tcp",
+                refused,
+            )
 
     def _connect(self) -> socket.socket:
         if self._sock is None:

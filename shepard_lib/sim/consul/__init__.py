@@ -15,8 +15,8 @@ it mirrors. Usage::
 Times are cluster seconds on ``clock`` (TTLs, lock-delays, ``?wait=``, injected latency).
 """
 
-from shepard_lib.sim.consul.faults import Faults
+from shepard_lib.sim.consul.faults import Fault, Faults
 from shepard_lib.sim.consul.server import ConsulServer
 from shepard_lib.sim.consul.state import ConsulState
 
-__all__ = ["ConsulServer", "ConsulState", "Faults"]
+__all__ = ["ConsulServer", "ConsulState", "Fault", "Faults"]

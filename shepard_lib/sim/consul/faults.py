@@ -7,13 +7,24 @@ same requests in the same order.
 
 from __future__ import annotations
 
+import enum
 import random
 import threading
+from collections import Counter
 
 NO_LEADER = "No cluster leader"
 """``structs.ErrNoLeader``: the 500 body when the cluster has no leader."""
 RPC_FAILED = "rpc error making call: EOF"
 """The 500 body of an injected error (a server connection dropped mid-RPC)."""
+
+
+class Fault(enum.StrEnum):
+    """A fault the simulated Consul injects into one request."""
+
+    ERROR = "error"  # answered 500, not applied
+    LOST_REPLY = "lost_reply"  # applied, answered 500
+    LATE_WRITE = "late_write"  # applied after ``late_delay``
+    LATE_REPLY = "late_reply"  # applied at once, answered after ``late_delay``
 
 
 class Faults:
@@ -31,7 +42,12 @@ class Faults:
     - ``leader_lost``: no leader, so requests answer ``500 No cluster leader`` except ``?stale``
       reads, agent and status endpoints (and ``/v1/status/leader`` answers ``""``);
     - :meth:`pause_session_renewals`: renewals of that session fail (``500``), as if the holder
-      were partitioned from the servers, so its TTL runs out.
+      were partitioned from the servers, so its TTL runs out;
+    - :meth:`inject`: one :class:`Fault` into a given later write to an endpoint, whatever the rates
+      (a write with a planned fault is never failed by ``error_rate`` instead).
+
+    :meth:`injected` counts the faults injected so far by fault and endpoint (``/v1/txn``), so a
+    test can tell that the faults it asked for really happened (:meth:`reset` keeps the counts).
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -45,6 +61,8 @@ class Faults:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._paused: set[str] = set()
+        self._planned: dict[str, list[tuple[int, Fault]]] = {}  # endpoint: (writes to go, fault)
+        self._injected: Counter[tuple[Fault, str]] = Counter()
 
     def draw_error(self) -> bool:
         """True when this request should fail unapplied (draws only while error_rate > 0)."""
@@ -61,6 +79,32 @@ class Faults:
     def draw_late_reply(self) -> bool:
         """True when this applied write's answer should wait ``late_delay``."""
         return self._draw(self.late_reply_rate)
+
+    def inject(self, fault: Fault, endpoint: str, after: int = 0) -> None:
+        """Inject ``fault`` into the write (PUT, POST, DELETE) to ``endpoint`` (``/v1/txn``) that comes
+        after ``after`` more writes to it (0: the next one)."""
+        with self._lock:
+            self._planned.setdefault(endpoint, []).append((after, fault))
+
+    def planned(self, endpoint: str) -> frozenset[Fault]:
+        """The faults :meth:`inject` planned for this write to ``endpoint`` (called once per write)."""
+        with self._lock:
+            planned = self._planned.get(endpoint)
+            if not planned:
+                return frozenset()
+            now = frozenset(fault for after, fault in planned if after == 0)
+            self._planned[endpoint] = [(after - 1, fault) for after, fault in planned if after > 0]
+            return now
+
+    def count(self, fault: Fault, endpoint: str) -> None:
+        """Record that ``fault`` was injected into a request to ``endpoint``."""
+        with self._lock:
+            self._injected[(fault, endpoint)] += 1
+
+    def injected(self) -> dict[tuple[Fault, str], int]:
+        """How many times each fault was injected, by (fault, endpoint)."""
+        with self._lock:
+            return dict(self._injected)
 
     def _draw(self, rate: float) -> bool:
         if rate <= 0:
@@ -84,8 +128,9 @@ class Faults:
             return session_id in self._paused
 
     def reset(self) -> None:
-        """Clear every fault."""
+        """Clear every fault (the counts of :meth:`injected` stay)."""
         with self._lock:
+            self._planned.clear()
             self.error_rate = 0.0
             self.lost_reply_rate = 0.0
             self.latency = 0.0

@@ -35,7 +35,7 @@ from urllib.parse import parse_qs
 from shepard_lib.clock import SIM_TIME_SCALE_HEADER
 from shepard_lib.sim.consul import catalog_api, kv_api, session_api, txn_api
 from shepard_lib.sim.consul.acl import ACL_NOT_FOUND
-from shepard_lib.sim.consul.faults import NO_LEADER, RPC_FAILED, Faults
+from shepard_lib.sim.consul.faults import NO_LEADER, RPC_FAILED, Fault, Faults
 from shepard_lib.sim.consul.http import Context, Handler, HTTPError, Request, Response, json_body, text_body
 from shepard_lib.sim.consul.state import ConsulState
 from shepard_lib.sim.httpbase import TrackedHandler, TrackingHTTPServer
@@ -181,29 +181,35 @@ class ConsulServer:
         req = Request.parse(method, target, headers, body)
         endpoint, handler = _route(req.path)
         self.requests.add(endpoint, method)
-        resp = self._answer(req, handler)
+        resp = self._answer(req, endpoint, handler)
         self.requests.add_shape(request_shape(req, endpoint, resp.status))
         return resp
 
-    def _answer(self, req: Request, handler: Handler | None) -> Response:
+    def _answer(self, req: Request, endpoint: str, handler: Handler | None) -> Response:
+        """The answer to ``req`` (routed to ``endpoint``), with the faults injected into it."""
         method = req.method
         write = method in ("PUT", "POST", "DELETE")
+        faults = self.faults
+        planned = faults.planned(endpoint) if write else frozenset()
         try:
             if handler is None:
                 raise HTTPError(404, "404 page not found\n")
-            self._before(req)
-            if write and self.faults.draw_late_write():
-                self.state.clock.sleep(self.faults.late_delay)  # applied after the client may have left
+            self._before(req, endpoint, planned)
+            if write and (Fault.LATE_WRITE in planned or faults.draw_late_write()):
+                faults.count(Fault.LATE_WRITE, endpoint)
+                self.state.clock.sleep(faults.late_delay)  # applied after the client may have left
             resp = handler(self._ctx, req)
         except HTTPError as exc:
             return text_body(exc.status, exc.text)
-        if write and self.faults.draw_late_reply():
-            self.state.clock.sleep(self.faults.late_delay)  # applied; the answer comes late
-        if self.faults.draw_lost_reply():
+        if write and (Fault.LATE_REPLY in planned or faults.draw_late_reply()):
+            faults.count(Fault.LATE_REPLY, endpoint)
+            self.state.clock.sleep(faults.late_delay)  # applied; the answer comes late
+        if Fault.LOST_REPLY in planned or faults.draw_lost_reply():
+            faults.count(Fault.LOST_REPLY, endpoint)
             return text_body(500, RPC_FAILED)
         return resp
 
-    def _before(self, req: Request) -> None:
+    def _before(self, req: Request, endpoint: str, planned: frozenset[Fault]) -> None:
         """Faults, datacenter, then the ACL check; raises HTTPError to answer instead of the handler.
 
         ``?dc=`` naming another datacenter fails as Consul's ``forwardDC`` does without a route.
@@ -211,7 +217,9 @@ class ConsulServer:
         faults = self.faults
         if faults.latency > 0:
             self.state.clock.sleep(faults.latency)
-        if faults.draw_error():
+        # A random error never replaces a planned fault (which would then not happen).
+        if Fault.ERROR in planned or (not planned and faults.draw_error()):
+            faults.count(Fault.ERROR, endpoint)
             raise HTTPError(500, RPC_FAILED)
         if (
             faults.leader_lost

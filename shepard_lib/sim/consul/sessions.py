@@ -130,6 +130,7 @@ class SessionTable:
     _sessions: dict[str, Session] = field(default_factory=dict)
     _deadlines: dict[str, float] = field(default_factory=dict)
     _heap: list[tuple[float, str]] = field(default_factory=list)
+    _expired_at: dict[str, float] = field(default_factory=dict)
 
     def get(self, session_id: str) -> Session | None:
         """The live session with this ID."""
@@ -198,8 +199,14 @@ class SessionTable:
             deadline, session_id = heapq.heappop(self._heap)
             if self._deadlines.get(session_id) == deadline:
                 del self._deadlines[session_id]
+                self._expired_at[session_id] = deadline
                 out.append(session_id)
         return out
+
+    def expired_at(self, session_id: str) -> float | None:
+        """The TTL deadline at which ``session_id`` expired (when Consul's timer fires; the sim
+        applies expiries at the next read or write after it), or None if it did not expire."""
+        return self._expired_at.get(session_id)
 
     def next_deadline(self) -> float | None:
         """The earliest armed TTL deadline."""

@@ -133,6 +133,10 @@ class ConsulState:
 
     # --- the contract of CONTRACT.md (used in-process by the Nomad sim) ---------------------
 
+    def session_expired_at(self, session_id: str) -> float | None:
+        """The cluster-monotonic time at which ``session_id``'s TTL ran out (None: it did not)."""
+        return self.read(lambda: self.sessions.expired_at(session_id))
+
     def kv_get(self, key: str) -> KVEntry | None:
         """The entry at ``key`` (an empty value reads as ``None``, as over HTTP)."""
         return self.read(lambda: self.kv.get(key))

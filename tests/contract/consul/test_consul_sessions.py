@@ -242,6 +242,23 @@ def test_sim_ttl_multiplier_two_expires_between_one_and_two_ttls() -> None:
         assert released >= 20 - 0.5, "the sim's multiplier 2 grants the whole 2x grace"
 
 
+def test_sim_records_when_a_session_ttl_ran_out_not_when_the_expiry_was_applied() -> None:
+    """Sim-only: expiries apply at the next read or write; ``session_expired_at`` is the TTL deadline."""
+    clock = Clock(scale=20)
+    state = ConsulState(clock, session_ttl_multiplier=2.0)
+    with ConsulServer(state) as server:
+        c = make_client(server.address)
+        holder = c.session.create(ttl=10, lock_delay=0)
+        before = clock.monotonic()
+        c.session.renew(holder)
+        after = clock.monotonic()
+        clock.sleep(25.0)  # past the deadline, with no request meanwhile
+        assert state.session_expired_at(holder) is not None  # this read applies the expiry
+        expired = state.session_expired_at(holder) or 0.0
+        assert before <= expired - 20 <= after, (before, expired, after)  # the renewal's deadline, 2 x TTL
+        assert state.session_expired_at(c.session.create(ttl=10)) is None
+
+
 def test_critical_serf_health_invalidates_the_nodes_sessions(sim_consul: ConsulTarget) -> None:
     """Sim-only: node health is driven in-process."""
     c, key, state = sim_consul.client(), sim_consul.key("node-lock"), sim_consul.state

@@ -564,7 +564,8 @@ class Coordinator:
     def _flush_finish(self, release: _Held | None = None) -> list[Target]:
         """Write the deferred finish alone (and release ``release``'s slot in the same txn); errors are
         logged: the member then stays ``restarting`` under this session's claim until a reclaimer,
-        seeing the claim unheld or the session gone, finds its task healthy and finishes it.
+        seeing the claim unheld (a coordinator of this session: an agent's worker looks for such
+        members on every node) or the session gone, finds its task healthy and finishes it.
         Returns the member when the finish sent it back to ``pending``."""
         deferred, self._deferred = self._deferred, None
         if deferred is None:

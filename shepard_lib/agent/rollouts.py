@@ -24,7 +24,9 @@ stays while the task's plan (every node's plan of the task with ``lock_scope: no
 members pending or restarting, and drives, through :meth:`Coordinator.drive`, each member that
 no live agent will: a ``pending`` member on a node whose heartbeat key
 ``<prefix>/nodes/<node>`` is not held by a session (its agent is dead or was never there), or a
-``restarting`` one on such a node whose holder's session is gone. A member whose allocation Nomad
+``restarting`` one on such a node whose holder's session is gone; and, on any node, a member left
+``restarting`` under this agent's own session with no claim token held here (a lane's finish whose
+write failed: the member's own agent sees a live holder and leaves it). A member whose allocation Nomad
 stopped, replaced (a lost node's are) or garbage-collected is settled ``skipped`` in the plan by
 that drive, so the plan completes; one that is not gone but not running (its node disconnected) is
 looked at again later. The worker wakes when a heartbeat changes (the agent watches the ``nodes/``
@@ -307,7 +309,11 @@ class _Worker:
                         continue
                     if self._retry_at.get((alloc_id, m.generation), 0.0) > self.host.clock.monotonic():
                         continue
-                    if m.node != self.host.node_name and m.node in alive:
+                    # Another live agent drives its node's members, but not one this agent left
+                    # restarting under its own session (a finish it could not write): that agent
+                    # sees a live holder and leaves it to this one.
+                    ours = me is not None and m.session is not None and m.session == me.session.id
+                    if m.node != self.host.node_name and m.node in alive and not ours:
                         continue
                     if m.state == MemberState.RESTARTING:
                         if me is None or me.driven(m):

@@ -499,6 +499,45 @@ def test_members_whose_allocations_are_gone_are_settled_skipped_by_the_other_age
     assert sim.peak_concurrency("web", "app", "server") == 1
 
 
+def test_a_lanes_finish_that_could_not_be_written_is_taken_over_by_its_own_agent(
+    sim_cluster_factory: SimClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the f15 chaos investigation: a lane's deferred finish of another node's member whose
+    write failed at the lane's end (Consul out of reach then) left the member ``restarting`` under the
+    agent's live session with no claim token held. That node's agent is alive, so it left the member
+    to its holder; the holder's agent skipped it as another live node's: nobody finished it."""
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=2), time_scale=SCALE)
+    n2 = make_agent(sim, "n2")  # not started: alive (its heartbeat held) but never sees the change
+    (b,) = [a for a in n2.nomad.job_allocations("web") if a.node_name == "n2"]
+    failed: list[str] = []
+    real_finish = Coordinator._finish
+
+    def finish_fails_once_for_another_node(
+        self: Coordinator, key: str, target: Any, *args: Any, **kw: Any
+    ) -> Any:
+        if not failed and target.ref.node != self.name:
+            failed.append(target.alloc_id)
+            raise PlanError(f"plan {key}: Consul kept failing (injected)")
+        return real_finish(self, key, target, *args, **kw)
+
+    monkeypatch.setattr(Coordinator, "_finish", finish_fails_once_for_another_node)
+    with Session(n2.consul, "n2", ttl=30.0, clock=sim.clock) as session:
+        assert n2.consul.acquire(KEYS.node_key("n2"), "{}", session.id or "")
+        options = CoordinatorOptions.from_config(n2.config)
+        registrar = Coordinator(n2.consul, n2.nomad, KEYS, session, options, clock=sim.clock, name="n2")
+        job = n2.nomad.job("web")
+        registrar.register(SCOPE, [target_for(b, "server", job)], job)
+        with agents(sim, ["n1"]):
+            # n1's lane restarts its own member, then n2's (pending, n2 alive but busy): n2's finish
+            # is deferred to the lane's end, where its write fails.
+            sim.set_key("config/web", "v2")
+            plan = wait_plan(sim, complete(2))
+    assert failed == [b.id], failed
+    assert {m.state for m in plan.members.values()} == {MemberState.DONE}, plan.to_json()
+    restarts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
+    assert restarts == Counter(dict.fromkeys(plan.members, 1)), "taken over without a second trigger"
+
+
 def test_reload_keeps_the_restart_only_settings_and_applies_the_others(
     sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:

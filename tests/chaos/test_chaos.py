@@ -6,7 +6,9 @@ nodes, each on a host whose clock is skewed by up to 30 s) and by a rolling rest
 change. Meanwhile, chosen by the seed:
 
 - some coordinators are killed at a random protocol step (the session is abandoned and the thread
-  stops without any cleanup: the coordinator's fault hook raises SimulatedCrash);
+  stops without any cleanup: the coordinator's fault hook raises SimulatedCrash); one killed once
+  its member is through acts as a lane, so it dies with that member's finish deferred in memory
+  and its slot kept;
 - one coordinator is partitioned (its session renewals fail until the TTL runs out);
 - Consul answers a fraction of requests with HTTP 500 before applying them, loses the answer of
   a fraction after applying them, applies a fraction of writes only after the client gave up on
@@ -81,7 +83,7 @@ from shepard_lib.coordinator import (
 )
 from shepard_lib.errors import NotFound
 from shepard_lib.model import Allocation
-from shepard_lib.plan import MemberState, PlanStore
+from shepard_lib.plan import MemberState, Plan, PlanStore
 from shepard_lib.rollout import RollingRestart, RolloutOptions, RolloutResult
 from shepard_lib.session import Session
 from shepard_lib.sim.consul import Fault
@@ -128,7 +130,8 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     nomad = NomadBackend(cfg.nomad, clock)
     options = CoordinatorOptions.from_config(cfg)
     allocs: list[Allocation] = sorted(nomad.job_allocations("web"), key=lambda a: a.index)
-    victims = dict(zip(rng.sample(range(ALLOCS), 3), (rng.choice(KILL_STEPS) for _ in range(3)), strict=True))
+    steps = (*KILL_STEPS, Step.FINISHED)
+    victims = dict(zip(rng.sample(range(ALLOCS), 3), (rng.choice(steps) for _ in range(3)), strict=True))
     partitioned = rng.choice([i for i in range(ALLOCS) if i not in victims])
     taken = rng.choice(NODES)
     take_after = rng.randint(1, ALLOCS // 2)  # restarts seen by the rollout before the node is taken away
@@ -136,7 +139,9 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     how = rng.choice(("drained", "down"))
     # The first ~45 transactions are there in every run (registrations, slots, claims, finishes).
     planned = zip(rng.sample(range(INJECT_WITHIN), len(INJECTED)), INJECTED, strict=True)
+    # A victim killed once its member is through is a lane: it dies with that member's finish deferred.
     lanes = set(rng.sample(range(ALLOCS), ALLOCS // 2))
+    lanes |= {n for n, step in victims.items() if step == Step.FINISHED}
     kills: list[Kill] = []
     outcomes: dict[int, Any] = {}
     lost_first: dict[int, bool] = {}  # by agent: its session was lost before it was through
@@ -221,6 +226,22 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
                     expired = sim.consul_state.session_expired_at(kill.session.id or "")
                     kill.freed_after = (clock.monotonic() if expired is None else expired) - kill.killed_at
 
+    def wait_until_victims_acted() -> None:
+        deadline = clock.monotonic() + clock.cluster(60.0)
+        while clock.monotonic() < deadline:
+            index = sim.consul_state.index
+            entry = sim.consul_state.kv_get(KEYS.task_lock_key(SCOPE))
+            plan = Plan.decode(entry.value) if entry is not None else None
+            members = [plan.members.get(allocs[n].id) if plan else None for n in victims]
+            waiting = [
+                n
+                for n, m in zip(victims, members, strict=True)
+                if threads[n].is_alive() and (m is None or m.state == MemberState.PENDING)
+            ]
+            if not waiting:
+                return
+            sim.consul_state.wait_for_change(index, 0.5)
+
     def watch_slots(stop: threading.Event) -> None:
         while not stop.is_set():
             look_at_slots()
@@ -267,10 +288,14 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     threads.append(threading.Thread(target=roll, name="rollout", daemon=True))
     watcher.start()
     # The victims and the partitioned agent get a head start, so they hold slots when they fail;
-    # the rollout (which finishes what they leave behind) starts when every victim is dead.
+    # the rollout (which finishes what they leave behind) starts when every victim is dead. The
+    # victims start alone (as many as the slots) and the others once each victim has claimed its
+    # own member or died: a lane cannot restart a victim's member before the victim reaches its step.
     early = [*victims, partitioned]
-    for n in early:
+    for n in victims:
         threads[n].start()
+    wait_until_victims_acted()
+    threads[partitioned].start()
     clock.sleep(1.0)
     for n, t in enumerate(threads[:-1]):
         if n not in early:
@@ -291,7 +316,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
 
     where = (
         f"seed {seed}: kills {_describe_kills(kills)}, partitioned #{partitioned}, "
-        f"{taken} {how} after {take_after} restart(s)"
+        f"{taken} {how} after {take_after} restart(s), lanes {sorted(lanes)}"
     )
     assert not errors, (where, errors)
     hung = [t.name for t in threads if t.is_alive()]

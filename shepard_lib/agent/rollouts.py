@@ -197,6 +197,10 @@ class _Worker:
                 return
 
     def _retry_later(self, changes: list[Change]) -> None:
+        """Hand ``changes`` back after ``recheck_interval``; the lane ends first (its last finish
+        written, its slot given back), so no slot waits idle and no restarted member stays
+        ``restarting`` meanwhile (or for good, if the step keeps failing)."""
+        self._end_lane()
         if self.host.clock.wait(self.host.stopping, self.host.recheck_interval()):
             return
         with self.lock:

@@ -466,6 +466,42 @@ def test_a_member_whose_drive_fails_twice_is_tried_again_not_dropped(
     assert sorted(restarted.values()) == [1, 1, 1], restarted
 
 
+def test_a_change_handed_back_after_a_failure_does_not_hold_the_lanes_slot_and_finish_meanwhile(
+    sim_cluster_factory: SimClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the f15 chaos investigation: the worker waited ``recheck_interval`` before trying a
+    failed change again with its lane still on: the slot kept idle, and the member the lane had just
+    restarted left ``restarting`` (its finish deferred to a next claim that did not come), for good
+    if the change kept failing."""
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    driven: list[str] = []
+    seen_at_retry: list[tuple[str, ...]] = []
+    real_drive = Coordinator.drive
+
+    def second_member_fails_once(self: Coordinator, target: Any, **kwargs: Any) -> Any:
+        if target.alloc_id not in driven:
+            driven.append(target.alloc_id)
+            if len(driven) == 2:
+                raise PlanError(f"plan update of {target.alloc_id} lost every race (injected)")
+        elif target.alloc_id == driven[-1] and not seen_at_retry:
+            plan, _ = read_plan(sim)
+            assert plan is not None
+            slot = sim.consul_state.kv_get(KEYS.slot_key(SCOPE, 0))
+            held = slot is not None and slot.session is not None
+            seen_at_retry.append((plan.members[driven[0]].state.value, "slot held" if held else "slot free"))
+        return real_drive(self, target, **kwargs)
+
+    monkeypatch.setattr(Coordinator, "drive", second_member_fails_once)
+    with agents(sim, ["n1"]):
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(2))
+    assert len(driven) == 2, driven
+    # When the failed change was tried again, the first member was finished and the slot free.
+    assert seen_at_retry == [("done", "slot free")], seen_at_retry
+    assert {m.state for m in plan.members.values()} == {MemberState.DONE}
+    assert Counter(r.alloc_id for r in sim.restarts()) == Counter(dict.fromkeys(plan.members, 1))
+
+
 def test_members_whose_allocations_are_gone_are_settled_skipped_by_the_other_agents(
     sim_cluster_factory: SimClusterFactory,
 ) -> None:

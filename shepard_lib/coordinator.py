@@ -378,15 +378,14 @@ class Coordinator:
         seen_index: int | None = None,
         live: Sequence[str] | None = None,
         join: bool = False,
-        read_first: bool = False,
     ) -> Plan:
         """Register ``targets`` (all of ``scope``) as needing a restart, in one CAS update.
 
-        ``seen_index`` is the plan's ModifyIndex read after the change was seen (default: now),
+        ``seen_index`` is the plan's ModifyIndex read after the change was seen (default: the
+        index of a consistent read made now, kept when a write whose answer was lost is tried
+        again, so that a member restarted meanwhile counts as covered, not as a new change),
         ``live`` every live allocation of the job (settled members of the others are dropped),
         ``join`` joins a planned plan without a new generation; see :func:`shepard_lib.plan.register`.
-        ``read_first``: read the plan before writing, not try the one last seen here (an agent,
-        whose plan other agents write meanwhile; see :meth:`PlanStore.update_at`).
         ``settings`` (default: :meth:`settings_for`) apply only if this creates or reopens the plan,
         which then records this coordinator's restart method and health source.
         """
@@ -395,8 +394,11 @@ class Coordinator:
         count = group.count if group is not None else len(targets)
         now = self._clock.time()
         method, source = self.options.method.value, self.options.health_source.value
+        seen: list[int] = [] if seen_index is None else [seen_index]
 
         def change(plan: Plan | None, index: int) -> Plan:
+            if not seen:
+                seen.append(index)
             base = plan or new_plan(
                 scope.job,
                 scope.group,
@@ -413,7 +415,7 @@ class Coordinator:
                 [t.spec() for t in targets],
                 now=now,
                 index=index,
-                seen_index=seen_index,
+                seen_index=seen[0],
                 settings=settings,
                 instance_count=count,
                 method=method,
@@ -422,7 +424,7 @@ class Coordinator:
                 join=join,
             )
 
-        plan = self.plans.update_at(self.plan_key(scope), change, read_first=read_first)
+        plan = self.plans.update_at(self.plan_key(scope), change, read_first=seen_index is None)
         for target in targets:
             self._log(target).info(
                 "registered in plan %s (generation %d, %s, concurrency %d)",
@@ -654,7 +656,7 @@ class Coordinator:
         if plan is None or member is None:
             return self._skip(target, scope, "not in the plan (it was deleted or replaced)", rlog)
         if member.state in (MemberState.DONE, MemberState.FAILED):
-            return self._finished_by_other(target, scope, plan, member)
+            return self._finished_by_other(target, scope, member)
         if member.state == MemberState.SKIPPED:
             return self._skip(target, scope, member.error or "skipped", rlog, stopped=True)
         if member.state == MemberState.RESTARTING:
@@ -1221,9 +1223,7 @@ class Coordinator:
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def _finished_by_other(
-        self, target: Target, scope: TaskScope, plan: Plan, member: Member
-    ) -> MemberOutcome:
+    def _finished_by_other(self, target: Target, scope: TaskScope, member: Member) -> MemberOutcome:
         by = member.holder_name or ""
         if member.state == MemberState.DONE:
             self._emit(EventKind.RESTARTED, scope, target.alloc_id, ref=target.ref, detail=f"by {by}")

@@ -1031,9 +1031,10 @@ class PlanStore:
         with them and they apply only with it (a fence such as the slot's ``check-index``, a
         trigger, a slot's ``unlock``). When one of them is refused nothing is written and
         :class:`~shepard_lib.errors.LockLost` is raised with Consul's reasons. ``read_first``: the
-        caller expects another process to have written the plan since it was last seen here, so
-        the first attempt reads it instead of trying what is known (a read and a write, not a
-        refused write, a read and a write).
+        first attempt reads the plan (consistently) instead of trying what is known: the ``index`` of
+        the first ``change`` call is Consul's index now, never a stale one, and a caller that expects
+        another process to have written the plan since it was last seen here makes a read and a
+        write, not a refused write, a read and a write.
         """
         last_error: Exception | None = None
         unanswered: bytes | None = None  # what a write whose answer was lost tried to store

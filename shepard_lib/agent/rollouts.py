@@ -498,8 +498,9 @@ class Rollouts:
             for i, target in enumerate(targets):
                 scopes.setdefault(self._host.keyspace.scope(target.ref), []).append(i)
             for scope, indexes in scopes.items():
-                # Other agents and lanes write the plan all the time: read it, not try a stale one.
-                coordinator.register(scope, [targets[i] for i in indexes], job, read_first=True)
+                # Without a seen index the registration reads the plan first (other agents and lanes
+                # write it all the time: a stale one would only be refused).
+                coordinator.register(scope, [targets[i] for i in indexes], job)
         except ShepardError as exc:
             log.error("%s: could not register %d change(s) yet: %s", "/".join(name), len(changes), exc)
             return changes

@@ -446,7 +446,7 @@ def test_a_member_whose_deferred_finish_finds_a_new_change_is_handed_back_to_be_
         lane.register(scope, [target], job)
         assert lane.drive(target, keep_slot=True, defer_finish=True).outcome == Outcome.RESTARTED
         # A change seen after the claim, registered by another agent: the member is marked rerun.
-        agents.coordinator(session, "registrar").register(scope, [target], job, read_first=True)
+        agents.coordinator(session, "registrar").register(scope, [target], job)
         assert lane.release_slots() == [target]
     plan = agents.plans.load(PLAN_KEY)
     assert plan is not None and plan.members[alloc.id].state == MemberState.PENDING

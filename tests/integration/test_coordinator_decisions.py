@@ -13,6 +13,8 @@ proxies and the fault hook.
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -26,6 +28,7 @@ from shepard_lib.backends import NomadAPI
 from shepard_lib.config import HealthSource, RestartMethod
 from shepard_lib.coordinator import (
     INTERRUPTED,
+    PLAN_WAIT,
     SESSION_ATTEMPTS,
     Coordinator,
     EventKind,
@@ -44,6 +47,7 @@ from shepard_lib.model import Allocation, KVEntry, TxnOp, TxnResult, TxnVerb
 from shepard_lib.plan import Member, MemberState, Plan, PlanStatus, abort, require
 from shepard_lib.session import Session
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
+from shepard_lib.trigger import describe
 
 pytestmark = pytest.mark.usefixtures("no_client_env")
 
@@ -87,6 +91,34 @@ class RecordingConsul(ConsulProxy):
     def release(self, key: str, session_id: str) -> bool:
         self.releases.append(key)
         return bool(self._inner.release(key, session_id))
+
+
+class SlotRecorder(ConsulProxy):
+    """Records the slots taken (applied txn ``lock`` ops) and the blocking waits on the slots."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.locks: list[str] = []
+        self.waits: list[float] = []
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        result: TxnResult = self._inner.txn(ops)
+        prefix = KEYS.slot_prefix(SCOPE)
+        if result.ok:
+            self.locks += [op.key for op in ops if op.verb == TxnVerb.LOCK and op.key.startswith(prefix)]
+        return result
+
+    def watch(self, key: str, index: int, wait: float, **kwargs: Any) -> tuple[int, list[KVEntry]]:
+        if key.startswith(KEYS.slot_prefix(SCOPE)):
+            self.waits.append(wait)
+        return self._inner.watch(key, index, wait, **kwargs)  # type: ignore[no-any-return]
+
+
+def slot_holders(cluster: Cluster) -> dict[str, str]:
+    """Slot number -> the session holding it."""
+    prefix = KEYS.slot_prefix(SCOPE).rstrip("/") + "/"
+    entries = cluster.consul.get_tree(prefix, consistent=True)
+    return {e.key[len(prefix) :]: e.session for e in entries if e.session}
 
 
 def coordinator(
@@ -257,20 +289,39 @@ def test_a_member_another_participant_settled_is_reported_as_it_settled_it(
     assert restarts_by_alloc(sim) == {}
 
 
+@pytest.mark.parametrize(("error", "reason"), [("replaced: by b", "replaced: by b"), (None, "skipped")])
 def test_a_member_skipped_in_the_plan_is_reported_skipped_and_stopped_with_its_reason(
-    sim_cluster_factory: SimClusterFactory,
+    sim_cluster_factory: SimClusterFactory, error: str | None, reason: str
 ) -> None:
     sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
     cluster = Cluster(sim)
     (a,) = cluster.allocs()
     register(cluster, [a])
-    rewrite(cluster, a.id, state=MemberState.SKIPPED, error="replaced: by b")
+    rewrite(cluster, a.id, state=MemberState.SKIPPED, error=error)
     events = Events()
     target = cluster.target(a)
     with cluster.session("agent") as session:
         outcome = coordinator(cluster, session, "agent", observer=events).drive(target)
-    assert outcome == MemberOutcome(target, Outcome.SKIPPED, "replaced: by b", stopped=True)
-    assert events.of(a.id) == [(EventKind.SKIPPED, SCOPE, target.ref, "replaced: by b")]
+    assert outcome == MemberOutcome(target, Outcome.SKIPPED, reason, stopped=True)
+    assert events.of(a.id) == [(EventKind.SKIPPED, SCOPE, target.ref, reason)]
+
+
+def test_a_member_this_process_last_saw_done_is_read_again_and_restarted_for_a_new_change(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """What this process knows (a done) is not what ends a drive: another process registered a new
+    change, so a is pending in generation 2, and the drive restarts it."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster, elsewhere = Cluster(sim), Cluster(sim)  # two processes: each knows the plans it saw
+    (a,) = cluster.allocs()
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent")
+        assert agent.handle_change(a, "server").outcome == Outcome.RESTARTED
+        assert cluster.plans.known(PLAN_KEY)[0].members[a.id].state == MemberState.DONE  # type: ignore[union-attr]
+        register(elsewhere, [a])
+        outcome = agent.drive(cluster.target(a))
+    assert (outcome.outcome, outcome.generation, outcome.by) == (Outcome.RESTARTED, 2, "agent"), outcome
+    assert restarts_by_alloc(sim) == {a.id: 2}
 
 
 def test_a_member_of_a_halted_plan_is_skipped_with_the_plans_reason_and_not_as_stopped(
@@ -400,6 +451,80 @@ def test_a_waiter_at_full_concurrency_waits_on_the_plan_for_a_live_holder_then_c
     assert results["a"].outcome == Outcome.RESTARTED
     assert results["b"].outcome == Outcome.FAILED, results["b"]  # its own service has no check
     assert restarts_by_alloc(sim) == {a.id: 1, b.id: 1}
+
+
+class PlanWatchAndSlots(SlotRecorder):
+    """A SlotRecorder that also sets ``watched`` when a blocking query on the plan key is made."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.watched = threading.Event()
+
+    def watch(self, key: str, index: int, wait: float, **kwargs: Any) -> tuple[int, list[KVEntry]]:
+        if key == PLAN_KEY:
+            self.watched.set()
+        return super().watch(key, index, wait, **kwargs)
+
+
+def paused_holder(cluster: Cluster, alloc: Allocation, session: Session) -> tuple[threading.Thread, Any]:
+    """``first`` claims ``alloc`` and pauses after its claim until ``go_on`` is set; returns its
+    thread (started, the claim made) and ``go_on``."""
+    claimed, go_on = threading.Event(), threading.Event()
+
+    def pause(step: Step, target: Target) -> None:
+        if step == Step.CLAIMED:
+            claimed.set()
+            assert go_on.wait(60), "the test never let the paused holder go on"
+
+    first = coordinator(cluster, session, "first", fault_hook=pause)
+    holder = threading.Thread(target=lambda: first.drive(cluster.target(alloc)), daemon=True)
+    holder.start()
+    assert claimed.wait(30)
+    return holder, go_on
+
+
+def test_a_member_its_live_holder_restarts_is_waited_for_on_the_plan_without_taking_a_slot(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """c = 2, so a slot is free: the second driver of a still waits for a's live holder on the plan."""
+    sim = sim_cluster_factory(scenario(2, concurrency=2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b = cluster.allocs()
+    register(cluster, [a, b])
+    consul = PlanWatchAndSlots(cluster.consul)
+    result: dict[str, MemberOutcome] = {}
+    with cluster.session("first") as first_session, cluster.session("second") as second_session:
+        holder, go_on = paused_holder(cluster, a, first_session)
+        second = coordinator(cluster, second_session, "second", consul=consul)
+        waiter = threading.Thread(target=lambda: result.setdefault("a", second.drive(cluster.target(a))))
+        waiter.start()
+        watched = consul.watched.wait(30)
+        go_on.set()
+        holder.join(60)
+        waiter.join(60)
+    assert watched, "the second driver never waited on the plan"
+    assert consul.locks == [], "the second driver took a slot for a member a live holder drives"
+    assert (result["a"].outcome, result["a"].by) == (Outcome.RESTARTED, "first"), result
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+def test_a_member_whose_live_holder_outlasts_slot_timeout_is_skipped_naming_the_holder(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim, slot_timeout=20.0)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    with cluster.session("first") as first_session, cluster.session("second") as second_session:
+        holder, go_on = paused_holder(cluster, a, first_session)
+        try:
+            outcome = coordinator(cluster, second_session, "second").drive(cluster.target(a))
+        finally:
+            go_on.set()
+            holder.join(60)
+    reason = "still waiting for its restart by first after slot_timeout 20s"
+    assert outcome == MemberOutcome(cluster.target(a), Outcome.SKIPPED, reason)
+    assert restarts_by_alloc(sim) == {a.id: 1}
 
 
 # --- _reclaim: taking over a restart nobody drives ------------------------------------------------------
@@ -785,7 +910,10 @@ def test_a_member_gone_from_the_plan_while_its_drive_took_a_slot_is_skipped_not_
     events = Events()
     target = cluster.target(a)
     with cluster.session("agent") as session:
-        outcome = coordinator(cluster, session, "agent", observer=events, fault_hook=remove).drive(target)
+        agent = coordinator(cluster, session, "agent", observer=events, fault_hook=remove)
+        outcome = agent.drive(target)
+        held = [e.key for e in cluster.consul.get_tree(KEYS.slot_prefix(SCOPE), consistent=True) if e.session]
+        assert (held, agent.keeps_slot) == ([], False), "the slot it took for nothing was kept"
     reason = "not in the plan (it was deleted or replaced)"
     assert outcome == MemberOutcome(target, Outcome.SKIPPED, reason)
     assert events.of(a.id)[-1] == (EventKind.SKIPPED, SCOPE, target.ref, reason)
@@ -815,6 +943,42 @@ def test_a_claim_records_the_tasks_baseline_and_restarts_by_the_plans_method(
     assert (member.restarts_before, member.started_before) == (baseline.restarts, baseline.started_at)
     assert outcome.outcome == Outcome.RESTARTED, outcome
     assert [r.cause for r in sim.restarts()] == ["template"]
+
+
+def test_a_plan_that_recorded_no_method_or_health_source_is_restarted_and_judged_by_the_coordinators(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """A plan written without them (a library caller's ``plan.register``, an older Shepard) falls back
+    to the coordinator's own: nomad_api, and Nomad's view of health (its service has no check)."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    cluster.plans.update_at(
+        PLAN_KEY, lambda p, _i: replace(require(p, PLAN_KEY), method=None, health_source=None)
+    )
+    target = replace(cluster.target(a), services=(NO_SUCH_SERVICE,))
+    with cluster.session("agent") as session:
+        outcome = coordinator(
+            cluster, session, "agent", method=RestartMethod.NOMAD_API, health_source=HealthSource.NOMAD
+        ).drive(target)
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert [r.cause for r in sim.restarts()] == ["api"]
+    assert cluster.plan().members[a.id].state == MemberState.DONE
+
+
+@pytest.mark.timeout(60)
+def test_the_health_wait_counts_min_healthy_time_in_the_coordinators_clock(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """125 cluster seconds are 5 real ones at SCALE; on real time the wait would pass the timeout."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim, min_healthy_time=125.0, healthy_deadline=300.0)
+    (a,) = cluster.allocs()
+    with cluster.session("agent") as session:
+        outcome = coordinator(cluster, session, "agent").handle_change(a, "server")
+    assert outcome.outcome == Outcome.RESTARTED, outcome
+    assert outcome.duration is not None and outcome.duration >= 125.0, outcome
 
 
 def test_a_claim_of_an_allocation_whose_task_has_no_state_yet_counts_from_no_restart(
@@ -1355,3 +1519,238 @@ def test_an_agent_keeps_its_slot_after_a_change_only_when_asked(
         register(cluster, [a])  # a new change
         assert agent.drive(cluster.target(a)).outcome == Outcome.RESTARTED
         assert not agent.keeps_slot, "a drive kept its slot without being asked to"
+
+
+# --- _attempt and _kept_for: the slot an attempt takes, keeps or gives back --------------------------------
+
+
+def test_a_kept_slot_goes_on_to_the_next_member_of_the_task_without_being_taken_again(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b = cluster.allocs()
+    consul = SlotRecorder(cluster.consul)
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent", consul=consul)
+        assert agent.handle_change(a, "server", keep_slot=True).outcome == Outcome.RESTARTED
+        (slot,) = consul.locks
+        value = json.loads(require(cluster.consul.get(slot, consistent=True), slot).value)
+        # acquired_at is cluster time (the coordinator's clock), not this host's real time
+        assert abs(value["acquired_at"] - cluster.clock.time()) < 600, value
+        assert agent.handle_change(b, "server", keep_slot=True).outcome == Outcome.RESTARTED
+        assert consul.locks == [slot], "the kept slot was given up and a slot taken again"
+        assert slot_holders(cluster) == {slot.rsplit("/", 1)[1]: session.id}
+        agent.release_slots()
+        assert slot_holders(cluster) == {}
+    assert restarts_by_alloc(sim) == {a.id: 1, b.id: 1}
+
+
+def test_a_kept_slot_numbered_past_a_lowered_concurrency_is_given_back_for_one_within_it(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """Slot 1 kept from a change at concurrency 2; the next change runs at concurrency 1."""
+    sim = sim_cluster_factory(scenario(2, concurrency=None), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b = cluster.allocs()
+    register(cluster, [a], concurrency=2)
+    slot_0 = KEYS.slot_prefix(SCOPE).rstrip("/") + "/0"
+    with cluster.session("other") as other, cluster.session("agent") as session:
+        assert cluster.consul.acquire(slot_0, "other", other.id)
+        agent = coordinator(cluster, session, "agent")
+        assert agent.drive(cluster.target(a), keep_slot=True).outcome == Outcome.RESTARTED
+        assert slot_holders(cluster) == {"0": other.id, "1": session.id}
+        assert cluster.consul.release(slot_0, other.id)
+        register(cluster, [b], concurrency=1)
+        assert cluster.plan().concurrent_lock_count == 1
+        assert agent.drive(cluster.target(b), keep_slot=True).outcome == Outcome.RESTARTED
+        assert slot_holders(cluster) == {"0": session.id}, "a slot past the plan's concurrency was kept"
+        agent.release_slots()
+    assert restarts_by_alloc(sim) == {a.id: 1, b.id: 1}
+
+
+def test_a_waiter_whose_member_another_finished_while_it_waited_takes_no_slot(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The only slot is held elsewhere; while b waits for it, another participant restarts b. When the
+    slot frees, b's drive asks the plan first, takes nothing, and reports b restarted by the other."""
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim, slot_timeout=600.0)
+    _, b = cluster.allocs()
+    plan = register(cluster, [b])
+    waiting = threading.Event()
+
+    def observe(event: RolloutEvent) -> None:
+        if event.kind == EventKind.WAITING:
+            waiting.set()
+
+    consul = SlotRecorder(cluster.consul)
+    result: dict[str, MemberOutcome] = {}
+    with cluster.session("other") as other, cluster.session("waiter") as session:
+        slots = RestartSlots(
+            cluster.consul, KEYS.slot_prefix(SCOPE), plan.concurrent_lock_count, clock=cluster.clock
+        )
+        taken = slots.acquire(other, holder="other", timeout=30)
+        waiter = coordinator(cluster, session, "waiter", consul=consul, observer=observe)
+        thread = threading.Thread(
+            target=lambda: result.setdefault("b", waiter.drive(cluster.target(b))), daemon=True
+        )
+        thread.start()
+        assert waiting.wait(30)
+        rewrite(cluster, b.id, state=MemberState.DONE, holder_name="other", generation=plan.generation)
+        slots.release(taken)
+        thread.join(60)
+        assert not thread.is_alive()
+        assert consul.locks == [], "the waiter took a slot for a member already restarted"
+        assert consul.waits and set(consul.waits) == {max(PLAN_WAIT, cluster.cfg.session_ttl)}, consul.waits
+    target = cluster.target(b)
+    assert result == {
+        "b": MemberOutcome(target, Outcome.RESTARTED, "restarted by other", plan.generation, by="other")
+    }
+    assert restarts_by_alloc(sim) == {}
+
+
+def test_a_restart_this_coordinator_triggered_is_seen_through_under_a_new_session_after_a_stop(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The operator stops the rollout and the session is lost after the trigger: the new session waits
+    out the old slot's lock-delay (the stop does not cancel that wait) and sees the restart to its end."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    # min_healthy_time longer than a renew interval (TTL / 2): the loss is seen during the health wait
+    cluster = Cluster(sim, min_healthy_time=40.0, healthy_deadline=120.0)
+    (a,) = cluster.allocs()
+    stop = threading.Event()
+    factory = Factory(cluster)
+    first = cluster.session("worker")
+    first.create()
+
+    def stop_and_lose(step: Step, target: Target) -> None:
+        if step == Step.TRIGGERED:
+            stop.set()
+            cluster.consul.session_destroy(first.id)
+
+    worker = coordinator(
+        cluster,
+        first,
+        "worker",
+        session_factory=factory,
+        stop=stop,
+        fault_hook=stop_and_lose,
+        error_attempts=1,
+    )
+    try:
+        outcome = worker.handle_change(a, "server")
+    finally:
+        for session in factory.made:
+            session.destroy()
+    assert len(factory.made) == 1
+    assert outcome.outcome == Outcome.RESTARTED and outcome.reclaimed, outcome
+    assert cluster.plan().members[a.id].state == MemberState.DONE
+    assert restarts_by_alloc(sim) == {a.id: 1}
+
+
+# --- _log: what a member's log lines carry ------------------------------------------------------------------
+
+
+def test_a_members_lines_name_its_task_and_allocation_and_its_decision_lines_carry_them_as_fields(
+    sim_cluster_factory: SimClusterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    ref = describe(cluster.target(a).ref)
+    with (
+        caplog.at_level(logging.DEBUG, logger="shepard_lib.coordinator"),
+        cluster.session("agent") as session,
+    ):
+        assert coordinator(cluster, session, "agent").handle_change(a, "server").outcome == Outcome.RESTARTED
+    lines = [r for r in caplog.records if r.name == "shepard_lib.coordinator"]
+    assert lines and all(r.getMessage().startswith(f"{ref} alloc {a.id}: ") for r in lines), lines
+    decisions = {r.event: r for r in lines if hasattr(r, "event")}
+    healthy = decisions["healthy"]
+    assert (healthy.ref, healthy.alloc_id) == (ref, a.id)
+    assert healthy.getMessage().startswith(f"{ref} alloc {a.id}: restarted and healthy in ")
+    assert not any(hasattr(r, "ref") for r in lines if not hasattr(r, "event")), "a plain line got fields"
+
+
+# --- register: the index a change was seen at ---------------------------------------------------------------
+
+
+class AnswerLostAfter(ConsulProxy):
+    """Applies the first plan write, lets ``meanwhile`` run, then loses the write's answer (no reply)."""
+
+    def __init__(self, inner: Any, meanwhile: Callable[[], None]) -> None:
+        super().__init__(inner)
+        self._meanwhile: Callable[[], None] | None = meanwhile
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        result: TxnResult = self._inner.txn(ops)
+        if self._meanwhile is not None and ops[0].verb == TxnVerb.CAS and ops[0].key == PLAN_KEY:
+            meanwhile, self._meanwhile = self._meanwhile, None
+            assert result.ok
+            meanwhile()
+            raise ConsulError("txn", "ReadTimeout: read timed out")
+        return result
+
+
+def test_a_registration_whose_answer_was_lost_keeps_the_index_it_saw_the_change_at(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The write applied; before its retry reads the plan, another participant restarts the member for
+    this change. The retry counts that restart as covering the change: one restart, not two."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    with cluster.session("other") as other_session, cluster.session("agent") as session:
+        other = coordinator(cluster, other_session, "other")
+        restarted: list[MemberOutcome] = []
+        consul = AnswerLostAfter(cluster.consul, lambda: restarted.append(other.drive(cluster.target(a))))
+        outcome = coordinator(cluster, session, "agent", consul=consul).handle_change(a, "server")
+    assert [o.outcome for o in restarted] == [Outcome.RESTARTED]
+    assert (outcome.outcome, outcome.by) == (Outcome.RESTARTED, "other"), outcome
+    assert restarts_by_alloc(sim) == {a.id: 1}
+    assert cluster.plan().members[a.id].state == MemberState.DONE
+
+
+def test_a_change_seen_after_a_claim_that_this_process_has_not_read_yet_restarts_the_member_again(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """This process knows the plan from before another process claimed a; the change comes after that
+    claim, so a's restart in flight may render the old config: the registration reads the plan first
+    (the index it saw the change at is Consul's now, not the one known here) and a restarts again."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster, elsewhere = Cluster(sim), Cluster(sim)  # two processes: each knows the plans it saw
+    (a,) = cluster.allocs()
+    register(cluster, [a])
+    claimed, go_on, registered = threading.Event(), threading.Event(), threading.Event()
+
+    def pause(step: Step, target: Target) -> None:
+        if step == Step.CLAIMED:
+            claimed.set()
+            assert go_on.wait(60), "the test never let the paused holder go on"
+
+    def seen(step: Step, target: Target) -> None:
+        if step == Step.REGISTERED:
+            registered.set()
+
+    results: dict[str, MemberOutcome] = {}
+    with elsewhere.session("other") as other_session, cluster.session("agent") as session:
+        other = coordinator(elsewhere, other_session, "other", fault_hook=pause)
+        holder = threading.Thread(
+            target=lambda: results.setdefault("other", other.drive(elsewhere.target(a)))
+        )
+        holder.start()
+        assert claimed.wait(30)
+        agent = coordinator(cluster, session, "agent", fault_hook=seen)
+        thread = threading.Thread(
+            target=lambda: results.setdefault("agent", agent.handle_change(a, "server"))
+        )
+        thread.start()
+        assert registered.wait(30)
+        go_on.set()
+        holder.join(60)
+        thread.join(60)
+    assert not holder.is_alive() and not thread.is_alive()
+    assert [results[n].outcome for n in ("other", "agent")] == [Outcome.RESTARTED] * 2, results
+    assert results["agent"].generation == results["other"].generation == 2, results
+    assert restarts_by_alloc(sim) == {a.id: 2}

@@ -864,7 +864,8 @@ def test_a_restart_passes_each_step_to_the_fault_hook_and_reports_its_events_and
     (a,) = cluster.allocs()
     steps: list[tuple[Step, str]] = []
     events = Events()
-    with cluster.session("agent") as session:
+    # the coordinator's name, not its session's, is who holds and restarts (the session is shared)
+    with cluster.session("shared session") as session:
         agent = coordinator(
             cluster,
             session,
@@ -872,9 +873,9 @@ def test_a_restart_passes_each_step_to_the_fault_hook_and_reports_its_events_and
             observer=events,
             fault_hook=lambda step, target: steps.append((step, target.alloc_id)),
         )
-        started = cluster.clock.monotonic()
+        started, since = cluster.clock.monotonic(), cluster.clock.time()
         outcome = agent.handle_change(a, "server")
-        elapsed = cluster.clock.monotonic() - started
+        elapsed, until = cluster.clock.monotonic() - started, cluster.clock.time()
     target = cluster.target(a)
     assert steps == [(step, a.id) for step in Step]
     assert events.of(a.id) == [
@@ -882,8 +883,15 @@ def test_a_restart_passes_each_step_to_the_fault_hook_and_reports_its_events_and
         (EventKind.RESTARTING, SCOPE, target.ref, ""),
         (EventKind.RESTARTED, SCOPE, target.ref, ""),
     ]
+    # the registration's event counts the members registered; the members' events count none
+    assert [(e.kind, e.alloc_id, e.count) for e in events] == [
+        (EventKind.PLANNED, "", 1),
+        *((kind, a.id, 0) for kind in (EventKind.WAITING, EventKind.RESTARTING, EventKind.RESTARTED)),
+    ]
+    assert all(since <= e.at <= until for e in events), [e.at for e in events]  # cluster time
     assert outcome.duration is not None and 0 < outcome.duration <= elapsed, (outcome.duration, elapsed)
     assert outcome == MemberOutcome(target, Outcome.RESTARTED, "", 1, by="agent", duration=outcome.duration)
+    assert cluster.plan().members[a.id].holder_name == "agent"
 
 
 @pytest.mark.parametrize("change", ["plan deleted", "member dropped"])

@@ -489,11 +489,17 @@ class Coordinator:
         ``defer_finish`` (with ``keep_slot``): a member found healthy is reported at once, and its
         finish is written in the same txn as the next claim under the kept slot (one write for
         both), or with :meth:`release_slots`; its claim token stays held until then, so nobody
-        takes it for abandoned.
+        takes it for abandoned. A drive of the deferred member itself (a new change of it) writes
+        that finish first, alone, and restarts the member again if the change sent it back to
+        ``pending``.
         """
         scope = self.keyspace.scope(target.ref)
         deferred = self._deferred
-        if deferred is not None and deferred.key != self.plan_key(scope):
+        if deferred is not None and (
+            deferred.key != self.plan_key(scope) or deferred.target.alloc_id == target.alloc_id
+        ):
+            # Another task's finish waits for no claim of this one; the target's own finish comes
+            # first: a new change of it (rerun) sends it back to pending, to be claimed in this drive.
             self._flush_finish()
         self._keep_slot = keep_slot
         self._defer_finish = defer_finish and keep_slot

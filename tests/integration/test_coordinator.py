@@ -451,3 +451,33 @@ def test_a_member_whose_deferred_finish_finds_a_new_change_is_handed_back_to_be_
     plan = agents.plans.load(PLAN_KEY)
     assert plan is not None and plan.members[alloc.id].state == MemberState.PENDING
     assert plan.members[alloc.id].generation == 2
+
+
+def test_a_member_whose_own_deferred_finish_finds_a_new_change_is_restarted_again_in_its_drive(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The agent's worker drives the new change of a member its lane still holds deferred: the drive
+    writes the finish first (the member goes back to pending) and restarts it under the kept slot,
+    instead of reporting the old generation's restart as the new change's."""
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    agents = Agents(sim)
+    first, second = agents.allocs()
+    target = agents.target(first)
+    with agents.session("lane") as session:
+        lane = agents.coordinator(session, "lane")
+        job = agents.nomad.job("web")
+        scope = lane.keyspace.scope(target.ref)
+        lane.register(scope, [target, agents.target(second)], job)
+        done = lane.drive(target, keep_slot=True, defer_finish=True, wait_for_holders=False)
+        assert (done.outcome, done.generation) == (Outcome.RESTARTED, 1)
+        # The agent's registrar (same process, same session) registers a new change of the member.
+        agents.coordinator(session, "registrar").register(scope, [target], job)
+        again = lane.drive(
+            target, keep_slot=True, since=agents.plans.mark(), defer_finish=True, wait_for_holders=False
+        )
+        assert (again.outcome, again.generation, again.by) == (Outcome.RESTARTED, 2, "lane")
+        assert restarts_by_alloc(sim).get(first.id) == 2
+        assert lane.release_slots() == []
+    plan = agents.plans.load(PLAN_KEY)
+    assert plan is not None and plan.members[first.id].state == MemberState.DONE
+    assert plan.members[first.id].generation == 2

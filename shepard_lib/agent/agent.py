@@ -195,10 +195,11 @@ class Agent:
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop taking new work, let restarts in flight finish for up to ``timeout`` (default
-        ``shutdown_timeout``) cluster seconds, then release every slot and the heartbeat and destroy
-        the session. A restart still in flight then stays ``restarting`` in its plan for a
-        reclaimer (or is given back if it was not triggered yet). Idempotent."""
+        """Stop taking new work (changes already seen are registered in their plans, not driven),
+        let restarts in flight finish for up to ``timeout`` (default ``shutdown_timeout``) cluster
+        seconds, then release every slot and the heartbeat and destroy the session. A restart
+        still in flight then stays ``restarting`` in its plan for a reclaimer (or is given back if
+        it was not triggered yet). Idempotent."""
         if self.stopping.is_set():
             return
         self.stopping.set()
@@ -461,7 +462,7 @@ class Agent:
 
     def _join_workers(self, seconds: float) -> None:
         deadline = self.clock.monotonic() + max(seconds, 0.0)
-        for thread in self._rollouts.active().values():
+        for thread in self._rollouts.threads():  # the registrar too: it registers what it gathered
             thread.join(max(0.0, self.clock.real(deadline - self.clock.monotonic())))
 
     # --- callbacks ---------------------------------------------------------------------------------------

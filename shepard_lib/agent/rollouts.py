@@ -17,7 +17,9 @@ slot). A lane gives its slot back when the plan has no pending member left. A la
 healthy is finished in the txn of its next claim (``drive(..., defer_finish=True)``), its last with
 the slot's release; an agent whose member another lane restarts leaves it to that lane
 (``wait_for_holders=False``) and, if that lane dies, takes it over when it next looks. The registrar
-gathers a node's changes into one plan write, 1 to 2 s after they settle (``registration_spread``).
+gathers a node's changes into one plan write, 1 to 2 s after they settle (``registration_spread``);
+a stop ends that wait and the registrar still registers them (not drives them: the other agents do,
+once this node's heartbeat is released).
 
 **No rollout depends on every agent being alive.** Once its own members are through, a worker
 stays while the task's plan (every node's plan of the task with ``lock_scope: node``) still has
@@ -40,7 +42,7 @@ import functools
 import logging
 import random
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -450,15 +452,16 @@ class Rollouts:
             with self._lock:
                 if not self._to_register and not self._host.stopping.is_set():
                     self._registered.wait(1.0)  # poke() notifies, and the agent pokes when it stops
-                if self._host.stopping.is_set():
-                    return
                 if not self._to_register:
+                    if self._host.stopping.is_set():
+                        return
                     continue
             # Gather and spread: the node's other changes of the same burst join this one write, and
-            # agents that saw one change at the same moment do not all write the plan at once.
+            # agents that saw one change at the same moment do not all write the plan at once. A stop
+            # ends the spread, not the registration: the watcher takes the files as they are when the
+            # agent starts again, so a change gathered here and not registered would be lost.
             spread = self._host.registration_spread() * _RNG.uniform(0.5, 1.0)
-            if self._host.clock.wait(self._host.stopping, spread):
-                return
+            self._host.clock.wait(self._host.stopping, spread)
             with self._lock:
                 changes, self._to_register = self._to_register, []
             by_task: dict[tuple[str, str, str], list[Change]] = {}
@@ -467,8 +470,26 @@ class Rollouts:
                     change
                 )
             for name, group in by_task.items():
-                for change in self._register(name, group):
+                registered = self._register(name, group)
+                if self._host.stopping.is_set():
+                    # Registered, they are pending in the plan: the other agents drive them once
+                    # this node's heartbeat is released. Not registered, they are lost: say which.
+                    self._report_unregistered(name, [c for c in registered if c.target is None])
+                    continue
+                for change in registered:
                     self._queue(name, change)
+            if self._host.stopping.is_set():
+                return
+
+    @staticmethod
+    def _report_unregistered(name: tuple[str, str, str], changes: list[Change]) -> None:
+        if changes:
+            log.error(
+                "%s: agent stopping, the change(s) of allocation(s) %s could not be registered: they "
+                "are not restarted for it (`shepard restart --alloc` restarts them)",
+                "/".join(name),
+                ", ".join(c.alloc.id for c in changes),
+            )
 
     def _register(self, name: tuple[str, str, str], changes: list[Change]) -> list[Change]:
         """Register ``changes`` (one task's) in their plan(s); returned with their targets when
@@ -527,11 +548,6 @@ class Rollouts:
         """A worker is driving a member now."""
         with self._lock:
             return any(w.busy for w in self._workers.values())
-
-    def active(self) -> Mapping[tuple[str, str, str], threading.Thread]:
-        """The running workers' threads, by task."""
-        with self._lock:
-            return {name: w.thread for name, w in self._workers.items()}
 
     def threads(self) -> list[threading.Thread]:
         """Every thread the rollouts started that may still run: the registrar and the workers."""

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from shepard_lib.agent.inotify import PyInotifyWatcher, WatchLimitReached
 from shepard_lib.agent.watcher import TaskKey
 from shepard_lib.config import default_config
 from shepard_lib.coordinator import Coordinator, CoordinatorOptions, target_for
-from shepard_lib.errors import PlanError
+from shepard_lib.errors import ConsulError, PlanError
 from shepard_lib.keyspace import TaskRef, TaskScope
 from shepard_lib.plan import MemberState, PlanStatus
 from shepard_lib.session import Session
@@ -572,6 +573,57 @@ def test_a_lanes_finish_that_could_not_be_written_is_taken_over_by_its_own_agent
     assert {m.state for m in plan.members.values()} == {MemberState.DONE}, plan.to_json()
     restarts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
     assert restarts == Counter(dict.fromkeys(plan.members, 1)), "taken over without a second trigger"
+
+
+def _stopped_in_the_registration_spread(sim: SimCluster, agent: Agent) -> str:
+    """Start ``agent``, change its one allocation's config, stop it while the registrar waits out its
+    spread (a long one: the stop, not the spread, ends it); returns the allocation's id."""
+    spreading = threading.Event()
+
+    def long_spread() -> float:
+        spreading.set()
+        return 3600.0
+
+    agent.registration_spread = long_spread  # type: ignore[method-assign]
+    agent.start()
+    try:
+        (key,) = agent.watched()
+        sim.set_key("config/web", "v2")
+        assert spreading.wait(sim.clock.real(600.0)), "the change never reached the registrar"
+        plan, _ = read_plan(sim)
+        assert plan is None, "registered before the spread ended"
+    finally:
+        agent.stop()
+    return key.alloc_id
+
+
+def test_a_change_gathered_when_the_agent_stops_is_registered_for_the_other_agents(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """Found by the f15 safety review: a stop during the registrar's spread dropped the changes it
+    had gathered; started again, the agent takes the files as they are: never restarted for it."""
+    sim = sim_cluster_factory(scenario(count=1, concurrency=1, nodes=1), time_scale=SCALE)
+    alloc_id = _stopped_in_the_registration_spread(sim, make_agent(sim, "n1"))
+    plan, _ = read_plan(sim)
+    assert plan is not None, "the gathered change was dropped"
+    assert {a: m.state for a, m in plan.members.items()} == {alloc_id: MemberState.PENDING}
+    assert [r for r in sim.restarts() if r.job == "web"] == [], "left to the other agents, not driven"
+
+
+def test_a_change_that_cannot_be_registered_at_stop_is_logged_naming_its_allocation(
+    sim_cluster_factory: SimClusterFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(count=1, concurrency=1, nodes=1), time_scale=SCALE)
+
+    def consul_unreachable(self: Coordinator, *args: Any, **kwargs: Any) -> Any:
+        raise ConsulError("txn", "connection refused (injected)", transient=True)
+
+    monkeypatch.setattr(Coordinator, "register", consul_unreachable)
+    with caplog.at_level(logging.ERROR, logger="shepard_lib.agent"):
+        alloc_id = _stopped_in_the_registration_spread(sim, make_agent(sim, "n1"))
+    lost = [r.getMessage() for r in caplog.records if "agent stopping" in r.getMessage()]
+    assert len(lost) == 1 and alloc_id in lost[0] and "not restarted" in lost[0], caplog.text
+    assert read_plan(sim)[0] is None
 
 
 def test_reload_keeps_the_restart_only_settings_and_applies_the_others(

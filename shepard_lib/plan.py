@@ -890,15 +890,17 @@ class _KnownPlans:
         with self._lock:
             return self._plans.get(key)
 
-    def put(self, key: str, plan: Plan | None, index: int, *, read: bool = False) -> None:
-        """Remember ``plan`` at ``index`` unless something newer is known (``read``: always, a
-        consistent read, which gets the next read mark)."""
+    def put(self, key: str, plan: Plan | None, index: int, *, read_mark: int | None = None) -> None:
+        """Remember ``plan`` at ``index`` unless something newer is known (always when ``read_mark``
+        is given: what a consistent read sent at that mark answered; the mark is taken before the
+        request, so that a read sent before a write and answered after it concludes nothing made
+        after that write)."""
         with self._lock:
             known = self._plans.get(key)
-            if read or known is None or index >= known[1]:
+            if read_mark is not None or known is None or index >= known[1]:
                 self._plans[key] = (plan, index)
-                if read:
-                    self._reads[key] = next(_READ_MARKS)
+                if read_mark is not None:
+                    self._reads[key] = read_mark
                 else:
                     self._reads.pop(key, None)
 
@@ -969,12 +971,13 @@ class PlanStore:
         return plan, index
 
     def _read(self, key: str) -> tuple[Plan | None, int, bytes | None]:
+        mark = self.mark()  # before the request: what the read answers was true at least then
         entry = self._consul.get(key, consistent=True)
         if entry is None:
-            self._known.put(key, None, 0, read=True)
+            self._known.put(key, None, 0, read_mark=mark)
             return None, 0, None
         plan = self._decode(key, entry.value)
-        self._known.put(key, plan, entry.modify_index, read=True)
+        self._known.put(key, plan, entry.modify_index, read_mark=mark)
         return plan, entry.modify_index, entry.value
 
     @staticmethod

@@ -453,6 +453,43 @@ def test_a_member_whose_deferred_finish_finds_a_new_change_is_handed_back_to_be_
     assert plan.members[alloc.id].generation == 2
 
 
+def test_a_plan_read_sent_before_a_members_registration_does_not_end_its_drive(
+    sim_cluster_factory: SimClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found as a flake of the agents-and-a-rollout test: a consistent plan read sent before a
+    member's registration and answered after it got a read mark newer than the drive's, so the
+    drive concluded on it that the member was not in the plan and skipped it."""
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    agents = Agents(sim)
+    first, second = agents.allocs()
+    answered, go_on = threading.Event(), threading.Event()
+    real_get = agents.consul.get
+
+    def held_answer(key: str, **kwargs: Any) -> Any:
+        entry = real_get(key, **kwargs)
+        if threading.current_thread().name == "early reader":
+            answered.set()
+            assert go_on.wait(60)
+        return entry
+
+    with agents.session("lane") as session:
+        lane = agents.coordinator(session, "lane")
+        job = agents.nomad.job("web")
+        scope = lane.keyspace.scope(agents.target(first).ref)
+        lane.register(scope, [agents.target(first)], job)
+        monkeypatch.setattr(agents.consul, "get", held_answer)
+        reader = threading.Thread(target=agents.plans.read, args=(PLAN_KEY,), name="early reader")
+        reader.start()
+        assert answered.wait(60)  # the read has its answer (no second member) but has not stored it
+        lane.register(scope, [agents.target(second)], job)
+        since = agents.plans.mark()
+        go_on.set()
+        reader.join(60)
+        outcome = lane.drive(agents.target(second), since=since)
+    assert (outcome.outcome, outcome.reason) == (Outcome.RESTARTED, "")
+    assert restarts_by_alloc(sim) == {second.id: 1}
+
+
 def test_a_member_whose_own_deferred_finish_finds_a_new_change_is_restarted_again_in_its_drive(
     sim_cluster_factory: SimClusterFactory,
 ) -> None:

@@ -25,7 +25,7 @@ from coordination_support import KEYS, PLAN_KEY, SCALE, SCOPE, Cluster, restarts
 from fault_support import ConsulProxy, NomadProxy
 
 from shepard_lib.backends import NomadAPI
-from shepard_lib.config import HealthSource, RestartMethod
+from shepard_lib.config import HealthSource, LockScope, RestartMethod
 from shepard_lib.coordinator import (
     INTERRUPTED,
     PLAN_WAIT,
@@ -38,13 +38,14 @@ from shepard_lib.coordinator import (
     SimulatedCrash,
     Step,
     Target,
+    target_for,
 )
 from shepard_lib.errors import ConsulError, LockLost, NomadError
 from shepard_lib.health import HealthGate
-from shepard_lib.keyspace import TaskRef
+from shepard_lib.keyspace import Keyspace, TaskRef
 from shepard_lib.locks import RestartSlots
 from shepard_lib.model import Allocation, KVEntry, TxnOp, TxnResult, TxnVerb
-from shepard_lib.plan import Member, MemberState, Plan, PlanStatus, abort, require
+from shepard_lib.plan import Member, MemberState, Plan, PlanSettings, PlanStatus, abort, require
 from shepard_lib.session import Session
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 from shepard_lib.trigger import describe
@@ -886,10 +887,11 @@ def test_a_restart_passes_each_step_to_the_fault_hook_and_reports_its_events_and
         (EventKind.RESTARTED, SCOPE, target.ref, ""),
     ]
     # the registration's event counts the members registered; the members' events count none
-    assert [(e.kind, e.alloc_id, e.count) for e in events] == [
-        (EventKind.PLANNED, "", 1),
-        *((kind, a.id, 0) for kind in (EventKind.WAITING, EventKind.RESTARTING, EventKind.RESTARTED)),
+    assert [(e.kind, e.scope, e.alloc_id, e.count) for e in events] == [
+        (EventKind.PLANNED, SCOPE, "", 1),
+        *((kind, SCOPE, a.id, 0) for kind in (EventKind.WAITING, EventKind.RESTARTING, EventKind.RESTARTED)),
     ]
+    assert events[0].detail == PlanStatus.PLANNED.value
     assert all(since <= e.at <= until for e in events), [e.at for e in events]  # cluster time
     assert outcome.duration is not None and 0 < outcome.duration <= elapsed, (outcome.duration, elapsed)
     assert outcome == MemberOutcome(target, Outcome.RESTARTED, "", 1, by="agent", duration=outcome.duration)
@@ -1766,3 +1768,105 @@ def test_a_change_seen_after_a_claim_that_this_process_has_not_read_yet_restarts
     assert [results[n].outcome for n in ("other", "agent")] == [Outcome.RESTARTED] * 2, results
     assert results["agent"].generation == results["other"].generation == 2, results
     assert restarts_by_alloc(sim) == {a.id: 2}
+
+
+def test_a_registration_reopening_a_complete_plan_records_its_settings_count_method_and_health_source(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(3, concurrency=None), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b, _ = cluster.allocs()
+    first = register(cluster, [a], concurrency=1, max_failures=1)
+    assert first.instance_count == 3, "the group's count, not the number of members registered"
+    with cluster.session("agent") as session:
+        assert coordinator(cluster, session, "agent").drive(cluster.target(a)).outcome == Outcome.RESTARTED
+    assert cluster.plan().status == PlanStatus.COMPLETE
+    job = cluster.nomad.job("web")
+    scaled = replace(job, groups=tuple(replace(g, count=5) for g in job.groups))  # scaled up since
+    options = {"method": RestartMethod.NOMAD_API, "health_source": HealthSource.NOMAD}
+    with cluster.session("planner") as session:
+        planner = coordinator(cluster, session, "planner", concurrency=2, max_failures=3, **options)
+        plan = planner.register(SCOPE, [cluster.target(b)], scaled)
+    assert (plan.concurrent_lock_count, plan.max_failures, plan.instance_count) == (2, 3, 5)
+    assert (plan.method, plan.health_source) == ("nomad_api", "nomad")
+
+
+def test_a_registration_given_the_live_allocations_drops_the_settled_members_of_the_others(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b = cluster.allocs()
+    plan = register(cluster, [a])
+    gone = Member(MemberState.DONE, "node-9", 7, plan.generation, updated_at=0.0)
+    cluster.plans.update_at(
+        PLAN_KEY, lambda p, _i: replace(require(p, PLAN_KEY), members={**plan.members, "gone": gone})
+    )
+    with cluster.session("planner") as session:
+        planner = coordinator(cluster, session, "planner")
+        job = cluster.nomad.job("web")
+        kept = planner.register(SCOPE, [cluster.target(b)], job)
+        assert "gone" in kept.members, "without the live allocations nothing else is dropped"
+        dropped = planner.register(SCOPE, [cluster.target(b)], job, live=[a.id, b.id])
+    assert sorted(dropped.members) == sorted([a.id, b.id])
+
+
+def test_a_node_scoped_registration_records_its_node_and_one_whose_group_is_gone_counts_its_members(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(3), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, _, _ = cluster.allocs()
+    keys = Keyspace(KEYS.prefix, LockScope.NODE)
+    target = cluster.target(a)
+    scope = keys.scope(target.ref)
+    job = cluster.nomad.job("web")
+    with cluster.session("agent") as session:
+        agent = Coordinator(
+            cluster.consul, cluster.nomad, keys, session, cluster.options, clock=cluster.clock
+        )
+        plan = agent.register(scope, [target], job)
+        assert (plan.node, plan.instance_count) == (a.node_name, 3)
+        # the job no longer has the group (renamed in a new version): the members registered are counted
+        other = replace(scope, group="renamed")
+        plan = agent.register(other, [target], replace(job, groups=()), PlanSettings())
+    assert plan.instance_count == 1
+
+
+def test_an_agents_change_of_a_member_restarted_earlier_in_a_planned_plan_opens_a_new_generation(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """Mid-rollout (b still pending), a is done in generation 1 by a claim before the change was seen:
+    the change does not join the rollout, it restarts a again in generation 2."""
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    cluster = Cluster(sim)
+    a, b = cluster.allocs()
+    register(cluster, [a, b])
+    with cluster.session("agent") as session:
+        agent = coordinator(cluster, session, "agent")
+        assert agent.drive(cluster.target(a)).outcome == Outcome.RESTARTED
+        assert cluster.plan().status == PlanStatus.PLANNED
+        plan = agent.register(SCOPE, [cluster.target(a)], cluster.nomad.job("web"))
+    assert plan.generation == 2
+    assert (plan.members[a.id].state, plan.members[a.id].generation) == (MemberState.PENDING, 2)
+
+
+# --- target_for: what a member is judged by --------------------------------------------------------------
+
+
+def test_a_target_takes_its_tasks_and_groups_services_and_only_the_groups_when_the_job_lost_the_task(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    cluster = Cluster(sim)
+    (a,) = cluster.allocs()
+    job = cluster.nomad.job("web")
+    (group,) = job.groups
+    (task,) = group.tasks
+    both = replace(
+        job, groups=(replace(group, services=("web-group",), tasks=(replace(task, services=("web",)),)),)
+    )
+    assert target_for(a, task.name, both).services == ("web", "web-group")
+    assert target_for(a, "renamed", both).services == ("web-group",)  # a newer job version renamed it
+    assert target_for(a, task.name, replace(job, groups=())).services == ()  # nor the group
+    assert target_for(a, task.name, both).ref == cluster.target(a).ref

@@ -140,6 +140,13 @@ class SimProcess:
         counts: dict[str, dict[str, int]] = answer.json()
         return counts
 
+    def consul_shapes(self) -> dict[str, int]:
+        """Consul requests by shape (``GET /_sim/requests?detail``) since the last reset."""
+        answer = self.http.get(f"{self.consul}/_sim/requests?detail", timeout=60)
+        answer.raise_for_status()
+        shapes: dict[str, int] = answer.json()
+        return shapes
+
     def reset_consul_requests(self) -> None:
         self.http.delete(f"{self.consul}/_sim/requests", timeout=60).raise_for_status()
 
@@ -348,6 +355,85 @@ def percentile(values: Sequence[float], q: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def _key_kind(key: str) -> str:
+    """What a Shepard key is: plan, slot (one), slots (the prefix), heartbeat(s), trigger, other."""
+    if key.endswith("/task_lock"):
+        return "plan"
+    if key.endswith(("/restart_lock", "/restart_lock/")):
+        return "slots"
+    if "/restart_lock/" in key:
+        return "slot"
+    if "/gc/" in key:
+        return "gc leader"
+    if key.endswith("/nodes/"):
+        return "heartbeats"
+    if "/nodes/" in key:
+        return "heartbeat"
+    if "/keys/" in key:
+        return "triggers (GC scan)" if key.endswith("/") else "trigger"
+    return "prefix (GC scan)" if key.endswith("/") else "other"
+
+
+def purpose(shape: str) -> str:
+    """The purpose of a request shape of the sim (``request_shape``): ``"plan write (cas alone) 409"``."""
+    words = shape.split(" ")
+    method, status = words[0], words[-1]
+    flags = {w for w in words if w.startswith("?")}
+    outcome = {"200": "", "409": " refused", "404": " (none)"}.get(status, f" {status}")
+    if shape.startswith("PUT /v1/txn ["):
+        ops = tuple(
+            (op.split(" ")[0], _key_kind(op.split(" ")[1]))
+            for op in shape.split("[", 1)[1].rsplit("]", 1)[0].split(", ")
+        )
+        kinds = {
+            (("cas", "plan"),): "plan write (registration, finish keeping the slot, settle)",
+            (("cas", "plan"), ("check-session", "slot"), ("check-index", "slot"), ("set", "trigger")): (
+                "claim + trigger"
+            ),
+            (("cas", "plan"), ("unlock", "slot")): "finish + release",
+            (("lock", "slot"),): "slot lock",
+            (("unlock", "slot"),): "slot release",
+        }
+        return "txn " + kinds.get(ops, " ".join(f"{v} {k}" for v, k in ops)) + outcome
+    endpoint = words[1]
+    if endpoint.startswith("/v1/kv/"):
+        kind = _key_kind(endpoint[len("/v1/kv/") :])
+        blocking = "?index" in flags
+        if method == "GET":
+            what = {"plan": "plan", "slots": "slot prefix", "heartbeats": "heartbeats"}.get(kind, kind)
+            return f"kv {what} {'watch (blocking)' if blocking else 'read'}{outcome}"
+        verb = next((f[1:] for f in ("?acquire", "?release", "?cas") if f in flags), method.lower())
+        return f"kv {kind} {verb}{outcome}"
+    if endpoint == "/v1/health/checks":
+        return "health checks " + ("watch (blocking)" if "?index" in flags else "read")
+    return f"{method} {endpoint}{outcome}"
+
+
+WAITING = (
+    "PUT /v1/session/renew",
+    "kv heartbeats watch",
+    "kv slot prefix watch",
+    "kv gc leader",
+    "(GC scan)",
+)
+"""Purposes that cost per agent per minute, not per restart: session renewals, the heartbeat watch,
+a waiting agent's blocking query on the slots (once per ``session_ttl`` until a slot frees), and
+periodic garbage collection (its leader lock and scans)."""
+
+
+def waiting_cost(by_purpose: dict[str, int]) -> int:
+    """The requests of ``by_purpose`` (:func:`purposes`) that are :data:`WAITING` costs."""
+    return sum(n for what, n in by_purpose.items() if any(w in what for w in WAITING))
+
+
+def purposes(shapes: dict[str, int]) -> dict[str, int]:
+    """Requests by :func:`purpose`, most first."""
+    out: Counter[str] = Counter()
+    for shape, n in shapes.items():
+        out[purpose(shape)] += n
+    return dict(out.most_common())
 
 
 def consul_total(counts: dict[str, dict[str, int]]) -> int:

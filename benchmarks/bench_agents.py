@@ -15,7 +15,16 @@ changes the config key once and reads the sim's restart record and request count
   (each batch waits for its slowest member, no overhead) over Shepard's makespan (target >= 1.3
   with log-normal durations where there are at least two batches);
 - Consul requests per restart, all of them (session renewals and every agent's blocking queries
-  included) and without session renewals (target <= 10);
+  included) and without session renewals (target <= 10), broken down by purpose (the sim's
+  request shapes, ``GET /_sim/requests?detail``: registrations, claims, finishes, slot locks, plan
+  and slot reads and watches, health, session reads and renewals);
+- the agents' idle cost: Consul requests per agent per cluster minute over ``--idle`` real seconds
+  before the change (session renewals and blocking queries only), and the part of the rollout's
+  requests it accounts for (idle rate x agents x makespan); and, measured, the rollout's requests
+  that cost per agent per minute (``_common.WAITING``: renewals, heartbeat watches, waiting agents'
+  blocking queries on the slots, garbage collection) apart from the rest (*protocol*): a cost of
+  waiting agents over time, which grows with the number of agents and the rollout's length, not
+  with the restarts;
 - slot hand-off p50/p99: a restart healthy (its slot free) -> the next restart requested;
 - peak concurrency (must be <= c) and restarts per allocation (must be exactly 1);
 - CPU seconds of the agents' process and of the sim's, over the rollout.
@@ -64,14 +73,15 @@ class Case:
         return min(self.allocations, max(2, self.allocations // density, self.concurrency))
 
 
-def run_case(case: Case, time_scale: float, processes: int = 1) -> dict[str, Any]:
-    """One rollout; the figures of :mod:`bench_agents` as a dict."""
+def run_case(case: Case, time_scale: float, processes: int = 1, idle: float = 0.0) -> dict[str, Any]:
+    """One rollout (after ``idle`` real seconds of idle measurement); the figures of :mod:`bench_agents`."""
     restart = RESTART_FIXED if case.durations == "fixed" else RESTART_LOGNORMAL
     n, c = case.allocations, case.concurrency
     with common.SimProcess(common.scenario(n, case.nodes, restart, HEALTHY_AFTER), time_scale) as sim:
         with common.AgentHosts(
             sim, common.agent_config(c, HEALTHY_DEADLINE), common.tasks_per_node(sim), processes
         ) as hosts:
+            idle_rate, idle_shapes = _idle(sim, case.nodes, idle, time_scale)
             sim.reset_consul_requests()
             nomad0 = sum(sim.nomad_requests().values())
             cpu_sim0, cpu_agents0, real0 = sim.cpu(), hosts.cpu(), time.monotonic()
@@ -82,6 +92,7 @@ def run_case(case: Case, time_scale: float, processes: int = 1) -> dict[str, Any
             except TimeoutError:
                 completed = False
             consul = sim.consul_requests()
+            shapes = sim.consul_shapes()
             nomad = sum(sim.nomad_requests().values()) - nomad0
             cpu_sim, cpu_agents, real = (
                 sim.cpu() - cpu_sim0,
@@ -100,6 +111,9 @@ def run_case(case: Case, time_scale: float, processes: int = 1) -> dict[str, Any
     total = common.consul_total(consul) - 1  # less the operator's own write of the key
     renewals = sum(consul.get("/v1/session/renew", {}).values())
     per_alloc = common.restarts_per_alloc(records)
+    idle_share = idle_rate * case.nodes * made / 60.0
+    by_purpose = common.purposes(shapes)
+    waiting = common.waiting_cost(by_purpose)
     return {
         **asdict(case),
         "nodes": case.nodes,
@@ -119,6 +133,14 @@ def run_case(case: Case, time_scale: float, processes: int = 1) -> dict[str, Any
         "consul_requests_per_restart": round(total / n, 2),
         "consul_requests_per_restart_without_renewals": round((total - renewals) / n, 2),
         "consul_requests_by_endpoint": consul,
+        "consul_requests_by_purpose": by_purpose,
+        "consul_requests_per_restart_waiting": round(waiting / n, 2),
+        # the shapes' own total (read just after the endpoint counts), less the operator's write
+        "consul_requests_per_restart_protocol": round((sum(shapes.values()) - 1 - waiting) / n, 2),
+        "consul_requests_by_shape": shapes,
+        "idle_consul_requests_per_agent_per_minute": round(idle_rate, 2),
+        "idle_consul_requests_by_purpose": common.purposes(idle_shapes),
+        "idle_share_per_restart": round(idle_share / n, 2),
         "nomad_requests_per_restart": round(nomad / n, 2),
         "handoff_p50_s": round(common.percentile(hand, 50), 3),
         "handoff_p99_s": round(common.percentile(hand, 99), 3),
@@ -133,6 +155,44 @@ def run_case(case: Case, time_scale: float, processes: int = 1) -> dict[str, Any
         "threads_left_after_stop": threads_left,
         "thread_names_left_after_stop": thread_names,
     }
+
+
+def _idle(
+    sim: common.SimProcess, agents: int, seconds: float, time_scale: float
+) -> tuple[float, dict[str, int]]:
+    """Consul requests per agent per cluster minute with nothing changing, and their shapes."""
+    if seconds <= 0:
+        return 0.0, {}
+    time.sleep(min(2.0, seconds))  # start-up work (first scans) out of the window
+    sim.reset_consul_requests()
+    time.sleep(seconds)
+    shapes = sim.consul_shapes()
+    return sum(shapes.values()) / agents / (seconds * time_scale / 60.0), shapes
+
+
+def print_breakdown(console: Console, result: dict[str, Any]) -> None:
+    """The Consul requests of one rollout per restart, by purpose, and the idle cost beside them."""
+    n = result["allocations"]
+    table = Table(
+        title=f"N={n} c={result['concurrency']} {result['durations']}: "
+        "Consul requests per restart by purpose",
+        title_justify="left",
+    )
+    table.add_column("purpose")
+    table.add_column("per restart", justify="right")
+    for what, count in result["consul_requests_by_purpose"].items():
+        table.add_row(what, f"{count / n:.2f}")
+    table.add_row("all", f"{result['consul_requests_per_restart']:.2f}")
+    table.add_row("  of which per agent per minute", f"{result['consul_requests_per_restart_waiting']:.2f}")
+    table.add_row("  the protocol's", f"{result['consul_requests_per_restart_protocol']:.2f}")
+    console.print(table)
+    if result["idle_consul_requests_per_agent_per_minute"]:
+        console.print(
+            f"idle: {result['idle_consul_requests_per_agent_per_minute']:.2f} Consul requests per agent per "
+            f"cluster minute ({result['idle_consul_requests_by_purpose']}); x {result['nodes']} agents x "
+            f"{result['makespan_s']:.0f} s = {result['idle_share_per_restart']:.2f} per restart of the "
+            f"{result['consul_requests_per_restart']:.2f}"
+        )
 
 
 def invariant_problems(result: dict[str, Any]) -> list[str]:
@@ -163,6 +223,7 @@ def print_table(console: Console, results: list[dict[str, Any]]) -> None:
         "batch/shep",
         "req",
         "(w/o renew)",
+        "protocol",
         "hand-off p50",
         "p99 ms",
         "peak",
@@ -182,6 +243,7 @@ def print_table(console: Console, results: list[dict[str, Any]]) -> None:
             f"{r['batch_over_shepard']:.2f}",
             f"{r['consul_requests_per_restart']:.1f}",
             f"{r['consul_requests_per_restart_without_renewals']:.1f}",
+            f"{r['consul_requests_per_restart_protocol']:.1f}",
             f"{r['handoff_p50_real_ms']:.0f}",
             f"{r['handoff_p99_real_ms']:.0f}",
             f"{r['peak_concurrent_restarts']}/{r['concurrency']}",
@@ -218,7 +280,10 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
     lines.append(
         f"<= {TARGET_REQUESTS:g} Consul requests per restart (without session renewals): "
         f"{met} of {len(results)} cases; with renewals: "
-        f"{sum(r['consul_requests_per_restart'] <= TARGET_REQUESTS for r in results)} of {len(results)}"
+        f"{sum(r['consul_requests_per_restart'] <= TARGET_REQUESTS for r in results)} of {len(results)}; "
+        "the protocol's (without the costs per agent per minute): "
+        f"{sum(r['consul_requests_per_restart_protocol'] <= TARGET_REQUESTS for r in results)} "
+        f"of {len(results)}"
     )
     return lines
 
@@ -261,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="processes the agents are spread over (default: 25 a process)",
     )
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=5.0,
+        help="real seconds of idle measurement before each change (0: none)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the results here (rewritten after every case)")
     args = parser.parse_args(argv)
     console = Console(width=160)
@@ -278,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         console.print(f"[dim]N={case.allocations} c={case.concurrency} {case.durations} ...[/dim]")
         processes = args.agent_processes or -(-case.nodes // 25)
-        results.append(run_case(case, args.time_scale, processes))
+        results.append(run_case(case, args.time_scale, processes, args.idle))
         print_table(console, results[-1:])
+        print_breakdown(console, results[-1])
         common.write_json(  # after every case: a long run stopped early keeps what it measured
             args.json,
             {"benchmark": "agents", "machine": common.machine(), "results": results, "skipped": skipped},

@@ -56,7 +56,7 @@ from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shepard_lib.backends import ConsulAPI, NomadAPI
+from shepard_lib.backends import ConsulAPI, NomadAPI, TxnOp
 from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.config import HealthSource, RestartMethod, ShepardConfig
 from shepard_lib.errors import (
@@ -105,7 +105,7 @@ from shepard_lib.recovery import (
     stopped_reason,
     trigger_outcome,
 )
-from shepard_lib.session import Session
+from shepard_lib.session import Session, live_here
 from shepard_lib.trigger import Trigger, describe
 
 __all__ = [
@@ -349,6 +349,10 @@ class Coordinator:
         self._deadline = 0.0
         self._triggered: set[str] = set()  # members this coordinator triggered (or reclaimed) in drive
         self._keep_slot = False
+        self._since = 0  # see drive
+        self._wait_for_holders = True
+        self._defer_finish = False
+        self._deferred: _Deferred | None = None  # a healthy member's finish, written with the next claim
         self._holders = Holders(consul, session, clock=clock)
         self._kept: _Held | None = None  # the slot kept after a member, for the next (see drive)
 
@@ -439,27 +443,68 @@ class Coordinator:
         return self.plans.read(self.plan_key(scope))[1]
 
     def handle_change(
-        self, alloc: Allocation, task: str, *, seen_index: int | None = None, keep_slot: bool = False
+        self,
+        alloc: Allocation,
+        task: str,
+        *,
+        seen_index: int | None = None,
+        keep_slot: bool = False,
+        wait_for_holders: bool = True,
+        defer_finish: bool = False,
     ) -> MemberOutcome:
         """The agent's flow for a change of ``task`` in ``alloc``: register, then :meth:`drive`.
 
-        ``seen_index`` is :meth:`change_mark` taken when the change was seen (default: now).
+        ``seen_index`` is :meth:`change_mark` taken when the change was seen (default: now); the
+        other options are :meth:`drive`'s.
         """
         job = self.nomad.job(alloc.job_id)
         target = target_for(alloc, task, job)
         scope = self.keyspace.scope(target.ref)
         self.register(scope, [target], job, seen_index=seen_index)
-        return self.drive(target, keep_slot=keep_slot)
+        return self.drive(
+            target, keep_slot=keep_slot, wait_for_holders=wait_for_holders, defer_finish=defer_finish
+        )
 
     # --- the flow ----------------------------------------------------------------------------
 
-    def drive(self, target: Target, *, keep_slot: bool = False) -> MemberOutcome:
+    def drive(
+        self,
+        target: Target,
+        *,
+        keep_slot: bool = False,
+        since: int | None = None,
+        wait_for_holders: bool = True,
+        defer_finish: bool = False,
+    ) -> MemberOutcome:
         """Bring ``target`` through the plan until it is done, failed or not ours to do (see module docs).
 
         ``keep_slot``: keep the slot for the next member of the task (see the class docs).
+        ``since``: a :meth:`PlanStore.mark` taken after ``target``'s change was registered (default:
+        now). What ends the drive (the member settled) is concluded on a consistent plan read made
+        after it: one read can end the drives of several members registered before it.
+        ``wait_for_holders`` False: a member restarting under another live holder is left to it
+        (reported ``restarted``, ``by`` the holder, without a duration) instead of waited for: an
+        agent, whose idle worker takes the member over if that holder dies (see
+        :mod:`shepard_lib.agent.rollouts`).
+        ``defer_finish`` (with ``keep_slot``): a member found healthy is reported at once, and its
+        finish is written in the same txn as the next claim under the kept slot (one write for
+        both), or with :meth:`release_slots`; its claim token stays held until then, so nobody
+        takes it for abandoned. A drive of the deferred member itself (a new change of it) writes
+        that finish first, alone, and restarts the member again if the change sent it back to
+        ``pending``.
         """
         scope = self.keyspace.scope(target.ref)
+        deferred = self._deferred
+        if deferred is not None and (
+            deferred.key != self.plan_key(scope) or deferred.target.alloc_id == target.alloc_id
+        ):
+            # Another task's finish waits for no claim of this one; the target's own finish comes
+            # first: a new change of it (rerun) sends it back to pending, to be claimed in this drive.
+            self._flush_finish()
         self._keep_slot = keep_slot
+        self._defer_finish = defer_finish and keep_slot
+        self._since = self.plans.mark() if since is None else since
+        self._wait_for_holders = wait_for_holders
         kept_prefix = self._kept.slots.prefix.rstrip("/") if self._kept is not None else None
         if kept_prefix not in (None, self.keyspace.slot_prefix(scope).rstrip("/")):
             self.release_slots()  # a slot kept for another task
@@ -514,11 +559,70 @@ class Coordinator:
         kept = self._kept
         return kept is not None and kept.holding is not None and not kept.slot.lost.is_set()
 
-    def release_slots(self) -> None:
-        """Give back the slot kept by ``drive(..., keep_slot=True)``, if any (one request)."""
+    def release_slots(self) -> list[Target]:
+        """Write a deferred finish and give back the slot kept by ``drive(..., keep_slot=True)``, if
+        any (one txn for both when there are both). Returns the deferred member when its finish sent
+        it back to ``pending`` (a change arrived during its restart: it needs one more)."""
         kept, self._kept = self._kept, None
+        again = self._flush_finish(kept)
         if kept is not None:
             kept.release()
+        return again
+
+    def _flush_finish(self, release: _Held | None = None) -> list[Target]:
+        """Write the deferred finish alone (and release ``release``'s slot in the same txn); errors are
+        logged: the member then stays ``restarting`` under this session's claim until a reclaimer,
+        seeing the claim unheld (a coordinator of this session: an agent's worker looks for such
+        members on every node) or the session gone, finds its task healthy and finishes it.
+        Returns the member when the finish sent it back to ``pending``."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return []
+        rlog = self._log(deferred.target)
+        alloc_id = deferred.target.alloc_id
+        try:
+            plan = self._finish(
+                deferred.key, deferred.target, release, holder=deferred.holder, ok=True, error=None
+            )
+        except MemberUnavailable as exc:
+            rlog.warning("restart seen through, but the member is no longer ours to finish: %s", exc.reason)
+            return []
+        except ShepardError as exc:
+            rlog.warning("could not write its finish (%s); it stays restarting for a reclaimer", exc)
+            return []
+        finally:
+            self.session.drop(deferred.holder)
+        member = plan.members.get(alloc_id)
+        if member is not None and member.state == MemberState.PENDING:
+            rlog.info("restarted, but a new change arrived meanwhile: it is restarted once more")
+            return [deferred.target]
+        return []
+
+    def _with_deferred(
+        self, key: str, change: Callable[[Plan | None, int], Plan]
+    ) -> Callable[[Plan | None, int], Plan]:
+        """``change`` applied after the deferred finish (if any, of ``key``): one write for both."""
+        deferred = self._deferred
+        if deferred is None or deferred.key != key:
+            return change
+
+        def both(plan: Plan | None, index: int) -> Plan:
+            try:
+                plan = finish(
+                    require(plan, key),
+                    deferred.target.alloc_id,
+                    holder=deferred.holder,
+                    ok=True,
+                    now=self._clock.time(),
+                    index=index,
+                )
+            except MemberUnavailable as exc:  # taken over meanwhile: as an immediate finish would have found
+                self._log(deferred.target).warning(
+                    "restart seen through, but the member is no longer ours to finish: %s", exc.reason
+                )
+            return change(plan, index)
+
+        return both
 
     def _stopped(self, target: Target) -> bool:
         """Whether an operator's stop ends ``target`` here: not once this coordinator triggered it
@@ -552,7 +656,7 @@ class Coordinator:
         """Look at the plan and do what the member needs; None: look again."""
         key = self.plan_key(scope)
         plan, index = self.plans.known(key)
-        if _concludes(plan, target.alloc_id):
+        if _concludes(plan, target.alloc_id) and not self.plans.read_since(key, self._since):
             plan, index = self.plans.read(key)
         member = plan.members.get(target.alloc_id) if plan else None
         if plan is None or member is None:
@@ -563,6 +667,11 @@ class Coordinator:
             return self._skip(target, scope, member.error or "skipped", rlog, stopped=True)
         if member.state == MemberState.RESTARTING:
             bound = self._live_holder(member)
+            if bound is not None and not self._wait_for_holders:
+                by = member.holder_name or ""
+                return MemberOutcome(
+                    target, Outcome.RESTARTED, f"being restarted by {by}", member.generation, by=by
+                )
             if bound is not None:
                 self._wait(key, index, [bound], f"its restart by {member.holder_name}", rlog)
                 return None
@@ -615,7 +724,10 @@ class Coordinator:
         rlog.debug("waiting for a restart slot of %s (%d slots)", plan.label, plan.concurrent_lock_count)
         remaining = max(0.0, self._deadline - self._clock.monotonic())
         try:
-            held = self._kept_for(slots, rlog) or _Held(
+            held = self._kept_for(slots, rlog)
+            if held is None:
+                self._flush_finish()  # a deferred finish waits for no slot
+            held = held or _Held(
                 slots,
                 # the slot wait checks the session; an operator's stop ends it, unless ours is in flight
                 slots.acquire(
@@ -689,6 +801,7 @@ class Coordinator:
         if plan is None or member is None:
             return None
         if member.state == MemberState.RESTARTING:
+            self._flush_finish()
             return self._reclaim(target, scope, held, member, rlog)
         if member.state != MemberState.PENDING or plan.halted:
             return None
@@ -700,6 +813,7 @@ class Coordinator:
         alloc = self._allocation(target)
         gone = None if alloc is None else stopped_reason(alloc)
         if alloc is None or gone is not None:
+            self._flush_finish()
             return self._settle_gone(target, scope, gone or GC_REASON, None, rlog)
         baseline = alloc.task_states.get(target.ref.task, TaskState(state="pending"))
         method = self._method(plan)
@@ -708,7 +822,7 @@ class Coordinator:
         holder = uuid.uuid4().hex
         self.session.hold(holder)
         try:
-            plan = self.plans.update_at(
+            plan = self._claim_write(
                 key,
                 lambda p, index: claim(
                     require(p, key),
@@ -721,7 +835,7 @@ class Coordinator:
                     now=self._clock.time(),
                     index=index,
                 ),
-                ops=trigger_ops,
+                trigger_ops,
             )
         except ConcurrencyFull as exc:
             self.session.drop(holder)
@@ -740,6 +854,29 @@ class Coordinator:
         return self._see_through(
             target, scope, held, plan, member, before=baseline, must_trigger=not with_trigger, rlog=rlog
         )
+
+    def _claim_write(
+        self, key: str, change: Callable[[Plan | None, int], Plan], ops: Sequence[TxnOp]
+    ) -> Plan:
+        """Write a claim (and its trigger ``ops``), with the deferred finish if there is one; when the
+        txn writes nothing (refused, an error) the deferred finish is written alone."""
+        deferred = self._deferred
+        # After a restart's health wait, other processes' lanes have most likely written the plan.
+        read_first = (
+            deferred is not None
+            and self.written_elsewhere(key, deferred.target.alloc_id)
+            and not self.plans.read_since(key, self._since)  # read for this drive already (a lane's choice)
+        )
+        try:
+            plan = self.plans.update_at(key, self._with_deferred(key, change), ops=ops, read_first=read_first)
+        except BaseException:
+            if deferred is not None:
+                self._flush_finish()
+            raise
+        if deferred is not None:
+            self._deferred = None
+            self.session.drop(deferred.holder)
+        return plan
 
     def _reclaim(self, target: Target, scope: TaskScope, held: _Held, dead: Member, rlog: _RefLog) -> object:
         """Take over ``dead``'s claim (nobody drives it) and see its restart through."""
@@ -839,16 +976,26 @@ class Coordinator:
                         return self._settle_gone(target, scope, gone, holder, rlog)
                     rlog.warning("restarted, then %s: counted as restarted", gone)
                     ok, error = True, None
-            try:
-                plan = self._finish(key, target, held, holder=holder, ok=ok, error=error)
-            except MemberUnavailable as exc:
-                # Taken over (this claim looked abandoned to someone) or dropped from the plan.
-                rlog.warning(
-                    "restart seen through, but the member is no longer ours to finish: %s", exc.reason
-                )
-                return None
+            if ok and self._defer_finish and self._deferrable(key, target.alloc_id):
+                # Written with the next claim under the kept slot, or when the slot is given back; the
+                # claim token stays held until then.
+                self._deferred = _Deferred(key, target, holder)
+                plan = require(self.plans.known(key)[0], key)
+            else:
+                try:
+                    plan = self._finish(
+                        key, target, None if self._keep_slot else held, holder=holder, ok=ok, error=error
+                    )
+                except MemberUnavailable as exc:
+                    # Taken over (this claim looked abandoned to someone) or dropped from the plan.
+                    rlog.warning(
+                        "restart seen through, but the member is no longer ours to finish: %s", exc.reason
+                    )
+                    return None
         finally:
-            self.session.drop(holder)
+            deferred = self._deferred
+            if deferred is None or deferred.holder != holder:
+                self.session.drop(holder)
         self._hook(Step.FINISHED, target)
         duration = self._clock.monotonic() - started
         if plan.members[target.alloc_id].state == MemberState.PENDING:
@@ -873,10 +1020,9 @@ class Coordinator:
         )
 
     def _finish(
-        self, key: str, target: Target, held: _Held, *, holder: str, ok: bool, error: str | None
+        self, key: str, target: Target, release: _Held | None, *, holder: str, ok: bool, error: str | None
     ) -> Plan:
-        """Write the member's outcome, releasing the slot in the same txn when it is still held
-        (and not kept for the next member)."""
+        """Write the member's outcome, releasing ``release``'s slot in the same txn when it still holds it."""
 
         def change(p: Plan | None, index: int) -> Plan:
             return finish(
@@ -889,16 +1035,43 @@ class Coordinator:
                 error=error,
             )
 
-        slot = held.holding
-        if slot is not None and not self._keep_slot:
+        slot = release.holding if release is not None else None
+        read_first = self.written_elsewhere(key, target.alloc_id)
+        if release is not None and slot is not None:
             try:
-                plan = self.plans.update_at(key, change, ops=[held.slots.unlock_op(slot)])
+                plan = self.plans.update_at(
+                    key, change, ops=[release.slots.unlock_op(slot)], read_first=read_first
+                )
             except LockLost:
                 pass  # the slot is no longer this acquisition's: the outcome is written alone
             else:
-                held.released_by_write()
+                release.released_by_write()
                 return plan
-        return self.plans.update_at(key, change)
+        return self.plans.update_at(key, change, read_first=read_first)
+
+    def _deferrable(self, key: str, alloc_id: str) -> bool:
+        """Whether ``alloc_id``'s finish may wait for the next claim: nothing else is deferred, and the
+        plan last seen does not mark it ``rerun`` (then it is written now, and the member driven again)."""
+        if self._deferred is not None:
+            return False
+        plan, _ = self.plans.known(key)
+        member = plan.members.get(alloc_id) if plan is not None else None
+        return member is not None and member.state == MemberState.RESTARTING and not member.rerun
+
+    def written_elsewhere(self, key: str, alloc_id: str = "") -> bool:
+        """Whether the plan at ``key`` was most likely written by another process since it was last seen
+        here (while ``alloc_id``'s restart ran): it has another member restarting under a session this
+        process does not hold (its holder finishes it meanwhile). Then a write after a health wait
+        reads the plan first instead of having its write on the stale one refused (see
+        :meth:`PlanStore.update_at`), and a lane chooses its next member from a fresh read."""
+        plan, _ = self.plans.known(key)
+        return plan is not None and any(
+            other != alloc_id
+            and m.state == MemberState.RESTARTING
+            and m.session is not None
+            and live_here(self.consul, m.session) is None
+            for other, m in plan.members.items()
+        )
 
     def _fire(self, target: Target, key: str, held: _Held, member: Member, rlog: _RefLog) -> None:
         """Restart through Nomad's API (method nomad_api), after checking the slot is still held.
@@ -1105,6 +1278,15 @@ class Coordinator:
             self._observer(event)
         except Exception:  # a display must never break a rollout
             log.exception("rollout observer failed on %s", kind.value)
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """A healthy member's finish that waits for the next claim's txn (see ``drive(defer_finish=...)``)."""
+
+    key: str
+    target: Target
+    holder: str
 
 
 _FULL = object()

@@ -406,7 +406,7 @@ class RestartSlots:
         _RNG.shuffle(free)
         return free
 
-    def _tokened(self, slot: Slot, session: Session, index: int = 0) -> Slot:
+    def _tokened(self, slot: Slot, session: Session, index: int) -> Slot:
         """``slot`` with its fencing token: the key's ModifyIndex right after the acquire.
 
         ``index`` is that ModifyIndex when the acquire's txn result carried it; otherwise it is read

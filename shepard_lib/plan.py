@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import json
 import logging
 import random
@@ -877,6 +878,7 @@ class _KnownPlans:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._plans: dict[str, tuple[Plan | None, int]] = {}
+        self._reads: dict[str, int] = {}  # the read mark of a known plan that a consistent read gave
         self._writers: dict[str, threading.Lock] = {}
 
     def writing(self, key: str) -> threading.Lock:
@@ -888,16 +890,33 @@ class _KnownPlans:
         with self._lock:
             return self._plans.get(key)
 
-    def put(self, key: str, plan: Plan | None, index: int, *, read: bool = False) -> None:
-        """Remember ``plan`` at ``index`` unless something newer is known (``read``: always)."""
+    def put(self, key: str, plan: Plan | None, index: int, *, read_mark: int | None = None) -> None:
+        """Remember ``plan`` at ``index`` unless something newer is known (always when ``read_mark``
+        is given: what a consistent read sent at that mark answered; the mark is taken before the
+        request, so that a read sent before a write and answered after it concludes nothing made
+        after that write)."""
         with self._lock:
             known = self._plans.get(key)
-            if read or known is None or index >= known[1]:
+            if read_mark is not None or known is None or index >= known[1]:
                 self._plans[key] = (plan, index)
+                if read_mark is not None:
+                    self._reads[key] = read_mark
+                else:
+                    self._reads.pop(key, None)
+
+    def read_since(self, key: str, mark: int) -> bool:
+        """Whether the plan known for ``key`` is what a consistent read made after ``mark`` gave."""
+        with self._lock:
+            return self._reads.get(key, 0) > mark
 
     def forget(self, key: str) -> None:
         with self._lock:
             self._plans.pop(key, None)
+            self._reads.pop(key, None)
+
+
+_READ_MARKS = itertools.count(1)
+"""Consistent plan reads in the process, numbered in the order they were made (see :meth:`PlanStore.mark`)."""
 
 
 _known_for = PerBackend(_KnownPlans)
@@ -952,12 +971,13 @@ class PlanStore:
         return plan, index
 
     def _read(self, key: str) -> tuple[Plan | None, int, bytes | None]:
+        mark = self.mark()  # before the request: what the read answers was true at least then
         entry = self._consul.get(key, consistent=True)
         if entry is None:
-            self._known.put(key, None, 0, read=True)
+            self._known.put(key, None, 0, read_mark=mark)
             return None, 0, None
         plan = self._decode(key, entry.value)
-        self._known.put(key, plan, entry.modify_index, read=True)
+        self._known.put(key, plan, entry.modify_index, read_mark=mark)
         return plan, entry.modify_index, entry.value
 
     @staticmethod
@@ -981,6 +1001,17 @@ class PlanStore:
         known = self._known.get(key)
         return known if known is not None else self.read(key)
 
+    @staticmethod
+    def mark() -> int:
+        """A point in this process's sequence of consistent plan reads: :meth:`read_since` tells
+        whether the plan known for a key was read consistently after it."""
+        return next(_READ_MARKS)
+
+    def read_since(self, key: str, mark: int) -> bool:
+        """Whether the plan :meth:`known` returns for ``key`` came from a consistent read made after
+        ``mark`` (and nothing newer replaced it): what such a read showed settled may be concluded on."""
+        return self._known.read_since(key, mark)
+
     def load(self, key: str) -> Plan | None:
         """The plan at ``key``, or None."""
         return self.read(key)[0]
@@ -1003,8 +1034,10 @@ class PlanStore:
         with them and they apply only with it (a fence such as the slot's ``check-index``, a
         trigger, a slot's ``unlock``). When one of them is refused nothing is written and
         :class:`~shepard_lib.errors.LockLost` is raised with Consul's reasons. ``read_first``: the
-        first attempt reads the plan (consistently) instead of trying what is known, so the
-        ``index`` of the first ``change`` call is Consul's index now, never a stale one.
+        first attempt reads the plan (consistently) instead of trying what is known: the ``index`` of
+        the first ``change`` call is Consul's index now, never a stale one, and a caller that expects
+        another process to have written the plan since it was last seen here makes a read and a
+        write, not a refused write, a read and a write.
         """
         last_error: Exception | None = None
         unanswered: bytes | None = None  # what a write whose answer was lost tried to store

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from shepard_lib.backends import ConsulAPI, NomadAPI
 from shepard_lib.clock import REAL_CLOCK, Clock
@@ -40,6 +40,7 @@ __all__ = [
     "Holders",
     "TriggerOutcome",
     "gone_reason",
+    "heartbeats_seen",
     "no_longer_down",
     "reclaim_decision",
     "stopped_reason",
@@ -126,7 +127,10 @@ class Holders:
     A session a read found alive counts as alive for half its TTL without another read, for every
     coordinator on the same Consul backend in the process: remembering "alive" can only delay a
     reclaim, never cause one, and it saves a session read per restart in flight on every step of
-    every other coordinator.
+    every other coordinator. So does a session that holds an agent's heartbeat key in the last
+    answer of the agent's watch on the heartbeat prefix (:func:`heartbeats_seen`): Consul releases
+    a session's locks in the same write that invalidates it, so a key held by a session shows it
+    alive at that answer's index, and the watch answers again as soon as it is released.
     """
 
     def __init__(self, consul: ConsulAPI, session: Session, *, clock: Clock = REAL_CLOCK) -> None:
@@ -155,16 +159,33 @@ class Holders:
         return ttl
 
 
+def heartbeats_seen(consul: ConsulAPI, sessions: Iterable[str], until: float) -> None:
+    """The sessions holding heartbeat keys in the latest answer of a watch on the heartbeat prefix
+    through ``consul``: alive for every :class:`Holders` on that backend until ``until`` (cluster
+    monotonic time) or the watch's next answer, which replaces them (a session that is no longer
+    in it is read again when it matters)."""
+    _seen_alive(consul).heartbeats(set(sessions), until)
+
+
 class _SeenAlive:
-    """Sessions a consistent read found alive, and until when that is trusted (cluster monotonic time)."""
+    """Sessions a consistent read found alive, and until when that is trusted (cluster monotonic time);
+    and the sessions of the last heartbeat view, trusted until the view's bound."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._until: dict[str, float] = {}
+        self._heartbeats: frozenset[str] = frozenset()
+        self._heartbeats_until = 0.0
 
     def until(self, session_id: str) -> float:
         with self._lock:
+            if session_id in self._heartbeats:
+                return max(self._heartbeats_until, self._until.get(session_id, 0.0))
             return self._until.get(session_id, 0.0)
+
+    def heartbeats(self, sessions: set[str], until: float) -> None:
+        with self._lock:
+            self._heartbeats, self._heartbeats_until = frozenset(sessions), until
 
     def seen(self, session_id: str, until: float, now: float) -> None:
         with self._lock:

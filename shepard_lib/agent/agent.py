@@ -51,6 +51,7 @@ from shepard_lib.errors import Cancelled, ConfigError, ShepardError
 from shepard_lib.health import close_watches
 from shepard_lib.keyspace import Keyspace
 from shepard_lib.model import Allocation
+from shepard_lib.recovery import heartbeats_seen
 from shepard_lib.session import Session
 
 __all__ = ["RESTART_ONLY", "Agent"]
@@ -77,6 +78,10 @@ RESTART_ONLY = (
 
 SCAN_INTERVAL = 10.0
 """Cluster seconds between digest scans of a task that fell back from inotify."""
+REGISTRATION_SPREAD = 2.0
+"""Cluster seconds the registrar waits at most (between half of it and all of it, at random) before
+writing the changes it has: a node's changes of one burst go into one write, and agents that saw
+one Consul key change at the same moment spread their writes (see :mod:`shepard_lib.agent.rollouts`)."""
 THREAD_JOIN = 30.0
 """Real seconds :meth:`Agent.stop` waits for each of its threads once they were told to end (they
 end at once: their waits and blocking queries end on ``stopping``); a thread still alive then is
@@ -190,10 +195,11 @@ class Agent:
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop taking new work, let restarts in flight finish for up to ``timeout`` (default
-        ``shutdown_timeout``) cluster seconds, then release every slot and the heartbeat and destroy
-        the session. A restart still in flight then stays ``restarting`` in its plan for a
-        reclaimer (or is given back if it was not triggered yet). Idempotent."""
+        """Stop taking new work (changes already seen are registered in their plans, not driven),
+        let restarts in flight finish for up to ``timeout`` (default ``shutdown_timeout``) cluster
+        seconds, then release every slot and the heartbeat and destroy the session. A restart
+        still in flight then stays ``restarting`` in its plan for a reclaimer (or is given back if
+        it was not triggered yet). Idempotent."""
         if self.stopping.is_set():
             return
         self.stopping.set()
@@ -308,6 +314,10 @@ class Agent:
         """Cluster seconds an idle rollout worker waits at most before looking at its plan again."""
         return self.config.session_ttl
 
+    def registration_spread(self) -> float:
+        """Cluster seconds the registrar waits at most (a random part of it) before writing changes."""
+        return REGISTRATION_SPREAD
+
     def record(self, outcome: MemberOutcome) -> None:
         """Count an outcome of this agent's own restart."""
         if outcome.by != self.node_name or outcome.duration is None:
@@ -420,9 +430,10 @@ class Agent:
         prefix = self.keyspace.nodes_prefix()
         index = 0
         while not self.stopping.is_set():
+            wait = self.recheck_interval()
             try:
-                new_index, _ = self.consul.watch(
-                    prefix, index, self.recheck_interval(), recurse=True, cancel=self.stopping
+                new_index, entries = self.consul.watch(
+                    prefix, index, wait, recurse=True, cancel=self.stopping
                 )
             except Cancelled:
                 return  # the agent stops
@@ -431,6 +442,10 @@ class Agent:
                 self.clock.wait(self.stopping, self._consul_outage.failed("kv.watch nodes", exc))
                 continue
             self._consul_outage.recovered()
+            # The agents holding a heartbeat are alive (at this answer, and until the next one, which
+            # comes as soon as a heartbeat is released): the holders of their restarts need no read.
+            trusted = self.clock.monotonic() + wait + self.config.session_ttl / 2
+            heartbeats_seen(self.consul, (e.session for e in entries if e.session), trusted)
             if index and new_index != index:
                 self._rollouts.poke()
             index = new_index
@@ -447,7 +462,7 @@ class Agent:
 
     def _join_workers(self, seconds: float) -> None:
         deadline = self.clock.monotonic() + max(seconds, 0.0)
-        for thread in self._rollouts.active().values():
+        for thread in self._rollouts.threads():  # the registrar too: it registers what it gathered
             thread.join(max(0.0, self.clock.real(deadline - self.clock.monotonic())))
 
     # --- callbacks ---------------------------------------------------------------------------------------

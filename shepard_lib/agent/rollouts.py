@@ -13,14 +13,22 @@ and Nomad on that node renders it. So a rollout across many agents runs in at mo
 that hand nothing over between restarts; the agents still waiting for a slot are not woken by
 every restart (their blocking query is on the slot prefix, which a lane leaves alone), and when a
 lane ends they find their members done (a slot wait first asks whether its member still needs a
-slot). A lane gives its slot back when the plan has no pending member left.
+slot). A lane gives its slot back when the plan has no pending member left. A lane's member found
+healthy is finished in the txn of its next claim (``drive(..., defer_finish=True)``), its last with
+the slot's release; an agent whose member another lane restarts leaves it to that lane
+(``wait_for_holders=False``) and, if that lane dies, takes it over when it next looks. The registrar
+gathers a node's changes into one plan write, 1 to 2 s after they settle (``registration_spread``);
+a stop ends that wait and the registrar still registers them (not drives them: the other agents do,
+once this node's heartbeat is released).
 
 **No rollout depends on every agent being alive.** Once its own members are through, a worker
 stays while the task's plan (every node's plan of the task with ``lock_scope: node``) still has
 members pending or restarting, and drives, through :meth:`Coordinator.drive`, each member that
 no live agent will: a ``pending`` member on a node whose heartbeat key
 ``<prefix>/nodes/<node>`` is not held by a session (its agent is dead or was never there), or a
-``restarting`` one on such a node whose holder's session is gone. A member whose allocation Nomad
+``restarting`` one on such a node whose holder's session is gone; and, on any node, a member left
+``restarting`` under this agent's own session with no claim token held here (a lane's finish whose
+write failed: the member's own agent sees a live holder and leaves it). A member whose allocation Nomad
 stopped, replaced (a lost node's are) or garbage-collected is settled ``skipped`` in the plan by
 that drive, so the plan completes; one that is not gone but not running (its node disconnected) is
 looked at again later. The worker wakes when a heartbeat changes (the agent watches the ``nodes/``
@@ -34,7 +42,7 @@ import functools
 import logging
 import random
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,7 +54,7 @@ from shepard_lib.coordinator import Coordinator, MemberOutcome, Outcome, Target,
 from shepard_lib.errors import NotFound, PlanError, ShepardError
 from shepard_lib.keyspace import TASK_LOCK, Keyspace, TaskRef, TaskScope
 from shepard_lib.model import Allocation, AllocClientStatus
-from shepard_lib.plan import Member, MemberState, Plan
+from shepard_lib.plan import Member, MemberState, Plan, PlanStore
 from shepard_lib.recovery import stopped_reason
 from shepard_lib.trigger import describe
 
@@ -92,6 +100,10 @@ class RolloutHost(Protocol):
         """Cluster seconds an idle worker waits at most before looking at its plan again."""
         ...
 
+    def registration_spread(self) -> float:
+        """Cluster seconds the registrar waits at most (a random part of it) before writing changes."""
+        ...
+
     def record(self, outcome: MemberOutcome) -> None:
         """Count an outcome in the metrics."""
         ...
@@ -117,6 +129,8 @@ class _Worker:
         self._skipped: set[tuple[str, int]] = set()  # (alloc, generation) whose drive ended skipped
         self._retry_at: dict[tuple[str, int], float] = {}  # whose drive failed, and when to try it again
         self._lane: Coordinator | None = None  # the coordinator that keeps this worker's slot, if any
+        self._just_read: list[tuple[Plan, int, str]] | None = None  # plans _drive_orphan read, for _idle
+        self._again: list[Target] = []  # members whose finish sent them back to pending (see _end_lane)
         self.thread = threading.Thread(
             target=self._run, name=f"shepard-rollout[{'/'.join(name)}]", daemon=True
         )
@@ -135,6 +149,9 @@ class _Worker:
                 if self._drive_orphan():
                     continue
                 self._end_lane()
+                if self._again:
+                    self._drive_again()
+                    continue
                 if not self._idle():
                     return
         except Exception:
@@ -144,13 +161,20 @@ class _Worker:
             self._done(self)
 
     def _end_lane(self) -> None:
-        """Give the kept slot back: no member is left for this worker's lane."""
+        """Give the kept slot back (with the last member's finish): no member is left for this
+        worker's lane. A member that finish sent back to ``pending`` is driven again (``_again``)."""
         lane, self._lane = self._lane, None
         if lane is not None:
             try:
-                lane.release_slots()
+                self._again += lane.release_slots()
             except ShepardError as exc:  # released when the session ends anyway
                 log.warning("%s: giving the restart slot back failed: %s", self.label, exc)
+
+    def _drive_again(self) -> None:
+        """Drive the members this worker restarted that a change arrived for meanwhile."""
+        again, self._again = self._again, []
+        for target in again:
+            self._with_session(functools.partial(_drive_lane_member, target=target))
 
     def _take(self) -> list[Change]:
         with self.lock:
@@ -165,14 +189,20 @@ class _Worker:
         A change whose step failed (Consul or Nomad refused, a plan update lost every race) is not
         dropped: it is handed back after ``recheck_interval``, as many times as it takes.
         """
+        since = PlanStore.mark()  # after every change here was registered (or is registered in the drive)
         for number, change in enumerate(changes):
             if self.host.stopping.is_set():
                 return
-            if self._with_session(functools.partial(_handle_change, change=change)) is None:
+            step = functools.partial(_handle_change, change=change, since=since)
+            if self._with_session(step) is None:
                 self._retry_later(changes[number:])
                 return
 
     def _retry_later(self, changes: list[Change]) -> None:
+        """Hand ``changes`` back after ``recheck_interval``; the lane ends first (its last finish
+        written, its slot given back), so no slot waits idle and no restarted member stays
+        ``restarting`` meanwhile (or for good, if the step keeps failing)."""
+        self._end_lane()
         if self.host.clock.wait(self.host.stopping, self.host.recheck_interval()):
             return
         with self.lock:
@@ -220,7 +250,7 @@ class _Worker:
 
     # --- members nobody else will drive --------------------------------------------------------------
 
-    def _plans(self, *, known: bool = False) -> list[tuple[Plan, int]]:
+    def _plans(self, *, known: bool = False) -> list[tuple[Plan, int, str]]:
         """The task's plans (one, or one per node with lock_scope node) that still have work.
 
         ``known``: as last seen in this process (a lane choosing its next member: a stale plan
@@ -253,21 +283,28 @@ class _Worker:
                 log.warning("%s: unreadable plan at %s: %s", self.label, key, exc)
                 continue
             if plan is not None and not plan.halted and _open(plan):
-                plans.append((plan, index))
+                plans.append((plan, index, key))
         return plans
 
     def _drive_orphan(self) -> bool:
         """Drive one member that no live agent will (in a lane: any pending one); True if one was driven."""
+        self._just_read = None
         try:
             lane = self._in_lane()
+            since = PlanStore.mark()
             plans = self._plans(known=lane)
-            if not plans and lane:
+            keeper = self._lane if lane else None
+            if keeper is not None and any(keeper.written_elsewhere(key) for _, _, key in plans):
+                plans = self._plans()  # other agents' lanes wrote since: choose from what is there now
+            elif not plans and lane:
                 plans = self._plans()  # none left in what is known: make sure
+            if not lane or not plans:
+                self._just_read = plans  # read consistently: _idle decides on it if nothing is driven here
             if not plans:
                 return False
             alive = set() if lane else self._alive_nodes()
             me = self._lane or self.host.coordinator()
-            for plan, _ in plans:
+            for plan, _, _ in plans:
                 members = sorted(plan.members.items(), key=lambda kv: kv[1].alloc_index)
                 if lane:
                     _RNG.shuffle(members)  # lanes spread over the pending members instead of colliding
@@ -278,22 +315,28 @@ class _Worker:
                         continue
                     if self._retry_at.get((alloc_id, m.generation), 0.0) > self.host.clock.monotonic():
                         continue
-                    if m.node != self.host.node_name and m.node in alive:
+                    # Another live agent drives its node's members, but not one this agent left
+                    # restarting under its own session (a finish it could not write): that agent
+                    # sees a live holder and leaves it to this one.
+                    ours = me is not None and m.session is not None and m.session == me.session.id
+                    if m.node != self.host.node_name and m.node in alive and not ours:
                         continue
                     if m.state == MemberState.RESTARTING:
                         if me is None or me.driven(m):
                             continue
                     elif m.state != MemberState.PENDING:
                         continue
-                    self._drive(alloc_id, m)
+                    self._just_read = None
+                    self._drive(alloc_id, m, since)
                     return True
         except ShepardError as exc:
             log.warning("%s: looking for members nobody drives failed: %s", self.label, exc)
         return False
 
-    def _drive(self, alloc_id: str, member: Member) -> None:
+    def _drive(self, alloc_id: str, member: Member, since: int) -> None:
         """Drive one member through :meth:`Coordinator.drive`, which settles it ``skipped`` when Nomad
-        stopped, replaced or forgot its allocation (a member left ``restarting`` is reclaimed first)."""
+        stopped, replaced or forgot its allocation (a member left ``restarting`` is reclaimed first).
+        ``since``: a read mark taken before the plan it was chosen from was read."""
         node, key = member.node, (alloc_id, member.generation)
         ref = TaskRef(node, self.job, self.group, self.task, member.alloc_index)
         target = Target(ref, alloc_id)  # gone: no restart, so no health gate and no services
@@ -322,7 +365,7 @@ class _Worker:
                 alloc_id,
                 node,
             )
-        outcome = self._with_session(lambda c: c.drive(target, keep_slot=True))
+        outcome = self._with_session(functools.partial(_drive_lane_member, target=target, since=since))
         if outcome is None:  # an error, logged: look at the member again after recheck_interval, not never
             self._retry_at[key] = self.host.clock.monotonic() + self.host.recheck_interval()
         elif outcome.outcome is Outcome.SKIPPED:
@@ -342,8 +385,9 @@ class _Worker:
 
     def _idle(self) -> bool:
         """Wait for new changes or a heartbeat change while the plan has work; False when it has none."""
+        plans, self._just_read = self._just_read, None
         try:
-            if not self._plans():
+            if not (self._plans() if plans is None else plans):
                 with self.lock:
                     return bool(self.pending)
         except ShepardError as exc:
@@ -356,11 +400,25 @@ _LIVE = (AllocClientStatus.RUNNING, AllocClientStatus.PENDING)
 _RNG = random.Random()
 
 
-def _handle_change(coordinator: Coordinator, change: Change) -> MemberOutcome:
-    """Drive a registered change; register it first (``handle_change``) if the registrar could not."""
+def _drive_lane_member(coordinator: Coordinator, target: Target, since: int | None = None) -> MemberOutcome:
+    """Drive a member in a lane: keep the slot, finish with the next claim, leave others' restarts to them."""
+    return coordinator.drive(target, keep_slot=True, since=since, wait_for_holders=False, defer_finish=True)
+
+
+def _handle_change(coordinator: Coordinator, change: Change, since: int) -> MemberOutcome:
+    """Drive a registered change; register it first (``handle_change``) if the registrar could not.
+
+    ``since``: a plan read mark taken after the change was registered (see :meth:`Coordinator.drive`).
+    A member restarting under another live holder is left to it (its idle worker takes it over if
+    the holder dies).
+    """
     if change.target is not None:
-        return coordinator.drive(change.target, keep_slot=True)
-    return coordinator.handle_change(change.alloc, change.task, keep_slot=True)
+        return coordinator.drive(
+            change.target, keep_slot=True, since=since, wait_for_holders=False, defer_finish=True
+        )
+    return coordinator.handle_change(
+        change.alloc, change.task, keep_slot=True, wait_for_holders=False, defer_finish=True
+    )
 
 
 def _open(plan: Plan) -> bool:
@@ -394,8 +452,17 @@ class Rollouts:
             with self._lock:
                 if not self._to_register and not self._host.stopping.is_set():
                     self._registered.wait(1.0)  # poke() notifies, and the agent pokes when it stops
-                if self._host.stopping.is_set():
-                    return
+                if not self._to_register:
+                    if self._host.stopping.is_set():
+                        return
+                    continue
+            # Gather and spread: the node's other changes of the same burst join this one write, and
+            # agents that saw one change at the same moment do not all write the plan at once. A stop
+            # ends the spread, not the registration: the watcher takes the files as they are when the
+            # agent starts again, so a change gathered here and not registered would be lost.
+            spread = self._host.registration_spread() * _RNG.uniform(0.5, 1.0)
+            self._host.clock.wait(self._host.stopping, spread)
+            with self._lock:
                 changes, self._to_register = self._to_register, []
             by_task: dict[tuple[str, str, str], list[Change]] = {}
             for change in changes:
@@ -403,8 +470,26 @@ class Rollouts:
                     change
                 )
             for name, group in by_task.items():
-                for change in self._register(name, group):
+                registered = self._register(name, group)
+                if self._host.stopping.is_set():
+                    # Registered, they are pending in the plan: the other agents drive them once
+                    # this node's heartbeat is released. Not registered, they are lost: say which.
+                    self._report_unregistered(name, [c for c in registered if c.target is None])
+                    continue
+                for change in registered:
                     self._queue(name, change)
+            if self._host.stopping.is_set():
+                return
+
+    @staticmethod
+    def _report_unregistered(name: tuple[str, str, str], changes: list[Change]) -> None:
+        if changes:
+            log.error(
+                "%s: agent stopping, the change(s) of allocation(s) %s could not be registered: they "
+                "are not restarted for it (`shepard restart --alloc` restarts them)",
+                "/".join(name),
+                ", ".join(c.alloc.id for c in changes),
+            )
 
     def _register(self, name: tuple[str, str, str], changes: list[Change]) -> list[Change]:
         """Register ``changes`` (one task's) in their plan(s); returned with their targets when
@@ -434,6 +519,8 @@ class Rollouts:
             for i, target in enumerate(targets):
                 scopes.setdefault(self._host.keyspace.scope(target.ref), []).append(i)
             for scope, indexes in scopes.items():
+                # Without a seen index the registration reads the plan first (other agents and lanes
+                # write it all the time: a stale one would only be refused).
                 coordinator.register(scope, [targets[i] for i in indexes], job)
         except ShepardError as exc:
             log.error("%s: could not register %d change(s) yet: %s", "/".join(name), len(changes), exc)
@@ -461,11 +548,6 @@ class Rollouts:
         """A worker is driving a member now."""
         with self._lock:
             return any(w.busy for w in self._workers.values())
-
-    def active(self) -> Mapping[tuple[str, str, str], threading.Thread]:
-        """The running workers' threads, by task."""
-        with self._lock:
-            return {name: w.thread for name, w in self._workers.items()}
 
     def threads(self) -> list[threading.Thread]:
         """Every thread the rollouts started that may still run: the registrar and the workers."""

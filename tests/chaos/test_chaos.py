@@ -6,7 +6,9 @@ nodes, each on a host whose clock is skewed by up to 30 s) and by a rolling rest
 change. Meanwhile, chosen by the seed:
 
 - some coordinators are killed at a random protocol step (the session is abandoned and the thread
-  stops without any cleanup: the coordinator's fault hook raises SimulatedCrash);
+  stops without any cleanup: the coordinator's fault hook raises SimulatedCrash); one killed once
+  its member is through acts as a lane, so it dies with that member's finish deferred in memory
+  and its slot kept;
 - one coordinator is partitioned (its session renewals fail until the TTL runs out);
 - Consul answers a fraction of requests with HTTP 500 before applying them, loses the answer of
   a fraction after applying them, applies a fraction of writes only after the client gave up on
@@ -14,7 +16,10 @@ change. Meanwhile, chosen by the seed:
   replies); besides these random draws, two late writes, two late replies and one lost reply are
   injected into transactions chosen by the seed, so every seed has them;
 - one node is taken away mid-rollout, drained or down (by the seed): Nomad stops its allocations
-  (drained: complete; down: lost) and places replacements on the other nodes.
+  (drained: complete; down: lost) and places replacements on the other nodes;
+- half of the coordinators act as an agent's lane: they keep their slot after their own member and
+  drive other pending members under it, each finish written with the next claim's txn (or with the
+  slot's release), leaving members restarting under another live holder to it.
 
 Invariants checked on every seed:
 
@@ -74,9 +79,11 @@ from shepard_lib.coordinator import (
     SimulatedCrash,
     Step,
     Target,
+    target_for,
 )
+from shepard_lib.errors import NotFound
 from shepard_lib.model import Allocation
-from shepard_lib.plan import PlanStore
+from shepard_lib.plan import MemberState, Plan, PlanStore
 from shepard_lib.rollout import RollingRestart, RolloutOptions, RolloutResult
 from shepard_lib.session import Session
 from shepard_lib.sim.consul import Fault
@@ -123,7 +130,8 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     nomad = NomadBackend(cfg.nomad, clock)
     options = CoordinatorOptions.from_config(cfg)
     allocs: list[Allocation] = sorted(nomad.job_allocations("web"), key=lambda a: a.index)
-    victims = dict(zip(rng.sample(range(ALLOCS), 3), (rng.choice(KILL_STEPS) for _ in range(3)), strict=True))
+    steps = (*KILL_STEPS, Step.FINISHED)
+    victims = dict(zip(rng.sample(range(ALLOCS), 3), (rng.choice(steps) for _ in range(3)), strict=True))
     partitioned = rng.choice([i for i in range(ALLOCS) if i not in victims])
     taken = rng.choice(NODES)
     take_after = rng.randint(1, ALLOCS // 2)  # restarts seen by the rollout before the node is taken away
@@ -131,6 +139,9 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     how = rng.choice(("drained", "down"))
     # The first ~45 transactions are there in every run (registrations, slots, claims, finishes).
     planned = zip(rng.sample(range(INJECT_WITHIN), len(INJECTED)), INJECTED, strict=True)
+    # A victim killed once its member is through is a lane: it dies with that member's finish deferred.
+    lanes = set(rng.sample(range(ALLOCS), ALLOCS // 2))
+    lanes |= {n for n, step in victims.items() if step == Step.FINISHED}
     kills: list[Kill] = []
     outcomes: dict[int, Any] = {}
     lost_first: dict[int, bool] = {}  # by agent: its session was lost before it was through
@@ -163,14 +174,48 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
         coordinator = Coordinator(
             consul, nomad, KEYS, session, options, clock=host_clock, name=f"agent #{number}", fault_hook=fault
         )
+        lane = number in lanes
         try:
-            outcomes[number] = coordinator.handle_change(alloc, "server", seen_index=seen_index)
+            outcomes[number] = coordinator.handle_change(
+                alloc,
+                "server",
+                seen_index=seen_index,
+                keep_slot=lane,
+                wait_for_holders=not lane,
+                defer_finish=lane,
+            )
+            if lane:
+                drive_lane(coordinator, random.Random(seed * 1000 + number))
             lost_first[number] = session.lost.is_set()
         except SimulatedCrash:
             return
         except BaseException as exc:
             errors.append(exc)
         session.destroy()
+
+    def drive_lane(coordinator: Coordinator, lane_rng: random.Random) -> None:
+        """What an agent's lane does (shepard_lib.agent.rollouts): while the slot is kept, drive any
+        pending member; then give the slot back (with the deferred finish)."""
+        key = KEYS.task_lock_key(SCOPE)
+        tried: set[str] = set()
+        job = nomad.job("web")
+        while coordinator.keeps_slot:
+            plan, _ = coordinator.plans.known(key)
+            pending = sorted(
+                a for a, m in (plan.members.items() if plan else ()) if m.state == MemberState.PENDING
+            )
+            pending = [a for a in pending if a not in tried]
+            if not pending:
+                break
+            alloc_id = lane_rng.choice(pending)
+            tried.add(alloc_id)
+            try:
+                member_alloc = nomad.allocation(alloc_id)
+            except NotFound:
+                continue
+            target = target_for(member_alloc, "server", job)
+            coordinator.drive(target, keep_slot=True, wait_for_holders=False, defer_finish=True)
+        coordinator.release_slots()
 
     def look_at_slots() -> None:
         for kill in list(kills):
@@ -180,6 +225,22 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
                     # When Consul's TTL timer fired, not when this (possibly starved) thread saw it.
                     expired = sim.consul_state.session_expired_at(kill.session.id or "")
                     kill.freed_after = (clock.monotonic() if expired is None else expired) - kill.killed_at
+
+    def wait_until_victims_acted() -> None:
+        deadline = clock.monotonic() + clock.cluster(60.0)
+        while clock.monotonic() < deadline:
+            index = sim.consul_state.index
+            entry = sim.consul_state.kv_get(KEYS.task_lock_key(SCOPE))
+            plan = Plan.decode(entry.value) if entry is not None else None
+            members = [plan.members.get(allocs[n].id) if plan else None for n in victims]
+            waiting = [
+                n
+                for n, m in zip(victims, members, strict=True)
+                if threads[n].is_alive() and (m is None or m.state == MemberState.PENDING)
+            ]
+            if not waiting:
+                return
+            sim.consul_state.wait_for_change(index, 0.5)
 
     def watch_slots(stop: threading.Event) -> None:
         while not stop.is_set():
@@ -227,10 +288,14 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
     threads.append(threading.Thread(target=roll, name="rollout", daemon=True))
     watcher.start()
     # The victims and the partitioned agent get a head start, so they hold slots when they fail;
-    # the rollout (which finishes what they leave behind) starts when every victim is dead.
+    # the rollout (which finishes what they leave behind) starts when every victim is dead. The
+    # victims start alone (as many as the slots) and the others once each victim has claimed its
+    # own member or died: a lane cannot restart a victim's member before the victim reaches its step.
     early = [*victims, partitioned]
-    for n in early:
+    for n in victims:
         threads[n].start()
+    wait_until_victims_acted()
+    threads[partitioned].start()
     clock.sleep(1.0)
     for n, t in enumerate(threads[:-1]):
         if n not in early:
@@ -251,7 +316,7 @@ def test_invariants_hold_under_kills_partitions_late_writes_drains_and_skewed_cl
 
     where = (
         f"seed {seed}: kills {_describe_kills(kills)}, partitioned #{partitioned}, "
-        f"{taken} {how} after {take_after} restart(s)"
+        f"{taken} {how} after {take_after} restart(s), lanes {sorted(lanes)}"
     )
     assert not errors, (where, errors)
     hung = [t.name for t in threads if t.is_alive()]

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from shepard_lib.agent.inotify import PyInotifyWatcher, WatchLimitReached
 from shepard_lib.agent.watcher import TaskKey
 from shepard_lib.config import default_config
 from shepard_lib.coordinator import Coordinator, CoordinatorOptions, target_for
-from shepard_lib.errors import PlanError
+from shepard_lib.errors import ConsulError, PlanError
 from shepard_lib.keyspace import TaskRef, TaskScope
 from shepard_lib.plan import MemberState, PlanStatus
 from shepard_lib.session import Session
@@ -466,6 +467,42 @@ def test_a_member_whose_drive_fails_twice_is_tried_again_not_dropped(
     assert sorted(restarted.values()) == [1, 1, 1], restarted
 
 
+def test_a_change_handed_back_after_a_failure_does_not_hold_the_lanes_slot_and_finish_meanwhile(
+    sim_cluster_factory: SimClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the f15 chaos investigation: the worker waited ``recheck_interval`` before trying a
+    failed change again with its lane still on: the slot kept idle, and the member the lane had just
+    restarted left ``restarting`` (its finish deferred to a next claim that did not come), for good
+    if the change kept failing."""
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    driven: list[str] = []
+    seen_at_retry: list[tuple[str, ...]] = []
+    real_drive = Coordinator.drive
+
+    def second_member_fails_once(self: Coordinator, target: Any, **kwargs: Any) -> Any:
+        if target.alloc_id not in driven:
+            driven.append(target.alloc_id)
+            if len(driven) == 2:
+                raise PlanError(f"plan update of {target.alloc_id} lost every race (injected)")
+        elif target.alloc_id == driven[-1] and not seen_at_retry:
+            plan, _ = read_plan(sim)
+            assert plan is not None
+            slot = sim.consul_state.kv_get(KEYS.slot_key(SCOPE, 0))
+            held = slot is not None and slot.session is not None
+            seen_at_retry.append((plan.members[driven[0]].state.value, "slot held" if held else "slot free"))
+        return real_drive(self, target, **kwargs)
+
+    monkeypatch.setattr(Coordinator, "drive", second_member_fails_once)
+    with agents(sim, ["n1"]):
+        sim.set_key("config/web", "v2")
+        plan = wait_plan(sim, complete(2))
+    assert len(driven) == 2, driven
+    # When the failed change was tried again, the first member was finished and the slot free.
+    assert seen_at_retry == [("done", "slot free")], seen_at_retry
+    assert {m.state for m in plan.members.values()} == {MemberState.DONE}
+    assert Counter(r.alloc_id for r in sim.restarts()) == Counter(dict.fromkeys(plan.members, 1))
+
+
 def test_members_whose_allocations_are_gone_are_settled_skipped_by_the_other_agents(
     sim_cluster_factory: SimClusterFactory,
 ) -> None:
@@ -497,6 +534,96 @@ def test_members_whose_allocations_are_gone_are_settled_skipped_by_the_other_age
     restarts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
     assert restarts == Counter({a: 1 for a in live}), restarts
     assert sim.peak_concurrency("web", "app", "server") == 1
+
+
+def test_a_lanes_finish_that_could_not_be_written_is_taken_over_by_its_own_agent(
+    sim_cluster_factory: SimClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the f15 chaos investigation: a lane's deferred finish of another node's member whose
+    write failed at the lane's end (Consul out of reach then) left the member ``restarting`` under the
+    agent's live session with no claim token held. That node's agent is alive, so it left the member
+    to its holder; the holder's agent skipped it as another live node's: nobody finished it."""
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=2), time_scale=SCALE)
+    n2 = make_agent(sim, "n2")  # not started: alive (its heartbeat held) but never sees the change
+    (b,) = [a for a in n2.nomad.job_allocations("web") if a.node_name == "n2"]
+    failed: list[str] = []
+    real_finish = Coordinator._finish
+
+    def finish_fails_once_for_another_node(
+        self: Coordinator, key: str, target: Any, *args: Any, **kw: Any
+    ) -> Any:
+        if not failed and target.ref.node != self.name:
+            failed.append(target.alloc_id)
+            raise PlanError(f"plan {key}: Consul kept failing (injected)")
+        return real_finish(self, key, target, *args, **kw)
+
+    monkeypatch.setattr(Coordinator, "_finish", finish_fails_once_for_another_node)
+    with Session(n2.consul, "n2", ttl=30.0, clock=sim.clock) as session:
+        assert n2.consul.acquire(KEYS.node_key("n2"), "{}", session.id or "")
+        options = CoordinatorOptions.from_config(n2.config)
+        registrar = Coordinator(n2.consul, n2.nomad, KEYS, session, options, clock=sim.clock, name="n2")
+        job = n2.nomad.job("web")
+        registrar.register(SCOPE, [target_for(b, "server", job)], job)
+        with agents(sim, ["n1"]):
+            # n1's lane restarts its own member, then n2's (pending, n2 alive but busy): n2's finish
+            # is deferred to the lane's end, where its write fails.
+            sim.set_key("config/web", "v2")
+            plan = wait_plan(sim, complete(2))
+    assert failed == [b.id], failed
+    assert {m.state for m in plan.members.values()} == {MemberState.DONE}, plan.to_json()
+    restarts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
+    assert restarts == Counter(dict.fromkeys(plan.members, 1)), "taken over without a second trigger"
+
+
+def _stopped_in_the_registration_spread(sim: SimCluster, agent: Agent) -> str:
+    """Start ``agent``, change its one allocation's config, stop it while the registrar waits out its
+    spread (a long one: the stop, not the spread, ends it); returns the allocation's id."""
+    spreading = threading.Event()
+
+    def long_spread() -> float:
+        spreading.set()
+        return 3600.0
+
+    agent.registration_spread = long_spread  # type: ignore[method-assign]
+    agent.start()
+    try:
+        (key,) = agent.watched()
+        sim.set_key("config/web", "v2")
+        assert spreading.wait(sim.clock.real(600.0)), "the change never reached the registrar"
+        plan, _ = read_plan(sim)
+        assert plan is None, "registered before the spread ended"
+    finally:
+        agent.stop()
+    return key.alloc_id
+
+
+def test_a_change_gathered_when_the_agent_stops_is_registered_for_the_other_agents(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """Found by the f15 safety review: a stop during the registrar's spread dropped the changes it
+    had gathered; started again, the agent takes the files as they are: never restarted for it."""
+    sim = sim_cluster_factory(scenario(count=1, concurrency=1, nodes=1), time_scale=SCALE)
+    alloc_id = _stopped_in_the_registration_spread(sim, make_agent(sim, "n1"))
+    plan, _ = read_plan(sim)
+    assert plan is not None, "the gathered change was dropped"
+    assert {a: m.state for a, m in plan.members.items()} == {alloc_id: MemberState.PENDING}
+    assert [r for r in sim.restarts() if r.job == "web"] == [], "left to the other agents, not driven"
+
+
+def test_a_change_that_cannot_be_registered_at_stop_is_logged_naming_its_allocation(
+    sim_cluster_factory: SimClusterFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_cluster_factory(scenario(count=1, concurrency=1, nodes=1), time_scale=SCALE)
+
+    def consul_unreachable(self: Coordinator, *args: Any, **kwargs: Any) -> Any:
+        raise ConsulError("txn", "connection refused (injected)", transient=True)
+
+    monkeypatch.setattr(Coordinator, "register", consul_unreachable)
+    with caplog.at_level(logging.ERROR, logger="shepard_lib.agent"):
+        alloc_id = _stopped_in_the_registration_spread(sim, make_agent(sim, "n1"))
+    lost = [r.getMessage() for r in caplog.records if "agent stopping" in r.getMessage()]
+    assert len(lost) == 1 and alloc_id in lost[0] and "not restarted" in lost[0], caplog.text
+    assert read_plan(sim)[0] is None
 
 
 def test_reload_keeps_the_restart_only_settings_and_applies_the_others(

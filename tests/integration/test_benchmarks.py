@@ -52,3 +52,11 @@ def test_tiny_agent_rollout_figures_are_consistent(result: dict[str, Any]) -> No
     by_endpoint = result["consul_requests_by_endpoint"]
     assert by_endpoint.get("/v1/txn", {}).get("PUT", 0) >= N, "each trigger is a txn"
     assert result["consul_requests"] == common.consul_total(by_endpoint) - 1
+    # Every request has one purpose (the operator's write of the key aside, the costs per agent per
+    # minute and the protocol's add up to all of them), and each restart has one accepted claim.
+    purposes = result["consul_requests_by_purpose"]
+    assert sum(purposes.values()) == sum(result["consul_requests_by_shape"].values())
+    assert purposes.get("txn claim + trigger") == N, purposes
+    waiting = result["consul_requests_per_restart_waiting"]
+    protocol = result["consul_requests_per_restart_protocol"]
+    assert abs(waiting + protocol - (sum(purposes.values()) - 1) / N) < 0.02

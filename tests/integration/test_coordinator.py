@@ -17,10 +17,11 @@ from fault_support import ConsulProxy
 
 import shepard_lib.coordinator as coordinator_module
 from shepard_lib.backends import ConsulAPI
+from shepard_lib.backends.consul import ConsulBackend
 from shepard_lib.coordinator import EventKind, Outcome, RolloutEvent, SimulatedCrash, Step, Target, target_for
 from shepard_lib.errors import ConfigError, ConsulError
 from shepard_lib.model import Allocation, TxnOp, TxnResult
-from shepard_lib.plan import MemberState, Plan, register
+from shepard_lib.plan import MemberState, Plan, PlanStatus, register
 from shepard_lib.rollout import RolloutOptions
 from shepard_lib.sim.cluster import SimCluster
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
@@ -359,3 +360,161 @@ def test_a_member_left_restarting_under_our_own_session_is_reclaimed_not_waited_
     )
     plan = agents.plans.load(PLAN_KEY)
     assert plan is not None and plan.members[alloc.id].state == MemberState.DONE
+
+
+# --- a lane's finish goes with its next claim (docs/design.md section 5, Lanes) -------------------------
+
+
+def _plan_txns(sim: SimCluster) -> list[str]:
+    """The txns that wrote (or tried to write) the plan, by shape, since the last reset."""
+    return [
+        f"{shape} x{n}"
+        for shape, n in sim.consul_server.requests.shapes().items()
+        if shape.startswith(f"PUT /v1/txn [cas {PLAN_KEY}")
+    ]
+
+
+def test_a_lanes_finish_goes_with_its_next_claim_and_its_last_with_the_slots_release(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    agents = Agents(sim)
+    first, second = agents.allocs()
+    with agents.session("lane") as session:
+        lane = agents.coordinator(session, "lane")
+        job = agents.nomad.job("web")
+        targets = [agents.target(first), agents.target(second)]
+        lane.register(lane.keyspace.scope(targets[0].ref), targets, job)
+        sim.consul_server.requests.reset()
+        done = lane.drive(agents.target(first), keep_slot=True, defer_finish=True)
+        assert done.outcome == Outcome.RESTARTED and done.by == "lane"
+        plan = agents.plans.load(PLAN_KEY)
+        assert plan is not None and plan.members[first.id].state == MemberState.RESTARTING, "deferred"
+        done = lane.drive(agents.target(second), keep_slot=True, defer_finish=True)
+        assert done.outcome == Outcome.RESTARTED
+        plan = agents.plans.load(PLAN_KEY)
+        assert plan is not None and plan.members[first.id].state == MemberState.DONE, "written with the claim"
+        assert plan.members[second.id].state == MemberState.RESTARTING
+        assert lane.release_slots() == []
+    plan = agents.plans.load(PLAN_KEY)
+    assert plan is not None and plan.status == PlanStatus.COMPLETE
+    assert {m.state for m in plan.members.values()} == {MemberState.DONE}
+    assert restarts_by_alloc(sim) == {first.id: 1, second.id: 1}
+    shapes = _plan_txns(sim)
+    assert not [s for s in shapes if f"[cas {PLAN_KEY}] " in s], f"no finish was written alone: {shapes}"
+    released = [s for s in shapes if "unlock" in s and s.endswith(" 200 x1")]
+    assert released, f"the last finish goes with the slot's release: {shapes}"
+
+
+def test_a_deferred_finish_goes_alone_when_the_next_claim_writes_nothing(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The next member was restarted by someone else meanwhile: its claim is refused, the finish not lost."""
+    sim = sim_cluster_factory(scenario(2, concurrency=2), time_scale=SCALE)
+    agents = Agents(sim)
+    first, second = agents.allocs()
+    elsewhere = ConsulBackend(agents.cfg.consul, agents.clock)  # another agent: plans seen apart
+    with agents.session("lane") as session, agents.session("other") as other_session:
+        lane = agents.coordinator(session, "lane")
+        job = agents.nomad.job("web")
+        targets = [agents.target(first), agents.target(second)]
+        lane.register(lane.keyspace.scope(targets[0].ref), targets, job)
+        done = lane.drive(agents.target(first), keep_slot=True, defer_finish=True)
+        assert done.outcome == Outcome.RESTARTED
+        other = agents.coordinator(other_session, "other", consul=elsewhere)
+        assert other.drive(agents.target(second)).outcome == Outcome.RESTARTED  # c = 2: its own slot
+        # The lane still believes the second member pending: its claim is refused on a fresh read.
+        outcome = lane.drive(agents.target(second), keep_slot=True, defer_finish=True)
+        assert (outcome.outcome, outcome.by) == (Outcome.RESTARTED, "other")
+        plan = agents.plans.load(PLAN_KEY)
+        assert plan is not None and plan.members[first.id].state == MemberState.DONE
+        assert lane.release_slots() == []
+    assert restarts_by_alloc(sim) == {first.id: 1, second.id: 1}
+
+
+def test_a_member_whose_deferred_finish_finds_a_new_change_is_handed_back_to_be_restarted_again(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    agents = Agents(sim)
+    (alloc,) = agents.allocs()
+    target = agents.target(alloc)
+    with agents.session("lane") as session:
+        lane = agents.coordinator(session, "lane")
+        job = agents.nomad.job("web")
+        scope = lane.keyspace.scope(target.ref)
+        lane.register(scope, [target], job)
+        assert lane.drive(target, keep_slot=True, defer_finish=True).outcome == Outcome.RESTARTED
+        # A change seen after the claim, registered by another agent: the member is marked rerun.
+        agents.coordinator(session, "registrar").register(scope, [target], job)
+        assert lane.release_slots() == [target]
+    plan = agents.plans.load(PLAN_KEY)
+    assert plan is not None and plan.members[alloc.id].state == MemberState.PENDING
+    assert plan.members[alloc.id].generation == 2
+
+
+def test_a_plan_read_sent_before_a_members_registration_does_not_end_its_drive(
+    sim_cluster_factory: SimClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found as a flake of the agents-and-a-rollout test: a consistent plan read sent before a
+    member's registration and answered after it got a read mark newer than the drive's, so the
+    drive concluded on it that the member was not in the plan and skipped it."""
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    agents = Agents(sim)
+    first, second = agents.allocs()
+    answered, go_on = threading.Event(), threading.Event()
+    real_get = agents.consul.get
+
+    def held_answer(key: str, **kwargs: Any) -> Any:
+        entry = real_get(key, **kwargs)
+        if threading.current_thread().name == "early reader":
+            answered.set()
+            assert go_on.wait(60)
+        return entry
+
+    with agents.session("lane") as session:
+        lane = agents.coordinator(session, "lane")
+        job = agents.nomad.job("web")
+        scope = lane.keyspace.scope(agents.target(first).ref)
+        lane.register(scope, [agents.target(first)], job)
+        monkeypatch.setattr(agents.consul, "get", held_answer)
+        reader = threading.Thread(target=agents.plans.read, args=(PLAN_KEY,), name="early reader")
+        reader.start()
+        assert answered.wait(60)  # the read has its answer (no second member) but has not stored it
+        lane.register(scope, [agents.target(second)], job)
+        since = agents.plans.mark()
+        go_on.set()
+        reader.join(60)
+        outcome = lane.drive(agents.target(second), since=since)
+    assert (outcome.outcome, outcome.reason) == (Outcome.RESTARTED, "")
+    assert restarts_by_alloc(sim) == {second.id: 1}
+
+
+def test_a_member_whose_own_deferred_finish_finds_a_new_change_is_restarted_again_in_its_drive(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The agent's worker drives the new change of a member its lane still holds deferred: the drive
+    writes the finish first (the member goes back to pending) and restarts it under the kept slot,
+    instead of reporting the old generation's restart as the new change's."""
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    agents = Agents(sim)
+    first, second = agents.allocs()
+    target = agents.target(first)
+    with agents.session("lane") as session:
+        lane = agents.coordinator(session, "lane")
+        job = agents.nomad.job("web")
+        scope = lane.keyspace.scope(target.ref)
+        lane.register(scope, [target, agents.target(second)], job)
+        done = lane.drive(target, keep_slot=True, defer_finish=True, wait_for_holders=False)
+        assert (done.outcome, done.generation) == (Outcome.RESTARTED, 1)
+        # The agent's registrar (same process, same session) registers a new change of the member.
+        agents.coordinator(session, "registrar").register(scope, [target], job)
+        again = lane.drive(
+            target, keep_slot=True, since=agents.plans.mark(), defer_finish=True, wait_for_holders=False
+        )
+        assert (again.outcome, again.generation, again.by) == (Outcome.RESTARTED, 2, "lane")
+        assert restarts_by_alloc(sim).get(first.id) == 2
+        assert lane.release_slots() == []
+    plan = agents.plans.load(PLAN_KEY)
+    assert plan is not None and plan.members[first.id].state == MemberState.DONE
+    assert plan.members[first.id].generation == 2

@@ -101,6 +101,7 @@ class SlotRecorder(ConsulProxy):
         super().__init__(inner)
         self.locks: list[str] = []
         self.waits: list[float] = []
+        self.waiting = threading.Event()  # a blocking wait on the slots was sent
 
     def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
         result: TxnResult = self._inner.txn(ops)
@@ -112,6 +113,7 @@ class SlotRecorder(ConsulProxy):
     def watch(self, key: str, index: int, wait: float, **kwargs: Any) -> tuple[int, list[KVEntry]]:
         if key.startswith(KEYS.slot_prefix(SCOPE)):
             self.waits.append(wait)
+            self.waiting.set()
         return self._inner.watch(key, index, wait, **kwargs)  # type: ignore[no-any-return]
 
 
@@ -1607,6 +1609,8 @@ def test_a_waiter_whose_member_another_finished_while_it_waited_takes_no_slot(
         )
         thread.start()
         assert waiting.wait(30)
+        # WAITING comes before the first try for a slot: a slot freed before that try is taken at once.
+        assert consul.waiting.wait(30)
         rewrite(cluster, b.id, state=MemberState.DONE, holder_name="other", generation=plan.generation)
         slots.release(taken)
         thread.join(60)

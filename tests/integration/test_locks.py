@@ -7,6 +7,7 @@ in-process state.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,8 +21,8 @@ from shepard_lib.backends.consul import ConsulBackend, RetryPolicy
 from shepard_lib.clock import Clock
 from shepard_lib.config import ConsulConfig
 from shepard_lib.errors import ConsulError, LockLost, LockTimeout
-from shepard_lib.locks import Lock, RestartSlots, Slot
-from shepard_lib.model import SessionBehavior, TxnOp, TxnResult, TxnVerb
+from shepard_lib.locks import Lock, RestartSlots, Slot, SlotNotNeeded
+from shepard_lib.model import KVEntry, SessionBehavior, TxnOp, TxnResult, TxnVerb
 from shepard_lib.session import Session
 from shepard_lib.sim.consul import ConsulServer, ConsulState
 
@@ -147,7 +148,7 @@ def test_slot_value_names_holder_session_and_time_and_holders_reads_it(sim: Sim)
             "session": a.id,
             "acquired_at": first.acquired_at,
         }
-        assert first.lost is a.lost
+        assert first.lost is a.lost and first.holder == "web-01 alloc 1"
         assert slots.holders() == {first.number: "web-01 alloc 1", second.number: "web-02 alloc 2"}
         slots.release(first)
         slots.release(first)  # idempotent
@@ -283,6 +284,23 @@ def test_waiter_raises_lock_lost_when_its_own_session_is_lost(sim: Sim) -> None:
         call.join()
         assert isinstance(call.error, LockLost) and "waiter" in str(call.error)
         assert sim.clock.monotonic() - destroyed <= LONG_TTL / 2 + 5 + 4
+
+
+def test_losing_the_session_ends_a_slot_waiters_blocking_query_at_once(sim: Sim) -> None:
+    slots = RestartSlots(sim.consul, "t/lost-now/restart_lock/", 1, clock=sim.clock, max_wait=10_000)
+    with sim.session("holder") as holder, sim.session("waiter") as waiter:
+        slots.acquire(holder, holder="holder")
+        sim.reset_requests()
+        call = Background(lambda: slots.acquire(waiter, holder="waiter"))
+        sim.until("the waiter to block", lambda: sim.kv_requests() == {"GET": 2})
+        sim.consul.session_destroy(waiter.id)
+        with pytest.raises(LockLost):
+            waiter.verify()  # the session is lost now (the renew thread would tell within TTL/2)
+        lost_at = sim.clock.monotonic()
+        call.join()
+        assert isinstance(call.error, LockLost) and "waiter" in str(call.error)
+        assert sim.clock.monotonic() - lost_at <= 5, "the query waited on instead of ending with the session"
+        assert slots.holders() == {0: "holder"}
 
 
 def test_slot_of_an_abandoned_holder_is_taken_only_after_ttl_and_lock_delay(sim: Sim) -> None:
@@ -460,3 +478,248 @@ def test_a_refused_acquire_leaves_no_claim_behind(sim: Sim) -> None:
 def test_restart_slots_need_a_size_of_at_least_one(sim: Sim) -> None:
     with pytest.raises(ValueError, match="restart slots: size must be >= 1, got 0"):
         RestartSlots(sim.consul, "t/none/restart_lock/", 0, clock=sim.clock)
+
+
+def test_holders_shows_a_slot_value_that_is_not_shepards_json_as_it_is(sim: Sim) -> None:
+    prefix = "t/foreign/restart_lock/"
+    slots = RestartSlots(sim.consul, prefix, 3, clock=sim.clock)
+    with sim.session("other") as other:
+        for number, value in enumerate(['{"owner": "ops"}', "42", "held by hand"]):
+            assert sim.consul.acquire(f"{prefix}{number}", value, other.id)
+        assert slots.holders() == {0: '{"owner": "ops"}', 1: "42", 2: "held by hand"}
+
+
+# --- a slot's fencing token, hints, `needed`, the finish's unlock op, the log -----------------------
+
+
+class LockAnswersWithoutResults:
+    """The Consul backend, where a txn ``lock`` is applied but its answer carries no result (so the
+    slot's token is read), recording each ``get`` as ``(key, consistent)``; ``before_read`` runs
+    before each read (it may change the key, or raise as a failed read)."""
+
+    def __init__(self, consul: ConsulBackend) -> None:
+        self._consul = consul
+        self.reads: list[tuple[str, bool]] = []
+        self.before_read: Callable[[str], None] = lambda key: None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._consul, name)
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        result = self._consul.txn(ops)
+        if result.ok and any(op.verb == TxnVerb.LOCK for op in ops):
+            return TxnResult(ok=True)
+        return result
+
+    def get(self, key: str, *, consistent: bool = False) -> object:
+        self.reads.append((key, consistent))
+        self.before_read(key)
+        return self._consul.get(key, consistent=consistent)
+
+
+def _entry(sim: Sim, key: str) -> KVEntry:
+    entry = sim.consul.get(key, consistent=True)
+    assert entry is not None, key
+    return entry
+
+
+def test_a_slot_whose_lock_answer_lacks_the_index_reads_its_token_consistently(sim: Sim) -> None:
+    answers = LockAnswersWithoutResults(sim.consul)
+    slots = RestartSlots(answers, "t/token-read/restart_lock/", 1, clock=sim.clock)  # type: ignore[arg-type]
+    with sim.session("holder") as session:
+        slot = slots.acquire(session, holder="holder", timeout=0)
+        key = "t/token-read/restart_lock/0"
+        assert answers.reads == [(key, True)], "the token is read once, with a consistent read"
+        assert slot.key == key and slot.session_id == session.id
+        assert slot.index == _entry(sim, key).modify_index > 0, "the token of this acquisition"
+        slots.release(slot)  # the slot with its token holds the claim: its release goes out
+        assert _holder(sim, key) is None
+
+
+def test_a_slot_whose_key_is_gone_before_its_token_is_read_is_given_up(sim: Sim) -> None:
+    answers = LockAnswersWithoutResults(sim.consul)
+    slots = RestartSlots(answers, "t/token-gone/restart_lock/", 1, clock=sim.clock)  # type: ignore[arg-type]
+    key = "t/token-gone/restart_lock/0"
+    answers.before_read = lambda k: sim.consul.delete(k)  # e.g. an operator's `consul kv delete`
+    with sim.session("holder") as session:
+        with pytest.raises(LockLost, match=f"restart slot {key}: lost right after it was acquired"):
+            slots.acquire(session, holder="holder", timeout=0)
+        answers.before_read = lambda k: None
+        # no token, and no claim left behind: the next holder of the same session takes the slot
+        again = slots.acquire(session, holder="next", timeout=0)
+        assert again.number == 0 and again.index == _entry(sim, key).modify_index
+        assert slots.holders() == {0: "next"}
+
+
+def test_a_slot_whose_token_read_failed_is_released_and_the_error_raised(sim: Sim) -> None:
+    answers = LockAnswersWithoutResults(sim.consul)
+    slots = RestartSlots(answers, "t/token-fail/restart_lock/", 1, clock=sim.clock)  # type: ignore[arg-type]
+    key = "t/token-fail/restart_lock/0"
+
+    def fail(k: str) -> None:
+        raise ConsulError(f"kv.get {k}", "connection reset")
+
+    answers.before_read = fail
+    with sim.session("holder") as session:
+        with pytest.raises(ConsulError, match="connection reset"):
+            slots.acquire(session, holder="holder", timeout=0)
+        assert _holder(sim, key) is None, "a slot without a token must not stay held"
+        answers.before_read = lambda k: None
+        assert slots.acquire(session, holder="next", timeout=0).number == 0  # no claim left behind
+
+
+def test_a_slot_acquire_with_a_session_consul_no_longer_knows_raises_lock_lost(sim: Sim) -> None:
+    slots = RestartSlots(sim.consul, "t/gone-slot/restart_lock/", 1, clock=sim.clock)
+    with sim.session("gone") as session:
+        sim.consul.session_destroy(session.id)  # before the next renew could notice
+        with pytest.raises(LockLost, match="gone"):
+            slots.acquire(session, holder="holder", timeout=0)
+        assert session.lost.is_set()
+        assert slots.holders() == {}
+
+
+def test_a_session_first_tries_the_slot_it_held_last_under_that_prefix(sim: Sim) -> None:
+    prefix = "t/hint/restart_lock/"
+    slots = RestartSlots(sim.consul, prefix, 2, clock=sim.clock)
+    with sim.session("a") as a, sim.session("other") as other:
+        guess = slots.acquire(a, holder="a")  # the first guess: picked from the session's ID
+        slots.release(guess)
+        assert sim.consul.acquire(f"{prefix}{guess.number}", "other", other.id)
+        held = slots.acquire(a, holder="a", timeout=10)  # the guess is refused: the prefix is read
+        assert held.number == 1 - guess.number
+        slots.release(held)
+        assert sim.consul.release(f"{prefix}{guess.number}", other.id)
+        sim.reset_requests()
+        again = slots.acquire(a, holder="a", timeout=0)
+        assert again.number == held.number, "the slot held last, not the guess from the ID"
+        assert sim.txn_requests() == 1 and sim.kv_requests() == {}, "one request: the guess was free"
+        slots.release(again)
+
+
+def test_a_last_slot_beyond_a_smaller_size_is_not_tried(sim: Sim) -> None:
+    prefix = "t/shrunk/restart_lock/"
+    with sim.session("a") as a, sim.session("other") as other:
+        for number in (0, 1):
+            assert sim.consul.acquire(f"{prefix}{number}", "other", other.id)
+        wide = RestartSlots(sim.consul, prefix, 3, clock=sim.clock)
+        last = wide.acquire(a, holder="a", timeout=10)
+        assert last.number == 2
+        wide.release(last)
+        for number in (0, 1):
+            assert sim.consul.release(f"{prefix}{number}", other.id)
+        # the concurrency went down to 2: slot 2 is no slot any more, whatever the session held last
+        slot = RestartSlots(sim.consul, prefix, 2, clock=sim.clock).acquire(a, holder="a", timeout=0)
+        assert slot.number in (0, 1)
+        assert _holder(sim, f"{prefix}2") is None
+
+
+def test_needed_is_asked_only_before_taking_a_slot_that_came_free_after_a_wait(sim: Sim) -> None:
+    prefix = "t/needed/restart_lock/"
+    slots = RestartSlots(sim.consul, prefix, 1, clock=sim.clock, max_wait=10_000)
+    asked: list[str] = []
+
+    def needed(who: str, answer: bool) -> Callable[[], bool]:
+        def ask() -> bool:
+            asked.append(who)
+            return answer
+
+        return ask
+
+    def wait_then_release(waiter: Session, who: str, answer: bool, held: Slot) -> Background:
+        sim.reset_requests()
+        call = Background(lambda: slots.acquire(waiter, holder=who, needed=needed(who, answer)))
+        sim.until("the waiter to block", lambda: sim.kv_requests() == {"GET": 2})
+        assert who not in asked, "asked before the slot came free"
+        slots.release(held)
+        call.join()
+        assert asked[-1] == who
+        return call
+
+    with sim.session("holder") as holder, sim.session("waiter") as waiter:
+        # a free slot is taken at once, without asking
+        held = slots.acquire(holder, holder="holder", timeout=0, needed=needed("free", False))
+        assert asked == []
+        call = wait_then_release(waiter, "not needed", False, held)
+        assert isinstance(call.error, SlotNotNeeded), call.error
+        assert str(call.error) == f"restart slot under {prefix}: not needed no longer needs one"
+        assert slots.holders() == {}, "a slot no longer needed is not taken"
+        held = slots.acquire(holder, holder="holder", timeout=0)
+        call = wait_then_release(waiter, "needed", True, held)
+        assert isinstance(call.result, Slot) and call.result.holder == "needed"
+        assert slots.holders() == {0: "needed"}
+
+
+def test_a_slot_released_by_a_transaction_with_its_unlock_op(sim: Sim) -> None:
+    slots = RestartSlots(sim.consul, "t/unlock/restart_lock/", 1, clock=sim.clock)
+    with sim.session("a") as a:
+        slot = slots.acquire(a, holder="first", timeout=0)
+        result = sim.consul.txn([TxnOp(TxnVerb.SET, "t/unlock/plan", value=b"done"), slots.unlock_op(slot)])
+        assert result.ok, result.errors
+        entry = _entry(sim, slot.key)
+        assert entry.session is None and entry.text() == "", "free, and naming no holder"
+        slots.released(slot)
+        # its claim went with it: the next holder of the same session takes the slot ...
+        nxt = slots.acquire(a, holder="next", timeout=0)
+        assert nxt.number == 0
+        # ... and a late release of the first one neither frees it nor logs a release
+        slots.release(slot)
+        slots.released(slot)
+        assert slots.holders() == {0: "next"}
+
+
+def test_slots_log_acquired_and_released_to_their_logger_with_events(
+    sim: Sim, caplog: pytest.LogCaptureFixture
+) -> None:
+    logger = logging.getLogger("test.locks.member")
+    failing = FailingReleases(sim.consul)
+    slots = RestartSlots(failing, "t/log/restart_lock/", 1, clock=sim.clock, logger=logger)  # type: ignore[arg-type]
+    key = "t/log/restart_lock/0"
+
+    def lines() -> list[tuple[str, int, str, str | None]]:
+        got = [(r.name, r.levelno, r.getMessage(), getattr(r, "event", None)) for r in caplog.records]
+        caplog.clear()
+        return got
+
+    with sim.session("a") as a, caplog.at_level(logging.INFO):
+        caplog.clear()
+        slot = slots.acquire(a, holder="web-01 alloc 1", timeout=0)
+        assert lines() == [
+            (logger.name, logging.INFO, f"restart slot {key} acquired by web-01 alloc 1", "slot_acquired")
+        ]
+        slots.release(slot)
+        assert lines() == [(logger.name, logging.INFO, f"restart slot {key} released", "slot_released")]
+        slot = slots.acquire(a, holder="web-01 alloc 1", timeout=0)
+        assert sim.consul.txn([slots.unlock_op(slot)]).ok
+        lines()
+        slots.released(slot)
+        assert lines() == [(logger.name, logging.INFO, f"restart slot {key} released", "slot_released")]
+        slot = slots.acquire(a, holder="web-01 alloc 1", timeout=0)
+        lines()
+        failing.fail = True
+        slots.release(slot)
+        assert lines() == [
+            (
+                logger.name,
+                logging.WARNING,
+                f"restart slot {key}: release failed, it is freed when its session ends: "
+                f"consul kv.release {key} failed: connection reset",
+                None,
+            )
+        ]
+        assert _holder(sim, key) == a.id
+
+
+class FailingReleases:
+    """The Consul backend, where ``release`` fails once ``fail`` is set."""
+
+    def __init__(self, consul: ConsulBackend) -> None:
+        self._consul = consul
+        self.fail = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._consul, name)
+
+    def release(self, key: str, session: str, value: bytes | str | None = None) -> bool:
+        if self.fail:
+            raise ConsulError(f"kv.release {key}", "connection reset")
+        return self._consul.release(key, session, value)

@@ -844,8 +844,14 @@ def test_known_plans_keep_the_newest_answer_unless_a_read_replaces_it() -> None:
     assert known.get(KEY) == (new, 20)
     known.put(KEY, old, 30)
     assert known.get(KEY) == (old, 30)
-    known.put(KEY, None, 0, read=True)  # a read: the key is gone
+    sent = PlanStore.mark()
+    since = PlanStore.mark()
+    known.put(KEY, None, 0, read_mark=sent)  # a read: the key is gone
     assert known.get(KEY) == (None, 0)
+    assert not known.read_since(KEY, since), "sent before the mark: it concludes nothing after it"
+    assert known.read_since(KEY, sent - 1)
+    known.put(KEY, new, 40)
+    assert not known.read_since(KEY, sent - 1), "a write replaced what the read showed"
     known.forget(KEY)
     known.forget(KEY)
     assert known.get(KEY) is None

@@ -3,7 +3,10 @@
 A stdlib :class:`http.server.ThreadingHTTPServer` speaking HTTP/1.1 with keep-alive (one daemon
 thread per connection, so a blocking query holds only its own connection). Besides the Consul
 API it answers ``GET /_sim/requests`` with the request counts by endpoint and method
-(``{"/v1/kv": {"GET": 3, "PUT": 1}, ...}``; ``DELETE /_sim/requests`` resets them) and
+(``{"/v1/kv": {"GET": 3, "PUT": 1}, ...}``; ``DELETE /_sim/requests`` resets them),
+``GET /_sim/requests?detail`` with the same requests counted by their shape (method, KV key or
+txn operations, the query flags that change what a request does, and the answer's status: see
+:func:`request_shape`), and
 ``GET /_sim/info`` with ``{"service": "consul", "time_scale": <scale>}``. The ``/_sim/``
 endpoints are never counted, delayed, failed or ACL-checked. Every answer carries
 ``X-Shepard-Sim-Time-Scale: <scale>``, so a client can tell that its clock runs at another speed.
@@ -17,6 +20,7 @@ Consul does (403 for reads of one thing and writes, filtered listings; see :mod:
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -26,6 +30,7 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Any
+from urllib.parse import parse_qs
 
 from shepard_lib.clock import SIM_TIME_SCALE_HEADER
 from shepard_lib.sim.consul import catalog_api, kv_api, session_api, txn_api
@@ -55,16 +60,27 @@ _TOKEN_PARAM = re.compile(r"([?&]token=)[^&\s]*")
 
 
 class RequestCounter:
-    """Thread-safe counts of requests by endpoint and method."""
+    """Thread-safe counts of requests by endpoint and method, and by shape (:func:`request_shape`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._shapes: Counter[str] = Counter()
 
     def add(self, endpoint: str, method: str) -> None:
         """Count one request."""
         with self._lock:
             self._counts[(endpoint, method)] += 1
+
+    def add_shape(self, shape: str) -> None:
+        """Count one answered request by its shape."""
+        with self._lock:
+            self._shapes[shape] += 1
+
+    def shapes(self) -> dict[str, int]:
+        """``{shape: count}``."""
+        with self._lock:
+            return dict(sorted(self._shapes.items()))
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         """``{endpoint: {method: count}}``."""
@@ -78,6 +94,7 @@ class RequestCounter:
         """Forget every count."""
         with self._lock:
             self._counts.clear()
+            self._shapes.clear()
 
 
 class ConsulServer:
@@ -164,6 +181,13 @@ class ConsulServer:
         req = Request.parse(method, target, headers, body)
         endpoint, handler = _route(req.path)
         self.requests.add(endpoint, method)
+        resp = self._answer(req, endpoint, handler)
+        self.requests.add_shape(request_shape(req, endpoint, resp.status))
+        return resp
+
+    def _answer(self, req: Request, endpoint: str, handler: Handler | None) -> Response:
+        """The answer to ``req`` (routed to ``endpoint``), with the faults injected into it."""
+        method = req.method
         write = method in ("PUT", "POST", "DELETE")
         faults = self.faults
         planned = faults.planned(endpoint) if write else frozenset()
@@ -221,7 +245,35 @@ class ConsulServer:
         if method == "DELETE":
             self.requests.reset()
             return json_body(True)
+        if "detail" in parse_qs(target.partition("?")[2], keep_blank_values=True):
+            return json_body(self.requests.shapes())
         return json_body(self.requests.snapshot())
+
+
+_SHAPE_FLAGS = ("acquire", "cas", "consistent", "keys", "recurse", "release", "stale")
+
+
+def request_shape(req: Request, endpoint: str, status: int) -> str:
+    """What a request did, for counting: ``"PUT /v1/txn [cas <key>, unlock <key>] 200"``.
+
+    The method; the KV key, the txn's operations (verb and key) or the endpoint (IDs left out);
+    the query flags that change what a request does (``index`` only when it blocks: non-zero);
+    the status of the answer.
+    """
+    if endpoint == "/v1/txn":
+        try:
+            ops = json.loads(req.body or b"null")
+            what = "/v1/txn [" + ", ".join(f"{op['KV']['Verb']} {op['KV']['Key']}" for op in ops) + "]"
+        except (ValueError, TypeError, KeyError):
+            what = "/v1/txn [?]"
+    elif endpoint == "/v1/kv":
+        what = req.path
+    else:
+        what = endpoint
+    flags = [name for name in _SHAPE_FLAGS if req.has(name)]
+    if req.arg("index") not in ("", "0"):
+        flags.append("index")
+    return " ".join([req.method, what, *(f"?{flag}" for flag in flags), str(status)])
 
 
 def _route(path: str) -> tuple[str, Handler | None]:

@@ -134,6 +134,27 @@ def test_sim_request_counts_by_endpoint_and_method_and_reset(sim_consul: ConsulT
     }
     sim_consul.http("DELETE", "/_sim/requests")
     assert sim_consul.http("GET", "/_sim/requests").json() == {}
+    assert sim_consul.http("GET", "/_sim/requests?detail").json() == {}
+
+
+def test_sim_request_counts_by_shape(sim_consul: ConsulTarget) -> None:
+    """Sim-only ``/_sim/requests?detail``: method, key or txn ops, the flags that matter, the status."""
+    sim_consul.http("DELETE", "/_sim/requests")
+    key = sim_consul.key("a")
+    c = sim_consul.client()
+    c.kv.put(key, "1")
+    _, entry = c.kv.get(key, consistency="consistent")
+    c.kv.get(key, index=entry["ModifyIndex"], wait="10ms")
+    c.kv.get(sim_consul.key("missing"))
+    txn = [{"KV": {"Verb": "cas", "Key": key, "Value": "", "Index": 1}}]
+    assert sim_consul.http("PUT", "/v1/txn", json=txn).status_code == 409
+    assert sim_consul.http("GET", "/_sim/requests?detail").json() == {
+        f"PUT /v1/kv/{key} 200": 1,
+        f"GET /v1/kv/{key} ?consistent 200": 1,
+        f"GET /v1/kv/{key} ?index 200": 1,
+        f"GET /v1/kv/{sim_consul.key('missing')} 404": 1,
+        f"PUT /v1/txn [cas {key}] 409": 1,
+    }
 
 
 def test_unknown_endpoint_is_404(consul_target: ConsulTarget) -> None:

@@ -395,6 +395,8 @@ def test_a_lanes_finish_goes_with_its_next_claim_and_its_last_with_the_slots_rel
         plan = agents.plans.load(PLAN_KEY)
         assert plan is not None and plan.members[first.id].state == MemberState.DONE, "written with the claim"
         assert plan.members[second.id].state == MemberState.RESTARTING
+        claim_index = plan.members[second.id].claim_index  # the index the claim was written on, as alone
+        assert claim_index is not None and 0 < claim_index < agents.plans.read(PLAN_KEY)[1], claim_index
         assert lane.release_slots() == []
     plan = agents.plans.load(PLAN_KEY)
     assert plan is not None and plan.status == PlanStatus.COMPLETE
@@ -488,6 +490,67 @@ def test_a_plan_read_sent_before_a_members_registration_does_not_end_its_drive(
         outcome = lane.drive(agents.target(second), since=since)
     assert (outcome.outcome, outcome.reason) == (Outcome.RESTARTED, "")
     assert restarts_by_alloc(sim) == {second.id: 1}
+
+
+def test_a_lanes_member_marked_rerun_before_its_finish_is_finished_at_once_and_restarted_again(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """A new change of the member arrives while the lane waits for it to be healthy (this process's
+    registrar marks it rerun): its finish is not deferred but written, sending it back to pending, and
+    the same drive restarts it for the new change; only that second restart's finish is deferred."""
+    sim = sim_cluster_factory(scenario(2), time_scale=SCALE)
+    agents = Agents(sim)
+    first, second = agents.allocs()
+    target = agents.target(first)
+    changed: list[int] = []
+    with agents.session("lane") as session:
+        job = agents.nomad.job("web")
+
+        def new_change(step: Step, at: Target) -> None:
+            if step == Step.HEALTHY and not changed:
+                changed.append(1)
+                agents.coordinator(session, "registrar").register(scope, [target], job)
+
+        lane = agents.coordinator(session, "lane", fault_hook=new_change)
+        scope = lane.keyspace.scope(target.ref)
+        lane.register(scope, [target, agents.target(second)], job)
+        done = lane.drive(target, keep_slot=True, defer_finish=True, wait_for_holders=False)
+        assert changed, "the hook never ran"
+        assert (done.outcome, done.generation, done.by) == (Outcome.RESTARTED, 2, "lane"), done
+        assert restarts_by_alloc(sim).get(first.id) == 2
+        plan = agents.plans.load(PLAN_KEY)
+        assert plan is not None and plan.members[first.id].state == MemberState.RESTARTING, (
+            "the second deferred"
+        )
+        assert lane.release_slots() == []
+    plan = agents.plans.load(PLAN_KEY)
+    assert plan is not None and (plan.members[first.id].state, plan.members[first.id].generation) == (
+        MemberState.DONE,
+        2,
+    )
+
+
+def test_a_lanes_member_whose_plan_was_deleted_during_its_health_wait_is_reported_and_nothing_deferred(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    agents = Agents(sim)
+    (first,) = agents.allocs()
+    target = agents.target(first)
+
+    def delete_plan(step: Step, at: Target) -> None:
+        if step == Step.HEALTHY:
+            agents.consul.delete(PLAN_KEY)
+            assert agents.plans.read(PLAN_KEY) == (None, 0)  # this process knows it now
+
+    with agents.session("lane") as session:
+        lane = agents.coordinator(session, "lane", fault_hook=delete_plan)
+        lane.register(lane.keyspace.scope(target.ref), [target], agents.nomad.job("web"))
+        done = lane.drive(target, keep_slot=True, defer_finish=True, wait_for_holders=False)
+        assert done.outcome == Outcome.RESTARTED, done
+        assert lane.release_slots() == []
+    assert agents.plans.load(PLAN_KEY) is None
+    assert restarts_by_alloc(sim) == {first.id: 1}
 
 
 def test_a_member_whose_own_deferred_finish_finds_a_new_change_is_restarted_again_in_its_drive(

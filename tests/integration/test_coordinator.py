@@ -553,6 +553,38 @@ def test_a_lanes_member_whose_plan_was_deleted_during_its_health_wait_is_reporte
     assert restarts_by_alloc(sim) == {first.id: 1}
 
 
+class RefusePlanWrites(ConsulProxy):
+    """Refuses every txn once ``refuse`` is set (HTTP 403: the write did not apply)."""
+
+    refuse = False
+
+    def txn(self, ops: Sequence[TxnOp]) -> TxnResult:
+        if self.refuse:
+            raise ConsulError("txn", "Permission denied", status=403)
+        return self._inner.txn(ops)  # type: ignore[no-any-return]
+
+
+def test_a_deferred_finish_that_could_not_be_written_leaves_its_member_to_be_taken_over_in_this_process(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """The lane gives its claim up with the failed write: another coordinator of the same session (the
+    agent's idle worker) sees the member left restarting as driven by nobody, and takes it over."""
+    sim = sim_cluster_factory(scenario(1), time_scale=SCALE)
+    agents = Agents(sim)
+    (first,) = agents.allocs()
+    target = agents.target(first)
+    consul = RefusePlanWrites(agents.consul)
+    with agents.session("lane") as session:
+        lane = agents.coordinator(session, "lane", consul=consul)
+        lane.register(lane.keyspace.scope(target.ref), [target], agents.nomad.job("web"))
+        assert lane.drive(target, keep_slot=True, defer_finish=True).outcome == Outcome.RESTARTED
+        consul.refuse = True
+        assert lane.release_slots() == []  # the finish failed: logged, the member left restarting
+        member = agents.plans.read(PLAN_KEY)[0].members[first.id]  # type: ignore[union-attr]
+        assert member.state == MemberState.RESTARTING
+        assert not agents.coordinator(session, "worker").driven(member), "a claim given up still looks held"
+
+
 def test_a_member_whose_own_deferred_finish_finds_a_new_change_is_restarted_again_in_its_drive(
     sim_cluster_factory: SimClusterFactory,
 ) -> None:

@@ -403,8 +403,9 @@ def test_a_failed_member_healthy_again_by_the_plans_health_source_gives_back_its
     assert restarts_by_alloc(sim) == {b.id: 1}
 
 
-class WatchSeen(ConsulProxy):
-    """Sets ``watched`` when a blocking query on the plan key is made (a waiter waits for the plan)."""
+class WatchSeen(SlotRecorder):
+    """A SlotRecorder that also sets ``watched`` when a blocking query on the plan key is made (a waiter
+    waits for the plan)."""
 
     def __init__(self, inner: Any) -> None:
         super().__init__(inner)
@@ -413,7 +414,7 @@ class WatchSeen(ConsulProxy):
     def watch(self, key: str, index: int, wait: float, **kwargs: Any) -> tuple[int, list[KVEntry]]:
         if key == PLAN_KEY:
             self.watched.set()
-        return self._inner.watch(key, index, wait, **kwargs)  # type: ignore[no-any-return]
+        return super().watch(key, index, wait, **kwargs)
 
 
 def test_a_waiter_at_full_concurrency_waits_on_the_plan_for_a_live_holder_then_claims(
@@ -456,19 +457,6 @@ def test_a_waiter_at_full_concurrency_waits_on_the_plan_for_a_live_holder_then_c
     assert restarts_by_alloc(sim) == {a.id: 1, b.id: 1}
 
 
-class PlanWatchAndSlots(SlotRecorder):
-    """A SlotRecorder that also sets ``watched`` when a blocking query on the plan key is made."""
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__(inner)
-        self.watched = threading.Event()
-
-    def watch(self, key: str, index: int, wait: float, **kwargs: Any) -> tuple[int, list[KVEntry]]:
-        if key == PLAN_KEY:
-            self.watched.set()
-        return super().watch(key, index, wait, **kwargs)
-
-
 def paused_holder(cluster: Cluster, alloc: Allocation, session: Session) -> tuple[threading.Thread, Any]:
     """``first`` claims ``alloc`` and pauses after its claim until ``go_on`` is set; returns its
     thread (started, the claim made) and ``go_on``."""
@@ -494,7 +482,7 @@ def test_a_member_its_live_holder_restarts_is_waited_for_on_the_plan_without_tak
     cluster = Cluster(sim)
     a, b = cluster.allocs()
     register(cluster, [a, b])
-    consul = PlanWatchAndSlots(cluster.consul)
+    consul = WatchSeen(cluster.consul)
     result: dict[str, MemberOutcome] = {}
     with cluster.session("first") as first_session, cluster.session("second") as second_session:
         holder, go_on = paused_holder(cluster, a, first_session)

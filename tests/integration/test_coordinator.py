@@ -23,6 +23,7 @@ from shepard_lib.errors import ConfigError, ConsulError
 from shepard_lib.model import Allocation, TxnOp, TxnResult
 from shepard_lib.plan import MemberState, Plan, PlanStatus, register
 from shepard_lib.rollout import RolloutOptions
+from shepard_lib.session import Session
 from shepard_lib.sim.cluster import SimCluster
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
@@ -390,10 +391,13 @@ def test_a_lanes_finish_goes_with_its_next_claim_and_its_last_with_the_slots_rel
         assert done.outcome == Outcome.RESTARTED and done.by == "lane"
         plan = agents.plans.load(PLAN_KEY)
         assert plan is not None and plan.members[first.id].state == MemberState.RESTARTING, "deferred"
+        first_holder = plan.members[first.id].holder
+        assert session.holds(first_holder), "a deferred finish's claim is still this process's"
         done = lane.drive(agents.target(second), keep_slot=True, defer_finish=True)
         assert done.outcome == Outcome.RESTARTED
         plan = agents.plans.load(PLAN_KEY)
         assert plan is not None and plan.members[first.id].state == MemberState.DONE, "written with the claim"
+        assert not session.holds(first_holder), "a finish written with the next claim forgets its token"
         assert plan.members[second.id].state == MemberState.RESTARTING
         claim_index = plan.members[second.id].claim_index  # the index the claim was written on, as alone
         assert claim_index is not None and 0 < claim_index < agents.plans.read(PLAN_KEY)[1], claim_index
@@ -432,6 +436,47 @@ def test_a_deferred_finish_goes_alone_when_the_next_claim_writes_nothing(
         assert plan is not None and plan.members[first.id].state == MemberState.DONE
         assert lane.release_slots() == []
     assert restarts_by_alloc(sim) == {first.id: 1, second.id: 1}
+
+
+@pytest.mark.parametrize("lane_read_it", [False, True], ids=["stale", "read by the lane"])
+def test_a_lanes_claim_after_another_process_was_restarting_reads_the_plan_first_unless_read_for_it(
+    sim_cluster_factory: SimClusterFactory, lane_read_it: bool
+) -> None:
+    """The lane last saw another process's member restarting: that process most likely finished it during
+    the lane's health wait, so the lane's next claim reads the plan first instead of sending its CAS on the
+    stale plan to be refused, unless the lane read the plan for this drive already (to choose its member;
+    the other's member still restarting in that read). A cost, not a decision: the CAS fences either way."""
+    sim = sim_cluster_factory(scenario(3, concurrency=2), time_scale=SCALE)
+    agents = Agents(sim)
+    first, second, third = agents.allocs()
+    elsewhere = ConsulBackend(agents.cfg.consul, agents.clock)  # another agent: its plans and sessions apart
+    other_session = Session(elsewhere, "other", ttl=agents.cfg.session_ttl, clock=agents.clock)
+    with agents.session("lane") as session, other_session:
+        lane = agents.coordinator(session, "lane")
+        other = agents.coordinator(other_session, "other", consul=elsewhere)
+        targets = [agents.target(a) for a in (first, second, third)]
+        lane.register(lane.keyspace.scope(targets[0].ref), targets, agents.nomad.job("web"))
+        assert other.drive(targets[1], keep_slot=True, defer_finish=True).outcome == Outcome.RESTARTED
+        assert lane.drive(targets[0], keep_slot=True, defer_finish=True).outcome == Outcome.RESTARTED
+        assert lane.written_elsewhere(PLAN_KEY, first.id), "the lane saw the other's member restarting"
+        since = agents.plans.mark()
+        if lane_read_it:
+            agents.plans.read(PLAN_KEY)
+            assert lane.written_elsewhere(PLAN_KEY, first.id), "the read still shows the other restarting"
+        else:
+            assert other.release_slots() == []  # the other's finish moves the plan past what the lane knows
+        sim.consul_server.requests.reset()
+        done = lane.drive(targets[2], since=since, keep_slot=True, defer_finish=True)
+        assert done.outcome == Outcome.RESTARTED
+        shapes = sim.consul_server.requests.shapes()
+        writes = {s: n for s, n in shapes.items() if s.startswith(f"PUT /v1/txn [cas {PLAN_KEY}")}
+        assert list(writes.values()) == [1] and next(iter(writes)).endswith(" 200"), (
+            f"one claim, not refused: {shapes}"
+        )
+        reads = shapes.get(f"GET /v1/kv/{PLAN_KEY} ?consistent 200", 0)
+        assert reads == (0 if lane_read_it else 1), f"the plan read first only when stale: {shapes}"
+        assert lane.release_slots() == [] and other.release_slots() == []
+    assert restarts_by_alloc(sim) == {first.id: 1, second.id: 1, third.id: 1}
 
 
 def test_a_member_whose_deferred_finish_finds_a_new_change_is_handed_back_to_be_restarted_again(

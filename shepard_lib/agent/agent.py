@@ -76,6 +76,11 @@ RESTART_ONLY = (
 (``log_shipping``: the shipping job, its sinks and their metrics are set up once, at start;
 ``ship_log_interval`` is read at every round and reloads.)"""
 
+HEARTBEAT_WAIT = 300.0
+"""Cluster seconds the heartbeat watch's blocking query lasts at most (Consul's default ``wait``, as
+consul-template's watches): it answers at once when a heartbeat is taken or released, so its length
+only bounds how long an answer is trusted when no other comes (a stalled connection)."""
+
 SCAN_INTERVAL = 10.0
 """Cluster seconds between digest scans of a task that fell back from inotify."""
 REGISTRATION_SPREAD = 2.0
@@ -429,8 +434,8 @@ class Agent:
         """Wake the rollout workers whenever an agent's heartbeat changes (an agent may have died)."""
         prefix = self.keyspace.nodes_prefix()
         index = 0
+        wait = max(HEARTBEAT_WAIT, self.recheck_interval())
         while not self.stopping.is_set():
-            wait = self.recheck_interval()
             try:
                 new_index, entries = self.consul.watch(
                     prefix, index, wait, recurse=True, cancel=self.stopping
@@ -439,12 +444,14 @@ class Agent:
                 return  # the agent stops
             except ShepardError as exc:
                 index = 0
+                heartbeats_seen(self.consul, (), 0.0)  # no view: holders are read until the watch answers
                 self.clock.wait(self.stopping, self._consul_outage.failed("kv.watch nodes", exc))
                 continue
             self._consul_outage.recovered()
             # The agents holding a heartbeat are alive (at this answer, and until the next one, which
-            # comes as soon as a heartbeat is released): the holders of their restarts need no read.
-            trusted = self.clock.monotonic() + wait + self.config.session_ttl / 2
+            # comes as soon as a heartbeat is released, or after the wait and Consul's jitter of up to
+            # wait / 16): the holders of their restarts need no read.
+            trusted = self.clock.monotonic() + wait * 17 / 16 + self.config.session_ttl / 2
             heartbeats_seen(self.consul, (e.session for e in entries if e.session), trusted)
             if index and new_index != index:
                 self._rollouts.poke()

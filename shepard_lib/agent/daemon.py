@@ -32,6 +32,12 @@ __all__ = ["run"]
 
 log = logging.getLogger(__name__)
 
+SIGNAL_CHECK = 1.0
+"""Real seconds the main thread waits at most before it runs the handler of a signal received
+meanwhile. The kernel may deliver a process's signal to any of its threads; CPython then only
+flags it, and the handler runs when the main thread next runs Python code, which a wait without
+a timeout would never do."""
+
 
 def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], ShepardConfig]) -> int:
     """Run the agent until SIGTERM/SIGINT; ``load`` reads the configuration (again on SIGHUP)."""
@@ -53,7 +59,8 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], ShepardCo
         agent.start()
         try:
             while not flags["stop"]:
-                wake.wait()
+                if not wake.wait(SIGNAL_CHECK):
+                    continue  # a signal another thread received has run its handler by now
                 wake.clear()
                 if flags["reload"] and not flags["stop"]:
                     flags["reload"] = False

@@ -6,7 +6,9 @@ process with a config file naming its node's Nomad agent, data dir and the sim's
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -159,6 +161,34 @@ def test_sigterm_while_holding_a_slot_releases_it_destroys_the_session_and_exits
     assert plan.members[member].session not in (None, session)
     counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
     assert counts == Counter({a: 1 for a in plan.members}), "the reclaimed restart was not done twice"
+
+
+def _main_thread_asleep(pid: int) -> bool:
+    """Whether the main thread of process ``pid`` sleeps in the kernel (state S in /proc)."""
+    stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "S"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc/<pid>/task and tgkill")
+def test_a_sigterm_the_kernel_gives_to_another_thread_than_the_main_one_still_stops_the_agent(
+    sim_cluster_factory: SimClusterFactory, tmp_path: Path
+) -> None:
+    """A process's signal may go to any of its threads (the kernel picks one that does not block it):
+    CPython only flags it there, and the handler runs when the main thread next runs Python code.
+    Found as an agent that ignored SIGTERM under load; here the signal goes to another thread on purpose."""
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    with agent_processes(sim, tmp_path, ["n1"]) as running:
+        agent = running["n1"]
+        pid = agent.proc.pid
+        wait_until(sim, lambda: "agent of node n1 started" in agent.text(), "the agent has started")
+        wait_until(sim, lambda: _main_thread_asleep(pid), "the agent's main thread waits for a signal")
+        others = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+        assert others, "the agent runs its parts in threads"
+        assert ctypes.CDLL(None, use_errno=True).tgkill(pid, others[-1], signal.SIGTERM) == 0
+        code = agent.proc.wait(timeout=30)
+        log = agent.text()
+    assert code == 0, log
+    assert "stopping" in log and heartbeat_session(sim, "n1") is None, log
 
 
 def test_sighup_with_a_bad_config_keeps_the_old_one_and_with_a_good_one_applies_it(

@@ -8,11 +8,17 @@ roll out one config change of twelve allocations at concurrency 2; docs/design.m
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
+from typing import Any
 
 import pytest
-from agent_support import SCALE, agents, complete, scenario, wait_plan
+from agent_support import KEYS, SCALE, agents, complete, scenario, wait_plan, wait_until
 
+import shepard_lib.recovery as recovery_module
+from shepard_lib.agent.agent import HEARTBEAT_WAIT
+from shepard_lib.errors import ConsulError
+from shepard_lib.sim import SimCluster
 from shepard_lib.sim.pytest_plugin import SimClusterFactory
 
 ALLOCATIONS = 12
@@ -72,11 +78,58 @@ def test_an_agent_rollout_writes_the_plan_once_per_restart_and_reads_no_session(
     accepted = writes["claim ok"] + writes["alone ok"] + writes["release ok"]
     assert accepted <= 2 * ALLOCATIONS, f"{accepted} plan writes for {ALLOCATIONS} restarts: {writes}"
 
-    idle = sum(
-        n for shape, n in shapes.items() if "/v1/session/renew" in shape or "/nodes/ ?" in shape
-    )
+    idle = sum(n for shape, n in shapes.items() if "/v1/session/renew" in shape or "/nodes/ ?" in shape)
     config_write = 1
     per_restart = (sum(shapes.values()) - idle - config_write) / ALLOCATIONS
     assert per_restart <= REQUESTS_PER_RESTART, (
         f"{per_restart:.2f} Consul requests per restart (limit {REQUESTS_PER_RESTART}): {writes}, {shapes}"
     )
+
+
+def _count(sim: SimCluster, part: str) -> int:
+    """Consul requests since the last reset whose shape contains ``part``."""
+    return sum(n for shape, n in sim.consul_server.requests.shapes().items() if part in shape)
+
+
+def test_an_idle_agents_heartbeat_watch_waits_consuls_default_not_one_session_ttl(
+    sim_cluster_factory: SimClusterFactory,
+) -> None:
+    """Idle, an agent renews its session every TTL / 2; its watch on the heartbeats answers at once when
+    one changes, so it waits Consul's default 5 minutes: none of its requests in three TTLs (it was one
+    per TTL)."""
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=1), time_scale=SCALE)
+    with agents(sim, ["n1"]) as running:
+        assert running["n1"].config.session_ttl * 3 < HEARTBEAT_WAIT
+        wait_until(sim, lambda: _count(sim, "/nodes/") >= 1, "the heartbeat watch's first answer")
+        sim.consul_server.requests.reset()
+        wait_until(sim, lambda: _count(sim, "/v1/session/renew") >= 6, "six renewals: three TTLs")
+        shapes = sim.consul_server.requests.shapes()
+    assert not [shape for shape in shapes if "/nodes/" in shape], shapes
+
+
+def test_after_a_failed_heartbeat_watch_no_heartbeat_is_trusted_until_it_answers_again(
+    sim_cluster_factory: SimClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The view of the heartbeats is trusted until the watch's next answer or its wait has run out: a
+    watch that failed has no view, so its agent reads the holders' sessions instead (a stale "alive"
+    could only delay a takeover, but with a 5-minute wait it would delay it for minutes)."""
+    sim = sim_cluster_factory(scenario(count=2, concurrency=1, nodes=2), time_scale=SCALE)
+    with agents(sim, ["n1", "n2"]) as running:
+        n1, peer = running["n1"], running["n2"].session_id
+        assert peer is not None
+        alive = recovery_module._seen_alive(n1.consul)
+        wait_until(sim, lambda: alive.until(peer) > sim.clock.monotonic(), "n1 sees n2's heartbeat")
+        real_watch, failed = n1.consul.watch, threading.Event()
+
+        def failing_watch(key: str, *args: Any, **kwargs: Any) -> Any:
+            if key == KEYS.nodes_prefix():
+                failed.set()
+                raise ConsulError("kv.watch", "proxy said 502", status=502)
+            return real_watch(key, *args, **kwargs)
+
+        monkeypatch.setattr(n1.consul, "watch", failing_watch)
+        sim.set_key(f"{KEYS.nodes_prefix()}elsewhere", "x")  # the watch in flight answers; the next fails
+        wait_until(sim, failed.is_set, "n1's heartbeat watch failed")
+        wait_until(sim, lambda: alive.until(peer) == 0.0, "n1 trusts no view after its watch failed")
+        monkeypatch.setattr(n1.consul, "watch", real_watch)
+        wait_until(sim, lambda: alive.until(peer) > sim.clock.monotonic(), "the watch answers again")

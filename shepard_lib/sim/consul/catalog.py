@@ -9,9 +9,13 @@ check of its node changes (``maxIndexForService``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from shepard_lib.model import CheckStatus
+
+T = TypeVar("T")
 
 SERF_CHECK_ID = "serfHealth"
 
@@ -125,6 +129,20 @@ class Catalog:
     services_index: int = 0
     checks_index: int = 0
     service_index: dict[str, int] = field(default_factory=dict)  # by service name
+    _answers: dict[tuple[object, ...], tuple[tuple[int, int, int], Any]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def memo(self, key: tuple[object, ...], build: Callable[[], T]) -> T:
+        """``build()``, reused under ``key`` until a node, service or check changes (every change
+        moves one of the three table indexes); only the latest answer per key is kept."""
+        version = (self.nodes_index, self.services_index, self.checks_index)
+        hit = self._answers.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        value = build()
+        self._answers[key] = (version, value)
+        return value
 
     # --- writes -----------------------------------------------------------------------------
 

@@ -11,9 +11,12 @@ token) sees empty lists and may not read ``/v1/agent/self`` (see :mod:`.acl`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from shepard_lib.model import CheckStatus
 from shepard_lib.sim.consul import acl
-from shepard_lib.sim.consul.http import Context, HTTPError, Request, Response, json_body
+from shepard_lib.sim.consul.catalog import Catalog
+from shepard_lib.sim.consul.http import JSON, Context, HTTPError, Request, Response, json_body
 
 CONSUL_VERSION = "1.17.0"
 SERVER_RPC_PORT = 8300
@@ -44,19 +47,41 @@ def health(ctx: Context, req: Request) -> Response:
                 )
             return catalog.index_for_service(name), out
 
-        index, body, opts = ctx.blocking(req, instances)
+        read = _encoded(catalog, (kind, name, passing), instances)
     elif kind == "checks":
-        index, body, opts = ctx.blocking(
-            req, lambda: (catalog.checks_index, [c.to_json() for c in catalog.service_checks(name)])
+        read = _encoded(
+            catalog,
+            (kind, name),
+            lambda: (catalog.checks_index, [c.to_json() for c in catalog.service_checks(name)]),
         )
     elif kind == "node":
-        index, body, opts = ctx.blocking(
-            req, lambda: (catalog.checks_index, [c.to_json() for c in catalog.node_checks(name)])
+        read = _encoded(
+            catalog,
+            (kind, name),
+            lambda: (catalog.checks_index, [c.to_json() for c in catalog.node_checks(name)]),
         )
     else:
         raise HTTPError(404, "Not found")
-    body, filtered = acl.visible(req.anonymous, body)
-    return json_body(body, headers=ctx.meta_headers(index, opts, filtered=filtered))
+    index, (body, data), opts = ctx.blocking(req, read)
+    headers = ctx.meta_headers(index, opts, filtered=req.anonymous and bool(body))
+    return json_body([], headers=headers) if req.anonymous else Response(200, data, JSON, headers)
+
+
+def _encoded(
+    catalog: Catalog, key: tuple[object, ...], build: Callable[[], tuple[int, list[dict[str, object]]]]
+) -> Callable[[], tuple[int, tuple[list[dict[str, object]], bytes]]]:
+    """A blocking read of ``build``'s answer and its JSON, built once per change of the catalog:
+    the waiters of one service all wake at each change and are all sent the same answer (this
+    saves the simulator's CPU; what is answered does not change)."""
+
+    def read() -> tuple[int, tuple[list[dict[str, object]], bytes]]:
+        def answer() -> tuple[int, tuple[list[dict[str, object]], bytes]]:
+            index, body = build()
+            return index, (body, json_body(body).body)
+
+        return catalog.memo(key, answer)
+
+    return read
 
 
 def _passing(req: Request) -> bool:

@@ -8,6 +8,7 @@ import pytest
 from consul_contract import ConsulTarget, make_client
 
 from shepard_lib.model import CheckStatus
+from shepard_lib.sim.consul.catalog import Catalog
 
 
 def test_agent_self_and_leader(consul_target: ConsulTarget) -> None:
@@ -57,6 +58,25 @@ def test_health_checks_and_node_checks(sim_consul: ConsulTarget) -> None:
     assert c.health.checks("db")[1] == []
     with pytest.raises(ValueError, match="ambiguous"):
         state.set_check_status("serfHealth", CheckStatus.PASSING)
+
+
+def test_the_sim_builds_a_health_answer_once_per_change_of_the_catalog(
+    sim_consul: ConsulTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sim-only, the simulator's cost: every waiter of a service wakes at each change and is sent the
+    same answer, built once (at 2,000 instances, building it per waiter was most of the sim's CPU)."""
+    state, c = sim_consul.state, sim_consul.client()
+    state.register_node("n1")
+    state.register_service("n1", "db-1", "db", 5432, check_id="db-1-tcp", check_name="tcp")
+    built: list[str] = []
+    real = Catalog.service_checks
+    monkeypatch.setattr(Catalog, "service_checks", lambda self, name: built.append(name) or real(self, name))
+    answers = [c.health.checks("db")[1] for _ in range(3)]
+    assert built == ["db"] and answers[0] == answers[1] == answers[2]
+    state.register_node("n2")  # another table's change: built again, the same answer
+    assert c.health.checks("db")[1] == answers[0] and built == ["db", "db"]
+    state.set_check_status("db-1-tcp", CheckStatus.PASSING, "connected")
+    assert c.health.checks("db")[1][0]["Status"] == "passing" and len(built) == 3
 
 
 def test_catalog_nodes_and_services(sim_consul: ConsulTarget) -> None:

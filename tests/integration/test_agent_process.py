@@ -158,7 +158,7 @@ def test_sigterm_while_holding_a_slot_releases_it_destroys_the_session_and_exits
     assert f"alloc {member}: reclaimed from n1" in result.stderr, result.stderr
     assert "event=reclaimed" in result.stderr, result.stderr
     plan = wait_plan(sim, complete(2))
-    assert plan.members[member].session not in (None, session)
+    assert plan.members[member].holder_name not in (None, "n1"), "finished by the reclaimer"
     counts = Counter(r.alloc_id for r in sim.restarts() if r.job == "web")
     assert counts == Counter({a: 1 for a in plan.members}), "the reclaimed restart was not done twice"
 

@@ -996,3 +996,17 @@ def test_a_done_member_keeps_its_holder_and_claim_index_and_2000_of_them_fit_in_
     assert finish(plan, specs[7].alloc_id, holder=done.holder, ok=True, now=9e9) is plan, "its own finish"
     again = register(plan, [specs[7]], now=9e9, index=20_000, seen_index=10_007)
     assert again.generation == plan.generation, "a change its claim covers opens no generation"
+
+
+def test_a_failed_member_keeps_its_claim_and_records_when_it_failed() -> None:
+    """Unlike a done member, a failed one keeps its session and baseline (it still counts as down)."""
+    plan = claimed(register(fresh(max_failures=1), [A], now=100.0, index=1), A, index=5)
+    before = plan.members[A.alloc_id]
+    failed = finish(plan, A.alloc_id, holder="h1", ok=False, now=250.0, error="unhealthy").members[A.alloc_id]
+    assert (failed.state, failed.error, failed.updated_at) == (MemberState.FAILED, "unhealthy", 250.0)
+    assert (failed.session, failed.restarts_before, failed.started_before, failed.claim_index) == (
+        before.session,
+        before.restarts_before,
+        before.started_before,
+        5,
+    )

@@ -11,11 +11,8 @@ token) sees empty lists and may not read ``/v1/agent/self`` (see :mod:`.acl`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from shepard_lib.model import CheckStatus
 from shepard_lib.sim.consul import acl
-from shepard_lib.sim.consul.catalog import Catalog
 from shepard_lib.sim.consul.http import JSON, Context, HTTPError, Request, Response, json_body
 
 CONSUL_VERSION = "1.17.0"
@@ -32,8 +29,9 @@ def health(ctx: Context, req: Request) -> Response:
     catalog = ctx.state.catalog
     if kind == "service":
         passing = _passing(req)
+        key: tuple[object, ...] = (kind, name, passing)
 
-        def instances() -> tuple[int, list[dict[str, object]]]:
+        def build() -> tuple[int, list[dict[str, object]]]:
             out: list[dict[str, object]] = []
             for node, service, checks in catalog.instances(name):
                 if passing and any(c.status != CheckStatus.PASSING for c in checks):
@@ -47,41 +45,29 @@ def health(ctx: Context, req: Request) -> Response:
                 )
             return catalog.index_for_service(name), out
 
-        read = _encoded(catalog, (kind, name, passing), instances)
-    elif kind == "checks":
-        read = _encoded(
-            catalog,
-            (kind, name),
-            lambda: (catalog.checks_index, [c.to_json() for c in catalog.service_checks(name)]),
-        )
-    elif kind == "node":
-        read = _encoded(
-            catalog,
-            (kind, name),
-            lambda: (catalog.checks_index, [c.to_json() for c in catalog.node_checks(name)]),
-        )
+    elif kind in ("checks", "node"):
+        listed = catalog.service_checks if kind == "checks" else catalog.node_checks
+        key = (kind, name)
+
+        def build() -> tuple[int, list[dict[str, object]]]:
+            return catalog.checks_index, [c.to_json() for c in listed(name)]
+
     else:
         raise HTTPError(404, "Not found")
-    index, (body, data), opts = ctx.blocking(req, read)
-    headers = ctx.meta_headers(index, opts, filtered=req.anonymous and bool(body))
-    return json_body([], headers=headers) if req.anonymous else Response(200, data, JSON, headers)
+    index, (body, data), opts = ctx.blocking(req, lambda: catalog.memo(key, lambda: _with_json(build())))
+    body, filtered = acl.visible(req.anonymous, body)
+    headers = ctx.meta_headers(index, opts, filtered=filtered)
+    return Response(200, json_body(body).body if filtered else data, JSON, headers)
 
 
-def _encoded(
-    catalog: Catalog, key: tuple[object, ...], build: Callable[[], tuple[int, list[dict[str, object]]]]
-) -> Callable[[], tuple[int, tuple[list[dict[str, object]], bytes]]]:
-    """A blocking read of ``build``'s answer and its JSON, built once per change of the catalog:
-    the waiters of one service all wake at each change and are all sent the same answer (this
-    saves the simulator's CPU; what is answered does not change)."""
-
-    def read() -> tuple[int, tuple[list[dict[str, object]], bytes]]:
-        def answer() -> tuple[int, tuple[list[dict[str, object]], bytes]]:
-            index, body = build()
-            return index, (body, json_body(body).body)
-
-        return catalog.memo(key, answer)
-
-    return read
+def _with_json(
+    answer: tuple[int, list[dict[str, object]]],
+) -> tuple[int, tuple[list[dict[str, object]], bytes]]:
+    """An answer with its JSON. Kept per change of the catalog (:meth:`Catalog.memo`): the waiters of
+    one service all wake at each change and are all sent the same bytes, encoded once (this saves the
+    simulator's CPU; what is answered does not change)."""
+    index, body = answer
+    return index, (body, json_body(body).body)
 
 
 def _passing(req: Request) -> bool:

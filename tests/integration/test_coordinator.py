@@ -469,10 +469,8 @@ def test_a_lanes_claim_after_another_process_was_restarting_reads_the_plan_first
         done = lane.drive(targets[2], since=since, keep_slot=True, defer_finish=True)
         assert done.outcome == Outcome.RESTARTED
         shapes = sim.consul_server.requests.shapes()
-        writes = {s: n for s, n in shapes.items() if s.startswith(f"PUT /v1/txn [cas {PLAN_KEY}")}
-        assert list(writes.values()) == [1] and next(iter(writes)).endswith(" 200"), (
-            f"one claim, not refused: {shapes}"
-        )
+        writes = _plan_txns(sim)
+        assert len(writes) == 1 and writes[0].endswith(" 200 x1"), f"one claim, not refused: {shapes}"
         reads = shapes.get(f"GET /v1/kv/{PLAN_KEY} ?consistent 200", 0)
         assert reads == (0 if lane_read_it else 1), f"the plan read first only when stale: {shapes}"
         assert lane.release_slots() == [] and other.release_slots() == []

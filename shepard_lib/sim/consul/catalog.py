@@ -4,7 +4,9 @@ Records and their JSON follow ``agent/structs`` (``Node``, ``NodeService``, ``He
 ``CheckServiceNode``) and the examples of the ``health`` and ``catalog`` API docs. Indexes follow
 the state store: the ``nodes``, ``services`` and ``checks`` tables each keep their own, and every
 service name keeps a ``service.<name>`` index bumped when an instance, one of its checks, or a
-check of its node changes (``maxIndexForService``).
+check of its node changes (``maxIndexForService``). The sim also keeps, per node, the index of the
+last change of its checks (not an index Consul reports: what versions the memoised answers of
+``/v1/health/node/<n>``, so a change elsewhere does not rebuild them).
 """
 
 from __future__ import annotations
@@ -129,14 +131,15 @@ class Catalog:
     services_index: int = 0
     checks_index: int = 0
     service_index: dict[str, int] = field(default_factory=dict)  # by service name
-    _answers: dict[tuple[object, ...], tuple[tuple[int, int, int], Any]] = field(
+    node_checks_index: dict[str, int] = field(default_factory=dict)  # by node: its checks' last change
+    _answers: dict[tuple[object, ...], tuple[int, Any]] = field(
         default_factory=dict, repr=False, compare=False
     )
 
-    def memo(self, key: tuple[object, ...], build: Callable[[], T]) -> T:
-        """``build()``, reused under ``key`` until a node, service or check changes (every change
-        moves one of the three table indexes); only the latest answer per key is kept."""
-        version = (self.nodes_index, self.services_index, self.checks_index)
+    def memo(self, key: tuple[object, ...], version: int, build: Callable[[], T]) -> T:
+        """``build()``, reused (the same object) under ``key`` while ``version`` stays; only the
+        latest answer per key is kept. ``version`` must move whenever the answer may change (an
+        index of the data ``build`` reads: :attr:`service_index`, :attr:`node_checks_index`)."""
         hit = self._answers.get(key)
         if hit is not None and hit[0] == version:
             return hit[1]
@@ -196,7 +199,19 @@ class Catalog:
             del self.checks[(check.node, check.check_id)]
         if gone:
             self.checks_index = idx
+            self.node_checks_index[service.node] = idx
         return gone
+
+    def remove_node(self, idx: int, name: str) -> None:
+        """Remove a node and its remaining (node-level) checks; deregister its services first."""
+        doomed = [k for k in self.checks if k[0] == name]
+        for key in doomed:
+            del self.checks[key]
+        if doomed:
+            self.checks_index = idx
+            self.node_checks_index[name] = idx
+        if self.nodes.pop(name, None) is not None:
+            self.nodes_index = idx
 
     def put_check(self, idx: int, check: Check) -> None:
         """Add or replace a check (keeps CreateIndex; ModifyIndex moves only on a change)."""
@@ -213,6 +228,7 @@ class Catalog:
             check = replace(check, create_index=old.create_index)
         self.checks[key] = replace(check, modify_index=idx)
         self.checks_index = idx
+        self.node_checks_index[check.node] = idx
         if check.service_id:
             service = self.services.get(check.service_id)
             if service is not None:

@@ -11,16 +11,27 @@ token) sees empty lists and may not read ``/v1/agent/self`` (see :mod:`.acl`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from shepard_lib.model import CheckStatus
 from shepard_lib.sim.consul import acl
 from shepard_lib.sim.consul.http import JSON, Context, HTTPError, Request, Response, json_body
+from shepard_lib.sim.consul.state import watch_index
 
 CONSUL_VERSION = "1.17.0"
 SERVER_RPC_PORT = 8300
 
 
 def health(ctx: Context, req: Request) -> Response:
-    """``/v1/health/{service,checks,node}/<name>``."""
+    """``/v1/health/{service,checks,node}/<name>``.
+
+    Blocking, each wakes on what Consul's query watches (:meth:`ConsulState.blocking_read`): the
+    service's instances, their nodes and all their checks for ``service`` (whose index is that
+    data's own, so a move of it is the wake-up, whatever ``?passing`` keeps); the listed checks
+    for ``checks`` and ``node``, whose answers carry the checks table's index, so that they return
+    at once when any check changed since the client's index, but while blocked wake only for
+    their own checks.
+    """
     if req.method != "GET":
         raise HTTPError(405, f"method {req.method} not allowed")
     kind, _, name = req.path[len("/v1/health/") :].partition("/")
@@ -31,7 +42,7 @@ def health(ctx: Context, req: Request) -> Response:
         passing = _passing(req)
         key: tuple[object, ...] = (kind, name, passing)
 
-        def build() -> tuple[int, list[dict[str, object]]]:
+        def build() -> _Answer:
             out: list[dict[str, object]] = []
             for node, service, checks in catalog.instances(name):
                 if passing and any(c.status != CheckStatus.PASSING for c in checks):
@@ -43,31 +54,50 @@ def health(ctx: Context, req: Request) -> Response:
                         "Checks": [c.to_json() for c in checks],
                     }
                 )
-            return catalog.index_for_service(name), out
+            return _with_json(out)
+
+        def read() -> tuple[int, _Answer]:
+            index = catalog.index_for_service(name)
+            return index, catalog.memo(key, index, build)
+
+        watch: Callable[[int, _Answer], object] = watch_index
 
     elif kind in ("checks", "node"):
         listed = catalog.service_checks if kind == "checks" else catalog.node_checks
+        versions = catalog.service_index if kind == "checks" else catalog.node_checks_index
         key = (kind, name)
 
-        def build() -> tuple[int, list[dict[str, object]]]:
-            return catalog.checks_index, [c.to_json() for c in listed(name)]
+        def build() -> _Answer:
+            return _with_json([c.to_json() for c in listed(name)])
+
+        def read() -> tuple[int, _Answer]:
+            return catalog.checks_index, catalog.memo(key, versions.get(name, 0), build)
+
+        watch = _encoded
 
     else:
         raise HTTPError(404, "Not found")
-    index, (body, data), opts = ctx.blocking(req, lambda: catalog.memo(key, lambda: _with_json(build())))
+    index, (body, data), opts = ctx.blocking(req, read, watch)
     body, filtered = acl.visible(req.anonymous, body)
     headers = ctx.meta_headers(index, opts, filtered=filtered)
     return Response(200, json_body(body).body if filtered else data, JSON, headers)
 
 
-def _with_json(
-    answer: tuple[int, list[dict[str, object]]],
-) -> tuple[int, tuple[list[dict[str, object]], bytes]]:
-    """An answer with its JSON. Kept per change of the catalog (:meth:`Catalog.memo`): the waiters of
-    one service all wake at each change and are all sent the same bytes, encoded once (this saves the
-    simulator's CPU; what is answered does not change)."""
-    index, body = answer
-    return index, (body, json_body(body).body)
+_Answer = tuple[list[dict[str, object]], bytes]
+"""A health answer with its JSON."""
+
+
+def _with_json(body: list[dict[str, object]]) -> _Answer:
+    """An answer with its JSON. Kept while what it was built from stays (:meth:`Catalog.memo`): the
+    waiters of one service or node all wake at each change and are all sent the same bytes, encoded
+    once (this saves the simulator's CPU; what is answered does not change)."""
+    return body, json_body(body).body
+
+
+def _encoded(index: int, answer: _Answer) -> object:
+    """What a blocked ``checks``/``node`` query compares: the answer's JSON (the memoised object
+    itself while nothing it lists changed, so the comparison is by identity)."""
+    return answer[1]
 
 
 def _passing(req: Request) -> bool:
@@ -85,8 +115,11 @@ def _passing(req: Request) -> bool:
 def catalog_nodes(ctx: Context, req: Request) -> Response:
     """``/v1/catalog/nodes``."""
     catalog = ctx.state.catalog
+    # Consul reads (and watches) the whole nodes table.
     index, body, opts = ctx.blocking(
-        req, lambda: (catalog.nodes_index, [n.to_json() for _, n in sorted(catalog.nodes.items())])
+        req,
+        lambda: (catalog.nodes_index, [n.to_json() for _, n in sorted(catalog.nodes.items())]),
+        watch_index,
     )
     body, filtered = acl.visible(req.anonymous, body)
     return json_body(body, headers=ctx.meta_headers(index, opts, filtered=filtered))
@@ -95,7 +128,10 @@ def catalog_nodes(ctx: Context, req: Request) -> Response:
 def catalog_services(ctx: Context, req: Request) -> Response:
     """``/v1/catalog/services``: service name to the union of its tags."""
     catalog = ctx.state.catalog
-    index, tags, opts = ctx.blocking(req, lambda: (catalog.services_index, catalog.service_tags()))
+    # Consul reads (and watches) the whole services table: any change of an instance wakes it.
+    index, tags, opts = ctx.blocking(
+        req, lambda: (catalog.services_index, catalog.service_tags()), watch_index
+    )
     names, filtered = acl.visible(req.anonymous, sorted(tags))
     body = {name: tags[name] for name in names}
     return json_body(body, headers=ctx.meta_headers(index, opts, filtered=filtered))

@@ -152,11 +152,17 @@ class Context:
             headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return headers
 
-    def blocking(self, req: Request, read: Callable[[], tuple[int, T]]) -> tuple[int, T, QueryOptions]:
-        """Run ``read`` as a blocking query per the request's ``?index``/``?wait``."""
+    def blocking(
+        self,
+        req: Request,
+        read: Callable[[], tuple[int, T]],
+        watch: Callable[[int, T], object] | None = None,
+    ) -> tuple[int, T, QueryOptions]:
+        """Run ``read`` as a blocking query per the request's ``?index``/``?wait``, woken by a change
+        of ``watch(index, answer)`` (default: the answer; see :meth:`ConsulState.blocking_read`)."""
         opts = QueryOptions.parse(req)
         timeout = self.query_timeout_real(opts.wait) if opts.min_index > 0 else 0.0
-        index, result = self.state.blocking_read(read, opts.min_index, timeout, self.abort)
+        index, result = self.state.blocking_read(read, opts.min_index, timeout, self.abort, watch)
         return index, result, opts
 
 

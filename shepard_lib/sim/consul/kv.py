@@ -79,21 +79,6 @@ class KVStore:
             index = self.table_index
         return max(1, index), entries
 
-    def keys(self, prefix: str, separator: str = "") -> tuple[int, list[str]]:
-        """``KVS.ListKeys``: key names under ``prefix``, folded after ``separator`` (deduplicated)."""
-        index, entries = self.list_prefix(prefix)
-        if not separator:
-            return index, [e.key for e in entries]
-        out: list[str] = []
-        seen: set[str] = set()
-        for e in entries:
-            cut = e.key.find(separator, len(prefix))
-            name = e.key if cut < 0 else e.key[: cut + len(separator)]
-            if name not in seen:
-                seen.add(name)
-                out.append(name)
-        return index, out
-
     def held_by(self, session: str) -> list[KVEntry]:
         """Entries whose lock ``session`` holds."""
         return [e for e in self._entries.values() if e.session == session]
@@ -227,6 +212,22 @@ class KVStore:
 
     def _graveyard_index(self, prefix: str) -> int:
         return max((i for k, i in self._tombstones.items() if k.startswith(prefix)), default=0)
+
+
+def key_names(entries: list[KVEntry], prefix: str, separator: str = "") -> list[str]:
+    """``KVS.ListKeys`` of a listing of ``prefix``: the key names, folded after ``separator``
+    (deduplicated). Consul reads (and, blocking, watches) every entry under the prefix for it."""
+    if not separator:
+        return [e.key for e in entries]
+    out: list[str] = []
+    seen: set[str] = set()
+    for e in entries:
+        cut = e.key.find(separator, len(prefix))
+        name = e.key if cut < 0 else e.key[: cut + len(separator)]
+        if name not in seen:
+            seen.add(name)
+            out.append(name)
+    return out
 
 
 def _same_content(a: KVEntry, b: KVEntry) -> bool:

@@ -26,7 +26,7 @@ from urllib.parse import urlencode
 from shepard_lib.model import KVEntry
 from shepard_lib.sim.consul import acl
 from shepard_lib.sim.consul.http import Context, HTTPError, Request, Response, json_body, text_body
-from shepard_lib.sim.consul.kv import KVError
+from shepard_lib.sim.consul.kv import KVError, key_names
 
 PREFIX = "/v1/kv/"
 KV_MAX_VALUE_SIZE = 512 * 1024
@@ -97,8 +97,10 @@ def _get(ctx: Context, req: Request, key: str) -> Response:
 def _get_keys(ctx: Context, req: Request, prefix: str) -> Response:
     separator = req.arg("separator") if req.has("separator") else req.arg("seperator")
     kv = ctx.state.kv
-    index, keys, opts = ctx.blocking(req, lambda: kv.keys(prefix, separator))
-    keys, filtered = acl.visible(req.anonymous, keys)
+    # Consul's ListKeys reads every entry under the prefix, so a change of a value there wakes it
+    # too (the index moves), not only a change of the names.
+    index, entries, opts = ctx.blocking(req, lambda: kv.list_prefix(prefix))
+    keys, filtered = acl.visible(req.anonymous, key_names(entries, prefix, separator))
     headers = ctx.meta_headers(index, opts, filtered=filtered)
     if not keys and prefix:
         return text_body(404, "", headers)

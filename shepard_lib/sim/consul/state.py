@@ -2,9 +2,9 @@
 
 :class:`ConsulState` is what the HTTP layer serves and what the simulated Nomad drives in-process
 (registering nodes, services and checks). Every mutation happens under one condition variable,
-commits at the next raft index only when some table changed, and wakes every waiter; blocking
-queries re-run their read after each commit, exactly like Consul's ``blockingQuery`` re-runs the
-query when its watch set fires, and return once the read's index passes the client's.
+commits at the next raft index only when some table changed, and wakes every waiter; a blocking
+query re-runs its read after each commit and, like Consul's ``blockingQuery``, goes on blocking
+until what it read has changed (:meth:`ConsulState.blocking_read`), not merely the index.
 
 Session TTLs run on the shared :class:`~shepard_lib.clock.Clock` (cluster seconds). There is no
 timer thread: every access first invalidates the sessions whose deadline has passed, and every
@@ -70,6 +70,7 @@ class ConsulState:
         self._rng = random.Random(seed)
         self._cond = threading.Condition()
         self._index = 0
+        self._blocked = 0
         self.kv = KVStore()
         self.sessions = SessionTable(ttl_multiplier=session_ttl_multiplier)
         self.catalog = Catalog(datacenter=datacenter)
@@ -85,12 +86,18 @@ class ConsulState:
             self._expire_sessions()
             return self._index
 
+    @property
+    def blocked_reads(self) -> int:
+        """How many blocking reads are waiting for a change now (for tests: "the query is blocked")."""
+        with self._cond:
+            return self._blocked
+
     def wait_for_change(self, index: int, timeout_real: float) -> int:
         """Block until the state index is above ``index`` or ``timeout_real`` real seconds pass.
 
-        Returns the state index then.
+        Returns the state index then. Any commit wakes it (it watches the index itself).
         """
-        return self.blocking_read(lambda: (self._index, None), index, timeout_real)[0]
+        return self.blocking_read(lambda: (self._index, None), index, timeout_real, watch=watch_index)[0]
 
     def read(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` under the state lock (after due session expiries)."""
@@ -104,27 +111,58 @@ class ConsulState:
         min_index: int,
         timeout_real: float,
         abort: threading.Event | None = None,
+        watch: Callable[[int, T], object] | None = None,
     ) -> tuple[int, T]:
-        """Consul's ``blockingQuery``: run ``fn`` and, while its index is not above ``min_index``,
-        wait for the next commit and run it again, until ``timeout_real`` real seconds have passed
-        (or ``abort`` is set and :meth:`wake_waiters` called).
+        """Consul's ``blockingQuery`` (``agent/consul/rpc.go``): run ``fn`` (it returns the index to
+        report and the answer); if ``min_index`` is 0 or that index is above it, return the answer at
+        once. Otherwise block until the data the query read changes, then run it again and loop; when
+        ``timeout_real`` real seconds pass (or ``abort`` is set and :meth:`wake_waiters` called)
+        return the last answer, whose index is not above ``min_index``.
 
-        ``min_index == 0`` does not block. ``fn`` runs under the state lock.
+        Consul blocks on the memdb watch channels of exactly the data the query read, not on the
+        index it reports: ``/v1/health/node/<n>`` reports the checks table's index but wakes only
+        for ``n``'s checks; a missing key reports the KV table's index but wakes only when that key
+        is written. The sim models "a watch channel fired" as "``watch(index, answer)`` of a re-run
+        differs from the run before the wait" (``is``, then ``==``), re-running ``fn`` at each
+        commit. ``watch`` defaults to the answer itself; every answer carries ModifyIndex or
+        CreateIndex fields or is a membership, so a write to the watched data changes it. A caller
+        passes a cheaper projection (encoded bytes; the table index when the query reads a whole
+        table; the index when it is the watched data's own, as ``/v1/health/service``'s). Spurious
+        wake-ups are not modelled: in Consul a watch on a missing key or an empty prefix is the
+        radix-tree node nearest to it, which other writes below that node also fire (and such a
+        query, reporting the table index, then returns).
+
+        ``fn`` and ``watch`` run under the state lock.
         """
+        seen_as = watch or _answer_of
         deadline = time.monotonic() + timeout_real
         with self._cond:
-            while True:
-                self._expire_sessions()
-                seen = self._index
-                index, result = fn()
-                if min_index <= 0 or index > min_index:
-                    return index, result
-                while self._index == seen:
+            self._expire_sessions()
+            index, result = fn()
+            if min_index <= 0 or index > min_index:
+                return index, result
+            watched = seen_as(index, result)
+            seen = self._index
+            self._blocked += 1
+            try:
+                while True:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or (abort is not None and abort.is_set()):
                         return index, result
                     self._cond.wait(self._bounded_wait(remaining))
                     self._expire_sessions()
+                    if self._index == seen:
+                        continue
+                    seen = self._index
+                    new_index, new_result = fn()
+                    now = seen_as(new_index, new_result)
+                    if now is watched or now == watched:
+                        continue  # nothing the query read has changed: keep blocking
+                    index, result, watched = new_index, new_result, now
+                    if index > min_index:
+                        return index, result
+            finally:
+                self._blocked -= 1
 
     def wake_waiters(self) -> None:
         """Wake every blocked reader so it re-checks its abort event."""
@@ -163,11 +201,7 @@ class ConsulState:
                 self._invalidate(idx, session.id)
             for service in [s for s in self.catalog.services.values() if s.node == name]:
                 self.catalog.deregister_service(idx, service.id)
-            for key in [k for k in self.catalog.checks if k[0] == name]:
-                del self.catalog.checks[key]
-                self.catalog.checks_index = idx
-            if self.catalog.nodes.pop(name, None) is not None:
-                self.catalog.nodes_index = idx
+            self.catalog.remove_node(idx, name)
 
     def register_service(
         self,
@@ -362,6 +396,17 @@ class ConsulState:
 
     def _uuid(self) -> str:
         return str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
+
+
+def _answer_of(index: int, answer: object) -> object:
+    """What a blocking read watches by default: its whole answer."""
+    return answer
+
+
+def watch_index(index: int, answer: object) -> object:
+    """A ``watch`` for :meth:`ConsulState.blocking_read` when the index a read reports moves exactly
+    when the data it read changes (a whole table's read, the state index, a service's index)."""
+    return index
 
 
 def _with_status(check: Check, status: CheckStatus, output: str) -> Check:

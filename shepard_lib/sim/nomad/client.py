@@ -33,7 +33,7 @@ from pathlib import Path
 from shepard_lib.gotemplate import MissingKey, TemplateError, render
 from shepard_lib.keyspace import TEMPLATE_DESTINATION, shepard_template
 from shepard_lib.model import CheckStatus
-from shepard_lib.sim.consul.state import ConsulState
+from shepard_lib.sim.consul.state import ConsulState, watch_index
 from shepard_lib.sim.nomad.allocdir import AllocDir, write_if_changed
 from shepard_lib.sim.nomad.logs import TaskLogs
 from shepard_lib.sim.nomad.restarts import RestartLog, RestartRecord
@@ -676,8 +676,13 @@ class KVWatcher:
 
     def _run(self, kv_index: int) -> None:
         while not self._stop.is_set():
+            # Any KV write wakes it: what it watches is the KV table's index itself.
             new, _ = self.consul.blocking_read(
-                lambda: (self.consul.kv.table_index, None), kv_index, _WATCH_WAIT_REAL, abort=self._stop
+                lambda: (self.consul.kv.table_index, None),
+                kv_index,
+                _WATCH_WAIT_REAL,
+                abort=self._stop,
+                watch=watch_index,
             )
             if new == kv_index:
                 continue

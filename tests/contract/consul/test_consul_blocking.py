@@ -1,4 +1,5 @@
-"""Blocking queries: wake on change, time out after the wait, one request per change, headers."""
+"""Blocking queries: wake on a change of what they read (not on any index move), time out after the
+wait, one request per change, headers."""
 
 from __future__ import annotations
 
@@ -24,6 +25,18 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     return thread, out
 
 
+def wait_until_blocked(target: ConsulTarget, count: int = 1) -> None:
+    """Return once ``count`` blocking queries wait in the sim; a real Consul shows no such thing, so
+    there it waits one real second."""
+    if target.sim is None:
+        time.sleep(1)
+        return
+    deadline = time.monotonic() + 30
+    while target.state.blocked_reads < count:
+        assert time.monotonic() < deadline, f"fewer than {count} queries ever blocked"
+        time.sleep(0.005)
+
+
 def test_blocking_get_returns_when_the_key_changes(consul_target: ConsulTarget) -> None:
     c, key = consul_target.client(), consul_target.key("watched")
     c.kv.put(key, "v1")
@@ -47,6 +60,147 @@ def test_blocking_get_on_a_missing_key_wakes_when_it_is_created(consul_target: C
     consul_target.client().kv.put(key, "now")
     thread.join(timeout=10)
     assert out[0][1]["Value"] == b"now"
+
+
+def test_blocking_get_of_a_missing_key_sleeps_through_writes_of_other_keys(
+    consul_target: ConsulTarget,
+) -> None:
+    """A missing key's answer carries the KV table's index, so a query whose index is behind returns
+    at once; but a blocked one is woken by that key only. In Consul's radix tree the watch of a
+    missing key is the node nearest to it (``<p>w/`` here, made by its two neighbours), which the
+    write of ``<p>o`` does not touch: a key sharing that node would wake it (not modelled by the sim)."""
+    c, p = consul_target.client(), consul_target.key()
+    for name in ("w/a", "w/b", "o"):
+        c.kv.put(p + name, "x")
+    key = p + "w/missing"
+    index, value = c.kv.get(key)
+    assert value is None
+    thread, out = in_thread(lambda: c.kv.get(key, index=index, wait="60s"))
+    wait_until_blocked(consul_target)
+    writer = consul_target.client()
+    writer.kv.put(p + "o", "y")
+    writer.kv.delete(p + "w/b")  # under the same prefix, but another key
+    behind_index, behind = writer.kv.get(key, index=index, wait="60s")
+    assert behind is None and int(behind_index) > int(index), "an index behind the table's returns at once"
+    assert thread.is_alive(), "woken by writes of other keys"
+    writer.kv.put(key, "now")
+    thread.join(timeout=10)
+    new_index, entry = out[0]
+    assert entry is not None and entry["Value"] == b"now"
+    assert int(new_index) > int(behind_index)
+
+
+def test_blocking_recurse_and_keys_sleep_through_writes_beside_the_prefix(
+    consul_target: ConsulTarget,
+) -> None:
+    """``?recurse`` and ``?keys`` watch every entry under the prefix, and only those: ``?keys`` also
+    wakes when a value under the prefix changes, with the same names and a new index."""
+    c, p = consul_target.client(), consul_target.key()
+    prefix = p + "slots/"
+    c.kv.put(p + "other", "x")
+    c.kv.put(prefix + "0", "held")
+    index, _ = c.kv.get(prefix, recurse=True)
+    keys_index, _ = c.kv.get(prefix, keys=True)
+    recurse, recurse_out = in_thread(lambda: c.kv.get(prefix, recurse=True, index=index, wait="60s"))
+    keys, keys_out = in_thread(
+        lambda: consul_target.client().kv.get(prefix, keys=True, index=keys_index, wait="60s")
+    )
+    wait_until_blocked(consul_target, 2)
+    writer = consul_target.client()
+    writer.kv.put(p + "other", "y")
+    writer.kv.put(p + "slots", "beside")  # a key the prefix "slots/" does not cover
+    assert recurse.is_alive() and keys.is_alive(), "woken by writes beside the prefix"
+    writer.kv.put(prefix + "0", "released")
+    recurse.join(timeout=10)
+    keys.join(timeout=10)
+    (recurse_index, entries), (new_keys_index, names) = recurse_out[0], keys_out[0]
+    assert [(e["Key"], e["Value"]) for e in entries] == [(prefix + "0", b"released")]
+    assert names == [prefix + "0"] and int(new_keys_index) > int(keys_index)
+    assert int(recurse_index) == int(new_keys_index) == entries[0]["ModifyIndex"]
+
+
+def test_blocking_session_info_sleeps_through_other_sessions(consul_target: ConsulTarget) -> None:
+    """Session info reports the sessions table's index but watches only its session."""
+    c = consul_target.client()
+    session_id = consul_target.session()
+    index, _ = c.session.info(session_id)
+    thread, out = in_thread(lambda: consul_target.client().session.info(session_id, index=index, wait="60s"))
+    wait_until_blocked(consul_target)
+    other = consul_target.session()
+    behind_index, behind = c.session.info(session_id, index=index, wait="60s")
+    assert behind is not None and behind["ID"] == session_id and int(behind_index) > int(index)
+    assert thread.is_alive(), "woken by another session"
+    c.session.destroy(other)
+    c.session.destroy(session_id)
+    thread.join(timeout=10)
+    assert out[0][1] is None and int(out[0][0]) > int(behind_index)
+
+
+def test_blocking_health_node_wakes_only_for_its_own_checks(sim_consul: ConsulTarget) -> None:
+    """Sim-only (checks are driven in-process). ``NodeChecks`` reports the checks table's index, so
+    a query whose index is behind returns at once, but a blocked one wakes for its node's checks only
+    (Consul's ``catalogListChecksByNode`` watch)."""
+    state, c = sim_consul.state, sim_consul.client()
+    for node in ("a", "b"):
+        state.register_node(node)
+        state.register_service(node, f"api-{node}", "api", 9000, check_id=f"api-{node}-http")
+    index, checks = c.health.node("a")
+    thread, out = in_thread(lambda: c.health.node("a", index=index, wait="60s"))
+    wait_until_blocked(sim_consul)
+    state.set_check_status("api-b-http", CheckStatus.PASSING, "HTTP 200")
+    state.set_node_health("b", CheckStatus.CRITICAL)
+    state.register_service("b", "db-b", "db", 5432, check_id="db-b-tcp")
+    behind_index, behind = sim_consul.client().health.node("a", index=index, wait="60s")
+    assert behind == checks and int(behind_index) > int(index), "an index behind the table's returns at once"
+    assert thread.is_alive(), "woken by another node's checks"
+    state.set_check_status("api-a-http", CheckStatus.PASSING, "HTTP 200")
+    thread.join(timeout=10)
+    new_index, new_checks = out[0]
+    assert [(ch["CheckID"], ch["Status"]) for ch in new_checks] == [
+        ("serfHealth", "passing"),
+        ("api-a-http", "passing"),
+    ]
+    assert int(new_index) > int(behind_index)
+
+
+def test_a_blocked_health_node_query_that_expires_answers_with_its_own_index(
+    sim_consul: ConsulTarget,
+) -> None:
+    """Sim-only. Woken by nothing it watches, the query answers at the end of its wait what it read
+    first, with that index (not above the client's), though the checks table's index moved."""
+    state, c = sim_consul.state, sim_consul.client()
+    for node in ("a", "b"):
+        state.register_node(node)
+    index, checks = c.health.node("a")
+    thread, out = in_thread(lambda: c.health.node("a", index=index, wait="30s"))
+    wait_until_blocked(sim_consul)
+    state.set_node_health("b", CheckStatus.CRITICAL)
+    thread.join(timeout=30)
+    assert out == [(index, checks)]
+    assert int(c.health.node("a")[0]) > int(index)
+
+
+def test_blocking_health_checks_wake_only_for_the_services_checks(sim_consul: ConsulTarget) -> None:
+    """Sim-only. ``ServiceChecks`` watches the checks of that service: not another service's on the
+    same node, nor the node's own ``serfHealth``."""
+    state, c = sim_consul.state, sim_consul.client()
+    state.register_node("n1")
+    state.register_service("n1", "api-1", "api", 9000, check_id="api-1-http")
+    state.register_service("n1", "db-1", "db", 5432, check_id="db-1-tcp")
+    index, checks = c.health.checks("api")
+    thread, out = in_thread(lambda: c.health.checks("api", index=index, wait="60s"))
+    wait_until_blocked(sim_consul)
+    state.set_check_status("db-1-tcp", CheckStatus.PASSING)
+    state.set_check_status("serfHealth", CheckStatus.WARNING, node="n1")
+    state.deregister_service("db-1")
+    behind_index, behind = sim_consul.client().health.checks("api", index=index, wait="60s")
+    assert behind == checks and int(behind_index) > int(index), "an index behind the table's returns at once"
+    assert thread.is_alive(), "woken by another service's checks"
+    state.set_check_status("api-1-http", CheckStatus.PASSING, "HTTP 200")
+    thread.join(timeout=10)
+    new_index, new_checks = out[0]
+    assert [(ch["CheckID"], ch["Status"]) for ch in new_checks] == [("api-1-http", "passing")]
+    assert int(new_index) > int(index)
 
 
 def test_blocking_recurse_and_keys_wake_on_a_new_key_under_the_prefix(consul_target: ConsulTarget) -> None:
@@ -213,5 +367,12 @@ def test_in_process_wait_for_change_wakes_on_a_write_and_times_out(sim_consul: C
     assert time.monotonic() - start >= 0.05
     thread, out = in_thread(lambda: state.wait_for_change(index, 10))
     state.kv_put("tpl/key", b"v")
+    thread.join(timeout=5)
+    assert out == [index + 1]
+    state.register_node("n1")
+    index = state.index
+    thread, out = in_thread(lambda: state.wait_for_change(index, 10))
+    wait_until_blocked(sim_consul)
+    state.set_node_health("n1", CheckStatus.CRITICAL)  # not a KV write: it watches every commit
     thread.join(timeout=5)
     assert out == [index + 1]

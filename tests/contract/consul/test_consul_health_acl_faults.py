@@ -60,11 +60,12 @@ def test_health_checks_and_node_checks(sim_consul: ConsulTarget) -> None:
         state.set_check_status("serfHealth", CheckStatus.PASSING)
 
 
-def test_the_sim_builds_a_health_answer_once_per_change_of_the_catalog(
+def test_the_sim_builds_a_health_answer_once_per_change_of_what_it_lists(
     sim_consul: ConsulTarget, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Sim-only, the simulator's cost: every waiter of a service wakes at each change and is sent the
-    same answer, built once (at 2,000 instances, building it per waiter was most of the sim's CPU)."""
+    """Sim-only, the simulator's cost: every waiter of a service wakes at each change of it and is
+    sent the same answer, built once (at 2,000 instances, building it per waiter was most of the
+    sim's CPU); a change elsewhere in the catalog does not rebuild it."""
     state, c = sim_consul.state, sim_consul.client()
     state.register_node("n1")
     state.register_service("n1", "db-1", "db", 5432, check_id="db-1-tcp", check_name="tcp")
@@ -73,10 +74,37 @@ def test_the_sim_builds_a_health_answer_once_per_change_of_the_catalog(
     monkeypatch.setattr(Catalog, "service_checks", lambda self, name: built.append(name) or real(self, name))
     answers = [c.health.checks("db")[1] for _ in range(3)]
     assert built == ["db"] and answers[0] == answers[1] == answers[2]
-    state.register_node("n2")  # another table's change: built again, the same answer
-    assert c.health.checks("db")[1] == answers[0] and built == ["db", "db"]
+    state.register_node("n2")  # another node, its serfHealth: the same answer, not rebuilt
+    state.register_service("n2", "web-1", "web", 80, check_id="web-1-http")
+    assert c.health.checks("db")[1] == answers[0] and built == ["db"]
     state.set_check_status("db-1-tcp", CheckStatus.PASSING, "connected")
-    assert c.health.checks("db")[1][0]["Status"] == "passing" and len(built) == 3
+    assert c.health.checks("db")[1][0]["Status"] == "passing" and built == ["db", "db"]
+
+
+def test_the_sim_builds_a_node_checks_answer_once_per_change_of_that_nodes_checks(
+    sim_consul: ConsulTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sim-only, the simulator's cost: ``/v1/health/node/<n>`` is rebuilt only when one of ``n``'s
+    checks changes (a blocked waiter of every node is re-run at every commit of the cluster)."""
+    state, c = sim_consul.state, sim_consul.client()
+    state.register_node("n1")
+    state.register_node("n2")
+    state.register_service("n1", "db-1", "db", 5432, check_id="db-1-tcp")
+    state.register_service("n2", "db-2", "db", 5432, check_id="db-2-tcp")
+    built: list[str] = []
+    real = Catalog.node_checks
+    monkeypatch.setattr(Catalog, "node_checks", lambda self, node: built.append(node) or real(self, node))
+    first = c.health.node("n1")[1]
+    state.set_check_status("db-2-tcp", CheckStatus.PASSING)
+    state.deregister_service("db-2")
+    state.deregister_node("n2")
+    assert c.health.node("n1")[1] == first and built == ["n1"]
+    state.set_check_status("db-1-tcp", CheckStatus.PASSING)
+    assert [ch["Status"] for ch in c.health.node("n1")[1]] == ["passing", "passing"]
+    state.deregister_service("db-1")
+    assert [ch["CheckID"] for ch in c.health.node("n1")[1]] == ["serfHealth"]
+    state.deregister_node("n1")
+    assert c.health.node("n1")[1] == [] and built == ["n1", "n1", "n1", "n1"]
 
 
 def test_catalog_nodes_and_services(sim_consul: ConsulTarget) -> None:

@@ -257,6 +257,10 @@ class CoordinatorOptions:
     concurrency: int = 1
     max_failures: int = 1
     error_attempts: int = 5
+    watch_nodes: bool = False
+    """Health gates follow each allocation's Consul node instead of its services
+    (:mod:`shepard_lib.health`): for a participant whose restarts run beside other processes' (the
+    agent); one process that restarts a whole task shares each service's watch instead."""
 
     @classmethod
     def from_config(cls, cfg: ShepardConfig, **overrides: Any) -> CoordinatorOptions:
@@ -1224,6 +1228,7 @@ class Coordinator:
                 min_healthy_time=self.options.min_healthy_time,
                 healthy_deadline=self.options.healthy_deadline,
                 clock=self._clock,
+                watch_nodes=self.options.watch_nodes,
             )
         return self._gates[source]
 

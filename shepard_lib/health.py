@@ -32,6 +32,17 @@ dead, the allocation is stopped, lost, complete or failed, or Nomad no longer kn
 :class:`~shepard_lib.errors.HealthTimeout` at ``healthy_deadline`` (counted from the call), naming
 what was still missing; :class:`~shepard_lib.errors.LockLost` when ``cancel`` is set.
 
+Node watches (``watch_nodes``): the gates of one process share a service's watch, but gates in
+different processes (each agent restarts its own node's allocations) do not, and every check change
+of the service wakes each of them. With ``watch_nodes`` a gate follows the Consul node of the
+allocation instead (``/v1/health/node/<node>``), woken only by that node's checks. Which Consul
+node registers a Nomad node's services is learned from Consul's own answers, never configured: a
+gate follows the service's checks until one of them names the allocation's node (the ``Node`` of
+its checks), and later waits on that Nomad node follow the Consul node. If a node watch shows no
+check of the allocation for a service ``NODE_GRACE`` after the restarted task runs (the mapping
+went stale: the Consul agent was renamed), the gate also follows that service's checks, and
+learns again from them.
+
 Limitation: a Consul service without checks cannot be observed here (Consul's checks endpoint lists
 checks only); pass only services that have checks.
 """
@@ -43,7 +54,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shepard_lib.backends import ConsulAPI, NomadAPI
 from shepard_lib.cancel import CancelEvent
@@ -62,6 +73,9 @@ CANCEL_CHECK = 1.0
 """Cluster seconds between looks at ``cancel`` while nothing else happens (no request is made)."""
 ERROR_BACKOFF = 2.0
 """Cluster seconds a watcher waits after a failed query before it asks again."""
+NODE_GRACE = 10.0
+"""Cluster seconds a node watch may show no check of the allocation for a service (Nomad registers
+the services as the task starts) before the gate also follows that service's checks."""
 
 _TERMINAL_CLIENT_STATUS = {AllocClientStatus.COMPLETE, AllocClientStatus.FAILED, AllocClientStatus.LOST}
 
@@ -99,12 +113,14 @@ class HealthGate:
         min_healthy_time: float,
         healthy_deadline: float,
         clock: Clock = REAL_CLOCK,
+        watch_nodes: bool = False,
     ) -> None:
         self._consul = consul
         self._nomad = nomad
         self.source = HealthSource(source)
         self.min_healthy_time = min_healthy_time
         self.healthy_deadline = healthy_deadline
+        self.watch_nodes = watch_nodes
         self._clock = clock
         self._fallback_logged: set[tuple[str, str, str]] = set()
         self._fallback_lock = threading.Lock()
@@ -113,7 +129,7 @@ class HealthGate:
     def __repr__(self) -> str:
         return (
             f"HealthGate(source={self.source.value!r}, min_healthy_time={self.min_healthy_time:g}, "
-            f"healthy_deadline={self.healthy_deadline:g})"
+            f"healthy_deadline={self.healthy_deadline:g}, watch_nodes={self.watch_nodes})"
         )
 
     def baseline(self, alloc_id: str, task: str) -> TaskState:
@@ -171,6 +187,7 @@ class HealthGate:
             strict=self.source is HealthSource.BOTH,
             min_healthy_time=self.min_healthy_time,
             healthy_deadline=self.healthy_deadline,
+            watch_nodes=use_checks and self.watch_nodes,
             on_first_alloc=None if use_checks or self.source is HealthSource.NOMAD else self._log_fallback,
         )
         try:
@@ -205,6 +222,7 @@ class _Watch:
         strict: bool,
         min_healthy_time: float,
         healthy_deadline: float,
+        watch_nodes: bool,
         on_first_alloc: Callable[[Allocation, str], None] | None,
     ) -> None:
         self.hubs = hubs
@@ -219,12 +237,17 @@ class _Watch:
         self.cond = threading.Condition()
         self.alloc: Allocation | None = None
         self.checks: dict[str, list[HealthCheck] | None] = {s: None for s in services}
+        self.watch_nodes = watch_nodes
+        self.node: str | None = None  # the Consul node followed for this wait (watch_nodes, once known)
+        self.node_looked_up = False
+        self.node_since = 0.0  # clock.monotonic() when the node watch was subscribed
+        self.by_service: set[str] = set()  # services whose checks come from their own watch
         self.failure: str | None = None
         self.healthy_since: float | None = None
         self.why_not = "no answer from Nomad yet"
         self.answers = 0  # how many answers were judged: what run() waits on
         self.deadline = self.clock.monotonic() + healthy_deadline
-        self.unsubscribe: dict[str, Callable[[], None]] = {}  # "nomad" or "consul:<service>"
+        self.unsubscribe: dict[str, Callable[[], None]] = {}  # "nomad", "consul:<service>" or "node:<node>"
         self.retry_at = 0.0  # clock.monotonic() before which no failed subscription is tried again
 
     def name(self) -> str:
@@ -245,7 +268,7 @@ class _Watch:
                     raise HealthTimeout(
                         f"{self.name()} not healthy within {self.healthy_deadline:g}s: {self.why_not}"
                     )
-                due = self._due()
+                due = self._due(now)
                 if due is not None and due <= now:
                     continue
                 wake = self.deadline
@@ -274,48 +297,70 @@ class _Watch:
 
     # --- subscriptions (run() only, without self.cond) -----------------------------------------
 
-    def _wanted(self) -> list[str]:
-        """Subscriptions to make now: Nomad first; Consul once the restarted task runs.
+    def _wanted(self, now: float) -> tuple[list[str], float | None]:
+        """Subscriptions to make now, and when one more will be wanted (None: none is in sight).
 
-        Consul's answers matter only while Nomad reports the restarted task running, so a gate
-        asks for them from then on (what happened before cannot make it healthy).
+        Nomad first; Consul once the restarted task runs (before that no check can make it healthy):
+        each service's checks, or with ``watch_nodes`` the checks of the allocation's Consul node
+        once it is known, and a service's own checks as well where that node showed none of the
+        allocation's for ``NODE_GRACE``. Called with self.cond held.
         """
         if "nomad" not in self.unsubscribe:
-            return ["nomad"]
-        with self.cond:
-            alloc = self.alloc
+            return ["nomad"], None
+        alloc = self.alloc
         state = alloc.task_states.get(self.task) if alloc else None
-        if state is None or state.state != "running" or not restarted(self.before, state):
-            return []
-        return [f"consul:{s}" for s in self.checks if f"consul:{s}" not in self.unsubscribe]
+        if alloc is None or state is None or state.state != "running" or not restarted(self.before, state):
+            return [], None
+        if self.watch_nodes and not self.node_looked_up:  # once per wait: it never switches midway
+            self.node_looked_up = True
+            self.node = self.hubs.consul_node(alloc.node_name)
+        if self.node is None:
+            return [f"consul:{s}" for s in self.checks if s not in self.by_service], None
+        wanted = [] if f"node:{self.node}" in self.unsubscribe else [f"node:{self.node}"]
+        unseen = [s for s in self.checks if s not in self.by_service and not self._mine(self.checks[s])]
+        if wanted or not unseen:
+            return wanted, None
+        if now < self.node_since + NODE_GRACE:
+            return [], self.node_since + NODE_GRACE
+        return [f"consul:{s}" for s in unseen], None
 
-    def _due(self) -> float | None:
+    def _due(self, now: float) -> float | None:
         """When the next subscription is to be tried (None: none is wanted). Called with self.cond held."""
-        if "nomad" not in self.unsubscribe:
+        wanted, later = self._wanted(now)
+        if wanted:
             return self.retry_at
-        state = self.alloc.task_states.get(self.task) if self.alloc else None
-        if state is None or state.state != "running" or not restarted(self.before, state):
-            return None
-        if all(f"consul:{s}" in self.unsubscribe for s in self.checks):
-            return None
-        return self.retry_at
+        return None if later is None else max(later, self.retry_at)
 
     def _subscribe_due(self) -> None:
-        if self.clock.monotonic() < self.retry_at:
+        now = self.clock.monotonic()
+        if now < self.retry_at:
             return
-        for what in self._wanted():
-            source = "Nomad" if what == "nomad" else f"Consul (service {what.split(':', 1)[1]})"
+        with self.cond:
+            wanted, _ = self._wanted(now)
+            for what in wanted:
+                kind, _, name = what.partition(":")
+                if kind == "consul":
+                    self.by_service.add(name)  # from now on its own watch's answers count for it
+                elif kind == "node":
+                    self.node_since = now
+        for what in wanted:
+            kind, _, name = what.partition(":")
+            source = (
+                "Nomad" if kind == "nomad" else f"Consul ({'service' if kind == 'consul' else kind} {name})"
+            )
             retry = functools.partial(self._on_retry, source)
             try:
-                if what == "nomad":
+                if kind == "nomad":
                     self.unsubscribe[what] = self.hubs.nomad.subscribe(
                         self.alloc_id, Subscriber(self._on_alloc, self._on_alloc_error, retry)
                     )
+                elif kind == "node":
+                    self.unsubscribe[what] = self.hubs.node_checks.subscribe(
+                        name, Subscriber(self._on_node_checks, lambda exc: None, retry)
+                    )
                 else:
-                    service = what.split(":", 1)[1]
                     self.unsubscribe[what] = self.hubs.checks.subscribe(
-                        service,
-                        Subscriber(functools.partial(self._on_checks, service), lambda exc: None, retry),
+                        name, Subscriber(functools.partial(self._on_checks, name), lambda exc: None, retry)
                     )
             except NotFound as exc:
                 self._on_alloc_error(exc)
@@ -323,6 +368,9 @@ class _Watch:
             except Exception as exc:  # the gate must survive anything the backend raises
                 self._on_retry(source, exc)
                 self.retry_at = self.clock.monotonic() + ERROR_BACKOFF
+                unsubscribed = [w for w in wanted if w.startswith("consul:") and w not in self.unsubscribe]
+                with self.cond:
+                    self.by_service.difference_update(w.partition(":")[2] for w in unsubscribed)
                 return
 
     def _on_retry(self, source: str, exc: Exception) -> None:
@@ -347,6 +395,16 @@ class _Watch:
     def _on_checks(self, service: str, checks: list[HealthCheck]) -> None:
         with self.cond:
             self.checks[service] = checks
+            mine = self._mine(checks)
+            if self.watch_nodes and mine and self.alloc is not None:
+                self.hubs.learn_consul_node(self.alloc.node_name, mine[0].node)
+            self._judge()
+
+    def _on_node_checks(self, checks: list[HealthCheck]) -> None:
+        with self.cond:
+            for service in self.checks:
+                if service not in self.by_service:
+                    self.checks[service] = [c for c in checks if c.service_name == service]
             self._judge()
 
     # --- judging answers (called with self.cond held) ------------------------------------------
@@ -392,9 +450,10 @@ class _Watch:
         for service, checks in self.checks.items():
             if checks is None:
                 return False, f"no answer from Consul for service {service} yet"
-            mine = [c for c in checks if self.alloc_id in c.service_id]
+            mine = self._mine(checks)
             if not mine:
-                return False, f"service {service} has no checks registered for this allocation"
+                where = f" on Consul node {self.node}" if self.node and service not in self.by_service else ""
+                return False, f"service {service} has no checks registered for this allocation{where}"
             bad = [c for c in mine if c.status is not CheckStatus.PASSING]
             if bad:
                 return False, "; ".join(
@@ -402,13 +461,32 @@ class _Watch:
                 )
         return True, "healthy"
 
+    def _mine(self, checks: list[HealthCheck] | None) -> list[HealthCheck]:
+        """The checks of this allocation among ``checks`` (its service IDs contain the allocation ID)."""
+        return [c for c in checks or () if self.alloc_id in c.service_id]
+
 
 @dataclass(frozen=True)
 class _Hubs:
-    """The watch hubs of one pair of backends: one loop per allocation, one per service."""
+    """The watch hubs of one pair of backends: one loop per allocation, per service and per Consul node;
+    and the Consul node learned for each Nomad node (see the module docs)."""
 
     nomad: WatchHub[Allocation]
     checks: WatchHub[list[HealthCheck]]
+    node_checks: WatchHub[list[HealthCheck]]
+    consul_nodes: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def consul_node(self, nomad_node: str) -> str | None:
+        """The Consul node whose checks were last seen for an allocation on ``nomad_node``, if any."""
+        with self.lock:
+            return self.consul_nodes.get(nomad_node)
+
+    def learn_consul_node(self, nomad_node: str, consul_node: str) -> None:
+        """Record that ``nomad_node``'s allocations have their checks on ``consul_node``."""
+        if nomad_node and consul_node:
+            with self.lock:
+                self.consul_nodes[nomad_node] = consul_node
 
 
 _ByNomad = weakref.WeakKeyDictionary[object, _Hubs]
@@ -426,6 +504,7 @@ def close_watches(consul: ConsulAPI, nomad: NomadAPI) -> None:
     if hubs is not None:
         hubs.nomad.close()
         hubs.checks.close()
+        hubs.node_checks.close()
 
 
 def _hubs_for(consul: ConsulAPI, nomad: NomadAPI, clock: Clock) -> _Hubs:
@@ -452,6 +531,12 @@ def _hubs_for(consul: ConsulAPI, nomad: NomadAPI, clock: Clock) -> _Hubs:
             raise LockLost("the Consul backend is gone")
         return backend.service_checks(service, index, wait if index else None, cancel=cancel)
 
+    def node_checks(node: str, index: int, wait: float, cancel: CancelEvent) -> tuple[int, list[HealthCheck]]:
+        backend = consul_ref()
+        if backend is None:
+            raise LockLost("the Consul backend is gone")
+        return backend.node_checks(node, index, wait if index else None, cancel=cancel)
+
     with _HUBS_LOCK:
         by_nomad = _HUBS.setdefault(consul, weakref.WeakKeyDictionary())
         hubs = by_nomad.get(nomad)
@@ -468,6 +553,14 @@ def _hubs_for(consul: ConsulAPI, nomad: NomadAPI, clock: Clock) -> _Hubs:
                 checks=WatchHub(
                     "consul-checks",
                     service_checks,
+                    clock,
+                    max_wait=MAX_WAIT,
+                    backoff=ERROR_BACKOFF,
+                    final=lambda exc: isinstance(exc, LockLost),
+                ),
+                node_checks=WatchHub(
+                    "consul-node",
+                    node_checks,
                     clock,
                     max_wait=MAX_WAIT,
                     backoff=ERROR_BACKOFF,

@@ -299,7 +299,7 @@ class Agent:
             self.nomad,
             self.keyspace,
             session,
-            CoordinatorOptions.from_config(self.config),
+            CoordinatorOptions.from_config(self.config, watch_nodes=True),
             clock=self.clock,
             name=self.node_name,
             observer=self._observe,

@@ -118,8 +118,13 @@ class ConsulAPI(Protocol):
         """
         ...
 
-    def node_checks(self, node: str) -> list[HealthCheck]:
-        """Checks of a Consul node (``/v1/health/node/<node>``)."""
+    def node_checks(
+        self, node: str, index: int = 0, wait: float | None = None, *, cancel: CancelEvent | None = None
+    ) -> tuple[int, list[HealthCheck]]:
+        """Checks of a Consul node, its own and its services' (``/v1/health/node/<node>``).
+
+        Blocks like ``service_checks`` when ``index`` is non-zero (woken by this node's checks only).
+        """
         ...
 
     def agent_node_name(self) -> str | None:

@@ -502,10 +502,17 @@ class ConsulBackend:
         response = self._request("GET", call, f"/v1/health/checks/{service}", params=params, cancel=cancel)
         return _next_index(index, self._index(response)), self._checks(call, response)
 
-    def node_checks(self, node: str) -> list[HealthCheck]:
-        """Checks of a Consul node (``/v1/health/node/<node>``)."""
+    def node_checks(
+        self, node: str, index: int = 0, wait: float | None = None, *, cancel: CancelEvent | None = None
+    ) -> tuple[int, list[HealthCheck]]:
+        """Checks of a Consul node, its own and its services' (``/v1/health/node/<node>``), blocking on
+        ``index`` as :meth:`service_checks` does; only the node's checks wake the query."""
         call = f"health.node {node}"
-        return self._checks(call, self._request("GET", call, f"/v1/health/node/{node}"))
+        params: list[tuple[str, Any]] = []
+        if index > 0:
+            params = [("index", index), ("wait", go_duration(wait if wait is not None else 300.0))]
+        response = self._request("GET", call, f"/v1/health/node/{node}", params=params, cancel=cancel)
+        return _next_index(index, self._index(response)), self._checks(call, response)
 
     def _checks(self, call: str, response: _Response) -> list[HealthCheck]:
         try:

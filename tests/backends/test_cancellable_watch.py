@@ -53,9 +53,7 @@ class Call:
 
     def join(self) -> None:
         self.thread.join(JOIN)
-        assert not self.thread.is_alive(), (
-            f"the call was still running {JOIN:g} real seconds later"
-        )
+        assert not self.thread.is_alive(), f"the call was still running {JOIN:g} real seconds later"
 
 
 def in_thread(fn: Callable[[], Any]) -> Call:

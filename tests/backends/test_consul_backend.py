@@ -254,7 +254,11 @@ def test_health_checks_are_parsed_and_block_on_index(server: ScriptedServer, con
     }
     server.script(
         Reply(200, [check, {**check, "CheckID": "c2", "Status": "bogus"}], {"X-Consul-Index": "20"}),
-        Reply(200, [{**check, "CheckID": "serfHealth", "ServiceID": "", "ServiceName": ""}]),
+        Reply(
+            200,
+            [{**check, "CheckID": "serfHealth", "ServiceID": "", "ServiceName": ""}],
+            {"X-Consul-Index": "31"},
+        ),
     )
     index, checks = consul.service_checks("web", index=19, wait=2)
     assert index == 20
@@ -263,8 +267,14 @@ def test_health_checks_are_parsed_and_block_on_index(server: ScriptedServer, con
         ("c2", CheckStatus.CRITICAL),
     ]
     assert checks[0].service_name == "web" and checks[0].output == "OK"
-    assert [c.check_id for c in consul.node_checks("web-03")] == ["serfHealth"]
+    node_index, node_checks = consul.node_checks("web-03", index=30, wait=5)
+    assert (node_index, [c.check_id for c in node_checks]) == (31, ["serfHealth"])
     assert (server.requests[0].param("index"), server.requests[0].param("wait")) == ("19", "2s")
+    assert (server.requests[1].path, server.requests[1].param("index"), server.requests[1].param("wait")) == (
+        "/v1/health/node/web-03",
+        "30",
+        "5s",
+    )
 
 
 def test_agent_node_name_or_none_when_not_readable(server: ScriptedServer, consul: ConsulBackend) -> None:

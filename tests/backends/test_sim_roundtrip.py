@@ -168,14 +168,14 @@ def test_health_checks_of_service_and_node(consul: ConsulAPI) -> None:
     index, checks = consul.service_checks("web")
     assert index > 0 and len(checks) == 2
     assert {c.status for c in checks} == {CheckStatus.PASSING} and {c.service_name for c in checks} == {"web"}
-    node_checks = consul.node_checks("n1")
-    assert "serfHealth" in {c.check_id for c in node_checks}
+    node_index, node_checks = consul.node_checks("n1")
+    assert node_index > 0 and "serfHealth" in {c.check_id for c in node_checks}
 
 
 def test_agent_node_name_is_a_registered_node(consul: ConsulAPI) -> None:
     name = consul.agent_node_name()
     assert name, "the simulated agent names its node"
-    assert "serfHealth" in {c.check_id for c in consul.node_checks(name)}
+    assert "serfHealth" in {c.check_id for c in consul.node_checks(name)[1]}
 
 
 def test_a_wrong_token_is_refused_without_showing_it(cluster: SimCluster) -> None:

@@ -20,7 +20,7 @@ from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
 from shepard_lib.config import HealthSource
 from shepard_lib.errors import ConsulError, HealthTimeout, LockLost, NomadError, NotFound, TaskFailed
-from shepard_lib.health import MAX_WAIT, HealthGate, HealthReport, close_watches
+from shepard_lib.health import MAX_WAIT, NODE_GRACE, HealthGate, HealthReport, close_watches
 from shepard_lib.model import Allocation, CheckStatus, HealthCheck, TaskState
 
 SCALE = 50.0  # cluster seconds per real second
@@ -50,9 +50,11 @@ def _alloc(
     )
 
 
-def _check(alloc_id: str = ALLOC, status: CheckStatus = CheckStatus.PASSING) -> HealthCheck:
+def _check(
+    alloc_id: str = ALLOC, status: CheckStatus = CheckStatus.PASSING, *, node: str = "n1"
+) -> HealthCheck:
     service_id = f"_nomad-task-{alloc_id}-server-web-http"
-    return HealthCheck("n1", f"check-{alloc_id}", 'service: "web" check', status, service_id, "web")
+    return HealthCheck(node, f"check-{alloc_id}", 'service: "web" check', status, service_id, "web")
 
 
 class Answers:
@@ -70,7 +72,9 @@ class Answers:
         self.blocking = 0  # how many blocking allocation queries are waiting now
         self.consul_errors = 0  # how many checks reads fail before Consul answers again
         self.consul_reads = 0  # how many times the checks were asked for
-        self.queries: list[tuple[str, int, float | None]] = []  # ("nomad" or "consul", index, wait)
+        self.queries: list[
+            tuple[str, int, float | None]
+        ] = []  # ("nomad", "consul" or "node:<n>", index, wait)
         self.nomad_holds = False  # Nomad's blocking queries return only on a change or cancel, never on wait
         self.consul_holds = False  # the same for Consul's
 
@@ -206,6 +210,15 @@ class Answers:
             self._served = self._index
             self._cond.notify_all()
             return self._index, [c for c in self._checks if c.service_name == service]
+
+    def node_checks(
+        self, node: str, index: int = 0, wait: float | None = None, *, cancel: object = None
+    ) -> tuple[int, list[HealthCheck]]:
+        with self._cond:
+            self.queries.append((f"node:{node}", index, wait))
+            self._block(index, wait)
+            self._cond.notify_all()
+            return self._index, [c for c in self._checks if c.node == node]
 
 
 @pytest.fixture
@@ -903,3 +916,102 @@ def test_close_watches_of_backends_without_watches_does_nothing(clock: Clock) ->
     close_watches(answers, unknown)  # type: ignore[arg-type]  # gates used this Consul, not this Nomad
     close_watches(answers, answers)  # type: ignore[arg-type]
     close_watches(answers, answers)  # type: ignore[arg-type]  # closed already
+
+
+# --- watch_nodes: a gate follows the allocation's Consul node, learned from Consul's answers ---
+
+
+def _sources(answers: Answers, since: int = 0) -> set[str]:
+    """Which Consul watches the gates queried (``consul`` for a service's, ``node:<n>`` for a node's)."""
+    return {backend for backend, _, _ in answers.queries[since:] if backend != "nomad"}
+
+
+def test_with_node_watches_a_gate_follows_the_service_until_an_answer_names_the_allocations_consul_node(
+    clock: Clock,
+) -> None:
+    answers = Answers(clock, _alloc(), [_check(node="consul-a"), _check(OTHER, node="consul-b")])
+    gate = HealthGate(
+        answers,  # type: ignore[arg-type]
+        answers,  # type: ignore[arg-type]
+        source=HealthSource.CONSUL,
+        min_healthy_time=2,
+        healthy_deadline=PASSES,
+        clock=clock,
+        watch_nodes=True,
+    )
+    try:
+        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+        assert _sources(answers) == {"consul"}, "the first wait on Nomad node n1 knew no Consul node yet"
+        first = len(answers.queries)
+        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+        assert _sources(answers, first) == {"node:consul-a"}, (
+            "the second wait did not follow the learned node"
+        )
+    finally:
+        close_watches(answers, answers)  # type: ignore[arg-type]
+
+
+def test_without_node_watches_a_gate_only_ever_follows_services(clock: Clock) -> None:
+    answers = Answers(clock, _alloc(), [_check(node="consul-a")])
+    gate = _gate(clock, answers, HealthSource.CONSUL)
+    try:
+        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+        assert _sources(answers) == {"consul"}
+    finally:
+        close_watches(answers, answers)  # type: ignore[arg-type]
+
+
+def test_a_node_watch_that_shows_none_of_the_allocations_checks_falls_back_to_the_service_and_learns_again(
+    clock: Clock,
+) -> None:
+    answers = Answers(clock, _alloc(), [_check(node="consul-old")])
+    gate = HealthGate(
+        answers,  # type: ignore[arg-type]
+        answers,  # type: ignore[arg-type]
+        source=HealthSource.CONSUL,
+        min_healthy_time=2,
+        healthy_deadline=PASSES,
+        clock=clock,
+        watch_nodes=True,
+    )
+    try:
+        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])  # learns consul-old
+        answers.set(checks=[_check(node="consul-new")])  # the Consul agent of n1 was renamed
+        moved = len(answers.queries)
+        start = clock.monotonic()
+        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])  # not a HealthTimeout
+        assert clock.monotonic() - start >= NODE_GRACE, "followed the service before the node's grace ended"
+        assert _sources(answers, moved) == {"node:consul-old", "consul"}
+        again = len(answers.queries)
+        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+        assert _sources(answers, again) == {"node:consul-new"}, "did not learn the node from the service"
+    finally:
+        close_watches(answers, answers)  # type: ignore[arg-type]
+
+
+def test_a_node_watch_that_shows_none_of_the_allocations_checks_names_the_node_when_it_times_out(
+    clock: Clock,
+) -> None:
+    answers = Answers(clock, _alloc(), [_check(node="consul-a")])
+
+    def gate(deadline: float) -> HealthGate:
+        return HealthGate(
+            answers,  # type: ignore[arg-type]
+            answers,  # type: ignore[arg-type]
+            source=HealthSource.CONSUL,
+            min_healthy_time=2,
+            healthy_deadline=deadline,
+            clock=clock,
+            watch_nodes=True,
+        )
+
+    try:
+        gate(PASSES).wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])  # learns consul-a
+        answers.set(checks=[_check(node="consul-b")])
+        with pytest.raises(
+            HealthTimeout, match="no checks registered for this allocation on Consul node consul-a"
+        ):
+            gate(NODE_GRACE / 2).wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+    finally:
+        close_watches(answers, answers)  # type: ignore[arg-type]

@@ -67,8 +67,9 @@ def test_blocking_get_of_a_missing_key_sleeps_through_writes_of_other_keys(
 ) -> None:
     """A missing key's answer carries the KV table's index, so a query whose index is behind returns
     at once; but a blocked one is woken by that key only. In Consul's radix tree the watch of a
-    missing key is the node nearest to it (``<p>w/`` here, made by its two neighbours), which the
-    write of ``<p>o`` does not touch: a key sharing that node would wake it (not modelled by the sim)."""
+    missing key is the node nearest to it (``<p>w/`` here, made by its two neighbours), which writes
+    of ``<p>o`` do not touch. A write or delete below that node (``<p>w/b``), or one that reshapes it,
+    would wake it and, the index being the table's, answer: the sim does not model that."""
     c, p = consul_target.client(), consul_target.key()
     for name in ("w/a", "w/b", "o"):
         c.kv.put(p + name, "x")
@@ -79,7 +80,7 @@ def test_blocking_get_of_a_missing_key_sleeps_through_writes_of_other_keys(
     wait_until_blocked(consul_target)
     writer = consul_target.client()
     writer.kv.put(p + "o", "y")
-    writer.kv.delete(p + "w/b")  # under the same prefix, but another key
+    writer.kv.put(p + "o", "z")
     behind_index, behind = writer.kv.get(key, index=index, wait="60s")
     assert behind is None and int(behind_index) > int(index), "an index behind the table's returns at once"
     assert thread.is_alive(), "woken by writes of other keys"
@@ -88,6 +89,23 @@ def test_blocking_get_of_a_missing_key_sleeps_through_writes_of_other_keys(
     new_index, entry = out[0]
     assert entry is not None and entry["Value"] == b"now"
     assert int(new_index) > int(behind_index)
+
+
+def test_a_query_woken_below_its_index_blocks_on_and_answers_the_last_read(sim_consul: ConsulTarget) -> None:
+    """Sim-only (the loop of ``blockingQuery``, with an index ahead of the data): a change of the key
+    re-runs the query, whose index is still not above the client's, so it blocks on and, at the end of
+    the wait, answers what it read last."""
+    c, key = sim_consul.client(), sim_consul.key("ahead")
+    c.kv.put(key, "v1")
+    ahead = int(c.kv.get(key)[0]) + 1000
+    start = sim_consul.clock.monotonic()
+    thread, out = in_thread(lambda: c.kv.get(key, index=ahead, wait="20s"))
+    wait_until_blocked(sim_consul)
+    sim_consul.client().kv.put(key, "v2")
+    thread.join(timeout=30)
+    assert sim_consul.clock.monotonic() - start >= 20, "answered before the wait ended"
+    index, entry = out[0]
+    assert entry["Value"] == b"v2" and int(index) == entry["ModifyIndex"] < ahead
 
 
 def test_blocking_recurse_and_keys_sleep_through_writes_beside_the_prefix(
@@ -126,11 +144,10 @@ def test_blocking_session_info_sleeps_through_other_sessions(consul_target: Cons
     index, _ = c.session.info(session_id)
     thread, out = in_thread(lambda: consul_target.client().session.info(session_id, index=index, wait="60s"))
     wait_until_blocked(consul_target)
-    other = consul_target.session()
+    consul_target.session()  # another one
     behind_index, behind = c.session.info(session_id, index=index, wait="60s")
     assert behind is not None and behind["ID"] == session_id and int(behind_index) > int(index)
     assert thread.is_alive(), "woken by another session"
-    c.session.destroy(other)
     c.session.destroy(session_id)
     thread.join(timeout=10)
     assert out[0][1] is None and int(out[0][0]) > int(behind_index)

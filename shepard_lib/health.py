@@ -36,9 +36,10 @@ Node watches (``watch_nodes``): the gates of one process share a service's watch
 different processes (each agent restarts its own node's allocations) do not, and every check change
 of the service wakes each of them. With ``watch_nodes`` a gate follows the Consul node of the
 allocation instead (``/v1/health/node/<node>``), woken only by that node's checks. Which Consul
-node registers a Nomad node's services is learned from Consul's own answers, never configured: a
-gate follows the service's checks until one of them names the allocation's node (the ``Node`` of
-its checks), and later waits on that Nomad node follow the Consul node. If a node watch shows no
+node registers a Nomad node's services is learned from Consul's own answers, never configured: the
+first wait on a Nomad node reads its service's checks once and follows the ``Node`` of the
+allocation's checks there (or, when they are not registered yet, the services, until an answer
+names the node); later waits on that Nomad node follow the Consul node at once. If a node watch shows no
 check of the allocation for a service ``NODE_GRACE`` after the restarted task runs (the mapping
 went stale: the Consul agent was renamed), the gate also follows that service's checks, and
 learns again from them.
@@ -240,6 +241,7 @@ class _Watch:
         self.watch_nodes = watch_nodes
         self.node: str | None = None  # the Consul node followed for this wait (watch_nodes, once known)
         self.node_looked_up = False
+        self.node_asked = False  # one read of a service's checks was made to learn the node
         self.node_since = 0.0  # clock.monotonic() when the node watch was subscribed
         self.by_service: set[str] = set()  # services whose checks come from their own watch
         self.failure: str | None = None
@@ -302,8 +304,9 @@ class _Watch:
 
         Nomad first; Consul once the restarted task runs (before that no check can make it healthy):
         each service's checks, or with ``watch_nodes`` the checks of the allocation's Consul node
-        once it is known, and a service's own checks as well where that node showed none of the
-        allocation's for ``NODE_GRACE``. Called with self.cond held.
+        once it is known (``ask``: one read of a service's checks to learn it), and a service's own
+        checks as well where that node showed none of the allocation's for ``NODE_GRACE``.
+        Called with self.cond held.
         """
         if "nomad" not in self.unsubscribe:
             return ["nomad"], None
@@ -312,8 +315,10 @@ class _Watch:
         if alloc is None or state is None or state.state != "running" or not restarted(self.before, state):
             return [], None
         if self.watch_nodes and not self.node_looked_up:  # once per wait: it never switches midway
-            self.node_looked_up = True
             self.node = self.hubs.consul_node(alloc.node_name)
+            if self.node is None and not self.node_asked:
+                return [f"ask:{next(iter(self.checks))}"], None
+            self.node_looked_up = True
         if self.node is None:
             return [f"consul:{s}" for s in self.checks if s not in self.by_service], None
         wanted = [] if f"node:{self.node}" in self.unsubscribe else [f"node:{self.node}"]
@@ -346,11 +351,13 @@ class _Watch:
         for what in wanted:
             kind, _, name = what.partition(":")
             source = (
-                "Nomad" if kind == "nomad" else f"Consul ({'service' if kind == 'consul' else kind} {name})"
+                "Nomad" if kind == "nomad" else f"Consul ({'node' if kind == 'node' else 'service'} {name})"
             )
             retry = functools.partial(self._on_retry, source)
             try:
-                if kind == "nomad":
+                if kind == "ask":
+                    self._learn_node(self.hubs.read_checks(name))
+                elif kind == "nomad":
                     self.unsubscribe[what] = self.hubs.nomad.subscribe(
                         self.alloc_id, Subscriber(self._on_alloc, self._on_alloc_error, retry)
                     )
@@ -372,6 +379,15 @@ class _Watch:
                 with self.cond:
                     self.by_service.difference_update(w.partition(":")[2] for w in unsubscribed)
                 return
+
+    def _learn_node(self, checks: list[HealthCheck]) -> None:
+        """Learn the allocation's Consul node from a read of its service's checks (if they are there yet:
+        Nomad registers them as the task starts; if not, this wait follows the services)."""
+        with self.cond:
+            self.node_asked = True
+            mine = self._mine(checks)
+            if mine and self.alloc is not None:
+                self.hubs.learn_consul_node(self.alloc.node_name, mine[0].node)
 
     def _on_retry(self, source: str, exc: Exception) -> None:
         log.warning("health of %s: query to %s failed, retrying: %s", self.name(), source, exc)
@@ -474,6 +490,7 @@ class _Hubs:
     nomad: WatchHub[Allocation]
     checks: WatchHub[list[HealthCheck]]
     node_checks: WatchHub[list[HealthCheck]]
+    read_checks: Callable[[str], list[HealthCheck]]  # a service's checks now (a non-blocking read)
     consul_nodes: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -566,5 +583,6 @@ def _hubs_for(consul: ConsulAPI, nomad: NomadAPI, clock: Clock) -> _Hubs:
                     backoff=ERROR_BACKOFF,
                     final=lambda exc: isinstance(exc, LockLost),
                 ),
+                read_checks=lambda service: service_checks(service, 0, MAX_WAIT, CancelEvent())[1],
             )
         return hubs

@@ -926,26 +926,62 @@ def _sources(answers: Answers, since: int = 0) -> set[str]:
     return {backend for backend, _, _ in answers.queries[since:] if backend != "nomad"}
 
 
-def test_with_node_watches_a_gate_follows_the_service_until_an_answer_names_the_allocations_consul_node(
-    clock: Clock,
-) -> None:
-    answers = Answers(clock, _alloc(), [_check(node="consul-a"), _check(OTHER, node="consul-b")])
-    gate = HealthGate(
+def _node_gate(clock: Clock, answers: Answers, deadline: float = PASSES) -> HealthGate:
+    return HealthGate(
         answers,  # type: ignore[arg-type]
         answers,  # type: ignore[arg-type]
         source=HealthSource.CONSUL,
         min_healthy_time=2,
-        healthy_deadline=PASSES,
+        healthy_deadline=deadline,
         clock=clock,
         watch_nodes=True,
     )
+
+
+def test_with_node_watches_the_first_wait_on_a_node_reads_the_service_once_and_later_ones_not_at_all(
+    clock: Clock,
+) -> None:
+    answers = Answers(clock, _alloc(), [_check(node="consul-a"), _check(OTHER, node="consul-b")])
+    gate = _node_gate(clock, answers)
     try:
         gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
-        assert _sources(answers) == {"consul"}, "the first wait on Nomad node n1 knew no Consul node yet"
+        consul = [(b, i) for b, i, _ in answers.queries if b == "consul"]
+        assert consul == [("consul", 0)], "the first wait did more than one read of the service's checks"
+        assert "node:consul-a" in _sources(answers) and "node:consul-b" not in _sources(answers)
         first = len(answers.queries)
         gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
         assert _sources(answers, first) == {"node:consul-a"}, (
             "the second wait did not follow the learned node"
+        )
+    finally:
+        close_watches(answers, answers)  # type: ignore[arg-type]
+
+
+def test_with_node_watches_a_wait_whose_checks_are_not_registered_yet_follows_the_service_and_learns(
+    clock: Clock,
+) -> None:
+    answers = Answers(clock, _alloc(), [])  # Nomad has not registered the restarted task's service yet
+    gate = _node_gate(clock, answers)
+    outcome: list[BaseException | HealthReport] = []
+
+    def wait() -> None:
+        try:
+            outcome.append(gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"]))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    try:
+        answers.wait_query("consul")  # the service's own watch, not a node's
+        answers.set(checks=[_check(node="consul-a")])
+        waiter.join(30)
+        assert [type(o) for o in outcome] == [HealthReport]
+        assert not any(b.startswith("node:") for b, _, _ in answers.queries)
+        later = len(answers.queries)
+        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+        assert _sources(answers, later) == {"node:consul-a"}, (
+            "did not learn the node from the service's answer"
         )
     finally:
         close_watches(answers, answers)  # type: ignore[arg-type]
@@ -966,15 +1002,7 @@ def test_a_node_watch_that_shows_none_of_the_allocations_checks_falls_back_to_th
     clock: Clock,
 ) -> None:
     answers = Answers(clock, _alloc(), [_check(node="consul-old")])
-    gate = HealthGate(
-        answers,  # type: ignore[arg-type]
-        answers,  # type: ignore[arg-type]
-        source=HealthSource.CONSUL,
-        min_healthy_time=2,
-        healthy_deadline=PASSES,
-        clock=clock,
-        watch_nodes=True,
-    )
+    gate = _node_gate(clock, answers)
     try:
         gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])  # learns consul-old
         answers.set(checks=[_check(node="consul-new")])  # the Consul agent of n1 was renamed

@@ -37,9 +37,10 @@ different processes (each agent restarts its own node's allocations) do not, and
 of the service wakes each of them. With ``watch_nodes`` a gate follows the Consul node of the
 allocation instead (``/v1/health/node/<node>``), woken only by that node's checks. Which Consul
 node registers a Nomad node's services is learned from Consul's own answers, never configured: the
-first wait on a Nomad node reads its service's checks once and follows the ``Node`` of the
-allocation's checks there (or, when they are not registered yet, the services, until an answer
-names the node); later waits on that Nomad node follow the Consul node at once. If a node watch shows no
+first wait on a Nomad node follows the services' checks until one answer shows the allocation's
+checks (Nomad registers them just after the task runs) and names their ``Node``, then moves to
+that node's watch (its first answer is read after the move); later waits on that Nomad node
+follow the Consul node at once. If a node watch shows no
 check of the allocation for a service ``NODE_GRACE`` after the restarted task runs (the mapping
 went stale: the Consul agent was renamed), the gate also follows that service's checks, and
 learns again from them.
@@ -240,8 +241,6 @@ class _Watch:
         self.checks: dict[str, list[HealthCheck] | None] = {s: None for s in services}
         self.watch_nodes = watch_nodes
         self.node: str | None = None  # the Consul node followed for this wait (watch_nodes, once known)
-        self.node_looked_up = False
-        self.node_asked = False  # one read of a service's checks was made to learn the node
         self.node_since = 0.0  # clock.monotonic() when the node watch was subscribed
         self.by_service: set[str] = set()  # services whose checks come from their own watch
         self.failure: str | None = None
@@ -304,8 +303,8 @@ class _Watch:
 
         Nomad first; Consul once the restarted task runs (before that no check can make it healthy):
         each service's checks, or with ``watch_nodes`` the checks of the allocation's Consul node
-        once it is known (``ask``: one read of a service's checks to learn it), and a service's own
-        checks as well where that node showed none of the allocation's for ``NODE_GRACE``.
+        as soon as it is known (a wait that follows the services moves to it once), and a service's
+        own checks as well where that node showed none of the allocation's for ``NODE_GRACE``.
         Called with self.cond held.
         """
         if "nomad" not in self.unsubscribe:
@@ -314,11 +313,10 @@ class _Watch:
         state = alloc.task_states.get(self.task) if alloc else None
         if alloc is None or state is None or state.state != "running" or not restarted(self.before, state):
             return [], None
-        if self.watch_nodes and not self.node_looked_up:  # once per wait: it never switches midway
-            self.node = self.hubs.consul_node(alloc.node_name)
-            if self.node is None and not self.node_asked:
-                return [f"ask:{next(iter(self.checks))}"], None
-            self.node_looked_up = True
+        if self.watch_nodes and self.node is None:
+            learned = self.hubs.consul_node(alloc.node_name)
+            if learned is not None:
+                return [f"node:{learned}"], None
         if self.node is None:
             return [f"consul:{s}" for s in self.checks if s not in self.by_service], None
         wanted = [] if f"node:{self.node}" in self.unsubscribe else [f"node:{self.node}"]
@@ -340,6 +338,7 @@ class _Watch:
         now = self.clock.monotonic()
         if now < self.retry_at:
             return
+        leaving: list[str] = []
         with self.cond:
             wanted, _ = self._wanted(now)
             for what in wanted:
@@ -348,6 +347,12 @@ class _Watch:
                     self.by_service.add(name)  # from now on its own watch's answers count for it
                 elif kind == "node":
                     self.node_since = now
+                    if self.node is None:  # the node's answers count from its first (fresh) one
+                        self.node = name
+                        self.by_service.clear()
+                        leaving = [w for w in self.unsubscribe if w.startswith("consul:")]
+        for what in leaving:  # the node's watch replaces the services'
+            self.unsubscribe.pop(what)()
         for what in wanted:
             kind, _, name = what.partition(":")
             source = (
@@ -355,9 +360,7 @@ class _Watch:
             )
             retry = functools.partial(self._on_retry, source)
             try:
-                if kind == "ask":
-                    self._learn_node(self.hubs.read_checks(name))
-                elif kind == "nomad":
+                if kind == "nomad":
                     self.unsubscribe[what] = self.hubs.nomad.subscribe(
                         self.alloc_id, Subscriber(self._on_alloc, self._on_alloc_error, retry)
                     )
@@ -379,15 +382,6 @@ class _Watch:
                 with self.cond:
                     self.by_service.difference_update(w.partition(":")[2] for w in unsubscribed)
                 return
-
-    def _learn_node(self, checks: list[HealthCheck]) -> None:
-        """Learn the allocation's Consul node from a read of its service's checks (if they are there yet:
-        Nomad registers them as the task starts; if not, this wait follows the services)."""
-        with self.cond:
-            self.node_asked = True
-            mine = self._mine(checks)
-            if mine and self.alloc is not None:
-                self.hubs.learn_consul_node(self.alloc.node_name, mine[0].node)
 
     def _on_retry(self, source: str, exc: Exception) -> None:
         log.warning("health of %s: query to %s failed, retrying: %s", self.name(), source, exc)
@@ -490,7 +484,6 @@ class _Hubs:
     nomad: WatchHub[Allocation]
     checks: WatchHub[list[HealthCheck]]
     node_checks: WatchHub[list[HealthCheck]]
-    read_checks: Callable[[str], list[HealthCheck]]  # a service's checks now (a non-blocking read)
     consul_nodes: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -583,6 +576,5 @@ def _hubs_for(consul: ConsulAPI, nomad: NomadAPI, clock: Clock) -> _Hubs:
                     backoff=ERROR_BACKOFF,
                     final=lambda exc: isinstance(exc, LockLost),
                 ),
-                read_checks=lambda service: service_checks(service, 0, MAX_WAIT, CancelEvent())[1],
             )
         return hubs

@@ -406,8 +406,9 @@ def purpose(shape: str) -> str:
             return f"kv {what} {'watch (blocking)' if blocking else 'read'}{outcome}"
         verb = next((f[1:] for f in ("?acquire", "?release", "?cas") if f in flags), method.lower())
         return f"kv {kind} {verb}{outcome}"
-    if endpoint == "/v1/health/checks":
-        return "health checks " + ("watch (blocking)" if "?index" in flags else "read")
+    if endpoint in ("/v1/health/checks", "/v1/health/node"):
+        what = "checks" if endpoint == "/v1/health/checks" else "node"
+        return f"health {what} " + ("watch (blocking)" if "?index" in flags else "read")
     return f"{method} {endpoint}{outcome}"
 
 

@@ -33,15 +33,16 @@ dead, the allocation is stopped, lost, complete or failed, or Nomad no longer kn
 what was still missing; :class:`~shepard_lib.errors.LockLost` when ``cancel`` is set.
 
 Node watches (``watch_nodes``): the gates of one process share a service's watch, but gates in
-different processes (each agent restarts its own node's allocations) do not, and every check change
-of the service wakes each of them. With ``watch_nodes`` a gate follows the Consul node of the
-allocation instead (``/v1/health/node/<node>``), woken only by that node's checks. Which Consul
-node registers a Nomad node's services is learned from Consul's own answers, never configured: a
-gate follows the service's checks until one of them names the allocation's node (the ``Node`` of
-its checks), and later waits on that Nomad node follow the Consul node. If a node watch shows no
-check of the allocation for a service ``NODE_GRACE`` after the restarted task runs (the mapping
-went stale: the Consul agent was renamed), the gate also follows that service's checks, and
-learns again from them.
+different processes (the lanes of an agent-driven rollout) do not, and every check change of the
+service wakes each of them. With ``watch_nodes`` a gate follows the Consul node of the allocation
+instead (``/v1/health/node/<node>``), woken only by that node's checks. Which Consul node
+registers a Nomad node's services is learned from Consul's own answers, never configured: until
+an answer of a service's checks has named the ``Node`` of the checks of an allocation on that
+Nomad node, a gate takes the Nomad node's name (Nomad and Consul both name a node after its host
+unless told otherwise). Where Consul knows no node of that name (its answer lists no check at
+all, not even ``serfHealth``), or the node shows no check of the allocation for a service
+``NODE_GRACE`` after the node's watch began (a wrong guess, or a renamed Consul agent), the gate
+also follows that service's checks, and learns from them for later waits.
 
 Limitation: a Consul service without checks cannot be observed here (Consul's checks endpoint lists
 checks only); pass only services that have checks.
@@ -239,9 +240,9 @@ class _Watch:
         self.checks: dict[str, list[HealthCheck] | None] = {s: None for s in services}
         self.watch_nodes = watch_nodes
         self.node: str | None = None  # the Consul node followed for this wait (watch_nodes, once known)
-        self.node_looked_up = False
         self.node_since = 0.0  # clock.monotonic() when the node watch was subscribed
         self.by_service: set[str] = set()  # services whose checks come from their own watch
+        self.node_known = True  # the node's last answer listed checks (Consul knows such a node)
         self.failure: str | None = None
         self.healthy_since: float | None = None
         self.why_not = "no answer from Nomad yet"
@@ -302,8 +303,9 @@ class _Watch:
 
         Nomad first; Consul once the restarted task runs (before that no check can make it healthy):
         each service's checks, or with ``watch_nodes`` the checks of the allocation's Consul node
-        once it is known, and a service's own checks as well where that node showed none of the
-        allocation's for ``NODE_GRACE``. Called with self.cond held.
+        (learned, else the Nomad node's name), and a service's own checks as well where that node
+        showed none of the allocation's for ``NODE_GRACE``, or at once when Consul has no such node.
+        Called with self.cond held.
         """
         if "nomad" not in self.unsubscribe:
             return ["nomad"], None
@@ -311,16 +313,15 @@ class _Watch:
         state = alloc.task_states.get(self.task) if alloc else None
         if alloc is None or state is None or state.state != "running" or not restarted(self.before, state):
             return [], None
-        if self.watch_nodes and not self.node_looked_up:  # once per wait: it never switches midway
-            self.node_looked_up = True
-            self.node = self.hubs.consul_node(alloc.node_name)
+        if self.watch_nodes and self.node is None:  # chosen once per wait
+            self.node = self.hubs.consul_node(alloc.node_name) or alloc.node_name or None
         if self.node is None:
             return [f"consul:{s}" for s in self.checks if s not in self.by_service], None
         wanted = [] if f"node:{self.node}" in self.unsubscribe else [f"node:{self.node}"]
         unseen = [s for s in self.checks if s not in self.by_service and not self._mine(self.checks[s])]
         if wanted or not unseen:
             return wanted, None
-        if now < self.node_since + NODE_GRACE:
+        if self.node_known and now < self.node_since + NODE_GRACE:
             return [], self.node_since + NODE_GRACE
         return [f"consul:{s}" for s in unseen], None
 
@@ -346,7 +347,7 @@ class _Watch:
         for what in wanted:
             kind, _, name = what.partition(":")
             source = (
-                "Nomad" if kind == "nomad" else f"Consul ({'service' if kind == 'consul' else kind} {name})"
+                "Nomad" if kind == "nomad" else f"Consul ({'node' if kind == 'node' else 'service'} {name})"
             )
             retry = functools.partial(self._on_retry, source)
             try:
@@ -402,6 +403,7 @@ class _Watch:
 
     def _on_node_checks(self, checks: list[HealthCheck]) -> None:
         with self.cond:
+            self.node_known = bool(checks)  # Consul lists no check, not even serfHealth, of a node it lacks
             for service in self.checks:
                 if service not in self.by_service:
                     self.checks[service] = [c for c in checks if c.service_name == service]

@@ -78,6 +78,12 @@ def test_an_agent_rollout_writes_the_plan_once_per_restart_and_reads_no_session(
     accepted = writes["claim ok"] + writes["alone ok"] + writes["release ok"]
     assert accepted <= 2 * ALLOCATIONS, f"{accepted} plan writes for {ALLOCATIONS} restarts: {writes}"
 
+    # Every health wait follows its node's checks (the simulated Nomad and Consul name a node alike),
+    # woken by that node's changes only, and starts with one fresh read of them; none follows the
+    # service's checks (each of those was woken by every restart's changes).
+    waits = shapes.get("GET /v1/health/node 200", 0)
+    assert waits >= ALLOCATIONS and not _count_in(shapes, "/v1/health/checks"), shapes
+
     idle = sum(n for shape, n in shapes.items() if "/v1/session/renew" in shape or "/nodes/ ?" in shape)
     config_write = 1
     per_restart = (sum(shapes.values()) - idle - config_write) / ALLOCATIONS
@@ -86,9 +92,14 @@ def test_an_agent_rollout_writes_the_plan_once_per_restart_and_reads_no_session(
     )
 
 
+def _count_in(shapes: dict[str, int], part: str) -> int:
+    """Requests among ``shapes`` whose shape contains ``part``."""
+    return sum(n for shape, n in shapes.items() if part in shape)
+
+
 def _count(sim: SimCluster, part: str) -> int:
     """Consul requests since the last reset whose shape contains ``part``."""
-    return sum(n for shape, n in sim.consul_server.requests.shapes().items() if part in shape)
+    return _count_in(sim.consul_server.requests.shapes(), part)
 
 
 def test_an_idle_agents_heartbeat_watch_waits_consuls_default_not_one_session_ttl(

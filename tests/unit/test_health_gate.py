@@ -155,9 +155,17 @@ class Answers:
         with self._cond:
             self._cond.notify_all()
 
-    def _block(self, index: int, wait: float | None) -> None:
-        if index:
+    def _block(self, index: int, wait: float | None, cancel: object = None) -> None:
+        if not index:
+            return
+        if not isinstance(cancel, CancelEvent):
             self._clock.wait_for(self._cond, lambda: self._index > index, wait)
+            return
+        forget = cancel.on_set(self._wake)
+        try:
+            self._clock.wait_for(self._cond, lambda: self._index > index or cancel.is_set(), wait)
+        finally:
+            forget()
 
     # --- the NomadAPI and ConsulAPI calls the gate makes ---------------------------------------
 
@@ -183,7 +191,7 @@ class Answers:
                 if index and self.nomad_holds:
                     self._hold(index, cancel if isinstance(cancel, CancelEvent) else None)
                 else:
-                    self._block(index, wait)
+                    self._block(index, wait, cancel)
             finally:
                 self.blocking -= bool(index)
             if self._alloc is None:
@@ -206,7 +214,7 @@ class Answers:
             if index and self.consul_holds:
                 self._hold(index, cancel if isinstance(cancel, CancelEvent) else None)
             else:
-                self._block(index, wait)
+                self._block(index, wait, cancel)
             self._served = self._index
             self._cond.notify_all()
             return self._index, [c for c in self._checks if c.service_name == service]
@@ -216,7 +224,7 @@ class Answers:
     ) -> tuple[int, list[HealthCheck]]:
         with self._cond:
             self.queries.append((f"node:{node}", index, wait))
-            self._block(index, wait)
+            self._block(index, wait, cancel)
             self._cond.notify_all()
             return self._index, [c for c in self._checks if c.node == node]
 
@@ -926,66 +934,74 @@ def _sources(answers: Answers, since: int = 0) -> set[str]:
     return {backend for backend, _, _ in answers.queries[since:] if backend != "nomad"}
 
 
-def test_with_node_watches_a_gate_follows_the_service_until_an_answer_names_the_allocations_consul_node(
-    clock: Clock,
-) -> None:
-    answers = Answers(clock, _alloc(), [_check(node="consul-a"), _check(OTHER, node="consul-b")])
-    gate = HealthGate(
+def _node_gate(
+    clock: Clock, answers: Answers, deadline: float = PASSES, min_healthy_time: float = 2
+) -> HealthGate:
+    return HealthGate(
         answers,  # type: ignore[arg-type]
         answers,  # type: ignore[arg-type]
         source=HealthSource.CONSUL,
-        min_healthy_time=2,
-        healthy_deadline=PASSES,
+        min_healthy_time=min_healthy_time,
+        healthy_deadline=deadline,
         clock=clock,
         watch_nodes=True,
     )
+
+
+def test_with_node_watches_a_gate_follows_the_consul_node_named_as_the_nomad_node_and_no_service(
+    clock: Clock,
+) -> None:
+    answers = Answers(clock, _alloc(), [_check(node="n1"), _check(OTHER, node="n2")])
     try:
-        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
-        assert _sources(answers) == {"consul"}, "the first wait on Nomad node n1 knew no Consul node yet"
-        first = len(answers.queries)
-        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
-        assert _sources(answers, first) == {"node:consul-a"}, (
-            "the second wait did not follow the learned node"
-        )
+        _node_gate(clock, answers).wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+        assert _sources(answers) == {"node:n1"}
     finally:
         close_watches(answers, answers)  # type: ignore[arg-type]
 
 
 def test_without_node_watches_a_gate_only_ever_follows_services(clock: Clock) -> None:
-    answers = Answers(clock, _alloc(), [_check(node="consul-a")])
+    answers = Answers(clock, _alloc(), [_check(node="n1")])
     gate = _gate(clock, answers, HealthSource.CONSUL)
     try:
-        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
         gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
         assert _sources(answers) == {"consul"}
     finally:
         close_watches(answers, answers)  # type: ignore[arg-type]
 
 
-def test_a_node_watch_that_shows_none_of_the_allocations_checks_falls_back_to_the_service_and_learns_again(
+def test_where_consul_has_no_node_of_the_nomad_nodes_name_a_gate_follows_the_service_at_once_and_learns() -> (
+    None
+):
+    real_time = Clock(scale=1.0)  # NODE_GRACE is 10 real seconds: a wait that waited for it times out
+    answers = Answers(real_time, _alloc(), [_check(node="ip-10-0-0-5")])  # n1's Consul agent has another name
+    try:
+        _node_gate(real_time, answers, deadline=NODE_GRACE * 0.9, min_healthy_time=0.2).wait_healthy(
+            ALLOC, "server", before=BEFORE, services=["web"]
+        )
+        assert _sources(answers) == {"node:n1", "consul"}
+        later = len(answers.queries)
+        _node_gate(real_time, answers, min_healthy_time=0.2).wait_healthy(
+            ALLOC, "server", before=BEFORE, services=["web"]
+        )
+        assert _sources(answers, later) == {"node:ip-10-0-0-5"}, "did not learn the node from the service"
+    finally:
+        close_watches(answers, answers)  # type: ignore[arg-type]
+
+
+def test_a_node_watch_that_shows_none_of_the_allocations_checks_falls_back_to_the_service_after_its_grace(
     clock: Clock,
 ) -> None:
-    answers = Answers(clock, _alloc(), [_check(node="consul-old")])
-    gate = HealthGate(
-        answers,  # type: ignore[arg-type]
-        answers,  # type: ignore[arg-type]
-        source=HealthSource.CONSUL,
-        min_healthy_time=2,
-        healthy_deadline=PASSES,
-        clock=clock,
-        watch_nodes=True,
-    )
+    answers = Answers(clock, _alloc(), [_check(node="n1"), _check(OTHER, node="n1")])
+    gate = _node_gate(clock, answers)
     try:
-        gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])  # learns consul-old
-        answers.set(checks=[_check(node="consul-new")])  # the Consul agent of n1 was renamed
-        moved = len(answers.queries)
+        answers.set(checks=[_check(node="consul-n1"), _check(OTHER, node="n1")])  # this allocation's moved
         start = clock.monotonic()
         gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])  # not a HealthTimeout
         assert clock.monotonic() - start >= NODE_GRACE, "followed the service before the node's grace ended"
-        assert _sources(answers, moved) == {"node:consul-old", "consul"}
+        assert _sources(answers) == {"node:n1", "consul"}
         again = len(answers.queries)
         gate.wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
-        assert _sources(answers, again) == {"node:consul-new"}, "did not learn the node from the service"
+        assert _sources(answers, again) == {"node:consul-n1"}, "did not learn the node from the service"
     finally:
         close_watches(answers, answers)  # type: ignore[arg-type]
 
@@ -993,25 +1009,11 @@ def test_a_node_watch_that_shows_none_of_the_allocations_checks_falls_back_to_th
 def test_a_node_watch_that_shows_none_of_the_allocations_checks_names_the_node_when_it_times_out(
     clock: Clock,
 ) -> None:
-    answers = Answers(clock, _alloc(), [_check(node="consul-a")])
-
-    def gate(deadline: float) -> HealthGate:
-        return HealthGate(
-            answers,  # type: ignore[arg-type]
-            answers,  # type: ignore[arg-type]
-            source=HealthSource.CONSUL,
-            min_healthy_time=2,
-            healthy_deadline=deadline,
-            clock=clock,
-            watch_nodes=True,
-        )
-
+    answers = Answers(clock, _alloc(), [_check(node="consul-b"), _check(OTHER, node="n1")])
     try:
-        gate(PASSES).wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])  # learns consul-a
-        answers.set(checks=[_check(node="consul-b")])
-        with pytest.raises(
-            HealthTimeout, match="no checks registered for this allocation on Consul node consul-a"
-        ):
-            gate(NODE_GRACE / 2).wait_healthy(ALLOC, "server", before=BEFORE, services=["web"])
+        with pytest.raises(HealthTimeout, match="no checks registered for this allocation on Consul node n1"):
+            _node_gate(clock, answers, NODE_GRACE / 2).wait_healthy(
+                ALLOC, "server", before=BEFORE, services=["web"]
+            )
     finally:
         close_watches(answers, answers)  # type: ignore[arg-type]

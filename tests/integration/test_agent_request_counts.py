@@ -26,10 +26,10 @@ NODES = ["n1", "n2", "n3", "n4"]
 CONCURRENCY = 2
 REQUESTS_PER_RESTART = 11.5
 """Consul requests per restart, session renewals and the agents' heartbeat watches aside (they are a
-cost per agent per minute, not per restart): measured 8.6-10.0 here (about 4.5 health answers, the
-claim-and-trigger txn carrying the previous member's finish and the read before it, the
-registrations and their reads, each lane's slot), and a margin. benchmarks/RESULTS.md has the
-same breakdown at 24 and 100 allocations, before and after."""
+cost per agent per minute, not per restart): measured 7.3-9.1 here with the gates on their node's
+checks (8.6-10.0 before; about 3.5 health answers, the claim-and-trigger txn carrying the previous
+member's finish and the read before it, the registrations and their reads, each lane's slot), and a
+margin. benchmarks/RESULTS.md has the same breakdown at 24, 100 and 500 allocations."""
 
 pytestmark = pytest.mark.usefixtures("no_client_env")
 

@@ -102,7 +102,8 @@ def restarted(before: TaskState, now: TaskState) -> bool:
 class HealthGate:
     """Waits for restarted tasks to be healthy (see the module docs for what that means per source).
 
-    Durations are cluster seconds of ``clock``.
+    Durations are cluster seconds of ``clock``. ``watch_nodes``: follow the checks of each
+    allocation's Consul node instead of its services' (module docs, *Node watches*).
     """
 
     def __init__(

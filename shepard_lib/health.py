@@ -63,7 +63,7 @@ from shepard_lib.clock import REAL_CLOCK, Clock
 from shepard_lib.config import HealthSource
 from shepard_lib.errors import HealthTimeout, LockLost, NotFound, TaskFailed
 from shepard_lib.model import Allocation, AllocClientStatus, CheckStatus, HealthCheck, TaskState
-from shepard_lib.watchhub import Subscriber, WatchHub
+from shepard_lib.watchhub import Query, Subscriber, WatchHub
 
 log = logging.getLogger(__name__)
 
@@ -526,19 +526,28 @@ def _hubs_for(consul: ConsulAPI, nomad: NomadAPI, clock: Clock) -> _Hubs:
             raise NotFound("nomad.watch_allocation", "the Nomad backend is gone")
         return backend.watch_allocation(alloc_id, index, wait, cancel=cancel)
 
-    def service_checks(
-        service: str, index: int, wait: float, cancel: CancelEvent
-    ) -> tuple[int, list[HealthCheck]]:
-        backend = consul_ref()
-        if backend is None:
-            raise LockLost("the Consul backend is gone")
-        return backend.service_checks(service, index, wait if index else None, cancel=cancel)
+    def consul_checks(
+        read: Callable[[ConsulAPI], Callable[..., tuple[int, list[HealthCheck]]]],
+    ) -> Query[list[HealthCheck]]:
+        """A hub query for one of Consul's check endpoints (a service's or a node's), by key."""
 
-    def node_checks(node: str, index: int, wait: float, cancel: CancelEvent) -> tuple[int, list[HealthCheck]]:
-        backend = consul_ref()
-        if backend is None:
-            raise LockLost("the Consul backend is gone")
-        return backend.node_checks(node, index, wait if index else None, cancel=cancel)
+        def query(key: str, index: int, wait: float, cancel: CancelEvent) -> tuple[int, list[HealthCheck]]:
+            backend = consul_ref()
+            if backend is None:
+                raise LockLost("the Consul backend is gone")
+            return read(backend)(key, index, wait if index else None, cancel=cancel)
+
+        return query
+
+    def checks_hub(name: str, query: Query[list[HealthCheck]]) -> WatchHub[list[HealthCheck]]:
+        return WatchHub(
+            name,
+            query,
+            clock,
+            max_wait=MAX_WAIT,
+            backoff=ERROR_BACKOFF,
+            final=lambda exc: isinstance(exc, LockLost),
+        )
 
     with _HUBS_LOCK:
         by_nomad = _HUBS.setdefault(consul, weakref.WeakKeyDictionary())
@@ -553,21 +562,7 @@ def _hubs_for(consul: ConsulAPI, nomad: NomadAPI, clock: Clock) -> _Hubs:
                     backoff=ERROR_BACKOFF,
                     final=lambda exc: isinstance(exc, NotFound),
                 ),
-                checks=WatchHub(
-                    "consul-checks",
-                    service_checks,
-                    clock,
-                    max_wait=MAX_WAIT,
-                    backoff=ERROR_BACKOFF,
-                    final=lambda exc: isinstance(exc, LockLost),
-                ),
-                node_checks=WatchHub(
-                    "consul-node",
-                    node_checks,
-                    clock,
-                    max_wait=MAX_WAIT,
-                    backoff=ERROR_BACKOFF,
-                    final=lambda exc: isinstance(exc, LockLost),
-                ),
+                checks=checks_hub("consul-checks", consul_checks(lambda backend: backend.service_checks)),
+                node_checks=checks_hub("consul-node", consul_checks(lambda backend: backend.node_checks)),
             )
         return hubs

@@ -32,7 +32,7 @@ from typing import Generic, TypeVar
 from shepard_lib.cancel import CancelEvent
 from shepard_lib.clock import Clock
 
-__all__ = ["Subscriber", "WatchHub"]
+__all__ = ["Query", "Subscriber", "WatchHub"]
 
 log = logging.getLogger(__name__)
 
